@@ -1,0 +1,138 @@
+"""The Flask application factory: /fhir (the pipeline), /auth (OAuth), /healthz."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from joserfc import jws
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from .audit.events import AuditRecord
+from .auth.server import build_authorization_server
+from .auth.tokens import token_hash
+from .config import Settings
+from .db.engine import make_engine
+from .db.migrations import upgrade
+from .pipeline.pipeline import Pipeline
+from .search.dates import now_us
+from .services import Services, build_services, warm_keys
+from .storage.codec import dump_json, parse_json
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+
+
+def services() -> Services:
+    return current_app.extensions["fhirserver"]
+
+
+def _fhir_view(path: str = "") -> Response:
+    pipeline: Pipeline = current_app.extensions["fhirserver.pipeline"]
+    too_large = False
+    try:
+        body = request.get_data(cache=False) if request.method in ("POST", "PUT", "PATCH") else b""
+    except RequestEntityTooLarge:
+        body, too_large = b"", True
+    form = None
+    if path.endswith("/_search") and request.mimetype == "application/x-www-form-urlencoded" and not too_large:
+        from urllib.parse import parse_qsl
+
+        form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        body = b""
+    result, request_id = pipeline.handle(
+        request.method, path, request.query_string.decode("utf-8", "replace"), form,
+        dict(request.headers), body, request.remote_addr or "", body_too_large=too_large,
+    )
+    headers = {"X-Request-Id": request_id, **result.headers}
+    content_type = headers.pop("Content-Type", FHIR_JSON)
+    payload = result.body
+    if isinstance(payload, dict):
+        payload = dump_json(payload)
+    resp = Response(payload if payload is not None else b"", status=result.status, headers=headers)
+    if payload is not None:
+        resp.headers["Content-Type"] = content_type
+    return resp
+
+
+def _audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> None:
+    """Record every token request (issued or refused) as an AuditEvent (DICOM 110114)."""
+    rec = AuditRecord(interaction="login", request_id=request.headers.get("X-Request-Id", "")[:64] or "token",
+                      network_address=request.remote_addr or "", recorded_us=now_us(), status=status)
+    rec.type_code = ("http://dicom.nema.org/resources/ontology/DCM", "110114", "User Authentication")
+    rec.subtype_code = ("http://dicom.nema.org/resources/ontology/DCM", "110122", "Login")
+    token = body.get("access_token")
+    if token:
+        from sqlalchemy import select
+
+        from .db.schema import access_token, client
+
+        with svc.engine.connect() as conn:
+            row = conn.execute(select(client.c.client_id, client.c.name).join(
+                access_token, access_token.c.client_id == client.c.client_id)
+                .where(access_token.c.token_hash == token_hash(token))).first()
+        if row:
+            rec.client_id, rec.client_name = row.client_id, row.name
+        rec.outcome_desc = f"token issued; scope: {body.get('scope', '')}"
+    else:
+        claimed = None
+        assertion = request.form.get("client_assertion")
+        if assertion:
+            try:
+                claimed = parse_json(jws.extract_compact(assertion.encode()).payload).get("sub")
+            except Exception:  # noqa: BLE001 - anything unparsable is simply "unknown"
+                claimed = None
+        rec.outcome_desc = f"token refused: {body.get('error', 'error')}" + (
+            f" (claimed client {str(claimed)[:64]})" if claimed else "")
+    with svc.engine.begin() as conn:
+        svc.audit.append(conn, rec)
+
+
+def _make_auth_blueprint() -> Blueprint:
+    bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+    @bp.post("/token")
+    def token() -> Response:
+        svc = services()
+        server = current_app.extensions["fhirserver.oauth"]
+        resp = server.create_token_response()
+        try:
+            body = resp.get_json(silent=True) or {}
+            _audit_token_request(svc, resp.status_code, body)
+        except Exception:
+            logging.getLogger("fhirserver.auth").exception("could not audit a token request")
+            return jsonify(error="server_error", error_description="audit unavailable"), 500
+        resp.headers["Cache-Control"] = "no-store"
+        resp.headers["Pragma"] = "no-cache"
+        return resp
+
+    return bp
+
+
+def create_app(settings: Settings, migrate: bool = True, svc: Services | None = None) -> Flask:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if migrate:
+        upgrade(settings.effective_database_url)
+    svc = svc or build_services(settings, make_engine(settings.effective_database_url))
+    warm_keys(svc)
+    # Compile the JSON-schema validators off the request path (about 1.5 s in total).
+    writable = [t.name for t in svc.types if not t.server_written]
+    threading.Thread(target=svc.validator.warm, args=(writable,), daemon=True, name="schema-warmup").start()
+    app = Flask("fhirserver")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["fhirserver"] = svc
+    app.extensions["fhirserver.pipeline"] = Pipeline(svc)
+    app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings)
+
+    app.add_url_rule("/fhir", "fhir_base", _fhir_view, methods=METHODS)
+    app.add_url_rule("/fhir/", "fhir_base_slash", _fhir_view, methods=METHODS)
+    app.add_url_rule("/fhir/<path:path>", "fhir", _fhir_view, methods=METHODS)
+    app.register_blueprint(_make_auth_blueprint())
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    return app

@@ -1,0 +1,1 @@
+"""AuditEvents (IHE Basic Audit Log Patterns) and their tamper-evident hash chain."""

@@ -1,0 +1,110 @@
+"""Append AuditEvents to a hash chain and verify it.
+
+Each AuditEvent is stored like any resource (encrypted under the `audit` data key, indexed for
+search) and linked by one `audit_chain` row:
+
+    hash = SHA-256(prev_hash | seq | event_id | recorded_us | SHA-256(stored AuditEvent JSON))
+
+`audit_head` is the single serialization point (row lock on PostgreSQL; SQLite transactions are
+already serialized). Appending happens in the same transaction as the access it records, so an
+access without its audit record cannot commit (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from ..db.schema import audit_chain, audit_head, resource, resource_version
+from ..storage.repository import CorruptDataError, Repository
+from .events import AuditRecord, build_audit_event
+
+GENESIS = "0" * 64
+
+
+def link_hash(prev_hash: str, seq: int, event_id: str, recorded_us: int, content_hash: str) -> str:
+    return hashlib.sha256(f"{prev_hash}|{seq}|{event_id}|{recorded_us}|{content_hash}".encode()).hexdigest()
+
+
+class AuditLog:
+    def __init__(self, repo: Repository, server_url: str) -> None:
+        self.repo = repo
+        self.server_url = server_url
+
+    def append(self, conn: Connection, rec: AuditRecord) -> dict[str, Any]:
+        event = build_audit_event(rec, self.server_url)
+        prepared = self.repo.prepare("AuditEvent", event)
+        head = conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update()).one()
+        stored = self.repo.create(conn, prepared, when_us=rec.recorded_us)
+        assert stored.body is not None
+        content_hash = hashlib.sha256(stored.body).hexdigest()
+        seq = head.seq + 1
+        new_hash = link_hash(head.hash, seq, stored.id, rec.recorded_us, content_hash)
+        conn.execute(insert(audit_chain).values(
+            seq=seq, event_id=stored.id, recorded_us=rec.recorded_us, content_hash=content_hash,
+            prev_hash=head.hash, hash=new_hash))
+        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=new_hash))
+        return event
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    checked: int
+    head_hash: str
+    first_bad_seq: int | None = None
+    first_bad_event: str | None = None
+    reason: str = ""
+
+
+def verify_chain(engine: Engine, repo: Repository, batch: int = 2000) -> VerifyResult:
+    """Walk the whole chain; report the first record that is changed, missing or out of order."""
+    prev_hash, expected_seq, checked = GENESIS, 1, 0
+
+    def bad(seq: int | None, event: str | None, reason: str) -> VerifyResult:
+        return VerifyResult(False, checked, prev_hash, seq, event, reason)
+
+    with engine.connect() as conn:
+        last = 0
+        while True:
+            rows = conn.execute(
+                select(audit_chain).where(audit_chain.c.seq > last).order_by(audit_chain.c.seq).limit(batch)
+            ).all()
+            if not rows:
+                break
+            for row in rows:
+                if row.seq != expected_seq:
+                    return bad(expected_seq, None, f"record {expected_seq} is missing (next is {row.seq})")
+                if row.prev_hash != prev_hash:
+                    return bad(row.seq, row.event_id, "previous-hash link is broken (record changed, removed or reordered)")
+                if link_hash(row.prev_hash, row.seq, row.event_id, row.recorded_us, row.content_hash) != row.hash:
+                    return bad(row.seq, row.event_id, "chain record was modified")
+                stored = conn.execute(
+                    select(resource_version.c.version, resource_version.c.key_id, resource_version.c.body,
+                           resource_version.c.last_updated_us)
+                    .join(resource, resource.c.pk == resource_version.c.resource_pk)
+                    .where(resource.c.type == "AuditEvent", resource.c.id == row.event_id)
+                ).all()
+                if len(stored) != 1:
+                    return bad(row.seq, row.event_id, "AuditEvent is missing or has been altered (versions)")
+                try:
+                    body = repo.decrypt("AuditEvent", row.event_id, stored[0].version, stored[0].key_id, stored[0].body)
+                except CorruptDataError:
+                    return bad(row.seq, row.event_id, "AuditEvent ciphertext was tampered with")
+                if body is None or hashlib.sha256(body).hexdigest() != row.content_hash:
+                    return bad(row.seq, row.event_id, "AuditEvent content does not match its hash")
+                prev_hash, expected_seq, last = row.hash, expected_seq + 1, row.seq
+                checked += 1
+        head = conn.execute(select(audit_head).where(audit_head.c.id == 1)).one()
+        if head.seq != checked or head.hash != prev_hash:
+            return bad(head.seq, None, "chain head does not match the last record (records removed at the end?)")
+        orphan = conn.execute(
+            select(resource.c.id).where(resource.c.type == "AuditEvent",
+                                        resource.c.id.not_in(select(audit_chain.c.event_id))).limit(1)
+        ).first()
+        if orphan:
+            return bad(None, orphan[0], "an AuditEvent exists outside the chain")
+    return VerifyResult(True, checked, prev_hash)

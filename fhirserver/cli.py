@@ -1,0 +1,303 @@
+"""The `fhirserver` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import Settings, load_settings
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    return load_settings(ctx.obj.get("config"), **overrides)
+
+
+def _services(settings: Settings):  # type: ignore[no-untyped-def]
+    from .db.migrations import upgrade
+    from .services import build_services, warm_keys
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    svc = build_services(settings)
+    warm_keys(svc)
+    return svc
+
+
+@click.group()
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), envvar="FHIRSERVER_CONFIG",
+              help="TOML configuration file (environment variables override it).")
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """fhirserver: a FHIR R4 server with SMART auth, encryption at rest and hash-chained audit."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+# ------------------------------------------------------------------ serve
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
+@click.option("--threads", default=4, show_default=True, type=int, help="threads per worker")
+@click.option("--demo", is_flag=True, help="Load demo data and register a demo client (SQLite by default).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Override the data directory.")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, demo: bool, data_dir: str | None) -> None:
+    """Run the server under gunicorn (migrations are applied first)."""
+    import os
+
+    overrides: dict[str, Any] = {"data_dir": data_dir}
+    if demo and not data_dir and not os.environ.get("FHIRSERVER_DATA_DIR"):
+        overrides["data_dir"] = "./fhirserver-demo"
+    if not os.environ.get("FHIRSERVER_BASE_URL") and not (ctx.obj.get("config")):
+        overrides["base_url"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/fhir"
+    settings = _settings(ctx, **overrides)
+    svc = _services(settings)
+    if demo:
+        from .demo import DEMO_CLIENT_ID, ensure_demo_client, load_demo
+
+        loaded = load_demo(svc)
+        key_path = ensure_demo_client(svc)
+        _print_demo(settings, DEMO_CLIENT_ID, key_path, loaded)
+    svc.engine.dispose()
+
+    from .wsgi import run_gunicorn
+
+    run_gunicorn(settings, host, port, workers, threads)
+
+
+def _print_demo(settings: Settings, client_id: str, key_path: Path, loaded: int) -> None:
+    base = settings.fhir_base
+    cfg = f"FHIRSERVER_DATA_DIR={settings.data_dir} "
+    click.echo(f"""
+fhirserver demo {'(loaded ' + str(loaded) + ' demo resources)' if loaded else '(demo data already present)'}
+  FHIR base URL : {base}
+  Capability    : curl {base}/metadata
+  SMART config  : curl {base}/.well-known/smart-configuration
+  Demo client   : {client_id} (SMART Backend Services, private key in {key_path})
+
+Get an access token (signs a client assertion with the demo key and calls {settings.token_url}):
+  TOKEN=$({cfg}fhirserver client token --client-id {client_id} --key-file {key_path} --scope "system/*.rs" --token-url {settings.token_url})
+Then:
+  curl -H "Authorization: Bearer $TOKEN" {base}/Patient
+  curl -H "Authorization: Bearer $TOKEN" "{base}/Observation?subject=Patient/demo-alice&code=http://loinc.org|8867-4"
+  curl -H "Authorization: Bearer $TOKEN" {base}/Patient/demo-bob/_history
+  curl -H "Authorization: Bearer $TOKEN" "{base}/AuditEvent?_count=5"     # needs system/AuditEvent.rs (included in system/*.rs)
+""")
+
+
+# ------------------------------------------------------------------ db
+@main.group()
+def db() -> None:
+    """Database schema management."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Apply Alembic migrations (SQLite or PostgreSQL)."""
+    from .db.migrations import current_revision, upgrade
+
+    settings = _settings(ctx)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url, revision)
+    click.echo(f"database at revision {current_revision(settings.effective_database_url)}")
+
+
+@db.command("reindex")
+@click.pass_context
+def db_reindex(ctx: click.Context) -> None:
+    """Rebuild all search indexes from the stored resources (after adding SearchParameters)."""
+    from .storage.reindex import reindex_all
+
+    svc = _services(_settings(ctx))
+    count = reindex_all(svc)
+    click.echo(f"re-indexed {count} resources")
+
+
+# ------------------------------------------------------------------ clients
+@main.group()
+def client() -> None:
+    """OAuth client registry."""
+
+
+@client.command("register")
+@click.option("--name", required=True)
+@click.option("--jwks-file", type=click.Path(exists=True, dir_okay=False), help="JSON Web Key Set (public keys).")
+@click.option("--jwks-url", help="URL where the client publishes its JWKS.")
+@click.option("--scopes", required=True, help='Allowed scopes, e.g. "system/*.rs system/Observation.c".')
+@click.option("--organization", help="Organization reference the client acts for, e.g. Organization/123.")
+@click.option("--client-id", help="Choose the client_id (default: random).")
+@click.pass_context
+def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_url: str | None, scopes: str,
+                    organization: str | None, client_id: str | None) -> None:
+    """Register a SMART Backend Services client; prints its client_id."""
+    from .auth.clients import ClientError, register_backend_client
+
+    svc = _services(_settings(ctx))
+    jwks = json.loads(Path(jwks_file).read_text()) if jwks_file else None
+    try:
+        rec = register_backend_client(svc.engine, name, scopes, jwks=jwks, jwks_uri=jwks_url,
+                                      organization=organization, client_id=client_id)
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(rec.client_id)
+
+
+@client.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def client_list(ctx: click.Context, as_json: bool) -> None:
+    """List registered clients."""
+    from .auth.clients import list_clients
+
+    svc = _services(_settings(ctx))
+    rows = list_clients(svc.engine)
+    if as_json:
+        click.echo(json.dumps([{"client_id": r.client_id, "name": r.name, "kind": r.kind, "scopes": r.scopes,
+                                "organization": r.organization, "disabled": r.disabled} for r in rows], indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r.client_id}\t{r.name}\t{r.kind}\t{'disabled' if r.disabled else 'enabled'}\t{r.scopes}")
+
+
+@client.command("disable")
+@click.argument("client_id")
+@click.pass_context
+def client_disable(ctx: click.Context, client_id: str) -> None:
+    """Disable a client: its tokens stop working immediately."""
+    from .auth.clients import set_disabled
+
+    svc = _services(_settings(ctx))
+    if not set_disabled(svc.engine, client_id, True):
+        raise click.ClickException(f"no client {client_id}")
+    click.echo(f"disabled {client_id}")
+
+
+@client.command("enable")
+@click.argument("client_id")
+@click.pass_context
+def client_enable(ctx: click.Context, client_id: str) -> None:
+    """Re-enable a disabled client."""
+    from .auth.clients import set_disabled
+
+    svc = _services(_settings(ctx))
+    if not set_disabled(svc.engine, client_id, False):
+        raise click.ClickException(f"no client {client_id}")
+    click.echo(f"enabled {client_id}")
+
+
+@client.command("keygen")
+@click.option("--alg", type=click.Choice(["ES384", "RS384"]), default="ES384", show_default=True)
+@click.option("--private-key-out", required=True, type=click.Path(dir_okay=False), help="Where to write the private JWK (0600).")
+@click.option("--jwks-out", required=True, type=click.Path(dir_okay=False), help="Where to write the public JWKS.")
+def client_keygen(alg: str, private_key_out: str, jwks_out: str) -> None:
+    """Generate a client key pair for SMART Backend Services."""
+    from .auth.assertion import generate_key, public_jwks, save_private_key
+
+    key = generate_key(alg)
+    save_private_key(key, Path(private_key_out))
+    Path(jwks_out).write_text(json.dumps(public_jwks(key), indent=1))
+    click.echo(f"private key: {private_key_out}\npublic JWKS: {jwks_out}")
+
+
+@client.command("token")
+@click.option("--client-id", required=True)
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--scope", required=True)
+@click.option("--token-url", help="Token endpoint (default: from configuration).")
+@click.pass_context
+def client_token(ctx: click.Context, client_id: str, key_file: str, scope: str, token_url: str | None) -> None:
+    """Obtain an access token as a backend client (prints the token)."""
+    import requests
+
+    from .auth.assertion import load_private_key, token_request_form
+
+    url = token_url or _settings(ctx).token_url
+    form = token_request_form(load_private_key(Path(key_file)), client_id, url, scope)
+    resp = requests.post(url, data=form, timeout=30)
+    if resp.status_code != 200:
+        raise click.ClickException(f"token request failed ({resp.status_code}): {resp.text[:300]}")
+    click.echo(resp.json()["access_token"])
+
+
+# ------------------------------------------------------------------ keys
+@main.group()
+def keys() -> None:
+    """Master key management."""
+
+
+@keys.command("rotate")
+@click.option("--new-key-stdin", is_flag=True,
+              help="Read the new base64 master key from stdin (when keys come from FHIRSERVER_MASTER_KEY).")
+@click.pass_context
+def keys_rotate(ctx: click.Context, new_key_stdin: bool) -> None:
+    """Re-wrap every data key under a new master key, online.
+
+    File-backed key ring: a new key is generated and made active; old keys are removed once no
+    data key uses them. Environment-provided keys: put the new key first in FHIRSERVER_MASTER_KEY
+    (new,old) and run this to re-wrap; then drop the old key from the variable.
+    """
+    settings = _settings(ctx)
+    svc = _services(settings)
+    if svc.ring.file_backed:
+        raw = None
+        if new_key_stdin:
+            from .crypto.keyring import decode_key
+
+            raw = decode_key(sys.stdin.read())
+        kid = svc.ring.add_new_active_key(raw)
+    else:
+        if new_key_stdin:
+            raise click.ClickException("with FHIRSERVER_MASTER_KEY set, put the new key first in that variable")
+        kid = svc.ring.active_kid
+    count, unused = svc.keys.rewrap_all()
+    svc.ring.retire(unused)
+    click.echo(f"active master key {kid}; re-wrapped {count} data keys; retired {len(unused)} old master key(s)")
+
+
+@keys.command("status")
+@click.pass_context
+def keys_status(ctx: click.Context) -> None:
+    """Show which master keys wrap how many data keys."""
+    from sqlalchemy import func, select
+
+    from .db.schema import data_key
+
+    svc = _services(_settings(ctx))
+    with svc.engine.connect() as conn:
+        rows = conn.execute(select(data_key.c.master_kid, func.count()).group_by(data_key.c.master_kid)).all()
+    click.echo(f"active master key: {svc.ring.active_kid} ({'file' if svc.ring.file_backed else 'environment'})")
+    for kid, n in rows:
+        click.echo(f"  {kid}: {n} data keys")
+
+
+# ------------------------------------------------------------------ audit
+@main.group()
+def audit() -> None:
+    """Audit trail tools."""
+
+
+@audit.command("verify")
+@click.pass_context
+def audit_verify(ctx: click.Context) -> None:
+    """Verify the AuditEvent hash chain; exits 1 and names the first bad record if broken."""
+    from .audit.chain import verify_chain
+
+    svc = _services(_settings(ctx))
+    result = verify_chain(svc.engine, svc.repo)
+    if result.ok:
+        click.echo(f"OK: {result.checked} audit records verified; head hash {result.head_hash}")
+        return
+    click.echo(f"FAILED after {result.checked} good records: first bad record seq={result.first_bad_seq} "
+               f"event={result.first_bad_event}: {result.reason}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

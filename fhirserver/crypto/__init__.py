@@ -1,0 +1,1 @@
+"""Application-level encryption: master key ring, envelope data keys, blind indexes."""

@@ -1,0 +1,235 @@
+"""The relational schema. Only ciphertext, keyed hashes, ids, codes, dates and quantities live here.
+
+Times are integer microseconds since the Unix epoch (UTC): exact, sortable and identical on SQLite
+and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# Envelope keys: one data key per patient compartment (crypto-shredding unit) plus a few
+# system keys (shared, audit, blind-index). `wrapped` is AES-GCM(master key, data key).
+data_key = Table(
+    "data_key",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("scope", String(200), nullable=False, unique=True),
+    Column("master_kid", String(64), nullable=False),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("shredded", Boolean, nullable=False, default=False),
+)
+
+# Current state of each logical resource.
+resource = Table(
+    "resource",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated_us", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    UniqueConstraint("type", "id", name="uq_resource_type_id"),
+    Index("ix_resource_type_lu", "type", "last_updated_us"),
+)
+
+# Every version, encrypted. AAD binds type/id/version so a ciphertext cannot be moved.
+resource_version = Table(
+    "resource_version",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated_us", BigInteger, nullable=False),
+    Column("method", String(8), nullable=False),  # POST / PUT / DELETE
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("key_id", Integer, ForeignKey("data_key.id"), nullable=True),
+    Column("body", LargeBinary, nullable=True),  # nonce || ciphertext; NULL for deletes
+    UniqueConstraint("resource_pk", "version", name="uq_version"),
+    Index("ix_version_type_lu", "type", "last_updated_us"),
+)
+
+# Patient compartment membership of the current version (from the CompartmentDefinition).
+compartment = Table(
+    "compartment",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Index("ix_compartment_patient", "patient_id", "resource_pk"),
+    Index("ix_compartment_resource", "resource_pk"),
+)
+
+# ---- search indexes (current versions only) ----
+# Values of identifying parameters (names, identifiers, telecom, addresses, birth dates) are
+# stored only as keyed HMACs ("blind indexes"); clinical codes, dates and quantities in clear.
+idx_token = Table(
+    "idx_token",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Index("ix_token_code", "param", "code", "system", "resource_pk"),
+    Index("ix_token_resource", "resource_pk"),
+)
+
+idx_string = Table(
+    "idx_string",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    # kind: 'e' exact (case-sensitive), 'n' normalized full value, 'p' normalized prefix
+    Column("kind", String(1), nullable=False),
+    Column("value", String(255), nullable=False),
+    Index("ix_string_value", "param", "kind", "value", "resource_pk"),
+    Index("ix_string_resource", "resource_pk"),
+)
+
+idx_date = Table(
+    "idx_date",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("low_us", BigInteger, nullable=False),
+    Column("high_us", BigInteger, nullable=False),
+    Index("ix_date_low", "param", "low_us", "resource_pk"),
+    Index("ix_date_high", "param", "high_us", "resource_pk"),
+    Index("ix_date_resource", "resource_pk"),
+)
+
+idx_reference = Table(
+    "idx_reference",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(255), nullable=True),
+    Column("url", String(1024), nullable=True),  # absolute/canonical references
+    Index("ix_ref_target", "param", "target_id", "target_type", "resource_pk"),
+    Index("ix_ref_resource", "resource_pk"),
+)
+
+idx_quantity = Table(
+    "idx_quantity",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Index("ix_qty_value", "param", "code", "value", "resource_pk"),
+    Index("ix_qty_resource", "resource_pk"),
+)
+
+idx_number = Table(
+    "idx_number",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("value", Float, nullable=False),
+    Index("ix_num_value", "param", "value", "resource_pk"),
+    Index("ix_num_resource", "resource_pk"),
+)
+
+idx_uri = Table(
+    "idx_uri",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("value", String(1024), nullable=False),
+    Index("ix_uri_value", "param", "value", "resource_pk"),
+    Index("ix_uri_resource", "resource_pk"),
+)
+
+INDEX_TABLES = {
+    "token": idx_token,
+    "string": idx_string,
+    "date": idx_date,
+    "reference": idx_reference,
+    "quantity": idx_quantity,
+    "number": idx_number,
+    "uri": idx_uri,
+}
+
+# ---- OAuth ----
+client = Table(
+    "client",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("kind", String(32), nullable=False),  # backend | public | confidential
+    Column("jwks", Text, nullable=True),
+    Column("jwks_uri", String(1024), nullable=True),
+    Column("secret_hash", String(255), nullable=True),
+    Column("redirect_uris", Text, nullable=True),
+    Column("scopes", Text, nullable=False),
+    Column("organization", String(255), nullable=True),
+    Column("settings", Text, nullable=True),  # JSON: purposes, flags added by later features
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_us", BigInteger, nullable=False),
+)
+
+# Opaque bearer tokens: only SHA-256 of the token is stored.
+access_token = Table(
+    "access_token",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("client_id", String(64), ForeignKey("client.client_id"), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("issued_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("context", Text, nullable=True),  # JSON: user, patient, fhirUser, purpose ...
+    Index("ix_token_client", "client_id"),
+)
+
+# Client-assertion JWT ids seen (replay protection), kept until the assertion expires.
+assertion_jti = Table(
+    "assertion_jti",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("jti", String(255), primary_key=True),
+    Column("expires_us", BigInteger, nullable=False),
+)
+
+# ---- audit hash chain ----
+# Each row links one AuditEvent (stored encrypted in resource/resource_version) into the chain:
+# hash = SHA-256(prev_hash | seq | event_id | recorded_us | content_hash).
+audit_chain = Table(
+    "audit_chain",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("recorded_us", BigInteger, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# Single-row table: the serialization point for appending to the chain (SELECT ... FOR UPDATE).
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)

@@ -1,0 +1,135 @@
+"""Demo data for `fhirserver serve --demo`: a few patients with observations, questionnaire
+responses and consents, plus a registered backend client whose private key is generated on first
+start (never shipped in the repository)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from .audit.events import AuditRecord
+from .auth.assertion import generate_key, public_jwks, save_private_key
+from .auth.clients import get_client, register_backend_client
+from .search.dates import now_us
+from .services import Services
+
+DEMO_CLIENT_ID = "demo-backend"
+LOINC = "http://loinc.org"
+VITALS = [("8867-4", "Heart rate", "/min", 55, 100), ("8310-5", "Body temperature", "Cel", 36.1, 37.9),
+          ("9279-1", "Respiratory rate", "/min", 12, 20), ("29463-7", "Body weight", "kg", 50, 110)]
+
+
+def _patient(pid: str, given: str, family: str, birth: str, gender: str, mrn: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient", "id": pid, "active": True,
+        "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.5", "value": mrn}],
+        "name": [{"use": "official", "family": family, "given": [given]}],
+        "telecom": [{"system": "phone", "value": f"+1-555-01{random.randint(10, 99)}", "use": "home"}],
+        "gender": gender, "birthDate": birth,
+        "address": [{"line": [f"{random.randint(1, 999)} Demo Street"], "city": "Springfield",
+                     "state": "IL", "postalCode": "62701", "country": "US"}],
+    }
+
+
+def _vital(pid: str, code: str, display: str, unit: str, low: float, high: float, day: int) -> dict[str, Any]:
+    value = round(random.uniform(low, high), 1)
+    return {
+        "resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "vital-signs", "display": "Vital Signs"}]}],
+        "code": {"coding": [{"system": LOINC, "code": code, "display": display}], "text": display},
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": f"2024-{(day % 12) + 1:02d}-{(day % 27) + 1:02d}T09:30:00Z",
+        "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+    }
+
+
+def _consent(pid: str, purpose: str, provision_type: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0", "display": "Patient Consent"}]}],
+        "patient": {"reference": f"Patient/{pid}"},
+        "dateTime": "2024-01-15",
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+        "provision": {"type": provision_type, "period": {"start": "2024-01-15"},
+                      "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}]},
+    }
+
+
+def _questionnaire_response(pid: str) -> dict[str, Any]:
+    return {
+        "resourceType": "QuestionnaireResponse", "status": "completed",
+        "questionnaire": "http://example.org/Questionnaire/phq-2",
+        "subject": {"reference": f"Patient/{pid}"}, "authored": "2024-03-01T10:00:00Z",
+        "item": [{"linkId": "1", "text": "Little interest or pleasure in doing things",
+                  "answer": [{"valueInteger": random.randint(0, 3)}]},
+                 {"linkId": "2", "text": "Feeling down, depressed, or hopeless",
+                  "answer": [{"valueInteger": random.randint(0, 3)}]}],
+    }
+
+
+def demo_resources() -> list[dict[str, Any]]:
+    random.seed(7)
+    people = [("demo-alice", "Alice", "Anders", "1980-04-12", "female", "MRN-1001", "HMARKT", "deny"),
+              ("demo-bob", "Bob", "Baker", "1975-09-30", "male", "MRN-1002", "HRESCH", "permit"),
+              ("demo-chloe", "Chloe", "Chen", "2015-06-02", "female", "MRN-1003", "HRESCH", "deny"),
+              ("demo-dev", "Dev", "Diaz", "1990-01-20", "other", "MRN-1004", "HMARKT", "deny")]
+    out: list[dict[str, Any]] = []
+    for pid, given, family, birth, gender, mrn, purpose, ptype in people:
+        out.append(_patient(pid, given, family, birth, gender, mrn))
+        for day in range(5):
+            for vital in VITALS:
+                out.append(_vital(pid, *vital, day=day * 31 + len(pid)))
+        out.append(_questionnaire_response(pid))
+        out.append(_consent(pid, purpose, ptype))
+    return out
+
+
+def load_demo(svc: Services) -> int:
+    """Load the demo resources once (idempotent: skipped when demo patients exist)."""
+    from sqlalchemy import select
+
+    from .db.schema import resource
+
+    with svc.engine.connect() as conn:
+        if conn.execute(select(resource.c.pk).where(resource.c.type == "Patient", resource.c.id == "demo-alice")).first():
+            return 0
+    count = 0
+    touched: list[str] = []
+    for res in demo_resources():
+        svc.validator.validate(res, res["resourceType"])
+        prepared = svc.repo.prepare(res["resourceType"], res, res.get("id"))
+        with svc.engine.begin() as conn:
+            stored = svc.repo.create(conn, prepared)
+        touched.append(f"{stored.type}/{stored.id}")
+        count += 1
+    rec = AuditRecord(interaction="create", request_id="demo-load", network_address="localhost",
+                      recorded_us=now_us(), status=201, outcome_desc=f"demo data loaded: {count} resources")
+    rec.subtype_code = ("http://hl7.org/fhir/restful-interaction", "create", "demo data import")
+    rec.patients = sorted({r.split("/")[1] for r in touched if r.startswith("Patient/")})
+    with svc.engine.begin() as conn:
+        svc.audit.append(conn, rec)
+    return count
+
+
+def ensure_demo_client(svc: Services) -> Path:
+    """Register the demo backend client; its private key is written to the data dir (0600)."""
+    key_path = svc.settings.data_dir / "demo-client-key.json"
+    if get_client(svc.engine, DEMO_CLIENT_ID) is None or not key_path.exists():
+        key = generate_key("ES384")
+        save_private_key(key, key_path)
+        from sqlalchemy import delete
+
+        from .auth.clients import set_disabled
+        from .db.schema import client
+
+        if get_client(svc.engine, DEMO_CLIENT_ID) is not None:
+            with svc.engine.begin() as conn:
+                conn.execute(delete(client).where(client.c.client_id == DEMO_CLIENT_ID))
+        register_backend_client(svc.engine, "Demo backend service", "system/*.cruds system/*.read system/*.write",
+                                jwks=public_jwks(key), organization="Organization/demo-hospital",
+                                client_id=DEMO_CLIENT_ID)
+        set_disabled(svc.engine, DEMO_CLIENT_ID, False)
+    return key_path

@@ -1,0 +1,1 @@
+"""FHIR R4 protocol pieces: registry, validation, OperationOutcome, capability statement."""

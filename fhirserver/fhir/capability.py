@@ -1,0 +1,86 @@
+"""The CapabilityStatement, generated from the same registries the router and pipeline use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..search.params import ParamRegistry
+from .registry import TypeRegistry
+
+
+def smart_oauth_extension(root: str) -> dict[str, Any]:
+    return {
+        "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+        "extension": [
+            {"url": "token", "valueUri": f"{root}/auth/token"},
+        ],
+    }
+
+
+def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: str, root: str,
+                         software_date: str) -> dict[str, Any]:
+    resources = []
+    for t in types:
+        entry: dict[str, Any] = {
+            "type": t.name,
+            "profile": f"http://hl7.org/fhir/StructureDefinition/{t.name}",
+            "interaction": [{"code": i} for i in sorted(t.interactions)],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": t.supports("update"),
+            "conditionalCreate": t.conditional_create,
+            "conditionalRead": "not-supported",
+            "conditionalUpdate": t.conditional_update,
+            "conditionalDelete": "single" if t.conditional_update else "not-supported",
+            "searchParam": [
+                {"name": p.code, "definition": p.url, "type": p.type,
+                 **({"documentation": p.documentation} if p.documentation else {})}
+                for p in sorted(params.for_type(t.name).values(), key=lambda p: p.code)
+                if p.type != "composite"
+            ] + [
+                {"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
+                {"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+                 "type": "date"},
+            ],
+        }
+        if t.server_written:
+            entry["documentation"] = "Written only by the server: one AuditEvent per interaction."
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": software_date,
+        "publisher": "fhirserver",
+        "kind": "instance",
+        "software": {"name": "fhirserver", "version": __version__},
+        "implementation": {"description": "fhirserver FHIR R4 API", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["json", "application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "extension": [smart_oauth_extension(root)],
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "SMART-on-FHIR"}]}],
+                "description": "OAuth 2.0 bearer tokens per SMART App Launch / Backend Services; "
+                               "see .well-known/smart-configuration.",
+            },
+            "resource": resources,
+            "interaction": [],
+        }],
+    }
+
+
+def smart_configuration(root: str, scopes: list[str]) -> dict[str, Any]:
+    return {
+        "issuer": root,
+        "token_endpoint": f"{root}/auth/token",
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "grant_types_supported": ["client_credentials"],
+        "scopes_supported": scopes,
+        "response_types_supported": [],
+        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        "code_challenge_methods_supported": ["S256"],
+    }

@@ -1,0 +1,57 @@
+"""The resource-type registry: which types exist, which interactions each supports, and which
+search parameters put a resource in a patient's compartment. Loaded from profiles/ (data), used
+by the router, the pipeline and the CapabilityStatement alike, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+INSTANCE_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance")
+TYPE_INTERACTIONS = ("create", "search-type", "history-type")
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    name: str
+    interactions: frozenset[str]
+    conditional_create: bool
+    conditional_update: bool
+    compartment_params: tuple[str, ...]  # params linking this type to Patient compartments
+    server_written: bool  # clients may not write (AuditEvent)
+
+    def supports(self, interaction: str) -> bool:
+        return interaction in self.interactions
+
+
+class TypeRegistry:
+    def __init__(self, types: dict[str, ResourceType]) -> None:
+        self._types = types
+
+    def get(self, name: str) -> ResourceType | None:
+        return self._types.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._types[n] for n in self.names())
+
+
+def load_type_registry(profiles_dir: Path) -> TypeRegistry:
+    spec = json.loads((profiles_dir / "resource-types.json").read_text())
+    comp = json.loads((profiles_dir / "compartmentdefinition-patient.json").read_text())
+    comp_params = {r["code"]: tuple(r.get("param", [])) for r in comp["resource"]}
+    types = {}
+    for name, entry in spec["types"].items():
+        types[name] = ResourceType(
+            name=name,
+            interactions=frozenset(entry["interactions"]),
+            conditional_create=entry.get("conditionalCreate", False),
+            conditional_update=entry.get("conditionalUpdate", False),
+            compartment_params=comp_params.get(name, ()),
+            server_written=entry.get("serverWritten", False),
+        )
+    return TypeRegistry(types)

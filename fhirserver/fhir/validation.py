@@ -1,0 +1,134 @@
+"""Validate a client's resource JSON as FHIR R4 without changing it.
+
+Two layers, both needed:
+1. The R4 JSON schema (shipped pruned in profiles/), compiled with fastjsonschema: strict JSON
+   types (`"active": "true"` is not a boolean), required-binding enums, primitive regexes and
+   unknown elements -- things the pydantic models coerce or accept.
+2. fhir.resources R4B models (the R4 wire format for our types): structure, choice types,
+   cardinality and the models' own rules.
+
+Error locations become FHIRPath-style `issue.expression` values (`Patient.name[0].given[0]`).
+The original JSON is never re-serialized: FHIR requires decimals back as sent (`1.0`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from .errors import FhirError, Issue
+
+
+def _expression(root: str, loc: list[Any] | tuple[Any, ...]) -> str:
+    out = root
+    for part in loc:
+        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
+            out += f"[{part}]"
+        else:
+            out += f".{part}"
+    return out
+
+
+# Compiled schema validators are shared by every Validator in the process (compiling one type
+# takes ~0.5 s); keyed by schema file and type.
+_COMPILED: dict[tuple[str, str], Any] = {}
+_DEFINITIONS: dict[str, dict[str, Any]] = {}
+_LOCK = threading.Lock()
+
+
+class Validator:
+    def __init__(self, profiles_dir: Path) -> None:
+        self._schema_file = profiles_dir / "fhir-schema-subset.json"
+
+    def _schema_for(self, type_name: str):  # type: ignore[no-untyped-def]
+        key = (str(self._schema_file), type_name)
+        if key in _COMPILED:
+            return _COMPILED[key]
+        with _LOCK:
+            if key not in _COMPILED:
+                if key[0] not in _DEFINITIONS:
+                    _DEFINITIONS[key[0]] = json.loads(self._schema_file.read_text())["definitions"]
+                definitions = _DEFINITIONS[key[0]]
+                if type_name not in definitions:
+                    _COMPILED[key] = None
+                else:
+                    schema = {
+                        "$schema": "http://json-schema.org/draft-06/schema#",
+                        "$ref": f"#/definitions/{type_name}",
+                        "definitions": definitions,
+                    }
+                    _COMPILED[key] = fastjsonschema.compile(schema)
+        return _COMPILED[key]
+
+    def warm(self, type_names: list[str]) -> None:
+        for name in type_names:
+            self._schema_for(name)
+
+    def validate(self, body: Any, expected_type: str | None = None, root: str | None = None) -> None:
+        """Raise FhirError(400) describing the first problems found."""
+        if not isinstance(body, dict):
+            raise FhirError(400, "structure", "A resource must be a JSON object")
+        rtype = body.get("resourceType")
+        if not isinstance(rtype, str):
+            raise FhirError(400, "required", "resourceType is missing", ["resourceType"])
+        if expected_type and rtype != expected_type:
+            raise FhirError(
+                400, "invalid",
+                f"resourceType '{rtype}' does not match the endpoint type '{expected_type}'",
+                ["resourceType"],
+            )
+        root = root or rtype
+        schema_fn = self._schema_for(rtype)
+        if schema_fn is not None:
+            try:
+                schema_fn(body)
+            except fastjsonschema.JsonSchemaException as exc:
+                raise self._schema_error(root, exc) from None
+            for i, contained in enumerate(body.get("contained") or []):
+                if isinstance(contained, dict) and isinstance(contained.get("resourceType"), str):
+                    self.validate(contained, None, f"{root}.contained[{i}]")
+        try:
+            model = get_fhir_model_class(rtype)
+        except KeyError:
+            raise FhirError(400, "not-supported", f"Unknown resource type '{rtype}'", [f"{root}.resourceType"]) from None
+        try:
+            model.model_validate(body)
+        except ValidationError as exc:
+            issues = []
+            for err in exc.errors()[:20]:
+                loc = [p for p in err["loc"] if p not in ("__root__",)]
+                issues.append(Issue(code="structure" if err["type"] == "extra_forbidden" else "value",
+                                    diagnostics=_clean_message(err["msg"]),
+                                    expression=[_expression(root, loc)]))
+            raise FhirError(400, issues[0].code, issues[0].diagnostics, issues=issues) from None
+        except (ValueError, TypeError) as exc:
+            raise FhirError(400, "structure", _clean_message(str(exc)), [root]) from None
+
+    @staticmethod
+    def _schema_error(root: str, exc: fastjsonschema.JsonSchemaException) -> FhirError:
+        path = list(exc.path[1:]) if exc.path else []
+        if exc.rule == "additionalProperties" and isinstance(exc.value, dict):
+            allowed = set((exc.definition or {}).get("properties", {}))
+            unknown = sorted(k for k in exc.value if k not in allowed)
+            issues = [
+                Issue(code="structure", diagnostics=f"Unknown element '{k}'", expression=[_expression(root, [*path, k])])
+                for k in unknown
+            ] or [Issue(code="structure", diagnostics="Unknown element", expression=[_expression(root, path)])]
+            return FhirError(400, "structure", issues[0].diagnostics, issues=issues)
+        message = exc.message.replace("data.", f"{root}.", 1).replace("data ", f"{root} ", 1)
+        if exc.rule == "pattern":
+            message = f"{_expression(root, path)}: value has an invalid format"
+        return FhirError(400, "value" if exc.rule in ("type", "enum", "pattern") else "structure",
+                         _clean_message(message), [_expression(root, path)])
+
+
+def _clean_message(text: str) -> str:
+    """Keep validator messages short and free of echoed input values."""
+    text = text.split("\n")[0]
+    return text if len(text) <= 300 else text[:297] + "..."

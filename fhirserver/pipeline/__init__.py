@@ -1,0 +1,2 @@
+"""The one road every /fhir request travels:
+authenticate -> authorize (scopes, compartment) -> consent -> execute -> audit."""

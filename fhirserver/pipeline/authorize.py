@@ -1,0 +1,77 @@
+"""Authorization: may this principal ask this, and over which rows?
+
+Scopes are checked before any data is touched (403 for an interaction no scope allows). What a
+scope allows becomes an SQL predicate over the `resource` table -- the patient compartment of a
+`patient/` scope, a v2 granular restriction such as `?category=laboratory` -- which the
+executor ANDs into every query, so invisible rows are never read, counted or paged.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from sqlalchemy import ColumnElement, and_, exists, false, or_, true
+
+from ..auth.scopes import ResourceScope
+from ..db.schema import compartment, resource
+from ..fhir.errors import FhirError
+from ..search.params import ParamRegistry
+from ..search.query import QueryCompiler, parse_search
+from .principal import Principal
+
+
+def compartment_predicate(rtype: str, patient_ids: list[str]) -> ColumnElement[bool]:
+    if not patient_ids:
+        return false()
+    if rtype == "Patient":
+        return resource.c.id.in_(patient_ids)
+    return exists().where(compartment.c.resource_pk == resource.c.pk, compartment.c.patient_id.in_(patient_ids))
+
+
+class Authorizer:
+    def __init__(self, params: ParamRegistry, compiler: QueryCompiler) -> None:
+        self.params = params
+        self.compiler = compiler
+
+    def _patients_for(self, principal: Principal, scope: ResourceScope) -> list[str] | None:
+        """Patient ids a scope is confined to; None = not confined to a compartment."""
+        if scope.context == "patient":
+            return [principal.patient] if principal.patient else []
+        if scope.context == "user":
+            user = principal.fhir_user or ""
+            if user.startswith("Patient/"):
+                return [user.split("/", 1)[1], *principal.linked_patients]
+            if user.startswith(("Practitioner/", "PractitionerRole/")):
+                return None
+            return []  # a user scope without a known user grants nothing
+        return None
+
+    def predicates(self, principal: Principal, rtype: str, interaction: str) -> list[ColumnElement[bool]]:
+        """Raise 403 if no scope allows the interaction; else the row predicates to apply."""
+        scopes = principal.scopes.for_interaction(rtype, interaction)
+        if not scopes:
+            raise FhirError(403, "forbidden", f"The access token has no scope that permits '{interaction}' on {rtype}")
+        alternatives: list[ColumnElement[bool]] = []
+        for scope in scopes:
+            conds: list[ColumnElement[bool]] = []
+            patients = self._patients_for(principal, scope)
+            if patients is not None:
+                if not patients:
+                    continue
+                conds.append(compartment_predicate(rtype, patients))
+            if scope.query:
+                try:
+                    parsed = parse_search(self.params, rtype, parse_qsl(scope.query), 1, 1, strict=True)
+                    conds.extend(self.compiler.where(parsed))
+                except FhirError:
+                    continue  # a restriction we cannot evaluate grants nothing (fail closed)
+            if not conds:
+                return []  # unrestricted
+            alternatives.append(and_(*conds))
+        if not alternatives:
+            raise FhirError(403, "forbidden", f"The access token's scopes grant no access to {rtype} in this context")
+        return [or_(*alternatives)] if len(alternatives) > 1 else alternatives
+
+    @staticmethod
+    def unrestricted(preds: list[ColumnElement[bool]]) -> bool:
+        return not preds or all(p is true() for p in preds)

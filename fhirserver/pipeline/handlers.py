@@ -1,0 +1,403 @@
+"""Execute: one handler per FHIR interaction kind, registered in HANDLERS.
+
+A handler has `prepare(ctx)` (outside the transaction: parse and validate the body, assign ids,
+index, fetch data keys) and `execute(ctx, conn)` (inside the request's transaction, which also
+writes the AuditEvent). Handlers never check scopes or write audit records themselves: they use
+`ctx.access[...]` predicates computed by the authorize and consent stages, and fill
+`ctx.record` for the audit stage.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from sqlalchemy import ColumnElement, Connection, select
+
+from ..db.schema import compartment, resource
+from ..fhir.capability import capability_statement, smart_configuration
+from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..fhir.subsetting import apply_subsetting
+from ..search.dates import instant_text, now_us, parse_range
+from ..search.query import encode_cursor, parse_search, run_search
+from ..storage.codec import dump_json, fragment, parse_json
+from ..storage.repository import PreparedWrite, Stored
+from .context import RequestContext, Result
+
+ETAG_RE = re.compile(r'^(?:W/)?"(\d+)"$')
+
+
+# ---------------------------------------------------------------- helpers
+def parse_etag(value: str | None, header: str) -> int | None:
+    if value is None:
+        return None
+    m = ETAG_RE.match(value.strip())
+    if not m:
+        raise FhirError(400, "invalid", f"{header} must be an ETag like W/\"3\"")
+    return int(m.group(1))
+
+
+def resource_headers(stored: Stored, base: str) -> dict[str, str]:
+    return {
+        "ETag": stored.etag,
+        "Last-Modified": _http_date(stored.last_updated_us),
+        "Content-Location": f"{base}/{stored.type}/{stored.id}/_history/{stored.version}",
+    }
+
+
+def _http_date(us: int) -> str:
+    from email.utils import formatdate
+
+    return formatdate(us / 1_000_000, usegmt=True)
+
+
+def visible(conn: Connection, pk: int, preds: list[ColumnElement[bool]]) -> bool:
+    if not preds:
+        return True
+    return conn.execute(select(resource.c.pk).where(resource.c.pk == pk, *preds)).first() is not None
+
+
+def patients_of(conn: Connection, pks: list[int]) -> list[str]:
+    if not pks:
+        return []
+    rows = conn.execute(select(compartment.c.patient_id).where(compartment.c.resource_pk.in_(pks)).distinct()).all()
+    return sorted({r[0] for r in rows})
+
+
+def parse_body(ctx: RequestContext) -> dict[str, Any]:
+    ctype = (ctx.header("content-type") or "").split(";")[0].strip().lower()
+    if ctype and ctype not in ("application/fhir+json", "application/json", "application/json+fhir", "text/json"):
+        if "xml" in ctype:
+            raise FhirError(415, "not-supported", "XML request bodies are not supported; send application/fhir+json")
+        raise FhirError(415, "not-supported", "Send the resource as application/fhir+json")
+    if not ctx.body:
+        raise FhirError(400, "structure", "The request body is empty")
+    try:
+        body = parse_json(ctx.body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise FhirError(400, "structure", "The request body is not valid JSON") from None
+    return body
+
+
+def validated(ctx: RequestContext) -> dict[str, Any]:
+    body = parse_body(ctx)
+    rtype = ctx.interaction.resource_type
+    ctx.services.validator.validate(body, rtype)
+    return body
+
+
+def render_resource(ctx: RequestContext, stored: Stored) -> bytes | dict[str, Any]:
+    params = dict(ctx.interaction.params)
+    summary, elements = params.get("_summary"), params.get("_elements")
+    if summary not in (None, "false") or elements:
+        if summary not in (None, "true", "false", "text", "data"):
+            raise FhirError(400, "invalid", "_summary must be true, false, text or data")
+        assert stored.body is not None
+        return apply_subsetting(parse_json(stored.body), summary,
+                                elements.split(",") if elements else None, ctx.services.summary_elements)
+    assert stored.body is not None
+    return stored.body
+
+
+def write_result(ctx: RequestContext, stored: Stored, status: int) -> Result:
+    base = ctx.services.settings.fhir_base
+    headers = resource_headers(stored, base)
+    if status == 201:
+        headers["Location"] = f"{base}/{stored.type}/{stored.id}/_history/{stored.version}"
+    pref = ctx.prefer.get("return", "representation")
+    if pref == "minimal":
+        return Result(status, None, headers)
+    if pref == "OperationOutcome":
+        outcome = operation_outcome([Issue("informational", f"{stored.type}/{stored.id} version {stored.version} "
+                                                            f"{'created' if status == 201 else 'updated'}",
+                                           severity="information")])
+        return Result(status, outcome, headers)
+    assert stored.body is not None
+    return Result(status, stored.body, headers)
+
+
+def record_touch(ctx: RequestContext, conn: Connection, stored: Stored) -> None:
+    ctx.record.resources.append(f"{stored.type}/{stored.id}/_history/{stored.version}")
+    ctx.record.patients = patients_of(conn, [stored.pk])
+
+
+def search_matches(ctx: RequestContext, conn: Connection, rtype: str, query: list[tuple[str, str]],
+                   limit: int = 2) -> list[int]:
+    """Resource pks matching a conditional-interaction query (visible ones only)."""
+    services = ctx.services
+    parsed = parse_search(services.params, rtype, query, limit, limit, strict=True)
+    if not parsed.clauses:
+        raise FhirError(400, "invalid", "A conditional request needs at least one search parameter")
+    parsed.total = "none"
+    where = services.compiler.where(parsed)
+    pks, _total, _nxt = run_search(conn, parsed, where, ctx.access.get("search-type", ctx.access.get("read", [])))
+    return pks
+
+
+# ---------------------------------------------------------------- handlers
+class Handler:
+    def prepare(self, ctx: RequestContext) -> None:
+        return None
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        raise NotImplementedError
+
+
+class Capabilities(Handler):
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        s = ctx.services
+        cs = capability_statement(s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE)
+        return Result(200, cs)
+
+
+class SmartConfiguration(Handler):
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        s = ctx.services
+        scopes = [f"system/{t}.{p}" for t in s.types.names() for p in ("rs", "cruds", "read", "write")]
+        return Result(200, smart_configuration(s.settings.public_root, ["system/*.rs", "system/*.cruds", *scopes]),
+                      {"Content-Type": "application/json"})
+
+
+class Read(Handler):
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        assert it.resource_type and it.id
+        version = None
+        if it.kind == "vread":
+            try:
+                version = int(it.version or "")
+            except ValueError:
+                raise FhirError(404, "not-found", "Unknown version") from None
+        try:
+            stored = ctx.services.repo.read(conn, it.resource_type, it.id, version)
+        except FhirError as err:
+            if err.status == 410:
+                head = ctx.services.repo.current(conn, it.resource_type, it.id)
+                if head is not None and not visible(conn, head.pk, ctx.access["read"]):
+                    raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known") from None
+            raise
+        if not visible(conn, stored.pk, ctx.access["read"]):
+            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
+        record_touch(ctx, conn, stored)
+        headers = resource_headers(stored, ctx.services.settings.fhir_base)
+        if_none_match = ctx.header("if-none-match")
+        if if_none_match and parse_etag(if_none_match, "If-None-Match") == stored.version:
+            return Result(304, None, headers)
+        return Result(200, render_resource(ctx, stored), headers)
+
+
+class Create(Handler):
+    def prepare(self, ctx: RequestContext) -> None:
+        body = validated(ctx)
+        body.pop("id", None)  # the server assigns ids on create
+        ctx.prepared = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body)
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        prepared: PreparedWrite = ctx.prepared
+        if ctx.interaction.conditional:
+            query = parse_qsl(ctx.header("if-none-exist") or "", keep_blank_values=True)
+            matches = search_matches(ctx, conn, prepared.type, query)
+            if len(matches) > 1:
+                raise FhirError(412, "duplicate", "If-None-Exist matched more than one resource")
+            if matches:
+                existing = ctx.services.repo.load_current(conn, matches)[0]
+                record_touch(ctx, conn, existing)
+                ctx.record.outcome_desc = "conditional create matched an existing resource"
+                return write_result(ctx, existing, 200)
+        stored = ctx.services.repo.create(conn, prepared)
+        if not visible(conn, stored.pk, ctx.access["create"]):
+            raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
+                                              "(outside the permitted compartment or scope restriction)")
+        record_touch(ctx, conn, stored)
+        return write_result(ctx, stored, 201)
+
+
+class Update(Handler):
+    def prepare(self, ctx: RequestContext) -> None:
+        it = ctx.interaction
+        body = validated(ctx)
+        rtype = it.resource_type or ""
+        if it.conditional:
+            with ctx.services.engine.connect() as conn:
+                matches = search_matches(ctx, conn, rtype, it.params)
+            if len(matches) > 1:
+                raise FhirError(412, "multiple-matches", "The conditional update matched more than one resource")
+            target = None
+            if matches:
+                with ctx.services.engine.connect() as conn:
+                    target = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
+            if target and body.get("id") not in (None, target):
+                raise FhirError(400, "invalid", "Resource id does not match the resource found by the condition",
+                                ["id"])
+            rid = target or body.get("id") or str(uuid.uuid4())
+            ctx.interaction.id = rid
+            ctx.prepared = (ctx.services.repo.prepare(rtype, body, rid), matches[:1])
+            return
+        if "id" not in body:
+            raise FhirError(400, "required", "The resource must contain an id matching the URL", [f"{rtype}.id"])
+        if body["id"] != it.id:
+            raise FhirError(400, "invalid", f"Resource id '{str(body['id'])[:64]}' does not match the URL id '{it.id}'",
+                            [f"{rtype}.id"])
+        ctx.prepared = (ctx.services.repo.prepare(rtype, body, it.id), None)
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        prepared, expected = ctx.prepared
+        repo = ctx.services.repo
+        if expected is not None:
+            now = search_matches(ctx, conn, prepared.type, ctx.interaction.params)
+            if now != expected:
+                raise FhirError(412, "conflict", "The resources matching the condition changed; retry")
+        head = repo.current(conn, prepared.type, prepared.id)
+        if head is not None and not head.deleted and not visible(conn, head.pk, ctx.access["update"]):
+            raise FhirError(403, "forbidden", "The access token does not permit updating this resource")
+        if (head is None or head.deleted) and "create" not in ctx.access:
+            # update-as-create needs create permission too
+            raise FhirError(403, "forbidden", "The access token does not permit creating resources of this type")
+        if_match = parse_etag(ctx.header("if-match"), "If-Match")
+        stored, created = repo.update(conn, prepared, if_match)
+        check = ctx.access["create"] if created else ctx.access["update"]
+        if not visible(conn, stored.pk, check):
+            raise FhirError(403, "forbidden", "The access token does not permit this resource content "
+                                              "(outside the permitted compartment or scope restriction)")
+        record_touch(ctx, conn, stored)
+        return write_result(ctx, stored, 201 if created else 200)
+
+
+class Delete(Handler):
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        rtype = it.resource_type or ""
+        repo = ctx.services.repo
+        if it.conditional:
+            matches = search_matches(ctx, conn, rtype, it.params)
+            if len(matches) > 1:
+                raise FhirError(412, "multiple-matches", "The conditional delete matched more than one resource")
+            if not matches:
+                return Result(204)
+            it.id = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
+        assert it.id
+        head = repo.current(conn, rtype, it.id)
+        if head is not None and not visible(conn, head.pk, ctx.access["delete"]):
+            raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
+        stored = repo.delete(conn, rtype, it.id, parse_etag(ctx.header("if-match"), "If-Match"))
+        if stored is None:
+            return Result(204)
+        record_touch(ctx, conn, stored)
+        return Result(204, None, {"ETag": stored.etag})
+
+
+def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
+    params = dict(ctx.interaction.params)
+    settings = ctx.services.settings
+    try:
+        count = min(int(params.get("_count", settings.default_page_size)), settings.history_max_page_size)
+    except ValueError:
+        raise FhirError(400, "invalid", "_count must be an integer", ["_count"]) from None
+    since = None
+    if "_since" in params:
+        try:
+            since = parse_range(params["_since"])[0]
+        except ValueError:
+            raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
+    cursor = None
+    if "_cursor" in params:
+        try:
+            import base64
+
+            cursor = int(base64.urlsafe_b64decode(params["_cursor"].encode() + b"==").decode())
+        except ValueError:
+            raise FhirError(400, "invalid", "Invalid paging cursor", ["_cursor"]) from None
+    return max(count, 1), since, cursor
+
+
+class History(Handler):
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        rtype = it.resource_type or ""
+        count, since, cursor = _history_params(ctx)
+        repo = ctx.services.repo
+        if it.kind == "history-instance":
+            head = repo.current(conn, rtype, it.id or "")
+            if head is None or not visible(conn, head.pk, ctx.access["read"]):
+                raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
+            rows = repo.history(conn, rtype, it.id, since, count + 1, cursor)
+        else:
+            rows = repo.history(conn, rtype, None, since, count + 1, cursor, access=ctx.access["read"])
+        page = rows[:count]
+        base = ctx.services.settings.fhir_base
+        entries = []
+        for _vpk, st in page:
+            entry: dict[str, Any] = {"fullUrl": f"{base}/{st.type}/{st.id}"}
+            if st.body is not None:
+                entry["resource"] = fragment(st.body)
+            entry["request"] = {"method": st.method,
+                                "url": st.type if st.method == "POST" else f"{st.type}/{st.id}"}
+            entry["response"] = {"status": {"POST": "201", "PUT": "200", "DELETE": "204"}.get(st.method, "200"),
+                                 "etag": st.etag, "lastModified": instant_text(st.last_updated_us)}
+            entries.append(entry)
+            ctx.record.resources.append(f"{st.type}/{st.id}/_history/{st.version}")
+        ctx.record.patients = patients_of(conn, sorted({st.pk for _v, st in page}))
+        path = f"{base}/{rtype}/{it.id}/_history" if it.kind == "history-instance" else f"{base}/{rtype}/_history"
+        keep = [(k, v) for k, v in it.params if k != "_cursor"]
+        links = [{"relation": "self", "url": path + ("?" + urlencode(it.params) if it.params else "")}]
+        if len(rows) > count:
+            links.append({"relation": "next", "url": path + "?" + urlencode(keep + [("_cursor", encode_cursor(page[-1][0]))])})
+        bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": instant_text(now_us())},
+                  "type": "history", "link": links, "entry": entries}
+        return Result(200, dump_json(bundle))
+
+
+class Search(Handler):
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        s = ctx.services
+        rtype = it.resource_type or ""
+        strict = ctx.prefer.get("handling") == "strict"
+        parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
+        where = s.compiler.where(parsed)
+        pks, total, nxt = run_search(conn, parsed, where, ctx.access["search-type"])
+        stored = s.repo.load_current(conn, pks)
+        ctx.record.query = it.query_string
+        ctx.record.patients = patients_of(conn, pks)
+        ctx.record.resources = [f"{st.type}/{st.id}/_history/{st.version}" for st in stored]
+        base = s.settings.fhir_base
+        entries: list[dict[str, Any]] = []
+        for st in stored:
+            if parsed.summary not in (None, "false") or parsed.elements:
+                assert st.body is not None
+                res: Any = apply_subsetting(parse_json(st.body), parsed.summary, parsed.elements, s.summary_elements)
+            else:
+                res = fragment(st.body or b"{}")
+            entries.append({"fullUrl": f"{base}/{st.type}/{st.id}", "resource": res, "search": {"mode": "match"}})
+        if parsed.ignored:
+            outcome = operation_outcome([Issue("not-supported", m, severity="warning") for m in parsed.ignored])
+            entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+        echo = urlencode(parsed.echo)
+        links = [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{echo}" if echo else "")}]
+        if nxt is not None:
+            links.append({"relation": "next", "url": f"{base}/{rtype}?" + urlencode(parsed.echo + [("_cursor", encode_cursor(nxt))])})
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                                  "meta": {"lastUpdated": instant_text(now_us())}, "type": "searchset"}
+        if total is not None:
+            bundle["total"] = total
+        bundle["link"] = links
+        bundle["entry"] = entries
+        return Result(200, dump_json(bundle))
+
+
+_START_DATE = instant_text(now_us())[:10]
+
+HANDLERS: dict[str, Handler] = {
+    "capabilities": Capabilities(),
+    "smart-configuration": SmartConfiguration(),
+    "read": Read(),
+    "vread": Read(),
+    "create": Create(),
+    "update": Update(),
+    "delete": Delete(),
+    "history-instance": History(),
+    "history-type": History(),
+    "search-type": Search(),
+}

@@ -1,0 +1,135 @@
+"""Parse an HTTP request on /fhir into a FHIR Interaction (what is being asked, of what)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from ..fhir.errors import FhirError
+from ..fhir.registry import TypeRegistry
+
+ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "json", "*/*",
+              "application/*", "text/json"}
+XML_TYPES = {"application/fhir+xml", "application/xml", "text/xml", "xml", "application/xml+fhir"}
+
+
+@dataclass
+class Interaction:
+    kind: str  # read vread update delete create search-type history-instance history-type capabilities smart-configuration
+    method: str
+    resource_type: str | None = None
+    id: str | None = None
+    version: str | None = None
+    params: list[tuple[str, str]] = field(default_factory=list)
+    conditional: bool = False  # conditional create/update/delete
+    public: bool = False  # no token required
+
+    @property
+    def query_string(self) -> str:
+        from urllib.parse import urlencode
+
+        return urlencode(self.params)
+
+
+def _check_id(value: str, what: str = "id") -> str:
+    if not ID_RE.match(value):
+        raise FhirError(400, "invalid", f"'{value[:70]}' is not a valid FHIR {what}")
+    return value
+
+
+def negotiate_format(accept: str | None, fmt: str | None) -> None:
+    """Only JSON is served. Raise 406 for XML or anything else we cannot produce."""
+    if fmt:
+        base = fmt.split(";")[0].strip().lower()
+        if base in XML_TYPES:
+            raise FhirError(406, "not-supported", "XML is not supported; use application/fhir+json")
+        if base not in JSON_TYPES:
+            raise FhirError(406, "not-supported", f"Unsupported _format '{fmt[:50]}'")
+        return
+    if not accept:
+        return
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
+    if not types or any(t in JSON_TYPES for t in types):
+        return
+    raise FhirError(406, "not-supported", "Only application/fhir+json is supported")
+
+
+def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, str]] | None,
+                      types: TypeRegistry, has_if_none_exist: bool) -> Interaction:
+    params = parse_qsl(query, keep_blank_values=True)
+    parts = [p for p in path.strip("/").split("/") if p]
+    if not parts:
+        raise FhirError(404 if method == "GET" else 405, "not-supported",
+                        "System-level interactions are not supported at the base URL")
+    if parts == ["metadata"]:
+        if method != "GET":
+            raise FhirError(405, "not-supported", "Use GET for /metadata")
+        return Interaction("capabilities", method, params=params, public=True)
+    if parts == [".well-known", "smart-configuration"]:
+        return Interaction("smart-configuration", method, params=params, public=True)
+    rtype = parts[0]
+    spec = types.get(rtype)
+    if spec is None:
+        if rtype.startswith("$") or rtype.startswith("_"):
+            raise FhirError(404, "not-supported", f"Operation or path '{rtype[:50]}' is not supported")
+        raise FhirError(404, "not-supported", f"Resource type '{rtype[:64]}' is not supported")
+    kind: str
+    it = Interaction("", method, resource_type=rtype, params=params)
+    if len(parts) == 1:
+        if method == "GET":
+            kind = "search-type"
+        elif method == "POST":
+            kind = "create"
+            it.conditional = has_if_none_exist
+        elif method == "PUT" and params:
+            kind, it.conditional = "update", True
+        elif method == "DELETE" and params:
+            kind, it.conditional = "delete", True
+        else:
+            raise FhirError(405, "not-supported", f"{method} is not allowed on /{rtype}")
+    elif len(parts) == 2 and parts[1] == "_search":
+        if method != "POST":
+            raise FhirError(405, "not-supported", "Use POST for _search")
+        kind = "search-type"
+        it.params = params + (form or [])
+    elif len(parts) == 2 and parts[1] == "_history":
+        if method != "GET":
+            raise FhirError(405, "not-supported", "Use GET for _history")
+        kind = "history-type"
+    elif len(parts) == 2 and parts[1].startswith("$"):
+        raise FhirError(404, "not-supported", f"Operation '{parts[1][:50]}' is not supported on {rtype}")
+    elif len(parts) == 2:
+        it.id = _check_id(parts[1])
+        kind = {"GET": "read", "PUT": "update", "DELETE": "delete"}.get(method, "")
+        if not kind:
+            raise FhirError(405, "not-supported", f"{method} is not allowed on a resource instance")
+    elif len(parts) == 3 and parts[2] == "_history":
+        it.id = _check_id(parts[1])
+        if method != "GET":
+            raise FhirError(405, "not-supported", "Use GET for _history")
+        kind = "history-instance"
+    elif len(parts) == 4 and parts[2] == "_history":
+        it.id = _check_id(parts[1])
+        it.version = _check_id(parts[3], "version id")
+        if method != "GET":
+            raise FhirError(405, "not-supported", "Use GET for a version")
+        kind = "vread"
+    else:
+        raise FhirError(404, "not-supported", "Unknown FHIR path")
+    if not spec.supports(kind):
+        raise FhirError(405, "not-supported", f"Interaction '{kind}' is not supported for {rtype}",
+                        headers={"Allow": ", ".join(sorted(_allowed_methods(spec.interactions)))})
+    if it.conditional and kind == "create" and not spec.conditional_create:
+        raise FhirError(405, "not-supported", f"Conditional create is not supported for {rtype}")
+    if it.conditional and kind in ("update", "delete") and not spec.conditional_update:
+        raise FhirError(405, "not-supported", f"Conditional {kind} is not supported for {rtype}")
+    it.kind = kind
+    return it
+
+
+def _allowed_methods(interactions: frozenset[str]) -> set[str]:
+    mapping = {"read": "GET", "vread": "GET", "search-type": "GET", "history-instance": "GET",
+               "history-type": "GET", "create": "POST", "update": "PUT", "delete": "DELETE"}
+    return {mapping[i] for i in interactions if i in mapping}

@@ -1,0 +1,155 @@
+"""The request pipeline: authenticate -> authorize -> consent -> execute -> audit.
+
+Every /fhir request goes through `Pipeline.handle`, and only there are tokens checked, scopes and
+consent turned into row predicates, the transaction opened and the AuditEvent written. The audit
+record is appended inside the same transaction as the access; if it cannot be written the
+transaction rolls back and the client gets a 500 (fail closed). Failed requests are audited in
+a fresh transaction after the rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from ..audit.events import AuditRecord
+from ..auth.tokens import lookup_token
+from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..search.dates import now_us
+from ..services import Services
+from ..storage.repository import CorruptDataError
+from .authorize import Authorizer
+from .context import RequestContext, Result
+from .handlers import HANDLERS
+from .interaction import Interaction, negotiate_format, parse_interaction
+from .principal import Principal
+
+log = logging.getLogger("fhirserver.pipeline")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9\-_.]{8,64}$")
+
+# For each interaction: the access predicates the executor needs, keyed by the name it uses,
+# and the scope interaction each is derived from. `required` ones raise 403 when absent.
+ACCESS_NEEDS: dict[str, list[tuple[str, str, bool]]] = {
+    "read": [("read", "read", True)],
+    "vread": [("read", "vread", True)],
+    "history-instance": [("read", "history-instance", True)],
+    "history-type": [("read", "history-type", True)],
+    "search-type": [("search-type", "search-type", True)],
+    "create": [("create", "create", True)],
+    "update": [("update", "update", True), ("create", "create", False)],
+    "delete": [("delete", "delete", True)],
+}
+READING = {"read", "search-type"}
+
+
+def _parse_prefer(value: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (value or "").split(";"):
+        for item in part.split(","):
+            key, _, val = item.strip().partition("=")
+            if key:
+                out[key.strip().lower()] = val.strip().strip('"')
+    return out
+
+
+class Pipeline:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.authorizer = Authorizer(services.params, services.compiler)
+
+    # ---- stage 1: authenticate
+    def authenticate(self, ctx: RequestContext) -> None:
+        header = ctx.header("authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise FhirError(401, "login", "An access token is required (Authorization: Bearer ...)",
+                            headers={"WWW-Authenticate": 'Bearer realm="fhirserver"'})
+        with self.services.engine.connect() as conn:
+            info, reason = lookup_token(conn, token.strip())
+        if info is None:
+            raise FhirError(401, "login", f"The access token is not valid ({reason})",
+                            headers={"WWW-Authenticate": f'Bearer realm="fhirserver", error="invalid_token", '
+                                                         f'error_description="{reason}"'})
+        ctx.principal = Principal.from_token(info)
+        ctx.record.client_id = info.client_id
+        ctx.record.client_name = info.client_name
+        ctx.record.user = ctx.principal.fhir_user
+
+    # ---- stage 2 + 3: authorize (scopes, compartment) and consent
+    def authorize(self, ctx: RequestContext) -> None:
+        it = ctx.interaction
+        principal = ctx.principal
+        assert principal is not None and it.resource_type
+        needs = list(ACCESS_NEEDS.get(it.kind, []))
+        if it.conditional:
+            needs.append(("search-type", "search-type", True))
+        for name, scope_interaction, required in needs:
+            try:
+                preds = self.authorizer.predicates(principal, it.resource_type, scope_interaction)
+            except FhirError:
+                if required:
+                    raise
+                continue
+            if name in READING:
+                preds = preds + self.services.consent.predicates(principal, it.resource_type, scope_interaction)
+            ctx.access[name] = preds
+
+    # ---- the whole road
+    def handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,
+               headers: dict[str, str], body: bytes, remote_addr: str,
+               body_too_large: bool = False) -> tuple[Result, str]:
+        lower = {k.lower(): v for k, v in headers.items()}
+        client_rid = lower.get("x-request-id", "")
+        request_id = client_rid if REQUEST_ID_RE.match(client_rid) else str(uuid.uuid4())
+        record = AuditRecord(interaction="unknown", request_id=request_id, network_address=remote_addr,
+                             recorded_us=now_us())
+        ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body)
+        try:
+            ctx.prefer = _parse_prefer(lower.get("prefer"))
+            ctx.interaction = parse_interaction(method, path, query, form, self.services.types,
+                                                "if-none-exist" in lower)
+            record.interaction = ctx.interaction.kind
+            record.resource_type = ctx.interaction.resource_type
+            if ctx.interaction.id:
+                record.resources = [f"{ctx.interaction.resource_type}/{ctx.interaction.id}"]
+            negotiate_format(lower.get("accept"), dict(ctx.interaction.params).get("_format"))
+            if body_too_large:
+                raise FhirError(413, "too-costly", f"The request body exceeds the limit of "
+                                                   f"{self.services.settings.max_body_bytes} bytes")
+            if not ctx.interaction.public:
+                self.authenticate(ctx)
+                self.authorize(ctx)
+            handler = HANDLERS[ctx.interaction.kind]
+            handler.prepare(ctx)
+            with self.services.engine.begin() as conn:
+                record.resources = []
+                result = handler.execute(ctx, conn)
+                record.status = result.status
+                self.services.audit.append(conn, record)
+            return result, request_id
+        except FhirError as err:
+            return self._fail(ctx, err.status, err.issues, err.headers, err), request_id
+        except CorruptDataError:
+            log.error("request %s: stored data failed authentication or its key is unavailable", request_id)
+            return self._fail(ctx, 500, [Issue("exception", "Stored data failed an integrity check; nothing was "
+                                                             "returned. The incident has been recorded.")], {}, None), request_id
+        except Exception:
+            log.exception("request %s failed", request_id)
+            return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id
+
+    def _fail(self, ctx: RequestContext, status: int, issues: list[Issue], headers: dict[str, str],
+              err: FhirError | None) -> Result:
+        rec = ctx.record
+        rec.status = status
+        rec.outcome_desc = issues[0].diagnostics if issues else ""
+        try:
+            with self.services.engine.begin() as conn:
+                self.services.audit.append(conn, rec)
+        except Exception:
+            log.exception("request %s: could not write the AuditEvent for a failed request", rec.request_id)
+            if status < 500:
+                status, issues, headers = 500, [Issue("exception", "The audit record could not be written")], {}
+        body: dict[str, Any] = operation_outcome(issues, rec.request_id)
+        return Result(status, body, headers)

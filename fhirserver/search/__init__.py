@@ -1,0 +1,1 @@
+"""Search: parameter registry, FHIRPath-subset extraction, indexing and SQL query building."""

@@ -1,0 +1,317 @@
+"""A small compiled FHIRPath subset, enough for the R4 SearchParameter expressions we ship.
+
+Why not a full engine: indexing runs on every write (dozens of expressions per resource), and the
+R4 expressions for our types use only paths, `|`, `ofType()`/`as`, `where(resolve() is T)`,
+`where(field='x')`, `exists()`, `and`, `=`/`!=`. Compiling those to closures keeps indexing at a
+few microseconds per expression. An unsupported construct raises UnsupportedExpression at load
+time, so a custom SearchParameter never silently indexes nothing.
+
+Nodes are (value, type) pairs; `type` is known for choice elements (`valueQuantity` -> Quantity)
+and for resolve() results, which is what `ofType`/`is` need.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+Node = tuple[Any, str | None]
+Fn = Callable[[list[Node]], list[Node]]
+
+
+class UnsupportedExpression(ValueError):
+    pass
+
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<str>'(?:[^'\\]|\\.)*')|(?P<op>!=|[().|=,])|(?P<id>[A-Za-z_][A-Za-z0-9_]*|`[^`]+`))"
+)
+
+# FHIR data types that start with an upper-case letter; used to split `valueQuantity` into
+# element `value` and type `Quantity`.
+_PRIMITIVE_CHOICE = {
+    "Boolean": "boolean", "Integer": "integer", "String": "string", "DateTime": "dateTime",
+    "Date": "date", "Time": "time", "Instant": "instant", "Decimal": "decimal", "Uri": "uri",
+    "Url": "url", "Canonical": "canonical", "Code": "code", "Base64Binary": "base64Binary",
+    "PositiveInt": "positiveInt", "UnsignedInt": "unsignedInt", "Id": "id", "Oid": "oid",
+    "Uuid": "uuid", "Markdown": "markdown",
+}
+
+
+def _tokenize(text: str) -> list[tuple[str, str]]:
+    pos, out = 0, []
+    text = text.strip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise UnsupportedExpression(f"cannot parse FHIRPath near: {text[pos:pos + 20]!r}")
+        kind = m.lastgroup or ""
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return out
+
+
+def _type_matches(node_type: str | None, wanted: str) -> bool:
+    if node_type is None:
+        return False
+    return node_type.lower() == wanted.lower()
+
+
+def _child(nodes: list[Node], name: str) -> list[Node]:
+    out: list[Node] = []
+    for value, _t in nodes:
+        if not isinstance(value, dict):
+            continue
+        if name in value:
+            v = value[name]
+            items = v if isinstance(v, list) else [v]
+            out.extend((item, None) for item in items)
+            continue
+        # choice element: value -> valueQuantity, valueString, ...
+        for key, v in value.items():
+            if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
+                suffix = key[len(name):]
+                tname = _PRIMITIVE_CHOICE.get(suffix, suffix)
+                items = v if isinstance(v, list) else [v]
+                out.extend((item, tname) for item in items)
+    return out
+
+
+def _resolve(nodes: list[Node]) -> list[Node]:
+    out: list[Node] = []
+    for value, _t in nodes:
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            rtype = value.get("type")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                parts = ref.split("?")[0].rstrip("/").split("/")
+                if "_history" in parts:
+                    parts = parts[: parts.index("_history")]
+                if len(parts) >= 2:
+                    rtype = parts[-2]
+            if rtype:
+                out.append(({}, rtype))
+    return out
+
+
+class _Parser:
+    def __init__(self, text: str, root_type: str) -> None:
+        self.tokens = _tokenize(text)
+        self.i = 0
+        self.root_type = root_type
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, value: str | None = None) -> tuple[str, str]:
+        tok = self.peek()
+        if tok is None or (value is not None and tok[1] != value):
+            raise UnsupportedExpression(f"expected {value!r}")
+        self.i += 1
+        return tok
+
+    def parse(self) -> Fn:
+        fn = self.and_expr()
+        if self.peek() is not None:
+            raise UnsupportedExpression(f"unexpected token {self.peek()}")
+        return fn
+
+    def and_expr(self) -> Fn:
+        left = self.eq_expr()
+        while self.peek() and self.peek()[1] == "and":  # type: ignore[index]
+            self.take()
+            right = self.eq_expr()
+            left = _and(left, right)
+        return left
+
+    def eq_expr(self) -> Fn:
+        left = self.type_expr()
+        tok = self.peek()
+        if tok and tok[1] in ("=", "!="):
+            self.take()
+            right = self.type_expr()
+            return _equals(left, right, negate=tok[1] == "!=")
+        return left
+
+    def type_expr(self) -> Fn:
+        left = self.union_expr()
+        tok = self.peek()
+        if tok and tok[1] in ("is", "as"):
+            self.take()
+            tname = self.take()[1]
+            return _is(left, tname) if tok[1] == "is" else _of_type(left, tname)
+        return left
+
+    def union_expr(self) -> Fn:
+        parts = [self.term()]
+        while self.peek() and self.peek()[1] == "|":  # type: ignore[index]
+            self.take()
+            parts.append(self.term())
+        if len(parts) == 1:
+            return parts[0]
+        return lambda nodes: [n for p in parts for n in p(nodes)]
+
+    def term(self) -> Fn:
+        tok = self.peek()
+        if tok is None:
+            raise UnsupportedExpression("unexpected end")
+        if tok[1] == "(":
+            self.take()
+            inner = self.and_expr()
+            self.take(")")
+            fn = inner
+        elif tok[0] == "str":
+            self.take()
+            lit = tok[1][1:-1]
+            fn = lambda _nodes, lit=lit: [(lit, "string")]  # noqa: E731
+        elif tok[1] in ("true", "false"):
+            self.take()
+            lit_b = tok[1] == "true"
+            fn = lambda _nodes, lit_b=lit_b: [(lit_b, "boolean")]  # noqa: E731
+        else:
+            fn = self.invocation(first=True)
+        while self.peek() and self.peek()[1] == ".":  # type: ignore[index]
+            self.take()
+            nxt = self.invocation(first=False)
+            fn = _chain(fn, nxt)
+        return fn
+
+    def invocation(self, first: bool) -> Fn:
+        kind, name = self.take()
+        if kind != "id":
+            raise UnsupportedExpression(f"unexpected {name!r}")
+        name = name.strip("`")
+        tok = self.peek()
+        if tok and tok[1] == "(":
+            self.take()
+            args: list[Any] = []
+            if name in ("ofType", "as", "is"):
+                args.append(self.take()[1])
+            elif name == "where":
+                args.append(self.and_expr())
+            while self.peek() and self.peek()[1] != ")":
+                raise UnsupportedExpression(f"unsupported arguments to {name}()")
+            self.take(")")
+            return _function(name, args)
+        if first and name[0].isupper():
+            return lambda nodes, root=name: [(v, t) for v, t in nodes if t == root]
+        return lambda nodes, name=name: _child(nodes, name)
+
+
+def _chain(a: Fn, b: Fn) -> Fn:
+    return lambda nodes: b(a(nodes))
+
+
+def _and(a: Fn, b: Fn) -> Fn:
+    return lambda nodes: [(_truthy(a(nodes)) and _truthy(b(nodes)), "boolean")]
+
+
+def _truthy(nodes: list[Node]) -> bool:
+    if not nodes:
+        return False
+    if len(nodes) == 1 and isinstance(nodes[0][0], bool):
+        return nodes[0][0]
+    return True
+
+
+def _equals(a: Fn, b: Fn, negate: bool) -> Fn:
+    def fn(nodes: list[Node]) -> list[Node]:
+        left, right = a(nodes), b(nodes)
+        if not left or not right:
+            return []
+        same = [v for v, _ in left] == [v for v, _ in right]
+        return [(same != negate, "boolean")]
+
+    return fn
+
+
+def _is(a: Fn, tname: str) -> Fn:
+    return lambda nodes: [(all(_type_matches(t, tname) for _, t in a(nodes)) and bool(a(nodes)), "boolean")]
+
+
+def _of_type(a: Fn, tname: str) -> Fn:
+    return lambda nodes: [(v, t) for v, t in a(nodes) if _type_matches(t, tname)]
+
+
+def _function(name: str, args: list[Any]) -> Fn:
+    if name in ("ofType", "as"):
+        tname = args[0]
+        return lambda nodes: [(v, t) for v, t in nodes if _type_matches(t, tname)]
+    if name == "is":
+        tname = args[0]
+        return lambda nodes: [(bool(nodes) and all(_type_matches(t, tname) for _, t in nodes), "boolean")]
+    if name == "where":
+        cond: Fn = args[0]
+        return lambda nodes: [n for n in nodes if _truthy(cond([n]))]
+    if name == "exists":
+        return lambda nodes: [(bool(nodes), "boolean")]
+    if name == "empty":
+        return lambda nodes: [(not nodes, "boolean")]
+    if name == "not":
+        return lambda nodes: [(not _truthy(nodes), "boolean")] if nodes else []
+    if name == "first":
+        return lambda nodes: nodes[:1]
+    if name == "resolve":
+        return _resolve
+    raise UnsupportedExpression(f"unsupported FHIRPath function {name}()")
+
+
+def compile_expression(expression: str, resource_type: str) -> Fn | None:
+    """Compile the branches of `expression` that apply to `resource_type`.
+
+    Returns a function from a resource (dict) to its nodes, or None if no branch applies.
+    """
+    branches = _split_union(expression)
+    keep = [b for b in branches if _root_of(b) in (resource_type, "Resource", "DomainResource")]
+    if not keep:
+        return None
+    fns = []
+    for branch in keep:
+        root = _root_of(branch)
+        fns.append(_Parser(branch.replace(root, resource_type, 1) if root != resource_type else branch,
+                           resource_type).parse())
+
+    def run(resource: dict[str, Any]) -> list[Node]:
+        nodes: list[Node] = [(resource, resource_type)]
+        out: list[Node] = []
+        for fn in fns:
+            out.extend(fn(nodes))
+        return out
+
+    return run
+
+
+def compile_relative(expression: str) -> Fn:
+    """Compile an expression evaluated against given nodes (composite components)."""
+    return _Parser(expression, "").parse()
+
+
+def _split_union(expression: str) -> list[str]:
+    """Split at top-level `|` (outside parentheses and strings)."""
+    parts, depth, cur, in_str = [], 0, "", False
+    for ch in expression:
+        if ch == "'" and not in_str:
+            in_str = True
+        elif ch == "'" and in_str:
+            in_str = False
+        if not in_str:
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+            elif ch == "|" and depth == 0:
+                parts.append(cur.strip())
+                cur = ""
+                continue
+        cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def _root_of(branch: str) -> str:
+    m = re.match(r"\(*\s*([A-Za-z]+)", branch)
+    return m.group(1) if m else ""

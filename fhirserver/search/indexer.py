@@ -1,0 +1,165 @@
+"""Turn a resource into index rows, driven by the SearchParameter registry.
+
+Protected parameters (see profiles/protected-parameters.json) are stored as blind-index HMACs:
+string values as normalized-full ('n'), exact ('e') and normalized-prefix ('p') digests; protected
+tokens as a digest of the code; protected dates as digests of their year, year-month and day.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..crypto.blind_index import BlindIndexer, normalize
+from .dates import MAX_US, MIN_US, parse_range
+from .params import ParamRegistry, SearchParam
+
+MAX_PREFIX_CHARS = 20
+_STRING_PARTS = ("family", "given", "prefix", "suffix", "text", "line", "city", "district", "state",
+                 "postalCode", "country")
+
+
+@dataclass
+class IndexRows:
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    patients: list[str] = field(default_factory=list)  # Patient compartments this resource is in
+
+    def add(self, table: str, **row: Any) -> None:
+        self.rows.setdefault(table, []).append(row)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        out: list[str] = []
+        for part in _STRING_PARTS:
+            v = value.get(part)
+            if isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, list):
+                out.extend(x for x in v if isinstance(x, str))
+        return out
+    return []
+
+
+def token_pairs(value: Any) -> list[tuple[str | None, str]]:
+    """(system, code) pairs of a Coding, CodeableConcept, Identifier, ContactPoint or primitive."""
+    if isinstance(value, bool):
+        return [(None, "true" if value else "false")]
+    if isinstance(value, str):
+        return [(None, value)]
+    if isinstance(value, (int, float)):
+        return [(None, str(value))]
+    if not isinstance(value, dict):
+        return []
+    if "coding" in value or ("text" in value and "code" not in value and "value" not in value):
+        return [p for c in value.get("coding", []) for p in token_pairs(c)]
+    if "code" in value:
+        return [(value.get("system"), value["code"])] if isinstance(value["code"], str) else []
+    if "value" in value and isinstance(value["value"], str):
+        return [(value.get("system"), value["value"])]
+    return []
+
+
+def parse_reference(ref: str, base_url: str) -> tuple[str | None, str | None, str | None]:
+    """(type, id, url) of a reference string; local references have url None."""
+    if ref.startswith("#"):
+        return None, None, ref
+    if ref.startswith(base_url + "/"):
+        ref = ref[len(base_url) + 1:]
+    if "://" in ref or ref.startswith("urn:"):
+        return None, None, ref.split("|")[0]
+    parts = ref.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) == 2 and parts[0] and parts[1]:
+        return parts[0], parts[1], None
+    return None, None, ref
+
+
+class Indexer:
+    def __init__(self, params: ParamRegistry, blind: BlindIndexer, base_url: str,
+                 compartment_params: dict[str, tuple[str, ...]]) -> None:
+        self.params = params
+        self.blind = blind
+        self.base_url = base_url.rstrip("/")
+        self.compartment_params = compartment_params
+
+    def index(self, resource_type: str, resource: dict[str, Any]) -> IndexRows:
+        out = IndexRows()
+        comp_params = self.compartment_params.get(resource_type, ())
+        patients: list[str] = []
+        if resource_type == "Patient" and isinstance(resource.get("id"), str):
+            patients.append(resource["id"])
+        for param in self.params.for_type(resource_type).values():
+            if param.extract is None:
+                continue
+            try:
+                nodes = param.extract(resource)
+            except (TypeError, AttributeError, KeyError):
+                continue
+            for value, node_type in nodes:
+                self._add(out, param, value, node_type)
+                if param.code in comp_params and param.type == "reference" and isinstance(value, dict):
+                    ref = value.get("reference")
+                    if isinstance(ref, str):
+                        rtype, rid, _url = parse_reference(ref, self.base_url)
+                        if rtype == "Patient" and rid and rid not in patients:
+                            patients.append(rid)
+        out.patients = patients
+        return out
+
+    def _add(self, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+        if p.type == "string":
+            for text in _strings(value):
+                self._add_string(out, p.code, text)
+        elif p.type == "token":
+            for system, code in token_pairs(value):
+                if p.protected:
+                    code = self.blind.digest(p.code, "t", code)
+                out.add("token", param=p.code, system=system, code=code[:255] if code else code)
+        elif p.type == "date":
+            for low, high in _date_ranges(value):
+                if p.protected:
+                    text = value if isinstance(value, str) else None
+                    if text:
+                        for prefix in {text[:4], text[:7], text[:10]}:
+                            out.add("string", param=p.code, kind="d", value=self.blind.digest(p.code, "d", prefix))
+                else:
+                    out.add("date", param=p.code, low_us=low, high_us=high)
+        elif p.type == "reference":
+            ref = value.get("reference") if isinstance(value, dict) else value if isinstance(value, str) else None
+            if isinstance(ref, str):
+                rtype, rid, url = parse_reference(ref, self.base_url)
+                out.add("reference", param=p.code, target_type=rtype, target_id=rid, url=url)
+        elif p.type == "quantity":
+            if isinstance(value, dict) and isinstance(value.get("value"), (int, float)):
+                out.add("quantity", param=p.code, value=float(value["value"]),
+                        system=value.get("system"), code=value.get("code") or value.get("unit"))
+        elif p.type == "number":
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.add("number", param=p.code, value=float(value))
+        elif p.type == "uri" and isinstance(value, str):
+            out.add("uri", param=p.code, value=value[:1024])
+
+    def _add_string(self, out: IndexRows, code: str, text: str) -> None:
+        norm = normalize(text)
+        digest = self.blind.digest
+        out.add("string", param=code, kind="e", value=digest(code, "e", text))
+        out.add("string", param=code, kind="n", value=digest(code, "n", norm))
+        for i in range(1, min(len(norm), MAX_PREFIX_CHARS) + 1):
+            out.add("string", param=code, kind="p", value=digest(code, "p", norm[:i]))
+
+
+def _date_ranges(value: Any) -> list[tuple[int, int]]:
+    try:
+        if isinstance(value, str):
+            return [parse_range(value)]
+        if isinstance(value, dict) and ("start" in value or "end" in value):  # Period
+            low = parse_range(value["start"])[0] if isinstance(value.get("start"), str) else MIN_US
+            high = parse_range(value["end"])[1] if isinstance(value.get("end"), str) else MAX_US
+            return [(low, high)]
+    except ValueError:
+        return []
+    return []

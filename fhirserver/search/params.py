@@ -1,0 +1,98 @@
+"""The SearchParameter registry, loaded from profiles/ (data, not code).
+
+Every `profiles/search-parameters*.json` Bundle (or `profiles/searchparameters/*.json` single
+resource) is read; a SearchParameter applies to each of its `base` types that we serve. Adding a
+custom SearchParameter file and running `fhirserver db reindex` makes it searchable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fhirpath import Fn, UnsupportedExpression, compile_expression
+
+SPECIAL = {"_id", "_lastUpdated"}  # answered from the resource table itself
+UNSUPPORTED = {"_text", "_content", "_query", "_list", "_has", "_filter"}
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    code: str
+    type: str  # number | date | string | token | reference | composite | quantity | uri | special
+    resource_type: str
+    expression: str
+    url: str
+    extract: Fn | None
+    protected: bool = False
+    targets: tuple[str, ...] = ()
+    components: tuple[tuple[str, str], ...] = ()  # (definition url, expression)
+    documentation: str = ""
+
+
+@dataclass
+class ParamRegistry:
+    by_type: dict[str, dict[str, SearchParam]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def get(self, resource_type: str, code: str) -> SearchParam | None:
+        return self.by_type.get(resource_type, {}).get(code)
+
+    def for_type(self, resource_type: str) -> dict[str, SearchParam]:
+        return self.by_type.get(resource_type, {})
+
+
+def _iter_definitions(profiles_dir: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    files = sorted(profiles_dir.glob("search-parameters*.json"))
+    files += sorted((profiles_dir / "searchparameters").glob("*.json")) if (profiles_dir / "searchparameters").is_dir() else []
+    for path in files:
+        doc = json.loads(path.read_text())
+        if doc.get("resourceType") == "Bundle":
+            out.extend(e["resource"] for e in doc.get("entry", []) if e.get("resource", {}).get("resourceType") == "SearchParameter")
+        elif doc.get("resourceType") == "SearchParameter":
+            out.append(doc)
+    return out
+
+
+def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegistry:
+    protected_doc = json.loads((profiles_dir / "protected-parameters.json").read_text())
+    protected = set(protected_doc.get("token", [])) | set(protected_doc.get("date", []))
+    all_strings = bool(protected_doc.get("allStringParameters", True))
+    reg = ParamRegistry()
+    for definition in _iter_definitions(profiles_dir):
+        if definition.get("status") == "retired":
+            continue
+        bases = definition.get("base", [])
+        code = definition["code"]
+        for rtype in type_names:
+            applies = rtype in bases or "Resource" in bases or "DomainResource" in bases
+            if not applies or code in UNSUPPORTED:
+                continue
+            expression = definition.get("expression", "")
+            ptype = definition["type"]
+            extract = None
+            if ptype != "composite" and expression and code not in SPECIAL:
+                try:
+                    extract = compile_expression(expression, rtype)
+                except UnsupportedExpression as exc:
+                    reg.skipped.append(f"{rtype}.{code}: {exc}")
+                    continue
+                if extract is None:
+                    continue
+            components = tuple((c["definition"], c["expression"]) for c in definition.get("component", []))
+            reg.by_type.setdefault(rtype, {})[code] = SearchParam(
+                code=code,
+                type=ptype,
+                resource_type=rtype,
+                expression=expression,
+                url=definition.get("url", ""),
+                extract=extract,
+                protected=(ptype == "string" and all_strings) or f"{rtype}.{code}" in protected,
+                targets=tuple(definition.get("target", [])),
+                components=components,
+                documentation=(definition.get("description") or "")[:500],
+            )
+    return reg

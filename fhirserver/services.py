@@ -1,0 +1,67 @@
+"""The long-lived parts of a running server, built once per process from Settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from .audit.chain import AuditLog
+from .config import Settings
+from .crypto.blind_index import BLIND_SCOPE, BlindIndexer
+from .crypto.datakeys import DataKeyStore
+from .crypto.keyring import MasterKeyRing
+from .db.engine import make_engine
+from .fhir.registry import TypeRegistry, load_type_registry
+from .fhir.validation import Validator
+from .pipeline.consent import ConsentHook, NoConsentFiltering
+from .search.indexer import Indexer
+from .search.params import ParamRegistry, load_param_registry
+from .search.query import QueryCompiler
+from .storage.repository import Repository
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    ring: MasterKeyRing
+    keys: DataKeyStore
+    blind: BlindIndexer
+    types: TypeRegistry
+    params: ParamRegistry
+    validator: Validator
+    indexer: Indexer
+    repo: Repository
+    audit: AuditLog
+    compiler: QueryCompiler
+    consent: ConsentHook
+    summary_elements: dict[str, Any] = field(default_factory=dict)
+
+
+def build_services(settings: Settings, engine: Engine | None = None) -> Services:
+    import json
+
+    engine = engine or make_engine(settings.effective_database_url)
+    ring = MasterKeyRing(settings.master_key, settings.data_dir)
+    keys = DataKeyStore(engine, ring)
+    blind = BlindIndexer(keys)
+    types = load_type_registry(settings.profiles_dir)
+    params = load_param_registry(settings.profiles_dir, types.names())
+    validator = Validator(settings.profiles_dir)
+    indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
+    repo = Repository(keys, indexer)
+    summary = json.loads((settings.profiles_dir / "summary-elements.json").read_text())["types"]
+    return Services(
+        settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
+        params=params, validator=validator, indexer=indexer, repo=repo,
+        audit=AuditLog(repo, settings.fhir_base), compiler=QueryCompiler(blind, settings.fhir_base),
+        consent=NoConsentFiltering(), summary_elements=summary,
+    )
+
+
+def warm_keys(services: Services) -> None:
+    """Create/unwrap the system data keys before serving, so no request creates them mid-transaction."""
+    for scope in ("audit", "shared", BLIND_SCOPE):
+        services.keys.ensure(scope)

@@ -1,0 +1,1 @@
+"""Storage: the resource repository over encrypted versions and index tables."""

@@ -1,0 +1,29 @@
+"""Rebuild search indexes from stored (decrypted) current versions, e.g. after adding a
+SearchParameter to profiles/. Runs in batches of short transactions."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from ..db.schema import resource
+from ..services import Services
+from .codec import parse_json
+
+
+def reindex_all(svc: Services, batch: int = 500) -> int:
+    last, count = 0, 0
+    while True:
+        with svc.engine.connect() as conn:
+            pks = [r[0] for r in conn.execute(
+                select(resource.c.pk).where(resource.c.pk > last, resource.c.deleted.is_(False))
+                .order_by(resource.c.pk).limit(batch)).all()]
+            stored = svc.repo.load_current(conn, pks)
+        if not pks:
+            return count
+        with svc.engine.begin() as conn:
+            for st in stored:
+                assert st.body is not None
+                body = parse_json(st.body)
+                svc.repo.reindex(conn, st.pk, st.type, body)
+                count += 1
+        last = pks[-1]

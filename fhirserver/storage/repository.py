@@ -1,0 +1,250 @@
+"""The resource repository: versioned, encrypted resources and their search indexes.
+
+Everything a request does to resources goes through this small interface; it knows nothing of
+HTTP, scopes or audit. Writes are two-phase: `prepare()` runs outside the database transaction
+(validation already done by the caller; id assignment, indexing, data-key lookup/creation), then
+`create`/`update`/`delete` run inside the request's transaction.
+
+Ciphertext AAD is `type/id/version`, so a ciphertext copied to another row fails to decrypt.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import ColumnElement, Connection, and_, delete, insert, select, update
+
+from ..crypto.cipher import DecryptionError, open_sealed, seal
+from ..crypto.datakeys import DataKeyStore
+from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
+from ..fhir.errors import FhirError
+from ..search.dates import instant_text, now_us
+from ..search.indexer import Indexer, IndexRows
+from .codec import dump_json
+
+
+class CorruptDataError(Exception):
+    """Stored ciphertext failed authentication or its key is unavailable."""
+
+
+@dataclass
+class Stored:
+    type: str
+    id: str
+    version: int
+    last_updated_us: int
+    deleted: bool
+    method: str
+    body: bytes | None  # serialized JSON, meta included; None for deletions
+    pk: int = 0
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def last_modified(self) -> str:
+        return instant_text(self.last_updated_us)
+
+
+@dataclass
+class PreparedWrite:
+    type: str
+    id: str
+    body: dict[str, Any]
+    index: IndexRows
+    key_id: int
+    key: bytes
+
+
+def key_scope_for(resource_type: str, patients: list[str]) -> str:
+    if resource_type == "AuditEvent":
+        return "audit"
+    return f"patient:{patients[0]}" if patients else "shared"
+
+
+def _aad(rtype: str, rid: str, version: int) -> bytes:
+    return f"{rtype}/{rid}/{version}".encode()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Repository:
+    def __init__(self, keys: DataKeyStore, indexer: Indexer) -> None:
+        self.keys = keys
+        self.indexer = indexer
+
+    # ---- phase 1: outside the transaction ----
+    def prepare(self, rtype: str, body: dict[str, Any], rid: str | None = None) -> PreparedWrite:
+        body = copy.copy(body)
+        body["id"] = rid or body.get("id") or new_id()
+        index = self.indexer.index(rtype, body)
+        key_id, key = self.keys.ensure(key_scope_for(rtype, index.patients))
+        return PreparedWrite(rtype, body["id"], body, index, key_id, key)
+
+    # ---- reads ----
+    def current(self, conn: Connection, rtype: str, rid: str, lock: bool = False) -> Any:
+        stmt = select(resource).where(resource.c.type == rtype, resource.c.id == rid)
+        if lock:
+            stmt = stmt.with_for_update()
+        return conn.execute(stmt).first()
+
+    def decrypt(self, rtype: str, rid: str, version: int, key_id: int | None, blob: bytes | None) -> bytes | None:
+        if blob is None:
+            return None
+        try:
+            return open_sealed(AESGCM(self.keys.by_id(key_id)), blob, _aad(rtype, rid, version))  # type: ignore[arg-type]
+        except (DecryptionError, Exception) as exc:
+            if isinstance(exc, FhirError):
+                raise
+            raise CorruptDataError(f"{rtype}/{rid}/_history/{version} cannot be decrypted") from exc
+
+    def read(self, conn: Connection, rtype: str, rid: str, version: int | None = None) -> Stored:
+        """Current or given version. Raises FhirError 404 (unknown) or 410 (deleted)."""
+        head = self.current(conn, rtype, rid)
+        if head is None:
+            raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+        wanted = version if version is not None else head.version
+        row = conn.execute(
+            select(resource_version).where(resource_version.c.resource_pk == head.pk, resource_version.c.version == wanted)
+        ).first()
+        if row is None:
+            raise FhirError(404, "not-found", f"{rtype}/{rid}/_history/{wanted} is not known")
+        stored = self._stored(rtype, rid, row)
+        if stored.deleted:
+            raise FhirError(410, "deleted", f"{rtype}/{rid} has been deleted",
+                            headers={"ETag": stored.etag})
+        return stored
+
+    def _stored(self, rtype: str, rid: str, row: Any) -> Stored:
+        return Stored(
+            type=rtype, id=rid, version=row.version, last_updated_us=row.last_updated_us,
+            deleted=row.deleted, method=row.method,
+            body=self.decrypt(rtype, rid, row.version, row.key_id, row.body), pk=row.resource_pk,
+        )
+
+    def load_current(self, conn: Connection, pks: list[int]) -> list[Stored]:
+        """Current versions of the given resource pks, in the given order."""
+        if not pks:
+            return []
+        rows = conn.execute(
+            select(resource.c.pk, resource.c.type, resource.c.id, resource_version)
+            .join(resource_version, and_(resource_version.c.resource_pk == resource.c.pk,
+                                         resource_version.c.version == resource.c.version))
+            .where(resource.c.pk.in_(pks))
+        ).all()
+        by_pk = {r.pk: self._stored(r.type, r.id, r) for r in rows}
+        return [by_pk[pk] for pk in pks if pk in by_pk]
+
+    def history(self, conn: Connection, rtype: str | None, rid: str | None, since_us: int | None,
+                count: int, before_version_pk: int | None = None,
+                access: Sequence[ColumnElement[bool]] = ()) -> list[tuple[int, Stored]]:
+        """Versions newest first, keyset-paged by version pk. Returns (version pk, Stored)."""
+        stmt = (
+            select(resource.c.type, resource.c.id, resource_version)
+            .join(resource, resource.c.pk == resource_version.c.resource_pk)
+        )
+        if rtype:
+            stmt = stmt.where(resource_version.c.type == rtype)
+        if rid is not None:
+            stmt = stmt.where(resource.c.id == rid)
+        if since_us is not None:
+            stmt = stmt.where(resource_version.c.last_updated_us >= since_us)
+        if before_version_pk is not None:
+            stmt = stmt.where(resource_version.c.pk < before_version_pk)
+        if access:
+            stmt = stmt.where(*access)
+        stmt = stmt.order_by(resource_version.c.pk.desc()).limit(count)
+        return [(r.pk, self._stored(r.type, r.id, r)) for r in conn.execute(stmt).all()]
+
+    # ---- phase 2: writes inside the transaction ----
+    def _seal_version(self, p: PreparedWrite, version: int, when_us: int) -> tuple[bytes, bytes]:
+        meta = dict(p.body.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = instant_text(when_us)
+        body = dict(p.body)
+        body["meta"] = meta
+        # keep the client's key order but put id/meta up front like most servers
+        ordered = {"resourceType": body.pop("resourceType"), "id": body.pop("id"), "meta": body.pop("meta")}
+        ordered.update(body)
+        raw = dump_json(ordered)
+        return raw, seal(AESGCM(p.key), raw, _aad(p.type, p.id, version))
+
+    def _write_index(self, conn: Connection, pk: int, p: PreparedWrite, replace: bool) -> None:
+        if replace:
+            for table in INDEX_TABLES.values():
+                conn.execute(delete(table).where(table.c.resource_pk == pk))
+            conn.execute(delete(compartment).where(compartment.c.resource_pk == pk))
+        for kind, rows in p.index.rows.items():
+            conn.execute(insert(INDEX_TABLES[kind]), [dict(r, resource_pk=pk) for r in rows])
+        if p.index.patients:
+            conn.execute(insert(compartment), [{"resource_pk": pk, "patient_id": pid} for pid in p.index.patients])
+
+    def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
+        index = self.indexer.index(rtype, body)
+        p = PreparedWrite(rtype, body.get("id", ""), body, index, 0, b"")
+        self._write_index(conn, pk, p, replace=True)
+
+    def create(self, conn: Connection, p: PreparedWrite, when_us: int | None = None) -> Stored:
+        when_us = when_us or now_us()
+        if self.current(conn, p.type, p.id) is not None:
+            raise FhirError(409, "duplicate", f"{p.type}/{p.id} already exists")
+        raw, blob = self._seal_version(p, 1, when_us)
+        pk = conn.execute(
+            insert(resource).values(type=p.type, id=p.id, version=1, last_updated_us=when_us, deleted=False)
+        ).inserted_primary_key[0]
+        conn.execute(insert(resource_version).values(
+            resource_pk=pk, type=p.type, version=1, last_updated_us=when_us, method="POST",
+            deleted=False, key_id=p.key_id, body=blob))
+        self._write_index(conn, pk, p, replace=False)
+        return Stored(p.type, p.id, 1, when_us, False, "POST", raw, pk)
+
+    def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
+        """Update (or create with the client's id). Returns (stored, created)."""
+        head = self.current(conn, p.type, p.id, lock=True)
+        if head is None:
+            if if_match is not None:
+                raise FhirError(412, "conflict", f"{p.type}/{p.id} does not exist (If-Match given)")
+            return self.create(conn, p), True
+        if if_match is not None and if_match != head.version:
+            raise FhirError(412, "conflict", f"Version conflict: If-Match {if_match} but current version is {head.version}")
+        when_us = max(now_us(), head.last_updated_us + 1)
+        version = head.version + 1
+        raw, blob = self._seal_version(p, version, when_us)
+        conn.execute(update(resource).where(resource.c.pk == head.pk)
+                     .values(version=version, last_updated_us=when_us, deleted=False))
+        conn.execute(insert(resource_version).values(
+            resource_pk=head.pk, type=p.type, version=version, last_updated_us=when_us, method="PUT",
+            deleted=False, key_id=p.key_id, body=blob))
+        self._write_index(conn, head.pk, p, replace=True)
+        return Stored(p.type, p.id, version, when_us, False, "PUT", raw, head.pk), head.deleted
+
+    def delete(self, conn: Connection, rtype: str, rid: str, if_match: int | None = None) -> Stored | None:
+        """Logical delete: a new version without body. None if nothing to delete."""
+        head = self.current(conn, rtype, rid, lock=True)
+        if head is None:
+            if if_match is not None:
+                raise FhirError(412, "conflict", f"{rtype}/{rid} does not exist (If-Match given)")
+            return None
+        if if_match is not None and if_match != head.version:
+            raise FhirError(412, "conflict", f"Version conflict: If-Match {if_match} but current version is {head.version}")
+        if head.deleted:
+            return None
+        when_us = max(now_us(), head.last_updated_us + 1)
+        version = head.version + 1
+        conn.execute(update(resource).where(resource.c.pk == head.pk)
+                     .values(version=version, last_updated_us=when_us, deleted=True))
+        conn.execute(insert(resource_version).values(
+            resource_pk=head.pk, type=rtype, version=version, last_updated_us=when_us, method="DELETE",
+            deleted=True, key_id=None, body=None))
+        for table in INDEX_TABLES.values():
+            conn.execute(delete(table).where(table.c.resource_pk == head.pk))
+        # compartment rows are kept: the deleted resource still belongs to its patient (history)
+        return Stored(rtype, rid, version, when_us, True, "DELETE", None, head.pk)

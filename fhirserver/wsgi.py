@@ -1,0 +1,36 @@
+"""Production serving: gunicorn with the app built per worker (no SQLite handles across fork).
+
+Also usable directly: `gunicorn 'fhirserver.wsgi:app()'` with FHIRSERVER_* environment variables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Settings, load_settings
+
+
+def app() -> Any:
+    from .app import create_app
+
+    return create_app(load_settings(), migrate=False)
+
+
+def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads: int) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    class _App(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("timeout", 120)
+
+        def load(self) -> Any:
+            from .app import create_app
+
+            return create_app(settings, migrate=False)
+
+    _App().run()

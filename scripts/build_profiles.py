@@ -1,0 +1,101 @@
+"""Regenerate the spec-derived files under profiles/ from ../shared/fhir-spec.
+
+The product must not need ../shared at run time, so the parts we use are copied here:
+- fhir-schema-subset.json: the R4 JSON schema pruned to the definitions reachable from our
+  resource types (contained resources are validated recursively by the server instead of
+  through the 150-way ResourceList oneOf).
+- search-parameters.json: the R4 SearchParameters whose base includes our types or Resource.
+- compartmentdefinition-patient.json: copied as is.
+- summary-elements.json: per type, the top-level summary and mandatory elements.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "fhir-spec"
+OUT = ROOT / "profiles"
+TYPES = ["Patient", "Observation", "QuestionnaireResponse", "Consent", "AuditEvent"]
+
+
+def reachable(defs: dict, roots: list[str]) -> set[str]:
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        stack = [defs[name]]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                ref = node.get("$ref")
+                if isinstance(ref, str):
+                    visit(ref.rsplit("/", 1)[-1])
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+
+    for root in roots:
+        visit(root)
+    return seen
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    schema = json.loads((SPEC / "fhir.schema.json").read_text())
+    defs = schema["definitions"]
+    defs["ResourceList"] = {
+        "description": "Any resource; validated by type in fhirserver.fhir.validation.",
+        "type": "object",
+        "required": ["resourceType"],
+        "properties": {"resourceType": {"type": "string"}},
+    }
+    keep = reachable(defs, TYPES)
+    subset = {
+        "$schema": schema["$schema"],
+        "description": "Subset of the FHIR R4 4.0.1 JSON schema (fhir.schema.json) for fhirserver's types.",
+        "definitions": {k: defs[k] for k in sorted(keep)},
+    }
+    (OUT / "fhir-schema-subset.json").write_text(json.dumps(subset, indent=1) + "\n")
+
+    bundle = json.loads((SPEC / "search-parameters-r4.json").read_text())
+    wanted = set(TYPES) | {"Resource", "DomainResource"}
+    entries = []
+    for entry in bundle["entry"]:
+        res = entry["resource"]
+        if wanted & set(res.get("base", [])):
+            entries.append({"fullUrl": entry.get("fullUrl"), "resource": res})
+    out = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    (OUT / "search-parameters.json").write_text(json.dumps(out, indent=1) + "\n")
+
+    comp = json.loads((SPEC / "compartmentdefinition-patient.json").read_text())
+    (OUT / "compartmentdefinition-patient.json").write_text(json.dumps(comp, indent=1) + "\n")
+    sdefs = json.loads((SPEC / "structuredefinitions-r4.json").read_text())
+    elements: dict[str, dict[str, list[str]]] = {}
+    for entry in sdefs["entry"]:
+        sd = entry["resource"]
+        if sd["id"] not in TYPES:
+            continue
+        summary, mandatory = [], []
+        for el in sd["snapshot"]["element"]:
+            path = el["path"]
+            if path.count(".") != 1:
+                continue
+            name = path.split(".", 1)[1].replace("[x]", "")
+            if el.get("isSummary"):
+                summary.append(name)
+            if el.get("min", 0) > 0:
+                mandatory.append(name)
+        elements[sd["id"]] = {"summary": summary, "mandatory": mandatory}
+    (OUT / "summary-elements.json").write_text(json.dumps(
+        {"description": "Top-level elements per type marked isSummary / min>0 in the R4 StructureDefinitions; "
+                        "used for _summary and _elements.", "types": elements}, indent=1) + "\n")
+    print(f"schema definitions: {len(keep)}, search parameters: {len(entries)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Shared fixtures: a real server app per test (SQLite file, or a throwaway PostgreSQL), real
+backend clients with generated keys, and real tokens from the /auth/token endpoint."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhirserver.app import create_app
+from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
+from fhirserver.auth.clients import register_backend_client
+from fhirserver.config import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO.parent / "shared" / "fhir-examples"
+BASE = "http://testserver/fhir"
+_counter = itertools.count()
+
+
+def example_files(prefix: str = "") -> list[Path]:
+    if not EXAMPLES.is_dir():
+        return []
+    return sorted(p for p in EXAMPLES.glob(f"{prefix}*.json") if p.name != "SOURCES.md")
+
+
+def load_example(name: str) -> dict[str, Any]:
+    return json.loads((EXAMPLES / name).read_text())
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    if os.environ.get("FHIRSERVER_TEST_SKIP_PG") == "1":
+        pytest.skip("PostgreSQL tests disabled by FHIRSERVER_TEST_SKIP_PG=1")
+    from tests.pg import ThrowawayPostgres
+
+    pg = ThrowawayPostgres()
+    pg.start()
+    yield pg
+    pg.stop()
+
+
+def make_settings(tmp_path: Path, database_url: str = "", **kw: Any) -> Settings:
+    return load_settings(data_dir=str(tmp_path / "data"), base_url=BASE, database_url=database_url or None, **kw)
+
+
+@pytest.fixture(params=["sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Database for the `app` fixture. Tests parametrize it indirectly with "postgres" too."""
+    if request.param == "postgres":
+        pg = request.getfixturevalue("postgres")
+        return pg.create_database(f"t{next(_counter)}_{os.getpid()}")
+    return ""
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return make_settings(tmp_path, db_url)
+
+
+@pytest.fixture
+def app(settings: Settings):  # type: ignore[no-untyped-def]
+    application = create_app(settings)
+    yield application
+    application.extensions["fhirserver"].engine.dispose()
+
+
+@pytest.fixture
+def svc(app):  # type: ignore[no-untyped-def]
+    return app.extensions["fhirserver"]
+
+
+@pytest.fixture
+def http(app):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+@dataclass
+class BackendClient:
+    """A registered SMART backend client that gets real tokens through /auth/token."""
+
+    http: Any
+    client_id: str
+    key: Any
+    token_url: str
+    _tokens: dict[str, str] = field(default_factory=dict)
+
+    def token(self, scope: str) -> str:
+        if scope not in self._tokens:
+            resp = self.http.post("/auth/token", data=token_request_form(self.key, self.client_id, self.token_url, scope))
+            assert resp.status_code == 200, resp.get_data(as_text=True)
+            self._tokens[scope] = resp.get_json()["access_token"]
+        return self._tokens[scope]
+
+    def headers(self, scope: str = "system/*.cruds", **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(scope)}", **extra}
+
+
+@pytest.fixture
+def make_client(app, http, settings):  # type: ignore[no-untyped-def]
+    svc = app.extensions["fhirserver"]
+
+    def _make(scopes: str = "system/*.cruds", alg: str = "ES384", **kw: Any) -> BackendClient:
+        key = generate_key(alg)
+        rec = register_backend_client(svc.engine, f"test client {next(_counter)}", scopes, jwks=public_jwks(key), **kw)
+        return BackendClient(http, rec.client_id, key, settings.token_url)
+
+    return _make
+
+
+@pytest.fixture
+def admin(make_client) -> BackendClient:  # type: ignore[no-untyped-def]
+    """A backend client allowed everything on every type."""
+    return make_client("system/*.cruds")
