@@ -91,7 +91,7 @@ def verify_chain(engine: Engine, repo: Repository, batch: int = 2000) -> VerifyR
                 if len(stored) != 1:
                     return bad(row.seq, row.event_id, "AuditEvent is missing or has been altered (versions)")
                 try:
-                    body = repo.decrypt("AuditEvent", row.event_id, stored[0].version, stored[0].key_id, stored[0].body)
+                    body = repo.decrypt("AuditEvent", row.event_id, stored[0].version, stored[0].key_id, stored[0].body, conn)
                 except CorruptDataError:
                     return bad(row.seq, row.event_id, "AuditEvent ciphertext was tampered with")
                 if body is None or hashlib.sha256(body).hexdigest() != row.content_hash:

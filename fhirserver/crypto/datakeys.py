@@ -14,8 +14,7 @@ import os
 import threading
 import time
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..db.engine import transaction
@@ -81,20 +80,21 @@ class DataKeyStore:
         self._remember(row.id, scope, raw)
         return row.id, raw
 
-    def by_id(self, key_pk: int) -> bytes:
+    def by_id(self, key_pk: int, conn: Connection | None = None) -> bytes:
+        """Raw data key by id; read through `conn` when given (inside a request transaction)."""
         cached = self._by_id.get(key_pk)
         if cached is not None:
             return cached
-        with self.engine.connect() as conn:
+        if conn is not None:
             row = conn.execute(select(data_key).where(data_key.c.id == key_pk)).first()
+        else:
+            with self.engine.connect() as own:
+                row = own.execute(select(data_key).where(data_key.c.id == key_pk)).first()
         if row is None:
             raise KeyError_(f"data key {key_pk} does not exist")
         raw = self._unwrap_row(row)
         self._remember(row.id, row.scope, raw)
         return raw
-
-    def aead(self, key_pk: int) -> AESGCM:
-        return AESGCM(self.by_id(key_pk))
 
     def rewrap_all(self) -> tuple[int, list[str]]:
         """Re-wrap every data key under the active master key. Returns (count, old kids)."""

@@ -21,6 +21,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, insert, select, 
 
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.datakeys import DataKeyStore
+from ..crypto.keyring import KeyError_
 from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.errors import FhirError
 from ..search.dates import instant_text, now_us
@@ -72,6 +73,10 @@ def _aad(rtype: str, rid: str, version: int) -> bytes:
     return f"{rtype}/{rid}/{version}".encode()
 
 
+_VERSION_COLS = [resource_version.c[name] for name in
+                 ("resource_pk", "type", "version", "last_updated_us", "method", "deleted", "key_id", "body")]
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -96,14 +101,18 @@ class Repository:
             stmt = stmt.with_for_update()
         return conn.execute(stmt).first()
 
-    def decrypt(self, rtype: str, rid: str, version: int, key_id: int | None, blob: bytes | None) -> bytes | None:
+    def decrypt(self, rtype: str, rid: str, version: int, key_id: int | None, blob: bytes | None,
+                conn: Connection | None = None) -> bytes | None:
+        """Decrypt one stored version. `conn`: the caller's open connection (data keys not yet
+        cached are read through it, so SQLite never waits on its own transaction)."""
         if blob is None:
             return None
+        if key_id is None:
+            raise CorruptDataError(f"{rtype}/{rid}/_history/{version} has no data key")
         try:
-            return open_sealed(AESGCM(self.keys.by_id(key_id)), blob, _aad(rtype, rid, version))  # type: ignore[arg-type]
-        except (DecryptionError, Exception) as exc:
-            if isinstance(exc, FhirError):
-                raise
+            key = self.keys.by_id(key_id, conn)
+            return open_sealed(AESGCM(key), blob, _aad(rtype, rid, version))
+        except (DecryptionError, KeyError_) as exc:
             raise CorruptDataError(f"{rtype}/{rid}/_history/{version} cannot be decrypted") from exc
 
     def read(self, conn: Connection, rtype: str, rid: str, version: int | None = None) -> Stored:
@@ -117,17 +126,17 @@ class Repository:
         ).first()
         if row is None:
             raise FhirError(404, "not-found", f"{rtype}/{rid}/_history/{wanted} is not known")
-        stored = self._stored(rtype, rid, row)
+        stored = self._stored(rtype, rid, row, conn)
         if stored.deleted:
             raise FhirError(410, "deleted", f"{rtype}/{rid} has been deleted",
                             headers={"ETag": stored.etag})
         return stored
 
-    def _stored(self, rtype: str, rid: str, row: Any) -> Stored:
+    def _stored(self, rtype: str, rid: str, row: Any, conn: Connection) -> Stored:
         return Stored(
             type=rtype, id=rid, version=row.version, last_updated_us=row.last_updated_us,
             deleted=row.deleted, method=row.method,
-            body=self.decrypt(rtype, rid, row.version, row.key_id, row.body), pk=row.resource_pk,
+            body=self.decrypt(rtype, rid, row.version, row.key_id, row.body, conn), pk=row.resource_pk,
         )
 
     def load_current(self, conn: Connection, pks: list[int]) -> list[Stored]:
@@ -135,12 +144,12 @@ class Repository:
         if not pks:
             return []
         rows = conn.execute(
-            select(resource.c.pk, resource.c.type, resource.c.id, resource_version)
+            select(resource.c.id.label("rid"), *_VERSION_COLS)
             .join(resource_version, and_(resource_version.c.resource_pk == resource.c.pk,
                                          resource_version.c.version == resource.c.version))
             .where(resource.c.pk.in_(pks))
         ).all()
-        by_pk = {r.pk: self._stored(r.type, r.id, r) for r in rows}
+        by_pk = {r.resource_pk: self._stored(r.type, r.rid, r, conn) for r in rows}
         return [by_pk[pk] for pk in pks if pk in by_pk]
 
     def history(self, conn: Connection, rtype: str | None, rid: str | None, since_us: int | None,
@@ -148,7 +157,7 @@ class Repository:
                 access: Sequence[ColumnElement[bool]] = ()) -> list[tuple[int, Stored]]:
         """Versions newest first, keyset-paged by version pk. Returns (version pk, Stored)."""
         stmt = (
-            select(resource.c.type, resource.c.id, resource_version)
+            select(resource.c.id.label("rid"), resource_version.c.pk.label("vpk"), *_VERSION_COLS)
             .join(resource, resource.c.pk == resource_version.c.resource_pk)
         )
         if rtype:
@@ -162,7 +171,7 @@ class Repository:
         if access:
             stmt = stmt.where(*access)
         stmt = stmt.order_by(resource_version.c.pk.desc()).limit(count)
-        return [(r.pk, self._stored(r.type, r.id, r)) for r in conn.execute(stmt).all()]
+        return [(r.vpk, self._stored(r.type, r.rid, r, conn)) for r in conn.execute(stmt).all()]
 
     # ---- phase 2: writes inside the transaction ----
     def _seal_version(self, p: PreparedWrite, version: int, when_us: int) -> tuple[bytes, bytes]:
