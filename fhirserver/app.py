@@ -14,7 +14,7 @@ from .audit.events import AuditRecord
 from .auth.server import build_authorization_server
 from .auth.tokens import token_hash
 from .config import Settings
-from .db.engine import make_engine
+from .db.engine import make_engine, read_connection
 from .db.migrations import upgrade
 from .pipeline.pipeline import Pipeline
 from .search.dates import now_us
@@ -69,7 +69,7 @@ def _audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> No
 
         from .db.schema import access_token, client
 
-        with svc.engine.connect() as conn:
+        with read_connection(svc.engine) as conn:
             row = conn.execute(select(client.c.client_id, client.c.name).join(
                 access_token, access_token.c.client_id == client.c.client_id)
                 .where(access_token.c.token_hash == token_hash(token))).first()

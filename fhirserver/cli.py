@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from .config import Settings, load_settings
+from .db.engine import read_connection
 
 
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
@@ -270,7 +271,7 @@ def keys_status(ctx: click.Context) -> None:
     from .db.schema import data_key
 
     svc = _services(_settings(ctx))
-    with svc.engine.connect() as conn:
+    with read_connection(svc.engine) as conn:
         rows = conn.execute(select(data_key.c.master_kid, func.count()).group_by(data_key.c.master_kid)).all()
     click.echo(f"active master key: {svc.ring.active_kid} ({'file' if svc.ring.file_backed else 'environment'})")
     for kid, n in rows:

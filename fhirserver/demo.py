@@ -11,6 +11,7 @@ from typing import Any
 from .audit.events import AuditRecord
 from .auth.assertion import generate_key, public_jwks, save_private_key
 from .auth.clients import get_client, register_backend_client
+from .db.engine import read_connection
 from .search.dates import now_us
 from .services import Services
 
@@ -93,7 +94,7 @@ def load_demo(svc: Services) -> int:
 
     from .db.schema import resource
 
-    with svc.engine.connect() as conn:
+    with read_connection(svc.engine) as conn:
         if conn.execute(select(resource.c.pk).where(resource.c.type == "Patient", resource.c.id == "demo-alice")).first():
             return 0
     count = 0

@@ -18,11 +18,15 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from ..db.engine import read_connection
 from ..db.schema import audit_chain, audit_head, resource, resource_version
 from ..storage.repository import CorruptDataError, Repository
 from .events import AuditRecord, build_audit_event
 
 GENESIS = "0" * 64
+_SEL_HEAD = select(audit_head).where(audit_head.c.id == 1).with_for_update()
+_INS_CHAIN = insert(audit_chain)
+_UPD_HEAD = update(audit_head).where(audit_head.c.id == 1)
 
 
 def link_hash(prev_hash: str, seq: int, event_id: str, recorded_us: int, content_hash: str) -> str:
@@ -37,16 +41,15 @@ class AuditLog:
     def append(self, conn: Connection, rec: AuditRecord) -> dict[str, Any]:
         event = build_audit_event(rec, self.server_url)
         prepared = self.repo.prepare("AuditEvent", event)
-        head = conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update()).one()
-        stored = self.repo.create(conn, prepared, when_us=rec.recorded_us)
+        head = conn.execute(_SEL_HEAD).one()
+        stored = self.repo.create(conn, prepared, when_us=rec.recorded_us, fresh_id=True)
         assert stored.body is not None
         content_hash = hashlib.sha256(stored.body).hexdigest()
         seq = head.seq + 1
         new_hash = link_hash(head.hash, seq, stored.id, rec.recorded_us, content_hash)
-        conn.execute(insert(audit_chain).values(
-            seq=seq, event_id=stored.id, recorded_us=rec.recorded_us, content_hash=content_hash,
-            prev_hash=head.hash, hash=new_hash))
-        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=new_hash))
+        conn.execute(_INS_CHAIN, {"seq": seq, "event_id": stored.id, "recorded_us": rec.recorded_us,
+                                  "content_hash": content_hash, "prev_hash": head.hash, "hash": new_hash})
+        conn.execute(_UPD_HEAD, {"seq": seq, "hash": new_hash})
         return event
 
 
@@ -67,7 +70,7 @@ def verify_chain(engine: Engine, repo: Repository, batch: int = 2000) -> VerifyR
     def bad(seq: int | None, event: str | None, reason: str) -> VerifyResult:
         return VerifyResult(False, checked, prev_hash, seq, event, reason)
 
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         last = 0
         while True:
             rows = conn.execute(

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from ..db.engine import transaction
+from ..db.engine import read_connection, transaction
 from ..db.schema import client as client_table
 from .scopes import invalid_scopes
 
@@ -92,13 +92,13 @@ def register_backend_client(
 
 
 def get_client(engine: Engine, client_id: str) -> ClientRecord | None:
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         row = conn.execute(select(client_table).where(client_table.c.client_id == client_id)).first()
     return ClientRecord.from_row(row) if row else None
 
 
 def list_clients(engine: Engine) -> list[ClientRecord]:
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         rows = conn.execute(select(client_table).order_by(client_table.c.created_us)).all()
     return [ClientRecord.from_row(r) for r in rows]
 

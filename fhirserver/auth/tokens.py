@@ -14,10 +14,16 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from ..db.schema import access_token, client
 from ..search.dates import now_us
+
+_SEL_TOKEN = (
+    select(access_token, client.c.name, client.c.organization, client.c.disabled, client.c.settings)
+    .join(client, client.c.client_id == access_token.c.client_id)
+    .where(access_token.c.token_hash == bindparam("h"))
+)
 
 
 def token_hash(token: str) -> str:
@@ -52,11 +58,7 @@ def lookup_token(conn: Connection, token: str) -> tuple[TokenInfo | None, str]:
     """Return (info, "") for a usable token, or (None, reason) otherwise."""
     if not token or len(token) > 512:
         return None, "malformed token"
-    row = conn.execute(
-        select(access_token, client.c.name, client.c.organization, client.c.disabled, client.c.settings)
-        .join(client, client.c.client_id == access_token.c.client_id)
-        .where(access_token.c.token_hash == token_hash(token))
-    ).first()
+    row = conn.execute(_SEL_TOKEN, {"h": token_hash(token)}).first()
     if row is None:
         return None, "unknown token"
     if row.revoked:

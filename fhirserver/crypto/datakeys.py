@@ -17,7 +17,7 @@ import time
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..db.engine import transaction
+from ..db.engine import read_connection, transaction
 from ..db.schema import data_key
 from .cipher import DecryptionError
 from .keyring import KeyError_, MasterKeyRing
@@ -59,7 +59,7 @@ class DataKeyStore:
         cached = self._by_scope.get(scope)
         if cached:
             return cached
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(select(data_key).where(data_key.c.scope == scope)).first()
         if row is None:
             raw = os.urandom(32)
@@ -74,7 +74,7 @@ class DataKeyStore:
                     )
             except IntegrityError:
                 pass  # created concurrently by another node: use theirs
-            with self.engine.connect() as conn:
+            with read_connection(self.engine) as conn:
                 row = conn.execute(select(data_key).where(data_key.c.scope == scope)).one()
         raw = self._unwrap_row(row)
         self._remember(row.id, scope, raw)
@@ -88,7 +88,7 @@ class DataKeyStore:
         if conn is not None:
             row = conn.execute(select(data_key).where(data_key.c.id == key_pk)).first()
         else:
-            with self.engine.connect() as own:
+            with read_connection(self.engine) as own:
                 row = own.execute(select(data_key).where(data_key.c.id == key_pk)).first()
         if row is None:
             raise KeyError_(f"data key {key_pk} does not exist")
@@ -100,7 +100,7 @@ class DataKeyStore:
         """Re-wrap every data key under the active master key. Returns (count, old kids)."""
         active = self.ring.active_kid
         count, old = 0, set()
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows = conn.execute(
                 select(data_key.c.id).where(data_key.c.master_kid != active, data_key.c.shredded.is_(False))
             ).all()
@@ -115,6 +115,6 @@ class DataKeyStore:
                 conn.execute(update(data_key).where(data_key.c.id == key_pk).values(master_kid=kid, wrapped=wrapped))
                 old.add(row.master_kid)
                 count += 1
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             still = {r[0] for r in conn.execute(select(data_key.c.master_kid).distinct()).all()}
         return count, sorted(old - still)

@@ -1,16 +1,26 @@
 """Engine creation and the transaction helper used by every request.
 
-SQLite: WAL, foreign keys, and `BEGIN IMMEDIATE` for every transaction. Every FHIR request writes
-(at least its AuditEvent), so taking the write lock up front avoids the deadlock-prone upgrade from
-a read lock to a write lock between concurrent requests.
+SQLite specifics:
+- WAL, foreign keys, and `BEGIN IMMEDIATE` for write transactions. Every FHIR request writes (at
+  least its AuditEvent), so taking the write lock up front avoids the deadlock-prone upgrade from
+  a read lock to a write lock. Reads outside a request (`read_connection`) use a plain BEGIN.
+- Writers queue on an OS file lock (`<db>.writelock`, flock) before BEGIN IMMEDIATE. SQLite's own
+  busy handler polls with sleeps of up to 100 ms, which wastes most of the time under contention
+  between gunicorn workers; a blocking flock hands the lock over as soon as it is released.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+READONLY = "fhirserver_readonly"
 
 
 def normalize_url(url: str) -> str:
@@ -22,24 +32,57 @@ def normalize_url(url: str) -> str:
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-        return engine
+        return _sqlite_engine(url)
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    database = make_url(url).database
+    lock_path = f"{database}.writelock" if database and database != ":memory:" else None
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+        if lock_path:
+            record.info["lock_fd"] = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    @event.listens_for(engine, "close")
+    def _close(dbapi_conn: Any, record: Any) -> None:
+        fd = record.info.pop("lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        if conn.get_execution_options().get(READONLY, False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        info = conn.connection.info
+        fd = info.get("lock_fd")
+        if fd is not None and not info.get("locked"):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            info["locked"] = True
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def _release(dbapi_conn: Any, record: Any, *_args: Any) -> None:
+        if record.info.pop("locked", False):
+            fcntl.flock(record.info["lock_fd"], fcntl.LOCK_UN)
+
+    # A write transaction ends when its connection goes back to the pool (engine.begin() blocks).
+    event.listen(engine, "checkin", _release)
+    return engine
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection for reads outside a request transaction (SQLite: no write lock taken)."""
+    return engine.connect().execution_options(**{READONLY: True})
 
 
 @contextmanager

@@ -65,7 +65,8 @@ resource_version = Table(
     Column("key_id", Integer, ForeignKey("data_key.id"), nullable=True),
     Column("body", LargeBinary, nullable=True),  # nonce || ciphertext; NULL for deletes
     UniqueConstraint("resource_pk", "version", name="uq_version"),
-    Index("ix_version_type_lu", "type", "last_updated_us"),
+    Index("ix_version_type_pk", "type", "pk"),
+    Index("ix_version_lu", "last_updated_us"),
 )
 
 # Patient compartment membership of the current version (from the CompartmentDefinition).

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import ColumnElement, Connection, select
 
+from ..db.engine import read_connection
 from ..db.schema import compartment, resource
 from ..fhir.capability import capability_statement, smart_configuration
 from ..fhir.errors import FhirError, Issue, operation_outcome
@@ -118,9 +119,10 @@ def write_result(ctx: RequestContext, stored: Stored, status: int) -> Result:
     return Result(status, stored.body, headers)
 
 
-def record_touch(ctx: RequestContext, conn: Connection, stored: Stored) -> None:
+def record_touch(ctx: RequestContext, conn: Connection, stored: Stored, patients: list[str] | None = None) -> None:
+    """Note the resource (and its patients: given for writes, else looked up) for the audit."""
     ctx.record.resources.append(f"{stored.type}/{stored.id}/_history/{stored.version}")
-    ctx.record.patients = patients_of(conn, [stored.pk])
+    ctx.record.patients = patients if patients is not None else patients_of(conn, [stored.pk])
 
 
 def search_matches(ctx: RequestContext, conn: Connection, rtype: str, query: list[tuple[str, str]],
@@ -206,11 +208,11 @@ class Create(Handler):
                 record_touch(ctx, conn, existing)
                 ctx.record.outcome_desc = "conditional create matched an existing resource"
                 return write_result(ctx, existing, 200)
-        stored = ctx.services.repo.create(conn, prepared)
+        stored = ctx.services.repo.create(conn, prepared, fresh_id=True)
         if not visible(conn, stored.pk, ctx.access["create"]):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
                                               "(outside the permitted compartment or scope restriction)")
-        record_touch(ctx, conn, stored)
+        record_touch(ctx, conn, stored, prepared.index.patients)
         return write_result(ctx, stored, 201)
 
 
@@ -220,13 +222,13 @@ class Update(Handler):
         body = validated(ctx)
         rtype = it.resource_type or ""
         if it.conditional:
-            with ctx.services.engine.connect() as conn:
+            with read_connection(ctx.services.engine) as conn:
                 matches = search_matches(ctx, conn, rtype, it.params)
             if len(matches) > 1:
                 raise FhirError(412, "multiple-matches", "The conditional update matched more than one resource")
             target = None
             if matches:
-                with ctx.services.engine.connect() as conn:
+                with read_connection(ctx.services.engine) as conn:
                     target = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
             if target and body.get("id") not in (None, target):
                 raise FhirError(400, "invalid", "Resource id does not match the resource found by the condition",
@@ -261,7 +263,7 @@ class Update(Handler):
         if not visible(conn, stored.pk, check):
             raise FhirError(403, "forbidden", "The access token does not permit this resource content "
                                               "(outside the permitted compartment or scope restriction)")
-        record_touch(ctx, conn, stored)
+        record_touch(ctx, conn, stored, prepared.index.patients)
         return write_result(ctx, stored, 201 if created else 200)
 
 
@@ -322,7 +324,7 @@ class History(Handler):
             head = repo.current(conn, rtype, it.id or "")
             if head is None or not visible(conn, head.pk, ctx.access["read"]):
                 raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
-            rows = repo.history(conn, rtype, it.id, since, count + 1, cursor)
+            rows = repo.history(conn, rtype, head.pk, since, count + 1, cursor)
         else:
             rows = repo.history(conn, rtype, None, since, count + 1, cursor, access=ctx.access["read"])
         page = rows[:count]

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
+from ..db.engine import read_connection
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..search.dates import now_us
 from ..services import Services
@@ -66,7 +67,7 @@ class Pipeline:
         if scheme.lower() != "bearer" or not token.strip():
             raise FhirError(401, "login", "An access token is required (Authorization: Bearer ...)",
                             headers={"WWW-Authenticate": 'Bearer realm="fhirserver"'})
-        with self.services.engine.connect() as conn:
+        with read_connection(self.services.engine) as conn:
             info, reason = lookup_token(conn, token.strip())
         if info is None:
             raise FhirError(401, "login", f"The access token is not valid ({reason})",

@@ -113,7 +113,7 @@ class Indexer:
     def _add(self, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
         if p.type == "string":
             for text in _strings(value):
-                self._add_string(out, p.code, text)
+                self._add_string(out, p.code, text, p.prefix_index)
         elif p.type == "token":
             for system, code in token_pairs(value):
                 if p.protected:
@@ -143,12 +143,12 @@ class Indexer:
         elif p.type == "uri" and isinstance(value, str):
             out.add("uri", param=p.code, value=value[:1024])
 
-    def _add_string(self, out: IndexRows, code: str, text: str) -> None:
+    def _add_string(self, out: IndexRows, code: str, text: str, prefixes: bool) -> None:
         norm = normalize(text)
         digest = self.blind.digest
         out.add("string", param=code, kind="e", value=digest(code, "e", text))
         out.add("string", param=code, kind="n", value=digest(code, "n", norm))
-        for i in range(1, min(len(norm), MAX_PREFIX_CHARS) + 1):
+        for i in range(1, min(len(norm), MAX_PREFIX_CHARS) + 1 if prefixes else 0):
             out.add("string", param=code, kind="p", value=digest(code, "p", norm[:i]))
 
 

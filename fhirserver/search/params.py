@@ -27,6 +27,7 @@ class SearchParam:
     url: str
     extract: Fn | None
     protected: bool = False
+    prefix_index: bool = True  # string params: also index normalized prefixes (starts-with search)
     targets: tuple[str, ...] = ()
     components: tuple[tuple[str, str], ...] = ()  # (definition url, expression)
     documentation: str = ""
@@ -61,6 +62,7 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
     protected_doc = json.loads((profiles_dir / "protected-parameters.json").read_text())
     protected = set(protected_doc.get("token", [])) | set(protected_doc.get("date", []))
     all_strings = bool(protected_doc.get("allStringParameters", True))
+    exact_only = set(protected_doc.get("exactOnlyStrings", []))
     reg = ParamRegistry()
     for definition in _iter_definitions(profiles_dir):
         if definition.get("status") == "retired":
@@ -91,6 +93,7 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
                 url=definition.get("url", ""),
                 extract=extract,
                 protected=(ptype == "string" and all_strings) or f"{rtype}.{code}" in protected,
+                prefix_index=f"{rtype}.{code}" not in exact_only,
                 targets=tuple(definition.get("target", [])),
                 components=components,
                 documentation=(definition.get("description") or "")[:500],

@@ -176,7 +176,7 @@ class QueryCompiler:
             norm = normalize(value)
             if not norm:
                 raise FhirError(400, "invalid", f"Empty value for '{p.code}'", [key])
-            if len(norm) <= MAX_PREFIX_CHARS:
+            if len(norm) <= MAX_PREFIX_CHARS and p.prefix_index:
                 return and_(t.c.kind == "p", t.c.value == self.blind.digest(p.code, "p", norm))
             return and_(t.c.kind == "n", t.c.value == self.blind.digest(p.code, "n", norm))
         if p.type == "token":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from ..db.engine import read_connection
 from ..db.schema import resource
 from ..services import Services
 from .codec import parse_json
@@ -13,7 +14,7 @@ from .codec import parse_json
 def reindex_all(svc: Services, batch: int = 500) -> int:
     last, count = 0, 0
     while True:
-        with svc.engine.connect() as conn:
+        with read_connection(svc.engine) as conn:
             pks = [r[0] for r in conn.execute(
                 select(resource.c.pk).where(resource.c.pk > last, resource.c.deleted.is_(False))
                 .order_by(resource.c.pk).limit(batch)).all()]

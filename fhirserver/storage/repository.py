@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import ColumnElement, Connection, and_, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, insert, select, update
 
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.datakeys import DataKeyStore
@@ -73,6 +73,19 @@ def _aad(rtype: str, rid: str, version: int) -> bytes:
     return f"{rtype}/{rid}/{version}".encode()
 
 
+# Statements built once: SQLAlchemy's per-call construction cost is most of a write otherwise.
+_SEL_CURRENT = select(resource).where(resource.c.type == bindparam("t"), resource.c.id == bindparam("i"))
+_SEL_CURRENT_LOCK = _SEL_CURRENT.with_for_update()
+_SEL_VERSION = select(resource_version).where(resource_version.c.resource_pk == bindparam("pk"),
+                                              resource_version.c.version == bindparam("v"))
+_INS_RESOURCE = insert(resource)
+_INS_VERSION = insert(resource_version)
+_UPD_RESOURCE = update(resource).where(resource.c.pk == bindparam("rpk"))
+_INS_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
+_DEL_INDEX = [delete(table).where(table.c.resource_pk == bindparam("rpk")) for table in INDEX_TABLES.values()]
+_INS_COMPARTMENT = insert(compartment)
+_DEL_COMPARTMENT = delete(compartment).where(compartment.c.resource_pk == bindparam("rpk"))
+
 _VERSION_COLS = [resource_version.c[name] for name in
                  ("resource_pk", "type", "version", "last_updated_us", "method", "deleted", "key_id", "body")]
 
@@ -96,10 +109,7 @@ class Repository:
 
     # ---- reads ----
     def current(self, conn: Connection, rtype: str, rid: str, lock: bool = False) -> Any:
-        stmt = select(resource).where(resource.c.type == rtype, resource.c.id == rid)
-        if lock:
-            stmt = stmt.with_for_update()
-        return conn.execute(stmt).first()
+        return conn.execute(_SEL_CURRENT_LOCK if lock else _SEL_CURRENT, {"t": rtype, "i": rid}).first()
 
     def decrypt(self, rtype: str, rid: str, version: int, key_id: int | None, blob: bytes | None,
                 conn: Connection | None = None) -> bytes | None:
@@ -121,9 +131,7 @@ class Repository:
         if head is None:
             raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
         wanted = version if version is not None else head.version
-        row = conn.execute(
-            select(resource_version).where(resource_version.c.resource_pk == head.pk, resource_version.c.version == wanted)
-        ).first()
+        row = conn.execute(_SEL_VERSION, {"pk": head.pk, "v": wanted}).first()
         if row is None:
             raise FhirError(404, "not-found", f"{rtype}/{rid}/_history/{wanted} is not known")
         stored = self._stored(rtype, rid, row, conn)
@@ -152,18 +160,19 @@ class Repository:
         by_pk = {r.resource_pk: self._stored(r.type, r.rid, r, conn) for r in rows}
         return [by_pk[pk] for pk in pks if pk in by_pk]
 
-    def history(self, conn: Connection, rtype: str | None, rid: str | None, since_us: int | None,
+    def history(self, conn: Connection, rtype: str | None, resource_pk: int | None, since_us: int | None,
                 count: int, before_version_pk: int | None = None,
                 access: Sequence[ColumnElement[bool]] = ()) -> list[tuple[int, Stored]]:
-        """Versions newest first, keyset-paged by version pk. Returns (version pk, Stored)."""
+        """Versions newest first, keyset-paged by version pk. Returns (version pk, Stored).
+        `resource_pk` limits to one resource (instance history)."""
         stmt = (
             select(resource.c.id.label("rid"), resource_version.c.pk.label("vpk"), *_VERSION_COLS)
             .join(resource, resource.c.pk == resource_version.c.resource_pk)
         )
-        if rtype:
+        if resource_pk is not None:
+            stmt = stmt.where(resource_version.c.resource_pk == resource_pk)
+        elif rtype:
             stmt = stmt.where(resource_version.c.type == rtype)
-        if rid is not None:
-            stmt = stmt.where(resource.c.id == rid)
         if since_us is not None:
             stmt = stmt.where(resource_version.c.last_updated_us >= since_us)
         if before_version_pk is not None:
@@ -188,30 +197,32 @@ class Repository:
 
     def _write_index(self, conn: Connection, pk: int, p: PreparedWrite, replace: bool) -> None:
         if replace:
-            for table in INDEX_TABLES.values():
-                conn.execute(delete(table).where(table.c.resource_pk == pk))
-            conn.execute(delete(compartment).where(compartment.c.resource_pk == pk))
+            for stmt in _DEL_INDEX:
+                conn.execute(stmt, {"rpk": pk})
+            conn.execute(_DEL_COMPARTMENT, {"rpk": pk})
         for kind, rows in p.index.rows.items():
-            conn.execute(insert(INDEX_TABLES[kind]), [dict(r, resource_pk=pk) for r in rows])
+            for r in rows:
+                r["resource_pk"] = pk
+            conn.execute(_INS_INDEX[kind], rows)
         if p.index.patients:
-            conn.execute(insert(compartment), [{"resource_pk": pk, "patient_id": pid} for pid in p.index.patients])
+            conn.execute(_INS_COMPARTMENT, [{"resource_pk": pk, "patient_id": pid} for pid in p.index.patients])
 
     def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
         index = self.indexer.index(rtype, body)
         p = PreparedWrite(rtype, body.get("id", ""), body, index, 0, b"")
         self._write_index(conn, pk, p, replace=True)
 
-    def create(self, conn: Connection, p: PreparedWrite, when_us: int | None = None) -> Stored:
+    def create(self, conn: Connection, p: PreparedWrite, when_us: int | None = None,
+               fresh_id: bool = False) -> Stored:
+        """Insert version 1. `fresh_id`: the id is a new UUID, so skip the existence check."""
         when_us = when_us or now_us()
-        if self.current(conn, p.type, p.id) is not None:
+        if not fresh_id and self.current(conn, p.type, p.id) is not None:
             raise FhirError(409, "duplicate", f"{p.type}/{p.id} already exists")
         raw, blob = self._seal_version(p, 1, when_us)
-        pk = conn.execute(
-            insert(resource).values(type=p.type, id=p.id, version=1, last_updated_us=when_us, deleted=False)
-        ).inserted_primary_key[0]
-        conn.execute(insert(resource_version).values(
-            resource_pk=pk, type=p.type, version=1, last_updated_us=when_us, method="POST",
-            deleted=False, key_id=p.key_id, body=blob))
+        pk = conn.execute(_INS_RESOURCE, {"type": p.type, "id": p.id, "version": 1, "last_updated_us": when_us,
+                                          "deleted": False}).inserted_primary_key[0]
+        conn.execute(_INS_VERSION, {"resource_pk": pk, "type": p.type, "version": 1, "last_updated_us": when_us,
+                                    "method": "POST", "deleted": False, "key_id": p.key_id, "body": blob})
         self._write_index(conn, pk, p, replace=False)
         return Stored(p.type, p.id, 1, when_us, False, "POST", raw, pk)
 
@@ -227,11 +238,10 @@ class Repository:
         when_us = max(now_us(), head.last_updated_us + 1)
         version = head.version + 1
         raw, blob = self._seal_version(p, version, when_us)
-        conn.execute(update(resource).where(resource.c.pk == head.pk)
-                     .values(version=version, last_updated_us=when_us, deleted=False))
-        conn.execute(insert(resource_version).values(
-            resource_pk=head.pk, type=p.type, version=version, last_updated_us=when_us, method="PUT",
-            deleted=False, key_id=p.key_id, body=blob))
+        conn.execute(_UPD_RESOURCE, {"rpk": head.pk, "version": version, "last_updated_us": when_us, "deleted": False})
+        conn.execute(_INS_VERSION, {"resource_pk": head.pk, "type": p.type, "version": version,
+                                    "last_updated_us": when_us, "method": "PUT", "deleted": False,
+                                    "key_id": p.key_id, "body": blob})
         self._write_index(conn, head.pk, p, replace=True)
         return Stored(p.type, p.id, version, when_us, False, "PUT", raw, head.pk), head.deleted
 
@@ -248,12 +258,11 @@ class Repository:
             return None
         when_us = max(now_us(), head.last_updated_us + 1)
         version = head.version + 1
-        conn.execute(update(resource).where(resource.c.pk == head.pk)
-                     .values(version=version, last_updated_us=when_us, deleted=True))
-        conn.execute(insert(resource_version).values(
-            resource_pk=head.pk, type=rtype, version=version, last_updated_us=when_us, method="DELETE",
-            deleted=True, key_id=None, body=None))
-        for table in INDEX_TABLES.values():
-            conn.execute(delete(table).where(table.c.resource_pk == head.pk))
+        conn.execute(_UPD_RESOURCE, {"rpk": head.pk, "version": version, "last_updated_us": when_us, "deleted": True})
+        conn.execute(_INS_VERSION, {"resource_pk": head.pk, "type": rtype, "version": version,
+                                    "last_updated_us": when_us, "method": "DELETE", "deleted": True,
+                                    "key_id": None, "body": None})
+        for stmt in _DEL_INDEX:
+            conn.execute(stmt, {"rpk": head.pk})
         # compartment rows are kept: the deleted resource still belongs to its patient (history)
         return Stored(rtype, rid, version, when_us, True, "DELETE", None, head.pk)
