@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from .audit.chain import AuditLog
+from .audit.chain import CHAIN_SCOPE, AuditLog
 from .config import Settings
 from .crypto.blind_index import BLIND_SCOPE, BlindIndexer
 from .crypto.datakeys import DataKeyStore
@@ -63,5 +63,5 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
 
 def warm_keys(services: Services) -> None:
     """Create/unwrap the system data keys before serving, so no request creates them mid-transaction."""
-    for scope in ("audit", "shared", BLIND_SCOPE):
+    for scope in ("audit", "shared", BLIND_SCOPE, CHAIN_SCOPE):
         services.keys.ensure(scope)

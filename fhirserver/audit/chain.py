@@ -3,7 +3,11 @@
 Each AuditEvent is stored like any resource (encrypted under the `audit` data key, indexed for
 search) and linked by one `audit_chain` row:
 
-    hash = SHA-256(prev_hash | seq | event_id | recorded_us | SHA-256(stored AuditEvent JSON))
+    hash = HMAC-SHA-256(chain key, prev_hash | seq | event_id | recorded_us | SHA-256(stored JSON))
+
+The chain key is a data key (scope `audit-chain`) wrapped by the master key, which never enters
+the database: someone who can write to the database but does not hold the master key cannot
+re-link the chain after deleting or changing a record.
 
 `audit_head` is the single serialization point (row lock on PostgreSQL; SQLite transactions are
 already serialized). Appending happens in the same transaction as the access it records, so an
@@ -13,6 +17,7 @@ access without its audit record cannot commit (fail closed).
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +34,16 @@ _INS_CHAIN = insert(audit_chain)
 _UPD_HEAD = update(audit_head).where(audit_head.c.id == 1)
 
 
-def link_hash(prev_hash: str, seq: int, event_id: str, recorded_us: int, content_hash: str) -> str:
-    return hashlib.sha256(f"{prev_hash}|{seq}|{event_id}|{recorded_us}|{content_hash}".encode()).hexdigest()
+CHAIN_SCOPE = "audit-chain"
+
+
+def link_hash(key: bytes, prev_hash: str, seq: int, event_id: str, recorded_us: int, content_hash: str) -> str:
+    message = f"{prev_hash}|{seq}|{event_id}|{recorded_us}|{content_hash}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def chain_key(repo: Repository) -> bytes:
+    return repo.keys.ensure(CHAIN_SCOPE)[1]
 
 
 class AuditLog:
@@ -46,7 +59,7 @@ class AuditLog:
         assert stored.body is not None
         content_hash = hashlib.sha256(stored.body).hexdigest()
         seq = head.seq + 1
-        new_hash = link_hash(head.hash, seq, stored.id, rec.recorded_us, content_hash)
+        new_hash = link_hash(chain_key(self.repo), head.hash, seq, stored.id, rec.recorded_us, content_hash)
         conn.execute(_INS_CHAIN, {"seq": seq, "event_id": stored.id, "recorded_us": rec.recorded_us,
                                   "content_hash": content_hash, "prev_hash": head.hash, "hash": new_hash})
         conn.execute(_UPD_HEAD, {"seq": seq, "hash": new_hash})
@@ -66,6 +79,7 @@ class VerifyResult:
 def verify_chain(engine: Engine, repo: Repository, batch: int = 2000) -> VerifyResult:
     """Walk the whole chain; report the first record that is changed, missing or out of order."""
     prev_hash, expected_seq, checked = GENESIS, 1, 0
+    key = chain_key(repo)
 
     def bad(seq: int | None, event: str | None, reason: str) -> VerifyResult:
         return VerifyResult(False, checked, prev_hash, seq, event, reason)
@@ -83,7 +97,8 @@ def verify_chain(engine: Engine, repo: Repository, batch: int = 2000) -> VerifyR
                     return bad(expected_seq, None, f"record {expected_seq} is missing (next is {row.seq})")
                 if row.prev_hash != prev_hash:
                     return bad(row.seq, row.event_id, "previous-hash link is broken (record changed, removed or reordered)")
-                if link_hash(row.prev_hash, row.seq, row.event_id, row.recorded_us, row.content_hash) != row.hash:
+                if not hmac.compare_digest(
+                        link_hash(key, row.prev_hash, row.seq, row.event_id, row.recorded_us, row.content_hash), row.hash):
                     return bad(row.seq, row.event_id, "chain record was modified")
                 stored = conn.execute(
                     select(resource_version.c.version, resource_version.c.key_id, resource_version.c.body,

@@ -53,6 +53,7 @@ class AuditRecord:
     client_name: str | None = None
     user: str | None = None  # fhirUser reference of a signed-in user
     resources: list[str] = field(default_factory=list)  # Type/id/_history/v touched
+    target: str | None = None  # Type/id the request addressed (named even when it failed)
     patients: list[str] = field(default_factory=list)  # patient ids involved
     query: str | None = None
     resource_type: str | None = None
@@ -114,7 +115,7 @@ def build_audit_event(rec: AuditRecord, server_url: str) -> dict[str, Any]:
                   "display": "Application Server"}],
     }
     entities: list[dict[str, Any]] = []
-    for ref in rec.resources:
+    for ref in rec.resources or ([rec.target] if rec.target else []):
         entities.append({
             "what": {"reference": ref},
             "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},

@@ -114,7 +114,7 @@ class Pipeline:
             record.interaction = ctx.interaction.kind
             record.resource_type = ctx.interaction.resource_type
             if ctx.interaction.id:
-                record.resources = [f"{ctx.interaction.resource_type}/{ctx.interaction.id}"]
+                record.target = f"{ctx.interaction.resource_type}/{ctx.interaction.id}"
             negotiate_format(lower.get("accept"), dict(ctx.interaction.params).get("_format"))
             if body_too_large:
                 raise FhirError(413, "too-costly", f"The request body exceeds the limit of "
@@ -125,7 +125,6 @@ class Pipeline:
             handler = HANDLERS[ctx.interaction.kind]
             handler.prepare(ctx)
             with self.services.engine.begin() as conn:
-                record.resources = []
                 result = handler.execute(ctx, conn)
                 record.status = result.status
                 self.services.audit.append(conn, record)

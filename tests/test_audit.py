@@ -1,0 +1,550 @@
+"""The audit trail: one AuditEvent (IHE BALP) per request, its content, its search, the hash chain
+and `fhirserver audit verify` against direct tampering with the database, and fail-closed
+behaviour when the audit record cannot be written."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pytest
+from click.testing import CliRunner
+
+from fhirserver.cli import main
+
+REST_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+FAMILY = "Auditfamilyxq"
+
+
+# ----------------------------------------------------------------------------- helpers
+def db_path(settings) -> Path:  # type: ignore[no-untyped-def]
+    url = settings.effective_database_url
+    assert url.startswith("sqlite:///"), url
+    return Path(url[len("sqlite:///"):])
+
+
+@contextmanager
+def db(settings) -> Iterator[sqlite3.Connection]:  # type: ignore[no-untyped-def]
+    """A raw connection to the database file: the attacker's (or a broken disk's) view."""
+    cx = sqlite3.connect(db_path(settings), timeout=30, isolation_level=None)
+    try:
+        yield cx
+    finally:
+        cx.close()
+
+
+def chain(settings) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
+    with db(settings) as cx:
+        return [(r[0], r[1]) for r in cx.execute("SELECT seq, event_id FROM audit_chain ORDER BY seq")]
+
+
+def counts(settings) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    """(audit_chain rows, AuditEvent resources, audit_head.seq)."""
+    with db(settings) as cx:
+        rows = cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0]
+        events = cx.execute("SELECT count(*) FROM resource WHERE type='AuditEvent'").fetchone()[0]
+        head = cx.execute("SELECT seq FROM audit_head WHERE id=1").fetchone()[0]
+    return rows, events, head
+
+
+def audited(settings, send: Callable[[], Any]) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
+    """Send one request; assert it added exactly one audit record; return (response, event id)."""
+    before = counts(settings)
+    last = chain(settings)[-1][0] if before[0] else 0
+    resp = send()
+    after = counts(settings)
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1), (before, after, resp.status_code)
+    new = [(s, e) for s, e in chain(settings) if s > last]
+    assert len(new) == 1
+    return resp, new[0][1]
+
+
+def patient(family: str = FAMILY, given: str = "Ann") -> dict[str, Any]:
+    return {"resourceType": "Patient", "name": [{"family": family, "given": [given]}], "birthDate": "1961-06-01"}
+
+
+def observation(pid: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "subject": {"reference": f"Patient/{pid}"}, "valueQuantity": {"value": 61, "unit": "/min"}}
+
+
+def get_event(http, h, event_id: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    r = http.get(f"/fhir/AuditEvent/{event_id}", headers=h)
+    assert r.status_code == 200, r.get_data(as_text=True)[:300]
+    ev = r.get_json()
+    assert ev["resourceType"] == "AuditEvent" and ev["id"] == event_id
+    return ev
+
+
+def search_events(http, h, query: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    r = http.get(f"/fhir/AuditEvent?{query}&_count=1000", headers=h)
+    assert r.status_code == 200, r.get_data(as_text=True)[:300]
+    bundle = r.get_json()
+    assert not any(link["relation"] == "next" for link in bundle.get("link", []))
+    return [e["resource"] for e in bundle.get("entry", []) if e["resource"]["resourceType"] == "AuditEvent"]
+
+
+def request_id_of(ev: dict[str, Any]) -> str | None:
+    for ent in ev.get("entity", []):
+        if ent.get("type", {}).get("code") == "XrequestId":
+            return ent["what"]["identifier"]["value"]
+    return None
+
+
+def references(ev: dict[str, Any]) -> list[str]:
+    return [e["what"]["reference"] for e in ev.get("entity", []) if "reference" in e.get("what", {})]
+
+
+def patient_entities(ev: dict[str, Any]) -> set[str]:
+    return {e["what"]["reference"] for e in ev.get("entity", [])
+            if e.get("role", {}).get("code") == "1" and e.get("type", {}).get("code") == "1"}
+
+
+def cli_env(settings) -> dict[str, str | None]:  # type: ignore[no-untyped-def]
+    return {"FHIRSERVER_DATA_DIR": str(settings.data_dir), "FHIRSERVER_BASE_URL": settings.base_url,
+            "FHIRSERVER_DATABASE_URL": None, "FHIRSERVER_CONFIG": None, "FHIRSERVER_MASTER_KEY": None}
+
+
+def verify(settings):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(main, ["audit", "verify"], env=cli_env(settings))
+
+
+def build_chain(http, h, n_patients: int = 3) -> list[str]:  # type: ignore[no-untyped-def]
+    """A few ordinary requests so the chain has a middle. Returns the patient ids."""
+    ids = []
+    for i in range(n_patients):
+        r = http.post("/fhir/Patient", json=patient(given=f"G{i}"), headers=h)
+        assert r.status_code == 201
+        ids.append(r.get_json()["id"])
+        assert http.get(f"/fhir/Patient/{ids[-1]}", headers=h).status_code == 200
+    assert http.get(f"/fhir/Patient?family={FAMILY}", headers=h).status_code == 200
+    return ids
+
+
+# ----------------------------------------------------------------------------- one event per request
+def test_exactly_one_audit_event_per_request(http, admin, make_client, settings):
+    h = admin.headers()
+    h_obs = make_client("system/Observation.rs").headers()  # tokens are fetched (and audited) up front
+    auditor = make_client("system/*.rs").headers()
+    seen: list[tuple[str, int, str, str]] = []  # (label, status, expected subtype, event id)
+
+    def step(label: str, subtype: str, status: int, send: Callable[[], Any]) -> Any:
+        resp, event_id = audited(settings, send)
+        assert resp.status_code == status, (label, resp.status_code, resp.get_data(as_text=True)[:300])
+        seen.append((label, status, subtype, event_id))
+        return resp
+
+    r = step("create", "create", 201, lambda: http.post("/fhir/Patient", json=patient(), headers=h))
+    pid = r.get_json()["id"]
+    step("read", "read", 200, lambda: http.get(f"/fhir/Patient/{pid}", headers=h))
+    step("vread", "vread", 200, lambda: http.get(f"/fhir/Patient/{pid}/_history/1", headers=h))
+    step("search", "search-type", 200, lambda: http.get(f"/fhir/Patient?family={FAMILY}", headers=h))
+    step("search-post", "search-type", 200, lambda: http.post(
+        "/fhir/Patient/_search", data={"family": FAMILY}, headers=h))
+    body = {**patient(), "id": pid, "gender": "female"}
+    step("update", "update", 200, lambda: http.put(f"/fhir/Patient/{pid}", json=body, headers=h))
+    step("history", "history-instance", 200, lambda: http.get(f"/fhir/Patient/{pid}/_history", headers=h))
+    step("history-type", "history-type", 200, lambda: http.get("/fhir/Patient/_history", headers=h))
+    step("delete", "delete", 204, lambda: http.delete(f"/fhir/Patient/{pid}", headers=h))
+    step("read-deleted", "read", 410, lambda: http.get(f"/fhir/Patient/{pid}", headers=h))
+    step("no-token", "read", 401, lambda: http.get(f"/fhir/Patient/{pid}"))
+    step("bad-token", "read", 401, lambda: http.get(f"/fhir/Patient/{pid}",
+                                                   headers={"Authorization": "Bearer not-a-real-token"}))
+    step("wrong-scope", "read", 403, lambda: http.get(f"/fhir/Patient/{pid}", headers=h_obs))
+    step("unknown-id", "read", 404, lambda: http.get("/fhir/Patient/no-such-patient", headers=h))
+    step("invalid", "create", 400, lambda: http.post(
+        "/fhir/Patient", json={"resourceType": "Patient", "birthDate": "not-a-date"}, headers=h))
+    step("method", "unknown", 405, lambda: http.delete("/fhir/Patient", headers=h))
+    step("metadata", "capabilities", 200, lambda: http.get("/fhir/metadata"))
+    step("audit-search", "search-type", 200, lambda: http.get("/fhir/AuditEvent?_count=1", headers=auditor))
+
+    assert len({e for *_x, e in seen}) == len(seen)
+    for label, status, subtype, event_id in seen:
+        ev = get_event(http, auditor, event_id)
+        assert ev["subtype"][0]["code"] == subtype, label
+        assert ev["outcome"] == ("0" if status < 400 else "4"), label
+        assert ev["type"]["code"] == "rest", label
+
+
+# ----------------------------------------------------------------------------- content
+def _common_checks(ev: dict[str, Any], resp, client_id: str | None, settings) -> None:  # type: ignore[no-untyped-def]
+    assert ev["type"] == {"system": REST_TYPE, "code": "rest", "display": "Restful Operation"}
+    assert ev["recorded"]
+    assert any("IHE.BasicAudit" in p for p in ev["meta"]["profile"])
+    requestor = [a for a in ev["agent"] if a.get("requestor")]
+    assert requestor, ev["agent"]
+    if client_id:
+        assert requestor[0]["who"]["reference"] == f"Device/{client_id}"
+    assert requestor[0]["network"]["address"] == "127.0.0.1"
+    assert ev["source"]["observer"]
+    assert ev["source"]["site"] == settings.fhir_base
+    assert request_id_of(ev) == resp.headers["X-Request-Id"]
+
+
+def test_audit_event_content(http, admin, make_client, settings):
+    h = admin.headers()
+    auditor = make_client("system/*.rs").headers()
+    cid = admin.client_id
+
+    def check(send, subtype: str, action: str, status: int, what: list[str] | None, patients: set[str]) -> dict:  # type: ignore[no-untyped-def]
+        resp, event_id = audited(settings, send)
+        assert resp.status_code == status, resp.get_data(as_text=True)[:300]
+        ev = get_event(http, auditor, event_id)
+        _common_checks(ev, resp, cid, settings)
+        assert ev["subtype"][0]["code"] == subtype
+        assert ev["subtype"][0]["system"] == "http://hl7.org/fhir/restful-interaction"
+        assert ev["action"] == action
+        assert ev["outcome"] == "0"
+        domain = [e["what"]["reference"] for e in ev["entity"] if e.get("role", {}).get("code") == "4"]
+        if what is not None:
+            assert sorted(domain) == sorted(what), (subtype, domain)
+        assert patient_entities(ev) == {f"Patient/{p}" for p in patients}, subtype
+        return ev
+
+    rid = "audit-test-req-0001"
+    r = http.post("/fhir/Patient", json=patient(), headers=h)
+    pid = r.get_json()["id"]
+    q = http.post("/fhir/Patient", json=patient(given="Bea"), headers=h).get_json()["id"]
+    check(lambda: http.get(f"/fhir/Patient/{pid}", headers={**h, "X-Request-Id": rid}), "read", "R", 200,
+          [f"Patient/{pid}/_history/1"], {pid})
+    resp, event_id = audited(settings, lambda: http.get(f"/fhir/Patient/{pid}", headers={**h, "X-Request-Id": rid}))
+    assert resp.headers["X-Request-Id"] == rid
+    assert request_id_of(get_event(http, auditor, event_id)) == rid
+
+    ev = check(lambda: http.post("/fhir/Observation", json=observation(pid), headers=h), "create", "C", 201,
+               None, {pid})
+    oid = [ref for ref in references(ev) if ref.startswith("Observation/")]
+    assert len(oid) == 1 and oid[0].endswith("/_history/1")
+    oid = oid[0].split("/")[1]
+    assert f"Observation/{oid}/_history/1" in [e["what"]["reference"] for e in ev["entity"]
+                                               if e.get("role", {}).get("code") == "4"]
+
+    body = {**patient(), "id": pid, "gender": "female"}
+    check(lambda: http.put(f"/fhir/Patient/{pid}", json=body, headers=h), "update", "U", 200,
+          [f"Patient/{pid}/_history/2"], {pid})
+    check(lambda: http.get(f"/fhir/Patient/{pid}/_history/1", headers=h), "vread", "R", 200,
+          [f"Patient/{pid}/_history/1"], {pid})
+    check(lambda: http.get(f"/fhir/Patient/{pid}/_history", headers=h), "history-instance", "R", 200,
+          [f"Patient/{pid}/_history/2", f"Patient/{pid}/_history/1"], {pid})
+    check(lambda: http.delete(f"/fhir/Observation/{oid}", headers=h), "delete", "D", 204,
+          [f"Observation/{oid}/_history/2"], {pid})
+
+    query = f"family={FAMILY}&_count=5"
+    ev = check(lambda: http.get(f"/fhir/Patient?{query}", headers=h), "search-type", "E", 200,
+               [f"Patient/{pid}/_history/2", f"Patient/{q}/_history/1"], {pid, q})
+    queries = [e for e in ev["entity"] if e.get("role", {}).get("code") == "24"]
+    assert len(queries) == 1
+    assert queries[0]["role"]["system"] == OBJECT_ROLE
+    assert parse_qsl(base64.b64decode(queries[0]["query"]).decode()) == parse_qsl(query)
+
+    # a search that finds nothing still records its query, and no patients
+    ev = check(lambda: http.get("/fhir/Patient?family=Nobodyhere", headers=h), "search-type", "E", 200, [], set())
+    assert [base64.b64decode(e["query"]).decode() for e in ev["entity"] if "query" in e] == ["family=Nobodyhere"]
+
+
+def test_audit_event_outcomes_and_unauthenticated_agent(http, admin, make_client, settings):
+    h = admin.headers()
+    auditor = make_client("system/*.rs").headers()
+    pid = http.post("/fhir/Patient", json=patient(), headers=h).get_json()["id"]
+
+    resp, event_id = audited(settings, lambda: http.get(f"/fhir/Patient/{pid}"))
+    assert resp.status_code == 401
+    ev = get_event(http, auditor, event_id)
+    assert ev["outcome"] == "4"
+    assert ev["outcomeDesc"]
+    requestor = [a for a in ev["agent"] if a.get("requestor")][0]
+    assert "reference" not in requestor["who"]  # nobody to name
+    assert requestor["network"]["address"] == "127.0.0.1"
+    assert request_id_of(ev) == resp.headers["X-Request-Id"]
+
+    # 5xx: the stored ciphertext of the patient was damaged
+    with db(settings) as cx:
+        vpk, blob = cx.execute("SELECT v.pk, v.body FROM resource_version v JOIN resource r ON r.pk = v.resource_pk "
+                               "WHERE r.type='Patient' AND r.id=?", (pid,)).fetchone()
+        blob = bytearray(blob)
+        blob[-1] ^= 0xFF
+        cx.execute("UPDATE resource_version SET body=? WHERE pk=?", (bytes(blob), vpk))
+    resp, event_id = audited(settings, lambda: http.get(f"/fhir/Patient/{pid}", headers=h))
+    assert resp.status_code == 500
+    ev = get_event(http, auditor, event_id)
+    assert ev["outcome"] == "8"
+    assert requestor_ref(ev) == f"Device/{admin.client_id}"
+
+
+def requestor_ref(ev: dict[str, Any]) -> str | None:
+    return [a for a in ev["agent"] if a.get("requestor")][0]["who"].get("reference")
+
+
+@pytest.mark.parametrize("case", ["not-found", "gone", "version-conflict", "integrity-failure", "forbidden-scope"])
+def test_failed_instance_access_names_its_target(http, admin, make_client, settings, case):
+    """An AuditEvent of a refused or failed access to one resource must say which resource was
+    asked for: those are the events an investigation looks for."""
+    h = admin.headers()
+    auditor = make_client("system/*.rs").headers()
+    h_obs = make_client("system/Observation.rs").headers()
+    pid = http.post("/fhir/Patient", json=patient(), headers=h).get_json()["id"]
+    target = f"Patient/{pid}"
+    if case == "not-found":
+        target = "Patient/never-existed-123"
+        send = lambda: http.get(f"/fhir/{target}", headers=h)  # noqa: E731
+        status = 404
+    elif case == "gone":
+        assert http.delete(f"/fhir/Patient/{pid}", headers=h).status_code == 204
+        send = lambda: http.get(f"/fhir/Patient/{pid}", headers=h)  # noqa: E731
+        status = 410
+    elif case == "version-conflict":
+        body = {**patient(), "id": pid}
+        send = lambda: http.put(f"/fhir/Patient/{pid}", json=body, headers={**h, "If-Match": 'W/"7"'})  # noqa: E731
+        status = 412
+    elif case == "integrity-failure":
+        with db(settings) as cx:
+            cx.execute("UPDATE resource_version SET body = zeroblob(length(body)) WHERE resource_pk = "
+                       "(SELECT pk FROM resource WHERE type='Patient' AND id=?)", (pid,))
+        send = lambda: http.get(f"/fhir/Patient/{pid}", headers=h)  # noqa: E731
+        status = 500
+    else:
+        send = lambda: http.get(f"/fhir/Patient/{pid}", headers=h_obs)  # noqa: E731
+        status = 403
+    resp, event_id = audited(settings, send)
+    assert resp.status_code == status
+    ev = get_event(http, auditor, event_id)
+    assert ev["outcome"] == ("8" if status >= 500 else "4")
+    refs = references(ev)
+    assert any(ref == target or ref.startswith(target + "/_history/") for ref in refs), \
+        f"the AuditEvent of a {status} on {target} does not name it: entities {refs}"
+
+
+# ----------------------------------------------------------------------------- search
+def test_audit_event_search(http, admin, make_client, settings):
+    h = admin.headers()
+    auditor = make_client("system/*.rs").headers()
+    p1 = http.post("/fhir/Patient", json=patient(), headers=h)
+    pid = p1.get_json()["id"]
+    other = http.post("/fhir/Patient", json=patient(family="Otherfamilyzz"), headers=h).get_json()["id"]
+    touched = {p1.headers["X-Request-Id"]}
+    for send in (lambda: http.get(f"/fhir/Patient/{pid}", headers=h),
+                 lambda: http.post("/fhir/Observation", json=observation(pid), headers=h),
+                 lambda: http.get(f"/fhir/Patient/{pid}/_history", headers=h)):
+        r = send()
+        assert r.status_code in (200, 201)
+        touched.add(r.headers["X-Request-Id"])
+    untouched = {http.get(f"/fhir/Patient/{other}", headers=h).headers["X-Request-Id"]}
+    failed = set()
+    for send in (lambda: http.get("/fhir/Patient/does-not-exist", headers=h),
+                 lambda: http.get("/fhir/Observation/nope-nope", headers=h),
+                 lambda: http.get(f"/fhir/Patient/{pid}")):
+        r = send()
+        assert 400 <= r.status_code < 500
+        failed.add(r.headers["X-Request-Id"])
+
+    for query in (f"entity=Patient/{pid}", f"patient={pid}", f"patient=Patient/{pid}"):
+        events = search_events(http, auditor, query)
+        ids = {request_id_of(ev) for ev in events}
+        assert touched <= ids, (query, touched - ids)
+        assert not (untouched & ids), query
+        for ev in events:
+            assert any(ref == f"Patient/{pid}" or ref.startswith(f"Patient/{pid}/") for ref in references(ev)), query
+
+    events = search_events(http, auditor, "outcome=4")
+    ids = {request_id_of(ev) for ev in events}
+    assert failed <= ids
+    assert not ((touched | untouched) & ids)
+    assert all(ev["outcome"] == "4" for ev in events)
+    with db(settings) as cx:
+        assert len(events) == len(failed)  # nothing else in this fresh server failed
+        assert cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0] > len(events)
+
+    events = search_events(http, auditor, f"agent=Device/{admin.client_id}&subtype=read")
+    assert events and all(ev["subtype"][0]["code"] == "read" and requestor_ref(ev) == f"Device/{admin.client_id}"
+                          for ev in events)
+
+
+# ----------------------------------------------------------------------------- audit verify
+def test_verify_ok_on_untouched_chain(http, admin, settings):
+    build_chain(http, admin.headers())
+    result = verify(settings)
+    assert result.exit_code == 0, result.output
+    n = counts(settings)[0]
+    assert f"OK: {n} audit records verified" in result.output
+
+
+def _fhirserver_executable() -> list[str]:
+    exe = Path(sys.executable).parent / "fhirserver"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fhirserver"]
+
+
+def test_verify_cli_subprocess_exit_codes(http, admin, settings):
+    build_chain(http, admin.headers())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRSERVER_")}
+    env.update(FHIRSERVER_DATA_DIR=str(settings.data_dir), FHIRSERVER_BASE_URL=settings.base_url)
+    cmd = [*_fhirserver_executable(), "audit", "verify"]
+    ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"OK: {counts(settings)[0]} audit records verified")
+
+    seq, event_id = chain(settings)[2]
+    with db(settings) as cx:
+        cx.execute("UPDATE audit_chain SET content_hash=? WHERE seq=?", ("0" * 64, seq))
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1, (bad.stdout, bad.stderr)
+    assert f"seq={seq} event={event_id}" in bad.stderr
+    assert "OK" not in bad.stdout
+
+
+def _tamper(settings, how: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """Tamper with the chain; return (text the report must contain, description)."""
+    rows = chain(settings)
+    assert len(rows) >= 8
+    k = len(rows) // 2
+    seq, event_id = rows[k]
+    with db(settings) as cx:
+        if how == "content-hash":
+            cx.execute("UPDATE audit_chain SET content_hash=? WHERE seq=?", (hashlib.sha256(b"x").hexdigest(), seq))
+            return f"seq={seq} event={event_id}", "modified chain row"
+        if how == "delete-middle":
+            cx.execute("DELETE FROM audit_chain WHERE seq=?", (seq,))
+            return f"seq={seq} event=None", "deleted chain row"
+        if how == "reorder":
+            nxt_seq, nxt_event = rows[k + 1]
+            cx.execute("BEGIN")
+            cx.execute("UPDATE audit_chain SET seq=-1 WHERE seq=?", (seq,))
+            cx.execute("UPDATE audit_chain SET seq=? WHERE seq=?", (seq, nxt_seq))
+            cx.execute("UPDATE audit_chain SET seq=? WHERE seq=-1", (nxt_seq,))
+            cx.execute("COMMIT")
+            return f"seq={seq} event={nxt_event}", "swapped rows"
+        if how == "event-body":
+            vpk, blob = cx.execute(
+                "SELECT v.pk, v.body FROM resource_version v JOIN resource r ON r.pk = v.resource_pk "
+                "WHERE r.type='AuditEvent' AND r.id=?", (event_id,)).fetchone()
+            blob = bytearray(blob)
+            blob[len(blob) // 2] ^= 0x20
+            cx.execute("UPDATE resource_version SET body=? WHERE pk=?", (bytes(blob), vpk))
+            return f"seq={seq} event={event_id}", "flipped AuditEvent byte"
+        if how == "truncate-tail":
+            last_seq, last_event = rows[-1]
+            pk = cx.execute("SELECT pk FROM resource WHERE type='AuditEvent' AND id=?", (last_event,)).fetchone()[0]
+            cx.execute("BEGIN")
+            cx.execute("DELETE FROM audit_chain WHERE seq=?", (last_seq,))
+            for table in ("idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity", "idx_number",
+                          "idx_uri", "compartment", "resource_version"):
+                cx.execute(f"DELETE FROM {table} WHERE resource_pk=?", (pk,))
+            cx.execute("DELETE FROM resource WHERE pk=?", (pk,))
+            cx.execute("COMMIT")
+            return f"seq={last_seq} event=None", "removed last record"
+        if how == "orphan":
+            src = cx.execute("SELECT r.version, r.last_updated_us, v.key_id, v.body FROM resource r "
+                             "JOIN resource_version v ON v.resource_pk = r.pk "
+                             "WHERE r.type='AuditEvent' AND r.id=?", (event_id,)).fetchone()
+            orphan = "forged-audit-event-0001"
+            cx.execute("BEGIN")
+            pk = cx.execute("INSERT INTO resource (type, id, version, last_updated_us, deleted) "
+                            "VALUES ('AuditEvent', ?, 1, ?, 0)", (orphan, src[1])).lastrowid
+            cx.execute("INSERT INTO resource_version (resource_pk, type, version, last_updated_us, method, deleted, "
+                       "key_id, body) VALUES (?, 'AuditEvent', 1, ?, 'POST', 0, ?, ?)", (pk, src[1], src[2], src[3]))
+            cx.execute("COMMIT")
+            return f"seq=None event={orphan}", "inserted orphan AuditEvent"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["content-hash", "delete-middle", "reorder", "event-body", "truncate-tail", "orphan"])
+def test_verify_detects_tampering(http, admin, settings, how):
+    build_chain(http, admin.headers())
+    assert verify(settings).exit_code == 0
+    expected, what = _tamper(settings, how)
+    result = verify(settings)
+    assert result.exit_code != 0, f"{what} went unnoticed: {result.output}"
+    assert "FAILED" in result.output
+    assert expected in result.output, f"{what}: report does not name {expected}: {result.output}"
+
+
+def test_verify_detects_deletion_with_relinked_chain(http, admin, settings):
+    """The attacker who removes the record of their access does not stop at one row: they delete the
+    AuditEvent, renumber the rest of the chain and recompute every link and the head. Everything
+    they need is in the database; the content of the remaining events is untouched."""
+    build_chain(http, admin.headers())
+    with db(settings) as cx:
+        rows = cx.execute("SELECT seq, event_id, recorded_us, content_hash FROM audit_chain ORDER BY seq").fetchall()
+        k = len(rows) // 2
+        victim = rows[k][1]
+        pk = cx.execute("SELECT pk FROM resource WHERE type='AuditEvent' AND id=?", (victim,)).fetchone()[0]
+        cx.execute("BEGIN")
+        for table in ("idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity", "idx_number",
+                      "idx_uri", "compartment", "resource_version"):
+            cx.execute(f"DELETE FROM {table} WHERE resource_pk=?", (pk,))
+        cx.execute("DELETE FROM resource WHERE pk=?", (pk,))
+        cx.execute("DELETE FROM audit_chain WHERE seq >= ?", (rows[k][0],))
+        prev = cx.execute("SELECT hash FROM audit_chain WHERE seq=?", (rows[k - 1][0],)).fetchone()[0]
+        seq = rows[k - 1][0]
+        for _old_seq, event_id, recorded_us, content_hash in rows[k + 1:]:
+            seq += 1
+            new_hash = hashlib.sha256(f"{prev}|{seq}|{event_id}|{recorded_us}|{content_hash}".encode()).hexdigest()
+            cx.execute("INSERT INTO audit_chain (seq, event_id, recorded_us, content_hash, prev_hash, hash) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (seq, event_id, recorded_us, content_hash, prev, new_hash))
+            prev = new_hash
+        cx.execute("UPDATE audit_head SET seq=?, hash=? WHERE id=1", (seq, prev))
+        cx.execute("COMMIT")
+    result = verify(settings)
+    assert result.exit_code != 0, (
+        "an AuditEvent was deleted and the chain re-linked from data in the database alone, and "
+        f"`audit verify` still reports: {result.output.strip()}")
+
+
+# ----------------------------------------------------------------------------- fail closed
+def _break_audit(settings, how: str) -> None:  # type: ignore[no-untyped-def]
+    with db(settings) as cx:
+        if how == "trigger":
+            cx.execute("CREATE TRIGGER no_audit BEFORE INSERT ON audit_chain BEGIN SELECT RAISE(ABORT, 'no'); END;")
+        else:
+            cx.execute("DROP TABLE audit_chain")
+
+
+def _patient_rows(settings) -> int:  # type: ignore[no-untyped-def]
+    with db(settings) as cx:
+        return cx.execute("SELECT count(*) FROM resource WHERE type='Patient'").fetchone()[0]
+
+
+@pytest.mark.parametrize("how", ["trigger", "drop-table"])
+def test_no_access_without_audit_record(http, admin, settings, how):
+    h = admin.headers()
+    existing = http.post("/fhir/Patient", json=patient(family="Existingfam", given="Visible"), headers=h).get_json()
+    n_patients = _patient_rows(settings)
+    _break_audit(settings, how)
+
+    r = http.post("/fhir/Patient", json=patient(family="Neverstoredfam"), headers=h)
+    assert r.status_code == 500, r.get_data(as_text=True)[:300]
+    assert r.get_json()["resourceType"] == "OperationOutcome"
+    assert "Location" not in r.headers
+
+    r = http.get(f"/fhir/Patient/{existing['id']}", headers=h)
+    assert r.status_code == 500
+    assert r.get_json()["resourceType"] == "OperationOutcome"
+    text = r.get_data(as_text=True)
+    assert "Existingfam" not in text and "Visible" not in text and "1961-06-01" not in text
+
+    r = http.get("/fhir/Patient?family=Existingfam", headers=h)
+    assert r.status_code == 500 and "Existingfam" not in r.get_data(as_text=True)
+    r = http.get(f"/fhir/Patient/{existing['id']}")  # even a refusal needs its record
+    assert r.status_code == 500
+
+    # the refused create left nothing behind
+    assert _patient_rows(settings) == n_patients
+    if how == "trigger":
+        with db(settings) as cx:
+            cx.execute("DROP TRIGGER no_audit")
+        r = http.get("/fhir/Patient?family=Neverstoredfam", headers=h)
+        assert r.status_code == 200 and not r.get_json().get("entry")
+        r = http.get(f"/fhir/Patient/{existing['id']}", headers=h)
+        assert r.status_code == 200 and r.get_json()["name"][0]["family"] == "Existingfam"
+        result = verify(settings)
+        assert result.exit_code == 0, result.output
