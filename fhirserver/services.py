@@ -16,6 +16,7 @@ from .db.engine import make_engine
 from .fhir.registry import TypeRegistry, load_type_registry
 from .fhir.validation import Validator
 from .pipeline.consent import ConsentHook, NoConsentFiltering
+from .search.fhirpath import set_choice_elements
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
 from .search.query import QueryCompiler
@@ -48,11 +49,13 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     keys = DataKeyStore(engine, ring)
     blind = BlindIndexer(keys)
     types = load_type_registry(settings.profiles_dir)
+    elements = json.loads((settings.profiles_dir / "summary-elements.json").read_text())
+    set_choice_elements(set(elements.get("choiceElements", [])))
     params = load_param_registry(settings.profiles_dir, types.names())
     validator = Validator(settings.profiles_dir)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
     repo = Repository(keys, indexer)
-    summary = json.loads((settings.profiles_dir / "summary-elements.json").read_text())["types"]
+    summary = elements["types"]
     return Services(
         settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
         params=params, validator=validator, indexer=indexer, repo=repo,

@@ -76,7 +76,12 @@ def main() -> None:
     (OUT / "compartmentdefinition-patient.json").write_text(json.dumps(comp, indent=1) + "\n")
     sdefs = json.loads((SPEC / "structuredefinitions-r4.json").read_text())
     elements: dict[str, dict[str, list[str]]] = {}
+    choices = set()
     for entry in sdefs["entry"]:
+        for el in entry["resource"].get("snapshot", {}).get("element", []):
+            last = el["path"].split(".")[-1]
+            if last.endswith("[x]"):
+                choices.add(last[:-3])
         sd = entry["resource"]
         if sd["id"] not in TYPES:
             continue
@@ -93,7 +98,9 @@ def main() -> None:
         elements[sd["id"]] = {"summary": summary, "mandatory": mandatory}
     (OUT / "summary-elements.json").write_text(json.dumps(
         {"description": "Top-level elements per type marked isSummary / min>0 in the R4 StructureDefinitions; "
-                        "used for _summary and _elements.", "types": elements}, indent=1) + "\n")
+                        "used for _summary and _elements. choiceElements: names of choice elements (value[x], ...) "
+                        "that FHIRPath navigation must expand to valueQuantity etc.",
+         "types": elements, "choiceElements": sorted(choices)}, indent=1) + "\n")
     print(f"schema definitions: {len(keep)}, search parameters: {len(entries)}")
 
 

@@ -60,7 +60,7 @@ def _type_matches(node_type: str | None, wanted: str) -> bool:
     return node_type.lower() == wanted.lower()
 
 
-def _child(nodes: list[Node], name: str) -> list[Node]:
+def _child(nodes: list[Node], name: str, choice: bool) -> list[Node]:
     out: list[Node] = []
     for value, _t in nodes:
         if not isinstance(value, dict):
@@ -69,6 +69,8 @@ def _child(nodes: list[Node], name: str) -> list[Node]:
             v = value[name]
             items = v if isinstance(v, list) else [v]
             out.extend((item, None) for item in items)
+            continue
+        if not choice:
             continue
         # choice element: value -> valueQuantity, valueString, ...
         for key, v in value.items():
@@ -95,6 +97,16 @@ def _resolve(nodes: list[Node]) -> list[Node]:
             if rtype:
                 out.append(({}, rtype))
     return out
+
+
+# Choice elements (`value[x]`, ...): navigation expands them to their typed names. Set from the
+# StructureDefinitions via `set_choice_elements`; the default covers the R4 resources we serve.
+_CHOICES: set[str] = {"value", "effective", "deceased", "multipleBirth", "occurred", "source"}
+
+
+def set_choice_elements(names: set[str]) -> None:
+    _CHOICES.clear()
+    _CHOICES.update(names)
 
 
 class _Parser:
@@ -198,7 +210,7 @@ class _Parser:
             return _function(name, args)
         if first and name[0].isupper():
             return lambda nodes, root=name: [(v, t) for v, t in nodes if t == root]
-        return lambda nodes, name=name: _child(nodes, name)
+        return lambda nodes, name=name, choice=name in _CHOICES: _child(nodes, name, choice)
 
 
 def _chain(a: Fn, b: Fn) -> Fn:
