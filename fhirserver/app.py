@@ -124,7 +124,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["fhirserver"] = svc
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
-    app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings)
+    app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings, svc.types.names())
 
     app.add_url_rule("/fhir", "fhir_base", _fhir_view, methods=METHODS)
     app.add_url_rule("/fhir/", "fhir_base_slash", _fhir_view, methods=METHODS)

@@ -59,7 +59,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     return Services(
         settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
         params=params, validator=validator, indexer=indexer, repo=repo,
-        audit=AuditLog(repo, settings.fhir_base), compiler=QueryCompiler(blind, settings.fhir_base),
+        audit=AuditLog(repo, settings.fhir_base), compiler=QueryCompiler(blind, settings.fhir_base, params),
         consent=NoConsentFiltering(), summary_elements=summary,
     )
 

@@ -48,10 +48,16 @@ class Client:
                         "Prefer": "return=minimal"}
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-        self.conn.request(method, self.path + path, body=body, headers=self.headers)
-        resp = self.conn.getresponse()
-        data = resp.read()
-        return resp.status, dict(resp.getheaders()), data
+        for attempt in (1, 2):
+            try:
+                self.conn.request(method, self.path + path, body=body, headers=self.headers)
+                resp = self.conn.getresponse()
+                return resp.status, dict(resp.getheaders()), resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()  # the server closed an idle keep-alive connection: reconnect once
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def client(base: str, token: str) -> Client:

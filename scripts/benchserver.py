@@ -61,7 +61,7 @@ class BenchServer:
         jwks.write_text(json.dumps(public_jwks(self.key)))
         self.client_id = self.cli("client", "register", "--name", "bench", "--jwks-file", str(jwks),
                                   "--scopes", "system/*.cruds")
-        time.sleep(2)  # let the workers finish compiling the JSON schema validators
+        time.sleep(6)  # let the workers finish compiling the JSON schema validators (off the clock)
         return self
 
     def token(self, scope: str = "system/*.cruds") -> str:

@@ -30,7 +30,8 @@ from tests.conftest import make_settings
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SCOPE = "system/*.cruds"
-OAUTH_CLIENT_ERRORS = {"invalid_client", "invalid_request", "invalid_grant", "unauthorized_client"}
+# RFC 6749 section 5.2: a failed client authentication is `invalid_client`.
+OAUTH_CLIENT_ERRORS = {"invalid_client"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -250,6 +251,23 @@ def test_missing_jti_refused(http, make_client, settings):
     client = make_client(SCOPE)
     claims = standard_claims(client.client_id, settings.token_url)
     del claims["jti"]
+    assertion = sign_with(client.key, "ES384", claims, client.key.kid)
+    assert_refused(post_token(http, form(assertion)))
+
+
+@pytest.mark.parametrize("claim", ["iss", "sub", "aud", "exp"])
+def test_missing_required_claim_refused(http, make_client, settings, claim):
+    client = make_client(SCOPE)
+    claims = standard_claims(client.client_id, settings.token_url)
+    del claims[claim]
+    assertion = sign_with(client.key, "ES384", claims, client.key.kid)
+    assert_refused(post_token(http, form(assertion)))
+
+
+def test_not_yet_valid_assertion_refused(http, make_client, settings):
+    client = make_client(SCOPE)
+    claims = standard_claims(client.client_id, settings.token_url)
+    claims["nbf"] = int(time.time()) + 3600
     assertion = sign_with(client.key, "ES384", claims, client.key.kid)
     assert_refused(post_token(http, form(assertion)))
 
@@ -495,7 +513,10 @@ def test_token_responses_not_cacheable(http, make_client, settings, good):
     client = make_client(SCOPE)
     key = client.key if good else generate_key()
     resp = post_token(http, form(client_assertion(key, client.client_id, settings.token_url)))
-    assert resp.status_code == (200 if good else resp.status_code)
+    if good:
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+    else:
+        assert resp.status_code in (400, 401) and "access_token" not in resp.get_json()
     assert resp.headers.get("Cache-Control") == "no-store"
     assert resp.headers.get("Pragma") == "no-cache"
 

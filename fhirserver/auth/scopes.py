@@ -9,6 +9,7 @@ and is never granted: unknown syntax is denied, not ignored.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 V2_ORDER = "cruds"
@@ -122,11 +123,12 @@ def _intersect_one(req: ResourceScope, reg: ResourceScope) -> ResourceScope | No
     return ResourceScope(req.context, rtype, frozenset(perms), query, v1)
 
 
-def intersect(requested: str, registered: str) -> ScopeSet:
+def intersect(requested: str, registered: str, known_types: Collection[str] | None = None) -> ScopeSet:
     """The granted scopes: what was asked for, narrowed to what the client is registered for.
 
-    Invalid requested scopes are dropped (never granted); the caller decides whether an empty
-    result is an error.
+    Invalid requested scopes, and scopes naming resource types this server does not serve
+    (`known_types`), are dropped (never granted); the caller decides whether an empty result is
+    an error.
     """
     req = parse_scopes(requested, strict=False)
     reg = parse_scopes(registered, strict=False)
@@ -134,6 +136,8 @@ def intersect(requested: str, registered: str) -> ScopeSet:
     for r in req.resource:
         for g in reg.resource:
             got = _intersect_one(r, g)
+            if got is not None and known_types is not None and got.resource_type not in ("*", *known_types):
+                continue
             if got is not None and got not in granted:
                 granted.append(got)
     return ScopeSet(tuple(granted), frozenset(req.other & reg.other))

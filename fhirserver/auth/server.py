@@ -36,8 +36,9 @@ AUTH_METHOD = "private_key_jwt"
 
 
 class OAuthClient(ClientMixin):
-    def __init__(self, record: ClientRecord) -> None:
+    def __init__(self, record: ClientRecord, known_types: list[str]) -> None:
         self.record = record
+        self.known_types = known_types
 
     def get_client_id(self) -> str:
         return self.record.client_id
@@ -46,7 +47,7 @@ class OAuthClient(ClientMixin):
         return None
 
     def get_allowed_scope(self, scope: str) -> str:
-        return intersect(scope or "", self.record.scopes).render()
+        return intersect(scope or "", self.record.scopes, self.known_types).render()
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
         return False
@@ -145,15 +146,17 @@ class SmartClientCredentialsGrant(ClientCredentialsGrant):
         requested = self.request.payload.scope or ""
         if not requested.strip():
             raise InvalidScopeError(description="A scope is required.")
-        granted = intersect(requested, self.request.client.record.scopes)
+        client = self.request.client
+        granted = intersect(requested, client.record.scopes, client.known_types)
         if not granted.resource:
             raise InvalidScopeError(description="None of the requested scopes can be granted to this client.")
 
 
-def build_authorization_server(app: Any, engine: Engine, settings: Settings) -> AuthorizationServer:
+def build_authorization_server(app: Any, engine: Engine, settings: Settings,
+                               known_types: list[str]) -> AuthorizationServer:
     def query_client(client_id: str) -> OAuthClient | None:
         record = get_client(engine, client_id)
-        return OAuthClient(record) if record else None
+        return OAuthClient(record, known_types) if record else None
 
     def save_token(token: dict[str, Any], request: Any) -> None:
         pass  # the generator stores the token (hash) itself
@@ -162,7 +165,7 @@ def build_authorization_server(app: Any, engine: Engine, settings: Settings) -> 
 
     def generate(grant_type: str, client: OAuthClient, user: Any = None, scope: str | None = None,
                  expires_in: int | None = None, include_refresh_token: bool = True) -> dict[str, Any]:
-        granted = intersect(scope or "", client.record.scopes).render()
+        granted = client.get_allowed_scope(scope or "")
         lifetime = settings.access_token_lifetime
         with transaction(engine) as conn:
             token, _exp = issue_token(conn, client.record.client_id, granted, lifetime, {"grant_type": grant_type})

@@ -161,6 +161,24 @@ idx_uri = Table(
     Index("ix_uri_resource", "resource_pk"),
 )
 
+# Composite parameters (code-value-quantity, ...): the first component is a token, the second a
+# token (system2/code2), quantity (num, system2/code2), date (low/high) or string (code2 = digest).
+idx_composite = Table(
+    "idx_composite",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Column("system2", String(255), nullable=True),
+    Column("code2", String(255), nullable=True),
+    Column("num", Float, nullable=True),
+    Column("low_us", BigInteger, nullable=True),
+    Column("high_us", BigInteger, nullable=True),
+    Index("ix_composite_code", "param", "code", "resource_pk"),
+    Index("ix_composite_resource", "resource_pk"),
+)
+
 INDEX_TABLES = {
     "token": idx_token,
     "string": idx_string,
@@ -169,6 +187,7 @@ INDEX_TABLES = {
     "quantity": idx_quantity,
     "number": idx_number,
     "uri": idx_uri,
+    "composite": idx_composite,
 }
 
 # ---- OAuth ----

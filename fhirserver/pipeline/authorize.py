@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from sqlalchemy import ColumnElement, and_, exists, false, or_, true
+from sqlalchemy import ColumnElement, FromClause, and_, exists, false, or_, true
 
 from ..auth.scopes import ResourceScope
 from ..db.schema import compartment, resource
@@ -20,12 +20,13 @@ from ..search.query import QueryCompiler, parse_search
 from .principal import Principal
 
 
-def compartment_predicate(rtype: str, patient_ids: list[str]) -> ColumnElement[bool]:
+def compartment_predicate(rtype: str, patient_ids: list[str], res: FromClause = resource) -> ColumnElement[bool]:
     if not patient_ids:
         return false()
     if rtype == "Patient":
-        return resource.c.id.in_(patient_ids)
-    return exists().where(compartment.c.resource_pk == resource.c.pk, compartment.c.patient_id.in_(patient_ids))
+        return res.c.id.in_(patient_ids)
+    comp = compartment.alias()
+    return exists().where(comp.c.resource_pk == res.c.pk, comp.c.patient_id.in_(patient_ids))
 
 
 class Authorizer:
@@ -46,8 +47,9 @@ class Authorizer:
             return []  # a user scope without a known user grants nothing
         return None
 
-    def predicates(self, principal: Principal, rtype: str, interaction: str) -> list[ColumnElement[bool]]:
-        """Raise 403 if no scope allows the interaction; else the row predicates to apply."""
+    def predicates(self, principal: Principal, rtype: str, interaction: str,
+                   res: FromClause = resource) -> list[ColumnElement[bool]]:
+        """Raise 403 if no scope allows the interaction; else the row predicates (over `res`)."""
         scopes = principal.scopes.for_interaction(rtype, interaction)
         if not scopes:
             raise FhirError(403, "forbidden", f"The access token has no scope that permits '{interaction}' on {rtype}")
@@ -58,11 +60,11 @@ class Authorizer:
             if patients is not None:
                 if not patients:
                     continue
-                conds.append(compartment_predicate(rtype, patients))
+                conds.append(compartment_predicate(rtype, patients, res))
             if scope.query:
                 try:
                     parsed = parse_search(self.params, rtype, parse_qsl(scope.query), 1, 1, strict=True)
-                    conds.extend(self.compiler.where(parsed))
+                    conds.extend(self.compiler.where(parsed, res))
                 except FhirError:
                     continue  # a restriction we cannot evaluate grants nothing (fail closed)
             if not conds:

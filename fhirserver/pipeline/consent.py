@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, FromClause
 
 
 class ConsentHook(Protocol):
-    def predicates(self, principal: Any, resource_type: str, interaction: str) -> list[ColumnElement[bool]]:
+    def predicates(self, principal: Any, resource_type: str, interaction: str,
+                   res: FromClause) -> list[ColumnElement[bool]]:
+        """Predicates over `res` (the resource table or an alias of it) that hide denied rows."""
         ...
 
 
 class NoConsentFiltering:
-    def predicates(self, principal: Any, resource_type: str, interaction: str) -> list[ColumnElement[bool]]:
+    def predicates(self, principal: Any, resource_type: str, interaction: str,
+                   res: FromClause) -> list[ColumnElement[bool]]:
         return []

@@ -30,6 +30,7 @@ class RequestContext:
     principal: Principal | None = None
     # row predicates per interaction kind (read/search visibility, create, update, delete)
     access: dict[str, list[ColumnElement[bool]]] = field(default_factory=dict)
+    access_fn: Any = None  # (type, table alias) -> predicates | None, for chains/_has/includes
     prepared: Any = None
     prefer: dict[str, str] = field(default_factory=dict)
 

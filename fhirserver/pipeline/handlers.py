@@ -14,15 +14,15 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from sqlalchemy import ColumnElement, Connection, select
+from sqlalchemy import ColumnElement, Connection, and_, or_, select
 
 from ..db.engine import read_connection
-from ..db.schema import compartment, resource
+from ..db.schema import compartment, idx_reference, resource
 from ..fhir.capability import capability_statement, smart_configuration
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.subsetting import apply_subsetting
 from ..search.dates import instant_text, now_us, parse_range
-from ..search.query import encode_cursor, parse_search, run_search
+from ..search.query import Include, ParsedSearch, SearchPage, parse_search, run_search
 from ..storage.codec import dump_json, fragment, parse_json
 from ..storage.repository import PreparedWrite, Stored
 from .context import RequestContext, Result
@@ -65,6 +65,24 @@ def patients_of(conn: Connection, pks: list[int]) -> list[str]:
         return []
     rows = conn.execute(select(compartment.c.patient_id).where(compartment.c.resource_pk.in_(pks)).distinct()).all()
     return sorted({r[0] for r in rows})
+
+
+def version_visible(ctx: RequestContext, conn: Connection, stored: Stored) -> bool:
+    """Would this (possibly older) version pass the read predicates if it were current?
+
+    Evaluated by the database itself: inside a savepoint the resource's index rows are replaced by
+    the version's, the same predicates are checked, and the savepoint is rolled back. Access rules
+    thus have one implementation (SQL) for current and historical content alike.
+    """
+    if stored.body is None:
+        return True  # a deletion marker reveals no content
+    repo = ctx.services.repo
+    savepoint = conn.begin_nested()
+    try:
+        repo.reindex(conn, stored.pk, stored.type, parse_json(stored.body))
+        return visible(conn, stored.pk, ctx.access["read"])
+    finally:
+        savepoint.rollback()
 
 
 def parse_body(ctx: RequestContext) -> dict[str, Any]:
@@ -133,9 +151,9 @@ def search_matches(ctx: RequestContext, conn: Connection, rtype: str, query: lis
     if not parsed.clauses:
         raise FhirError(400, "invalid", "A conditional request needs at least one search parameter")
     parsed.total = "none"
-    where = services.compiler.where(parsed)
-    pks, _total, _nxt = run_search(conn, parsed, where, ctx.access.get("search-type", ctx.access.get("read", [])))
-    return pks
+    page = run_search(conn, parsed, services.compiler, ctx.access.get("search-type", ctx.access.get("read", [])),
+                      ctx.access_fn)
+    return page.pks
 
 
 # ---------------------------------------------------------------- handlers
@@ -182,6 +200,8 @@ class Read(Handler):
             raise
         if not visible(conn, stored.pk, ctx.access["read"]):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
+        if version is not None and ctx.access["read"] and not version_visible(ctx, conn, stored):
+            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id}/_history/{version} is not known")
         record_touch(ctx, conn, stored)
         headers = resource_headers(stored, ctx.services.settings.fhir_base)
         if_none_match = ctx.header("if-none-match")
@@ -282,7 +302,9 @@ class Delete(Handler):
         assert it.id
         head = repo.current(conn, rtype, it.id)
         if head is not None and not visible(conn, head.pk, ctx.access["delete"]):
-            raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
+            # indistinguishable from deleting something that does not exist (which is a 204)
+            ctx.record.outcome_desc = "target not visible to this client: nothing deleted"
+            return Result(204)
         stored = repo.delete(conn, rtype, it.id, parse_etag(ctx.header("if-match"), "If-Match"))
         if stored is None:
             return Result(204)
@@ -314,6 +336,12 @@ def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
     return max(count, 1), since, cursor
 
 
+def _history_cursor(version_pk: int) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(str(version_pk).encode()).decode().rstrip("=")
+
+
 class History(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -327,7 +355,11 @@ class History(Handler):
             rows = repo.history(conn, rtype, head.pk, since, count + 1, cursor)
         else:
             rows = repo.history(conn, rtype, None, since, count + 1, cursor, access=ctx.access["read"])
-        page = rows[:count]
+        page = raw_page = rows[:count]
+        if ctx.access["read"]:
+            # Restricted access (compartment, granular scope, consent): earlier versions may not
+            # have matched; check each against the same predicates.
+            page = [(v, st) for v, st in page if version_visible(ctx, conn, st)]
         base = ctx.services.settings.fhir_base
         entries = []
         for _vpk, st in page:
@@ -345,10 +377,108 @@ class History(Handler):
         keep = [(k, v) for k, v in it.params if k != "_cursor"]
         links = [{"relation": "self", "url": path + ("?" + urlencode(it.params) if it.params else "")}]
         if len(rows) > count:
-            links.append({"relation": "next", "url": path + "?" + urlencode(keep + [("_cursor", encode_cursor(page[-1][0]))])})
+            links.append({"relation": "next", "url": path + "?" + urlencode(keep + [("_cursor", _history_cursor(raw_page[-1][0]))])})
         bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": instant_text(now_us())},
                   "type": "history", "link": links, "entry": entries}
         return Result(200, dump_json(bundle))
+
+
+MAX_INCLUDED = 1000
+
+
+def _include_targets(ctx: RequestContext, conn: Connection, inc: Include, sources: list[Stored]) -> list[int]:
+    """pks that one _include / _revinclude adds for `sources`, through the caller's access rules."""
+    types = ctx.services.types.names()
+    alias = resource.alias()
+    if not inc.reverse:
+        src = [st.pk for st in sources if st.type == inc.source_type]
+        if not src:
+            return []
+        ref = idx_reference.alias()
+        allowed = []
+        for t in ([inc.target_type] if inc.target_type else types):
+            preds = ctx.access_fn(t, alias) if t in types else None
+            if preds is not None:
+                allowed.append(and_(alias.c.type == t, *preds))
+        if not allowed:
+            return []
+        stmt = (select(alias.c.pk).join(ref, and_(ref.c.target_type == alias.c.type, ref.c.target_id == alias.c.id))
+                .where(ref.c.resource_pk.in_(src), ref.c.param == inc.param, alias.c.deleted.is_(False), or_(*allowed))
+                .distinct().limit(MAX_INCLUDED))
+    else:
+        preds = ctx.access_fn(inc.source_type, alias)
+        if preds is None:
+            return []
+        ref = idx_reference.alias()
+        targets = [(st.type, st.id) for st in sources if inc.target_type in (None, st.type)]
+        if not targets:
+            return []
+        by_type: dict[str, list[str]] = {}
+        for t, rid in targets:
+            by_type.setdefault(t, []).append(rid)
+        match = or_(*[and_(ref.c.target_type == t, ref.c.target_id.in_(ids)) for t, ids in by_type.items()])
+        stmt = (select(alias.c.pk).join(ref, ref.c.resource_pk == alias.c.pk)
+                .where(alias.c.type == inc.source_type, alias.c.deleted.is_(False), ref.c.param == inc.param,
+                       match, *preds).distinct().limit(MAX_INCLUDED))
+    return [r[0] for r in conn.execute(stmt).all()]
+
+
+def resolve_includes(ctx: RequestContext, conn: Connection, includes: list[Include], matches: list[Stored]) -> list[Stored]:
+    if not includes:
+        return []
+    seen = {st.pk for st in matches}
+    included: list[Stored] = []
+    for iterate in (False, True):
+        for inc in includes:
+            if inc.iterate != iterate:
+                continue
+            sources = matches + included if iterate else matches
+            new = [pk for pk in _include_targets(ctx, conn, inc, sources) if pk not in seen]
+            seen.update(new)
+            included.extend(ctx.services.repo.load_current(conn, new))
+    return included[:MAX_INCLUDED]
+
+
+def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSearch, page: SearchPage,
+              included: list[Stored] | None = None, matches: list[Stored] | None = None) -> Result:
+    """A searchset Bundle for one page, with self/first/next/previous links; audits what it returns."""
+    s = ctx.services
+    stored = matches if matches is not None else s.repo.load_current(conn, page.pks)
+    included = included or []
+    everything = stored + included
+    ctx.record.query = ctx.interaction.query_string
+    ctx.record.patients = patients_of(conn, [st.pk for st in everything])
+    ctx.record.resources = [f"{st.type}/{st.id}/_history/{st.version}" for st in everything]
+    base = s.settings.fhir_base
+    subset = parsed.summary not in (None, "false") or bool(parsed.elements)
+    entries: list[dict[str, Any]] = []
+    for mode, group in (("match", stored), ("include", included)):
+        for st in group:
+            assert st.body is not None
+            res: Any = (apply_subsetting(parse_json(st.body), parsed.summary, parsed.elements, s.summary_elements)
+                        if subset and mode == "match" else fragment(st.body))
+            entries.append({"fullUrl": f"{base}/{st.type}/{st.id}", "resource": res, "search": {"mode": mode}})
+    if parsed.ignored:
+        outcome = operation_outcome([Issue("not-supported", m, severity="warning") for m in parsed.ignored])
+        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+
+    def link(cursor: str | None) -> str:
+        query = urlencode(parsed.echo + ([("_cursor", cursor)] if cursor else []))
+        return f"{base}/{path}" + (f"?{query}" if query else "")
+
+    current = dict(ctx.interaction.params).get("_cursor")
+    links = [{"relation": "self", "url": link(current)}, {"relation": "first", "url": link(None)}]
+    if page.next_cursor:
+        links.append({"relation": "next", "url": link(page.next_cursor)})
+    if page.prev_cursor:
+        links.append({"relation": "previous", "url": link(page.prev_cursor)})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                              "meta": {"lastUpdated": instant_text(now_us())}, "type": "searchset"}
+    if page.total is not None:
+        bundle["total"] = page.total
+    bundle["link"] = links
+    bundle["entry"] = entries
+    return Result(200, dump_json(bundle))
 
 
 class Search(Handler):
@@ -358,35 +488,10 @@ class Search(Handler):
         rtype = it.resource_type or ""
         strict = ctx.prefer.get("handling") == "strict"
         parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
-        where = s.compiler.where(parsed)
-        pks, total, nxt = run_search(conn, parsed, where, ctx.access["search-type"])
-        stored = s.repo.load_current(conn, pks)
-        ctx.record.query = it.query_string
-        ctx.record.patients = patients_of(conn, pks)
-        ctx.record.resources = [f"{st.type}/{st.id}/_history/{st.version}" for st in stored]
-        base = s.settings.fhir_base
-        entries: list[dict[str, Any]] = []
-        for st in stored:
-            if parsed.summary not in (None, "false") or parsed.elements:
-                assert st.body is not None
-                res: Any = apply_subsetting(parse_json(st.body), parsed.summary, parsed.elements, s.summary_elements)
-            else:
-                res = fragment(st.body or b"{}")
-            entries.append({"fullUrl": f"{base}/{st.type}/{st.id}", "resource": res, "search": {"mode": "match"}})
-        if parsed.ignored:
-            outcome = operation_outcome([Issue("not-supported", m, severity="warning") for m in parsed.ignored])
-            entries.append({"resource": outcome, "search": {"mode": "outcome"}})
-        echo = urlencode(parsed.echo)
-        links = [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{echo}" if echo else "")}]
-        if nxt is not None:
-            links.append({"relation": "next", "url": f"{base}/{rtype}?" + urlencode(parsed.echo + [("_cursor", encode_cursor(nxt))])})
-        bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
-                                  "meta": {"lastUpdated": instant_text(now_us())}, "type": "searchset"}
-        if total is not None:
-            bundle["total"] = total
-        bundle["link"] = links
-        bundle["entry"] = entries
-        return Result(200, dump_json(bundle))
+        page = run_search(conn, parsed, s.compiler, ctx.access["search-type"], ctx.access_fn)
+        matches = s.repo.load_current(conn, page.pks)
+        included = resolve_includes(ctx, conn, parsed.includes, matches)
+        return searchset(ctx, conn, rtype, parsed, page, included, matches)
 
 
 _START_DATE = instant_text(now_us())[:10]

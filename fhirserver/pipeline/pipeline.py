@@ -14,11 +14,15 @@ import re
 import uuid
 from typing import Any
 
+from sqlalchemy import ColumnElement, FromClause
+
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
 from ..db.engine import read_connection
+from ..db.schema import resource
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..search.dates import now_us
+from ..search.query import AccessFn
 from ..services import Services
 from ..storage.repository import CorruptDataError
 from .authorize import Authorizer
@@ -94,8 +98,21 @@ class Pipeline:
                     raise
                 continue
             if name in READING:
-                preds = preds + self.services.consent.predicates(principal, it.resource_type, scope_interaction)
+                preds = preds + self.services.consent.predicates(principal, it.resource_type, scope_interaction, resource)
             ctx.access[name] = preds
+        ctx.access_fn = self.access_fn(principal)
+
+    def access_fn(self, principal: Principal) -> AccessFn:
+        """Row predicates for reading other types (chains, _has, includes): None = not permitted."""
+
+        def access(rtype: str, res: FromClause) -> list[ColumnElement[bool]] | None:
+            try:
+                preds = self.authorizer.predicates(principal, rtype, "search-type", res)
+            except FhirError:
+                return None
+            return preds + self.services.consent.predicates(principal, rtype, "search-type", res)
+
+        return access
 
     # ---- the whole road
     def handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,

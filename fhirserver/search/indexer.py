@@ -62,6 +62,16 @@ def token_pairs(value: Any) -> list[tuple[str | None, str]]:
     return []
 
 
+def token_texts(value: Any) -> list[str]:
+    """Display texts of a CodeableConcept / Coding (for token :text)."""
+    if not isinstance(value, dict):
+        return []
+    texts = [value["text"]] if isinstance(value.get("text"), str) else []
+    codings = value.get("coding", [value]) if "coding" in value else [value]
+    texts.extend(c["display"] for c in codings if isinstance(c, dict) and isinstance(c.get("display"), str))
+    return texts
+
+
 def parse_reference(ref: str, base_url: str) -> tuple[str | None, str | None, str | None]:
     """(type, id, url) of a reference string; local references have url None."""
     if ref.startswith("#"):
@@ -111,7 +121,9 @@ class Indexer:
         return out
 
     def _add(self, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
-        if p.type == "string":
+        if p.type == "composite":
+            self._add_composite(out, p, value, node_type)
+        elif p.type == "string":
             for text in _strings(value):
                 self._add_string(out, p.code, text, p.prefix_index)
         elif p.type == "token":
@@ -119,6 +131,9 @@ class Indexer:
                 if p.protected:
                     code = self.blind.digest(p.code, "t", code)
                 out.add("token", param=p.code, system=system, code=code[:255] if code else code)
+            if p.text_index:
+                for text in token_texts(value):
+                    self._add_string(out, f"{p.code}:text", text, True)
         elif p.type == "date":
             for low, high in _date_ranges(value):
                 if p.protected:
@@ -142,6 +157,29 @@ class Indexer:
                 out.add("number", param=p.code, value=float(value))
         elif p.type == "uri" and isinstance(value, str):
             out.add("uri", param=p.code, value=value[:1024])
+
+    def _add_composite(self, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+        if len(p.component_extract) != 2:
+            return
+        node = [(value, node_type)]
+        firsts = [pair for v, _t in p.component_extract[0](node) for pair in token_pairs(v)]
+        seconds = p.component_extract[1](node)
+        kind = p.component_types[1]
+        for system, code in firsts:
+            for v, _t in seconds:
+                row: dict[str, Any] = {"param": p.code, "system": system, "code": code[:255], "system2": None,
+                                       "code2": None, "num": None, "low_us": None, "high_us": None}
+                if kind == "token":
+                    for s2, c2 in token_pairs(v):
+                        out.add("composite", **{**row, "system2": s2, "code2": c2[:255]})
+                elif kind == "quantity" and isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
+                    out.add("composite", **{**row, "num": float(v["value"]), "system2": v.get("system"),
+                                            "code2": v.get("code") or v.get("unit")})
+                elif kind == "date":
+                    for low, high in _date_ranges(v):
+                        out.add("composite", **{**row, "low_us": low, "high_us": high})
+                elif kind == "string" and isinstance(v, str):
+                    out.add("composite", **{**row, "code2": self.blind.digest(p.code, "n", normalize(v))})
 
     def _add_string(self, out: IndexRows, code: str, text: str, prefixes: bool) -> None:
         norm = normalize(text)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fhirpath import Fn, UnsupportedExpression, compile_expression
+from .fhirpath import Fn, UnsupportedExpression, compile_expression, compile_relative
 
 SPECIAL = {"_id", "_lastUpdated"}  # answered from the resource table itself
 UNSUPPORTED = {"_text", "_content", "_query", "_list", "_has", "_filter"}
@@ -30,6 +30,9 @@ class SearchParam:
     prefix_index: bool = True  # string params: also index normalized prefixes (starts-with search)
     targets: tuple[str, ...] = ()
     components: tuple[tuple[str, str], ...] = ()  # (definition url, expression)
+    component_types: tuple[str, ...] = ()  # parameter type of each component
+    text_index: bool = False  # token: also index display/text for :text
+    component_extract: tuple[Fn, ...] = ()
     documentation: str = ""
 
 
@@ -63,8 +66,11 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
     protected = set(protected_doc.get("token", [])) | set(protected_doc.get("date", []))
     all_strings = bool(protected_doc.get("allStringParameters", True))
     exact_only = set(protected_doc.get("exactOnlyStrings", []))
+    token_text = set(protected_doc.get("tokenText", []))
+    definitions = _iter_definitions(profiles_dir)
+    type_by_url = {d.get("url"): d.get("type") for d in definitions}
     reg = ParamRegistry()
-    for definition in _iter_definitions(profiles_dir):
+    for definition in definitions:
         if definition.get("status") == "retired":
             continue
         bases = definition.get("base", [])
@@ -76,7 +82,14 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
             expression = definition.get("expression", "")
             ptype = definition["type"]
             extract = None
-            if ptype != "composite" and expression and code not in SPECIAL:
+            component_fns: tuple[Fn, ...] = ()
+            if ptype == "composite" and expression:
+                try:
+                    component_fns = tuple(compile_relative(c["expression"]) for c in definition.get("component", []))
+                except UnsupportedExpression as exc:
+                    reg.skipped.append(f"{rtype}.{code}: {exc}")
+                    continue
+            if expression and code not in SPECIAL:
                 try:
                     extract = compile_expression(expression, rtype)
                 except UnsupportedExpression as exc:
@@ -85,6 +98,10 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
                 if extract is None:
                     continue
             components = tuple((c["definition"], c["expression"]) for c in definition.get("component", []))
+            component_types = tuple(type_by_url.get(url, "") or "" for url, _e in components)
+            if ptype == "composite" and (not expression or "" in component_types):
+                reg.skipped.append(f"{rtype}.{code}: composite with unknown components")
+                continue
             reg.by_type.setdefault(rtype, {})[code] = SearchParam(
                 code=code,
                 type=ptype,
@@ -94,6 +111,9 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
                 extract=extract,
                 protected=(ptype == "string" and all_strings) or f"{rtype}.{code}" in protected,
                 prefix_index=f"{rtype}.{code}" not in exact_only,
+                component_types=component_types,
+                component_extract=component_fns,
+                text_index=f"{rtype}.{code}" in token_text,
                 targets=tuple(definition.get("target", [])),
                 components=components,
                 documentation=(definition.get("description") or "")[:500],

@@ -1,22 +1,41 @@
 """Parse FHIR search parameters and compile them into one SQL query over the index tables.
 
-Access restrictions (scopes, compartments, consent) arrive as extra SQL predicates over the
-`resource` table and are ANDed into the same statement, so counts and pages are exact.
+Access restrictions (scopes, compartments, consent) arrive as SQL predicates over the resource
+table and are ANDed into the same statement -- also inside chained, `_has` and included
+sub-queries, each against its own table alias -- so totals and pages are exact and nothing is
+matched through a resource the caller may not see.
+
+Paging is keyset-based: a cursor holds the sort values and pk of the last (or first) row of a
+page, so inserts between page fetches neither duplicate nor skip rows.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, exists, false, func, not_, or_, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    and_,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+)
 
 from ..crypto.blind_index import BlindIndexer, normalize
 from ..db.schema import (
+    idx_composite,
     idx_date,
     idx_number,
     idx_quantity,
@@ -26,15 +45,21 @@ from ..db.schema import (
     idx_uri,
     resource,
 )
-from ..fhir.errors import FhirError, Issue
-from .dates import parse_range
+from ..fhir.errors import FhirError
+from .dates import MAX_US, MIN_US, now_us, parse_range
 from .indexer import MAX_PREFIX_CHARS, parse_reference
 from .params import ParamRegistry, SearchParam
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 RESULT_PARAMS = {"_count", "_sort", "_total", "_summary", "_elements", "_include", "_revinclude",
                  "_contained", "_containedType", "_format", "_pretty", "_cursor"}
+TABLES = {"token": idx_token, "string": idx_string, "date": idx_date, "reference": idx_reference,
+          "quantity": idx_quantity, "number": idx_number, "uri": idx_uri}
 _SPLIT = re.compile(r"(?<!\\),")
+MAX_CHAIN_DEPTH = 3
+
+# access(resource_type, table alias) -> predicates, or None when the caller may not read that type
+AccessFn = Callable[[str, FromClause], "list[ColumnElement[bool]] | None"]
 
 
 @dataclass
@@ -42,7 +67,32 @@ class Clause:
     code: str
     modifier: str | None
     values: list[str]
-    param: SearchParam | None  # None for _id / _lastUpdated
+    param: SearchParam | None  # None for _id / _lastUpdated / _has
+    chain: tuple[str, ParsedSearch] | None = None  # (target type, nested search on it)
+    has: tuple[str, str, ParsedSearch] | None = None  # (source type, reference param, nested)
+
+
+@dataclass
+class Include:
+    source_type: str
+    param: str
+    target_type: str | None
+    reverse: bool
+    iterate: bool
+
+
+@dataclass
+class SortKey:
+    code: str
+    descending: bool
+    param: SearchParam | None
+
+
+@dataclass
+class Cursor:
+    forward: bool
+    values: list[Any]
+    pk: int
 
 
 @dataclass
@@ -50,18 +100,29 @@ class ParsedSearch:
     resource_type: str
     clauses: list[Clause] = field(default_factory=list)
     count: int = 20
-    cursor: int | None = None
+    cursor: Cursor | None = None
     total: str = "accurate"
     summary: str | None = None
     elements: list[str] | None = None
+    sort: list[SortKey] = field(default_factory=list)
+    includes: list[Include] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
-    echo: list[tuple[str, str]] = field(default_factory=list)  # params as understood, for `self`
+    echo: list[tuple[str, str]] = field(default_factory=list)  # params as understood, for links
+
+
+@dataclass
+class SearchPage:
+    pks: list[int]
+    total: int | None
+    next_cursor: str | None
+    prev_cursor: str | None
 
 
 def split_values(raw: str) -> list[str]:
     return [v.replace("\\,", ",") for v in _SPLIT.split(raw)]
 
 
+# ------------------------------------------------------------------------------- parsing
 def parse_search(
     registry: ParamRegistry,
     resource_type: str,
@@ -80,10 +141,7 @@ def parse_search(
                 raise FhirError(400, "invalid", "_count must be an integer", ["_count"]) from None
             out.echo.append((key, str(out.count)))
         elif name == "_cursor":
-            try:
-                out.cursor = int(base64.urlsafe_b64decode(value.encode() + b"==").decode())
-            except (ValueError, UnicodeDecodeError):
-                raise FhirError(400, "invalid", "Invalid paging cursor", ["_cursor"]) from None
+            out.cursor = decode_cursor(value)
         elif name == "_total":
             if value not in ("none", "estimate", "accurate"):
                 raise FhirError(400, "invalid", "_total must be none, estimate or accurate", ["_total"])
@@ -97,23 +155,35 @@ def parse_search(
         elif name == "_elements":
             out.elements = [e.strip() for e in value.split(",") if e.strip()]
             out.echo.append((key, value))
+        elif name == "_sort":
+            out.sort = _parse_sort(registry, resource_type, value)
+            out.echo.append((key, value))
+        elif name in ("_include", "_revinclude"):
+            inc = _parse_include(registry, name == "_revinclude", modifier, value, strict)
+            if inc is not None:
+                out.includes.append(inc)
+                out.echo.append((key, value))
+            else:
+                _unsupported(out, strict, key, f"Cannot {name} '{value[:80]}'")
         elif name in ("_format", "_pretty"):
             continue
         elif name in RESULT_PARAMS:
-            _unsupported(out, strict, key, f"The result parameter {name} is not supported yet")
+            _unsupported(out, strict, key, f"The result parameter {name} is not supported")
+        elif name == "_has":
+            out.clauses.append(_parse_has(registry, key, value, strict, depth=0))
+            out.echo.append((key, value))
         elif name in ("_id", "_lastUpdated"):
             out.clauses.append(Clause(name, modifier or None, split_values(value), None))
             out.echo.append((key, value))
         else:
-            param = registry.get(resource_type, name)
-            if param is None:
+            clause = _parse_param(registry, resource_type, key, value, strict, depth=0)
+            if clause is None:
                 _unsupported(out, strict, key, f"Unknown search parameter '{name}' for {resource_type}")
                 continue
-            if param.type == "composite":
-                _unsupported(out, strict, key, f"Composite parameter '{name}' is not supported yet")
-                continue
-            out.clauses.append(Clause(name, modifier or None, split_values(value), param))
+            out.clauses.append(clause)
             out.echo.append((key, value))
+    if out.cursor is not None and len(out.cursor.values) != len(out.sort):
+        raise FhirError(400, "invalid", "The paging cursor does not belong to this search", ["_cursor"])
     return out
 
 
@@ -123,30 +193,164 @@ def _unsupported(out: ParsedSearch, strict: bool, key: str, message: str) -> Non
     out.ignored.append(message)
 
 
-# ---------------------------------------------------------------------------------------------
+def _parse_param(registry: ParamRegistry, rtype: str, key: str, value: str, strict: bool,
+                 depth: int) -> Clause | None:
+    """A parameter clause; `key` may be chained: `subject:Patient.name`, `patient.identifier`."""
+    head, dot, rest = key.partition(".")
+    name, _, modifier = head.partition(":")
+    if name in ("_id", "_lastUpdated") and not dot:
+        return Clause(name, modifier or None, split_values(value), None)
+    param = registry.get(rtype, name)
+    if param is None:
+        return None
+    if dot:
+        if param.type != "reference":
+            raise FhirError(400, "invalid", f"'{name}' is not a reference parameter and cannot be chained", [key])
+        if depth >= MAX_CHAIN_DEPTH:
+            raise FhirError(400, "not-supported", "Chains are limited to 3 levels", [key])
+        target = modifier if modifier and modifier[0].isupper() else None
+        candidates = [target] if target else [t for t in param.targets if registry.for_type(t)]
+        if len(candidates) != 1:
+            raise FhirError(400, "invalid", f"Chained parameter '{name}' needs one target type, e.g. "
+                                            f"{name}:Patient.{rest}", [key])
+        target = candidates[0]
+        nested = ParsedSearch(resource_type=target)
+        inner = _parse_param(registry, target, rest, value, strict, depth + 1)
+        if inner is None:
+            raise FhirError(400, "invalid", f"Unknown search parameter '{rest}' for {target} in chain", [key])
+        nested.clauses.append(inner)
+        return Clause(name, None, [], param, chain=(target, nested))
+    if param.type == "composite" and not param.components:
+        raise FhirError(400, "not-supported", f"Composite parameter '{name}' has no components", [key])
+    return Clause(name, modifier or None, split_values(value), param)
+
+
+def _parse_has(registry: ParamRegistry, key: str, value: str, strict: bool, depth: int) -> Clause:
+    # _has:Observation:patient:code=1234   or nested: _has:Observation:patient:_has:AuditEvent:entity:type=...
+    parts = key.split(":", 3)
+    if len(parts) < 4 or not parts[1] or not parts[2] or not parts[3]:
+        raise FhirError(400, "invalid", "_has must look like _has:Type:reference-param:search-param=value", [key])
+    _, source, ref_param, rest = parts
+    if not registry.for_type(source):
+        raise FhirError(400, "not-supported", f"_has: resource type '{source}' is not supported", [key])
+    ref = registry.get(source, ref_param)
+    if ref is None or ref.type != "reference":
+        raise FhirError(400, "invalid", f"_has: '{ref_param}' is not a reference parameter of {source}", [key])
+    if depth >= MAX_CHAIN_DEPTH:
+        raise FhirError(400, "not-supported", "_has nesting is limited to 3 levels", [key])
+    nested = ParsedSearch(resource_type=source)
+    if rest.startswith("_has:"):
+        nested.clauses.append(_parse_has(registry, rest, value, strict, depth + 1))
+    else:
+        inner = _parse_param(registry, source, rest, value, strict, depth + 1)
+        if inner is None:
+            raise FhirError(400, "invalid", f"_has: unknown search parameter '{rest}' for {source}", [key])
+        nested.clauses.append(inner)
+    return Clause("_has", None, [], None, has=(source, ref_param, nested))
+
+
+def _parse_sort(registry: ParamRegistry, rtype: str, value: str) -> list[SortKey]:
+    keys = []
+    for raw in [v.strip() for v in value.split(",") if v.strip()]:
+        desc = raw.startswith("-")
+        code = raw[1:] if desc else raw
+        if code in ("_lastUpdated", "_id"):
+            keys.append(SortKey(code, desc, None))
+            continue
+        param = registry.get(rtype, code)
+        if param is None or param.type in ("composite", "special"):
+            raise FhirError(400, "invalid", f"Cannot sort by '{code}'", ["_sort"])
+        if param.protected:
+            raise FhirError(400, "not-supported",
+                            f"'{code}' is stored only as a keyed hash and cannot be sorted by", ["_sort"])
+        keys.append(SortKey(code, desc, param))
+    return keys
+
+
+def _parse_include(registry: ParamRegistry, reverse: bool, modifier: str, value: str,
+                   strict: bool) -> Include | None:
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or modifier not in ("", "iterate", "recurse"):
+        return None
+    source, pname = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    param = registry.get(source, pname)
+    if param is None or param.type != "reference":
+        if strict:
+            raise FhirError(400, "invalid", f"'{value[:80]}' is not a reference parameter to include", ["_include"])
+        return None
+    return Include(source, pname, target, reverse, modifier in ("iterate", "recurse"))
+
+
+def encode_cursor(forward: bool, values: Sequence[Any], pk: int) -> str:
+    raw = json.dumps(["n" if forward else "p", list(values), pk], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Cursor:
+    try:
+        direction, values, pk = json.loads(base64.urlsafe_b64decode(text.encode() + b"==="))
+        if direction not in ("n", "p") or not isinstance(values, list) or not isinstance(pk, int):
+            raise ValueError
+        return Cursor(direction == "n", values, pk)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise FhirError(400, "invalid", "Invalid paging cursor", ["_cursor"]) from None
+
+
+# ------------------------------------------------------------------------------- compiling
 class QueryCompiler:
-    def __init__(self, blind: BlindIndexer, base_url: str) -> None:
+    def __init__(self, blind: BlindIndexer, base_url: str, registry: ParamRegistry) -> None:
         self.blind = blind
         self.base_url = base_url.rstrip("/")
+        self.registry = registry
 
-    def where(self, parsed: ParsedSearch) -> list[ColumnElement[bool]]:
-        return [self._clause(parsed.resource_type, c) for c in parsed.clauses]
+    def where(self, parsed: ParsedSearch, res: FromClause = resource,
+              access: AccessFn | None = None) -> list[ColumnElement[bool]]:
+        return [self._clause(parsed.resource_type, c, res, access) for c in parsed.clauses]
 
-    def _clause(self, rtype: str, c: Clause) -> ColumnElement[bool]:
+    def _nested(self, target: str, nested: ParsedSearch, access: AccessFn | None) -> tuple[FromClause, list[ColumnElement[bool]]] | None:
+        alias = resource.alias()
+        preds: list[ColumnElement[bool]] = [alias.c.type == target, alias.c.deleted.is_(False)]
+        if access is not None:
+            allowed = access(target, alias)
+            if allowed is None:
+                return None
+            preds.extend(allowed)
+        preds.extend(self.where(nested, alias, access))
+        return alias, preds
+
+    def _clause(self, rtype: str, c: Clause, res: FromClause, access: AccessFn | None) -> ColumnElement[bool]:
         if c.code == "_id":
-            if c.modifier == "not":
-                return resource.c.id.not_in(c.values)
-            return resource.c.id.in_(c.values)
+            return res.c.id.not_in(c.values) if c.modifier == "not" else res.c.id.in_(c.values)
         if c.code == "_lastUpdated":
-            return or_(*[self._date_cond(v, resource.c.last_updated_us, resource.c.last_updated_us, "_lastUpdated")
+            return or_(*[self._date_cond(v, res.c.last_updated_us, res.c.last_updated_us, "_lastUpdated")
                          for v in c.values])
+        if c.has is not None:
+            source, ref_param, nested = c.has
+            built = self._nested(source, nested, access)
+            if built is None:
+                return false()
+            alias, preds = built
+            ref = idx_reference.alias()
+            return exists().where(ref.c.resource_pk == alias.c.pk, ref.c.param == ref_param,
+                                  ref.c.target_type == rtype, ref.c.target_id == res.c.id, *preds)
         p = c.param
         assert p is not None
-        table = {"token": idx_token, "string": idx_string, "date": idx_date, "reference": idx_reference,
-                 "quantity": idx_quantity, "number": idx_number, "uri": idx_uri}[p.type]
-        if p.protected and p.type == "date":
-            table = idx_string
-        base = [table.c.resource_pk == resource.c.pk, table.c.param == p.code]
+        if c.chain is not None:
+            target, nested = c.chain
+            built = self._nested(target, nested, access)
+            if built is None:
+                return false()
+            alias, preds = built
+            ref = idx_reference.alias()
+            return exists().where(ref.c.resource_pk == res.c.pk, ref.c.param == p.code,
+                                  ref.c.target_type == target, ref.c.target_id == alias.c.id, *preds)
+        if p.type == "composite":
+            return self._composite(p, c, res)
+        table = idx_string if (p.protected and p.type == "date") or c.modifier == "text" else TABLES[p.type]
+        t = table.alias()
+        param_code = f"{p.code}:text" if c.modifier == "text" else p.code
+        base = [t.c.resource_pk == res.c.pk, t.c.param == param_code]
         if c.modifier == "missing":
             present = exists().where(*base)
             if c.values == ["true"]:
@@ -158,12 +362,16 @@ class QueryCompiler:
         modifier = c.modifier
         if modifier == "not" and p.type == "token":
             negate, modifier = True, None
-        conds = [self._value_cond(p, table, modifier, v) for v in c.values]
+        conds = [self._value_cond(p, t, modifier, v) for v in c.values]
         cond = exists().where(*base, or_(*conds))
         return not_(cond) if negate else cond
 
     def _value_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str) -> ColumnElement[bool]:
         key = f"{p.code}:{modifier}" if modifier else p.code
+        if modifier == "text":
+            if p.type != "token" or not p.text_index:
+                raise FhirError(400, "not-supported", f":text is not indexed for '{p.code}'", [key])
+            return self._string_cond(f"{p.code}:text", True, value, key)
         if p.type == "string":
             if modifier == "contains":
                 raise FhirError(400, "not-supported",
@@ -173,28 +381,11 @@ class QueryCompiler:
                 return and_(t.c.kind == "e", t.c.value == self.blind.digest(p.code, "e", value))
             if modifier is not None:
                 raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on string parameters", [key])
-            norm = normalize(value)
-            if not norm:
-                raise FhirError(400, "invalid", f"Empty value for '{p.code}'", [key])
-            if len(norm) <= MAX_PREFIX_CHARS and p.prefix_index:
-                return and_(t.c.kind == "p", t.c.value == self.blind.digest(p.code, "p", norm))
-            return and_(t.c.kind == "n", t.c.value == self.blind.digest(p.code, "n", norm))
+            return self._string_cond(p.code, p.prefix_index, value, key, t)
         if p.type == "token":
             if modifier is not None:
-                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on token parameters yet", [key])
-            system, bar, code = value.partition("|")
-            if not bar:
-                system, code = None, value  # type: ignore[assignment]
-            if p.protected and code:
-                code = self.blind.digest(p.code, "t", code)
-            conds = []
-            if bar:
-                conds.append(t.c.system.is_(None) if system == "" else t.c.system == system)
-            if code:
-                conds.append(t.c.code == code)
-            if not conds:
-                raise FhirError(400, "invalid", f"Empty token for '{p.code}'", [key])
-            return and_(*conds)
+                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on token parameters", [key])
+            return self._token_cond(p, t.c.system, t.c.code, value, key)
         if p.type == "date":
             if p.protected:
                 prefix, text = _prefix(value)
@@ -204,20 +395,16 @@ class QueryCompiler:
                                     "month or day is supported", [key])
                 _check_date(text, key)
                 return and_(t.c.kind == "d", t.c.value == self.blind.digest(p.code, "d", text))
+            if modifier is not None:
+                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on date parameters", [key])
             return self._date_cond(value, t.c.low_us, t.c.high_us, key)
         if p.type == "reference":
             return self._reference_cond(p, t, modifier, value, key)
         if p.type in ("number", "quantity"):
-            prefix, text = _prefix(value)
-            number, _, rest = text.partition("|")
-            cond = _number_cond(prefix, number, t.c.value, key)
-            if p.type == "quantity" and rest:
-                system, _, code = rest.partition("|")
-                if system:
-                    cond = and_(cond, t.c.system == system)
-                if code:
-                    cond = and_(cond, t.c.code == code)
-            return cond
+            if modifier is not None:
+                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on {p.type} parameters", [key])
+            return self._quantity_cond(p.type, t.c.value, t.c.system if p.type == "quantity" else None,
+                                       t.c.code if p.type == "quantity" else None, value, key)
         if p.type == "uri":
             if modifier == "below":
                 return t.c.value.startswith(value, autoescape=True)
@@ -226,19 +413,79 @@ class QueryCompiler:
             return t.c.value == value
         raise FhirError(400, "not-supported", f"Parameter type {p.type} is not supported", [key])
 
+    def _string_cond(self, code: str, prefixes: bool, value: str, key: str, t: Any = None) -> ColumnElement[bool]:
+        t = t if t is not None else idx_string
+        norm = normalize(value)
+        if not norm:
+            raise FhirError(400, "invalid", f"Empty value for '{key}'", [key])
+        if len(norm) <= MAX_PREFIX_CHARS and prefixes:
+            return and_(t.c.kind == "p", t.c.value == self.blind.digest(code, "p", norm))
+        return and_(t.c.kind == "n", t.c.value == self.blind.digest(code, "n", norm))
+
+    def _token_cond(self, p: SearchParam, system_col: Any, code_col: Any, value: str, key: str,
+                    protected: bool | None = None) -> ColumnElement[bool]:
+        system, bar, code = value.partition("|")
+        if not bar:
+            system, code = None, value  # type: ignore[assignment]
+        if (p.protected if protected is None else protected) and code:
+            code = self.blind.digest(p.code, "t", code)
+        conds = []
+        if bar:
+            conds.append(system_col.is_(None) if system == "" else system_col == system)
+        if code:
+            conds.append(code_col == code)
+        if not conds:
+            raise FhirError(400, "invalid", f"Empty token for '{p.code}'", [key])
+        return and_(*conds)
+
+    def _quantity_cond(self, ptype: str, value_col: Any, system_col: Any, code_col: Any, value: str,
+                       key: str) -> ColumnElement[bool]:
+        prefix, text = _prefix(value)
+        number, _, rest = text.partition("|")
+        cond = _number_cond(prefix, number, value_col, key)
+        if ptype == "quantity" and rest:
+            system, _, code = rest.partition("|")
+            if system:
+                cond = and_(cond, system_col == system)
+            if code:
+                cond = and_(cond, code_col == code)
+        return cond
+
+    def _composite(self, p: SearchParam, c: Clause, res: FromClause) -> ColumnElement[bool]:
+        t = idx_composite.alias()
+        kinds = p.component_types
+        alternatives = []
+        for value in c.values:
+            parts = value.split("$")
+            if len(parts) != len(kinds) or len(kinds) != 2:
+                raise FhirError(400, "invalid", f"'{p.code}' takes two components joined by '$'", [p.code])
+            first = self._token_cond(p, t.c.system, t.c.code, parts[0], p.code, protected=False)
+            kind, second = kinds[1], parts[1]
+            if kind == "token":
+                cond2 = self._token_cond(p, t.c.system2, t.c.code2, second, p.code, protected=False)
+            elif kind == "quantity":
+                cond2 = self._quantity_cond("quantity", t.c.num, t.c.system2, t.c.code2, second, p.code)
+            elif kind == "date":
+                cond2 = self._date_cond(second, t.c.low_us, t.c.high_us, p.code)
+            elif kind == "string":
+                cond2 = t.c.code2 == self.blind.digest(p.code, "n", normalize(second))
+            else:
+                raise FhirError(400, "not-supported", f"Composite component type {kind} is not supported", [p.code])
+            alternatives.append(and_(first, cond2))
+        return exists().where(t.c.resource_pk == res.c.pk, t.c.param == p.code, or_(*alternatives))
+
     def _reference_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
         rtype, rid, url = parse_reference(value, self.base_url)
         if modifier and modifier[0].isupper():
-            if rid is None and url is None:
+            if rid is None and url is not None and "/" not in value:
                 return and_(t.c.target_type == modifier, t.c.target_id == value)
-            rtype = modifier
+            rtype = modifier if rtype in (None, modifier) else "\x00"  # Patient:Group/1 matches nothing
         elif modifier is not None:
-            raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on reference parameters yet", [key])
+            raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on reference parameters", [key])
         if rtype and rid:
             return and_(t.c.target_type == rtype, t.c.target_id == rid)
-        if url and "/" not in value:
-            # a bare id
-            cond = t.c.target_id == value
+        if url and "/" not in value and ":" not in value:
+            cond = t.c.target_id == value  # a bare id
             if len(p.targets) == 1:
                 cond = and_(cond, t.c.target_type == p.targets[0])
             return cond
@@ -265,10 +512,37 @@ class QueryCompiler:
         if prefix == "eb":
             return high < ql
         # ap: overlap with the search range widened by 10% of its distance from now (>= 1 day)
-        from .dates import now_us
-
         margin = max(abs(now_us() - ql) // 10, 86_400_000_000)
         return and_(low <= qh + margin, high >= ql - margin)
+
+    # ---- sorting
+    def sort_expressions(self, parsed: ParsedSearch, res: FromClause) -> list[tuple[Any, bool]]:
+        """(SQL expression, descending) per sort key; missing values sort last either way."""
+        out: list[tuple[Any, bool]] = []
+        for key in parsed.sort:
+            if key.code == "_lastUpdated":
+                out.append((res.c.last_updated_us, key.descending))
+                continue
+            if key.code == "_id":
+                out.append((res.c.id, key.descending))
+                continue
+            p = key.param
+            assert p is not None
+            t = TABLES[p.type].alias()
+            if p.type == "date":
+                col, sentinel = (t.c.high_us, MIN_US) if key.descending else (t.c.low_us, MAX_US)
+            elif p.type in ("number", "quantity"):
+                col, sentinel = t.c.value, (-1e308 if key.descending else 1e308)
+            elif p.type == "reference":
+                col, sentinel = t.c.target_id, ("" if key.descending else "\uffff")
+            elif p.type == "token":
+                col, sentinel = t.c.code, ("" if key.descending else "\uffff")
+            else:
+                col, sentinel = t.c.value, ("" if key.descending else "\uffff")
+            agg = func.max(col) if key.descending else func.min(col)
+            sub = select(agg).where(t.c.resource_pk == res.c.pk, t.c.param == p.code).scalar_subquery()
+            out.append((func.coalesce(sub, literal(sentinel)), key.descending))
+        return out
 
 
 def _prefix(value: str) -> tuple[str, str]:
@@ -281,14 +555,16 @@ def _check_date(text: str, key: str) -> tuple[int, int]:
     try:
         return parse_range(text)
     except ValueError:
-        raise FhirError(400, "invalid", f"'{text}' is not a valid FHIR date", [key]) from None
+        raise FhirError(400, "invalid", f"'{text[:40]}' is not a valid FHIR date", [key]) from None
 
 
 def _number_cond(prefix: str, text: str, col: Any, key: str) -> ColumnElement[bool]:
     try:
         num = Decimal(text)
     except InvalidOperation:
-        raise FhirError(400, "invalid", f"'{text}' is not a number", [key]) from None
+        raise FhirError(400, "invalid", f"'{text[:40]}' is not a number", [key]) from None
+    if not num.is_finite():
+        raise FhirError(400, "invalid", f"'{text[:40]}' is not a number", [key])
     exponent = num.as_tuple().exponent
     half = Decimal(5) * Decimal(10) ** (exponent - 1) if isinstance(exponent, int) and exponent <= 0 else Decimal("0.5")
     lo, hi, v = float(num - half), float(num + half), float(num)
@@ -308,32 +584,63 @@ def _number_cond(prefix: str, text: str, col: Any, key: str) -> ColumnElement[bo
     return and_(col >= v - margin, col <= v + margin)
 
 
-def encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(str(pk).encode()).decode().rstrip("=")
+def _after(keys: list[tuple[Any, bool]], values: list[Any], pk_col: Any, pk: int, forward: bool) -> ColumnElement[bool]:
+    """Rows strictly after (forward) or before (backward) the cursor in the sort order."""
+    terms = []
+    for i in range(len(keys) + 1):
+        eqs = [keys[j][0] == values[j] for j in range(i)]
+        if i < len(keys):
+            expr, desc = keys[i]
+            greater = (expr < values[i]) if desc else (expr > values[i])
+            less = (expr > values[i]) if desc else (expr < values[i])
+            terms.append(and_(*eqs, greater if forward else less))
+        else:
+            terms.append(and_(*eqs, (pk_col > pk) if forward else (pk_col < pk)))
+    return or_(*terms)
 
 
 def run_search(
     conn: Connection,
     parsed: ParsedSearch,
-    where: list[ColumnElement[bool]],
+    compiler: QueryCompiler,
     access: list[ColumnElement[bool]],
-) -> tuple[list[int], int | None, int | None]:
-    """Return (page of resource pks, total or None, next cursor or None)."""
-    conds = [resource.c.type == parsed.resource_type, resource.c.deleted == false(), *where, *access]
+    access_fn: AccessFn | None = None,
+    extra: Sequence[ColumnElement[bool]] = (),
+    res: FromClause = resource,
+) -> SearchPage:
+    """Run the search: exact total (unless _total=none) and one keyset page."""
+    conds = [res.c.type == parsed.resource_type, res.c.deleted.is_(False),
+             *compiler.where(parsed, res, access_fn), *access, *extra]
     total = None
     if parsed.total != "none" or parsed.summary == "count":
-        total = conn.execute(select(func.count()).select_from(resource).where(*conds)).scalar_one()
+        total = conn.execute(select(func.count()).select_from(res).where(*conds)).scalar_one()
     if parsed.summary == "count" or parsed.count == 0:
-        return [], total, None
+        return SearchPage([], total, None, None)
+    keys = compiler.sort_expressions(parsed, res)
+    forward = parsed.cursor is None or parsed.cursor.forward
     page_conds = list(conds)
     if parsed.cursor is not None:
-        page_conds.append(resource.c.pk > parsed.cursor)
-    rows = conn.execute(
-        select(resource.c.pk).where(*page_conds).order_by(resource.c.pk).limit(parsed.count + 1)
-    ).all()
-    pks = [r[0] for r in rows[: parsed.count]]
-    nxt = pks[-1] if len(rows) > parsed.count else None
-    return pks, total, nxt
+        page_conds.append(_after(keys, parsed.cursor.values, res.c.pk, parsed.cursor.pk, forward))
+    order = []
+    for expr, desc in keys:
+        order.append(expr.desc() if desc == forward else expr.asc())
+    order.append(res.c.pk.asc() if forward else res.c.pk.desc())
+    stmt = select(res.c.pk, *[expr.label(f"k{i}") for i, (expr, _d) in enumerate(keys)]) \
+        .where(*page_conds).order_by(*order).limit(parsed.count + 1)
+    rows = conn.execute(stmt).all()
+    more = len(rows) > parsed.count
+    rows = rows[: parsed.count]
+    if not forward:
+        rows.reverse()
+    pks = [r[0] for r in rows]
 
+    def cur(row: Any, fwd: bool) -> str:
+        return encode_cursor(fwd, [row[i + 1] for i in range(len(keys))], row[0])
 
-__all__ = ["Issue", "ParsedSearch", "QueryCompiler", "encode_cursor", "parse_search", "run_search", "true"]
+    next_cursor = prev_cursor = None
+    if rows:
+        if (forward and more) or (not forward and parsed.cursor is not None):
+            next_cursor = cur(rows[-1], True)
+        if (not forward and more) or (forward and parsed.cursor is not None):
+            prev_cursor = cur(rows[0], False)
+    return SearchPage(pks, total, next_cursor, prev_cursor)

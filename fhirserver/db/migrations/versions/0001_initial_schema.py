@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 20:15:56.454188
+Create Date: 2026-11-23 20:27:51.114941
 """
 
 from __future__ import annotations
@@ -114,6 +114,26 @@ def upgrade() -> None:
     with op.batch_alter_table("compartment", schema=None) as batch_op:
         batch_op.create_index("ix_compartment_patient", ["patient_id", "resource_pk"], unique=False)
         batch_op.create_index("ix_compartment_resource", ["resource_pk"], unique=False)
+
+    op.create_table(
+        "idx_composite",
+        sa.Column("resource_pk", sa.Integer(), nullable=False),
+        sa.Column("param", sa.String(length=64), nullable=False),
+        sa.Column("system", sa.String(length=255), nullable=True),
+        sa.Column("code", sa.String(length=255), nullable=True),
+        sa.Column("system2", sa.String(length=255), nullable=True),
+        sa.Column("code2", sa.String(length=255), nullable=True),
+        sa.Column("num", sa.Float(), nullable=True),
+        sa.Column("low_us", sa.BigInteger(), nullable=True),
+        sa.Column("high_us", sa.BigInteger(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["resource_pk"],
+            ["resource.pk"],
+        ),
+    )
+    with op.batch_alter_table("idx_composite", schema=None) as batch_op:
+        batch_op.create_index("ix_composite_code", ["param", "code", "resource_pk"], unique=False)
+        batch_op.create_index("ix_composite_resource", ["resource_pk"], unique=False)
 
     op.create_table(
         "idx_date",
@@ -305,6 +325,11 @@ def downgrade() -> None:
         batch_op.drop_index("ix_date_high")
 
     op.drop_table("idx_date")
+    with op.batch_alter_table("idx_composite", schema=None) as batch_op:
+        batch_op.drop_index("ix_composite_resource")
+        batch_op.drop_index("ix_composite_code")
+
+    op.drop_table("idx_composite")
     with op.batch_alter_table("compartment", schema=None) as batch_op:
         batch_op.drop_index("ix_compartment_resource")
         batch_op.drop_index("ix_compartment_patient")
