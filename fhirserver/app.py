@@ -37,7 +37,7 @@ def _fhir_view(path: str = "") -> Response:
     except RequestEntityTooLarge:
         body, too_large = b"", True
     form = None
-    if path.endswith("/_search") and request.mimetype == "application/x-www-form-urlencoded" and not too_large:
+    if (path.endswith("/_search") or "/$" in "/" + path) and request.mimetype == "application/x-www-form-urlencoded" and not too_large:
         from urllib.parse import parse_qsl
 
         form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)

@@ -44,6 +44,8 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
                  "type": "date"},
             ],
         }
+        if t.operations:
+            entry["operation"] = [{"name": name, "definition": url} for name, _level, url in t.operations]
         if t.server_written:
             entry["documentation"] = "Written only by the server: one AuditEvent per interaction."
         resources.append(entry)

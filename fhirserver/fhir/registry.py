@@ -21,9 +21,13 @@ class ResourceType:
     conditional_update: bool
     compartment_params: tuple[str, ...]  # params linking this type to Patient compartments
     server_written: bool  # clients may not write (AuditEvent)
+    operations: tuple[tuple[str, str, str], ...] = ()  # (name, level, definition url)
 
     def supports(self, interaction: str) -> bool:
         return interaction in self.interactions
+
+    def operation(self, name: str, level: str) -> bool:
+        return any(n == name and lv == level for n, lv, _d in self.operations)
 
 
 class TypeRegistry:
@@ -53,5 +57,6 @@ def load_type_registry(profiles_dir: Path) -> TypeRegistry:
             conditional_update=entry.get("conditionalUpdate", False),
             compartment_params=comp_params.get(name, ()),
             server_written=entry.get("serverWritten", False),
+            operations=tuple((o["name"], o["level"], o.get("definition", "")) for o in entry.get("operations", [])),
         )
     return TypeRegistry(types)

@@ -23,6 +23,7 @@ class Interaction:
     id: str | None = None
     version: str | None = None
     params: list[tuple[str, str]] = field(default_factory=list)
+    operation: str | None = None  # $everything -> "everything"
     conditional: bool = False  # conditional create/update/delete
     public: bool = False  # no token required
 
@@ -99,7 +100,26 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
             raise FhirError(405, "not-supported", "Use GET for _history")
         kind = "history-type"
     elif len(parts) == 2 and parts[1].startswith("$"):
-        raise FhirError(404, "not-supported", f"Operation '{parts[1][:50]}' is not supported on {rtype}")
+        op = parts[1][1:]
+        if not spec.operation(op, "type"):
+            raise FhirError(404, "not-supported", f"Operation '{parts[1][:50]}' is not supported on {rtype}")
+        if method not in ("GET", "POST"):
+            raise FhirError(405, "not-supported", f"Use GET or POST for ${op}")
+        it.operation, it.kind = op, "operation"
+        if method == "POST":
+            it.params = params + (form or [])
+        return it
+    elif len(parts) == 3 and parts[2].startswith("$"):
+        op = parts[2][1:]
+        it.id = _check_id(parts[1])
+        if not spec.operation(op, "instance"):
+            raise FhirError(404, "not-supported", f"Operation '{parts[2][:50]}' is not supported on {rtype}/[id]")
+        if method not in ("GET", "POST"):
+            raise FhirError(405, "not-supported", f"Use GET or POST for ${op}")
+        it.operation, it.kind = op, "operation"
+        if method == "POST":
+            it.params = params + (form or [])
+        return it
     elif len(parts) == 2:
         it.id = _check_id(parts[1])
         kind = {"GET": "read", "PUT": "update", "DELETE": "delete"}.get(method, "")

@@ -45,6 +45,7 @@ ACCESS_NEEDS: dict[str, list[tuple[str, str, bool]]] = {
     "create": [("create", "create", True)],
     "update": [("update", "update", True), ("create", "create", False)],
     "delete": [("delete", "delete", True)],
+    "operation": [("search-type", "search-type", True)],
 }
 READING = {"read", "search-type"}
 
@@ -139,7 +140,7 @@ class Pipeline:
             if not ctx.interaction.public:
                 self.authenticate(ctx)
                 self.authorize(ctx)
-            handler = HANDLERS[ctx.interaction.kind]
+            handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
             handler.prepare(ctx)
             with self.services.engine.begin() as conn:
                 result = handler.execute(ctx, conn)

@@ -8,6 +8,7 @@ tokens as a digest of the code; protected dates as digests of their year, year-m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from ..crypto.blind_index import BlindIndexer, normalize
@@ -149,12 +150,14 @@ class Indexer:
                 rtype, rid, url = parse_reference(ref, self.base_url)
                 out.add("reference", param=p.code, target_type=rtype, target_id=rid, url=url)
         elif p.type == "quantity":
-            if isinstance(value, dict) and isinstance(value.get("value"), (int, float)):
-                out.add("quantity", param=p.code, value=float(value["value"]),
+            number = _number(value.get("value")) if isinstance(value, dict) else None
+            if number is not None:
+                out.add("quantity", param=p.code, value=number,
                         system=value.get("system"), code=value.get("code") or value.get("unit"))
         elif p.type == "number":
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out.add("number", param=p.code, value=float(value))
+            number = _number(value)
+            if number is not None:
+                out.add("number", param=p.code, value=number)
         elif p.type == "uri" and isinstance(value, str):
             out.add("uri", param=p.code, value=value[:1024])
 
@@ -172,8 +175,8 @@ class Indexer:
                 if kind == "token":
                     for s2, c2 in token_pairs(v):
                         out.add("composite", **{**row, "system2": s2, "code2": c2[:255]})
-                elif kind == "quantity" and isinstance(v, dict) and isinstance(v.get("value"), (int, float)):
-                    out.add("composite", **{**row, "num": float(v["value"]), "system2": v.get("system"),
+                elif kind == "quantity" and isinstance(v, dict) and _number(v.get("value")) is not None:
+                    out.add("composite", **{**row, "num": _number(v["value"]), "system2": v.get("system"),
                                             "code2": v.get("code") or v.get("unit")})
                 elif kind == "date":
                     for low, high in _date_ranges(v):
@@ -188,6 +191,13 @@ class Indexer:
         out.add("string", param=code, kind="n", value=digest(code, "n", norm))
         for i in range(1, min(len(norm), MAX_PREFIX_CHARS) + 1 if prefixes else 0):
             out.add("string", param=code, kind="p", value=digest(code, "p", norm[:i]))
+
+
+def _number(value: Any) -> float | None:
+    """JSON numbers arrive as int or Decimal (parsed so decimal precision is kept)."""
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _date_ranges(value: Any) -> list[tuple[int, int]]:

@@ -371,7 +371,7 @@ class QueryCompiler:
         if modifier == "text":
             if p.type != "token" or not p.text_index:
                 raise FhirError(400, "not-supported", f":text is not indexed for '{p.code}'", [key])
-            return self._string_cond(f"{p.code}:text", True, value, key)
+            return self._string_cond(f"{p.code}:text", True, value, key, t)
         if p.type == "string":
             if modifier == "contains":
                 raise FhirError(400, "not-supported",
@@ -413,8 +413,7 @@ class QueryCompiler:
             return t.c.value == value
         raise FhirError(400, "not-supported", f"Parameter type {p.type} is not supported", [key])
 
-    def _string_cond(self, code: str, prefixes: bool, value: str, key: str, t: Any = None) -> ColumnElement[bool]:
-        t = t if t is not None else idx_string
+    def _string_cond(self, code: str, prefixes: bool, value: str, key: str, t: Any) -> ColumnElement[bool]:
         norm = normalize(value)
         if not norm:
             raise FhirError(400, "invalid", f"Empty value for '{key}'", [key])
@@ -609,8 +608,9 @@ def run_search(
     res: FromClause = resource,
 ) -> SearchPage:
     """Run the search: exact total (unless _total=none) and one keyset page."""
-    conds = [res.c.type == parsed.resource_type, res.c.deleted.is_(False),
-             *compiler.where(parsed, res, access_fn), *access, *extra]
+    conds = [res.c.deleted.is_(False), *compiler.where(parsed, res, access_fn), *access, *extra]
+    if parsed.resource_type != "*":  # "*": several types, constrained by `extra`
+        conds.insert(0, res.c.type == parsed.resource_type)
     total = None
     if parsed.total != "none" or parsed.summary == "count":
         total = conn.execute(select(func.count()).select_from(res).where(*conds)).scalar_one()
