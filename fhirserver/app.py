@@ -14,7 +14,7 @@ from .audit.events import AuditRecord
 from .auth.server import build_authorization_server
 from .auth.tokens import token_hash
 from .config import Settings
-from .db.engine import make_engine, read_connection
+from .db.engine import make_engine, read_connection, start_checkpointer
 from .db.migrations import upgrade
 from .pipeline.pipeline import Pipeline
 from .search.dates import now_us
@@ -54,6 +54,8 @@ def _fhir_view(path: str = "") -> Response:
     resp = Response(payload if payload is not None else b"", status=result.status, headers=headers)
     if payload is not None:
         resp.headers["Content-Type"] = content_type
+    else:
+        resp.headers.pop("Content-Type", None)  # 204/304: no body, so no (default text/html) type
     return resp
 
 
@@ -115,7 +117,8 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
         upgrade(settings.effective_database_url)
-    svc = svc or build_services(settings, make_engine(settings.effective_database_url))
+    svc = svc or build_services(settings, make_engine(settings.effective_database_url, background_checkpoint=True))
+    start_checkpointer(svc.engine)
     warm_keys(svc)
     # Compile the JSON-schema validators off the request path (about 1.5 s in total).
     writable = [t.name for t in svc.types if not t.server_written]
@@ -130,6 +133,14 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.add_url_rule("/fhir/", "fhir_base_slash", _fhir_view, methods=METHODS)
     app.add_url_rule("/fhir/<path:path>", "fhir", _fhir_view, methods=METHODS)
     app.register_blueprint(_make_auth_blueprint())
+
+    @app.errorhandler(405)
+    def _method_not_routed(exc: Exception) -> Any:
+        # Methods Flask does not route (TRACE, PROPFIND, ...) still get the FHIR pipeline's
+        # 405 OperationOutcome and an AuditEvent.
+        if request.path == "/fhir" or request.path.startswith("/fhir/"):
+            return _fhir_view(request.path[len("/fhir/"):] if request.path.startswith("/fhir/") else "")
+        return exc
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -17,6 +17,16 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     return load_settings(ctx.obj.get("config"), **overrides)
 
 
+def _configured_keys(config_file: str | None) -> set[str]:
+    """Keys the --config file sets (so `serve` does not override them with its own defaults)."""
+    if not config_file:
+        return set()
+    import tomllib
+
+    raw = tomllib.loads(Path(config_file).read_text())
+    return set(raw.get("fhirserver", raw))
+
+
 def _services(settings: Settings):  # type: ignore[no-untyped-def]
     from .db.migrations import upgrade
     from .services import build_services, warm_keys
@@ -52,9 +62,10 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, 
     import os
 
     overrides: dict[str, Any] = {"data_dir": data_dir}
-    if demo and not data_dir and not os.environ.get("FHIRSERVER_DATA_DIR"):
+    configured = _configured_keys(ctx.obj.get("config"))
+    if demo and not data_dir and not os.environ.get("FHIRSERVER_DATA_DIR") and "data_dir" not in configured:
         overrides["data_dir"] = "./fhirserver-demo"
-    if not os.environ.get("FHIRSERVER_BASE_URL") and not (ctx.obj.get("config")):
+    if not os.environ.get("FHIRSERVER_BASE_URL") and "base_url" not in configured:
         overrides["base_url"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/fhir"
     settings = _settings(ctx, **overrides)
     svc = _services(settings)
@@ -141,7 +152,10 @@ def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_u
     from .auth.clients import ClientError, register_backend_client
 
     svc = _services(_settings(ctx))
-    jwks = json.loads(Path(jwks_file).read_text()) if jwks_file else None
+    try:
+        jwks = json.loads(Path(jwks_file).read_text()) if jwks_file else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"the JWKS file is not valid JSON: {exc}") from exc
     try:
         rec = register_backend_client(svc.engine, name, scopes, jwks=jwks, jwks_uri=jwks_url,
                                       organization=organization, client_id=client_id)

@@ -33,6 +33,7 @@ def save_private_key(key: ECKey | RSAKey, path: Path) -> None:
     import os
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file already existed with wider permissions
     with os.fdopen(fd, "w") as fh:
         json.dump(key.as_dict(private=True), fh)
 

@@ -78,6 +78,8 @@ def register_backend_client(
         raise ClientError(f"invalid scope(s): {' '.join(bad)}")
     if not scopes.split():
         raise ClientError("a client needs at least one allowed scope")
+    if client_id and get_client(engine, client_id) is not None:
+        raise ClientError(f"a client with id {client_id} already exists")
     record = ClientRecord(
         client_id=client_id or secrets.token_urlsafe(16), name=name, kind="backend", scopes=scopes,
         jwks=jwks, jwks_uri=jwks_uri, organization=organization, settings=settings or {},

@@ -95,7 +95,7 @@ class Validator:
                     self.validate(contained, None, f"{root}.contained[{i}]")
         try:
             model = get_fhir_model_class(rtype)
-        except KeyError:
+        except (KeyError, ValueError):
             raise FhirError(400, "not-supported", f"Unknown resource type '{rtype}'", [f"{root}.resourceType"]) from None
         try:
             model.model_validate(body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from sqlalchemy import ColumnElement, FromClause, and_, exists, false, or_, true
+from sqlalchemy import ColumnElement, FromClause, and_, false, or_, select, true
 
 from ..auth.scopes import ResourceScope
 from ..db.schema import compartment, resource
@@ -26,7 +26,7 @@ def compartment_predicate(rtype: str, patient_ids: list[str], res: FromClause = 
     if rtype == "Patient":
         return res.c.id.in_(patient_ids)
     comp = compartment.alias()
-    return exists().where(comp.c.resource_pk == res.c.pk, comp.c.patient_id.in_(patient_ids))
+    return res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(patient_ids)))
 
 
 class Authorizer:

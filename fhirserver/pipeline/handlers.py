@@ -532,8 +532,7 @@ class Everything(Handler):
                 allowed.append(and_(resource.c.type == t, *preds))
         comp = compartment.alias()
         member = or_(and_(resource.c.type == "Patient", resource.c.id == pid),
-                     select(comp.c.resource_pk).where(comp.c.resource_pk == resource.c.pk,
-                                                      comp.c.patient_id == pid).exists())
+                     resource.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
         extra.extend([member, or_(*allowed) if allowed else false()])
         parsed = parse_search(s.params, "*", passthrough, s.settings.default_page_size, s.settings.max_page_size, False)
         parsed.echo += [(k, v) for k, v in params if k in ("_type", "_since")]

@@ -89,7 +89,11 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
         elif method == "DELETE" and params:
             kind, it.conditional = "delete", True
         else:
-            raise FhirError(405, "not-supported", f"{method} is not allowed on /{rtype}")
+            allowed = _allowed_methods(spec.interactions & {"search-type", "create"})
+            if spec.conditional_update:
+                allowed |= {"PUT", "DELETE"}
+            raise FhirError(405, "not-supported", f"{method[:10]} is not allowed on /{rtype}",
+                            headers={"Allow": ", ".join(sorted(allowed))})
     elif len(parts) == 2 and parts[1] == "_search":
         if method != "POST":
             raise FhirError(405, "not-supported", "Use POST for _search")
@@ -124,7 +128,9 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
         it.id = _check_id(parts[1])
         kind = {"GET": "read", "PUT": "update", "DELETE": "delete"}.get(method, "")
         if not kind:
-            raise FhirError(405, "not-supported", f"{method} is not allowed on a resource instance")
+            allowed = _allowed_methods(spec.interactions & {"read", "update", "delete"})
+            raise FhirError(405, "not-supported", f"{method[:10]} is not allowed on a resource instance",
+                            headers={"Allow": ", ".join(sorted(allowed))})
     elif len(parts) == 3 and parts[2] == "_history":
         it.id = _check_id(parts[1])
         if method != "GET":

@@ -24,7 +24,6 @@ from sqlalchemy import (
     Connection,
     FromClause,
     and_,
-    exists,
     false,
     func,
     literal,
@@ -332,8 +331,9 @@ class QueryCompiler:
                 return false()
             alias, preds = built
             ref = idx_reference.alias()
-            return exists().where(ref.c.resource_pk == alias.c.pk, ref.c.param == ref_param,
-                                  ref.c.target_type == rtype, ref.c.target_id == res.c.id, *preds)
+            return res.c.id.in_(
+                select(ref.c.target_id).join(alias, alias.c.pk == ref.c.resource_pk)
+                .where(ref.c.param == ref_param, ref.c.target_type == rtype, *preds))
         p = c.param
         assert p is not None
         if c.chain is not None:
@@ -343,16 +343,17 @@ class QueryCompiler:
                 return false()
             alias, preds = built
             ref = idx_reference.alias()
-            return exists().where(ref.c.resource_pk == res.c.pk, ref.c.param == p.code,
-                                  ref.c.target_type == target, ref.c.target_id == alias.c.id, *preds)
+            return res.c.pk.in_(
+                select(ref.c.resource_pk).where(ref.c.param == p.code, ref.c.target_type == target,
+                                                ref.c.target_id.in_(select(alias.c.id).where(*preds))))
         if p.type == "composite":
             return self._composite(p, c, res)
         table = idx_string if (p.protected and p.type == "date") or c.modifier == "text" else TABLES[p.type]
         t = table.alias()
         param_code = f"{p.code}:text" if c.modifier == "text" else p.code
-        base = [t.c.resource_pk == res.c.pk, t.c.param == param_code]
+        base = [t.c.param == param_code]
         if c.modifier == "missing":
-            present = exists().where(*base)
+            present = res.c.pk.in_(select(t.c.resource_pk).where(*base))
             if c.values == ["true"]:
                 return not_(present)
             if c.values == ["false"]:
@@ -363,8 +364,10 @@ class QueryCompiler:
         if modifier == "not" and p.type == "token":
             negate, modifier = True, None
         conds = [self._value_cond(p, t, modifier, v) for v in c.values]
-        cond = exists().where(*base, or_(*conds))
-        return not_(cond) if negate else cond
+        # `pk IN (SELECT resource_pk ...)` lets SQLite drive the query from the most selective
+        # index lookup; PostgreSQL plans IN and EXISTS alike (semi-join).
+        matching = select(t.c.resource_pk).where(*base, or_(*conds))
+        return res.c.pk.not_in(matching) if negate else res.c.pk.in_(matching)
 
     def _value_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str) -> ColumnElement[bool]:
         key = f"{p.code}:{modifier}" if modifier else p.code
@@ -471,7 +474,7 @@ class QueryCompiler:
             else:
                 raise FhirError(400, "not-supported", f"Composite component type {kind} is not supported", [p.code])
             alternatives.append(and_(first, cond2))
-        return exists().where(t.c.resource_pk == res.c.pk, t.c.param == p.code, or_(*alternatives))
+        return res.c.pk.in_(select(t.c.resource_pk).where(t.c.param == p.code, or_(*alternatives)))
 
     def _reference_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
         rtype, rid, url = parse_reference(value, self.base_url)

@@ -81,10 +81,24 @@ _SEL_VERSION = select(resource_version).where(resource_version.c.resource_pk == 
 _INS_RESOURCE = insert(resource)
 _INS_VERSION = insert(resource_version)
 _UPD_RESOURCE = update(resource).where(resource.c.pk == bindparam("rpk"))
-_INS_INDEX = {kind: insert(table) for kind, table in INDEX_TABLES.items()}
 _DEL_INDEX = [delete(table).where(table.c.resource_pk == bindparam("rpk")) for table in INDEX_TABLES.values()]
-_INS_COMPARTMENT = insert(compartment)
 _DEL_COMPARTMENT = delete(compartment).where(compartment.c.resource_pk == bindparam("rpk"))
+
+_RAW_INSERTS: dict[tuple[str, str], tuple[str, list[str]]] = {}
+
+
+def _raw_insert(conn: Connection, kind: str) -> tuple[str, list[str]]:
+    """INSERT text for an index table in the driver's parameter style; columns after resource_pk."""
+    key = (conn.dialect.paramstyle, kind)
+    if key not in _RAW_INSERTS:
+        table = compartment if kind == "compartment" else INDEX_TABLES[kind]
+        columns = [c.name for c in table.columns if c.name != "resource_pk"]
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        names = ", ".join(["resource_pk", *columns])
+        marks = ", ".join([mark] * (len(columns) + 1))
+        _RAW_INSERTS[key] = (f"INSERT INTO {table.name} ({names}) VALUES ({marks})", columns)
+    return _RAW_INSERTS[key]
+
 
 _VERSION_COLS = [resource_version.c[name] for name in
                  ("resource_pk", "type", "version", "last_updated_us", "method", "deleted", "key_id", "body")]
@@ -196,16 +210,22 @@ class Repository:
         return raw, seal(AESGCM(p.key), raw, _aad(p.type, p.id, version))
 
     def _write_index(self, conn: Connection, pk: int, p: PreparedWrite, replace: bool) -> None:
+        """Index rows go straight to the DB-API cursor's executemany: a write produces up to ten
+        batches, and SQLAlchemy's per-statement overhead would otherwise dominate the write path."""
         if replace:
             for stmt in _DEL_INDEX:
                 conn.execute(stmt, {"rpk": pk})
             conn.execute(_DEL_COMPARTMENT, {"rpk": pk})
-        for kind, rows in p.index.rows.items():
-            for r in rows:
-                r["resource_pk"] = pk
-            conn.execute(_INS_INDEX[kind], rows)
-        if p.index.patients:
-            conn.execute(_INS_COMPARTMENT, [{"resource_pk": pk, "patient_id": pid} for pid in p.index.patients])
+        cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
+        try:
+            for kind, rows in p.index.rows.items():
+                sql, columns = _raw_insert(conn, kind)
+                cursor.executemany(sql, [(pk, *[r.get(c) for c in columns]) for r in rows])
+            if p.index.patients:
+                sql, _cols = _raw_insert(conn, "compartment")
+                cursor.executemany(sql, [(pk, pid) for pid in p.index.patients])
+        finally:
+            cursor.close()
 
     def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
         index = self.indexer.index(rtype, body)
