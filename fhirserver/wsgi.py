@@ -27,6 +27,9 @@ def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-")
             self.cfg.set("timeout", 120)
+            if "control_socket_disable" in self.cfg.settings:
+                # one server per data dir: no shared per-user control socket between instances
+                self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
             from .app import create_app

@@ -106,7 +106,13 @@ def list_clients(engine: Engine) -> list[ClientRecord]:
 
 
 def set_disabled(engine: Engine, client_id: str, disabled: bool = True) -> bool:
+    """Disable (or re-enable) a client. Disabling also revokes every token it holds, so
+    re-enabling later does not bring old tokens back."""
+    from .tokens import revoke_client_tokens
+
     with transaction(engine) as conn:
         result = conn.execute(update(client_table).where(client_table.c.client_id == client_id)
                               .values(disabled=disabled))
+        if disabled:
+            revoke_client_tokens(conn, client_id)
     return result.rowcount > 0

@@ -102,10 +102,14 @@ def start_checkpointer(engine: Engine, interval_s: float = 0.5) -> threading.Thr
 
     def run() -> None:
         conn = sqlite3.connect(database, timeout=30, isolation_level=None, check_same_thread=False)
+        rounds = 0
         try:
             while not stop.wait(interval_s):
+                rounds += 1
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if rounds % 1200 == 1:  # at start, then every ~10 minutes: keep planner statistics fresh
+                        conn.execute("PRAGMA optimize=0x10002").fetchall()
                 except sqlite3.Error:
                     continue  # busy or the file went away; try again next round
         finally:

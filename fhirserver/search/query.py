@@ -24,6 +24,7 @@ from sqlalchemy import (
     Connection,
     FromClause,
     and_,
+    exists,
     false,
     func,
     literal,
@@ -69,6 +70,29 @@ class Clause:
     param: SearchParam | None  # None for _id / _lastUpdated / _has
     chain: tuple[str, ParsedSearch] | None = None  # (target type, nested search on it)
     has: tuple[str, str, ParsedSearch] | None = None  # (source type, reference param, nested)
+
+
+NEVER_DRIVES = 100
+
+
+@dataclass
+class Term:
+    """One compiled clause: `build(drive)` gives the IN form (drive=True) or the EXISTS form."""
+
+    rank: int  # lower = expected to be more selective; >= NEVER_DRIVES never drives
+    build: Callable[[bool], ColumnElement[bool]]
+
+
+def _semi(res: FromClause, t: Any, conds: list[ColumnElement[bool]], negate: bool = False
+          ) -> Callable[[bool], ColumnElement[bool]]:
+    def build(drive: bool) -> ColumnElement[bool]:
+        if negate:
+            return ~exists().where(t.c.resource_pk == res.c.pk, *conds)
+        if drive:
+            return res.c.pk.in_(select(t.c.resource_pk).where(*conds))
+        return exists().where(t.c.resource_pk == res.c.pk, *conds)
+
+    return build
 
 
 @dataclass
@@ -305,7 +329,21 @@ class QueryCompiler:
 
     def where(self, parsed: ParsedSearch, res: FromClause = resource,
               access: AccessFn | None = None) -> list[ColumnElement[bool]]:
-        return [self._clause(parsed.resource_type, c, res, access) for c in parsed.clauses]
+        return self.compile(parsed, res, access)[0]
+
+    def compile(self, parsed: ParsedSearch, res: FromClause = resource,
+                access: AccessFn | None = None) -> tuple[list[ColumnElement[bool]], bool]:
+        """SQL conditions for the clauses, and whether one of them drives the query.
+
+        The most selective positive clause becomes `pk IN (SELECT resource_pk ...)`, from which
+        SQLite starts; every other clause is a correlated EXISTS probed per candidate row through
+        the index tables' resource_pk index. (SQLite would otherwise materialize every IN list in
+        full, e.g. all vital-signs Observations.) PostgreSQL plans both forms as semi-joins.
+        """
+        terms = [self._clause(parsed.resource_type, c, res, access) for c in parsed.clauses]
+        drivers = [t for t in terms if t.rank < NEVER_DRIVES]
+        driver = min(drivers, key=lambda t: t.rank) if drivers else None
+        return [t.build(t is driver) for t in terms], driver is not None and driver.rank > 0
 
     def _nested(self, target: str, nested: ParsedSearch, access: AccessFn | None) -> tuple[FromClause, list[ColumnElement[bool]]] | None:
         alias = resource.alias()
@@ -318,56 +356,62 @@ class QueryCompiler:
         preds.extend(self.where(nested, alias, access))
         return alias, preds
 
-    def _clause(self, rtype: str, c: Clause, res: FromClause, access: AccessFn | None) -> ColumnElement[bool]:
+    def _clause(self, rtype: str, c: Clause, res: FromClause, access: AccessFn | None) -> Term:
         if c.code == "_id":
-            return res.c.id.not_in(c.values) if c.modifier == "not" else res.c.id.in_(c.values)
+            if c.modifier == "not":
+                return Term(NEVER_DRIVES, lambda _d: res.c.id.not_in(c.values))
+            return Term(0, lambda _d: res.c.id.in_(c.values))  # the (type, id) index drives
         if c.code == "_lastUpdated":
-            return or_(*[self._date_cond(v, res.c.last_updated_us, res.c.last_updated_us, "_lastUpdated")
+            cond = or_(*[self._date_cond(v, res.c.last_updated_us, res.c.last_updated_us, "_lastUpdated")
                          for v in c.values])
+            return Term(NEVER_DRIVES, lambda _d: cond)
         if c.has is not None:
             source, ref_param, nested = c.has
             built = self._nested(source, nested, access)
             if built is None:
-                return false()
+                return Term(NEVER_DRIVES, lambda _d: false())
             alias, preds = built
             ref = idx_reference.alias()
-            return res.c.id.in_(
-                select(ref.c.target_id).join(alias, alias.c.pk == ref.c.resource_pk)
-                .where(ref.c.param == ref_param, ref.c.target_type == rtype, *preds))
+            has_conds = [ref.c.param == ref_param, ref.c.target_type == rtype, *preds]
+            return Term(NEVER_DRIVES, lambda _d: exists().where(
+                alias.c.pk == ref.c.resource_pk, ref.c.target_id == res.c.id, *has_conds))
         p = c.param
         assert p is not None
         if c.chain is not None:
             target, nested = c.chain
             built = self._nested(target, nested, access)
             if built is None:
-                return false()
+                return Term(NEVER_DRIVES, lambda _d: false())
             alias, preds = built
             ref = idx_reference.alias()
-            return res.c.pk.in_(
-                select(ref.c.resource_pk).where(ref.c.param == p.code, ref.c.target_type == target,
-                                                ref.c.target_id.in_(select(alias.c.id).where(*preds))))
+            conds = [ref.c.param == p.code, ref.c.target_type == target,
+                     ref.c.target_id.in_(select(alias.c.id).where(*preds))]
+            return Term(3, _semi(res, ref, conds))
         if p.type == "composite":
-            return self._composite(p, c, res)
+            t = idx_composite.alias()
+            return Term(2, _semi(res, t, [t.c.param == p.code, self._composite(p, c, t)]))
         table = idx_string if (p.protected and p.type == "date") or c.modifier == "text" else TABLES[p.type]
         t = table.alias()
         param_code = f"{p.code}:text" if c.modifier == "text" else p.code
         base = [t.c.param == param_code]
         if c.modifier == "missing":
-            present = res.c.pk.in_(select(t.c.resource_pk).where(*base))
-            if c.values == ["true"]:
-                return not_(present)
-            if c.values == ["false"]:
-                return present
-            raise FhirError(400, "invalid", ":missing takes true or false", [f"{p.code}:missing"])
+            if c.values not in (["true"], ["false"]):
+                raise FhirError(400, "invalid", ":missing takes true or false", [f"{p.code}:missing"])
+            return Term(NEVER_DRIVES, _semi(res, t, base, negate=c.values == ["true"]))
         negate = False
         modifier = c.modifier
         if modifier == "not" and p.type == "token":
             negate, modifier = True, None
-        conds = [self._value_cond(p, t, modifier, v) for v in c.values]
-        # `pk IN (SELECT resource_pk ...)` lets SQLite drive the query from the most selective
-        # index lookup; PostgreSQL plans IN and EXISTS alike (semi-join).
-        matching = select(t.c.resource_pk).where(*base, or_(*conds))
-        return res.c.pk.not_in(matching) if negate else res.c.pk.in_(matching)
+        conds = [*base, or_(*[self._value_cond(p, t, modifier, v) for v in c.values])]
+        if negate:
+            return Term(NEVER_DRIVES, _semi(res, t, conds, negate=True))
+        if p.type == "reference" or p.protected or p.type == "uri":
+            rank = 1  # a specific target id or a keyed digest of an identifying value
+        elif p.type == "token" or c.modifier == "text" or p.type == "string":
+            rank = 2
+        else:
+            rank = NEVER_DRIVES - 1  # ranges: drive only if nothing better
+        return Term(rank, _semi(res, t, conds))
 
     def _value_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str) -> ColumnElement[bool]:
         key = f"{p.code}:{modifier}" if modifier else p.code
@@ -453,8 +497,7 @@ class QueryCompiler:
                 cond = and_(cond, code_col == code)
         return cond
 
-    def _composite(self, p: SearchParam, c: Clause, res: FromClause) -> ColumnElement[bool]:
-        t = idx_composite.alias()
+    def _composite(self, p: SearchParam, c: Clause, t: Any) -> ColumnElement[bool]:
         kinds = p.component_types
         alternatives = []
         for value in c.values:
@@ -474,14 +517,16 @@ class QueryCompiler:
             else:
                 raise FhirError(400, "not-supported", f"Composite component type {kind} is not supported", [p.code])
             alternatives.append(and_(first, cond2))
-        return res.c.pk.in_(select(t.c.resource_pk).where(t.c.param == p.code, or_(*alternatives)))
+        return or_(*alternatives)
 
     def _reference_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
         rtype, rid, url = parse_reference(value, self.base_url)
         if modifier and modifier[0].isupper():
             if rid is None and url is not None and "/" not in value:
                 return and_(t.c.target_type == modifier, t.c.target_id == value)
-            rtype = modifier if rtype in (None, modifier) else "\x00"  # Patient:Group/1 matches nothing
+            if rtype not in (None, modifier):
+                return false()  # subject:Patient=Group/1 can match nothing
+            rtype = modifier
         elif modifier is not None:
             raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on reference parameters", [key])
         if rtype and rid:
@@ -611,9 +656,12 @@ def run_search(
     res: FromClause = resource,
 ) -> SearchPage:
     """Run the search: exact total (unless _total=none) and one keyset page."""
-    conds = [res.c.deleted.is_(False), *compiler.where(parsed, res, access_fn), *access, *extra]
+    where, driven = compiler.compile(parsed, res, access_fn)
+    conds = [res.c.deleted.is_(False), *where, *access, *extra]
     if parsed.resource_type != "*":  # "*": several types, constrained by `extra`
-        conds.insert(0, res.c.type == parsed.resource_type)
+        # With a driving clause, keep SQLite from preferring the (unselective) type index.
+        type_col = res.c.type.concat("") if driven else res.c.type
+        conds.insert(0, type_col == parsed.resource_type)
     total = None
     if parsed.total != "none" or parsed.summary == "count":
         total = conn.execute(select(func.count()).select_from(res).where(*conds)).scalar_one()
