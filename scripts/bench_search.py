@@ -36,6 +36,7 @@ from fhirserver.storage.bulk import load_resources  # noqa: E402
 
 
 def load(data_dir: Path, n_patients: int, n_obs: int) -> tuple[float, int]:
+    data_dir.mkdir(parents=True, exist_ok=True)
     settings = load_settings(data_dir=str(data_dir), base_url="http://127.0.0.1/fhir")
     upgrade(settings.effective_database_url)
     svc = build_services(settings)

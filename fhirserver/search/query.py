@@ -73,6 +73,7 @@ class Clause:
 
 
 NEVER_DRIVES = 100
+BROAD_CLAUSE_ROWS = 1000
 
 
 @dataclass
@@ -81,10 +82,10 @@ class Term:
 
     rank: int  # lower = expected to be more selective; >= NEVER_DRIVES never drives
     build: Callable[[bool], ColumnElement[bool]]
+    probe: Any = None  # the IN form's sub-select, to measure how broad the clause is
 
 
-def _semi(res: FromClause, t: Any, conds: list[ColumnElement[bool]], negate: bool = False
-          ) -> Callable[[bool], ColumnElement[bool]]:
+def _semi(res: FromClause, t: Any, conds: list[ColumnElement[bool]], rank: int, negate: bool = False) -> Term:
     def build(drive: bool) -> ColumnElement[bool]:
         if negate:
             return ~exists().where(t.c.resource_pk == res.c.pk, *conds)
@@ -92,7 +93,7 @@ def _semi(res: FromClause, t: Any, conds: list[ColumnElement[bool]], negate: boo
             return res.c.pk.in_(select(t.c.resource_pk).where(*conds))
         return exists().where(t.c.resource_pk == res.c.pk, *conds)
 
-    return build
+    return Term(rank, build, None if negate else select(t.c.resource_pk).where(*conds))
 
 
 @dataclass
@@ -124,7 +125,7 @@ class ParsedSearch:
     clauses: list[Clause] = field(default_factory=list)
     count: int = 20
     cursor: Cursor | None = None
-    total: str = "accurate"
+    total: str = "auto"  # auto: count on the first page only; accurate: every page; none: never
     summary: str | None = None
     elements: list[str] | None = None
     sort: list[SortKey] = field(default_factory=list)
@@ -205,9 +206,25 @@ def parse_search(
                 continue
             out.clauses.append(clause)
             out.echo.append((key, value))
-    if out.cursor is not None and len(out.cursor.values) != len(out.sort):
-        raise FhirError(400, "invalid", "The paging cursor does not belong to this search", ["_cursor"])
+    if out.cursor is not None:
+        _check_cursor(out.cursor, out.sort)
     return out
+
+
+def _check_cursor(cursor: Cursor, sort: list[SortKey]) -> None:
+    """A cursor comes back from the client: its values must fit this search's sort keys."""
+    bad = FhirError(400, "invalid", "The paging cursor does not belong to this search", ["_cursor"])
+    if len(cursor.values) != len(sort):
+        raise bad
+    for value, key in zip(cursor.values, sort, strict=True):
+        if key.code == "_lastUpdated" or (key.param and key.param.type == "date"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_US
+        elif key.param and key.param.type in ("number", "quantity"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e308
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise bad
 
 
 def _unsupported(out: ParsedSearch, strict: bool, key: str, message: str) -> None:
@@ -313,7 +330,8 @@ def encode_cursor(forward: bool, values: Sequence[Any], pk: int) -> str:
 def decode_cursor(text: str) -> Cursor:
     try:
         direction, values, pk = json.loads(base64.urlsafe_b64decode(text.encode() + b"==="))
-        if direction not in ("n", "p") or not isinstance(values, list) or not isinstance(pk, int):
+        if direction not in ("n", "p") or not isinstance(values, list) or not isinstance(pk, int) \
+                or isinstance(pk, bool) or abs(pk) > 2**62:
             raise ValueError
         return Cursor(direction == "n", values, pk)
     except (ValueError, TypeError, UnicodeDecodeError):
@@ -331,19 +349,21 @@ class QueryCompiler:
               access: AccessFn | None = None) -> list[ColumnElement[bool]]:
         return self.compile(parsed, res, access)[0]
 
-    def compile(self, parsed: ParsedSearch, res: FromClause = resource,
-                access: AccessFn | None = None) -> tuple[list[ColumnElement[bool]], bool]:
+    def compile(self, parsed: ParsedSearch, res: FromClause = resource, access: AccessFn | None = None,
+                drive: bool = True) -> tuple[list[ColumnElement[bool]], Term | None]:
         """SQL conditions for the clauses, and whether one of them drives the query.
 
         The most selective positive clause becomes `pk IN (SELECT resource_pk ...)`, from which
         SQLite starts; every other clause is a correlated EXISTS probed per candidate row through
         the index tables' resource_pk index. (SQLite would otherwise materialize every IN list in
         full, e.g. all vital-signs Observations.) PostgreSQL plans both forms as semi-joins.
+        `drive=False`: no driving clause (run_search uses it when the best clause is broad).
+        Returns the conditions and the driving term (None when the resource table drives).
         """
         terms = [self._clause(parsed.resource_type, c, res, access) for c in parsed.clauses]
-        drivers = [t for t in terms if t.rank < NEVER_DRIVES]
+        drivers = [t for t in terms if t.rank < NEVER_DRIVES and drive]
         driver = min(drivers, key=lambda t: t.rank) if drivers else None
-        return [t.build(t is driver) for t in terms], driver is not None and driver.rank > 0
+        return [t.build(t is driver) for t in terms], driver
 
     def _nested(self, target: str, nested: ParsedSearch, access: AccessFn | None) -> tuple[FromClause, list[ColumnElement[bool]]] | None:
         alias = resource.alias()
@@ -386,10 +406,10 @@ class QueryCompiler:
             ref = idx_reference.alias()
             conds = [ref.c.param == p.code, ref.c.target_type == target,
                      ref.c.target_id.in_(select(alias.c.id).where(*preds))]
-            return Term(3, _semi(res, ref, conds))
+            return _semi(res, ref, conds, 3)
         if p.type == "composite":
             t = idx_composite.alias()
-            return Term(2, _semi(res, t, [t.c.param == p.code, self._composite(p, c, t)]))
+            return _semi(res, t, [t.c.param == p.code, self._composite(p, c, t)], 2)
         table = idx_string if (p.protected and p.type == "date") or c.modifier == "text" else TABLES[p.type]
         t = table.alias()
         param_code = f"{p.code}:text" if c.modifier == "text" else p.code
@@ -397,21 +417,21 @@ class QueryCompiler:
         if c.modifier == "missing":
             if c.values not in (["true"], ["false"]):
                 raise FhirError(400, "invalid", ":missing takes true or false", [f"{p.code}:missing"])
-            return Term(NEVER_DRIVES, _semi(res, t, base, negate=c.values == ["true"]))
+            return _semi(res, t, base, NEVER_DRIVES, negate=c.values == ["true"])
         negate = False
         modifier = c.modifier
         if modifier == "not" and p.type == "token":
             negate, modifier = True, None
         conds = [*base, or_(*[self._value_cond(p, t, modifier, v) for v in c.values])]
         if negate:
-            return Term(NEVER_DRIVES, _semi(res, t, conds, negate=True))
+            return _semi(res, t, conds, NEVER_DRIVES, negate=True)
         if p.type == "reference" or p.protected or p.type == "uri":
             rank = 1  # a specific target id or a keyed digest of an identifying value
         elif p.type == "token" or c.modifier == "text" or p.type == "string":
             rank = 2
         else:
             rank = NEVER_DRIVES - 1  # ranges: drive only if nothing better
-        return Term(rank, _semi(res, t, conds))
+        return _semi(res, t, conds, rank)
 
     def _value_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str) -> ColumnElement[bool]:
         key = f"{p.code}:{modifier}" if modifier else p.code
@@ -656,14 +676,22 @@ def run_search(
     res: FromClause = resource,
 ) -> SearchPage:
     """Run the search: exact total (unless _total=none) and one keyset page."""
-    where, driven = compiler.compile(parsed, res, access_fn)
+    where, driver = compiler.compile(parsed, res, access_fn)
+    if driver is not None and driver.probe is not None:
+        # A broad driving clause (e.g. category=laboratory) is cheaper as a probe on each row in
+        # pk order, which stops at the page size, than as a materialized list of every match.
+        probe = driver.probe.limit(BROAD_CLAUSE_ROWS).subquery()
+        if conn.execute(select(func.count()).select_from(probe)).scalar_one() >= BROAD_CLAUSE_ROWS:
+            where, driver = compiler.compile(parsed, res, access_fn, drive=False)
+    driven = driver is not None and driver.rank > 0
     conds = [res.c.deleted.is_(False), *where, *access, *extra]
     if parsed.resource_type != "*":  # "*": several types, constrained by `extra`
         # With a driving clause, keep SQLite from preferring the (unselective) type index.
         type_col = res.c.type.concat("") if driven else res.c.type
         conds.insert(0, type_col == parsed.resource_type)
     total = None
-    if parsed.total != "none" or parsed.summary == "count":
+    wanted = parsed.total in ("accurate", "estimate") or (parsed.total == "auto" and parsed.cursor is None)
+    if wanted or parsed.summary == "count":
         total = conn.execute(select(func.count()).select_from(res).where(*conds)).scalar_one()
     if parsed.summary == "count" or parsed.count == 0:
         return SearchPage([], total, None, None)
