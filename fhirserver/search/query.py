@@ -408,9 +408,11 @@ class QueryCompiler:
                      ref.c.target_id.in_(select(alias.c.id).where(*preds))]
             return _semi(res, ref, conds, 3)
         if p.type == "composite":
-            t = idx_composite.alias()
-            return _semi(res, t, [t.c.param == p.code, self._composite(p, c, t)], 2)
-        table = idx_string if (p.protected and p.type == "date") or c.modifier == "text" else TABLES[p.type]
+            table = idx_composite
+        elif (p.protected and p.type == "date") or c.modifier == "text":
+            table = idx_string
+        else:
+            table = TABLES[p.type]
         t = table.alias()
         param_code = f"{p.code}:text" if c.modifier == "text" else p.code
         base = [t.c.param == param_code]
@@ -418,6 +420,11 @@ class QueryCompiler:
             if c.values not in (["true"], ["false"]):
                 raise FhirError(400, "invalid", ":missing takes true or false", [f"{p.code}:missing"])
             return _semi(res, t, base, NEVER_DRIVES, negate=c.values == ["true"])
+        if p.type == "composite":
+            if c.modifier is not None:
+                raise FhirError(400, "not-supported", f"Modifier :{c.modifier} is not supported on composite "
+                                                      f"parameter '{p.code}'", [f"{p.code}:{c.modifier}"])
+            return _semi(res, t, [*base, self._composite(p, c, t)], 2)
         negate = False
         modifier = c.modifier
         if modifier == "not" and p.type == "token":
