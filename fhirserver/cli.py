@@ -181,30 +181,29 @@ def client_list(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{r.client_id}\t{r.name}\t{r.kind}\t{'disabled' if r.disabled else 'enabled'}\t{r.scopes}")
 
 
+def _set_client_state(ctx: click.Context, client_id: str, disabled: bool) -> None:
+    from .auth.clients import set_disabled
+
+    svc = _services(_settings(ctx))
+    if not set_disabled(svc.engine, client_id, disabled):
+        raise click.ClickException(f"no client {client_id}")
+    click.echo(f"{'disabled' if disabled else 'enabled'} {client_id}")
+
+
 @client.command("disable")
 @click.argument("client_id")
 @click.pass_context
 def client_disable(ctx: click.Context, client_id: str) -> None:
-    """Disable a client: its tokens stop working immediately."""
-    from .auth.clients import set_disabled
-
-    svc = _services(_settings(ctx))
-    if not set_disabled(svc.engine, client_id, True):
-        raise click.ClickException(f"no client {client_id}")
-    click.echo(f"disabled {client_id}")
+    """Disable a client: its tokens are revoked and stop working immediately."""
+    _set_client_state(ctx, client_id, True)
 
 
 @client.command("enable")
 @click.argument("client_id")
 @click.pass_context
 def client_enable(ctx: click.Context, client_id: str) -> None:
-    """Re-enable a disabled client."""
-    from .auth.clients import set_disabled
-
-    svc = _services(_settings(ctx))
-    if not set_disabled(svc.engine, client_id, False):
-        raise click.ClickException(f"no client {client_id}")
-    click.echo(f"enabled {client_id}")
+    """Re-enable a disabled client (its old tokens stay revoked)."""
+    _set_client_state(ctx, client_id, False)
 
 
 @client.command("keygen")

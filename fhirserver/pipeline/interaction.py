@@ -103,23 +103,16 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
         if method != "GET":
             raise FhirError(405, "not-supported", "Use GET for _history")
         kind = "history-type"
-    elif len(parts) == 2 and parts[1].startswith("$"):
-        op = parts[1][1:]
-        if not spec.operation(op, "type"):
-            raise FhirError(404, "not-supported", f"Operation '{parts[1][:50]}' is not supported on {rtype}")
+    elif (len(parts) == 2 and parts[1].startswith("$")) or (len(parts) == 3 and parts[2].startswith("$")):
+        level = "type" if len(parts) == 2 else "instance"
+        op = parts[-1][1:]
+        if level == "instance":
+            it.id = _check_id(parts[1])
+        if not spec.operation(op, level):
+            where = rtype if level == "type" else f"{rtype}/[id]"
+            raise FhirError(404, "not-supported", f"Operation '{parts[-1][:50]}' is not supported on {where}")
         if method not in ("GET", "POST"):
-            raise FhirError(405, "not-supported", f"Use GET or POST for ${op}")
-        it.operation, it.kind = op, "operation"
-        if method == "POST":
-            it.params = params + (form or [])
-        return it
-    elif len(parts) == 3 and parts[2].startswith("$"):
-        op = parts[2][1:]
-        it.id = _check_id(parts[1])
-        if not spec.operation(op, "instance"):
-            raise FhirError(404, "not-supported", f"Operation '{parts[2][:50]}' is not supported on {rtype}/[id]")
-        if method not in ("GET", "POST"):
-            raise FhirError(405, "not-supported", f"Use GET or POST for ${op}")
+            raise FhirError(405, "not-supported", f"Use GET or POST for ${op}", headers={"Allow": "GET, POST"})
         it.operation, it.kind = op, "operation"
         if method == "POST":
             it.params = params + (form or [])
