@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from sqlalchemy import Engine
+
 from ..audit.events import AuditRecord
 from ..search.dates import now_us
 from ..services import Services
@@ -45,4 +47,14 @@ def load_resources(svc: Services, resources: Iterable[dict[str, Any]], batch: in
         if len(pending) >= batch:
             flush()
     flush()
+    analyze(svc.engine)
     return count
+
+
+def analyze(engine: Engine) -> None:
+    """Refresh planner statistics after bulk changes: without them PostgreSQL plans chained and
+    _has searches over freshly loaded data as nested loops over estimated single rows."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+        conn.exec_driver_sql("ANALYZE")

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from ..db.engine import read_connection
 from ..db.schema import resource
 from ..services import Services
+from .bulk import analyze
 from .codec import parse_json
 
 
@@ -20,6 +21,7 @@ def reindex_all(svc: Services, batch: int = 500) -> int:
                 .order_by(resource.c.pk).limit(batch)).all()]
             stored = svc.repo.load_current(conn, pks)
         if not pks:
+            analyze(svc.engine)
             return count
         with svc.engine.begin() as conn:
             for st in stored:
