@@ -253,3 +253,36 @@ audit_head = Table(
     Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
 )
+
+# ---- users (SMART App Launch) ----
+# People who sign in at the authorization endpoint. The password is stored only as an Argon2id
+# hash; the TOTP secret only sealed (AES-256-GCM) under the `users` data key with the username as
+# associated data, so a copied database reveals neither and a secret cannot be moved to another
+# account. Times are microseconds since the epoch like everywhere else.
+app_user = Table(
+    "app_user",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("username", String(128), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("fhir_user", String(200), nullable=False),  # Practitioner/1 | Patient/1 | RelatedPerson/1
+    Column("totp_key_id", Integer, ForeignKey("data_key.id"), nullable=True),
+    Column("totp_secret", LargeBinary, nullable=True),  # nonce || ciphertext; NULL = no second factor
+    Column("totp_last_step", BigInteger, nullable=True),  # last accepted 30 s step (replay guard)
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("failed_logins", Integer, nullable=False, default=0),  # consecutive failures
+    Column("locked_until_us", BigInteger, nullable=True),
+    Column("last_login_us", BigInteger, nullable=True),
+    Column("created_us", BigInteger, nullable=False),
+)
+
+# Patients a user may act for besides themselves: a guardian for a minor, or a proxy.
+user_patient_link = Table(
+    "user_patient_link",
+    metadata,
+    Column("user_id", Integer, ForeignKey("app_user.id"), primary_key=True),
+    Column("patient_id", String(64), primary_key=True),
+    Column("relationship", String(16), nullable=False),  # guardian | proxy
+    Column("created_us", BigInteger, nullable=False),
+    Index("ix_user_link_patient", "patient_id"),
+)
