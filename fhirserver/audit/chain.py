@@ -19,13 +19,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from ..db.engine import read_connection
 from ..db.schema import audit_chain, audit_head, resource, resource_version
-from ..storage.repository import CorruptDataError, Repository
+from ..storage.repository import CorruptDataError, PreparedWrite, Repository
 from .events import AuditRecord, build_audit_event
 
 GENESIS = "0" * 64
@@ -51,9 +50,16 @@ class AuditLog:
         self.repo = repo
         self.server_url = server_url
 
-    def append(self, conn: Connection, rec: AuditRecord) -> dict[str, Any]:
+    def prepare(self, rec: AuditRecord) -> PreparedWrite:
+        """Build, index and encrypt the AuditEvent -- all the work that needs no lock."""
         event = build_audit_event(rec, self.server_url)
         prepared = self.repo.prepare("AuditEvent", event)
+        self.repo.seal_first_version(prepared, rec.recorded_us)
+        return prepared
+
+    def append(self, conn: Connection, rec: AuditRecord, prepared: PreparedWrite | None = None) -> None:
+        """Append one AuditEvent (prepared beforehand or now) to the chain inside `conn`'s transaction."""
+        prepared = prepared or self.prepare(rec)
         head = conn.execute(_SEL_HEAD).one()
         stored = self.repo.create(conn, prepared, when_us=rec.recorded_us, fresh_id=True)
         assert stored.body is not None
@@ -63,7 +69,6 @@ class AuditLog:
         conn.execute(_INS_CHAIN, {"seq": seq, "event_id": stored.id, "recorded_us": rec.recorded_us,
                                   "content_hash": content_hash, "prev_hash": head.hash, "hash": new_hash})
         conn.execute(_UPD_HEAD, {"seq": seq, "hash": new_hash})
-        return event
 
 
 @dataclass

@@ -161,11 +161,19 @@ class Handler:
     def prepare(self, ctx: RequestContext) -> None:
         return None
 
+    def read_only(self, ctx: RequestContext) -> bool:
+        """True when execute() only reads: it then runs without the write lock, and only the
+        AuditEvent append takes it (briefly)."""
+        return False
+
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         raise NotImplementedError
 
 
 class Capabilities(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        return True
+
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
         cs = capability_statement(s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE)
@@ -173,6 +181,9 @@ class Capabilities(Handler):
 
 
 class SmartConfiguration(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        return True
+
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
         scopes = [f"system/{t}.{p}" for t in s.types.names() for p in ("rs", "cruds", "read", "write")]
@@ -181,6 +192,9 @@ class SmartConfiguration(Handler):
 
 
 class Read(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        return not ctx.access.get("read")  # restricted access probes old versions in a savepoint
+
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
         assert it.resource_type and it.id
@@ -343,6 +357,9 @@ def _history_cursor(version_pk: int) -> str:
 
 
 class History(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        return not ctx.access.get("read")  # restricted access probes old versions in a savepoint
+
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
         rtype = it.resource_type or ""
@@ -482,6 +499,9 @@ def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSe
 
 
 class Search(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        return True
+
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
         s = ctx.services
@@ -497,6 +517,9 @@ class Search(Handler):
 class Everything(Handler):
     """Patient/[id]/$everything: the patient and everything in its compartment the caller may see.
     Paged like a search (keyset over pk); `_since`, `_type`, `_count`."""
+
+    def read_only(self, ctx: RequestContext) -> bool:
+        return True
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -541,6 +564,9 @@ class Everything(Handler):
 
 
 class LastN(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        return True
+
     """Observation/$lastn: the most recent `max` Observations per code among those matching the
     search parameters (patient, category, code, ...), newest first within each code."""
 

@@ -142,10 +142,22 @@ class Pipeline:
                 self.authorize(ctx)
             handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
             handler.prepare(ctx)
-            with self.services.engine.begin() as conn:
-                result = handler.execute(ctx, conn)
+            audit = self.services.audit
+            if handler.read_only(ctx):
+                # Read in a plain transaction, then append the (already built and encrypted)
+                # AuditEvent in a short write transaction; the response leaves only after it
+                # committed, so a read is never served without its audit record.
+                with read_connection(self.services.engine) as conn:
+                    result = handler.execute(ctx, conn)
                 record.status = result.status
-                self.services.audit.append(conn, record)
+                prepared = audit.prepare(record)
+                with self.services.engine.begin() as conn:
+                    audit.append(conn, record, prepared)
+            else:
+                with self.services.engine.begin() as conn:
+                    result = handler.execute(ctx, conn)
+                    record.status = result.status
+                    audit.append(conn, record)
             return result, request_id
         except FhirError as err:
             return self._fail(ctx, err.status, err.issues, err.headers, err), request_id

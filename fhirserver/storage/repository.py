@@ -61,6 +61,7 @@ class PreparedWrite:
     index: IndexRows
     key_id: int
     key: bytes
+    sealed: tuple[int, int, bytes, bytes] | None = None  # (version, when_us, plaintext, ciphertext)
 
 
 def key_scope_for(resource_type: str, patients: list[str]) -> str:
@@ -197,7 +198,14 @@ class Repository:
         return [(r.vpk, self._stored(r.type, r.rid, r, conn)) for r in conn.execute(stmt).all()]
 
     # ---- phase 2: writes inside the transaction ----
+    def seal_first_version(self, p: PreparedWrite, when_us: int) -> None:
+        """Serialize and encrypt version 1 ahead of the transaction (new server-assigned ids)."""
+        raw, blob = self._seal_version(p, 1, when_us)
+        p.sealed = (1, when_us, raw, blob)
+
     def _seal_version(self, p: PreparedWrite, version: int, when_us: int) -> tuple[bytes, bytes]:
+        if p.sealed is not None and p.sealed[:2] == (version, when_us):
+            return p.sealed[2], p.sealed[3]
         meta = dict(p.body.get("meta") or {})
         meta["versionId"] = str(version)
         meta["lastUpdated"] = instant_text(when_us)
