@@ -24,4 +24,4 @@ VOLUME ["/data"]
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz').status == 200 else 1)"
 # `serve` applies migrations, then runs gunicorn (gthread workers).
-CMD ["fhirserver", "serve", "--host", "0.0.0.0", "--port", "8080", "--workers", "2", "--threads", "4"]
+CMD ["fhirserver", "serve", "--host", "0.0.0.0", "--port", "8080", "--workers", "4", "--threads", "2"]

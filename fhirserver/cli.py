@@ -52,8 +52,8 @@ def main(ctx: click.Context, config: str | None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
-@click.option("--threads", default=4, show_default=True, type=int, help="threads per worker")
+@click.option("--workers", default=4, show_default=True, type=int, help="gunicorn worker processes")
+@click.option("--threads", default=2, show_default=True, type=int, help="threads per worker")
 @click.option("--demo", is_flag=True, help="Load demo data and register a demo client (SQLite by default).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Override the data directory.")
 @click.pass_context

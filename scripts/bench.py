@@ -99,7 +99,7 @@ def main() -> None:
             results = list(pool.map(create_patient, range(args.patients)))
         elapsed = time.perf_counter() - t0
         print(f"created {total} resources in {elapsed:.1f}s: {total / elapsed:.0f} creates/s "
-              f"({args.clients} concurrent clients, gunicorn 2 workers x 4 threads, SQLite, encryption+audit on)")
+              f"({args.clients} concurrent clients, gunicorn 4 workers x 2 threads, SQLite, encryption+audit on)")
 
         ids = [("Patient", p) for p, _ in results] + [("Observation", o) for _, obs in results for o in obs]
         s = requests.Session()

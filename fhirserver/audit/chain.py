@@ -20,17 +20,19 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, select
 
+from ..db import raw as raw_sql
 from ..db.engine import read_connection
 from ..db.schema import audit_chain, audit_head, resource, resource_version
 from ..storage.repository import CorruptDataError, PreparedWrite, Repository
 from .events import AuditRecord, build_audit_event
 
 GENESIS = "0" * 64
-_SEL_HEAD = select(audit_head).where(audit_head.c.id == 1).with_for_update()
-_INS_CHAIN = insert(audit_chain)
-_UPD_HEAD = update(audit_head).where(audit_head.c.id == 1)
+_RAW_SEL_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"  # + FOR UPDATE where supported
+_RAW_INS_CHAIN = ("INSERT INTO audit_chain (seq, event_id, recorded_us, content_hash, prev_hash, hash) "
+                  "VALUES (?, ?, ?, ?, ?, ?)")
+_RAW_UPD_HEAD = "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1"
 
 
 CHAIN_SCOPE = "audit-chain"
@@ -60,15 +62,15 @@ class AuditLog:
     def append(self, conn: Connection, rec: AuditRecord, prepared: PreparedWrite | None = None) -> None:
         """Append one AuditEvent (prepared beforehand or now) to the chain inside `conn`'s transaction."""
         prepared = prepared or self.prepare(rec)
-        head = conn.execute(_SEL_HEAD).one()
+        head_seq, head_hash = raw_sql.fetchone(
+            conn, _RAW_SEL_HEAD + ("" if conn.dialect.name == "sqlite" else " FOR UPDATE"))
         stored = self.repo.create(conn, prepared, when_us=rec.recorded_us, fresh_id=True)
         assert stored.body is not None
         content_hash = hashlib.sha256(stored.body).hexdigest()
-        seq = head.seq + 1
-        new_hash = link_hash(chain_key(self.repo), head.hash, seq, stored.id, rec.recorded_us, content_hash)
-        conn.execute(_INS_CHAIN, {"seq": seq, "event_id": stored.id, "recorded_us": rec.recorded_us,
-                                  "content_hash": content_hash, "prev_hash": head.hash, "hash": new_hash})
-        conn.execute(_UPD_HEAD, {"seq": seq, "hash": new_hash})
+        seq = head_seq + 1
+        new_hash = link_hash(chain_key(self.repo), head_hash, seq, stored.id, rec.recorded_us, content_hash)
+        raw_sql.execute(conn, _RAW_INS_CHAIN, (seq, stored.id, rec.recorded_us, content_hash, head_hash, new_hash)).close()
+        raw_sql.execute(conn, _RAW_UPD_HEAD, (seq, new_hash)).close()
 
 
 @dataclass

@@ -166,6 +166,11 @@ class Handler:
         AuditEvent append takes it (briefly)."""
         return False
 
+    def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
+        """The audit fields execute() will most likely set (None: unknown). The pipeline builds
+        and encrypts that AuditEvent before taking the write lock, and uses it if it matched."""
+        return None
+
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         raise NotImplementedError
 
@@ -229,6 +234,13 @@ class Create(Handler):
         body = validated(ctx)
         body.pop("id", None)  # the server assigns ids on create
         ctx.prepared = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body)
+
+    def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
+        if ctx.interaction.conditional:
+            return None
+        p: PreparedWrite = ctx.prepared
+        return {"status": 201, "resources": [f"{p.type}/{p.id}/_history/1"], "patients": list(p.index.patients),
+                "outcome_desc": ""}
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         prepared: PreparedWrite = ctx.prepared

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, FromClause
@@ -154,10 +155,13 @@ class Pipeline:
                 with self.services.engine.begin() as conn:
                     audit.append(conn, record, prepared)
             else:
+                expected = handler.expected_audit(ctx)
+                speculative = audit.prepare(replace(record, **expected)) if expected else None
                 with self.services.engine.begin() as conn:
                     result = handler.execute(ctx, conn)
                     record.status = result.status
-                    audit.append(conn, record)
+                    matched = expected and all(getattr(record, k) == v for k, v in expected.items())
+                    audit.append(conn, record, speculative if matched else None)
             return result, request_id
         except FhirError as err:
             return self._fail(ctx, err.status, err.issues, err.headers, err), request_id

@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, inser
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.datakeys import DataKeyStore
 from ..crypto.keyring import KeyError_
+from ..db import raw as raw_sql
 from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.errors import FhirError
 from ..search.dates import instant_text, now_us
@@ -79,26 +80,26 @@ _SEL_CURRENT = select(resource).where(resource.c.type == bindparam("t"), resourc
 _SEL_CURRENT_LOCK = _SEL_CURRENT.with_for_update()
 _SEL_VERSION = select(resource_version).where(resource_version.c.resource_pk == bindparam("pk"),
                                               resource_version.c.version == bindparam("v"))
-_INS_RESOURCE = insert(resource)
 _INS_VERSION = insert(resource_version)
 _UPD_RESOURCE = update(resource).where(resource.c.pk == bindparam("rpk"))
 _DEL_INDEX = [delete(table).where(table.c.resource_pk == bindparam("rpk")) for table in INDEX_TABLES.values()]
 _DEL_COMPARTMENT = delete(compartment).where(compartment.c.resource_pk == bindparam("rpk"))
 
-_RAW_INSERTS: dict[tuple[str, str], tuple[str, list[str]]] = {}
+_RAW_INSERTS: dict[str, tuple[str, list[str]]] = {}
+_RAW_INS_RESOURCE = "INSERT INTO resource (type, id, version, last_updated_us, deleted) VALUES (?, ?, ?, ?, ?)"
+_RAW_INS_VERSION = ("INSERT INTO resource_version (resource_pk, type, version, last_updated_us, method, deleted, "
+                    "key_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-def _raw_insert(conn: Connection, kind: str) -> tuple[str, list[str]]:
-    """INSERT text for an index table in the driver's parameter style; columns after resource_pk."""
-    key = (conn.dialect.paramstyle, kind)
-    if key not in _RAW_INSERTS:
+def _raw_insert(kind: str) -> tuple[str, list[str]]:
+    """INSERT text (`?` placeholders) for an index table; the columns after resource_pk."""
+    if kind not in _RAW_INSERTS:
         table = compartment if kind == "compartment" else INDEX_TABLES[kind]
         columns = [c.name for c in table.columns if c.name != "resource_pk"]
-        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         names = ", ".join(["resource_pk", *columns])
-        marks = ", ".join([mark] * (len(columns) + 1))
-        _RAW_INSERTS[key] = (f"INSERT INTO {table.name} ({names}) VALUES ({marks})", columns)
-    return _RAW_INSERTS[key]
+        marks = ", ".join(["?"] * (len(columns) + 1))
+        _RAW_INSERTS[kind] = (f"INSERT INTO {table.name} ({names}) VALUES ({marks})", columns)
+    return _RAW_INSERTS[kind]
 
 
 _VERSION_COLS = [resource_version.c[name] for name in
@@ -224,16 +225,12 @@ class Repository:
             for stmt in _DEL_INDEX:
                 conn.execute(stmt, {"rpk": pk})
             conn.execute(_DEL_COMPARTMENT, {"rpk": pk})
-        cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
-        try:
-            for kind, rows in p.index.rows.items():
-                sql, columns = _raw_insert(conn, kind)
-                cursor.executemany(sql, [(pk, *[r.get(c) for c in columns]) for r in rows])
-            if p.index.patients:
-                sql, _cols = _raw_insert(conn, "compartment")
-                cursor.executemany(sql, [(pk, pid) for pid in p.index.patients])
-        finally:
-            cursor.close()
+        for kind, rows in p.index.rows.items():
+            sql, columns = _raw_insert(kind)
+            raw_sql.executemany(conn, sql, [(pk, *[r.get(c) for c in columns]) for r in rows])
+        if p.index.patients:
+            sql, _cols = _raw_insert("compartment")
+            raw_sql.executemany(conn, sql, [(pk, pid) for pid in p.index.patients])
 
     def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
         index = self.indexer.index(rtype, body)
@@ -247,10 +244,8 @@ class Repository:
         if not fresh_id and self.current(conn, p.type, p.id) is not None:
             raise FhirError(409, "duplicate", f"{p.type}/{p.id} already exists")
         raw, blob = self._seal_version(p, 1, when_us)
-        pk = conn.execute(_INS_RESOURCE, {"type": p.type, "id": p.id, "version": 1, "last_updated_us": when_us,
-                                          "deleted": False}).inserted_primary_key[0]
-        conn.execute(_INS_VERSION, {"resource_pk": pk, "type": p.type, "version": 1, "last_updated_us": when_us,
-                                    "method": "POST", "deleted": False, "key_id": p.key_id, "body": blob})
+        pk = raw_sql.insert_returning_pk(conn, _RAW_INS_RESOURCE, (p.type, p.id, 1, when_us, False))
+        raw_sql.execute(conn, _RAW_INS_VERSION, (pk, p.type, 1, when_us, "POST", False, p.key_id, blob)).close()
         self._write_index(conn, pk, p, replace=False)
         return Stored(p.type, p.id, 1, when_us, False, "POST", raw, pk)
 
