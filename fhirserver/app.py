@@ -42,8 +42,10 @@ def _fhir_view(path: str = "") -> Response:
 
         form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         body = b""
+    # HEAD is GET without a body (werkzeug drops the body); it is audited as the GET it is.
+    method = "GET" if request.method == "HEAD" else request.method
     result, request_id = pipeline.handle(
-        request.method, path, request.query_string.decode("utf-8", "replace"), form,
+        method, path, request.query_string.decode("utf-8", "replace"), form,
         dict(request.headers), body, request.remote_addr or "", body_too_large=too_large,
     )
     headers = {"X-Request-Id": request_id, **result.headers}

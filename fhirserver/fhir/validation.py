@@ -84,6 +84,8 @@ class Validator:
                 ["resourceType"],
             )
         root = root or rtype
+        if root == rtype:
+            _check_json_rules(body, rtype)
         schema_fn = self._schema_for(rtype)
         if schema_fn is not None:
             try:
@@ -126,6 +128,30 @@ class Validator:
             message = f"{_expression(root, path)}: value has an invalid format"
         return FhirError(400, "value" if exc.rule in ("type", "enum", "pattern") else "structure",
                          _clean_message(message), [_expression(root, path)])
+
+
+def _check_json_rules(node: Any, path: str) -> None:
+    """FHIR JSON rules the schema does not express: no empty objects, arrays or strings, and
+    null only as a placeholder inside arrays of primitives (with their `_element` twin)."""
+    if isinstance(node, dict):
+        if not node:
+            raise FhirError(400, "structure", "Empty objects are not allowed in FHIR JSON", [path])
+        for key, value in node.items():
+            child = f"{path}.{key}"
+            if value is None:
+                raise FhirError(400, "structure", "null is not allowed here", [child])
+            if isinstance(value, list):
+                if not value:
+                    raise FhirError(400, "structure", "Empty arrays are not allowed in FHIR JSON", [child])
+                if all(v is None for v in value):
+                    raise FhirError(400, "structure", "An array may not contain only nulls", [child])
+                for i, item in enumerate(value):
+                    if item is not None:
+                        _check_json_rules(item, f"{child}[{i}]")
+            else:
+                _check_json_rules(value, child)
+    elif isinstance(node, str) and not node.strip():
+        raise FhirError(400, "value", "Empty or whitespace-only strings are not allowed", [path])
 
 
 def _clean_message(text: str) -> str:

@@ -23,7 +23,7 @@ from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.subsetting import apply_subsetting
 from ..search.dates import instant_text, now_us, parse_range
 from ..search.query import Include, ParsedSearch, SearchPage, parse_search, run_search
-from ..storage.codec import dump_json, fragment, parse_json
+from ..storage.codec import DuplicateKeyError, dump_json, fragment, parse_json
 from ..storage.repository import PreparedWrite, Stored
 from .context import RequestContext, Result
 
@@ -95,6 +95,8 @@ def parse_body(ctx: RequestContext) -> dict[str, Any]:
         raise FhirError(400, "structure", "The request body is empty")
     try:
         body = parse_json(ctx.body)
+    except DuplicateKeyError as exc:
+        raise FhirError(400, "structure", f"The request body repeats a property: {exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise FhirError(400, "structure", "The request body is not valid JSON") from None
     return body
@@ -223,8 +225,9 @@ class Read(Handler):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id}/_history/{version} is not known")
         record_touch(ctx, conn, stored)
         headers = resource_headers(stored, ctx.services.settings.fhir_base)
-        if_none_match = ctx.header("if-none-match")
-        if if_none_match and parse_etag(if_none_match, "If-None-Match") == stored.version:
+        if_none_match = (ctx.header("if-none-match") or "").strip()
+        if if_none_match and (if_none_match == "*" or stored.version in
+                              {parse_etag(tag, "If-None-Match") for tag in if_none_match.split(",")}):
             return Result(304, None, headers)
         return Result(200, render_resource(ctx, stored), headers)
 

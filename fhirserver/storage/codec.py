@@ -13,8 +13,22 @@ from typing import Any
 import orjson
 
 
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _v in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise DuplicateKeyError(f"duplicate property '{dup[:64]}'")
+    return out
+
+
 def parse_json(data: bytes | str) -> Any:
-    return json.loads(data, parse_float=Decimal)
+    """Parse JSON keeping decimals exact; a repeated property name is an error (FHIR forbids it)."""
+    return json.loads(data, parse_float=Decimal, object_pairs_hook=_no_duplicates)
 
 
 def _default(obj: Any) -> Any:
