@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,22 @@ def postgres() -> Iterator[Any]:
     pg.start()
     yield pg
     pg.stop()
+
+
+def db_path(settings: Settings) -> Path:
+    url = settings.effective_database_url
+    assert url.startswith("sqlite:///"), url
+    return Path(url[len("sqlite:///"):])
+
+
+@contextmanager
+def raw_db(settings: Settings) -> Iterator[sqlite3.Connection]:
+    """A raw connection to the SQLite file: the view of an attacker (or operator) with the disk."""
+    cx = sqlite3.connect(db_path(settings), timeout=30, isolation_level=None)
+    try:
+        yield cx
+    finally:
+        cx.close()
 
 
 def make_settings(tmp_path: Path, database_url: str = "", **kw: Any) -> Settings:

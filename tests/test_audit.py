@@ -7,11 +7,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -20,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from fhirserver.cli import main
+from tests.conftest import raw_db as db
 
 REST_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
@@ -27,20 +26,8 @@ FAMILY = "Auditfamilyxq"
 
 
 # ----------------------------------------------------------------------------- helpers
-def db_path(settings) -> Path:  # type: ignore[no-untyped-def]
-    url = settings.effective_database_url
-    assert url.startswith("sqlite:///"), url
-    return Path(url[len("sqlite:///"):])
 
 
-@contextmanager
-def db(settings) -> Iterator[sqlite3.Connection]:  # type: ignore[no-untyped-def]
-    """A raw connection to the database file: the attacker's (or a broken disk's) view."""
-    cx = sqlite3.connect(db_path(settings), timeout=30, isolation_level=None)
-    try:
-        yield cx
-    finally:
-        cx.close()
 
 
 def chain(settings) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]

@@ -14,8 +14,6 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,8 @@ from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.cli import main
-from tests.conftest import BackendClient, example_files, make_settings
+from tests.conftest import BackendClient, db_path, example_files, make_settings
+from tests.conftest import raw_db as db
 
 EXAMPLE_TYPES = ("Patient", "Observation", "QuestionnaireResponse", "Consent")
 
@@ -79,10 +78,6 @@ def demo_qr(pid: str) -> dict[str, Any]:
     }
 
 
-def db_path(settings) -> Path:  # type: ignore[no-untyped-def]
-    url = settings.effective_database_url
-    assert url.startswith("sqlite:///"), url
-    return Path(url[len("sqlite:///"):])
 
 
 def raw_database_bytes(settings) -> bytes:  # type: ignore[no-untyped-def]
@@ -101,14 +96,6 @@ def raw_database_bytes(settings) -> bytes:  # type: ignore[no-untyped-def]
     return data
 
 
-@contextmanager
-def db(settings) -> Iterator[sqlite3.Connection]:  # type: ignore[no-untyped-def]
-    """A raw connection to the database file, as an attacker (or operator) would use it."""
-    cx = sqlite3.connect(db_path(settings), timeout=30, isolation_level=None)
-    try:
-        yield cx
-    finally:
-        cx.close()
 
 
 def walk(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:

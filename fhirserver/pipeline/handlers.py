@@ -163,10 +163,12 @@ class Handler:
     def prepare(self, ctx: RequestContext) -> None:
         return None
 
+    reads_only = False
+
     def read_only(self, ctx: RequestContext) -> bool:
         """True when execute() only reads: it then runs without the write lock, and only the
         AuditEvent append takes it (briefly)."""
-        return False
+        return self.reads_only
 
     def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
         """The audit fields execute() will most likely set (None: unknown). The pipeline builds
@@ -178,8 +180,7 @@ class Handler:
 
 
 class Capabilities(Handler):
-    def read_only(self, ctx: RequestContext) -> bool:
-        return True
+    reads_only = True
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
@@ -188,8 +189,7 @@ class Capabilities(Handler):
 
 
 class SmartConfiguration(Handler):
-    def read_only(self, ctx: RequestContext) -> bool:
-        return True
+    reads_only = True
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
@@ -514,8 +514,7 @@ def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSe
 
 
 class Search(Handler):
-    def read_only(self, ctx: RequestContext) -> bool:
-        return True
+    reads_only = True
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -533,8 +532,7 @@ class Everything(Handler):
     """Patient/[id]/$everything: the patient and everything in its compartment the caller may see.
     Paged like a search (keyset over pk); `_since`, `_type`, `_count`."""
 
-    def read_only(self, ctx: RequestContext) -> bool:
-        return True
+    reads_only = True
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -579,8 +577,7 @@ class Everything(Handler):
 
 
 class LastN(Handler):
-    def read_only(self, ctx: RequestContext) -> bool:
-        return True
+    reads_only = True
 
     """Observation/$lastn: the most recent `max` Observations per code among those matching the
     search parameters (patient, category, code, ...), newest first within each code."""
