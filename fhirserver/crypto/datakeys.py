@@ -40,12 +40,6 @@ class DataKeyStore:
             self._by_scope[scope] = (key_pk, raw)
             self._by_id[key_pk] = raw
 
-    def forget(self, scope: str) -> None:
-        with self._lock:
-            entry = self._by_scope.pop(scope, None)
-            if entry:
-                self._by_id.pop(entry[0], None)
-
     def _unwrap_row(self, row) -> bytes:  # type: ignore[no-untyped-def]
         if row.shredded:
             raise KeyError_(f"data key {row.id} has been shredded")

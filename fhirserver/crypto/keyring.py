@@ -59,9 +59,6 @@ class MasterKeyRing:
         self._maybe_reload()
         return self._active
 
-    def kids(self) -> list[str]:
-        return list(self._keys)
-
     def _load(self) -> None:
         if self._env_value:
             raws = [decode_key(part) for part in self._env_value.split(",") if part.strip()]

@@ -47,12 +47,3 @@ def operation_outcome(issues: list[Issue], request_id: str | None = None) -> dic
         for issue in out["issue"]:
             issue["diagnostics"] = f"{issue['diagnostics']} (request id {request_id})"
     return out
-
-
-def not_found(kind: str, rid: str | None = None) -> FhirError:
-    what = f"{kind}/{rid}" if rid else kind
-    return FhirError(404, "not-found", f"Resource {what} is not known")
-
-
-def bad_request(diagnostics: str, expression: list[str] | None = None, code: str = "invalid") -> FhirError:
-    return FhirError(400, code, diagnostics, expression)

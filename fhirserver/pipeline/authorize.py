@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-from sqlalchemy import ColumnElement, FromClause, and_, false, or_, select, true
+from sqlalchemy import ColumnElement, FromClause, and_, false, or_, select
 
 from ..auth.scopes import ResourceScope
 from ..db.schema import compartment, resource
@@ -73,7 +73,3 @@ class Authorizer:
         if not alternatives:
             raise FhirError(403, "forbidden", f"The access token's scopes grant no access to {rtype} in this context")
         return [or_(*alternatives)] if len(alternatives) > 1 else alternatives
-
-    @staticmethod
-    def unrestricted(preds: list[ColumnElement[bool]]) -> bool:
-        return not preds or all(p is true() for p in preds)

@@ -22,7 +22,15 @@ from ..fhir.capability import capability_statement, smart_configuration
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.subsetting import apply_subsetting
 from ..search.dates import instant_text, now_us, parse_range
-from ..search.query import Include, ParsedSearch, SearchPage, parse_search, run_search
+from ..search.query import (
+    Include,
+    ParsedSearch,
+    SearchPage,
+    decode_cursor,
+    encode_cursor,
+    parse_search,
+    run_search,
+)
 from ..storage.codec import DuplicateKeyError, dump_json, fragment, parse_json
 from ..storage.repository import PreparedWrite, Stored
 from .context import RequestContext, Result
@@ -356,19 +364,8 @@ def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
             raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
     cursor = None
     if "_cursor" in params:
-        try:
-            import base64
-
-            cursor = int(base64.urlsafe_b64decode(params["_cursor"].encode() + b"==").decode())
-        except ValueError:
-            raise FhirError(400, "invalid", "Invalid paging cursor", ["_cursor"]) from None
+        cursor = decode_cursor(params["_cursor"]).pk  # the same cursor format as search, keyed on version pk
     return max(count, 1), since, cursor
-
-
-def _history_cursor(version_pk: int) -> str:
-    import base64
-
-    return base64.urlsafe_b64encode(str(version_pk).encode()).decode().rstrip("=")
 
 
 class History(Handler):
@@ -409,7 +406,7 @@ class History(Handler):
         keep = [(k, v) for k, v in it.params if k != "_cursor"]
         links = [{"relation": "self", "url": path + ("?" + urlencode(it.params) if it.params else "")}]
         if len(rows) > count:
-            links.append({"relation": "next", "url": path + "?" + urlencode(keep + [("_cursor", _history_cursor(raw_page[-1][0]))])})
+            links.append({"relation": "next", "url": path + "?" + urlencode(keep + [("_cursor", encode_cursor(True, [], raw_page[-1][0]))])})
         bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": instant_text(now_us())},
                   "type": "history", "link": links, "entry": entries}
         return Result(200, dump_json(bundle))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, select, update
 
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.datakeys import DataKeyStore
@@ -49,10 +49,6 @@ class Stored:
     def etag(self) -> str:
         return f'W/"{self.version}"'
 
-    @property
-    def last_modified(self) -> str:
-        return instant_text(self.last_updated_us)
-
 
 @dataclass
 class PreparedWrite:
@@ -80,7 +76,6 @@ _SEL_CURRENT = select(resource).where(resource.c.type == bindparam("t"), resourc
 _SEL_CURRENT_LOCK = _SEL_CURRENT.with_for_update()
 _SEL_VERSION = select(resource_version).where(resource_version.c.resource_pk == bindparam("pk"),
                                               resource_version.c.version == bindparam("v"))
-_INS_VERSION = insert(resource_version)
 _UPD_RESOURCE = update(resource).where(resource.c.pk == bindparam("rpk"))
 _DEL_INDEX = [delete(table).where(table.c.resource_pk == bindparam("rpk")) for table in INDEX_TABLES.values()]
 _DEL_COMPARTMENT = delete(compartment).where(compartment.c.resource_pk == bindparam("rpk"))
@@ -262,9 +257,7 @@ class Repository:
         version = head.version + 1
         raw, blob = self._seal_version(p, version, when_us)
         conn.execute(_UPD_RESOURCE, {"rpk": head.pk, "version": version, "last_updated_us": when_us, "deleted": False})
-        conn.execute(_INS_VERSION, {"resource_pk": head.pk, "type": p.type, "version": version,
-                                    "last_updated_us": when_us, "method": "PUT", "deleted": False,
-                                    "key_id": p.key_id, "body": blob})
+        raw_sql.execute(conn, _RAW_INS_VERSION, (head.pk, p.type, version, when_us, "PUT", False, p.key_id, blob)).close()
         self._write_index(conn, head.pk, p, replace=True)
         return Stored(p.type, p.id, version, when_us, False, "PUT", raw, head.pk), head.deleted
 
@@ -282,9 +275,7 @@ class Repository:
         when_us = max(now_us(), head.last_updated_us + 1)
         version = head.version + 1
         conn.execute(_UPD_RESOURCE, {"rpk": head.pk, "version": version, "last_updated_us": when_us, "deleted": True})
-        conn.execute(_INS_VERSION, {"resource_pk": head.pk, "type": rtype, "version": version,
-                                    "last_updated_us": when_us, "method": "DELETE", "deleted": True,
-                                    "key_id": None, "body": None})
+        raw_sql.execute(conn, _RAW_INS_VERSION, (head.pk, rtype, version, when_us, "DELETE", True, None, None)).close()
         for stmt in _DEL_INDEX:
             conn.execute(stmt, {"rpk": head.pk})
         # compartment rows are kept: the deleted resource still belongs to its patient (history)
