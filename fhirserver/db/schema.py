@@ -219,7 +219,9 @@ access_token = Table(
     Column("expires_us", BigInteger, nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
     Column("context", Text, nullable=True),  # JSON: user, patient, fhirUser, purpose ...
+    Column("family_id", String(64), nullable=True),  # SMART grant family (see grant_family)
     Index("ix_token_client", "client_id"),
+    Index("ix_token_family", "family_id"),
 )
 
 # Client-assertion JWT ids seen (replay protection), kept until the assertion expires.
@@ -285,4 +287,61 @@ user_patient_link = Table(
     Column("relationship", String(16), nullable=False),  # guardian | proxy
     Column("created_us", BigInteger, nullable=False),
     Index("ix_user_link_patient", "patient_id"),
+)
+
+# ---- SMART App Launch grants ----
+# Every secret handed to a browser or app (authorization code, launch id, refresh token) is stored
+# only as its SHA-256. A "family" ties together everything minted from one user approval: the
+# code, its access tokens and the chain of rotated refresh tokens, so reuse of a spent code or a
+# rotated refresh token revokes the whole family at once.
+authorization_code = Table(
+    "authorization_code",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("client_id", String(64), ForeignKey("client.client_id"), nullable=False),
+    Column("family_id", String(64), nullable=False),
+    Column("redirect_uri", String(1024), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("code_challenge", String(128), nullable=False),
+    Column("nonce", String(255), nullable=True),
+    Column("context", Text, nullable=False),  # JSON: user, fhirUser, patient, encounter, auth_time
+    Column("expires_us", BigInteger, nullable=False),
+    Column("used", Boolean, nullable=False, default=False),
+)
+
+refresh_token = Table(
+    "refresh_token",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("client_id", String(64), ForeignKey("client.client_id"), nullable=False),
+    Column("family_id", String(64), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("context", Text, nullable=False),
+    Column("issued_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("rotated", Boolean, nullable=False, default=False),  # spent: a newer one replaced it
+    Column("revoked", Boolean, nullable=False, default=False),
+    Index("ix_refresh_family", "family_id"),
+)
+
+# Single-use EHR launch contexts (`launch` parameter of the authorize request).
+launch_context = Table(
+    "launch_context",
+    metadata,
+    Column("launch_hash", String(64), primary_key=True),
+    Column("client_id", String(64), ForeignKey("client.client_id"), nullable=False),
+    Column("context", Text, nullable=False),  # JSON: patient, encounter, user
+    Column("expires_us", BigInteger, nullable=False),
+    Column("used", Boolean, nullable=False, default=False),
+)
+
+# Grant family of an access token (NULL for client_credentials tokens).
+grant_family = Table(
+    "grant_family",
+    metadata,
+    Column("family_id", String(64), primary_key=True),
+    Column("client_id", String(64), ForeignKey("client.client_id"), nullable=False),
+    Column("user_id", Integer, ForeignKey("app_user.id"), nullable=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("created_us", BigInteger, nullable=False),
 )
