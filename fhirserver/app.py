@@ -10,6 +10,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from joserfc import jws
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .admin_api import build_api
 from .audit.events import AuditRecord
 from .auth.server import build_authorization_server
 from .auth.tokens import token_hash
@@ -19,6 +20,7 @@ from .db.migrations import upgrade
 from .pipeline.pipeline import Pipeline
 from .search.dates import now_us
 from .services import Services, build_services, warm_keys
+from .smart.views import install as install_smart
 from .storage.codec import dump_json, parse_json
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -77,11 +79,16 @@ def _audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> No
             row = conn.execute(select(client.c.client_id, client.c.name).join(
                 access_token, access_token.c.client_id == client.c.client_id)
                 .where(access_token.c.token_hash == token_hash(token))).first()
+            ctx = conn.execute(select(access_token.c.context).where(
+                access_token.c.token_hash == token_hash(token))).scalar()
         if row:
             rec.client_id, rec.client_name = row.client_id, row.name
-        rec.outcome_desc = f"token issued; scope: {body.get('scope', '')}"
+        if ctx:
+            rec.user = parse_json(ctx.encode()).get("fhirUser")
+        grant = request.form.get("grant_type", "")
+        rec.outcome_desc = f"token issued ({grant}); scope: {body.get('scope', '')}"
     else:
-        claimed = None
+        claimed = request.form.get("client_id") or (request.authorization.username if request.authorization else None)
         assertion = request.form.get("client_assertion")
         if assertion:
             try:
@@ -135,6 +142,8 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.add_url_rule("/fhir/", "fhir_base_slash", _fhir_view, methods=METHODS)
     app.add_url_rule("/fhir/<path:path>", "fhir", _fhir_view, methods=METHODS)
     app.register_blueprint(_make_auth_blueprint())
+    build_api(app)
+    install_smart(app)
 
     @app.errorhandler(405)
     def _method_not_routed(exc: Exception) -> Any:

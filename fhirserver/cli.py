@@ -145,20 +145,50 @@ def client() -> None:
 @click.option("--scopes", required=True, help='Allowed scopes, e.g. "system/*.rs system/Observation.c".')
 @click.option("--organization", help="Organization reference the client acts for, e.g. Organization/123.")
 @click.option("--client-id", help="Choose the client_id (default: random).")
+@click.option("--redirect-uri", "redirect_uris", multiple=True,
+              help="Register a SMART App Launch app with this redirect URI (exact match; repeatable).")
+@click.option("--launch-url", help="The app's launch URL (EHR launch).")
+@click.option("--public", "public", is_flag=True, help="A public app (no secret; PKCE is always required).")
+@click.option("--secret", "with_secret", is_flag=True, help="A confidential app with a client secret (printed once).")
+@click.option("--admin", is_flag=True, help="May call the admin APIs (/api/...) with its backend token.")
+@click.option("--introspect-any", is_flag=True, help="A resource server that may introspect any token.")
 @click.pass_context
 def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_url: str | None, scopes: str,
-                    organization: str | None, client_id: str | None) -> None:
-    """Register a SMART Backend Services client; prints its client_id."""
-    from .auth.clients import ClientError, register_backend_client
+                    organization: str | None, client_id: str | None, redirect_uris: tuple[str, ...],
+                    launch_url: str | None, public: bool, with_secret: bool, admin: bool, introspect_any: bool,
+                    **extra_settings: object) -> None:
+    """Register a client; prints its client_id (and, for --secret apps, the secret once).
+
+    Without --redirect-uri: a SMART Backend Services client (private_key_jwt). With it: a SMART
+    App Launch app, public (--public), with a secret (--secret) or with a JWKS (--jwks-*)."""
+    from .auth.clients import ClientError, register_app_client, register_backend_client
 
     svc = _services(_settings(ctx))
     try:
         jwks = json.loads(Path(jwks_file).read_text()) if jwks_file else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise click.ClickException(f"the JWKS file is not valid JSON: {exc}") from exc
+    settings: dict[str, object] = {k: v for k, v in extra_settings.items() if v not in (None, (), False)}
+    if admin:
+        settings["admin"] = True
+    if introspect_any:
+        settings["introspect_any"] = True
     try:
+        if redirect_uris:
+            if sum([public, with_secret, bool(jwks or jwks_url)]) != 1:
+                raise ClientError("an app is exactly one of --public, --secret or --jwks-file/--jwks-url")
+            method = "none" if public else "client_secret_basic" if with_secret else "private_key_jwt"
+            rec, secret = register_app_client(
+                svc.engine, name, scopes, list(redirect_uris), method, jwks=jwks, jwks_uri=jwks_url,
+                launch_url=launch_url, organization=organization, client_id=client_id, settings=settings)
+            click.echo(rec.client_id)
+            if secret:
+                click.echo(f"client_secret: {secret}")
+            return
+        if public or with_secret or launch_url:
+            raise ClientError("--public, --secret and --launch-url need --redirect-uri")
         rec = register_backend_client(svc.engine, name, scopes, jwks=jwks, jwks_uri=jwks_url,
-                                      organization=organization, client_id=client_id)
+                                      organization=organization, client_id=client_id, settings=settings)
     except ClientError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(rec.client_id)
@@ -468,3 +498,27 @@ def audit_verify(ctx: click.Context) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def launch() -> None:
+    """SMART EHR launch contexts."""
+
+
+@launch.command("create")
+@click.option("--client", "client_id", required=True, help="The app's client_id.")
+@click.option("--patient", required=True, help="Patient/ID in context.")
+@click.option("--encounter", help="Encounter/ID in context.")
+@click.option("--user", "username", help="The user the launch is for (must be the one who signs in).")
+@click.pass_context
+def launch_create(ctx: click.Context, client_id: str, patient: str, encounter: str | None,
+                  username: str | None) -> None:
+    """Create a single-use launch; prints the app's launch URL (or the launch id)."""
+    from .smart.launch import LaunchError, new_launch
+
+    svc = _services(_settings(ctx))
+    try:
+        made = new_launch(svc, client_id, patient, encounter, username)
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(made.url or made.launch)

@@ -4,6 +4,10 @@ SMART Backend Services: `client_credentials` with a `private_key_jwt` client ass
 RS384 or ES384 by a key from the client's registered JWKS (inline or fetched from its JWKS URL).
 Authlib validates the assertion (signature, iss, sub, aud, exp); we add SMART's rules: the
 algorithm allow-list, a 5-minute maximum lifetime and single-use `jti`.
+
+SMART App Launch: `authorization_code` (PKCE S256 mandatory for every client, `fhirserver.smart`
+holds the grant state and the login/approval pages) and `refresh_token` with rotation. Apps
+authenticate as public clients (`none`), with a client secret, or with `private_key_jwt`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import requests
 from authlib.integrations.flask_oauth2 import AuthorizationServer
-from authlib.oauth2.rfc6749 import ClientMixin, InvalidClientError, InvalidScopeError
+from authlib.oauth2.rfc6749 import ClientMixin, InvalidClientError, InvalidScopeError, OAuth2Request
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from joserfc import jwt
@@ -44,25 +48,34 @@ class OAuthClient(ClientMixin):
         return self.record.client_id
 
     def get_default_redirect_uri(self) -> str | None:
-        return None
+        # Only a single registered URI may be implied; otherwise the request must name one.
+        uris = self.record.redirect_uris
+        return uris[0] if self.record.kind == "app" and len(uris) == 1 else None
 
     def get_allowed_scope(self, scope: str) -> str:
         return intersect(scope or "", self.record.scopes, self.known_types).render()
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        return False
+        return self.record.kind == "app" and redirect_uri in self.record.redirect_uris  # exact match
 
     def check_client_secret(self, client_secret: str) -> bool:
-        return False
+        return self.record.check_secret(client_secret)
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        return self.record.kind == "backend" and method == AUTH_METHOD
+        if self.record.disabled:
+            return False
+        registered = self.record.auth_method
+        if registered == "client_secret_basic":
+            return method in ("client_secret_basic", "client_secret_post")
+        return method == registered
 
     def check_response_type(self, response_type: str) -> bool:
-        return False
+        return self.record.kind == "app" and not self.record.disabled and response_type == "code"
 
     def check_grant_type(self, grant_type: str) -> bool:
-        return self.record.kind == "backend" and grant_type == "client_credentials"
+        if self.record.kind == "backend":
+            return grant_type == "client_credentials"
+        return grant_type in ("authorization_code", "refresh_token")
 
 
 class JwksCache:
@@ -99,7 +112,8 @@ class SmartClientAssertion(JWTBearerClientAssertion):
         self.jwks = jwks
 
     def get_audiences(self) -> list[str]:
-        return [self.settings.token_url]
+        root = self.settings.public_root
+        return [self.settings.token_url, f"{root}/auth/introspect", f"{root}/auth/revoke"]
 
     def resolve_client_public_key(self, client: OAuthClient) -> KeySet:
         record = client.record
@@ -152,26 +166,62 @@ class SmartClientCredentialsGrant(ClientCredentialsGrant):
             raise InvalidScopeError(description="None of the requested scopes can be granted to this client.")
 
 
+class SmartAuthorizationServer(AuthorizationServer):
+    """Also accepts an already-built OAuth2Request: the approval page replays the authorization
+    request it stored when the user first arrived, not the form the user submitted."""
+
+    def create_oauth2_request(self, request: Any) -> Any:
+        if isinstance(request, OAuth2Request):
+            return request
+        return super().create_oauth2_request(request)
+
+
 def build_authorization_server(app: Any, engine: Engine, settings: Settings,
                                known_types: list[str]) -> AuthorizationServer:
+    from ..smart.grants import REFRESH_SCOPES, GrantContext, issue_refresh
+    from ..smart.oauth import register_smart_grants
+
     def query_client(client_id: str) -> OAuthClient | None:
-        record = get_client(engine, client_id)
+        record = get_client(engine, client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None
         return OAuthClient(record, known_types) if record else None
 
     def save_token(token: dict[str, Any], request: Any) -> None:
         pass  # the generator stores the token (hash) itself
 
-    server = AuthorizationServer(app, query_client=query_client, save_token=save_token)
+    server = SmartAuthorizationServer(app, query_client=query_client, save_token=save_token)
 
     def generate(grant_type: str, client: OAuthClient, user: Any = None, scope: str | None = None,
                  expires_in: int | None = None, include_refresh_token: bool = True) -> dict[str, Any]:
-        granted = client.get_allowed_scope(scope or "")
         lifetime = settings.access_token_lifetime
+        if not isinstance(user, GrantContext):  # client_credentials: the client acts for itself
+            granted = client.get_allowed_scope(scope or "")
+            with transaction(engine) as conn:
+                token, _exp = issue_token(conn, client.record.client_id, granted, lifetime, {"grant_type": grant_type})
+            return {"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": granted}
+        granted = scope or user.scope
+        words = granted.split()
+        lifetime = int(settings.extra.get("user_access_token_lifetime", 3600))
+        body: dict[str, Any] = {"token_type": "Bearer", "expires_in": lifetime, "scope": granted,
+                                "need_patient_banner": user.need_patient_banner,
+                                "smart_style_url": f"{settings.public_root}/auth/smart-style.json"}
         with transaction(engine) as conn:
-            token, _exp = issue_token(conn, client.record.client_id, granted, lifetime, {"grant_type": grant_type})
-        return {"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": granted}
+            body["access_token"], _exp = issue_token(conn, client.record.client_id, granted, lifetime,
+                                                     user.token_context(grant_type), user.family_id)
+            refresh = [w for w in REFRESH_SCOPES if w in words]
+            if include_refresh_token and refresh:
+                days = settings.extra.get("offline_refresh_days", 90) if "offline_access" in refresh else \
+                    settings.extra.get("online_refresh_days", 1)
+                body["refresh_token"] = issue_refresh(conn, client.record.client_id, user, granted,
+                                                      int(float(days) * 86400))
+        if user.patient:
+            body["patient"] = user.patient
+        if user.encounter:
+            body["encounter"] = user.encounter
+        return body
 
     server.register_token_generator("default", generate)
-    server.register_client_auth_method(AUTH_METHOD, SmartClientAssertion(engine, settings, JwksCache(settings.jwks_cache_seconds)))
+    assertion = SmartClientAssertion(engine, settings, JwksCache(settings.jwks_cache_seconds))
+    server.register_client_auth_method(AUTH_METHOD, assertion)
     server.register_grant(SmartClientCredentialsGrant)
+    register_smart_grants(server, engine, settings)
     return server

@@ -43,13 +43,13 @@ class TokenInfo:
 
 
 def issue_token(conn: Connection, client_id: str, scope: str, lifetime_s: int,
-                context: dict[str, Any] | None = None) -> tuple[str, int]:
+                context: dict[str, Any] | None = None, family_id: str | None = None) -> tuple[str, int]:
     token = secrets.token_urlsafe(32)
     now = now_us()
     expires = now + lifetime_s * 1_000_000
     conn.execute(insert(access_token).values(
         token_hash=token_hash(token), client_id=client_id, scope=scope, issued_us=now,
-        expires_us=expires, revoked=False, context=json.dumps(context or {}),
+        expires_us=expires, revoked=False, context=json.dumps(context or {}), family_id=family_id,
     ))
     return token, expires
 

@@ -201,8 +201,9 @@ class SmartConfiguration(Handler):
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
-        scopes = [f"system/{t}.{p}" for t in s.types.names() for p in ("rs", "cruds", "read", "write")]
-        return Result(200, smart_configuration(s.settings.public_root, ["system/*.rs", "system/*.cruds", *scopes]),
+        scopes = [f"{c}/{t}.{p}" for c in ("patient", "user", "system") for t in ("*", *s.types.names())
+                  for p in ("rs", "cruds", "read", "write")]
+        return Result(200, smart_configuration(s.settings.public_root, scopes),
                       {"Content-Type": "application/json"})
 
 

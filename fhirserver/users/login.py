@@ -213,3 +213,30 @@ def authenticate_user(svc: Services, username: str, password: str, totp: str | N
     log.info("login %s for user id %s in %.0f ms", result.reason, result.user_id,
              (time.monotonic() - started) * 1000)
     return result
+
+
+def authenticate_second_factor(svc: Services, username: str, totp: str, network_address: str, *,
+                               request_id: str | None = None, client_id: str | None = None,
+                               client_name: str | None = None, policy: LoginPolicy | None = None) -> LoginResult:
+    """The TOTP step of a login whose password was accepted moments ago (the login page keeps
+    that fact in its signed session, never the password). Same counters, lockout and audit as
+    `authenticate_user`; if the password changed in between, the attempt fails."""
+    svc.keys.ensure(KEY_SCOPE)
+    policy = policy or LoginPolicy.from_settings(svc.settings)
+    try:
+        name: str | None = normalize_username(username)
+    except UserError:
+        name = None
+    seen = None
+    if name is not None:
+        with read_connection(svc.engine) as conn:
+            seen = conn.execute(select(app_user.c.password_hash).where(app_user.c.username == name)).scalar()
+    pre = _Precheck(name, seen, seen is not None, None)
+    with transaction(svc.engine) as conn:
+        recorded = current_us()
+        result = _decide(conn, pre, "", totp or None, svc.keys, policy, recorded)
+        if result.reason == "totp-required":  # an empty code is a wrong code at this step
+            result = LoginResult(False, "bad-totp", result.username, result.user_id, result.fhir_user, "no TOTP code")
+        svc.audit.append(conn, login_audit_record(result, network_address, recorded, request_id, client_id,
+                                                  client_name))
+    return result

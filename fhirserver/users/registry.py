@@ -173,6 +173,10 @@ def set_disabled(engine: Engine, username: str, disabled: bool = True) -> UserRe
         values.update(failed_logins=0, locked_until_us=None)
     with transaction(engine) as conn:
         conn.execute(update(app_user).where(app_user.c.id == record.id).values(**values))
+        if disabled:  # a disabled account's apps lose their access and refresh tokens at once
+            from ..smart.grants import revoke_user_families
+
+            revoke_user_families(conn, record.id)
     return _require(engine, record.username)
 
 

@@ -1,0 +1,32 @@
+"""AuditEvents for the OAuth side: token issuance and refusal, authorization decisions,
+introspection and revocation (logins are audited by `users.login`). Fail closed: if the record
+cannot be written the caller's response is replaced by a 500."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import request
+
+from ..audit.events import DCM, AuditRecord
+from ..search.dates import now_us
+from ..services import Services
+
+SUBTYPES = {
+    "token": ("http://dicom.nema.org/resources/ontology/DCM", "110122", "Login"),
+    "authorize": ("urn:fhirserver:oauth", "authorize", "Authorization decision"),
+    "introspection": ("urn:fhirserver:oauth", "introspect", "Token introspection"),
+    "revocation": ("http://dicom.nema.org/resources/ontology/DCM", "110123", "Logout"),
+}
+
+
+def audit_oauth(svc: Services, kind: str, status: int, client: Any, user: str | None, desc: str) -> None:
+    rec = AuditRecord(interaction="login", request_id=str(uuid.uuid4()), network_address=request.remote_addr or "",
+                      recorded_us=now_us(), status=status, user=user, outcome_desc=desc[:500])
+    rec.type_code = (DCM, "110114", "User Authentication")
+    rec.subtype_code = SUBTYPES[kind]
+    if client is not None:
+        rec.client_id, rec.client_name = client.client_id, client.name
+    with svc.engine.begin() as conn:
+        svc.audit.append(conn, rec)
