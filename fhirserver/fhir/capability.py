@@ -14,6 +14,11 @@ def smart_oauth_extension(root: str) -> dict[str, Any]:
         "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
         "extension": [
             {"url": "token", "valueUri": f"{root}/auth/token"},
+            {"url": "authorize", "valueUri": f"{root}/auth/authorize"},
+            {"url": "register", "valueUri": f"{root}/auth/register"},
+            {"url": "introspect", "valueUri": f"{root}/auth/introspect"},
+            {"url": "revoke", "valueUri": f"{root}/auth/revoke"},
+            {"url": "manage", "valueUri": f"{root}/api/openapi.json"},
         ],
     }
 
