@@ -5,15 +5,21 @@ flow (authorize -> login -> [TOTP] -> approve -> code -> token)."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pyotp
 import pytest
+from werkzeug.serving import make_server
 
+from fhirserver.app import create_app
 from fhirserver.auth.clients import register_app_client
 from fhirserver.users.registry import create_user, link_patient
-from tests.conftest import BASE
+from tests.conftest import BASE, make_settings
 from tests.smart.browser import Browser, Page, pkce_pair, redirect_params
 
 PASSWORD = "violet-harbor-lantern-92"
@@ -132,3 +138,50 @@ class Smart:
 @pytest.fixture
 def smart(app, http, admin) -> Smart:  # type: ignore[no-untyped-def]
     return Smart(app, http, admin)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    """A real HTTP server (werkzeug, threaded) on a free port; yields (FHIR base URL, app)."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/fhir"
+    app = create_app(replace(make_settings(tmp_path), base_url=base))
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield base, app
+    finally:
+        server.shutdown()
+        app.extensions["fhirserver"].engine.dispose()
+
+
+def seed_live(base: str, app: Any, app_scopes: str, redirect: str, family: str = "Interop") -> tuple[str, str, str]:
+    """On a live server: a Patient created over HTTP by a backend client, a user who is that
+    patient, and a public app. Returns (patient id, username, app client_id)."""
+    import requests
+
+    from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
+    from fhirserver.auth.clients import register_backend_client
+
+    svc = app.extensions["fhirserver"]
+    key = generate_key("ES384")
+    backend = register_backend_client(svc.engine, "loader", "system/*.cruds", jwks=public_jwks(key))
+    token_url = f"{base.removesuffix('/fhir')}/auth/token"
+    tok = requests.post(token_url, data=token_request_form(key, backend.client_id, token_url, "system/*.cruds"),
+                        timeout=10).json()
+    created = requests.post(f"{base}/Patient", json={"resourceType": "Patient",
+                                                     "name": [{"family": family, "given": ["Ada"]}]},
+                            headers={"Authorization": f"Bearer {tok['access_token']}"}, timeout=10)
+    assert created.status_code == 201, created.text
+    pid = created.json()["id"]
+    username = f"user{next(_n)}"
+    create_user(svc.engine, svc.keys, username, PASSWORD, f"Patient/{pid}")
+    rec, _ = register_app_client(svc.engine, "interop app", app_scopes, [redirect], "none")
+    return pid, username, rec.client_id
