@@ -71,10 +71,14 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, 
     svc = _services(settings)
     if demo:
         from .demo import DEMO_CLIENT_ID, ensure_demo_client, load_demo
+        from .smart.demo import ensure_demo_smart
 
         loaded = load_demo(svc)
         key_path = ensure_demo_client(svc)
+        passwords = ensure_demo_smart(svc)
+        os.environ["FHIRSERVER_DEMO_APP"] = "1"  # gunicorn workers serve /demo-app/
         _print_demo(settings, DEMO_CLIENT_ID, key_path, loaded)
+        _print_demo_smart(settings, passwords)
     svc.engine.dispose()
 
     from .wsgi import run_gunicorn
@@ -99,6 +103,20 @@ Then:
   curl -H "Authorization: Bearer $TOKEN" "{base}/Observation?subject=Patient/demo-alice&code=http://loinc.org|8867-4"
   curl -H "Authorization: Bearer $TOKEN" {base}/Patient/demo-bob/_history
   curl -H "Authorization: Bearer $TOKEN" "{base}/AuditEvent?_count=5"     # needs system/AuditEvent.rs (included in system/*.rs)
+""")
+
+
+def _print_demo_smart(settings: Settings, passwords: dict[str, str]) -> None:
+    root = settings.public_root
+    users = "\n".join(f"    {name:<14} {pw}" for name, pw in passwords.items())
+    click.echo(f"""SMART App Launch (open in a browser):
+  Demo app      : {root}/demo-app/   (public client demo-smart-app, PKCE S256)
+  Demo users    : (passwords generated at first start; also in {settings.data_dir / 'demo-users.txt'})
+{users}
+    alice is Patient/demo-alice; dr-demo a practitioner (chooses a patient); guardian-chen is
+    the guardian of the minor Patient/demo-chloe.
+  EHR launch    : fhirserver launch create --client demo-smart-app --patient Patient/demo-bob --user dr-demo
+  Discovery     : curl {root}/.well-known/openid-configuration
 """)
 
 

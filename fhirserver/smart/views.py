@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import secrets
 import time
 from typing import Any
@@ -439,6 +440,10 @@ def install(app: Flask) -> None:
 
     api_of(app).register_blueprint(launch_blp)
     api_of(app).register_blueprint(register_blp)
+    if svc.settings.extra.get("demo_app") or os.environ.get("FHIRSERVER_DEMO_APP") == "1":
+        from .demo_app import make_demo_app_blueprint
+
+        app.register_blueprint(make_demo_app_blueprint())
 
     @app.get("/.well-known/openid-configuration")
     def oidc_discovery() -> Response:
