@@ -108,11 +108,11 @@ Then:
 
 def _print_demo_smart(settings: Settings, passwords: dict[str, str]) -> None:
     root = settings.public_root
-    users = "\n".join(f"    {name:<14} {pw}" for name, pw in passwords.items())
     click.echo(f"""SMART App Launch (open in a browser):
   Demo app      : {root}/demo-app/   (public client demo-smart-app, PKCE S256)
-  Demo users    : (passwords generated at first start; also in {settings.data_dir / 'demo-users.txt'})
-{users}
+  Demo users    : {', '.join(passwords)}
+                  passwords are generated at first start and kept only in (mode 0600):
+                  cat {settings.data_dir / 'demo-users.txt'}
     alice is Patient/demo-alice; dr-demo a practitioner (chooses a patient); guardian-chen is
     the guardian of the minor Patient/demo-chloe.
   EHR launch    : fhirserver launch create --client demo-smart-app --patient Patient/demo-bob --user dr-demo
