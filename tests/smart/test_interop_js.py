@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm"
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
     if not (SCRIPT_DIR / "node_modules" / "fhirclient").is_dir():
-        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=SCRIPT_DIR,
+        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--legacy-peer-deps"], cwd=SCRIPT_DIR,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"npm ci failed:\n{proc.stdout}\n{proc.stderr}"
     return SCRIPT_DIR / "node_modules"
