@@ -16,6 +16,7 @@ from .auth.server import build_authorization_server
 from .auth.tokens import token_hash
 from .config import Settings
 from .db.engine import make_engine, read_connection, start_checkpointer
+from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
 from .pipeline.pipeline import Pipeline
 from .search.dates import now_us
@@ -126,7 +127,11 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
         upgrade(settings.effective_database_url)
-    svc = svc or build_services(settings, make_engine(settings.effective_database_url, background_checkpoint=True))
+    if svc is None:
+        engine: Any = make_engine(settings.effective_database_url, background_checkpoint=True)
+        if settings.extra.get("group_commit", True):
+            engine = GroupCommitEngine(engine)
+        svc = build_services(settings, engine)
     start_checkpointer(svc.engine)
     warm_keys(svc)
     # Compile the JSON-schema validators off the request path (about 1.5 s in total).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,15 @@ def main(ctx: click.Context, config: str | None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--workers", default=4, show_default=True, type=int, help="gunicorn worker processes")
-@click.option("--threads", default=2, show_default=True, type=int, help="threads per worker")
+@click.option("--workers", default=lambda: min(max(os.cpu_count() or 2, 2), 8), show_default="CPU count (2-8)",
+              type=int, help="gunicorn worker processes")
+@click.option("--threads", default=8, show_default=True, type=int,
+              help="threads per worker (concurrent writes of one worker share a commit)")
 @click.option("--demo", is_flag=True, help="Load demo data and register a demo client (SQLite by default).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Override the data directory.")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, demo: bool, data_dir: str | None) -> None:
     """Run the server under gunicorn (migrations are applied first)."""
-    import os
 
     overrides: dict[str, Any] = {"data_dir": data_dir}
     configured = _configured_keys(ctx.obj.get("config"))

@@ -73,9 +73,11 @@ def main() -> None:
     ap.add_argument("--observations", type=int, default=20)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--reads", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    ap.add_argument("--threads", type=int, default=8, help="threads per worker")
     args = ap.parse_args()
 
-    server = BenchServer().start()
+    server = BenchServer(workers=args.workers, threads=args.threads).start()
     try:
         token = server.token()
         base = server.base
@@ -99,7 +101,7 @@ def main() -> None:
             results = list(pool.map(create_patient, range(args.patients)))
         elapsed = time.perf_counter() - t0
         print(f"created {total} resources in {elapsed:.1f}s: {total / elapsed:.0f} creates/s "
-              f"({args.clients} concurrent clients, gunicorn 4 workers x 2 threads, SQLite, encryption+audit on)")
+              f"({args.clients} concurrent clients, gunicorn {server.workers} workers x {server.threads} threads, SQLite, encryption+audit on)")
 
         ids = [("Patient", p) for p, _ in results] + [("Observation", o) for _, obs in results for o in obs]
         s = requests.Session()

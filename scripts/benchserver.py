@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class BenchServer:
-    def __init__(self, data_dir: str | None = None, workers: int = 4, threads: int = 2,
+    def __init__(self, data_dir: str | None = None, workers: int = 2, threads: int = 8,
                  database_url: str = "") -> None:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="fhirbench-"))
         self.port = free_port()

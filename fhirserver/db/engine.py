@@ -96,6 +96,7 @@ def _sqlite_engine(url: str, background_checkpoint: bool) -> Engine:
 
 def start_checkpointer(engine: Engine, interval_s: float = 0.5) -> threading.Thread | None:
     """Checkpoint a SQLite WAL from a daemon thread (PASSIVE: never blocks readers or writers)."""
+    engine = getattr(engine, "raw", engine)  # unwrap a GroupCommitEngine
     if engine.dialect.name != "sqlite":
         return None
     database = engine.url.database
