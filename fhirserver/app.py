@@ -6,6 +6,7 @@ import logging
 import threading
 from typing import Any
 
+from authlib.oauth2 import OAuth2Error
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from joserfc import jws
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -109,7 +110,10 @@ def _make_auth_blueprint() -> Blueprint:
     def token() -> Response:
         svc = services()
         server = current_app.extensions["fhirserver.oauth"]
-        resp = server.create_token_response()
+        try:
+            resp = server.create_token_response()
+        except OAuth2Error as err:  # raised before Authlib's own handling, e.g. insecure_transport
+            resp = server.handle_error_response(None, err)
         try:
             body = resp.get_json(silent=True) or {}
             _audit_token_request(svc, resp.status_code, body)
@@ -139,6 +143,11 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     threading.Thread(target=svc.validator.warm, args=(writable,), daemon=True, name="schema-warmup").start()
     app = Flask("fhirserver")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    hops = int(settings.extra.get("proxy_hops", 0))
+    if hops:  # behind TLS-terminating proxies: request URLs (OAuth checks them) use the forwarded scheme/host
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     app.extensions["fhirserver"] = svc
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
     app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings, svc.types.names())

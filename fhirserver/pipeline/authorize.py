@@ -42,6 +42,8 @@ class Authorizer:
             user = principal.fhir_user or ""
             if user.startswith("Patient/"):
                 return [user.split("/", 1)[1], *principal.linked_patients]
+            if user.startswith("RelatedPerson/"):  # a guardian or proxy: the patients linked to them
+                return list(principal.linked_patients)
             if user.startswith(("Practitioner/", "PractitionerRole/")):
                 return None
             return []  # a user scope without a known user grants nothing

@@ -309,11 +309,11 @@ def _approve(svc: Services, stored: StoredAuthorizationRequest, grant: Any, user
     elif mode == "choose":
         patient = request.form.get("patient", "") or (options[0][0] if len(options) == 1 else "")
         if patient not in {o[0] for o in options}:
-            return _repeat(stored, "Choose one of the listed patients.")
+            return _repeat(stored, launch_ctx, "Choose one of the listed patients.")
     elif mode == "search":
         patient = request.form.get("patient", "").strip().removeprefix("Patient/")
         if not _patient_exists(svc, patient):
-            return _repeat(stored, "No patient with that id.")
+            return _repeat(stored, launch_ctx, "No patient with that id.")
     if launch_ctx is None:
         scopes = [s for s in scopes if s != "launch"]
     if not [s for s in scopes if "/" in s and not s.startswith("launch")]:
@@ -334,16 +334,13 @@ def _approve(svc: Services, stored: StoredAuthorizationRequest, grant: Any, user
     return resp
 
 
-def _repeat(stored: StoredAuthorizationRequest, error: str) -> Response:
-    """Show the approval page again (same request, new transaction id)."""
+def _repeat(stored: StoredAuthorizationRequest, launch_ctx: dict[str, Any] | None, error: str) -> Response:
+    """Show the approval page again for the same request (under a new transaction id)."""
     pend = _pending()
     txn = secrets.token_urlsafe(12)
-    params = [(k, v) for k, v in stored.args.items(multi=True)]
-    launch = request.form.get("txn")
-    pend[txn] = {"params": params, "created": time.time(), "launch": None if launch is None else
-                 dict(session.get("authz", {})).get(launch, {}).get("launch")}
+    pend[txn] = {"params": list(stored.args.items(multi=True)), "created": time.time(), "launch": launch_ctx}
     _save_pending(pend)
-    grant, failure = _validate(stored, pend[txn]["launch"])
+    grant, failure = _validate(stored, launch_ctx)
     return failure or _show(txn, grant, error, 400)
 
 
@@ -363,10 +360,13 @@ def make_smart_blueprint() -> Blueprint:
 
     @bp.route("/authorize", methods=["GET", "POST"])
     def authorize() -> Response:
-        if request.method == "POST" and "txn" in request.form:
-            return _continue()
-        source = request.form if request.method == "POST" else request.args
-        return _start([(k, v) for k, v in source.items(multi=True)])
+        try:
+            if request.method == "POST" and "txn" in request.form:
+                return _continue()
+            source = request.form if request.method == "POST" else request.args
+            return _start([(k, v) for k, v in source.items(multi=True)])
+        except OAuth2Error as err:  # e.g. insecure_transport: nothing is trusted, no redirect
+            return _error_page(f"This sign-in request is not valid: {err.description or err.error}")
 
     @bp.get("/jwks")
     def jwks() -> Response:
@@ -388,7 +388,10 @@ def make_smart_blueprint() -> Blueprint:
 def _endpoint_view(name: str) -> Any:
     def view() -> Response:
         svc = _svc()
-        resp = _server().create_endpoint_response(name)
+        try:
+            resp = _server().create_endpoint_response(name)
+        except OAuth2Error as err:
+            resp = _server().handle_error_response(None, err)
         body = resp.get_json(silent=True) or {}
         claimed = request.form.get("client_id") or (request.authorization.username if request.authorization else None)
         record = get_client(svc.engine, claimed) if isinstance(claimed, str) and len(claimed) <= 64 else None
