@@ -82,6 +82,25 @@ def _check_jwks(jwks: dict[str, Any]) -> None:
         raise ClientError(f"JWKS is not valid: {exc}") from exc
 
 
+def _check_keys(jwks: dict[str, Any] | None, jwks_uri: str | None) -> None:
+    if bool(jwks) == bool(jwks_uri):
+        raise ClientError("give exactly one of a JWKS (file) or a JWKS URL")
+    if jwks_uri and not jwks_uri.startswith(("https://", "http://")):
+        raise ClientError("the JWKS URL must be http(s)")
+    if jwks:
+        _check_jwks(jwks)
+
+
+def _check_scopes_and_id(engine: Engine, scopes: str, client_id: str | None) -> None:
+    bad = invalid_scopes(scopes)
+    if bad:
+        raise ClientError(f"invalid scope(s): {' '.join(bad)}")
+    if not scopes.split():
+        raise ClientError("a client needs at least one allowed scope")
+    if client_id and get_client(engine, client_id) is not None:
+        raise ClientError(f"a client with id {client_id} already exists")
+
+
 def register_backend_client(
     engine: Engine,
     name: str,
@@ -94,19 +113,8 @@ def register_backend_client(
 ) -> ClientRecord:
     if not name.strip():
         raise ClientError("a client needs a name")
-    if bool(jwks) == bool(jwks_uri):
-        raise ClientError("give exactly one of a JWKS (file) or a JWKS URL")
-    if jwks_uri and not jwks_uri.startswith(("https://", "http://")):
-        raise ClientError("the JWKS URL must be http(s)")
-    if jwks:
-        _check_jwks(jwks)
-    bad = invalid_scopes(scopes)
-    if bad:
-        raise ClientError(f"invalid scope(s): {' '.join(bad)}")
-    if not scopes.split():
-        raise ClientError("a client needs at least one allowed scope")
-    if client_id and get_client(engine, client_id) is not None:
-        raise ClientError(f"a client with id {client_id} already exists")
+    _check_keys(jwks, jwks_uri)
+    _check_scopes_and_id(engine, scopes, client_id)
     record = ClientRecord(
         client_id=client_id or secrets.token_urlsafe(16), name=name, kind="backend", scopes=scopes,
         jwks=jwks, jwks_uri=jwks_uri, organization=organization, settings=settings or {},
@@ -180,19 +188,10 @@ def register_app_client(
     if launch_url:
         _check_redirect_uri(launch_url)
     if auth_method == "private_key_jwt":
-        if bool(jwks) == bool(jwks_uri):
-            raise ClientError("give exactly one of a JWKS (file) or a JWKS URL")
-        if jwks:
-            _check_jwks(jwks)
+        _check_keys(jwks, jwks_uri)
     elif jwks or jwks_uri:
         raise ClientError("a JWKS is only used with private_key_jwt")
-    bad = invalid_scopes(scopes)
-    if bad:
-        raise ClientError(f"invalid scope(s): {' '.join(bad)}")
-    if not scopes.split():
-        raise ClientError("a client needs at least one allowed scope")
-    if client_id and get_client(engine, client_id) is not None:
-        raise ClientError(f"a client with id {client_id} already exists")
+    _check_scopes_and_id(engine, scopes, client_id)
     secret = secrets.token_urlsafe(32) if auth_method == "client_secret_basic" else None
     merged = {**(settings or {}), "token_endpoint_auth_method": auth_method}
     if launch_url:

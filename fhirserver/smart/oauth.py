@@ -179,14 +179,18 @@ def _introspection_payload(token: StoredToken, settings: Settings) -> dict[str, 
     return body
 
 
+def _query_token(engine: Engine, token_string: Any, hint: str | None) -> StoredToken | None:
+    if not isinstance(token_string, str) or len(token_string) > 512:
+        return None
+    return find_token(engine, token_string, hint)
+
+
 def build_introspection(engine: Engine, settings: Settings) -> type[IntrospectionEndpoint]:
     class SmartIntrospection(IntrospectionEndpoint):
         CLIENT_AUTH_METHODS = APP_AUTH_METHODS
 
         def query_token(self, token_string: str, token_type_hint: str | None) -> StoredToken | None:
-            if not isinstance(token_string, str) or len(token_string) > 512:
-                return None
-            return find_token(engine, token_string, token_type_hint)
+            return _query_token(engine, token_string, token_type_hint)
 
         def check_permission(self, token: StoredToken, client: Any, request: Any) -> bool:
             # A client may introspect its own tokens; a resource server registered with
@@ -204,9 +208,7 @@ def build_revocation(engine: Engine) -> type[RevocationEndpoint]:
         CLIENT_AUTH_METHODS = APP_AUTH_METHODS
 
         def query_token(self, token_string: str, token_type_hint: str | None) -> StoredToken | None:
-            if not isinstance(token_string, str) or len(token_string) > 512:
-                return None
-            return find_token(engine, token_string, token_type_hint)
+            return _query_token(engine, token_string, token_type_hint)
 
         def revoke_token(self, token: StoredToken, request: Any) -> None:
             with transaction(engine) as conn:

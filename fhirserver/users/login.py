@@ -88,21 +88,24 @@ class _Precheck:
     new_hash: str | None  # a re-hash with current parameters, when the old ones are outdated
 
 
-def _precheck(engine: Engine, username: str, password: str) -> _Precheck:
+def _stored_hash(engine: Engine, username: str) -> tuple[str | None, str | None]:
+    """(normalized name or None, the account's password hash or None)."""
     try:
         name: str | None = normalize_username(username)
     except UserError:
-        name = None
-    row = None
-    if name is not None:
-        with read_connection(engine) as conn:
-            row = conn.execute(select(app_user.c.password_hash).where(app_user.c.username == name)).first()
-    if row is None:
+        return None, None
+    with read_connection(engine) as conn:
+        return name, conn.execute(select(app_user.c.password_hash).where(app_user.c.username == name)).scalar()
+
+
+def _precheck(engine: Engine, username: str, password: str) -> _Precheck:
+    name, stored = _stored_hash(engine, username)
+    if stored is None:
         burn(password)
         return _Precheck(name, None, False, None)
-    ok = verify_password(row.password_hash, password)
-    new_hash = hash_password(password) if ok and needs_rehash(row.password_hash) else None
-    return _Precheck(name, row.password_hash, ok, new_hash)
+    ok = verify_password(stored, password)
+    new_hash = hash_password(password) if ok and needs_rehash(stored) else None
+    return _Precheck(name, stored, ok, new_hash)
 
 
 def _fail(conn: Connection, row: Any, reason: Reason, detail: str, policy: LoginPolicy, now: int) -> LoginResult:
@@ -223,14 +226,7 @@ def authenticate_second_factor(svc: Services, username: str, totp: str, network_
     `authenticate_user`; if the password changed in between, the attempt fails."""
     svc.keys.ensure(KEY_SCOPE)
     policy = policy or LoginPolicy.from_settings(svc.settings)
-    try:
-        name: str | None = normalize_username(username)
-    except UserError:
-        name = None
-    seen = None
-    if name is not None:
-        with read_connection(svc.engine) as conn:
-            seen = conn.execute(select(app_user.c.password_hash).where(app_user.c.username == name)).scalar()
+    name, seen = _stored_hash(svc.engine, username)
     pre = _Precheck(name, seen, seen is not None, None)
     with transaction(svc.engine) as conn:
         recorded = current_us()
