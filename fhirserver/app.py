@@ -103,6 +103,26 @@ def _audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> No
         svc.audit.append(conn, rec)
 
 
+def _revoke_issued(svc: Services, body: dict[str, Any]) -> None:
+    from sqlalchemy import update
+
+    from .db.schema import access_token, refresh_token
+
+    hashes = {k: token_hash(body[k]) for k in ("access_token", "refresh_token") if isinstance(body.get(k), str)}
+    if not hashes:
+        return
+    try:
+        with svc.engine.begin() as conn:
+            if "access_token" in hashes:
+                conn.execute(update(access_token).where(access_token.c.token_hash == hashes["access_token"])
+                             .values(revoked=True))
+            if "refresh_token" in hashes:
+                conn.execute(update(refresh_token).where(refresh_token.c.token_hash == hashes["refresh_token"])
+                             .values(revoked=True))
+    except Exception:
+        logging.getLogger("fhirserver.auth").exception("could not revoke a token whose issuance was not audited")
+
+
 def _make_auth_blueprint() -> Blueprint:
     bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -119,6 +139,7 @@ def _make_auth_blueprint() -> Blueprint:
             _audit_token_request(svc, resp.status_code, body)
         except Exception:
             logging.getLogger("fhirserver.auth").exception("could not audit a token request")
+            _revoke_issued(svc, body)  # fail closed: no token without its audit record
             return jsonify(error="server_error", error_description="audit unavailable"), 500
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["Pragma"] = "no-cache"

@@ -535,3 +535,20 @@ def test_no_access_without_audit_record(http, admin, settings, how):
         assert r.status_code == 200 and r.get_json()["name"][0]["family"] == "Existingfam"
         result = verify(settings)
         assert result.exit_code == 0, result.output
+
+
+def test_no_token_without_audit_record(http, make_client, settings):  # type: ignore[no-untyped-def]
+    """A token request whose AuditEvent cannot be written gets a 500, and the token the grant
+    produced before the failure is revoked: it never works."""
+    from fhirserver.auth.assertion import token_request_form
+
+    client = make_client("system/*.rs")
+    _break_audit(settings, "trigger")
+    r = http.post("/auth/token", data=token_request_form(client.key, client.client_id, settings.token_url,
+                                                         "system/*.rs"))
+    assert r.status_code == 500 and "access_token" not in r.get_json()
+    with db(settings) as cx:
+        issued = cx.execute("SELECT count(*), sum(revoked) FROM access_token WHERE client_id = ?",
+                            (client.client_id,)).fetchone()
+        cx.execute("DROP TRIGGER no_audit")
+    assert issued[0] == 1 and issued[1] == 1  # stored by the grant, then revoked
