@@ -177,7 +177,10 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.add_url_rule("/fhir/", "fhir_base_slash", _fhir_view, methods=METHODS)
     app.add_url_rule("/fhir/<path:path>", "fhir", _fhir_view, methods=METHODS)
     app.register_blueprint(_make_auth_blueprint())
-    build_api(app)
+    api = build_api(app)
+    from .consent.api import alerts_blp
+
+    api.register_blueprint(alerts_blp)
     install_smart(app)
 
     @app.errorhandler(405)

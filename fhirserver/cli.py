@@ -105,6 +105,17 @@ Then:
   curl -H "Authorization: Bearer $TOKEN" "{base}/Observation?subject=Patient/demo-alice&code=http://loinc.org|8867-4"
   curl -H "Authorization: Bearer $TOKEN" {base}/Patient/demo-bob/_history
   curl -H "Authorization: Bearer $TOKEN" "{base}/AuditEvent?_count=5"     # needs system/AuditEvent.rs (included in system/*.rs)
+
+Consent (docs/consent.md): demo-dev opted out of everything but treatment (and of treatment by Organization/demo-ed), demo-bob opted in to research, demo-alice
+has a sensitive HIV result, demo-chloe is a minor with a guardian. The same key works for the clients
+demo-research (purpose HRESCH), demo-break-glass (Organization/demo-ed) and demo-consent-office
+(consent-exempt):
+  RTOKEN=$({cfg}fhirserver client token --client-id demo-research --key-file {key_path} --scope "system/*.rs" --token-url {settings.token_url})
+  curl -H "Authorization: Bearer $RTOKEN" "{base}/Observation?_summary=count"    # only demo-bob (opt-in)
+  GTOKEN=$({cfg}fhirserver client token --client-id demo-break-glass --key-file {key_path} --scope "system/*.rs" --token-url {settings.token_url})
+  curl -H "Authorization: Bearer $GTOKEN" {base}/Patient/demo-dev                 # 404: dev opted out of demo-ed
+  curl -H "Authorization: Bearer $GTOKEN" -H "X-Purpose-Of-Use: ETREAT" -H "X-Break-Glass-Reason: demo" "{base}/Patient/demo-dev/\\$everything"
+  {cfg}fhirserver alerts list
 """)
 
 
@@ -172,6 +183,12 @@ def client() -> None:
 @click.option("--secret", "with_secret", is_flag=True, help="A confidential app with a client secret (printed once).")
 @click.option("--admin", is_flag=True, help="May call the admin APIs (/api/...) with its backend token.")
 @click.option("--introspect-any", is_flag=True, help="A resource server that may introspect any token.")
+@click.option("--purpose", "purposes", multiple=True, default=("TREAT",), show_default=True,
+              help="A purpose of use (v3 ActReason) the client may claim (repeatable; the first is its default).")
+@click.option("--consent-exempt", "consent_exempt", is_flag=True,
+              help="Not filtered by patients' consents (consent back office); every access is audited and alerted.")
+@click.option("--break-glass", "break_glass", is_flag=True,
+              help="May override consent denies with X-Purpose-Of-Use: ETREAT and X-Break-Glass-Reason.")
 @click.pass_context
 def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_url: str | None, scopes: str,
                     organization: str | None, client_id: str | None, redirect_uris: tuple[str, ...],
@@ -495,6 +512,30 @@ def keys_status(ctx: click.Context) -> None:
 
 
 # ------------------------------------------------------------------ audit
+@main.group()
+def alerts() -> None:
+    """The privacy alert feed (break-the-glass, consent-exempt access, denial bursts)."""
+
+
+@alerts.command("list")
+@click.option("--kind", type=click.Choice(["break-glass", "consent-exempt", "denial-burst", "client-suspended"]))
+@click.option("--client", "client_id", help="Only alerts about this client_id.")
+@click.option("--limit", default=100, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def alerts_list(ctx: click.Context, kind: str | None, client_id: str | None, limit: int, as_json: bool) -> None:
+    """List alerts, newest first."""
+    from .consent.alerts import list_alerts
+
+    svc = _services(_settings(ctx))
+    rows = list_alerts(svc.engine, kind, client_id, None, limit)
+    if as_json:
+        click.echo(json.dumps([a.to_json() for a in rows], indent=2))
+        return
+    for a in rows:
+        click.echo(f"{a.id}\t{a.created}\t{a.kind}\t{a.client_id or '-'}\t{json.dumps(a.detail, sort_keys=True)}")
+
+
 @main.group()
 def audit() -> None:
     """Audit trail tools."""

@@ -31,6 +31,12 @@ class Settings:
     max_page_size: int = 1000
     history_max_page_size: int = 1000
     log_level: str = "INFO"
+    # consent engine (docs/consent.md): purposes that permit unless a consent denies (opt-out);
+    # every other purpose denies unless a consent permits (opt-in)
+    consent_opt_out_purposes: str = "TREAT,HPAYMT,HOPERAT"
+    consent_minor_age: int = 14  # younger patients' privacy Consents must come from a guardian
+    denial_burst_threshold: int = 20  # denied requests per client per minute that raise an alert (0: off)
+    denial_burst_suspend: bool = False  # also disable the client on a burst
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -63,6 +69,10 @@ _ENV = {
     "FHIRSERVER_MAX_BODY_BYTES": "max_body_bytes",
     "FHIRSERVER_ACCESS_TOKEN_LIFETIME": "access_token_lifetime",
     "FHIRSERVER_LOG_LEVEL": "log_level",
+    "FHIRSERVER_CONSENT_OPT_OUT_PURPOSES": "consent_opt_out_purposes",
+    "FHIRSERVER_CONSENT_MINOR_AGE": "consent_minor_age",
+    "FHIRSERVER_DENIAL_BURST_THRESHOLD": "denial_burst_threshold",
+    "FHIRSERVER_DENIAL_BURST_SUSPEND": "denial_burst_suspend",
 }
 
 
@@ -73,6 +83,8 @@ def _coerce(name: str, value: Any) -> Any:
         return Path(value)
     if kind == "int":
         return int(value)
+    if kind == "bool":
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
     return value
 
 

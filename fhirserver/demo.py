@@ -46,7 +46,10 @@ def _vital(pid: str, code: str, display: str, unit: str, low: float, high: float
     }
 
 
-def _consent(pid: str, purpose: str, provision_type: str) -> dict[str, Any]:
+def _consent(pid: str, purpose: str | None, provision_type: str) -> dict[str, Any]:
+    provision: dict[str, Any] = {"type": provision_type, "period": {"start": "2024-01-15"}}
+    if purpose:
+        provision["purpose"] = [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}]
     return {
         "resourceType": "Consent", "status": "active",
         "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
@@ -54,8 +57,21 @@ def _consent(pid: str, purpose: str, provision_type: str) -> dict[str, Any]:
         "patient": {"reference": f"Patient/{pid}"},
         "dateTime": "2024-01-15",
         "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
-        "provision": {"type": provision_type, "period": {"start": "2024-01-15"},
-                      "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}]},
+        "provision": provision,
+    }
+
+
+def _hiv_result(pid: str) -> dict[str, Any]:
+    """A sensitive result: labelled HIV + R on write, hidden from everyone (TREAT included) unless
+    a consent explicitly permits it; the patient, break-the-glass and exempt clients see it."""
+    return {
+        "resourceType": "Observation", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "laboratory", "display": "Laboratory"}]}],
+        "code": {"coding": [{"system": LOINC, "code": "7918-6", "display": "HIV 1+2 Ab [Presence] in Serum"}]},
+        "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": "2024-05-05T08:00:00Z",
+        "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "260385009",
+                                             "display": "Negative"}]},
     }
 
 
@@ -73,18 +89,32 @@ def _questionnaire_response(pid: str) -> dict[str, Any]:
 
 def demo_resources() -> list[dict[str, Any]]:
     random.seed(7)
+    # consents (docs/consent.md): alice opts out of marketing and has a sensitive HIV result (in
+    # place of her questionnaire); bob opts in to research; chloe is a minor whose guardian (demo
+    # user guardian-chen) refused research; dev opted out of everything except treatment, and out
+    # of treatment by the demo ED's organization (which sees him only when it breaks the glass)
     people = [("demo-alice", "Alice", "Anders", "1980-04-12", "female", "MRN-1001", "HMARKT", "deny"),
               ("demo-bob", "Bob", "Baker", "1975-09-30", "male", "MRN-1002", "HRESCH", "permit"),
               ("demo-chloe", "Chloe", "Chen", "2015-06-02", "female", "MRN-1003", "HRESCH", "deny"),
-              ("demo-dev", "Dev", "Diaz", "1990-01-20", "other", "MRN-1004", "HMARKT", "deny")]
+              ("demo-dev", "Dev", "Diaz", "1990-01-20", "other", "MRN-1004", None, "deny")]
     out: list[dict[str, Any]] = []
     for pid, given, family, birth, gender, mrn, purpose, ptype in people:
         out.append(_patient(pid, given, family, birth, gender, mrn))
         for day in range(5):
             for vital in VITALS:
                 out.append(_vital(pid, *vital, day=day * 31 + len(pid)))
-        out.append(_questionnaire_response(pid))
-        out.append(_consent(pid, purpose, ptype))
+        out.append(_hiv_result(pid) if pid == "demo-alice" else _questionnaire_response(pid))
+        consent = _consent(pid, purpose, ptype)
+        if pid == "demo-dev":
+            # deny everything; except treatment; except treatment by the demo ED's organization
+            consent["provision"]["provision"] = [{
+                "type": "permit",
+                "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}],
+                "provision": [{"type": "deny", "actor": [{
+                    "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                         "code": "IRCP"}]},
+                    "reference": {"reference": "Organization/demo-ed"}}]}]}]
+        out.append(consent)
     return out
 
 
@@ -133,4 +163,34 @@ def ensure_demo_client(svc: Services) -> Path:
                                 jwks=public_jwks(key), organization="Organization/demo-hospital",
                                 client_id=DEMO_CLIENT_ID)
         set_disabled(svc.engine, DEMO_CLIENT_ID, False)
+    ensure_demo_consent_clients(svc, key_path)
     return key_path
+
+
+DEMO_CONSENT_CLIENTS = [  # client_id, name, settings (same key as the demo backend client)
+    ("demo-research", "Demo research client (purpose HRESCH)", {"purposes": ["HRESCH"]}, "Organization/demo-hospital"),
+    ("demo-break-glass", "Demo emergency department of another hospital (break-the-glass)",
+     {"purposes": ["TREAT"], "break_glass": True}, "Organization/demo-ed"),
+    ("demo-consent-office", "Demo consent back office (consent-exempt)", {"consent_exempt": True},
+     "Organization/demo-hospital"),
+]
+
+
+def ensure_demo_consent_clients(svc: Services, key_path: Path) -> None:
+    """Clients showing purpose of use, break-the-glass and exemption (docs/consent.md)."""
+    from .auth.assertion import load_private_key
+
+    jwks = public_jwks(load_private_key(key_path))
+    for client_id, name, settings, organization in DEMO_CONSENT_CLIENTS:
+        existing = get_client(svc.engine, client_id)
+        if existing is not None and existing.jwks == jwks:
+            continue
+        if existing is not None:
+            from sqlalchemy import delete
+
+            from .db.schema import client
+
+            with svc.engine.begin() as conn:
+                conn.execute(delete(client).where(client.c.client_id == client_id))
+        register_backend_client(svc.engine, name, "system/*.rs", jwks=jwks, organization=organization,
+                                client_id=client_id, settings=settings)

@@ -15,7 +15,7 @@ from .crypto.keyring import MasterKeyRing
 from .db.engine import make_engine
 from .fhir.registry import TypeRegistry, load_type_registry
 from .fhir.validation import Validator
-from .pipeline.consent import ConsentHook, NoConsentFiltering
+from .pipeline.consent import ConsentHook
 from .search.fhirpath import set_choice_elements
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
@@ -44,6 +44,8 @@ class Services:
 def build_services(settings: Settings, engine: Engine | None = None) -> Services:
     import json
 
+    from .consent import build_consent
+
     engine = engine or make_engine(settings.effective_database_url)
     ring = MasterKeyRing(settings.master_key, settings.data_dir)
     keys = DataKeyStore(engine, ring)
@@ -54,13 +56,13 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     params = load_param_registry(settings.profiles_dir, types.names())
     validator = Validator(settings.profiles_dir)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
-    repo = Repository(keys, indexer)
+    repo, consent = build_consent(settings, keys, indexer, blind)
     summary = elements["types"]
     return Services(
         settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
         params=params, validator=validator, indexer=indexer, repo=repo,
         audit=AuditLog(repo, settings.fhir_base), compiler=QueryCompiler(blind, settings.fhir_base, params),
-        consent=NoConsentFiltering(), summary_elements=summary,
+        consent=consent, summary_elements=summary,
     )
 
 

@@ -6,6 +6,11 @@ encryption as the API, batched transactions), then a real server (gunicorn, SQLi
 answers the HTTP queries. Prints p50/p95 per query, the SQL floor and the ratio.
 
     python scripts/bench_search.py [--patients 10000] [--observations 10] [--iterations 200]
+                                   [--consent-share 0.2]
+
+With --consent-share F the queries run twice: first with no Consents, then after a fraction F of
+the patients got restrictive privacy Consents (docs/consent.md), and the p95 ratio is printed
+(the consent engine's target: <= 1.5x).
 """
 
 from __future__ import annotations
@@ -60,6 +65,37 @@ def load(data_dir: Path, n_patients: int, n_obs: int) -> tuple[float, int]:
     return elapsed, count
 
 
+def restrictive_consents(n_patients: int, share: float, seed: int = 7):  # type: ignore[no-untyped-def]
+    """Privacy Consents for `share` of the patients, of four kinds that apply to the bench client
+    (purpose TREAT) or at least have rules the engine must evaluate for every row of theirs."""
+    rng = random.Random(seed)
+    reason = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+    kinds = [
+        {"type": "deny", "purpose": [{"system": reason, "code": "TREAT"}],
+         "dataPeriod": {"end": "2021-12-31"}},
+        {"type": "deny", "code": [{"coding": [{"system": LOINC, "code": rng.choice(CODES)[0]}]}]},
+        {"type": "deny", "provision": [{"type": "permit", "purpose": [{"system": reason, "code": "TREAT"}],
+                                        "class": [{"system": "http://hl7.org/fhir/resource-types",
+                                                   "code": "Observation"}]}]},
+        {"type": "deny", "purpose": [{"system": reason, "code": "HMARKT"}]},
+    ]
+    for i in rng.sample(range(n_patients), int(n_patients * share)):
+        yield {"resourceType": "Consent", "id": f"bench-consent-{i}", "status": "active",
+               "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                     "code": "patient-privacy"}]},
+               "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+               "patient": {"reference": f"Patient/p{i}"}, "provision": kinds[i % len(kinds)]}
+
+
+def add_consents(data_dir: Path, n_patients: int, share: float) -> int:
+    settings = load_settings(data_dir=str(data_dir), base_url="http://127.0.0.1/fhir")
+    svc = build_services(settings)
+    warm_keys(svc)
+    count = load_resources(svc, restrictive_consents(n_patients, share), batch=500, source="bench consents")
+    svc.engine.dispose()
+    return count
+
+
 def timed(fn, n: int) -> list[float]:  # type: ignore[no-untyped-def]
     out = []
     for _ in range(n):
@@ -75,6 +111,8 @@ def main() -> None:
     ap.add_argument("--observations", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--data-dir", help="reuse/keep a data directory (default: temporary)")
+    ap.add_argument("--consent-share", type=float, default=0.0,
+                    help="also run with this fraction of patients holding restrictive Consents, and compare")
     args = ap.parse_args()
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhirbench-search-"))
     if not (data_dir / "fhirserver.sqlite3").exists():
@@ -117,6 +155,16 @@ def main() -> None:
 
         results = {name: timed(fn, args.iterations) for name, fn in queries.items()}
         results["10-page walk (_count=50), per page"] = [t / 10 for t in timed(walk, max(10, args.iterations // 10))]
+        if args.consent_share > 0:
+            added = add_consents(data_dir, args.patients, args.consent_share)
+            with_consents = {name: timed(fn, args.iterations) for name, fn in queries.items()}
+            with_consents["10-page walk (_count=50), per page"] = [
+                t / 10 for t in timed(walk, max(10, args.iterations // 10))]
+            print(f"\nconsent overhead: {added} restrictive Consents ({args.consent_share:.0%} of patients)")
+            print(f"{'query':62s} {'p95 none':>9s} {'p95 with':>9s} {'ratio':>6s}")
+            for name, times in results.items():
+                before, after = pct(times, 95), pct(with_consents[name], 95)
+                print(f"{name:62s} {before:9.2f} {after:9.2f} {after / max(before, 1e-6):6.2f}")
 
         # ---- the floor: the same filters as hand-written SQL against the index tables
         db = sqlite3.connect(data_dir / "fhirserver.sqlite3")

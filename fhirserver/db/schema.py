@@ -345,3 +345,67 @@ grant_family = Table(
     Column("revoked", Boolean, nullable=False, default=False),
     Column("created_us", BigInteger, nullable=False),
 )
+
+# ---- consent engine (issue 6) ----
+# Patients' privacy Consents, materialized at Consent write time (same transaction) into rules
+# the search compiler joins against the index tables. One row per provision (nested provisions
+# point at their parent); each criterion value is a row of `consent_criterion`. Replaced whenever
+# the Consent is written or deleted, so a withdrawal is seen by the very next request. What they
+# reveal (documented in docs/consent.md): which patients hold consents and their structure (permit/
+# deny, purposes, resource types, codes, labels, periods); actor references only as keyed HMACs.
+consent_rule = Table(
+    "consent_rule",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("consent_pk", Integer, ForeignKey("resource.pk"), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("parent_pk", Integer, nullable=True),  # the enclosing provision's rule (nested provisions)
+    Column("effect", String(8), nullable=False),  # permit | deny
+    Column("start_us", BigInteger, nullable=False),  # provision.period (intersected with the parents')
+    Column("end_us", BigInteger, nullable=False),
+    Column("explicit", Boolean, nullable=False, default=False),  # names a code or securityLabel
+    Column("n_groups", Integer, nullable=False, default=0),  # criterion groups that must all match
+    Index("ix_consent_rule_patient", "patient_id", "effect"),
+    Index("ix_consent_rule_consent", "consent_pk"),
+    Index("ix_consent_rule_parent", "parent_pk"),
+)
+
+# A rule matches a resource when every group (grp) of its criteria has one matching row; groups
+# are (nesting level, kind), so a nested provision carries its parents' criteria too.
+consent_criterion = Table(
+    "consent_criterion",
+    metadata,
+    Column("rule_pk", Integer, ForeignKey("consent_rule.pk"), nullable=False),
+    Column("grp", Integer, nullable=False),
+    Column("kind", String(8), nullable=False),  # actor purpose class code label data period
+    Column("system", String(255), nullable=True),
+    Column("value", String(1024), nullable=True),  # actor: keyed HMAC of the reference
+    Column("low_us", BigInteger, nullable=True),  # dataPeriod
+    Column("high_us", BigInteger, nullable=True),
+    Index("ix_consent_criterion_rule", "rule_pk", "grp"),
+)
+
+# Alerts for the privacy office: break-the-glass use, consent-exempt access, denial bursts and
+# automatic suspensions. Also listed by `fhirserver alerts list` and GET /api/admin/alerts.
+consent_alert = Table(
+    "consent_alert",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_us", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),  # break-glass | consent-exempt | denial-burst | client-suspended
+    Column("client_id", String(64), nullable=True),
+    Column("request_id", String(64), nullable=True),
+    Column("detail", Text, nullable=True),  # JSON
+    Index("ix_consent_alert_created", "created_us"),
+    Index("ix_consent_alert_client", "client_id", "kind", "created_us"),
+)
+
+# Denied requests per client (for denial-burst detection); rows older than the window are pruned.
+access_denial = Table(
+    "access_denial",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("client_id", String(64), nullable=False),
+    Column("at_us", BigInteger, nullable=False),
+    Index("ix_access_denial_client", "client_id", "at_us"),
+)

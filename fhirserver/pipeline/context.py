@@ -33,6 +33,8 @@ class RequestContext:
     access_fn: Any = None  # (type, table alias) -> predicates | None, for chains/_has/includes
     prepared: Any = None
     prefer: dict[str, str] = field(default_factory=dict)
+    pipeline: Any = None  # the Pipeline running this request (a Bundle runs its entries through it)
+    assigned_id: str | None = None  # a create's id fixed in advance (transaction urn:uuid resolution)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

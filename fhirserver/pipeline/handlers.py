@@ -209,7 +209,8 @@ class SmartConfiguration(Handler):
 
 class Read(Handler):
     def read_only(self, ctx: RequestContext) -> bool:
-        return not ctx.access.get("read")  # restricted access probes old versions in a savepoint
+        # restricted access probes old versions (vread) in a savepoint; a plain read does not
+        return ctx.interaction.kind == "read" or not ctx.access.get("read")
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -245,7 +246,7 @@ class Create(Handler):
     def prepare(self, ctx: RequestContext) -> None:
         body = validated(ctx)
         body.pop("id", None)  # the server assigns ids on create
-        ctx.prepared = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body)
+        ctx.prepared = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body, ctx.assigned_id)
 
     def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
         if ctx.interaction.conditional:
@@ -271,6 +272,8 @@ class Create(Handler):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
                                               "(outside the permitted compartment or scope restriction)")
         record_touch(ctx, conn, stored, prepared.index.patients)
+        if not visible(conn, stored.pk, ctx.access.get("consent-read", [])):
+            ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201)
 
 
@@ -322,6 +325,8 @@ class Update(Handler):
             raise FhirError(403, "forbidden", "The access token does not permit this resource content "
                                               "(outside the permitted compartment or scope restriction)")
         record_touch(ctx, conn, stored, prepared.index.patients)
+        if not visible(conn, stored.pk, ctx.access.get("consent-read", [])):
+            ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201 if created else 200)
 
 

@@ -88,7 +88,14 @@ class Pipeline:
     def authorize(self, ctx: RequestContext) -> None:
         it = ctx.interaction
         principal = ctx.principal
-        assert principal is not None and it.resource_type
+        assert principal is not None
+        consent = self.services.consent
+        begin = getattr(consent, "begin", None)
+        if begin is not None:
+            begin(ctx)  # purpose of use, break-the-glass, exemption (403 before any data)
+        if it.resource_type is None:  # a system-level operation ($export): access per type via access_fn
+            ctx.access_fn = self.access_fn(principal)
+            return
         needs = list(ACCESS_NEEDS.get(it.kind, []))
         if it.conditional:
             needs.append(("search-type", "search-type", True))
@@ -100,8 +107,11 @@ class Pipeline:
                     raise
                 continue
             if name in READING:
-                preds = preds + self.services.consent.predicates(principal, it.resource_type, scope_interaction, resource)
+                preds = preds + consent.predicates(principal, it.resource_type, scope_interaction, resource)
             ctx.access[name] = preds
+        if it.kind in ("create", "update"):
+            # what the writer could read back: a write it cannot see answers as return=minimal
+            ctx.access["consent-read"] = consent.predicates(principal, it.resource_type, "read", resource)
         ctx.access_fn = self.access_fn(principal)
 
     def access_fn(self, principal: Principal) -> AccessFn:
@@ -125,7 +135,7 @@ class Pipeline:
         request_id = client_rid if REQUEST_ID_RE.match(client_rid) else str(uuid.uuid4())
         record = AuditRecord(interaction="unknown", request_id=request_id, network_address=remote_addr,
                              recorded_us=now_us())
-        ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body)
+        ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body, pipeline=self)
         try:
             ctx.prefer = _parse_prefer(lower.get("prefer"))
             ctx.interaction = parse_interaction(method, path, query, form, self.services.types,
@@ -143,6 +153,9 @@ class Pipeline:
                 self.authorize(ctx)
             handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
             handler.prepare(ctx)
+            consent = self.services.consent
+            if ctx.principal is not None and hasattr(consent, "check_write"):
+                consent.check_write(ctx)  # minors' privacy Consents (422)
             audit = self.services.audit
             if handler.read_only(ctx):
                 # Read in a plain transaction, then append the (already built and encrypted)
@@ -150,9 +163,13 @@ class Pipeline:
                 # committed, so a read is never served without its audit record.
                 with read_connection(self.services.engine) as conn:
                     result = handler.execute(ctx, conn)
+                    if hasattr(consent, "annotate"):
+                        consent.annotate(ctx, conn)  # the Consents that decided, as audit entities
                 record.status = result.status
                 prepared = audit.prepare(record)
                 with self.services.engine.begin() as conn:
+                    if hasattr(consent, "finish"):
+                        consent.finish(ctx, conn)  # alerts (break-the-glass, exempt access)
                     audit.append(conn, record, prepared)
             else:
                 expected = handler.expected_audit(ctx)
@@ -160,6 +177,10 @@ class Pipeline:
                 with self.services.engine.begin() as conn:
                     result = handler.execute(ctx, conn)
                     record.status = result.status
+                    if hasattr(consent, "annotate"):
+                        consent.annotate(ctx, conn)
+                    if hasattr(consent, "finish"):
+                        consent.finish(ctx, conn)
                     matched = expected and all(getattr(record, k) == v for k, v in expected.items())
                     audit.append(conn, record, speculative if matched else None)
             return result, request_id
@@ -173,6 +194,34 @@ class Pipeline:
             log.exception("request %s failed", request_id)
             return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id
 
+    # ---- the entries of a batch/transaction Bundle: the same stages, inside the Bundle's request
+    def prepare_entry(self, ctx: RequestContext) -> Any:
+        """Authorize and prepare one entry (its Bundle request was authenticated); its handler."""
+        self.authorize(ctx)
+        handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
+        handler.prepare(ctx)
+        consent = self.services.consent
+        if hasattr(consent, "check_write"):
+            consent.check_write(ctx)
+        return handler
+
+    def execute_entry(self, ctx: RequestContext, handler: Any, conn: Any) -> Result:
+        """Execute one entry inside the Bundle's transaction and append its AuditEvent there."""
+        result = handler.execute(ctx, conn)
+        ctx.record.status = result.status
+        consent = self.services.consent
+        if hasattr(consent, "annotate"):
+            consent.annotate(ctx, conn)
+        if hasattr(consent, "finish"):
+            consent.finish(ctx, conn)
+        self.services.audit.append(conn, ctx.record)
+        return result
+
+    def audit_entry_failure(self, ctx: RequestContext, conn: Any, status: int, issues: list[Issue]) -> None:
+        ctx.record.status = status
+        ctx.record.outcome_desc = issues[0].diagnostics if issues else ""
+        self.services.audit.append(conn, ctx.record)
+
     def _fail(self, ctx: RequestContext, status: int, issues: list[Issue], headers: dict[str, str],
               err: FhirError | None) -> Result:
         rec = ctx.record
@@ -180,6 +229,9 @@ class Pipeline:
         rec.outcome_desc = issues[0].diagnostics if issues else ""
         try:
             with self.services.engine.begin() as conn:
+                finish = getattr(self.services.consent, "finish", None)
+                if finish is not None:
+                    finish(ctx, conn)  # deny basis of a hidden read, denial bursts
                 self.services.audit.append(conn, rec)
         except Exception:
             log.exception("request %s: could not write the AuditEvent for a failed request", rec.request_id)

@@ -21,6 +21,7 @@ class Principal:
     linked_patients: tuple[str, ...] = ()
     purpose: list[str] = field(default_factory=lambda: ["TREAT"])
     client_settings: dict[str, Any] = field(default_factory=dict)
+    consent: Any = None  # the consent stage's Decision for this request (purpose, mode, actors)
 
     @classmethod
     def from_token(cls, info: TokenInfo) -> Principal:

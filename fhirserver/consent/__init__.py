@@ -1,0 +1,25 @@
+"""The consent engine (issue 6): patients' privacy Consents enforced inside every query, purpose
+of use, sensitive-data labelling, break-the-glass, minors, and the privacy alert feed.
+See docs/consent.md for the rules (a contract) and what the rule tables reveal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .engine import ConsentEngine, actor_digest
+from .labels import Labeller, load_sensitive_codes
+from .stage import ConsentRepository, ConsentStage
+
+
+def build_consent(settings: Any, keys: Any, indexer: Any, blind: Any) -> tuple[ConsentRepository, ConsentStage]:
+    """The repository (labelling + rule materialization) and the pipeline stage."""
+    codes = load_sensitive_codes(settings.profiles_dir)
+    digest = actor_digest(blind)
+    opt_out = tuple(p.strip() for p in str(getattr(settings, "consent_opt_out_purposes", "TREAT,HPAYMT,HOPERAT"))
+                    .split(",") if p.strip())
+    engine = ConsentEngine(codes, digest, opt_out)
+    repo = ConsentRepository(keys, indexer, Labeller(codes), digest)
+    return repo, ConsentStage(engine, settings)
+
+
+__all__ = ["ConsentEngine", "ConsentRepository", "ConsentStage", "build_consent"]

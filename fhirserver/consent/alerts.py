@@ -1,0 +1,84 @@
+"""The privacy alert feed: break-the-glass use, consent-exempt access, denial bursts and automatic
+client suspensions. Alerts are rows of `consent_alert`, written in the same transaction as the
+AuditEvent of the request that raised them; listed by `fhirserver alerts list` and
+`GET /api/admin/alerts`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+
+from ..db.engine import read_connection
+from ..db.schema import access_denial, client, consent_alert
+from ..search.dates import instant_text, now_us
+
+KINDS = ("break-glass", "consent-exempt", "denial-burst", "client-suspended")
+WINDOW_US = 60_000_000
+
+
+@dataclass
+class Alert:
+    id: int
+    created: str
+    kind: str
+    client_id: str | None
+    request_id: str | None
+    detail: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created, "kind": self.kind, "client_id": self.client_id,
+                "request_id": self.request_id, "detail": self.detail}
+
+
+def raise_alert(conn: Connection, kind: str, client_id: str | None, request_id: str | None,
+                detail: dict[str, Any]) -> None:
+    conn.execute(insert(consent_alert).values(created_us=now_us(), kind=kind, client_id=client_id,
+                                              request_id=request_id, detail=json.dumps(detail, sort_keys=True)))
+
+
+def list_alerts(engine: Engine, kind: str | None = None, client_id: str | None = None,
+                since_us: int | None = None, limit: int = 100) -> list[Alert]:
+    stmt = select(consent_alert).order_by(consent_alert.c.id.desc()).limit(max(1, min(limit, 1000)))
+    if kind:
+        stmt = stmt.where(consent_alert.c.kind == kind)
+    if client_id:
+        stmt = stmt.where(consent_alert.c.client_id == client_id)
+    if since_us is not None:
+        stmt = stmt.where(consent_alert.c.created_us >= since_us)
+    with read_connection(engine) as conn:
+        rows = conn.execute(stmt).all()
+    return [Alert(r.id, instant_text(r.created_us), r.kind, r.client_id, r.request_id,
+                  json.loads(r.detail) if r.detail else {}) for r in rows]
+
+
+def note_denial(conn: Connection, client_id: str, request_id: str, threshold: int,
+                suspend: bool) -> str | None:
+    """Count one denied request; returns "burst" or "suspended" when this one crossed the threshold."""
+    now = now_us()
+    conn.execute(delete(access_denial).where(access_denial.c.at_us < now - WINDOW_US))
+    conn.execute(insert(access_denial).values(client_id=client_id, at_us=now))
+    if threshold <= 0:
+        return None
+    recent = conn.execute(select(func.count()).select_from(access_denial).where(
+        access_denial.c.client_id == client_id, access_denial.c.at_us >= now - WINDOW_US)).scalar_one()
+    if recent < threshold:
+        return None
+    already = conn.execute(select(consent_alert.c.id).where(
+        consent_alert.c.client_id == client_id, consent_alert.c.kind == "denial-burst",
+        consent_alert.c.created_us >= now - WINDOW_US).limit(1)).first()
+    if already is not None:
+        return None
+    raise_alert(conn, "denial-burst", client_id, request_id,
+                {"denied_requests": recent, "window_seconds": WINDOW_US // 1_000_000, "threshold": threshold})
+    if not suspend:
+        return "burst"
+    from ..auth.tokens import revoke_client_tokens
+
+    conn.execute(update(client).where(client.c.client_id == client_id).values(disabled=True))
+    revoke_client_tokens(conn, client_id)
+    raise_alert(conn, "client-suspended", client_id, request_id,
+                {"reason": f"{recent} denied requests within {WINDOW_US // 1_000_000} s (threshold {threshold})"})
+    return "suspended"

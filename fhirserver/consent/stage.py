@@ -1,0 +1,239 @@
+"""The consent stage as the pipeline sees it, and the write-side hooks (labelling, rules).
+
+`ConsentStage` is the service behind `services.consent`:
+- `begin(ctx)` (start of authorize): purpose of use, break-the-glass, exemption -> 403 or a
+  `Decision` kept on the principal; the purpose goes into the AuditEvent.
+- `predicates(...)`: the engine's row predicates (see engine.py).
+- `check_write(ctx)` (after the handler's prepare): minors' privacy Consents (rule 7).
+- `annotate(ctx, conn)` (after a reading handler ran): the Consents that decided, as entities.
+- `finish(ctx, conn)` (in the audit transaction): alerts and denial-burst accounting.
+
+`ConsentRepository` is the resource repository with two additions on every write path (REST,
+bulk load, demo, reindex): sensitivity labels are added in `prepare`, and a Consent's rules are
+replaced in the same transaction as the Consent's own write.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from sqlalchemy import Connection, and_, or_, select
+
+from ..audit.events import AuditRecord
+from ..db.engine import read_connection
+from ..db.schema import app_user, resource, user_patient_link
+from ..fhir.errors import FhirError
+from ..search.dates import now_us
+from ..storage.codec import parse_json
+from ..storage.repository import PreparedWrite, Repository, Stored
+from .alerts import note_denial, raise_alert
+from .engine import ConsentEngine, Decision, consent_entity, policy_entity
+from .labels import Labeller
+from .rules import PRIVACY_SCOPE, materialize
+
+READING = {"read", "vread", "history-instance", "history-type", "search-type", "operation"}
+DETAIL_SYSTEM = "urn:fhirserver:consent"
+
+
+def _entity_detail(entity: dict[str, Any], kind: str, value: str) -> dict[str, Any]:
+    entity.setdefault("detail", []).append({"type": kind, "valueString": value})
+    return entity
+
+
+class ConsentRepository(Repository):
+    """Repository + sensitivity labelling on prepare + Consent rule materialization on write."""
+
+    def __init__(self, keys: Any, indexer: Any, labeller: Labeller, digest: Any) -> None:
+        super().__init__(keys, indexer)
+        self.labeller = labeller
+        self.digest = digest
+
+    def prepare(self, rtype: str, body: dict[str, Any], rid: str | None = None) -> PreparedWrite:
+        if rtype in ("Observation", "QuestionnaireResponse"):
+            body = self.labeller.label(rtype, body)
+        return super().prepare(rtype, body, rid)
+
+    def create(self, conn: Connection, p: PreparedWrite, when_us: int | None = None,
+               fresh_id: bool = False) -> Stored:
+        stored = super().create(conn, p, when_us, fresh_id)
+        if p.type == "Consent":
+            materialize(conn, stored.pk, p.body, self.digest)
+        return stored
+
+    def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
+        stored, created = super().update(conn, p, if_match)
+        if p.type == "Consent" and not created:
+            materialize(conn, stored.pk, p.body, self.digest)
+        return stored, created
+
+    def delete(self, conn: Connection, rtype: str, rid: str, if_match: int | None = None) -> Stored | None:
+        stored = super().delete(conn, rtype, rid, if_match)
+        if stored is not None and rtype == "Consent":
+            materialize(conn, stored.pk, None, self.digest)
+        return stored
+
+    def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
+        super().reindex(conn, pk, rtype, body)
+        if rtype == "Consent":
+            materialize(conn, pk, body, self.digest)
+
+
+class ConsentStage:
+    def __init__(self, engine: ConsentEngine, settings: Any) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.minor_age = int(getattr(settings, "consent_minor_age", 14))
+        self.burst_threshold = int(getattr(settings, "denial_burst_threshold", 20))
+        self.burst_suspend = bool(getattr(settings, "denial_burst_suspend", False))
+
+    # ---- stage entry
+    def begin(self, ctx: Any) -> None:
+        principal = ctx.principal
+        decision = self.engine.decide(principal, ctx.headers)
+        if decision.mode == "filter":
+            with read_connection(ctx.services.engine) as conn:
+                decision.any_rules = self.engine.rules_exist(conn)
+        principal.consent = decision
+        principal.purpose = [decision.purpose]
+        rec: AuditRecord = ctx.record
+        rec.purpose = [decision.purpose]
+        if decision.mode == "exempt":
+            rec.extra_entities.append(_entity_detail(policy_entity(
+                "consent-exempt", "consent-exempt client: consent rules not applied"), "consent-mode", "exempt"))
+            rec.extra_entities[-1]["what"]["identifier"]["value"] = "consent-exempt"
+        elif decision.mode == "break-glass":
+            entity = policy_entity(decision.purpose, "break-the-glass: consent denies overridden")
+            entity["what"]["identifier"]["value"] = "break-the-glass"
+            _entity_detail(entity, "break-glass-reason", decision.reason or "")
+            rec.extra_entities.append(entity)
+        else:
+            default = "permit unless a consent denies (opt-out)" if decision.purpose in self.engine.opt_out \
+                else "deny unless a consent permits (opt-in)"
+            rec.extra_entities.append(policy_entity(
+                decision.purpose, f"default policy for purpose {decision.purpose}: {default}; data with a "
+                                  "sensitivity label needs a consent that permits it explicitly"))
+
+    def predicates(self, principal: Any, resource_type: str, interaction: str, res: Any) -> list[Any]:
+        return self.engine.predicates(principal, resource_type, interaction, res)
+
+    # ---- minors (rule 7)
+    def check_write(self, ctx: Any) -> None:
+        it = ctx.interaction
+        if it.resource_type != "Consent" or it.kind not in ("create", "update") or ctx.prepared is None:
+            return
+        prepared = ctx.prepared[0] if isinstance(ctx.prepared, tuple) else ctx.prepared
+        body = prepared.body
+        scope = body.get("scope") or {}
+        if not any(isinstance(c, dict) and c.get("code") == PRIVACY_SCOPE for c in scope.get("coding", [])):
+            return
+        ref = (body.get("patient") or {}).get("reference") or ""
+        if not ref.startswith("Patient/"):
+            return
+        pid = ref.split("/", 1)[1]
+        decision: Decision = self.engine.decision_of(ctx.principal)
+        if decision.mode == "exempt":
+            return  # the consent-management back office records (paper) consents on people's behalf
+        services = ctx.services
+        with read_connection(services.engine) as conn:
+            head = services.repo.current(conn, "Patient", pid)
+            if head is None or head.deleted:
+                return
+            patient = parse_json(services.repo.read(conn, "Patient", pid).body or b"{}")
+            age = _age(patient.get("birthDate"))
+            if age is None or age >= self.minor_age:
+                return
+            user = ctx.principal.fhir_user or ""
+            guardian = bool(user) and conn.execute(
+                select(user_patient_link.c.user_id)
+                .join(app_user, app_user.c.id == user_patient_link.c.user_id)
+                .where(app_user.c.fhir_user == user, user_patient_link.c.patient_id == pid,
+                       user_patient_link.c.relationship == "guardian", app_user.c.disabled.is_(False))
+            ).first() is not None
+        if not guardian:
+            raise FhirError(422, "business-rule",
+                            f"Patient/{pid} is younger than {self.minor_age}: a privacy Consent for a minor must be "
+                            "recorded by a user linked to the patient as guardian (fhirserver user link "
+                            "--relationship guardian)", ["Consent.patient"])
+
+    # ---- audit basis
+    def annotate(self, ctx: Any, conn: Connection) -> None:
+        principal = ctx.principal
+        if principal is None or ctx.interaction.kind not in READING:
+            return
+        decision: Decision | None = getattr(principal, "consent", None)
+        if decision is None or decision.mode == "exempt":
+            return
+        refs = [r.split("/_history")[0] for r in ctx.record.resources]
+        pks = _pks(conn, refs)
+        if not pks:
+            return
+        if decision.mode == "break-glass":
+            filtering = Decision(decision.purpose, "filter", None, decision.actors, decision.own_patients,
+                                 decision.now_us)
+            for cid in self.engine.deciding_consents(conn, pks, filtering, "deny"):
+                ctx.record.extra_entities.append(consent_entity(cid, "denied; overridden by break-the-glass"))
+            return
+        for cid in self.engine.deciding_consents(conn, pks, decision, "permit"):
+            ctx.record.extra_entities.append(consent_entity(cid, f"permitted disclosure for {decision.purpose}"))
+
+    # ---- alerts, denial bursts (inside the audit transaction)
+    def finish(self, ctx: Any, conn: Connection) -> None:
+        rec: AuditRecord = ctx.record
+        principal = ctx.principal
+        decision: Decision | None = getattr(principal, "consent", None) if principal else None
+        if decision is not None and rec.status < 400 and decision.mode in ("exempt", "break-glass"):
+            raise_alert(conn, "break-glass" if decision.mode == "break-glass" else "consent-exempt",
+                        rec.client_id, rec.request_id,
+                        {"purpose": decision.purpose, "reason": decision.reason, "interaction": rec.interaction,
+                         "target": rec.target or rec.resource_type, "patients": rec.patients[:50],
+                         "overridden_consents": [e["what"]["reference"] for e in rec.extra_entities
+                                                 if e.get("what", {}).get("reference", "").startswith("Consent/")]})
+        if not rec.client_id or rec.status not in (403, 404):
+            return
+        if rec.status == 404:
+            if decision is None or decision.mode != "filter" or rec.interaction not in ("read", "vread") \
+                    or not rec.target:
+                return
+            pks = _pks(conn, [rec.target])
+            if not pks:
+                return  # really absent
+            denied = self.engine.deciding_consents(conn, pks, decision, "deny")
+            for cid in denied:
+                rec.extra_entities.append(consent_entity(cid, "denied by consent"))
+            rec.outcome_desc = (rec.outcome_desc + " (hidden by consent)").strip()
+        outcome = note_denial(conn, rec.client_id, rec.request_id, self.burst_threshold, self.burst_suspend)
+        if outcome == "suspended":
+            suspended = AuditRecord(interaction="update", request_id=rec.request_id, network_address="localhost",
+                                    recorded_us=now_us(), status=200,
+                                    outcome_desc=f"client {rec.client_id} suspended after a burst of denied requests")
+            suspended.subtype_code = ("urn:fhirserver:admin", "client-suspend", "Client suspended")
+            suspended.target = f"Device/{rec.client_id}"
+            ctx.services.audit.append(conn, suspended)
+
+
+def _pks(conn: Connection, refs: list[str]) -> list[int]:
+    by_type: dict[str, list[str]] = {}
+    for ref in refs:
+        rtype, _, rid = ref.partition("/")
+        if rid:
+            by_type.setdefault(rtype, []).append(rid)
+    if not by_type:
+        return []
+    conds = [and_(resource.c.type == t, resource.c.id.in_(ids)) for t, ids in by_type.items()]
+    return [r[0] for r in conn.execute(select(resource.c.pk).where(or_(*conds))).all()]
+
+
+def _age(birth: Any) -> int | None:
+    if not isinstance(birth, str) or len(birth) < 4:
+        return None
+    try:
+        year = int(birth[:4])
+        month = int(birth[5:7]) if len(birth) >= 7 else 1
+        day = int(birth[8:10]) if len(birth) >= 10 else 1
+        born = date(year, month, day)
+    except ValueError:
+        return None
+    today = date.today()
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+

@@ -1,0 +1,140 @@
+"""A plain-Python reference evaluation of the consent rules (docs/consent.md), written directly
+over the FHIR JSON of the Consents and resources -- independent of the engine's rule tables and
+SQL -- so the tests compare the server against the contract, not against itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fhirserver.search.dates import now_us, parse_range
+
+ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+SENSITIVE = {"HIV", "STD", "PSY", "SUD", "GDIS", "SEX"}
+OPT_OUT = {"TREAT", "HPAYMT", "HOPERAT"}
+
+
+@dataclass
+class Request:
+    purpose: str = "TREAT"
+    mode: str = "filter"  # filter | exempt | break-glass
+    actors: set[str] = field(default_factory=set)  # Device/<id>, Organization/x, Practitioner/y
+    own: set[str] = field(default_factory=set)  # unfiltered compartments (patient self, guardian)
+    scope_patients: set[str] | None = None  # a patient/user scope confines to these compartments
+
+
+def ref_id(ref: Any, rtype: str = "Patient") -> str | None:
+    if isinstance(ref, dict):
+        ref = ref.get("reference")
+    if isinstance(ref, str) and ref.startswith(rtype + "/"):
+        return ref.split("/")[1]
+    return None
+
+
+def patients_of(res: dict[str, Any]) -> set[str]:
+    """The patient compartments a resource is in (as the CompartmentDefinition says)."""
+    t = res["resourceType"]
+    refs: list[Any] = []
+    if t == "Patient":
+        return {res["id"]}
+    if t == "Observation":
+        refs = [res.get("subject"), *res.get("performer", [])]
+    elif t == "QuestionnaireResponse":
+        refs = [res.get("subject"), res.get("author")]
+    elif t == "Consent":
+        refs = [res.get("patient")]
+    return {p for p in (ref_id(r) for r in refs) if p}
+
+
+def clinical_range(res: dict[str, Any]) -> tuple[int, int] | None:
+    value = {"Observation": res.get("effectiveDateTime"), "QuestionnaireResponse": res.get("authored"),
+             "Consent": res.get("dateTime")}.get(res["resourceType"])
+    return parse_range(value) if isinstance(value, str) else None
+
+
+def _period_ok(period: dict[str, Any] | None, now: int) -> bool:
+    if period is None:
+        return True
+    low = parse_range(period["start"])[0] if "start" in period else -(2**62)
+    high = parse_range(period["end"])[1] if "end" in period else 2**62
+    return low <= now <= high
+
+
+def _matches(prov: dict[str, Any], res: dict[str, Any], req: Request, now: int) -> bool:
+    if not _period_ok(prov.get("period"), now):
+        return False
+    if "actor" in prov and not any(a["reference"]["reference"] in req.actors for a in prov["actor"]):
+        return False
+    if "purpose" in prov and not any(p["code"] == req.purpose for p in prov["purpose"]):
+        return False
+    if "class" in prov and not any(c["code"] == res["resourceType"] for c in prov["class"]):
+        return False
+    if "code" in prov:
+        wanted = {(c.get("system"), c["code"]) for cc in prov["code"] for c in cc["coding"]}
+        have = set()
+        if res["resourceType"] == "Observation":
+            have = {(c.get("system"), c["code"]) for c in res.get("code", {}).get("coding", [])}
+        ok = bool(wanted & have)
+        if res["resourceType"] == "QuestionnaireResponse":
+            ok = any(code == res.get("questionnaire") for _s, code in wanted)
+        if not ok:
+            return False
+    if "securityLabel" in prov:
+        labels = {(s.get("system"), s["code"]) for s in res.get("meta", {}).get("security", [])}
+        if not any((lb.get("system"), lb["code"]) in labels for lb in prov["securityLabel"]):
+            return False
+    if "dataPeriod" in prov:
+        rng = clinical_range(res)
+        dp = prov["dataPeriod"]
+        low = parse_range(dp["start"])[0] if "start" in dp else -(2**62)
+        high = parse_range(dp["end"])[1] if "end" in dp else 2**62
+        if rng is None or not (rng[0] >= low and rng[1] <= high):
+            return False
+    if "data" in prov:
+        me = f"{res['resourceType']}/{res['id']}"
+        if not any(d["reference"]["reference"] == me for d in prov["data"]):
+            return False
+    return True
+
+
+def _decisions(prov: dict[str, Any], res: dict[str, Any], req: Request, now: int, inherited: str,
+               explicit: bool) -> list[tuple[str, bool]] | None:
+    """(effect, explicit) of the deepest matching provisions under `prov`; None if it does not match."""
+    if not _matches(prov, res, req, now):
+        return None
+    effect = prov.get("type", inherited)
+    explicit = explicit or "code" in prov or "securityLabel" in prov
+    below: list[tuple[str, bool]] = []
+    for child in prov.get("provision", []):
+        got = _decisions(child, res, req, now, effect, explicit)
+        if got is not None:
+            below.extend(got)
+    return below or [(effect, explicit)]
+
+
+def applies(consent: dict[str, Any], patients: set[str]) -> bool:
+    return (consent.get("status") == "active"
+            and any(c["code"] == "patient-privacy" for c in consent["scope"]["coding"])
+            and ref_id(consent.get("patient")) in patients and "provision" in consent)
+
+
+def sensitive(res: dict[str, Any]) -> bool:
+    return any(s.get("system") == ACT and s.get("code") in SENSITIVE for s in res.get("meta", {}).get("security", []))
+
+
+def visible(res: dict[str, Any], consents: list[dict[str, Any]], req: Request) -> bool:
+    pats = patients_of(res)
+    if req.scope_patients is not None and not (pats & req.scope_patients):
+        return False
+    if req.mode != "filter" or res["resourceType"] == "AuditEvent" or pats & req.own:
+        return True
+    now = now_us()
+    decisions: list[tuple[str, bool]] = []
+    for consent in consents:
+        if applies(consent, pats):
+            decisions.extend(_decisions(consent["provision"], res, req, now, "none", False) or [])
+    if any(e == "deny" for e, _x in decisions):
+        return False
+    if req.purpose not in OPT_OUT and not any(e == "permit" for e, _x in decisions):
+        return False
+    return not sensitive(res) or any(e == "permit" and x for e, x in decisions)
