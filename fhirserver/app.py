@@ -15,10 +15,14 @@ from .admin_api import build_api
 from .audit.events import AuditRecord
 from .auth.server import build_authorization_server
 from .auth.tokens import token_hash
+from .bulk.handlers import BULK_HANDLERS
+from .bulk.worker import start_worker
 from .config import Settings
 from .db.engine import make_engine, read_connection, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
+from .pipeline.bundle import BundleHandler
+from .pipeline.handlers import HANDLERS
 from .pipeline.pipeline import Pipeline
 from .search.dates import now_us
 from .services import Services, build_services, warm_keys
@@ -170,7 +174,11 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
 
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     app.extensions["fhirserver"] = svc
+    HANDLERS.update(BULK_HANDLERS)  # $export, $export-poll-status, $export-file
+    HANDLERS["bundle"] = BundleHandler()  # batch / transaction at POST [base]
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
+    if settings.extra.get("bulk_worker", True):
+        start_worker(svc)
     app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings, svc.types.names())
 
     app.add_url_rule("/fhir", "fhir_base", _fhir_view, methods=METHODS)

@@ -74,7 +74,10 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
                                "see .well-known/smart-configuration.",
             },
             "resource": resources,
-            "interaction": [],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "operation": [{"name": name, "definition": definition}
+                          for name, (definition, _methods) in sorted(types.system_operations.items())
+                          if definition.startswith("http://hl7.org/fhir/uv/bulkdata/OperationDefinition")],
         }],
     }
 

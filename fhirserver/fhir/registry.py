@@ -31,8 +31,10 @@ class ResourceType:
 
 
 class TypeRegistry:
-    def __init__(self, types: dict[str, ResourceType]) -> None:
+    def __init__(self, types: dict[str, ResourceType],
+                 system_operations: dict[str, tuple[str, frozenset[str]]] | None = None) -> None:
         self._types = types
+        self.system_operations = system_operations or {}  # name -> (definition, allowed methods)
 
     def get(self, name: str) -> ResourceType | None:
         return self._types.get(name)
@@ -59,4 +61,6 @@ def load_type_registry(profiles_dir: Path) -> TypeRegistry:
             server_written=entry.get("serverWritten", False),
             operations=tuple((o["name"], o["level"], o.get("definition", "")) for o in entry.get("operations", [])),
         )
-    return TypeRegistry(types)
+    system = {o["name"]: (o.get("definition", ""), frozenset(o.get("methods", ["GET", "POST"])))
+              for o in spec.get("systemOperations", [])}
+    return TypeRegistry(types, system)

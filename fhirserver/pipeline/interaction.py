@@ -62,14 +62,25 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
     params = parse_qsl(query, keep_blank_values=True)
     parts = [p for p in path.strip("/").split("/") if p]
     if not parts:
+        if method == "POST":  # a batch or transaction Bundle
+            return Interaction("bundle", method, params=params)
         raise FhirError(404 if method == "GET" else 405, "not-supported",
-                        "System-level interactions are not supported at the base URL")
+                        "Only batch and transaction Bundles (POST) are accepted at the base URL",
+                        headers={"Allow": "POST"})
     if parts == ["metadata"]:
         if method != "GET":
             raise FhirError(405, "not-supported", "Use GET for /metadata")
         return Interaction("capabilities", method, params=params, public=True)
     if parts == [".well-known", "smart-configuration"]:
         return Interaction("smart-configuration", method, params=params, public=True)
+    if len(parts) == 1 and parts[0].startswith("$") and parts[0][1:] in types.system_operations:
+        op = parts[0][1:]
+        methods = types.system_operations[op][1]
+        if method not in methods:
+            raise FhirError(405, "not-supported", f"Use {' or '.join(sorted(methods))} for ${op}",
+                            headers={"Allow": ", ".join(sorted(methods))})
+        return Interaction("operation", method, params=params + (form or []) if method == "POST" else params,
+                           operation=op)
     rtype = parts[0]
     spec = types.get(rtype)
     if spec is None:

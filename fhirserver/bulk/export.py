@@ -1,0 +1,187 @@
+"""Running one export job: the same row predicates as a search by the same caller (scopes,
+patient compartment, consent), evaluated when the job runs, written as NDJSON files per type.
+
+The caller's identity is a snapshot taken at kick-off (`principal_snapshot`), so a job that
+outlives its access token (or a server restart) still exports exactly what that caller could
+see, and consent withdrawn in the meantime is honoured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy import ColumnElement, and_, or_, select
+
+from ..audit.events import AuditRecord
+from ..auth.scopes import parse_scopes
+from ..db.engine import read_connection
+from ..db.schema import compartment, resource
+from ..fhir.errors import FhirError
+from ..search.dates import now_us
+from ..search.query import parse_search
+from ..services import Services
+from ..storage.codec import dump_json, parse_json
+from . import jobs
+
+log = logging.getLogger("fhirserver.bulk")
+BATCH = 500
+
+
+def principal_snapshot(principal: Any) -> dict[str, Any]:
+    """The caller's plain (JSON) attributes; derived state, such as a consent decision, is
+    recomputed when the job runs."""
+    import json
+
+    data: dict[str, Any] = {"scopes": principal.scopes.render()}
+    for f in dataclasses.fields(principal):
+        value = getattr(principal, f.name)
+        if f.name == "scopes":
+            continue
+        value = list(value) if isinstance(value, tuple) else value
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        data[f.name] = value
+    return data
+
+
+def principal_from(snapshot: dict[str, Any]) -> Any:
+    from ..pipeline.principal import Principal
+
+    names = {f.name for f in dataclasses.fields(Principal)}
+    values = {k: v for k, v in snapshot.items() if k in names}
+    values["scopes"] = parse_scopes(str(snapshot.get("scopes", "")), strict=False)
+    if "linked_patients" in values:
+        values["linked_patients"] = tuple(values["linked_patients"])
+    return Principal(**values)
+
+
+def type_filters(svc: Services, values: list[str], types: list[str]) -> dict[str, list[list[tuple[str, str]]]]:
+    """`_typeFilter=Observation?category=laboratory,...`: per type, alternative queries."""
+    out: dict[str, list[list[tuple[str, str]]]] = {}
+    for value in values:
+        for item in value.split(","):
+            rtype, _, query = item.strip().partition("?")
+            if rtype not in types or not query:
+                raise FhirError(400, "invalid", f"_typeFilter '{item[:80]}' must be Type?query for an exported type",
+                                ["_typeFilter"])
+            params = parse_qsl(query, keep_blank_values=True)
+            parse_search(svc.params, rtype, params, 1, 1, strict=True)  # validated now, compiled when run
+            out.setdefault(rtype, []).append(params)
+    return out
+
+
+def _conditions(svc: Services, job: jobs.Job, rtype: str, access: Any) -> list[ColumnElement[bool]] | None:
+    preds = access(rtype, resource)
+    if preds is None:
+        return None
+    spec = job.spec
+    conds: list[ColumnElement[bool]] = [resource.c.type == rtype, resource.c.deleted.is_(False), *preds]
+    if spec.get("since_us") is not None:
+        conds.append(resource.c.last_updated_us >= spec["since_us"])
+    if spec["level"] in ("patient", "instance"):
+        comp = compartment.alias()
+        if spec["level"] == "instance":
+            pid = spec["patient"]
+            member = or_(and_(resource.c.type == "Patient", resource.c.id == pid),
+                         resource.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
+        else:
+            member = or_(resource.c.type == "Patient", resource.c.pk.in_(select(comp.c.resource_pk)))
+        conds.append(member)
+    filters = spec.get("type_filters", {}).get(rtype)
+    if filters:
+        alternatives = []
+        for params in filters:
+            parsed = parse_search(svc.params, rtype, [tuple(p) for p in params], 1, 1, strict=True)
+            alternatives.append(and_(*svc.compiler.where(parsed, resource, access)))
+        conds.append(or_(*alternatives))
+    return conds
+
+
+def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None) -> str:
+    """Export one claimed job; returns its final status."""
+    from ..pipeline.pipeline import Pipeline
+
+    principal = principal_from(job.principal)
+    access = Pipeline(svc).access_fn(principal)
+    settings = svc.settings
+    per_file = int(settings.extra.get("export_file_max_resources", 10_000))
+    keep = int(settings.extra.get("export_expiry_seconds", 3600))
+    deidentify = _deidentifier(job)
+    key = svc.keys.ensure(job.key_scope)  # before any transaction (it may create the key)
+    counts: dict[str, int] = {}
+    patients: set[str] = set()
+    try:
+        for n, rtype in enumerate(job.spec["types"], 1):
+            conds = _conditions(svc, job, rtype, access)
+            if conds is None:
+                continue
+            lines: list[bytes] = []
+            file_no, last_pk = 0, 0
+            while True:
+                if stop is not None and stop.is_set():
+                    return "interrupted"  # requeued by the next server (stale heartbeat)
+                with read_connection(svc.engine) as conn:
+                    pks = conn.execute(select(resource.c.pk).where(*conds, resource.c.pk > last_pk)
+                                       .order_by(resource.c.pk).limit(BATCH)).scalars().all()
+                    stored = svc.repo.load_current(conn, list(pks))
+                    if pks:
+                        patients.update(conn.execute(select(compartment.c.patient_id).where(
+                            compartment.c.resource_pk.in_(pks)).distinct()).scalars())
+                for item in stored:
+                    body = item.body or b"{}"
+                    if deidentify is not None:
+                        body = dump_json(deidentify(parse_json(body)))
+                    elif b"\n" in body:
+                        body = dump_json(parse_json(body))
+                    lines.append(body + b"\n")
+                    if len(lines) >= per_file:
+                        file_no += 1
+                        jobs.add_file(svc.engine, job, key, f"{rtype}-{file_no}.ndjson", rtype, lines)
+                        counts[rtype] = counts.get(rtype, 0) + len(lines)
+                        lines = []
+                if rtype == "Patient":
+                    patients.update(i.id for i in stored)
+                if not pks:
+                    break
+                last_pk = pks[-1]
+                if not jobs.heartbeat(svc.engine, job.id, f"exporting {rtype} ({n} of {len(job.spec['types'])} types)"):
+                    return "cancelled"
+            if lines:
+                file_no += 1
+                jobs.add_file(svc.engine, job, key, f"{rtype}-{file_no}.ndjson", rtype, lines)
+                counts[rtype] = counts.get(rtype, 0) + len(lines)
+    except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, audited
+        log.exception("export %s failed", job.id)
+        jobs.finish(svc.engine, job.id, "failed", "The export failed; see the server log", keep)
+        _audit(svc, job, 500, counts, patients, f"export failed: {type(exc).__name__}")
+        return "failed"
+    jobs.finish(svc.engine, job.id, "complete", None, keep)
+    _audit(svc, job, 200, counts, patients, "export complete: " +
+           (", ".join(f"{t} {c}" for t, c in sorted(counts.items())) or "no resources"))
+    return "complete"
+
+
+def _deidentifier(job: jobs.Job) -> Any:
+    if not job.spec.get("deidentify"):
+        return None
+    from ..exchange import deidentify as module  # Safe Harbor, keyed pseudonyms per export
+
+    return module.Deidentifier.for_export(job.id).apply  # type: ignore[attr-defined]
+
+
+def _audit(svc: Services, job: jobs.Job, status: int, counts: dict[str, int], patients: set[str], desc: str) -> None:
+    rec = AuditRecord(interaction="operation", request_id=f"export-{job.id}"[:64], network_address="",
+                      recorded_us=now_us(), status=status, outcome_desc=desc[:500], client_id=job.client_id,
+                      client_name=str(job.principal.get("client_name", "")), user=job.principal.get("fhir_user"))
+    rec.subtype_code = ("http://hl7.org/fhir/restful-interaction", "operation", "bulk export run")
+    rec.query = job.request
+    rec.patients = sorted(patients)
+    rec.purpose = list(job.principal.get("purpose") or [])
+    with svc.engine.begin() as conn:
+        svc.audit.append(conn, rec)

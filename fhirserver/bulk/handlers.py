@@ -1,0 +1,186 @@
+"""Pipeline handlers for Bulk Data export (FHIR Bulk Data Access IG v2):
+
+- kick-off `GET|POST [base]/$export`, `[base]/Patient/$export`, `[base]/Patient/[id]/$export`
+  with `Prefer: respond-async` -> 202 and `Content-Location` of the status URL;
+- status `GET [base]/$export-poll-status?_jobId=` -> 202 with `X-Progress`/`Retry-After`, 200
+  with the manifest, or an OperationOutcome; `DELETE` cancels and deletes the output;
+- output `GET [base]/$export-file?_jobId=&file=` -> NDJSON (`requiresAccessToken`: the same
+  client, and the same user, that started the job).
+
+They go through the pipeline like every interaction (token, scopes, consent hook, audit); the
+scope check per exported type uses the pipeline's `access_fn`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy import Connection
+
+from ..db.schema import resource
+from ..fhir.errors import FhirError
+from ..pipeline.context import RequestContext, Result
+from ..pipeline.handlers import Handler, visible
+from ..search.dates import instant_text, now_us, parse_range
+from . import jobs
+from .export import principal_snapshot, type_filters
+
+NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
+PATIENT_TYPES_EXCLUDED = {"AuditEvent"}  # the audit trail is not part of a record
+
+
+def _values(ctx: RequestContext, name: str) -> list[str]:
+    return [v for k, v in ctx.interaction.params if k == name]
+
+
+def _one(ctx: RequestContext, name: str) -> str | None:
+    values = _values(ctx, name)
+    if len(values) > 1:
+        raise FhirError(400, "invalid", f"{name} may be given once", [name])
+    return values[0] if values else None
+
+
+class ExportKickoff(Handler):
+    def prepare(self, ctx: RequestContext) -> None:
+        it = ctx.interaction
+        svc = ctx.services
+        if "respond-async" not in ctx.prefer:
+            raise FhirError(400, "invalid", "Bulk export is asynchronous: send 'Prefer: respond-async'")
+        fmt = _one(ctx, "_outputFormat")
+        if fmt is not None and fmt not in NDJSON_FORMATS:
+            raise FhirError(400, "not-supported", "_outputFormat must be application/fhir+ndjson", ["_outputFormat"])
+        known = {k for k, _ in it.params}
+        unsupported = known - {"_outputFormat", "_type", "_since", "_typeFilter", "_deidentify"}
+        if unsupported and ctx.prefer.get("handling") == "strict":
+            raise FhirError(400, "not-supported", f"Unsupported parameter(s): {', '.join(sorted(unsupported))}")
+        level = "system" if it.resource_type is None else ("instance" if it.id else "patient")
+        principal = ctx.principal
+        assert principal is not None
+        if level != "instance" and "system" not in principal.scopes.contexts():
+            # exports across patients are for backend services; a patient or user app may export
+            # one record (Patient/[id]/$export) within its compartment
+            raise FhirError(403, "forbidden", "Exports across patients need system/ scopes")
+        all_types = svc.types.names()
+        requested = [t.strip() for v in _values(ctx, "_type") for t in v.split(",") if t.strip()]
+        unknown = [t for t in requested if t not in all_types]
+        if unknown:
+            raise FhirError(400, "not-supported", f"_type: unsupported type(s) {', '.join(unknown)}", ["_type"])
+        candidates = requested or [t for t in all_types if t not in PATIENT_TYPES_EXCLUDED]
+        if level != "system":
+            candidates = [t for t in candidates if t not in PATIENT_TYPES_EXCLUDED]
+        permitted = [t for t in candidates if ctx.access_fn(t, resource) is not None]
+        if requested and len(permitted) < len(set(requested)):
+            denied = sorted(set(requested) - set(permitted))
+            raise FhirError(403, "forbidden", f"The access token does not permit exporting {', '.join(denied)}")
+        if not permitted:
+            raise FhirError(403, "forbidden", "The access token permits exporting no resource type")
+        since = _one(ctx, "_since")
+        since_us = None
+        if since is not None:
+            try:
+                since_us = parse_range(since)[0]
+            except ValueError:
+                raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
+        deidentify = _one(ctx, "_deidentify")
+        if deidentify not in (None, "safe-harbor"):
+            raise FhirError(400, "not-supported", "_deidentify supports only 'safe-harbor'", ["_deidentify"])
+        if "HRESCH" in (principal.purpose or []) and not deidentify:
+            raise FhirError(403, "forbidden", "Exports for research (HRESCH) must be de-identified "
+                                              "(_deidentify=safe-harbor)")
+        ctx.prepared = {
+            "level": level, "patient": it.id, "types": permitted, "since_us": since_us,
+            "type_filters": type_filters(svc, _values(ctx, "_typeFilter"), permitted),
+            "deidentify": bool(deidentify),
+        }
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        svc = ctx.services
+        spec = ctx.prepared
+        if spec["level"] == "instance":
+            head = svc.repo.current(conn, "Patient", it.id or "")
+            if head is None or head.deleted or not visible(conn, head.pk, ctx.access["search-type"]):
+                raise FhirError(404, "not-found", f"Patient/{it.id} is not known")
+            ctx.record.patients = [it.id or ""]
+        principal = ctx.principal
+        assert principal is not None
+        path = "$export" if spec["level"] == "system" else (
+            f"Patient/{it.id}/$export" if spec["level"] == "instance" else "Patient/$export")
+        request_url = f"{svc.settings.fhir_base}/{path}" + (f"?{it.query_string}" if it.params else "")
+        job_id = jobs.create_job(conn, principal.client_id, request_url, spec, principal_snapshot(principal))
+        ctx.record.outcome_desc = f"export job {job_id} accepted: {', '.join(spec['types'])}"
+        status_url = f"{svc.settings.fhir_base}/$export-poll-status?{urlencode({'_jobId': job_id})}"
+        return Result(202, None, {"Content-Location": status_url})
+
+
+def _own_job(ctx: RequestContext, conn: Connection) -> jobs.Job:
+    job_id = _one(ctx, "_jobId") or ""
+    job = jobs.get_job(conn, job_id) if 0 < len(job_id) <= 64 else None
+    principal = ctx.principal
+    assert principal is not None
+    # another client's (or another user's) job is indistinguishable from an unknown one
+    if job is None or job.client_id != principal.client_id or job.principal.get("fhir_user") != principal.fhir_user:
+        raise FhirError(404, "not-found", "Unknown export job")
+    if job.status == "cancelled" or (job.expires_us is not None and job.expires_us < now_us()):
+        raise FhirError(404, "not-found", "The export job was cancelled or has expired")
+    ctx.record.target = f"export/{job.id}"
+    return job
+
+
+class ExportStatus(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        return ctx.interaction.method == "GET"
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        job = _own_job(ctx, conn)
+        svc = ctx.services
+        if ctx.interaction.method == "DELETE":
+            jobs.cancel(conn, job.id)
+            ctx.record.outcome_desc = f"export job {job.id} cancelled; output deleted"
+            return Result(202, None)
+        if job.status in ("queued", "running"):
+            return Result(202, None, {"X-Progress": job.progress or job.status, "Retry-After": "2"})
+        if job.status == "failed":
+            raise FhirError(500, "exception", job.error or "The export failed")
+        files = jobs.files_of(conn, job.id)
+        base = svc.settings.fhir_base
+        manifest: dict[str, Any] = {
+            "transactionTime": instant_text(job.transaction_us),
+            "request": job.request,
+            "requiresAccessToken": True,
+            "output": [{"type": f.type, "url": f"{base}/$export-file?{urlencode({'_jobId': job.id, 'file': f.name})}",
+                        "count": f.count} for f in files],
+            "deleted": [],
+            "error": [],
+        }
+        if job.spec.get("deidentify"):
+            manifest["extension"] = {"deidentified": "safe-harbor"}
+        headers = {"Content-Type": "application/json"}
+        if job.expires_us:
+            from email.utils import formatdate
+
+            headers["Expires"] = formatdate(job.expires_us / 1e6, usegmt=True)
+        return Result(200, manifest, headers)
+
+
+class ExportFile(Handler):
+    reads_only = True
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        job = _own_job(ctx, conn)
+        if job.status != "complete":
+            raise FhirError(404, "not-found", "The export is not complete")
+        name = _one(ctx, "file") or ""
+        data = jobs.read_file(conn, ctx.services.keys, job.id, name) if len(name) <= 128 else None
+        if data is None:
+            raise FhirError(404, "not-found", "Unknown export file")
+        ctx.record.outcome_desc = f"export file {name} of job {job.id} downloaded"
+        return Result(200, data, {"Content-Type": "application/fhir+ndjson"})
+
+
+BULK_HANDLERS: dict[str, Handler] = {
+    "$export": ExportKickoff(),
+    "$export-poll-status": ExportStatus(),
+    "$export-file": ExportFile(),
+}

@@ -1,0 +1,145 @@
+"""Export job lifecycle in the database: queued -> running -> complete | failed | cancelled.
+
+Every state change is one conditional UPDATE, so any number of worker threads (in any number of
+server processes) can poll the same table: only one wins a job. A running job whose heartbeat
+stopped (its server died) is queued again and redone from the start.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, insert, select, update
+
+from ..crypto.cipher import open_sealed, seal
+from ..db.engine import read_connection, transaction
+from ..db.schema import data_key
+from ..search.dates import now_us
+from .tables import export_file, export_job
+
+STALE_HEARTBEAT_US = 30 * 1_000_000
+
+
+@dataclass
+class Job:
+    id: str
+    client_id: str
+    status: str
+    request: str
+    spec: dict[str, Any]
+    principal: dict[str, Any]
+    progress: str | None
+    error: str | None
+    transaction_us: int
+    expires_us: int | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        return cls(row.id, row.client_id, row.status, row.request, json.loads(row.spec), json.loads(row.principal),
+                   row.progress, row.error, row.transaction_us, row.expires_us)
+
+    @property
+    def key_scope(self) -> str:
+        return f"export:{self.id}"
+
+
+def create_job(conn: Connection, client_id: str, request: str, spec: dict[str, Any],
+               principal: dict[str, Any]) -> str:
+    job_id = secrets.token_urlsafe(18)
+    now = now_us()
+    conn.execute(insert(export_job).values(
+        id=job_id, client_id=client_id, status="queued", request=request, spec=json.dumps(spec),
+        principal=json.dumps(principal), transaction_us=now, created_us=now))
+    return job_id
+
+
+def get_job(conn: Connection, job_id: str) -> Job | None:
+    row = conn.execute(select(export_job).where(export_job.c.id == job_id)).first()
+    return Job.from_row(row) if row else None
+
+
+def claim_next(engine: Engine) -> Job | None:
+    """Take one queued job (or one whose worker stopped beating), atomically."""
+    now = now_us()
+    with read_connection(engine) as conn:
+        rows = conn.execute(select(export_job.c.id, export_job.c.status).where(
+            (export_job.c.status == "queued")
+            | ((export_job.c.status == "running") & (export_job.c.heartbeat_us < now - STALE_HEARTBEAT_US))
+        ).order_by(export_job.c.created_us).limit(5)).all()
+    for row in rows:
+        with transaction(engine) as conn:
+            cond = export_job.c.status == row.status
+            if row.status == "running":
+                cond = cond & (export_job.c.heartbeat_us < now - STALE_HEARTBEAT_US)
+            res = conn.execute(update(export_job).where(export_job.c.id == row.id, cond)
+                               .values(status="running", heartbeat_us=now, progress="starting"))
+            if res.rowcount == 1:
+                conn.execute(delete(export_file).where(export_file.c.job_id == row.id))  # a restart redoes it all
+                return get_job(conn, row.id)
+    return None
+
+
+def heartbeat(engine: Engine, job_id: str, progress: str) -> bool:
+    """Record progress; False when the job was cancelled (or deleted) meanwhile."""
+    with transaction(engine) as conn:
+        res = conn.execute(update(export_job).where(export_job.c.id == job_id, export_job.c.status == "running")
+                           .values(heartbeat_us=now_us(), progress=progress[:200]))
+    return res.rowcount == 1
+
+
+def add_file(engine: Engine, job: Job, key: tuple[int, bytes], name: str, rtype: str, lines: list[bytes]) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key_id, raw = key
+    body = seal(AESGCM(raw), b"".join(lines), f"export/{job.id}/{name}".encode())
+    with transaction(engine) as conn:
+        conn.execute(insert(export_file).values(job_id=job.id, name=name, type=rtype, count=len(lines),
+                                                key_id=key_id, body=body))
+
+
+def read_file(conn: Connection, keys: Any, job_id: str, name: str) -> bytes | None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    row = conn.execute(select(export_file).where(export_file.c.job_id == job_id, export_file.c.name == name)).first()
+    if row is None:
+        return None
+    return open_sealed(AESGCM(keys.by_id(row.key_id, conn)), row.body, f"export/{job_id}/{name}".encode())
+
+
+def files_of(conn: Connection, job_id: str) -> list[Any]:
+    return conn.execute(select(export_file.c.name, export_file.c.type, export_file.c.count)
+                        .where(export_file.c.job_id == job_id).order_by(export_file.c.name)).all()
+
+
+def finish(engine: Engine, job_id: str, status: str, error: str | None = None, keep_seconds: int = 3600) -> None:
+    now = now_us()
+    with transaction(engine) as conn:
+        conn.execute(update(export_job).where(export_job.c.id == job_id, export_job.c.status == "running").values(
+            status=status, error=error, completed_us=now, progress=None, expires_us=now + keep_seconds * 1_000_000))
+
+
+def cancel(conn: Connection, job_id: str) -> None:
+    """Cancel a job and shred its output now (a running worker notices at its next heartbeat)."""
+    conn.execute(update(export_job).where(export_job.c.id == job_id).values(status="cancelled", expires_us=now_us()))
+    _shred(conn, job_id)
+
+
+def _shred(conn: Connection, job_id: str) -> None:
+    conn.execute(delete(export_file).where(export_file.c.job_id == job_id))
+    conn.execute(delete(data_key).where(data_key.c.scope == f"export:{job_id}"))
+
+
+def expire(engine: Engine) -> int:
+    """Delete finished jobs past their expiry time with their files and key; returns how many."""
+    now = now_us()
+    with read_connection(engine) as conn:
+        ids = conn.execute(select(export_job.c.id).where(export_job.c.expires_us < now,
+                                                         export_job.c.status != "running")).scalars().all()
+    for job_id in ids:
+        with transaction(engine) as conn:
+            _shred(conn, job_id)
+            conn.execute(delete(export_job).where(export_job.c.id == job_id))
+    return len(ids)
