@@ -92,11 +92,13 @@ class Smart:
     def authorize(self, client_id: str, scope: str, username: str, totp_secret: str | None = None,
                   patient: str | None = None, scopes: list[str] | None = None, **extra: str) -> Flow:
         browser, flow = self.start(client_id, scope, **extra)
-        assert flow.page.status == 200 and "password" in flow.page.names(), flow.page.html
-        page = browser.login(username, PASSWORD)
-        if totp_secret is not None:
-            assert "totp" in page.names(), page.html
-            page = browser.submit(totp=pyotp.TOTP(totp_secret).now())
+        assert flow.page.status == 200, flow.page.html
+        page = flow.page
+        if "password" in page.names():  # else: still signed in from an earlier flow (same browser)
+            page = browser.login(username, PASSWORD)
+            if totp_secret is not None:
+                assert "totp" in page.names(), page.html
+                page = browser.submit(totp=pyotp.TOTP(totp_secret).now())
         assert "approve" in page.names(), page.html
         page = browser.approve(scopes=scopes, patient=patient)
         flow.page = page
