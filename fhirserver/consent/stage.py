@@ -162,8 +162,8 @@ class ConsentStage:
         if principal is None or ctx.interaction.kind not in READING:
             return
         decision: Decision | None = getattr(principal, "consent", None)
-        if decision is None or decision.mode == "exempt":
-            return
+        if decision is None or decision.mode == "exempt" or not decision.any_rules:
+            return  # no Consent existed: the default policy (already recorded) decided
         refs = [r.split("/_history")[0] for r in ctx.record.resources]
         pks = _pks(conn, refs)
         if not pks:
