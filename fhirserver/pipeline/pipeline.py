@@ -150,12 +150,7 @@ class Pipeline:
                                                    f"{self.services.settings.max_body_bytes} bytes")
             if not ctx.interaction.public:
                 self.authenticate(ctx)
-                self.authorize(ctx)
-            handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
-            handler.prepare(ctx)
-            consent = self.services.consent
-            if ctx.principal is not None and hasattr(consent, "check_write"):
-                consent.check_write(ctx)  # minors' privacy Consents (422)
+            handler = self._prepare(ctx, authorize=not ctx.interaction.public)
             audit = self.services.audit
             if handler.read_only(ctx):
                 # Read in a plain transaction, then append the (already built and encrypted)
@@ -163,24 +158,17 @@ class Pipeline:
                 # committed, so a read is never served without its audit record.
                 with read_connection(self.services.engine) as conn:
                     result = handler.execute(ctx, conn)
-                    if hasattr(consent, "annotate"):
-                        consent.annotate(ctx, conn)  # the Consents that decided, as audit entities
+                    self._consent_hook("annotate", ctx, conn)  # the Consents that decided, for the audit
                 record.status = result.status
                 prepared = audit.prepare(record)
                 with self.services.engine.begin() as conn:
-                    if hasattr(consent, "finish"):
-                        consent.finish(ctx, conn)  # alerts (break-the-glass, exempt access)
+                    self._consent_hook("finish", ctx, conn)  # alerts (break-the-glass, exempt access)
                     audit.append(conn, record, prepared)
             else:
                 expected = handler.expected_audit(ctx)
                 speculative = audit.prepare(replace(record, **expected)) if expected else None
                 with self.services.engine.begin() as conn:
-                    result = handler.execute(ctx, conn)
-                    record.status = result.status
-                    if hasattr(consent, "annotate"):
-                        consent.annotate(ctx, conn)
-                    if hasattr(consent, "finish"):
-                        consent.finish(ctx, conn)
+                    result = self._execute(ctx, handler, conn)
                     matched = expected and all(getattr(record, k) == v for k, v in expected.items())
                     audit.append(conn, record, speculative if matched else None)
             return result, request_id
@@ -194,26 +182,37 @@ class Pipeline:
             log.exception("request %s failed", request_id)
             return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id
 
-    # ---- the entries of a batch/transaction Bundle: the same stages, inside the Bundle's request
-    def prepare_entry(self, ctx: RequestContext) -> Any:
-        """Authorize and prepare one entry (its Bundle request was authenticated); its handler."""
-        self.authorize(ctx)
+    # ---- stages shared by requests and by the entries of a batch/transaction Bundle
+    def _prepare(self, ctx: RequestContext, authorize: bool = True) -> Any:
+        """Authorize (scopes, compartment, consent) and prepare (outside any transaction)."""
+        if authorize:
+            self.authorize(ctx)
         handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
         handler.prepare(ctx)
-        consent = self.services.consent
-        if hasattr(consent, "check_write"):
-            consent.check_write(ctx)
+        if ctx.principal is not None:
+            self._consent_hook("check_write", ctx)  # minors' privacy Consents (422)
         return handler
+
+    def _execute(self, ctx: RequestContext, handler: Any, conn: Any) -> Result:
+        result = handler.execute(ctx, conn)
+        ctx.record.status = result.status
+        self._consent_hook("annotate", ctx, conn)
+        self._consent_hook("finish", ctx, conn)
+        return result
+
+    def _consent_hook(self, name: str, ctx: RequestContext, *args: Any) -> None:
+        """The consent stage's optional hooks (check_write, annotate, finish)."""
+        hook = getattr(self.services.consent, name, None)
+        if hook is not None:
+            hook(ctx, *args)
+
+    def prepare_entry(self, ctx: RequestContext) -> Any:
+        """Authorize and prepare one Bundle entry (the Bundle request was authenticated)."""
+        return self._prepare(ctx)
 
     def execute_entry(self, ctx: RequestContext, handler: Any, conn: Any) -> Result:
         """Execute one entry inside the Bundle's transaction and append its AuditEvent there."""
-        result = handler.execute(ctx, conn)
-        ctx.record.status = result.status
-        consent = self.services.consent
-        if hasattr(consent, "annotate"):
-            consent.annotate(ctx, conn)
-        if hasattr(consent, "finish"):
-            consent.finish(ctx, conn)
+        result = self._execute(ctx, handler, conn)
         self.services.audit.append(conn, ctx.record)
         return result
 
@@ -229,9 +228,7 @@ class Pipeline:
         rec.outcome_desc = issues[0].diagnostics if issues else ""
         try:
             with self.services.engine.begin() as conn:
-                finish = getattr(self.services.consent, "finish", None)
-                if finish is not None:
-                    finish(ctx, conn)  # deny basis of a hidden read, denial bursts
+                self._consent_hook("finish", ctx, conn)  # deny basis of a hidden read, denial bursts
                 self.services.audit.append(conn, rec)
         except Exception:
             log.exception("request %s: could not write the AuditEvent for a failed request", rec.request_id)
