@@ -24,6 +24,7 @@ from .db.migrations import upgrade
 from .pipeline.bundle import BundleHandler
 from .pipeline.handlers import HANDLERS
 from .pipeline.pipeline import Pipeline
+from .pipeline.validate_op import Validate
 from .search.dates import now_us
 from .services import Services, build_services, warm_keys
 from .smart.views import install as install_smart
@@ -176,6 +177,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.extensions["fhirserver"] = svc
     HANDLERS.update(BULK_HANDLERS)  # $export, $export-poll-status, $export-file
     HANDLERS["bundle"] = BundleHandler()  # batch / transaction at POST [base]
+    HANDLERS["$validate"] = Validate()
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
     if settings.extra.get("bulk_worker", True):
         start_worker(svc)

@@ -1,0 +1,84 @@
+"""`$validate` (`[type]/$validate`, `[type]/[id]/$validate`): the same validation a write gets,
+answered as an OperationOutcome, and nothing stored.
+
+The resource comes as the body, or inside a `Parameters` body (`resource`, `mode`, `profile`);
+`mode` and `profile` may also be query parameters. `mode=create|update|delete` adds that
+interaction's rules: update needs the id of the URL, delete needs an existing resource. A
+`profile` the server does not ship is reported as an error rather than silently ignored.
+Validation problems are a 200 with error issues (the operation ran); a malformed request is 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection
+
+from ..fhir.errors import FhirError, Issue, operation_outcome
+from .context import RequestContext, Result
+from .handlers import Handler, parse_body
+
+MODES = ("create", "update", "delete")
+
+
+def _parameters(body: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    resource = None
+    values: dict[str, str] = {}
+    for p in body.get("parameter", []) if isinstance(body.get("parameter"), list) else []:
+        if not isinstance(p, dict):
+            continue
+        if p.get("name") == "resource" and isinstance(p.get("resource"), dict):
+            resource = p["resource"]
+        elif p.get("name") in ("mode", "profile"):
+            value = p.get("valueCode") or p.get("valueUri") or p.get("valueCanonical") or p.get("valueString")
+            if isinstance(value, str):
+                values[p["name"]] = value
+    return resource, values
+
+
+class Validate(Handler):
+    reads_only = True
+
+    def prepare(self, ctx: RequestContext) -> None:
+        it = ctx.interaction
+        args = dict(it.params)
+        resource: dict[str, Any] | None = None
+        if it.method == "POST" and ctx.body:
+            body = parse_body(ctx)
+            if body.get("resourceType") == "Parameters":
+                resource, values = _parameters(body)
+                args.update(values)
+            else:
+                resource = body
+        mode = args.get("mode")
+        if mode is not None and mode not in MODES:
+            raise FhirError(400, "invalid", f"mode must be one of {', '.join(MODES)}", ["mode"])
+        if resource is None and mode != "delete":
+            raise FhirError(400, "required", "$validate needs a resource (the body, or Parameters.resource)")
+        ctx.prepared = (resource, mode, args.get("profile"))
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        resource, mode, profile = ctx.prepared
+        rtype = it.resource_type or ""
+        issues: list[Issue] = []
+        if resource is not None:
+            try:
+                ctx.services.validator.validate(resource, rtype)
+            except FhirError as err:
+                issues.extend(err.issues)
+            if mode == "update" and (not it.id or resource.get("id") != it.id):
+                issues.append(Issue("invalid", "mode=update needs [type]/[id]/$validate and the same id in the "
+                                               "resource", expression=[f"{rtype}.id"]))
+        if mode == "delete":
+            head = ctx.services.repo.current(conn, rtype, it.id) if it.id else None
+            if head is None or head.deleted:
+                raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
+        if profile:
+            issues.append(Issue("not-supported", f"Profile {profile[:200]} is not known to this server; the "
+                                                 "resource was validated against the base FHIR R4 definitions only"))
+        if not issues:
+            issues.append(Issue("informational", "All OK", severity="information"))
+        failed = any(i.severity in ("error", "fatal") for i in issues)
+        ctx.record.outcome_desc = f"$validate ({mode or 'no mode'}): {'invalid' if failed else 'valid'}"
+        return Result(200, operation_outcome(issues))
