@@ -189,6 +189,8 @@ def client() -> None:
               help="Not filtered by patients' consents (consent back office); every access is audited and alerted.")
 @click.option("--break-glass", "break_glass", is_flag=True,
               help="May override consent denies with X-Purpose-Of-Use: ETREAT and X-Break-Glass-Reason.")
+@click.option("--stable-pseudonyms", "stable_pseudonyms", is_flag=True,
+              help="De-identified exports reuse one pseudonym key for this client (linkable across its exports).")
 @click.pass_context
 def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_url: str | None, scopes: str,
                     organization: str | None, client_id: str | None, redirect_uris: tuple[str, ...],

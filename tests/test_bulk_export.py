@@ -286,13 +286,10 @@ def test_output_is_encrypted_at_rest_and_every_step_audited(server: Server) -> N
     assert patients == {f"Patient/{p}" for p in ids["Patient"]}
 
 
-def test_deidentify_is_refused_until_available(server: Server) -> None:
-    from fhirserver.bulk.handlers import deidentification_available
-
+def test_deidentify_accepts_only_safe_harbor(server: Server) -> None:
     token = server.token()
-    resp = server.kickoff(token, _deidentify="safe-harbor")
-    if deidentification_available():
-        assert resp.status_code == 202
-    else:
-        assert resp.status_code == 400 and "_deidentify" in resp.get_data(as_text=True)
-    assert server.kickoff(token, _deidentify="k-anonymity").status_code == 400
+    assert server.kickoff(token, _deidentify="safe-harbor").status_code == 202
+    resp = server.kickoff(token, _deidentify="k-anonymity")
+    assert resp.status_code == 400 and "_deidentify" in resp.get_data(as_text=True)
+
+

@@ -112,7 +112,7 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
     settings = svc.settings
     per_file = int(settings.extra.get("export_file_max_resources", 10_000))
     keep = int(settings.extra.get("export_expiry_seconds", 3600))
-    deidentify = _deidentifier(job)
+    deidentify = _deidentifier(svc, job)
     key = svc.keys.ensure(job.key_scope)  # before any transaction (it may create the key)
     counts: dict[str, int] = {}
     patients: set[str] = set()
@@ -167,12 +167,13 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
     return "complete"
 
 
-def _deidentifier(job: jobs.Job) -> Any:
+def _deidentifier(svc: Services, job: jobs.Job) -> Any:
+    """Safe Harbor transform with this export's pseudonym key (created before any transaction)."""
     if not job.spec.get("deidentify"):
         return None
-    from ..exchange import deidentify as module  # Safe Harbor, keyed pseudonyms per export
+    from ..exchange.deidentify import Deidentifier
 
-    return module.Deidentifier.for_export(job.id).apply  # type: ignore[attr-defined]
+    return Deidentifier.for_export(svc, job.id, job.client_id).apply
 
 
 def _audit(svc: Services, job: jobs.Job, status: int, counts: dict[str, int], patients: set[str], desc: str) -> None:

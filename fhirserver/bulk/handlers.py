@@ -30,15 +30,6 @@ NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 PATIENT_TYPES_EXCLUDED = {"AuditEvent"}  # the audit trail is not part of a record
 
 
-def deidentification_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("fhirserver.exchange.deidentify") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def _values(ctx: RequestContext, name: str) -> list[str]:
     return [v for k, v in ctx.interaction.params if k == name]
 
@@ -92,8 +83,8 @@ class ExportKickoff(Handler):
             except ValueError:
                 raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
         deidentify = _one(ctx, "_deidentify")
-        if deidentify not in (None, "safe-harbor") or (deidentify and not deidentification_available()):
-            raise FhirError(400, "not-supported", "_deidentify=safe-harbor is not available on this server",
+        if deidentify not in (None, "safe-harbor"):
+            raise FhirError(400, "not-supported", "_deidentify supports only safe-harbor",
                             ["_deidentify"])
         if "HRESCH" in (principal.purpose or []) and not deidentify:
             raise FhirError(403, "forbidden", "Exports for research (HRESCH) must be de-identified "

@@ -50,7 +50,7 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
             ],
         }
         if t.operations:
-            entry["operation"] = [{"name": name, "definition": url} for name, _level, url in t.operations]
+            entry["operation"] = [operation_entry(name, url) for name, _level, url in t.operations]
         if t.server_written:
             entry["documentation"] = "Written only by the server: one AuditEvent per interaction."
         resources.append(entry)
@@ -75,11 +75,27 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
-            "operation": [{"name": name, "definition": definition}
+            "operation": [operation_entry(name, definition)
                           for name, (definition, _methods) in sorted(types.system_operations.items())
                           if definition.startswith("http://hl7.org/fhir/uv/bulkdata/OperationDefinition")],
         }],
     }
+
+
+DEIDENTIFY_EXTENSION = "http://fhirserver.dev/StructureDefinition/export-deidentify"
+
+
+def operation_entry(name: str, definition: str) -> dict[str, Any]:
+    """A CapabilityStatement operation; Bulk exports also document our `_deidentify` parameter."""
+    entry: dict[str, Any] = {"name": name, "definition": definition}
+    if definition.startswith("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/") and "export" in definition:
+        entry["extension"] = [{"url": DEIDENTIFY_EXTENSION, "valueCode": "safe-harbor"}]
+        entry["documentation"] = (
+            "Also accepts `_deidentify=safe-harbor`: HIPAA Safe Harbor de-identification (names, contact "
+            "details, addresses below state and 3-digit ZIP, free text removed; dates reduced to the year; "
+            "ids, references and identifiers replaced by keyed pseudonyms stable within one export). "
+            "Required for research (HRESCH) exports.")
+    return entry
 
 
 def smart_configuration(root: str, scopes: list[str]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Exchange between institutions: import, de-identification, erasure."""
