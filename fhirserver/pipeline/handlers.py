@@ -277,10 +277,29 @@ class Create(Handler):
         return write_result(ctx, stored, 201)
 
 
+AMENDMENT_TAG = {"system": "http://fhirserver.dev/CodeSystem/record-origin", "code": "patient-amended",
+                 "display": "Amended by the patient or their representative; review against the prior version"}
+PATIENT_OWNED = {"Patient", "Consent", "QuestionnaireResponse"}  # the patient's own statements
+
+
+def flag_patient_amendment(ctx: RequestContext, body: dict[str, Any]) -> None:
+    """A patient (or guardian) correcting a clinical record does not silently overwrite the
+    clinician's data: the new version carries a `patient-amended` tag, the prior version stays in
+    history, and the AuditEvent names the user. Their own demographics, Consents and answers are
+    theirs to correct without a flag."""
+    principal = ctx.principal
+    user = (principal.fhir_user or "") if principal else ""
+    if user.startswith(("Patient/", "RelatedPerson/")) and ctx.interaction.resource_type not in PATIENT_OWNED:
+        meta = body.setdefault("meta", {})
+        tags = [t for t in meta.get("tag", []) if t.get("code") != AMENDMENT_TAG["code"]]
+        meta["tag"] = [*tags, dict(AMENDMENT_TAG)]
+
+
 class Update(Handler):
     def prepare(self, ctx: RequestContext) -> None:
         it = ctx.interaction
         body = validated(ctx)
+        flag_patient_amendment(ctx, body)
         rtype = it.resource_type or ""
         if it.conditional:
             with read_connection(ctx.services.engine) as conn:

@@ -1,0 +1,65 @@
+"""Data-subject rights of a signed-in patient (SMART App Launch, user scopes): see everything about
+them, take it away, correct demographics (a new version) and request corrections of clinical data
+(a flagged amendment beside the clinician's version, never a silent overwrite)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhirserver.pipeline.handlers import AMENDMENT_TAG
+
+SCOPE = "openid fhirUser user/Patient.rus user/Observation.rus user/QuestionnaireResponse.rus"
+
+
+def patient_token(smart: Any) -> tuple[str, str, str]:
+    pid = smart.patient("Rightsholder")
+    obs = smart.observation(pid)
+    username, _ = smart.user(f"Patient/{pid}")
+    client_id, _ = smart.app_client(SCOPE)
+    token = smart.tokens(client_id, SCOPE, username)["access_token"]
+    return pid, obs, token
+
+
+def test_patient_sees_and_takes_everything_about_them(smart: Any) -> None:
+    pid, obs, token = patient_token(smart)
+    other = smart.patient("Stranger")
+    smart.observation(other)
+    h = {"Authorization": f"Bearer {token}"}
+    everything = smart.http.get(f"/fhir/Patient/{pid}/$everything", headers=h)
+    assert everything.status_code == 200
+    assert {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in everything.get_json()["entry"]} == {
+        f"Patient/{pid}", f"Observation/{obs}"}
+    assert smart.http.get(f"/fhir/Patient/{other}/$everything", headers=h).status_code in (403, 404)
+
+
+def test_patient_corrects_demographics_as_a_new_version(smart: Any) -> None:
+    pid, _obs, token = patient_token(smart)
+    h = {"Authorization": f"Bearer {token}"}
+    current = smart.http.get(f"/fhir/Patient/{pid}", headers=h).get_json()
+    current["name"] = [{"family": "Rightsholder-Corrected", "given": ["Pat"]}]
+    resp = smart.http.put(f"/fhir/Patient/{pid}", json=current, headers=h)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["meta"]["versionId"] == "2" and "tag" not in body["meta"]
+    history = smart.http.get(f"/fhir/Patient/{pid}/_history", headers=h).get_json()
+    assert [e["resource"]["name"][0]["family"] for e in history["entry"]] == ["Rightsholder-Corrected", "Rightsholder"]
+
+
+def test_patient_correction_of_clinical_data_is_a_flagged_amendment(smart: Any) -> None:
+    pid, obs, token = patient_token(smart)
+    h = {"Authorization": f"Bearer {token}"}
+    original = smart.http.get(f"/fhir/Observation/{obs}", headers=h).get_json()
+    corrected = dict(original, valueQuantity={"value": 64, "unit": "/min"})
+    resp = smart.http.put(f"/fhir/Observation/{obs}", json=corrected, headers=h)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json()["meta"]["tag"] == [AMENDMENT_TAG]
+    # the clinician's version stays, and clinicians find amendments by tag
+    v1 = smart.http.get(f"/fhir/Observation/{obs}/_history/1", headers=smart.admin.headers()).get_json()
+    assert v1["valueQuantity"]["value"] == 70 and "tag" not in v1["meta"]
+    found = smart.http.get("/fhir/Observation", query_string={"_tag": f"{AMENDMENT_TAG['system']}|patient-amended"},
+                           headers=smart.admin.headers()).get_json()
+    assert [e["resource"]["id"] for e in found.get("entry", [])] == [obs]
+    # a backend (clinical) update is not flagged
+    clinician = dict(original, status="amended")
+    again = smart.http.put(f"/fhir/Observation/{obs}", json=clinician, headers=smart.admin.headers())
+    assert again.status_code == 200 and "tag" not in again.get_json()["meta"]
