@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import __version__
@@ -24,7 +25,9 @@ def smart_oauth_extension(root: str) -> dict[str, Any]:
 
 
 def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: str, root: str,
-                         software_date: str) -> dict[str, Any]:
+                         software_date: str, profiles: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """`profiles`: shipped profile URLs by type (Validator.profiles.urls_by_type())."""
+    supported = profiles or {}
     resources = []
     for t in types:
         entry: dict[str, Any] = {
@@ -49,6 +52,8 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
                  "type": "date"},
             ],
         }
+        if supported.get(t.name):
+            entry["supportedProfile"] = list(supported[t.name])
         if t.operations:
             entry["operation"] = [operation_entry(name, url) for name, _level, url in t.operations]
         if t.server_written:

@@ -7,6 +7,12 @@ Two layers, both needed:
 2. fhir.resources R4B models (the R4 wire format for our types): structure, choice types,
    cardinality and the models' own rules.
 
+Then the profiles the resource claims in `meta.profile` that this server ships (see
+fhir/profiles.py): a violation is a 422, the FHIR status for "violated applicable FHIR profiles"
+(structurally invalid JSON stays a 400). A claimed profile the server does not know is accepted
+unchecked: FHIR lets a server ignore profiles it does not know, and rejecting them would turn
+away every resource written under an implementation guide we do not ship.
+
 Error locations become FHIRPath-style `issue.expression` values (`Patient.name[0].given[0]`).
 The original JSON is never re-serialized: FHIR requires decimals back as sent (`1.0`).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from .errors import FhirError, Issue
+from .profiles import ProfileRegistry
 
 
 def _expression(root: str, loc: list[Any] | tuple[Any, ...]) -> str:
@@ -45,6 +53,7 @@ _LOCK = threading.Lock()
 class Validator:
     def __init__(self, profiles_dir: Path) -> None:
         self._schema_file = profiles_dir / "fhir-schema-subset.json"
+        self.profiles = ProfileRegistry.load(profiles_dir)
 
     def _schema_for(self, type_name: str):  # type: ignore[no-untyped-def]
         key = (str(self._schema_file), type_name)
@@ -70,8 +79,11 @@ class Validator:
         for name in type_names:
             self._schema_for(name)
 
-    def validate(self, body: Any, expected_type: str | None = None, root: str | None = None) -> None:
-        """Raise FhirError(400) describing the first problems found."""
+    def validate(self, body: Any, expected_type: str | None = None, root: str | None = None,
+                 profiles: Sequence[str] = ()) -> list[Issue]:
+        """Raise FhirError(400) describing the first problems found, or FhirError(422) when the
+        resource breaks a known profile it claims (or one of `profiles`, for $validate). Returns
+        the issues that do not fail it (warnings, unknown claimed profiles)."""
         if not isinstance(body, dict):
             raise FhirError(400, "structure", "A resource must be a JSON object")
         rtype = body.get("resourceType")
@@ -84,6 +96,7 @@ class Validator:
                 ["resourceType"],
             )
         root = root or rtype
+        notes: list[Issue] = []
         if root == rtype:
             _check_json_rules(body, rtype)
         schema_fn = self._schema_for(rtype)
@@ -94,7 +107,7 @@ class Validator:
                 raise self._schema_error(root, exc) from None
             for i, contained in enumerate(body.get("contained") or []):
                 if isinstance(contained, dict) and isinstance(contained.get("resourceType"), str):
-                    self.validate(contained, None, f"{root}.contained[{i}]")
+                    notes += self.validate(contained, None, f"{root}.contained[{i}]")
         try:
             model = get_fhir_model_class(rtype)
         except (KeyError, ValueError):
@@ -111,6 +124,18 @@ class Validator:
             raise FhirError(400, issues[0].code, issues[0].diagnostics, issues=issues) from None
         except (ValueError, TypeError) as exc:
             raise FhirError(400, "structure", _clean_message(str(exc)), [root]) from None
+        return notes + self._check_profiles(body, root, profiles)
+
+    def _check_profiles(self, body: dict[str, Any], root: str, extra: Sequence[str]) -> list[Issue]:
+        claimed = (body.get("meta") or {}).get("profile") or []
+        if not claimed and not extra:
+            return []
+        issues = self.profiles.check(body, root, [u for u in claimed if isinstance(u, str)], extra)
+        errors = [i for i in issues if i.severity in ("error", "fatal")]
+        if errors:
+            rest = [i for i in issues if i not in errors]
+            raise FhirError(422, errors[0].code, errors[0].diagnostics, issues=errors + rest)
+        return issues
 
     @staticmethod
     def _schema_error(root: str, exc: fastjsonschema.JsonSchemaException) -> FhirError:

@@ -192,7 +192,8 @@ class Capabilities(Handler):
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
-        cs = capability_statement(s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE)
+        cs = capability_statement(s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE,
+                                  profiles=s.validator.profiles.urls_by_type())
         return Result(200, cs)
 
 

@@ -4,7 +4,10 @@ answered as an OperationOutcome, and nothing stored.
 The resource comes as the body, or inside a `Parameters` body (`resource`, `mode`, `profile`);
 `mode` and `profile` may also be query parameters. `mode=create|update|delete` adds that
 interaction's rules: update needs the id of the URL, delete needs an existing resource. A
-`profile` the server does not ship is reported as an error rather than silently ignored.
+`profile` the server ships (profiles/StructureDefinition-*.json) is checked like a profile the
+resource claims in `meta.profile` on a write; one it does not ship is reported as an error rather
+than silently ignored (the caller asked for that check). Unknown profiles claimed in
+`meta.profile` are only noted (information), as writes accept them.
 Validation problems are a 200 with error issues (the operation ran); a malformed request is 400.
 """
 
@@ -61,10 +64,12 @@ class Validate(Handler):
         it = ctx.interaction
         resource, mode, profile = ctx.prepared
         rtype = it.resource_type or ""
+        validator = ctx.services.validator
+        known = validator.profiles.resolve(profile) if profile else None
         issues: list[Issue] = []
         if resource is not None:
             try:
-                ctx.services.validator.validate(resource, rtype)
+                issues.extend(validator.validate(resource, rtype, profiles=[profile] if known else []))
             except FhirError as err:
                 issues.extend(err.issues)
             if mode == "update" and (not it.id or resource.get("id") != it.id):
@@ -74,11 +79,11 @@ class Validate(Handler):
             head = ctx.services.repo.current(conn, rtype, it.id) if it.id else None
             if head is None or head.deleted:
                 raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
-        if profile:
+        if profile and not known:
             issues.append(Issue("not-supported", f"Profile {profile[:200]} is not known to this server; the "
                                                  "resource was validated against the base FHIR R4 definitions only"))
-        if not issues:
-            issues.append(Issue("informational", "All OK", severity="information"))
         failed = any(i.severity in ("error", "fatal") for i in issues)
+        if not failed:
+            issues.insert(0, Issue("informational", "All OK", severity="information"))
         ctx.record.outcome_desc = f"$validate ({mode or 'no mode'}): {'invalid' if failed else 'valid'}"
         return Result(200, operation_outcome(issues))
