@@ -22,6 +22,7 @@ from .db.engine import make_engine, read_connection, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
 from .pipeline.bundle import BundleHandler
+from .pipeline.erase_op import Erase
 from .pipeline.handlers import HANDLERS
 from .pipeline.pipeline import Pipeline
 from .pipeline.validate_op import Validate
@@ -178,6 +179,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     HANDLERS.update(BULK_HANDLERS)  # $export, $export-poll-status, $export-file
     HANDLERS["bundle"] = BundleHandler()  # batch / transaction at POST [base]
     HANDLERS["$validate"] = Validate()
+    HANDLERS["$erase"] = Erase()
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
     if settings.extra.get("bulk_worker", True):
         start_worker(svc)

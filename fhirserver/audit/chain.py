@@ -5,6 +5,10 @@ search) and linked by one `audit_chain` row:
 
     hash = HMAC-SHA-256(chain key, prev_hash | seq | event_id | recorded_us | SHA-256(stored JSON))
 
+Erasure of a patient pseudonymizes the events that name them; such a row then also carries
+`redaction` = SHA-256(redacted JSON) with an HMAC by the chain key over (seq, event, original and
+redacted hashes), so the redacted body verifies while any other change still breaks the chain.
+
 The chain key is a data key (scope `audit-chain`) wrapped by the master key, which never enters
 the database: someone who can write to the database but does not hold the master key cannot
 re-link the chain after deleting or changing a record.
@@ -20,7 +24,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, select, update
 
 from ..db import raw as raw_sql
 from ..db.engine import read_connection
@@ -41,6 +45,22 @@ CHAIN_SCOPE = "audit-chain"
 def link_hash(key: bytes, prev_hash: str, seq: int, event_id: str, recorded_us: int, content_hash: str) -> str:
     message = f"{prev_hash}|{seq}|{event_id}|{recorded_us}|{content_hash}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def redaction_mac(key: bytes, seq: int, event_id: str, content_hash: str, redacted_hash: str) -> str:
+    """Authorizes a redacted body: only the holder of the chain key (the server) can pseudonymize an
+    event; the chain link keeps committing to the original content."""
+    message = f"redaction|{seq}|{event_id}|{content_hash}|{redacted_hash}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def record_redaction(conn: Connection, repo: Repository, event_id: str, redacted_body: bytes) -> None:
+    """Mark one chained AuditEvent as redacted to `redacted_body` (already stored by the caller)."""
+    row = conn.execute(select(audit_chain.c.seq, audit_chain.c.content_hash)
+                       .where(audit_chain.c.event_id == event_id)).one()
+    digest = hashlib.sha256(redacted_body).hexdigest()
+    mac = redaction_mac(chain_key(repo), row.seq, event_id, row.content_hash, digest)
+    conn.execute(update(audit_chain).where(audit_chain.c.event_id == event_id).values(redaction=f"{digest}:{mac}"))
 
 
 def chain_key(repo: Repository) -> bytes:
@@ -119,7 +139,13 @@ def verify_chain(engine: Engine, repo: Repository, batch: int = 2000) -> VerifyR
                     body = repo.decrypt("AuditEvent", row.event_id, stored[0].version, stored[0].key_id, stored[0].body, conn)
                 except CorruptDataError:
                     return bad(row.seq, row.event_id, "AuditEvent ciphertext was tampered with")
-                if body is None or hashlib.sha256(body).hexdigest() != row.content_hash:
+                expected = row.content_hash
+                if row.redaction:
+                    redacted, _, mac = row.redaction.partition(":")
+                    if not hmac.compare_digest(redaction_mac(key, row.seq, row.event_id, row.content_hash, redacted), mac):
+                        return bad(row.seq, row.event_id, "redaction record was forged or modified")
+                    expected = redacted
+                if body is None or hashlib.sha256(body).hexdigest() != expected:
                     return bad(row.seq, row.event_id, "AuditEvent content does not match its hash")
                 prev_hash, expected_seq, last = row.hash, expected_seq + 1, row.seq
                 checked += 1

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..db.engine import read_connection, transaction
@@ -73,6 +73,18 @@ class DataKeyStore:
         raw = self._unwrap_row(row)
         self._remember(row.id, scope, raw)
         return row.id, raw
+
+    def destroy(self, conn: Connection, scope: str) -> int | None:
+        """Crypto-shred: delete a scope's wrapped key inside the caller's transaction and forget
+        it here. Every ciphertext under it becomes noise. Returns the key id, None if absent."""
+        row = conn.execute(select(data_key.c.id).where(data_key.c.scope == scope)).first()
+        if row is None:
+            return None
+        conn.execute(delete(data_key).where(data_key.c.id == row.id))
+        with self._lock:
+            self._by_scope.pop(scope, None)
+            self._by_id.pop(row.id, None)
+        return int(row.id)
 
     def by_id(self, key_pk: int, conn: Connection | None = None) -> bytes:
         """Raw data key by id; read through `conn` when given (inside a request transaction)."""

@@ -245,6 +245,9 @@ audit_chain = Table(
     Column("content_hash", String(64), nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    # "<sha256 of the redacted JSON>:<HMAC(chain key, ...)>" once an erasure pseudonymized the
+    # event's patient references; the link above still commits to the original content
+    Column("redaction", String(160), nullable=True),
 )
 
 # Single-row table: the serialization point for appending to the chain (SELECT ... FOR UPDATE).

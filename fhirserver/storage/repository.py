@@ -27,7 +27,7 @@ from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.errors import FhirError
 from ..search.dates import instant_text, now_us
 from ..search.indexer import Indexer, IndexRows
-from .codec import dump_json
+from .codec import dump_json, parse_json
 
 
 class CorruptDataError(Exception):
@@ -260,6 +260,27 @@ class Repository:
         raw_sql.execute(conn, _RAW_INS_VERSION, (head.pk, p.type, version, when_us, "PUT", False, p.key_id, blob)).close()
         self._write_index(conn, head.pk, p, replace=True)
         return Stored(p.type, p.id, version, when_us, False, "PUT", raw, head.pk), head.deleted
+
+    def erase(self, conn: Connection, pk: int, rtype: str) -> None:
+        """Physically remove every version, index and compartment row of one resource and leave
+        a single bodiless tombstone version (reads answer 410). Used by patient erasure."""
+        head = conn.execute(select(resource.c.version, resource.c.last_updated_us).where(resource.c.pk == pk)).one()
+        when_us = max(now_us(), head.last_updated_us + 1)
+        version = head.version + 1
+        conn.execute(delete(resource_version).where(resource_version.c.resource_pk == pk))
+        for stmt in _DEL_INDEX:
+            conn.execute(stmt, {"rpk": pk})
+        conn.execute(_DEL_COMPARTMENT, {"rpk": pk})
+        conn.execute(_UPD_RESOURCE, {"rpk": pk, "version": version, "last_updated_us": when_us, "deleted": True})
+        raw_sql.execute(conn, _RAW_INS_VERSION, (pk, rtype, version, when_us, "DELETE", True, None, None)).close()
+
+    def reseal(self, conn: Connection, pk: int, rtype: str, rid: str, version: int, key_id: int, raw: bytes) -> None:
+        """Replace the stored body of one version in place (same key, same associated data) and
+        reindex it when it is the current version. Used to pseudonymize AuditEvents on erasure."""
+        blob = seal(AESGCM(self.keys.by_id(key_id, conn)), raw, _aad(rtype, rid, version))
+        conn.execute(update(resource_version).where(resource_version.c.resource_pk == pk,
+                                                    resource_version.c.version == version).values(body=blob))
+        self.reindex(conn, pk, rtype, parse_json(raw))
 
     def delete(self, conn: Connection, rtype: str, rid: str, if_match: int | None = None) -> Stored | None:
         """Logical delete: a new version without body. None if nothing to delete."""

@@ -1,0 +1,162 @@
+"""Patient erasure (GDPR art. 17, PIPL art. 47): crypto-shredding plus cleanup, in one transaction.
+
+Everything in a patient's compartment is encrypted under the patient's own data key
+(`patient:<id>`; a resource in several compartments uses its first patient's key). Erasure:
+
+1. removes every version of every resource whose current version is under that key (the Patient,
+   their Observations, QuestionnaireResponses, Consents), leaving bodiless tombstones so reads
+   answer 410 and searches never match; older versions under the key of resources that have
+   since moved to another patient are removed too;
+2. deletes the patient's search index, blind-index and compartment rows, consent rules, user
+   links and unfinished-import bookkeeping;
+3. destroys the data key itself, so any copy of those ciphertexts (backups, WAL, free pages)
+   is noise;
+4. cancels every unexpired Bulk export that may hold the patient (their files and keys go);
+5. pseudonymizes the patient in the AuditEvents that name them (`Patient/erased-<HMAC>`, the same
+   pseudonym in every event so auditors can still follow one erased person's trail), recorded
+   in the hash chain as an authorized redaction (see audit/chain.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import re
+from dataclasses import dataclass
+from hashlib import sha256
+from typing import Any
+
+from sqlalchemy import Connection, delete, select
+
+from ..audit.chain import record_redaction
+from ..bulk import jobs
+from ..bulk.tables import export_job
+from ..consent.rules import clear as clear_consent_rules
+from ..db.schema import compartment, data_key, resource, resource_version, user_patient_link
+from ..search.dates import now_us
+from ..services import Services
+from ..storage.codec import dump_json, parse_json
+from .tables import import_patient
+
+PSEUDONYM_SCOPE = "erasure-pseudonym"
+
+
+@dataclass
+class ErasureReport:
+    pseudonym: str
+    resources: int = 0
+    versions: int = 0
+    audit_events: int = 0
+    exports: int = 0
+
+
+def pseudonym_for(svc: Services, patient_id: str) -> str:
+    """The erased patient's stable, keyed pseudonym (a valid FHIR id)."""
+    mac = hmac.new(svc.keys.ensure(PSEUDONYM_SCOPE)[1], patient_id.encode(), sha256).digest()
+    return "erased-" + base64.b32encode(mac[:15]).decode().lower()
+
+
+def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: str) -> ErasureReport:
+    """Erase one patient inside the caller's transaction (see the module docstring)."""
+    report = ErasureReport(pseudonym)
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("PRAGMA secure_delete=ON")  # zero the freed pages, not just unlink them
+    scope = f"patient:{patient_id}"
+    key_row = conn.execute(select(data_key.c.id).where(data_key.c.scope == scope)).first()
+    keyed: set[int] = set()
+    if key_row is not None:
+        rows = conn.execute(select(resource_version.c.resource_pk, resource_version.c.version,
+                                   resource.c.version.label("current"))
+                            .join(resource, resource.c.pk == resource_version.c.resource_pk)
+                            .where(resource_version.c.key_id == key_row.id)).all()
+        keyed = {r.resource_pk for r in rows if r.version == r.current}
+        moved = [(r.resource_pk, r.version) for r in rows if r.resource_pk not in keyed]
+        for pk, version in moved:
+            conn.execute(delete(resource_version).where(resource_version.c.resource_pk == pk,
+                                                        resource_version.c.version == version))
+        report.versions += len(moved)
+    patient = svc.repo.current(conn, "Patient", patient_id)
+    if patient is not None:
+        keyed.add(patient.pk)
+    for pk, rtype in conn.execute(select(resource.c.pk, resource.c.type).where(resource.c.pk.in_(keyed))).all():
+        report.versions += conn.execute(select(resource_version.c.pk)
+                                        .where(resource_version.c.resource_pk == pk)).all().__len__()
+        if rtype == "Consent":
+            clear_consent_rules(conn, pk)
+        svc.repo.erase(conn, pk, rtype)
+        report.resources += 1
+    audit_pks = conn.execute(select(compartment.c.resource_pk).join(resource, resource.c.pk == compartment.c.resource_pk)
+                             .where(compartment.c.patient_id == patient_id, resource.c.type == "AuditEvent")).scalars().all()
+    conn.execute(delete(compartment).where(compartment.c.patient_id == patient_id))
+    conn.execute(delete(user_patient_link).where(user_patient_link.c.patient_id == patient_id))
+    conn.execute(delete(import_patient).where(import_patient.c.patient_id == patient_id))
+    svc.keys.destroy(conn, scope)
+    report.exports = _cancel_exports(conn, patient_id)
+    for pk in audit_pks:
+        if _redact_audit_event(svc, conn, pk, patient_id, pseudonym):
+            report.audit_events += 1
+    return report
+
+
+def _cancel_exports(conn: Connection, patient_id: str) -> int:
+    """Unexpired exports that may contain the patient: every system/type-level one, and the
+    patient's own. (Job specs do not list patients; erring on the side of erasure.)"""
+    rows = conn.execute(select(export_job.c.id, export_job.c.spec).where(
+        export_job.c.status.in_(("queued", "running", "complete")))).all()
+    hit = [r.id for r in rows if json.loads(r.spec).get("level") != "instance" or
+           json.loads(r.spec).get("patient") == patient_id]
+    for job_id in hit:
+        jobs.cancel(conn, job_id)
+        conn.execute(export_job.update().where(export_job.c.id == job_id).values(
+            error="Cancelled: a patient whose data it may hold was erased", expires_us=now_us()))
+    return len(hit)
+
+
+def _redact_audit_event(svc: Services, conn: Connection, pk: int, patient_id: str, pseudonym: str) -> bool:
+    head = conn.execute(select(resource.c.id, resource.c.version).where(resource.c.pk == pk)).one()
+    ver = conn.execute(select(resource_version.c.key_id, resource_version.c.body).where(
+        resource_version.c.resource_pk == pk, resource_version.c.version == head.version)).one()
+    raw = svc.repo.decrypt("AuditEvent", head.id, head.version, ver.key_id, ver.body, conn)
+    if raw is None:
+        return False
+    event = parse_json(raw)
+    redacted = _replace(event, _Rewriter(patient_id, pseudonym))
+    new_raw = dump_json(redacted)
+    if new_raw == raw:
+        return False
+    svc.repo.reseal(conn, pk, "AuditEvent", head.id, head.version, ver.key_id, new_raw)
+    record_redaction(conn, svc.repo, head.id, new_raw)
+    return True
+
+
+class _Rewriter:
+    """Replaces the patient's id where it names the patient: `Patient/<id>` references (also
+    URL-encoded) and patient-valued search parameters (`patient=`, `subject=`, `Patient?_id=`)."""
+
+    def __init__(self, patient_id: str, pseudonym: str) -> None:
+        pid = re.escape(patient_id)
+        end = r"(?![A-Za-z0-9\-.])"
+        self._ref = re.compile(rf"Patient(/|%2F|%2f){pid}{end}")
+        self._param = re.compile(rf"((?:[?&](?:patient|subject)(?::Patient)?|Patient\?(?:[^#]*&)?_id)=(?:[^&#]*,)?){pid}{end}")
+        self._pseudonym = pseudonym
+
+    def __call__(self, text: str) -> str:
+        text = self._ref.sub(lambda m: f"Patient{m.group(1)}{self._pseudonym}", text)
+        return self._param.sub(lambda m: f"{m.group(1)}{self._pseudonym}", text)
+
+
+def _replace(node: Any, rewrite: _Rewriter, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _replace(v, rewrite, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace(v, rewrite, key) for v in node]
+    if isinstance(node, str):
+        if key == "query":  # BALP: the search query, base64
+            try:
+                decoded = base64.b64decode(node, validate=True).decode()
+            except ValueError:
+                return rewrite(node)
+            return base64.b64encode(rewrite(decoded).encode()).decode()
+        return rewrite(node)
+    return node

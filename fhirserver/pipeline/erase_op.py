@@ -1,0 +1,52 @@
+"""Patient/[id]/$erase: the right to erasure, run by an administrator client.
+
+Who may: a backend client registered with `--admin` whose token carries delete permission on
+Patient (e.g. `system/Patient.d`); nobody else, whatever their scopes (403). Only POST. What it
+does is in exchange/erase.py. The AuditEvent of the erasure itself names the patient only by
+the pseudonym, like the earlier events it pseudonymizes.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection
+
+from ..exchange.erase import erase_patient, pseudonym_for
+from ..fhir.errors import FhirError
+from .context import RequestContext, Result
+from .handlers import Handler
+
+
+class Erase(Handler):
+    def prepare(self, ctx: RequestContext) -> None:
+        it = ctx.interaction
+        principal = ctx.principal
+        if it.method != "POST":
+            raise FhirError(405, "not-supported", "Use POST for $erase", headers={"Allow": "POST"})
+        if principal is None or not principal.client_settings.get("admin") or principal.fhir_user or principal.patient:
+            raise FhirError(403, "forbidden", "$erase is reserved to administrator backend clients")
+        ctx.pipeline.authorizer.predicates(principal, "Patient", "delete")  # 403 without Patient delete
+        ctx.prepared = pseudonym_for(ctx.services, it.id or "")  # creates its key before the transaction
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        pid = ctx.interaction.id or ""
+        svc = ctx.services
+        head = svc.repo.current(conn, "Patient", pid, lock=True)
+        if head is None:
+            raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+        pseudonym: str = ctx.prepared
+        report = erase_patient(svc, conn, pid, pseudonym)
+        if report.resources == 0 or (head.deleted and report.versions <= 1):
+            raise FhirError(410, "deleted", "This patient has already been erased")
+        record = ctx.record
+        record.target = f"Patient/{pseudonym}"
+        record.patients = [pseudonym]
+        record.resources = []
+        record.outcome_desc = (f"patient erased: {report.resources} resources ({report.versions} versions) "
+                               f"removed, data key destroyed, {report.audit_events} AuditEvents pseudonymized, "
+                               f"{report.exports} exports cancelled")
+        return Result(200, {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational",
+                       "diagnostics": record.outcome_desc.replace("patient erased", f"Patient/{pid} erased"),
+                       "details": {"text": f"The erased patient appears in the audit trail as Patient/{pseudonym}"}}],
+        })
