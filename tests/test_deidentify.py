@@ -17,7 +17,7 @@ from fhirserver.auth.clients import register_backend_client
 from fhirserver.demo import load_demo
 from fhirserver.exchange.deidentify import AGE_90_PLUS, PSEUDONYM_SYSTEM
 from tests.conftest import EXAMPLES, example_files
-from tests.test_bulk_export import Server, _app
+from tests.test_bulk_export import Server, _app, _local
 
 FULL_DATE = re.compile(r"\d{4}-\d{2}")
 PEOPLE = {"", "Patient", "Practitioner", "PractitionerRole", "RelatedPerson", "Person", "Organization"}
@@ -251,3 +251,21 @@ def test_capability_statement_documents_deidentify(server: Server) -> None:
     for op in exports:
         assert {"url": DEIDENTIFY_EXTENSION, "valueCode": "safe-harbor"} in op["extension"]
         assert "_deidentify=safe-harbor" in op["documentation"]
+
+
+def test_an_exports_pseudonym_key_goes_with_the_export(server: Server) -> None:
+    import sqlalchemy as sa
+
+    token = client_token(server, "writer", consent_exempt=True)
+    server.create(token, {"resourceType": "Patient", "name": [{"family": "Keyed"}]})
+    resp = server.kickoff(token, _deidentify="safe-harbor")
+    job = resp.headers["Content-Location"].split("_jobId=")[-1].split("&")[0]
+    assert server.wait(token, resp.headers["Content-Location"]).status_code == 200
+
+    def scopes() -> set[str]:
+        with server.svc.engine.connect() as conn:
+            return {r[0] for r in conn.execute(sa.text("SELECT scope FROM data_key"))}
+
+    assert f"pseudonym:export:{job}" in scopes()
+    assert server.http.delete(_local(resp.headers["Content-Location"]), headers=server.h(token)).status_code == 202
+    assert f"pseudonym:export:{job}" not in scopes() and f"export:{job}" not in scopes()

@@ -179,3 +179,28 @@ def test_capability_statement_lists_erase(server: Server) -> None:
     cap = server.http.get("/fhir/metadata").get_json()
     patient = next(r for r in cap["rest"][0]["resource"] if r["type"] == "Patient")
     assert {"name": "erase", "definition": "http://fhirserver.dev/OperationDefinition/Patient-erase"} in patient["operation"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_erasure_on_postgres(settings: Any) -> None:
+    from fhirserver.app import create_app
+
+    app = create_app(settings)
+    srv = Server(app)
+    try:
+        admin = client_token(srv, "admin", "system/*.cruds", admin=True, consent_exempt=True)
+        ids = seed(srv, admin)
+        assert srv.http.get(f"/fhir/Patient/{ids['pid']}", headers=srv.h(admin)).status_code == 200
+        resp = erase(srv, admin, ids["pid"])
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        for path in (f"Patient/{ids['pid']}", f"Observation/{ids['obs'][0]}", f"QuestionnaireResponse/{ids['qr']}"):
+            assert srv.http.get(f"/fhir/{path}", headers=srv.h(admin)).status_code == 410
+        assert srv.http.get(f"/fhir/Patient/{ids['other']}", headers=srv.h(admin)).status_code == 200
+        with app.extensions["fhirserver"].engine.connect() as conn:
+            scopes = [r[0] for r in conn.exec_driver_sql("SELECT scope FROM data_key")]
+            redacted = conn.exec_driver_sql("SELECT count(*) FROM audit_chain WHERE redaction IS NOT NULL").scalar()
+        assert f"patient:{ids['pid']}" not in scopes and f"patient:{ids['other']}" in scopes and redacted >= 1
+        assert verify_chain(srv.svc.engine, srv.svc.repo).ok
+    finally:
+        app.extensions["fhirserver"].engine.dispose()

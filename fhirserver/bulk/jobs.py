@@ -129,7 +129,9 @@ def cancel(conn: Connection, job_id: str) -> None:
 
 def _shred(conn: Connection, job_id: str) -> None:
     conn.execute(delete(export_file).where(export_file.c.job_id == job_id))
-    conn.execute(delete(data_key).where(data_key.c.scope == f"export:{job_id}"))
+    # the output key, and the pseudonym key of a de-identified export: once it is gone, not even
+    # this server can link that export's pseudonyms back to patients
+    conn.execute(delete(data_key).where(data_key.c.scope.in_((f"export:{job_id}", f"pseudonym:export:{job_id}"))))
 
 
 def expire(engine: Engine) -> int:
