@@ -96,8 +96,12 @@ def add_file(engine: Engine, job: Job, key: tuple[int, bytes], name: str, rtype:
     key_id, raw = key
     body = seal(AESGCM(raw), b"".join(lines), f"export/{job.id}/{name}".encode())
     with transaction(engine) as conn:
-        conn.execute(insert(export_file).values(job_id=job.id, name=name, type=rtype, count=len(lines),
-                                                key_id=key_id, body=body))
+        # a job cancelled meanwhile (by its client, or by a patient's erasure) gets no more files
+        running = conn.execute(select(export_job.c.id).where(export_job.c.id == job.id,
+                                                             export_job.c.status == "running")).first()
+        if running is not None:
+            conn.execute(insert(export_file).values(job_id=job.id, name=name, type=rtype, count=len(lines),
+                                                    key_id=key_id, body=body))
 
 
 def read_file(conn: Connection, keys: Any, job_id: str, name: str) -> bytes | None:
