@@ -8,7 +8,8 @@ Everything in a patient's compartment is encrypted under the patient's own data 
    answer 410 and searches never match; older versions under the key of resources that have
    since moved to another patient are removed too;
 2. deletes the patient's search index, blind-index and compartment rows, consent rules, user
-   links and unfinished-import bookkeeping;
+   links and unfinished-import bookkeeping; closes the patient's sign-in accounts and revokes
+   every token and launch context that names the patient;
 3. destroys the data key itself, so any copy of those ciphertexts (backups, WAL, free pages)
    is noise;
 4. cancels every unexpired Bulk export that may hold the patient (their files and keys go);
@@ -33,7 +34,17 @@ from ..audit.chain import record_redaction
 from ..bulk import jobs
 from ..bulk.tables import export_job
 from ..consent.rules import clear as clear_consent_rules
-from ..db.schema import compartment, data_key, resource, resource_version, user_patient_link
+from ..db.schema import (
+    access_token,
+    app_user,
+    compartment,
+    data_key,
+    launch_context,
+    refresh_token,
+    resource,
+    resource_version,
+    user_patient_link,
+)
 from ..search.dates import now_us
 from ..services import Services
 from ..storage.codec import dump_json, parse_json
@@ -49,6 +60,7 @@ class ErasureReport:
     versions: int = 0
     audit_events: int = 0
     exports: int = 0
+    accounts: int = 0  # patient user accounts closed
 
 
 def pseudonym_for(svc: Services, patient_id: str) -> str:
@@ -91,12 +103,45 @@ def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: s
     conn.execute(delete(compartment).where(compartment.c.patient_id == patient_id))
     conn.execute(delete(user_patient_link).where(user_patient_link.c.patient_id == patient_id))
     conn.execute(delete(import_patient).where(import_patient.c.patient_id == patient_id))
+    report.accounts = _close_accounts(conn, patient_id, pseudonym)
     svc.keys.destroy(conn, scope)
     report.exports = _cancel_exports(conn, patient_id)
     for pk in audit_pks:
         if _redact_audit_event(svc, conn, pk, patient_id, pseudonym):
             report.audit_events += 1
     return report
+
+
+def _close_accounts(conn: Connection, patient_id: str, pseudonym: str) -> int:
+    """The patient's own sign-in accounts are closed and stripped of what identifies them, and
+    every token, refresh token and pending launch naming the patient is revoked/removed (their
+    stored context names the patient). Accounts stay as rows: grant history refers to them."""
+    ref = f"Patient/{patient_id}"
+    users = conn.execute(select(app_user.c.id).where(app_user.c.fhir_user == ref)).scalars().all()
+    for uid in users:
+        conn.execute(app_user.update().where(app_user.c.id == uid).values(
+            username=f"{pseudonym}-{uid}", password_hash="!erased", fhir_user=f"Patient/{pseudonym}",
+            totp_key_id=None, totp_secret=None, disabled=True))
+
+    def names_patient(context: str | None) -> bool:
+        if not context or patient_id not in context:
+            return False
+        data = json.loads(context)
+        return patient_id in (data.get("patient"), *data.get("linked_patients", [])) or ref in (
+            data.get("fhirUser"), data.get("user"))
+
+    for table, cleared in ((access_token, None), (refresh_token, "{}")):
+        rows = conn.execute(select(table.c.token_hash, table.c.context).where(
+            table.c.context.contains(patient_id))).all()
+        for row in rows:
+            if names_patient(row.context):
+                conn.execute(table.update().where(table.c.token_hash == row.token_hash).values(
+                    revoked=True, context=cleared))
+    for row in conn.execute(select(launch_context.c.launch_hash, launch_context.c.context).where(
+            launch_context.c.context.contains(patient_id))).all():
+        if names_patient(row.context):
+            conn.execute(delete(launch_context).where(launch_context.c.launch_hash == row.launch_hash))
+    return len(users)
 
 
 def _cancel_exports(conn: Connection, patient_id: str) -> int:

@@ -43,7 +43,7 @@ class Erase(Handler):
         record.resources = []
         record.outcome_desc = (f"patient erased: {report.resources} resources ({report.versions} versions) "
                                f"removed, data key destroyed, {report.audit_events} AuditEvents pseudonymized, "
-                               f"{report.exports} exports cancelled")
+                               f"{report.exports} exports cancelled, {report.accounts} patient accounts closed")
         return Result(200, {
             "resourceType": "OperationOutcome",
             "issue": [{"severity": "information", "code": "informational",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhirserver.pipeline.handlers import AMENDMENT_TAG
+from tests.smart.conftest import PASSWORD
 
 SCOPE = "openid fhirUser user/Patient.rus user/Observation.rus user/QuestionnaireResponse.rus"
 
@@ -63,3 +64,29 @@ def test_patient_correction_of_clinical_data_is_a_flagged_amendment(smart: Any) 
     clinician = dict(original, status="amended")
     again = smart.http.put(f"/fhir/Observation/{obs}", json=clinician, headers=smart.admin.headers())
     assert again.status_code == 200 and "tag" not in again.get_json()["meta"]
+
+
+def test_erasure_closes_the_patients_account_and_revokes_their_tokens(smart: Any, make_client: Any) -> None:
+    pid, _obs, token = patient_token(smart)
+    h = {"Authorization": f"Bearer {token}"}
+    assert smart.http.get(f"/fhir/Patient/{pid}", headers=h).status_code == 200
+    with smart.svc.engine.connect() as conn:
+        username = conn.exec_driver_sql("SELECT username FROM app_user WHERE fhir_user = ?", (f"Patient/{pid}",)).scalar()
+    assert username
+    eraser = make_client("system/*.cruds", settings={"admin": True})
+    resp = smart.http.post(f"/fhir/Patient/{pid}/$erase", headers=eraser.headers())
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert "1 patient accounts closed" in resp.get_json()["issue"][0]["diagnostics"]
+    # the patient's token is dead at once, and the account can no longer sign in
+    denied = smart.http.get(f"/fhir/Patient/{pid}", headers=h)
+    assert denied.status_code == 401 and "WWW-Authenticate" in denied.headers
+    with smart.svc.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT username, fhir_user, disabled, totp_secret FROM app_user").all()
+        contexts = [r[0] for r in conn.exec_driver_sql("SELECT context FROM access_token WHERE context IS NOT NULL")]
+    assert all(username != r[0] and f"Patient/{pid}" != r[1] for r in rows)
+    assert any(r[1].startswith("Patient/erased-") and r[2] for r in rows)
+    assert not any(pid in c for c in contexts)
+    client_id, _ = smart.app_client(SCOPE)
+    browser, flow = smart.start(client_id, SCOPE)
+    page = browser.login(username, PASSWORD)  # the right password: the account itself is gone
+    assert "approve" not in page.names()
