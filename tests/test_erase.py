@@ -91,6 +91,8 @@ def test_erasure_shreds_the_patient_and_keeps_a_pseudonymized_audit_trail(server
         for table in ("idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity", "idx_uri"):
             assert cx.execute(f"SELECT count(*) FROM {table} WHERE resource_pk IN ({','.join('?' * len(pks))})",
                               pks).fetchone()[0] == 0, table
+        alerts = [r[0] for r in cx.execute("SELECT detail FROM consent_alert")]  # the exempt client's accesses
+        assert alerts and not any(pid in a for a in alerts) and any(pseudonym in a for a in alerts)
         everything = cx.execute("SELECT r.type, r.id, v.version, v.body FROM resource_version v JOIN resource r "
                                 "ON r.pk = v.resource_pk WHERE v.body IS NOT NULL").fetchall()
     aes = AESGCM(data_key)

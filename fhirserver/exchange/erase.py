@@ -9,7 +9,7 @@ Everything in a patient's compartment is encrypted under the patient's own data 
    since moved to another patient are removed too;
 2. deletes the patient's search index, blind-index and compartment rows, consent rules, user
    links and unfinished-import bookkeeping; closes the patient's sign-in accounts and revokes
-   every token and launch context that names the patient;
+   every token and launch context that names the patient; pseudonymizes consent alerts;
 3. destroys the data key itself, so any copy of those ciphertexts (backups, WAL, free pages)
    is noise;
 4. cancels every unexpired Bulk export that may hold the patient (their files and keys go);
@@ -38,6 +38,7 @@ from ..db.schema import (
     access_token,
     app_user,
     compartment,
+    consent_alert,
     data_key,
     launch_context,
     refresh_token,
@@ -104,6 +105,7 @@ def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: s
     conn.execute(delete(user_patient_link).where(user_patient_link.c.patient_id == patient_id))
     conn.execute(delete(import_patient).where(import_patient.c.patient_id == patient_id))
     report.accounts = _close_accounts(conn, patient_id, pseudonym)
+    _redact_alerts(conn, patient_id, pseudonym)
     svc.keys.destroy(conn, scope)
     report.exports = _cancel_exports(conn, patient_id)
     for pk in audit_pks:
@@ -142,6 +144,19 @@ def _close_accounts(conn: Connection, patient_id: str, pseudonym: str) -> int:
         if names_patient(row.context):
             conn.execute(delete(launch_context).where(launch_context.c.launch_hash == row.launch_hash))
     return len(users)
+
+
+def _redact_alerts(conn: Connection, patient_id: str, pseudonym: str) -> None:
+    """Consent alerts (break-the-glass, exempt access) name the patients involved: pseudonymize."""
+    rewrite = _Rewriter(patient_id, pseudonym)
+    for row in conn.execute(select(consent_alert.c.id, consent_alert.c.detail).where(
+            consent_alert.c.detail.contains(patient_id))).all():
+        detail = json.loads(row.detail)
+        if isinstance(detail.get("patients"), list):
+            detail["patients"] = [pseudonym if p == patient_id else p for p in detail["patients"]]
+        detail = _replace(detail, rewrite)
+        conn.execute(consent_alert.update().where(consent_alert.c.id == row.id).values(
+            detail=json.dumps(detail, sort_keys=True)))
 
 
 def _cancel_exports(conn: Connection, patient_id: str) -> int:
