@@ -45,7 +45,8 @@ CONF = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 METHOD = "http://example.org/method"
 PROFILE_A = "http://example.org/StructureDefinition/obs-a"
 PROFILE_B = "http://example.org/StructureDefinition/obs-b"
-PROFILE_VS = "http://hl7.org/fhir/StructureDefinition/vitalsigns"
+# not a profile the server ships: shipped ones are enforced on write (tests/test_profiles.py)
+PROFILE_VS = "http://example.org/other/StructureDefinition/vitalsigns"
 SOURCES = ["http://example.org/source-a", "http://example.org/source-b"]
 QUESTIONNAIRES = ["http://example.org/Questionnaire/phq-9", "http://example.org/Questionnaire/gad-7"]
 EXTERNAL_PATIENT = "http://other.example/fhir/Patient/ext-1"
