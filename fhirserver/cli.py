@@ -112,6 +112,8 @@ demo-research (purpose HRESCH), demo-break-glass (Organization/demo-ed) and demo
 (consent-exempt):
   RTOKEN=$({cfg}fhirserver client token --client-id demo-research --key-file {key_path} --scope "system/*.rs" --token-url {settings.token_url})
   curl -H "Authorization: Bearer $RTOKEN" "{base}/Observation?_summary=count"    # only demo-bob (opt-in)
+  curl -i -H "Authorization: Bearer $RTOKEN" -H "Prefer: respond-async" "{base}/\\$export?_deidentify=safe-harbor"
+                                   # research exports are de-identified (docs/exchange.md); poll Content-Location
   GTOKEN=$({cfg}fhirserver client token --client-id demo-break-glass --key-file {key_path} --scope "system/*.rs" --token-url {settings.token_url})
   curl -H "Authorization: Bearer $GTOKEN" {base}/Patient/demo-dev                 # 404: dev opted out of demo-ed
   curl -H "Authorization: Bearer $GTOKEN" -H "X-Purpose-Of-Use: ETREAT" -H "X-Break-Glass-Reason: demo" "{base}/Patient/demo-dev/\\$everything"
