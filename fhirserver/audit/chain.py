@@ -30,7 +30,7 @@ from ..db import raw as raw_sql
 from ..db.engine import read_connection
 from ..db.schema import audit_chain, audit_head, resource, resource_version
 from ..storage.repository import CorruptDataError, PreparedWrite, Repository
-from .events import AuditRecord, build_audit_event
+from .events import AuditIndexer, AuditRecord, build_audit_event
 
 GENESIS = "0" * 64
 _RAW_SEL_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"  # + FOR UPDATE where supported
@@ -71,11 +71,12 @@ class AuditLog:
     def __init__(self, repo: Repository, server_url: str) -> None:
         self.repo = repo
         self.server_url = server_url
+        self.indexer = AuditIndexer(repo.indexer)
 
     def prepare(self, rec: AuditRecord) -> PreparedWrite:
         """Build, index and encrypt the AuditEvent -- all the work that needs no lock."""
         event = build_audit_event(rec, self.server_url)
-        prepared = self.repo.prepare("AuditEvent", event)
+        prepared = self.repo.prepare_indexed("AuditEvent", event, self.indexer.index(event))
         self.repo.seal_first_version(prepared, rec.recorded_us)
         return prepared
 

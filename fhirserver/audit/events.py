@@ -3,16 +3,25 @@
 One AuditEvent per interaction: type `rest`, subtype the FHIR interaction, the requesting client
 (and user, if any) with its network address, this server as source and observer, and as entities
 the resources touched, the patients involved, the search query (base64) and the request id.
+
+Every request writes one, so its index rows are taken straight from the event the server just
+built (`AuditIndexer`) instead of evaluating the ~22 AuditEvent SearchParameter expressions; the
+rows themselves come from the same Indexer code, and tests/test_audit_index.py checks that both
+routes agree for any record.
 """
 
 from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..search.dates import instant_text
+from ..search.fhirpath import Node, child_nodes, resolves_to
+from ..search.indexer import Indexer, IndexRows
+from ..search.params import SearchParam
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 BALP_ENTITY = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
@@ -140,3 +149,93 @@ def build_audit_event(rec: AuditRecord, server_url: str) -> dict[str, Any]:
     })
     event["entity"] = entities
     return event
+
+
+# The AuditEvent SearchParameters (type, expression) whose nodes AuditIndexer knows how to find
+# in a built event. Any other set (a custom SearchParameter, a changed expression) makes it fall
+# back to the generic FHIRPath route, so a registry change can never silently drop index rows.
+_KNOWN_PARAMS: dict[str, tuple[str, str]] = {
+    "_profile": ("uri", "Resource.meta.profile"),
+    "_security": ("token", "Resource.meta.security"),
+    "_source": ("uri", "Resource.meta.source"),
+    "_tag": ("token", "Resource.meta.tag"),
+    "action": ("token", "AuditEvent.action"),
+    "address": ("string", "AuditEvent.agent.network.address"),
+    "agent": ("reference", "AuditEvent.agent.who"),
+    "agent-name": ("string", "AuditEvent.agent.name"),
+    "agent-role": ("token", "AuditEvent.agent.role"),
+    "altid": ("token", "AuditEvent.agent.altId"),
+    "date": ("date", "AuditEvent.recorded"),
+    "entity": ("reference", "AuditEvent.entity.what"),
+    "entity-name": ("string", "AuditEvent.entity.name"),
+    "entity-role": ("token", "AuditEvent.entity.role"),
+    "entity-type": ("token", "AuditEvent.entity.type"),
+    "outcome": ("token", "AuditEvent.outcome"),
+    "patient": ("reference", "AuditEvent.agent.who.where(resolve() is Patient) | "
+                             "AuditEvent.entity.what.where(resolve() is Patient)"),
+    "policy": ("uri", "AuditEvent.agent.policy"),
+    "site": ("token", "AuditEvent.source.site"),
+    "source": ("reference", "AuditEvent.source.observer"),
+    "subtype": ("token", "AuditEvent.subtype"),
+    "type": ("token", "AuditEvent.type"),
+}
+# elements build_audit_event never writes (meta has only `profile`; an agent has only type, who,
+# requestor and network), so these parameters never have a value
+_ABSENT = frozenset({"_security", "_source", "_tag", "agent-name", "agent-role", "altid", "policy"})
+
+
+class AuditIndexer:
+    """Index rows of an AuditEvent made by `build_audit_event`, without FHIRPath.
+
+    The server built the event, so it knows where each parameter's values are: the nodes are read
+    from the known structure (entities, whose extra entries come from other modules, through the
+    same child-navigation the FHIRPath evaluator uses) and handed to `Indexer.rows_from_nodes`,
+    the same row code as every other resource. About 60 us instead of 100 us per request."""
+
+    def __init__(self, indexer: Indexer) -> None:
+        self.indexer = indexer
+        params = indexer.params.for_type("AuditEvent")
+        self.params = [p for p in params.values() if p.extract is not None]
+        self.direct = {p.code: (p.type, p.expression) for p in self.params} == _KNOWN_PARAMS
+
+    def index(self, event: dict[str, Any]) -> IndexRows:
+        """Rows for `event`, which must be `build_audit_event`'s output (unmodified)."""
+        if not self.direct:
+            return self.indexer.index("AuditEvent", event)
+        return self.indexer.rows_from_nodes("AuditEvent", self._nodes(event))
+
+    def _nodes(self, event: dict[str, Any]) -> Iterator[tuple[SearchParam, list[Node]]]:
+        agents: list[dict[str, Any]] = event["agent"]
+        entities: list[Node] = [(e, None) for e in event["entity"]]
+        whats: list[Node] | None = None
+        for p in self.params:
+            code = p.code
+            if code in _ABSENT:
+                continue
+            nodes: list[Node]
+            if code == "address":
+                nodes = [(a["network"]["address"], None) for a in agents if "network" in a]
+            elif code == "agent":
+                nodes = [(a["who"], None) for a in agents]
+            elif code == "patient":
+                whats = whats if whats is not None else child_nodes(entities, "what")
+                nodes = [(a["who"], None) for a in agents if resolves_to(a["who"], "Patient")]
+                nodes += [n for n in whats if resolves_to(n[0], "Patient")]
+            elif code == "entity":
+                whats = whats if whats is not None else child_nodes(entities, "what")
+                nodes = whats
+            elif code in ("entity-name", "entity-role", "entity-type"):
+                nodes = child_nodes(entities, code[7:])
+            elif code == "_profile":
+                nodes = [(v, None) for v in event["meta"]["profile"]]
+            elif code == "date":
+                nodes = [(event["recorded"], None)]
+            elif code == "site":
+                nodes = [(event["source"]["site"], None)]
+            elif code == "source":
+                nodes = [(event["source"]["observer"], None)]
+            elif code == "subtype":
+                nodes = [(v, None) for v in event["subtype"]]
+            else:  # action, outcome, type: single top-level elements
+                nodes = [(event[code], None)]
+            yield p, nodes

@@ -14,15 +14,19 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, insert, update
 
-from ..db.schema import access_token, client
+from ..db import raw as raw_sql
+from ..db.schema import access_token
 from ..search.dates import now_us
 
-_SEL_TOKEN = (
-    select(access_token, client.c.name, client.c.organization, client.c.disabled, client.c.settings)
-    .join(client, client.c.client_id == access_token.c.client_id)
-    .where(access_token.c.token_hash == bindparam("h"))
+# Every FHIR request runs this lookup: as raw SQL on a pooled connection it costs ~15 us instead
+# of ~150 us through SQLAlchemy (statement execution plus a read transaction's BEGIN/ROLLBACK).
+# It is one primary-key read, never cached: revocation applies to the very next request.
+_RAW_SEL_TOKEN = (
+    "SELECT t.token_hash, t.client_id, t.scope, t.expires_us, t.revoked, t.context, "
+    "c.name, c.organization, c.disabled, c.settings "
+    "FROM access_token t JOIN client c ON c.client_id = t.client_id WHERE t.token_hash = ?"
 )
 
 
@@ -54,24 +58,31 @@ def issue_token(conn: Connection, client_id: str, scope: str, lifetime_s: int,
     return token, expires
 
 
-def lookup_token(conn: Connection, token: str) -> tuple[TokenInfo | None, str]:
-    """Return (info, "") for a usable token, or (None, reason) otherwise."""
+def lookup_token(conn: Connection | Engine, token: str) -> tuple[TokenInfo | None, str]:
+    """Return (info, "") for a usable token, or (None, reason) otherwise.
+
+    `conn`: an open connection, or an Engine to read on a pooled connection outside any
+    transaction (one statement, so it sees the latest committed revocation)."""
     if not token or len(token) > 512:
         return None, "malformed token"
-    row = conn.execute(_SEL_TOKEN, {"h": token_hash(token)}).first()
+    params = (token_hash(token),)
+    if isinstance(conn, Connection):
+        row = raw_sql.fetchone(conn, _RAW_SEL_TOKEN, params)
+    else:
+        row = raw_sql.fetchone_pooled(conn, _RAW_SEL_TOKEN, params)
     if row is None:
         return None, "unknown token"
-    if row.revoked:
+    hashed, client_id, scope, expires_us, revoked, context, name, organization, disabled, settings = row
+    if revoked:
         return None, "token revoked"
-    if row.expires_us <= now_us():
+    if expires_us <= now_us():
         return None, "token expired"
-    if row.disabled:
+    if disabled:
         return None, "client disabled"
     return TokenInfo(
-        token_hash=row.token_hash, client_id=row.client_id, client_name=row.name,
-        organization=row.organization, scope=row.scope, expires_us=row.expires_us,
-        context=json.loads(row.context) if row.context else {},
-        client_settings=json.loads(row.settings) if row.settings else {},
+        token_hash=hashed, client_id=client_id, client_name=name, organization=organization, scope=scope,
+        expires_us=expires_us, context=json.loads(context) if context else {},
+        client_settings=json.loads(settings) if settings else {},
     ), ""
 
 

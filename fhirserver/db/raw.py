@@ -1,4 +1,5 @@
-"""Raw DB-API statements for the hottest writes (resource, version, index and audit rows).
+"""Raw DB-API statements for the hottest paths: writes (resource, version, index and audit rows)
+and the reads every request makes (its token, the resource it reads).
 
 Each request's transaction issues about twenty inserts; through SQLAlchemy Core each costs
 ~50-100 us of Python while the database write lock is held, which serializes every writer.
@@ -11,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 _CACHE: dict[tuple[str, str], str] = {}
 
 
-def _sql(conn: Connection, sql: str) -> str:
+def _sql(conn: Connection | Engine, sql: str) -> str:
     style = conn.dialect.paramstyle
     key = (style, sql)
     if key not in _CACHE:
@@ -25,7 +26,12 @@ def _sql(conn: Connection, sql: str) -> str:
 
 
 def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
-    """Run one statement in `conn`'s transaction; returns the DB-API cursor (caller closes)."""
+    """Run one statement in `conn`'s transaction; returns the DB-API cursor (caller closes).
+
+    A connection not yet in a transaction begins one first, as SQLAlchemy's autobegin would, so
+    raw and Core statements on one connection share a transaction (and its snapshot)."""
+    if not conn.in_transaction():
+        conn.begin()
     cursor = conn.connection.driver_connection.cursor()
     cursor.execute(_sql(conn, sql), tuple(params))
     return cursor
@@ -34,6 +40,8 @@ def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
 def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     if not rows:
         return
+    if not conn.in_transaction():
+        conn.begin()
     cursor = conn.connection.driver_connection.cursor()
     try:
         cursor.executemany(_sql(conn, sql), rows)
@@ -62,3 +70,19 @@ def fetchone(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
         return cursor.fetchone()
     finally:
         cursor.close()
+
+
+def fetchone_pooled(engine: Engine, sql: str, params: Sequence[Any] = ()) -> Any:
+    """One read on a pooled DB-API connection, outside any transaction: no SQLAlchemy
+    Connection and no BEGIN/ROLLBACK round (the pool still resets the connection on return).
+    For a single-statement read, such as the per-request token lookup."""
+    dbapi = engine.raw_connection()
+    try:
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute(_sql(engine, sql), tuple(params))
+            return cursor.fetchone()
+        finally:
+            cursor.close()
+    finally:
+        dbapi.close()

@@ -19,6 +19,8 @@ from ..search.params import ParamRegistry
 from ..search.query import QueryCompiler, parse_search
 from .principal import Principal
 
+_MAX_RESTRICTIONS = 1024  # distinct (scope query, type) pairs kept compiled
+
 
 def compartment_predicate(rtype: str, patient_ids: list[str], res: FromClause = resource) -> ColumnElement[bool]:
     if not patient_ids:
@@ -33,6 +35,30 @@ class Authorizer:
     def __init__(self, params: ParamRegistry, compiler: QueryCompiler) -> None:
         self.params = params
         self.compiler = compiler
+        self._restrictions: dict[tuple[str, str], tuple[ColumnElement[bool], ...] | None] = {}
+
+    def _restriction(self, query: str, rtype: str, res: FromClause) -> tuple[ColumnElement[bool], ...] | None:
+        """A v2 scope's `?query` as predicates over `res`; None if it cannot be evaluated.
+
+        Depends only on the scope text and the type, so it is compiled once per (query, type)
+        over the `resource` table instead of parsing and compiling it on every request. Not
+        cached: other aliases, chains and `_has` (they carry aliases of their own) and `ap`
+        values (their tolerance depends on the current time)."""
+        key = (query, rtype)
+        if res is resource and key in self._restrictions:
+            return self._restrictions[key]
+        try:
+            parsed = parse_search(self.params, rtype, parse_qsl(query), 1, 1, strict=True)
+            found: tuple[ColumnElement[bool], ...] | None = tuple(self.compiler.where(parsed, res))
+        except FhirError:
+            parsed, found = None, None
+        cacheable = res is resource and (parsed is None or not any(
+            c.chain or c.has or any(v.startswith("ap") for v in c.values) for c in parsed.clauses))
+        if cacheable:
+            if len(self._restrictions) >= _MAX_RESTRICTIONS:
+                self._restrictions.clear()
+            self._restrictions[key] = found
+        return found
 
     def _patients_for(self, principal: Principal, scope: ResourceScope) -> list[str] | None:
         """Patient ids a scope is confined to; None = not confined to a compartment."""
@@ -64,11 +90,10 @@ class Authorizer:
                     continue
                 conds.append(compartment_predicate(rtype, patients, res))
             if scope.query:
-                try:
-                    parsed = parse_search(self.params, rtype, parse_qsl(scope.query), 1, 1, strict=True)
-                    conds.extend(self.compiler.where(parsed, res))
-                except FhirError:
+                restriction = self._restriction(scope.query, rtype, res)
+                if restriction is None:
                     continue  # a restriction we cannot evaluate grants nothing (fail closed)
+                conds.extend(restriction)
             if not conds:
                 return []  # unrestricted
             alternatives.append(and_(*conds))

@@ -73,8 +73,7 @@ class Pipeline:
         if scheme.lower() != "bearer" or not token.strip():
             raise FhirError(401, "login", "An access token is required (Authorization: Bearer ...)",
                             headers={"WWW-Authenticate": 'Bearer realm="fhirserver"'})
-        with read_connection(self.services.engine) as conn:
-            info, reason = lookup_token(conn, token.strip())
+        info, reason = lookup_token(self.services.engine, token.strip())
         if info is None:
             raise FhirError(401, "login", f"The access token is not valid ({reason})",
                             headers={"WWW-Authenticate": f'Bearer realm="fhirserver", error="invalid_token", '
@@ -109,8 +108,9 @@ class Pipeline:
             if name in READING:
                 preds = preds + consent.predicates(principal, it.resource_type, scope_interaction, resource)
             ctx.access[name] = preds
-        if it.kind in ("create", "update"):
-            # what the writer could read back: a write it cannot see answers as return=minimal
+        if it.kind in ("create", "update") and ctx.prefer.get("return") != "minimal":
+            # what the writer could read back: a write it cannot see answers as return=minimal.
+            # A client that asked for return=minimal gets no content anyway: no check needed.
             ctx.access["consent-read"] = consent.predicates(principal, it.resource_type, "read", resource)
         ctx.access_fn = self.access_fn(principal)
 

@@ -73,13 +73,30 @@ def _child(nodes: list[Node], name: str, choice: bool) -> list[Node]:
         if not choice:
             continue
         # choice element: value -> valueQuantity, valueString, ...
-        for key, v in value.items():
-            if key.startswith(name) and len(key) > len(name) and key[len(name)].isupper():
-                suffix = key[len(name):]
-                tname = _PRIMITIVE_CHOICE.get(suffix, suffix)
-                items = v if isinstance(v, list) else [v]
-                out.extend((item, tname) for item in items)
+        for key, tname in _choice_keys(value, name):
+            v = value[key]
+            items = v if isinstance(v, list) else [v]
+            out.extend((item, tname) for item in items)
     return out
+
+
+# (choice name, an object's keys in order) -> its typed keys: objects of one shape (every
+# Observation with effectiveDateTime and valueQuantity) are scanned once, not per write.
+_CHOICE_KEYS: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, str], ...]] = {}
+
+
+def _choice_keys(value: dict[str, Any], name: str) -> tuple[tuple[str, str], ...]:
+    """(key, type) of each `name[Type]` key of `value`, in key order."""
+    shape = (name, tuple(value))
+    found = _CHOICE_KEYS.get(shape)
+    if found is None:
+        n = len(name)
+        found = tuple((key, _PRIMITIVE_CHOICE.get(key[n:], key[n:])) for key in value
+                      if key.startswith(name) and len(key) > n and key[n].isupper())
+        if len(_CHOICE_KEYS) >= 4096:
+            _CHOICE_KEYS.clear()  # bounded: shapes are few in practice
+        _CHOICE_KEYS[shape] = found
+    return found
 
 
 def _resolve(nodes: list[Node]) -> list[Node]:
@@ -107,6 +124,17 @@ _CHOICES: set[str] = {"value", "effective", "deceased", "multipleBirth", "occurr
 def set_choice_elements(names: set[str]) -> None:
     _CHOICES.clear()
     _CHOICES.update(names)
+
+
+def child_nodes(nodes: list[Node], name: str) -> list[Node]:
+    """`nodes.name` exactly as a compiled path step navigates it (choice elements included)."""
+    return _child(nodes, name, name in _CHOICES)
+
+
+def resolves_to(value: Any, type_name: str) -> bool:
+    """Whether one node passes `where(resolve() is type_name)`."""
+    found = _resolve([(value, None)])
+    return bool(found) and all(_type_matches(t, type_name) for _, t in found)
 
 
 class _Parser:
@@ -170,6 +198,7 @@ class _Parser:
         tok = self.peek()
         if tok is None:
             raise UnsupportedExpression("unexpected end")
+        strict = False  # only the steps after the first decide where a chain may stop early
         if tok[1] == "(":
             self.take()
             inner = self.and_expr()
@@ -184,14 +213,15 @@ class _Parser:
             lit_b = tok[1] == "true"
             fn = lambda _nodes, lit_b=lit_b: [(lit_b, "boolean")]  # noqa: E731
         else:
-            fn = self.invocation(first=True)
+            fn, strict = self.invocation(first=True)
+        steps = [(fn, strict)]
         while self.peek() and self.peek()[1] == ".":  # type: ignore[index]
             self.take()
-            nxt = self.invocation(first=False)
-            fn = _chain(fn, nxt)
-        return fn
+            steps.append(self.invocation(first=False))
+        return _path(steps)
 
-    def invocation(self, first: bool) -> Fn:
+    def invocation(self, first: bool) -> tuple[Fn, bool]:
+        """One path step and whether it maps an empty input to an empty output."""
         kind, name = self.take()
         if kind != "id":
             raise UnsupportedExpression(f"unexpected {name!r}")
@@ -207,14 +237,52 @@ class _Parser:
             while self.peek() and self.peek()[1] != ")":
                 raise UnsupportedExpression(f"unsupported arguments to {name}()")
             self.take(")")
-            return _function(name, args)
+            return _function(name, args), name in _STRICT_FUNCTIONS
         if first and name[0].isupper():
-            return lambda nodes, root=name: [(v, t) for v, t in nodes if t == root]
-        return lambda nodes, name=name, choice=name in _CHOICES: _child(nodes, name, choice)
+            return (lambda nodes, root=name: [(v, t) for v, t in nodes if t == root]), True
+        return _child_step(name, name in _CHOICES), True
 
 
-def _chain(a: Fn, b: Fn) -> Fn:
-    return lambda nodes: b(a(nodes))
+# Functions whose result on an empty collection is empty (exists(), empty() and `is` are not).
+_STRICT_FUNCTIONS = frozenset({"ofType", "as", "where", "first", "resolve", "not"})
+
+
+def _path(steps: list[tuple[Fn, bool]]) -> Fn:
+    """A chain of steps as one function that stops at the first empty result once every
+    remaining step would keep it empty: most parameters of a resource find nothing at their
+    first or second step, and indexing evaluates every parameter on every write."""
+    if len(steps) == 1:
+        return steps[0][0]
+    fns = tuple(f for f, _ in steps)
+    stops = tuple(all(strict for _, strict in steps[i + 1:]) for i in range(len(steps)))
+    pairs = tuple(zip(fns, stops, strict=True))
+
+    def run(nodes: list[Node]) -> list[Node]:
+        for fn, stop in pairs:
+            nodes = fn(nodes)
+            if stop and not nodes:
+                return []
+        return nodes
+
+    return run
+
+
+def _child_step(name: str, choice: bool) -> Fn:
+    if choice:
+        return lambda nodes: _child(nodes, name, True)
+
+    def step(nodes: list[Node]) -> list[Node]:  # _child without choice expansion, inlined
+        out: list[Node] = []
+        for value, _t in nodes:
+            if isinstance(value, dict) and name in value:
+                v = value[name]
+                if isinstance(v, list):
+                    out.extend((item, None) for item in v)
+                else:
+                    out.append((v, None))
+        return out
+
+    return step
 
 
 def _and(a: Fn, b: Fn) -> Fn:
@@ -280,20 +348,72 @@ def compile_expression(expression: str, resource_type: str) -> Fn | None:
     keep = [b for b in branches if _root_of(b) in (resource_type, "Resource", "DomainResource")]
     if not keep:
         return None
-    fns = []
+    fns: list[tuple[Fn, str | None]] = []
     for branch in keep:
         root = _root_of(branch)
-        fns.append(_Parser(branch.replace(root, resource_type, 1) if root != resource_type else branch,
-                           resource_type).parse())
+        text = branch.replace(root, resource_type, 1) if root != resource_type else branch
+        guard = _guard(text, resource_type)
+        # a choice element (value -> valueQuantity) needs a scan of the keys: no cheaper than the step
+        fns.append((_Parser(text, resource_type).parse(), None if guard in _CHOICES else guard))
 
     def run(resource: dict[str, Any]) -> list[Node]:
         nodes: list[Node] = [(resource, resource_type)]
         out: list[Node] = []
-        for fn in fns:
+        is_dict = isinstance(resource, dict)
+        for fn, guard in fns:
+            if guard is not None and is_dict and guard not in resource:
+                continue  # the branch's first element is absent, so it finds nothing
             out.extend(fn(nodes))
         return out
 
     return run
+
+
+def _guard(branch: str, root: str) -> str | None:
+    """The element a branch steps into first, if the branch cannot find anything without it.
+
+    That holds for a plain path `Root.name...` whose later steps are child steps, functions in
+    _STRICT_FUNCTIONS (any arguments) or a trailing `as Type`; anything else (operators,
+    exists(), unions, literals) may produce a value from nothing, and gets no guard (None)."""
+    toks = _tokenize(branch)
+    while toks and toks[0][1] == "(" and _closing(toks, 0) == len(toks) - 1:
+        toks = toks[1:-1]
+    if len(toks) < 3 or toks[0] != ("id", root) or toks[1][1] != "." or toks[2][0] != "id":
+        return None
+    name = toks[2][1].strip("`")
+    if name in ("and", "is", "as") or (len(toks) > 3 and toks[3][1] == "("):
+        return None
+    i, depth = 3, 0
+    while i < len(toks):
+        kind, value = toks[i]
+        if value == "(":
+            depth += 1
+        elif value == ")":
+            depth -= 1
+        elif depth == 0:
+            following = toks[i + 1][1] if i + 1 < len(toks) else None
+            if value == "as" and kind == "id" and i + 2 == len(toks):
+                break  # `... as Type` ends the branch
+            if kind != "id" and value != ".":
+                return None  # |, =, != or a literal at the top level
+            if kind == "id" and (value in ("and", "is", "as") or
+                                 (following == "(" and value not in _STRICT_FUNCTIONS)):
+                return None
+        i += 1
+    return name
+
+
+def _closing(toks: list[tuple[str, str]], start: int) -> int:
+    """Index of the parenthesis closing the one at `start` (-1 if unbalanced)."""
+    depth = 0
+    for i in range(start, len(toks)):
+        if toks[i][1] == "(":
+            depth += 1
+        elif toks[i][1] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
 
 
 def compile_relative(expression: str) -> Fn:

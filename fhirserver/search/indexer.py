@@ -7,12 +7,14 @@ tokens as a digest of the code; protected dates as digests of their year, year-m
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from ..crypto.blind_index import BlindIndexer, normalize
 from .dates import MAX_US, MIN_US, parse_range
+from .fhirpath import Node
 from .params import ParamRegistry, SearchParam
 
 MAX_PREFIX_CHARS = 20
@@ -98,21 +100,33 @@ class Indexer:
         self.compartment_params = compartment_params
 
     def index(self, resource_type: str, resource: dict[str, Any]) -> IndexRows:
-        out = IndexRows()
-        comp_params = self.compartment_params.get(resource_type, ())
         patients: list[str] = []
         if resource_type == "Patient" and isinstance(resource.get("id"), str):
             patients.append(resource["id"])
+        found: list[tuple[SearchParam, list[Node]]] = []
         for param in self.params.for_type(resource_type).values():
             if param.extract is None:
                 continue
             try:
-                nodes = param.extract(resource)
+                found.append((param, param.extract(resource)))
             except (TypeError, AttributeError, KeyError):
                 continue
+        return self.rows_from_nodes(resource_type, found, patients)
+
+    def rows_from_nodes(self, resource_type: str, param_nodes: Iterable[tuple[SearchParam, list[Node]]],
+                        patients: list[str] | None = None) -> IndexRows:
+        """Index rows (and Patient compartments) from each parameter's extracted nodes, in order.
+
+        Shared by the FHIRPath route (`index`) and callers that already know the nodes (the
+        server-built AuditEvent), so both produce rows through the same code."""
+        out = IndexRows()
+        comp_params = self.compartment_params.get(resource_type, ())
+        patients = patients if patients is not None else []
+        for param, nodes in param_nodes:
+            compartment = param.type == "reference" and param.code in comp_params
             for value, node_type in nodes:
                 self._add(out, param, value, node_type)
-                if param.code in comp_params and param.type == "reference" and isinstance(value, dict):
+                if compartment and isinstance(value, dict):
                     ref = value.get("reference")
                     if isinstance(ref, str):
                         rtype, rid, _url = parse_reference(ref, self.base_url)
@@ -122,12 +136,8 @@ class Indexer:
         return out
 
     def _add(self, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
-        if p.type == "composite":
-            self._add_composite(out, p, value, node_type)
-        elif p.type == "string":
-            for text in _strings(value):
-                self._add_string(out, p.code, text, p.prefix_index)
-        elif p.type == "token":
+        ptype = p.type
+        if ptype == "token":  # the most common kind first: this runs for every value of every write
             for system, code in token_pairs(value):
                 if p.protected:
                     code = self.blind.digest(p.code, "t", code)
@@ -135,7 +145,12 @@ class Indexer:
             if p.text_index:
                 for text in token_texts(value):
                     self._add_string(out, f"{p.code}:text", text, True)
-        elif p.type == "date":
+        elif ptype == "composite":
+            self._add_composite(out, p, value, node_type)
+        elif ptype == "string":
+            for text in _strings(value):
+                self._add_string(out, p.code, text, p.prefix_index)
+        elif ptype == "date":
             for low, high in _date_ranges(value):
                 if p.protected:
                     text = value if isinstance(value, str) else None
@@ -144,29 +159,31 @@ class Indexer:
                             out.add("string", param=p.code, kind="d", value=self.blind.digest(p.code, "d", prefix))
                 else:
                     out.add("date", param=p.code, low_us=low, high_us=high)
-        elif p.type == "reference":
+        elif ptype == "reference":
             ref = value.get("reference") if isinstance(value, dict) else value if isinstance(value, str) else None
             if isinstance(ref, str):
                 rtype, rid, url = parse_reference(ref, self.base_url)
                 out.add("reference", param=p.code, target_type=rtype, target_id=rid, url=url)
-        elif p.type == "quantity":
+        elif ptype == "quantity":
             number = _number(value.get("value")) if isinstance(value, dict) else None
             if number is not None:
                 out.add("quantity", param=p.code, value=number,
                         system=value.get("system"), code=value.get("code") or value.get("unit"))
-        elif p.type == "number":
+        elif ptype == "number":
             number = _number(value)
             if number is not None:
                 out.add("number", param=p.code, value=number)
-        elif p.type == "uri" and isinstance(value, str):
+        elif ptype == "uri" and isinstance(value, str):
             out.add("uri", param=p.code, value=value[:1024])
 
     def _add_composite(self, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
         if len(p.component_extract) != 2:
             return
         node = [(value, node_type)]
-        firsts = [pair for v, _t in p.component_extract[0](node) for pair in token_pairs(v)]
         seconds = p.component_extract[1](node)
+        if not seconds:
+            return  # most composites of a resource have no second component (value[x] is one type)
+        firsts = [pair for v, _t in p.component_extract[0](node) for pair in token_pairs(v)]
         kind = p.component_types[1]
         for system, code in firsts:
             for v, _t in seconds:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, select, update
@@ -71,29 +72,46 @@ def _aad(rtype: str, rid: str, version: int) -> bytes:
     return f"{rtype}/{rid}/{version}".encode()
 
 
-# Statements built once: SQLAlchemy's per-call construction cost is most of a write otherwise.
-_SEL_CURRENT = select(resource).where(resource.c.type == bindparam("t"), resource.c.id == bindparam("i"))
-_SEL_CURRENT_LOCK = _SEL_CURRENT.with_for_update()
-_SEL_VERSION = select(resource_version).where(resource_version.c.resource_pk == bindparam("pk"),
-                                              resource_version.c.version == bindparam("v"))
+class Head(NamedTuple):
+    """The `resource` row of a logical resource (attribute access like a SQLAlchemy Row)."""
+
+    pk: int
+    type: str
+    id: str
+    version: int
+    last_updated_us: int
+    deleted: bool
+
+
+# Reads on the request path are raw DB-API statements (see db/raw.py): a read is one statement
+# instead of two SQLAlchemy ones, ~70 us less Python per read before any decryption.
+_RAW_SEL_CURRENT = "SELECT pk, type, id, version, last_updated_us, deleted FROM resource WHERE type = ? AND id = ?"
+_RAW_READ = ("SELECT r.pk, r.version, v.version, v.last_updated_us, v.deleted, v.method, v.key_id, v.body "
+             "FROM resource r LEFT JOIN resource_version v ON v.resource_pk = r.pk AND v.version = r.version "
+             "WHERE r.type = ? AND r.id = ?")
+_RAW_READ_VERSION = ("SELECT r.pk, r.version, v.version, v.last_updated_us, v.deleted, v.method, v.key_id, v.body "
+                     "FROM resource r LEFT JOIN resource_version v ON v.resource_pk = r.pk AND v.version = ? "
+                     "WHERE r.type = ? AND r.id = ?")
 _UPD_RESOURCE = update(resource).where(resource.c.pk == bindparam("rpk"))
 _DEL_INDEX = [delete(table).where(table.c.resource_pk == bindparam("rpk")) for table in INDEX_TABLES.values()]
 _DEL_COMPARTMENT = delete(compartment).where(compartment.c.resource_pk == bindparam("rpk"))
 
-_RAW_INSERTS: dict[str, tuple[str, list[str]]] = {}
+_RAW_INSERTS: dict[str, tuple[str, list[str], Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
 _RAW_INS_RESOURCE = "INSERT INTO resource (type, id, version, last_updated_us, deleted) VALUES (?, ?, ?, ?, ?)"
 _RAW_INS_VERSION = ("INSERT INTO resource_version (resource_pk, type, version, last_updated_us, method, deleted, "
                     "key_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
-def _raw_insert(kind: str) -> tuple[str, list[str]]:
-    """INSERT text (`?` placeholders) for an index table; the columns after resource_pk."""
+def _raw_insert(kind: str) -> tuple[str, list[str], Callable[[dict[str, Any]], tuple[Any, ...]]]:
+    """INSERT text (`?` placeholders) for an index table, the columns after resource_pk, and a
+    getter of those columns (as a tuple) from a row dict."""
     if kind not in _RAW_INSERTS:
         table = compartment if kind == "compartment" else INDEX_TABLES[kind]
         columns = [c.name for c in table.columns if c.name != "resource_pk"]
         names = ", ".join(["resource_pk", *columns])
         marks = ", ".join(["?"] * (len(columns) + 1))
-        _RAW_INSERTS[kind] = (f"INSERT INTO {table.name} ({names}) VALUES ({marks})", columns)
+        getter = itemgetter(*columns) if len(columns) > 1 else (lambda row, c=columns[0]: (row[c],))
+        _RAW_INSERTS[kind] = (f"INSERT INTO {table.name} ({names}) VALUES ({marks})", columns, getter)
     return _RAW_INSERTS[kind]
 
 
@@ -118,9 +136,17 @@ class Repository:
         key_id, key = self.keys.ensure(key_scope_for(rtype, index.patients))
         return PreparedWrite(rtype, body["id"], body, index, key_id, key)
 
+    def prepare_indexed(self, rtype: str, body: dict[str, Any], index: IndexRows) -> PreparedWrite:
+        """`prepare` for a body the caller built and indexed itself (the server's AuditEvents):
+        no copy, no indexing. `body` must carry its id."""
+        key_id, key = self.keys.ensure(key_scope_for(rtype, index.patients))
+        return PreparedWrite(rtype, body["id"], body, index, key_id, key)
+
     # ---- reads ----
-    def current(self, conn: Connection, rtype: str, rid: str, lock: bool = False) -> Any:
-        return conn.execute(_SEL_CURRENT_LOCK if lock else _SEL_CURRENT, {"t": rtype, "i": rid}).first()
+    def current(self, conn: Connection, rtype: str, rid: str, lock: bool = False) -> Head | None:
+        sql = _RAW_SEL_CURRENT if not lock or conn.dialect.name == "sqlite" else _RAW_SEL_CURRENT + " FOR UPDATE"
+        row = raw_sql.fetchone(conn, sql, (rtype, rid))
+        return None if row is None else Head(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
     def decrypt(self, rtype: str, rid: str, version: int, key_id: int | None, blob: bytes | None,
                 conn: Connection | None = None) -> bytes | None:
@@ -138,14 +164,18 @@ class Repository:
 
     def read(self, conn: Connection, rtype: str, rid: str, version: int | None = None) -> Stored:
         """Current or given version. Raises FhirError 404 (unknown) or 410 (deleted)."""
-        head = self.current(conn, rtype, rid)
-        if head is None:
-            raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
-        wanted = version if version is not None else head.version
-        row = conn.execute(_SEL_VERSION, {"pk": head.pk, "v": wanted}).first()
+        if version is None:
+            row = raw_sql.fetchone(conn, _RAW_READ, (rtype, rid))
+        else:
+            row = raw_sql.fetchone(conn, _RAW_READ_VERSION, (version, rtype, rid))
         if row is None:
+            raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+        pk, current, got, last_updated_us, deleted, method, key_id, blob = row
+        if got is None:
+            wanted = version if version is not None else current
             raise FhirError(404, "not-found", f"{rtype}/{rid}/_history/{wanted} is not known")
-        stored = self._stored(rtype, rid, row, conn)
+        stored = Stored(type=rtype, id=rid, version=got, last_updated_us=last_updated_us, deleted=bool(deleted),
+                        method=method, body=self.decrypt(rtype, rid, got, key_id, blob, conn), pk=pk)
         if stored.deleted:
             raise FhirError(410, "deleted", f"{rtype}/{rid} has been deleted",
                             headers={"ETag": stored.etag})
@@ -221,10 +251,14 @@ class Repository:
                 conn.execute(stmt, {"rpk": pk})
             conn.execute(_DEL_COMPARTMENT, {"rpk": pk})
         for kind, rows in p.index.rows.items():
-            sql, columns = _raw_insert(kind)
-            raw_sql.executemany(conn, sql, [(pk, *[r.get(c) for c in columns]) for r in rows])
+            sql, columns, values = _raw_insert(kind)
+            try:
+                params = [(pk, *values(r)) for r in rows]
+            except KeyError:  # a row without some optional column
+                params = [(pk, *[r.get(c) for c in columns]) for r in rows]
+            raw_sql.executemany(conn, sql, params)
         if p.index.patients:
-            sql, _cols = _raw_insert("compartment")
+            sql, _cols, _values = _raw_insert("compartment")
             raw_sql.executemany(conn, sql, [(pk, pid) for pid in p.index.patients])
 
     def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
