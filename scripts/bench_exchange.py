@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
