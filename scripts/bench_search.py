@@ -10,7 +10,9 @@ answers the HTTP queries. Prints p50/p95 per query, the SQL floor and the ratio.
 
 With --consent-share F the queries run twice: first with no Consents, then after a fraction F of
 the patients got restrictive privacy Consents (docs/consent.md), and the p95 ratio is printed
-(the consent engine's target: <= 1.5x).
+(the consent engine's target: <= 1.5x). With --interleave as well, the Consents go into a copy of
+the data and the two servers answer in turn, request by request: two passes one after the other
+also measure whatever else the machine was doing meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -65,6 +68,18 @@ def load(data_dir: Path, n_patients: int, n_obs: int) -> tuple[float, int]:
     return elapsed, count
 
 
+def full_analyze(data_dir: Path) -> None:
+    """Exact planner statistics. The bulk loader samples (analysis_limit), and a resample between
+    the two passes can flip a plan (the walk's: type index and sort instead of pk order)."""
+    db = sqlite3.connect(data_dir / "fhirserver.sqlite3", timeout=60)
+    try:
+        db.execute("PRAGMA analysis_limit=0")
+        db.execute("ANALYZE")
+        db.commit()
+    finally:
+        db.close()
+
+
 def restrictive_consents(n_patients: int, share: float, seed: int = 7):  # type: ignore[no-untyped-def]
     """Privacy Consents for `share` of the patients, of four kinds that apply to the bench client
     (purpose TREAT) or at least have rules the engine must evaluate for every row of theirs."""
@@ -105,6 +120,55 @@ def timed(fn, n: int) -> list[float]:  # type: ignore[no-untyped-def]
     return out
 
 
+def getter(client: Client):  # type: ignore[no-untyped-def]
+    def get(path: str) -> dict:  # type: ignore[type-arg]
+        status, _h, body = client.request("GET", path)
+        if status != 200:
+            raise RuntimeError(f"{path}: {status} {body[:300]!r}")
+        return json.loads(body)
+
+    return get
+
+
+def search_queries(get, rng: random.Random, n_patients: int) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    def pid() -> str:
+        return f"p{rng.randrange(n_patients)}"
+
+    return {
+        "Observation?patient=X&code=Y&_sort=-date&_count=10":
+            lambda: get(f"/Observation?patient={pid()}&code={quote(LOINC + '|' + rng.choice(CODES)[0])}"
+                        f"&_sort=-date&_count=10"),
+        "Observation?patient=X&category=vital-signs&date=ge2020-01-01":
+            lambda: get(f"/Observation?patient={pid()}&category=vital-signs&date=ge2020-01-01"),
+        "Patient?name=smi": lambda: get("/Patient?name=smi"),
+        "Patient?identifier=sys|val":
+            lambda: get(f"/Patient?identifier={quote(MRN_SYSTEM)}|MRN{rng.randrange(n_patients):08d}"),
+        "Observation/$lastn?patient=X&category=vital-signs":
+            lambda: get(f"/Observation/$lastn?patient={pid()}&category=vital-signs"),
+    }
+
+
+def walk_pages(get) -> None:  # type: ignore[no-untyped-def]
+    page = get("/Observation?category=laboratory&_count=50")
+    for _ in range(9):
+        nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
+        page = get(nxt[0].split("/fhir", 1)[1])
+
+
+def alternated(fa, fb, n: int) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
+    """Time fa and fb n times each, one call of each in turn (the first alternates), so that load
+    from other processes on a shared machine falls on both alike."""
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(n):
+        pairs = [(fa, ta), (fb, tb)]
+        for fn, out in (pairs if i % 2 == 0 else pairs[::-1]):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return ta, tb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patients", type=int, default=10000)
@@ -113,58 +177,73 @@ def main() -> None:
     ap.add_argument("--data-dir", help="reuse/keep a data directory (default: temporary)")
     ap.add_argument("--consent-share", type=float, default=0.0,
                     help="also run with this fraction of patients holding restrictive Consents, and compare")
+    ap.add_argument("--full-analyze", action="store_true",
+                    help="exact planner statistics after loading and after adding the Consents (default: the "
+                         "bulk loader's sampled ANALYZE)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="with --consent-share: add the Consents to a copy of the data (<data-dir>-consents) and "
+                         "alternate the requests between a server on each, instead of two passes one after the "
+                         "other (on a shared machine, other processes' load then falls on both sides alike)")
     args = ap.parse_args()
+    if args.interleave and args.consent_share <= 0:
+        ap.error("--interleave needs --consent-share")
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhirbench-search-"))
     if not (data_dir / "fhirserver.sqlite3").exists():
         elapsed, count = load(data_dir, args.patients, args.observations)
         print(f"loaded {count} resources in {elapsed:.0f}s ({count / elapsed:.0f}/s, bulk path: validation, "
               f"indexing, encryption, one AuditEvent per 1000)")
+        if args.full_analyze:
+            full_analyze(data_dir)
     server = BenchServer(data_dir=str(data_dir)).start()
+    other: BenchServer | None = None
     try:
-        token = server.token("system/*.rs")
-        client = Client(server.base, token)
+        get = getter(Client(server.base, server.token("system/*.rs")))
         rng = random.Random(99)
-
-        def get(path: str) -> dict:
-            status, _h, body = client.request("GET", path)
-            if status != 200:
-                raise RuntimeError(f"{path}: {status} {body[:300]!r}")
-            return json.loads(body)
 
         def pid() -> str:
             return f"p{rng.randrange(args.patients)}"
 
-        queries = {
-            "Observation?patient=X&code=Y&_sort=-date&_count=10":
-                lambda: get(f"/Observation?patient={pid()}&code={quote(LOINC + '|' + rng.choice(CODES)[0])}"
-                            f"&_sort=-date&_count=10"),
-            "Observation?patient=X&category=vital-signs&date=ge2020-01-01":
-                lambda: get(f"/Observation?patient={pid()}&category=vital-signs&date=ge2020-01-01"),
-            "Patient?name=smi": lambda: get("/Patient?name=smi"),
-            "Patient?identifier=sys|val":
-                lambda: get(f"/Patient?identifier={quote(MRN_SYSTEM)}|MRN{rng.randrange(args.patients):08d}"),
-            "Observation/$lastn?patient=X&category=vital-signs":
-                lambda: get(f"/Observation/$lastn?patient={pid()}&category=vital-signs"),
-        }
-
-        def walk() -> None:
-            page = get("/Observation?category=laboratory&_count=50")
-            for _ in range(9):
-                nxt = [link["url"] for link in page["link"] if link["relation"] == "next"]
-                page = get(nxt[0].split("/fhir", 1)[1])
-
-        results = {name: timed(fn, args.iterations) for name, fn in queries.items()}
-        results["10-page walk (_count=50), per page"] = [t / 10 for t in timed(walk, max(10, args.iterations // 10))]
+        queries = search_queries(get, rng, args.patients)
+        walk_runs = max(10, args.iterations // 10)
+        if args.interleave:
+            # the same requests (same random sequence) to two servers, one request each in turn
+            with_dir = data_dir.with_name(data_dir.name + "-consents")
+            added = None
+            if not (with_dir / "fhirserver.sqlite3").exists():
+                shutil.copytree(data_dir, with_dir)
+                added = add_consents(with_dir, args.patients, args.consent_share)
+                if args.full_analyze:
+                    full_analyze(with_dir)
+            other = BenchServer(data_dir=str(with_dir)).start()
+            other_get = getter(Client(other.base, other.token("system/*.rs")))
+            other_queries = search_queries(other_get, random.Random(99), args.patients)
+            results, with_consents = {}, {}
+            for name, fn in queries.items():
+                results[name], with_consents[name] = alternated(fn, other_queries[name], args.iterations)
+            name = "10-page walk (_count=50), per page"
+            none, with_ = alternated(lambda: walk_pages(get), lambda: walk_pages(other_get), walk_runs)
+            results[name], with_consents[name] = [t / 10 for t in none], [t / 10 for t in with_]
+        else:
+            results = {name: timed(fn, args.iterations) for name, fn in queries.items()}
+            results["10-page walk (_count=50), per page"] = [t / 10 for t in timed(lambda: walk_pages(get), walk_runs)]
         if args.consent_share > 0:
-            added = add_consents(data_dir, args.patients, args.consent_share)
-            with_consents = {name: timed(fn, args.iterations) for name, fn in queries.items()}
-            with_consents["10-page walk (_count=50), per page"] = [
-                t / 10 for t in timed(walk, max(10, args.iterations // 10))]
-            print(f"\nconsent overhead: {added} restrictive Consents ({args.consent_share:.0%} of patients)")
-            print(f"{'query':62s} {'p95 none':>9s} {'p95 with':>9s} {'ratio':>6s}")
+            if not args.interleave:
+                added = add_consents(data_dir, args.patients, args.consent_share)
+                if args.full_analyze:
+                    full_analyze(data_dir)
+                with_consents = {name: timed(fn, args.iterations) for name, fn in queries.items()}
+                with_consents["10-page walk (_count=50), per page"] = [
+                    t / 10 for t in timed(lambda: walk_pages(get), walk_runs)]
+            what = f"{added} restrictive Consents" if added is not None else "restrictive Consents (existing copy)"
+            print(f"\nconsent overhead: {what} ({args.consent_share:.0%} of patients)"
+                  + (", requests alternating between the two servers" if args.interleave else ""))
+            print(f"{'query':62s} {'p95 none':>9s} {'p95 with':>9s} {'ratio':>6s} {'p50 none':>9s} {'p50 with':>9s} "
+                  f"{'ratio':>6s}")
             for name, times in results.items():
                 before, after = pct(times, 95), pct(with_consents[name], 95)
-                print(f"{name:62s} {before:9.2f} {after:9.2f} {after / max(before, 1e-6):6.2f}")
+                mid_before, mid_after = pct(times, 50), pct(with_consents[name], 50)
+                print(f"{name:62s} {before:9.2f} {after:9.2f} {after / max(before, 1e-6):6.2f} {mid_before:9.2f} "
+                      f"{mid_after:9.2f} {mid_after / max(mid_before, 1e-6):6.2f}")
 
         # ---- the floor: the same filters as hand-written SQL against the index tables
         db = sqlite3.connect(data_dir / "fhirserver.sqlite3")
@@ -221,6 +300,8 @@ def main() -> None:
               f"commit; mean of all HTTP queries {statistics.mean([t for v in results.values() for t in v]) * 1000:.2f} ms)")
     finally:
         server.stop()
+        if other is not None:
+            other.stop()
 
 
 if __name__ == "__main__":

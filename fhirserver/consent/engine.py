@@ -21,13 +21,13 @@ consent-exempt clients and break-the-glass requests are not filtered (and are au
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ColumnElement,
     Connection,
     FromClause,
@@ -38,9 +38,11 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
 )
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import FunctionElement, Select
+from sqlalchemy.sql.expression import BindParameter, ClauseElement, FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from ..db.schema import (
     compartment,
@@ -82,14 +84,40 @@ def _now_default(element: Any, compiler: Any, **kw: Any) -> str:
     return "CAST(EXTRACT(EPOCH FROM now()) * 1000000 AS BIGINT)"
 
 
-@dataclass(frozen=True)
-class _Templates:
-    row: Any  # the resource alias the templates are built over (correlate: row.pk == caller's pk)
-    rule: Any
-    tok: Any
-    score: Select[Any]
-    consents: Select[Any]
-    sensitive: Select[Any]
+_Builder = Callable[[Sequence[FromClause], Sequence[BindParameter[Any]], tuple[Any, ...]], ColumnElement[bool]]
+
+
+class _Deferred(ColumnElement[bool]):
+    """A consent condition whose SQL tree is built only when its statement is compiled.
+
+    SQLAlchemy looks a statement's compiled form up by hashing every element of the statement, at
+    every execution, and the consent predicate (rule matching, for each rule and its exceptions)
+    is most of a search statement. This element stands for it with a short cache key: the tables
+    it is correlated to, the request's values as bound parameters (extracted at each execution like
+    any other parameter), the builder's name and `shape`, which must hold everything else the
+    builder depends on. The builder runs on a compiled-cache miss only.
+    """
+
+    inherit_cache = False
+    type = Boolean()
+    _traverse_internals = [
+        ("tables", InternalTraversal.dp_clauseelement_list),
+        ("params", InternalTraversal.dp_clauseelement_list),
+        ("shape", InternalTraversal.dp_plain_obj),
+    ]
+
+    def __init__(self, build: _Builder, tables: Sequence[FromClause], params: Sequence[BindParameter[Any]],
+                 shape: tuple[Any, ...] = ()) -> None:
+        self.build = build
+        self.tables = list(tables)
+        self.params = list(params)
+        self.shape = (build.__name__, *shape)
+
+
+@compiles(_Deferred)
+def _compile_deferred(element: _Deferred, compiler: Any, **kw: Any) -> str:
+    tree = element.build(element.tables, element.params, element.shape[1:])
+    return str(compiler.process(tree, **kw))
 
 
 @dataclass
@@ -111,6 +139,11 @@ class ConsentEngine:
         self.codes = codes
         self.digest = digest
         self.opt_out = frozenset(opt_out_purposes)
+        # the audit-basis query without its conditions (building its aliases per call cost ~0.7 ms)
+        row, comp, rule, cres = resource.alias(), compartment.alias(), consent_rule.alias(), resource.alias()
+        joined = (row.join(comp, comp.c.resource_pk == row.c.pk).join(rule, rule.c.patient_id == comp.c.patient_id)
+                  .join(cres, cres.c.pk == rule.c.consent_pk))
+        self._consents = (select(cres.c.id).distinct().select_from(joined).order_by(cres.c.id).limit(100), row, rule)
 
     # ------------------------------------------------------------------ who is asking, for what
     def decide(self, principal: Any, headers: dict[str, str]) -> Decision:
@@ -180,88 +213,98 @@ class ConsentEngine:
         1 permit, 0/NULL none), compared with the least the row needs (0 opt-out, 1 opt-in, 2 when
         it carries a sensitivity label). Kept flat: SQLite's parser limits nesting depth, and this
         predicate is nested again inside chains, _has and includes."""
-        t = self._templates(d.purpose, tuple(d.actors))
-        sensitive = t.sensitive.where(t.tok.c.resource_pk == res.c.pk).exists()
+        shape = (d.purpose in self.opt_out, tuple(self.codes.label_pairs))
         if not d.any_rules:
             # no Consent anywhere: every row scores 0, so only the defaults apply (same result,
             # without the per-row rule probes and their cost in every statement)
-            return and_(~sensitive) if d.purpose in self.opt_out else false()
-        score = func.coalesce(t.score.where(t.row.c.pk == res.c.pk).scalar_subquery(), 0)
-        # written so that a row is probed once in the common case (no sensitivity label): SQLite
-        # evaluates a correlated sub-query at every mention, and BETWEEN/CASE forms mention it twice
-        allowed = score < 4 if d.purpose in self.opt_out else score.in_([1, 2])
-        return and_(allowed, or_(~sensitive, score == 2))
+            return _Deferred(self._default_sql, [res], [], shape)
+        return _Deferred(self._visible_sql, [res], _request_params(d), shape)
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 - the engine lives as long as the process
-    def _templates(self, purpose: str, actors: tuple[str, ...]) -> _Templates:
-        """The request-independent parts of the predicate, built once per (purpose, actors): the
-        score and sensitivity sub-queries over their own aliases, correlated to the caller's row
-        by one added condition. (Building these SQLAlchemy trees costs milliseconds; the time
-        of day is evaluated by the database, so nothing else varies between requests.)"""
-        d = Decision(purpose, actors=list(actors))
-        row, rule, comp = resource.alias(), consent_rule.alias(), compartment.alias()
+    def _default_sql(self, tables: Sequence[FromClause], params: Sequence[BindParameter[Any]],
+                     shape: tuple[Any, ...]) -> ColumnElement[bool]:
+        opt_out, labels = shape
+        return ~self._sensitive(tables[0], labels) if opt_out else false()
+
+    def _visible_sql(self, tables: Sequence[FromClause], params: Sequence[BindParameter[Any]],
+                     shape: tuple[Any, ...]) -> ColumnElement[bool]:
+        (res,), (purpose, *actors), (opt_out, labels) = tables, params, shape
+        comp, rule = compartment.alias(), consent_rule.alias()
         value = case((rule.c.effect == "deny", 4), (rule.c.explicit.is_(True), 2), else_=1)
-        joined = row.join(comp, comp.c.resource_pk == row.c.pk).join(rule, rule.c.patient_id == comp.c.patient_id)
-        deciding = [rule.c.effect != "none", self._in_force(rule), self.decides(rule, row, d)]
-        score = select(func.max(value)).select_from(joined).where(*deciding).correlate_except(row, comp, rule)
-        cres = resource.alias()
-        consents = (select(cres.c.id).distinct().select_from(joined.join(cres, cres.c.pk == rule.c.consent_pk))
-                    .where(*deciding).order_by(cres.c.id).limit(100))
+        score = func.coalesce(
+            select(func.max(value)).select_from(comp.join(rule, rule.c.patient_id == comp.c.patient_id))
+            .where(comp.c.resource_pk == res.c.pk, *self._deciding(rule, res, purpose, actors))
+            .correlate_except(comp, rule).scalar_subquery(), 0)
+        sensitive = self._sensitive(res, labels)
+        # CASE <score> WHEN ...: SQLite evaluates a correlated sub-query at every mention, so the
+        # score is mentioned once; the label probe runs only for the scores it can change
+        if opt_out:
+            return case({4: false(), 2: true()}, value=score, else_=~sensitive)
+        return case({2: true(), 1: ~sensitive}, value=score, else_=false())
+
+    def _sensitive(self, res: FromClause, labels: tuple[tuple[str, str], ...]) -> ColumnElement[bool]:
         tok = idx_token.alias()
         systems: dict[str, list[str]] = {}
-        for system, code in self.codes.label_pairs:
+        for system, code in labels:
             systems.setdefault(system, []).append(code)
-        labelled = or_(*[and_(tok.c.system == s, tok.c.code.in_(codes)) for s, codes in systems.items()]) \
+        labelled = or_(*[and_(tok.c.system == s, _one_of(tok.c.code, codes)) for s, codes in systems.items()]) \
             if systems else false()
-        sensitive = select(literal(1)).select_from(tok).where(tok.c.param == "_security", labelled) \
-            .correlate_except(tok)
-        return _Templates(row, rule, tok, score, consents, sensitive)
+        return _exists([tok], tok.c.param == "_security", labelled, tok.c.resource_pk == res.c.pk)
 
     def _in_force(self, rule: Any) -> ColumnElement[bool]:
         now = now_micros()
         return and_(rule.c.start_us <= now, rule.c.end_us >= now)
 
-    def matches(self, rule: Any, res: FromClause, d: Decision) -> ColumnElement[bool]:
-        """Every criterion group of `rule` has a value matching the row `res` and the request:
-        the number of distinct groups with a matching value equals the rule's group count."""
-        item, tok = consent_criterion.alias(), idx_token.alias()
-        ref, dat = idx_reference.alias(), idx_date.alias()
-        joined = (
-            item.outerjoin(tok, and_(item.c.kind.in_(("code", "label")), tok.c.resource_pk == res.c.pk,
-                                     tok.c.param == case((item.c.kind == "code", "code"), else_="_security"),
-                                     tok.c.code == item.c.value,
-                                     or_(item.c.system.is_(None), tok.c.system == item.c.system)))
-            .outerjoin(ref, and_(item.c.kind == "code", ref.c.resource_pk == res.c.pk,
-                                 ref.c.param == "questionnaire", ref.c.url == item.c.value))
-            .outerjoin(dat, and_(item.c.kind == "period", dat.c.resource_pk == res.c.pk,
-                                 dat.c.param.in_(CLINICAL_DATE_PARAMS), dat.c.low_us >= item.c.low_us,
-                                 dat.c.high_us <= item.c.high_us))
-        )
+    def _deciding(self, rule: Any, row: FromClause, purpose: Any, actors: Sequence[Any]) -> list[ColumnElement[bool]]:
+        """`rule` decides for `row`: it has an effect, is in force, matches, and none of its
+        nested provisions (exceptions) in force matches."""
+        child = consent_rule.alias()
+        return [rule.c.effect != "none", self._in_force(rule), self._matches(rule, row, purpose, actors),
+                ~_exists([child], child.c.parent_pk == rule.c.pk, self._in_force(child),
+                         self._matches(child, row, purpose, actors))]
+
+    def _matches(self, rule: Any, row: FromClause, purpose: Any, actors: Sequence[Any]) -> ColumnElement[bool]:
+        """Every criterion group of `rule` has a value matching `row` and the request: the number
+        of distinct groups with a matching value equals the rule's group count. Row-independent
+        kinds are tested first; the index probes are EXISTS terms of the same OR, so a criterion
+        probes the index of its own kind only."""
+        item = consent_criterion.alias()
+        tok, ref, dat = idx_token.alias(), idx_reference.alias(), idx_date.alias()
+        kind = item.c.kind
+        token = [tok.c.resource_pk == row.c.pk, tok.c.param == case((kind == "code", "code"), else_="_security"),
+                 tok.c.code == item.c.value]
         one = or_(
-            and_(item.c.kind == "actor", item.c.value.in_(d.actors)) if d.actors else false(),
-            and_(item.c.kind == "purpose", item.c.value == d.purpose),
-            and_(item.c.kind == "class", item.c.value == res.c.type),
-            and_(item.c.kind == "data", item.c.system == res.c.type, item.c.value == res.c.id),
-            tok.c.resource_pk.is_not(None), ref.c.resource_pk.is_not(None), dat.c.resource_pk.is_not(None),
+            and_(kind == "purpose", item.c.value == purpose),
+            and_(kind == "actor", _one_of(item.c.value, actors)),
+            and_(kind == "class", item.c.value == row.c.type),
+            and_(kind == "data", item.c.system == row.c.type, item.c.value == row.c.id),
+            # split on the system, so that a criterion with one is a single seek in ix_token_code
+            and_(_one_of(kind, ("code", "label")), or_(
+                and_(item.c.system.is_(None), _exists([tok], *token)),
+                _exists([tok], *token, tok.c.system == item.c.system))),
+            and_(kind == "code", _exists([ref], ref.c.resource_pk == row.c.pk, ref.c.param == "questionnaire",
+                                         ref.c.url == item.c.value)),
+            and_(kind == "period", _exists([dat], dat.c.resource_pk == row.c.pk,
+                                           _one_of(dat.c.param, CLINICAL_DATE_PARAMS),
+                                           dat.c.low_us >= item.c.low_us, dat.c.high_us <= item.c.high_us)),
         )
-        matched = (select(func.count(item.c.grp.distinct())).select_from(joined)
+        matched = (select(func.count(item.c.grp.distinct())).select_from(item)
                    .where(item.c.rule_pk == rule.c.pk, one)
-                   .correlate_except(item, tok, ref, dat).scalar_subquery())
+                   .correlate_except(item).scalar_subquery())
         return matched == rule.c.n_groups
 
-    def decides(self, rule: Any, res: FromClause, d: Decision) -> ColumnElement[bool]:
-        child = consent_rule.alias()
-        return and_(self.matches(rule, res, d), ~_exists(
-            [child], child.c.parent_pk == rule.c.pk, self._in_force(child), self.matches(child, res, d)))
+    def _deciding_sql(self, tables: Sequence[FromClause], params: Sequence[BindParameter[Any]],
+                      shape: tuple[Any, ...]) -> ColumnElement[bool]:
+        (rule, row), (purpose, *actors) = tables, params
+        return and_(*self._deciding(rule, row, purpose, actors))
 
     # ------------------------------------------------------------------ the audit basis
     def deciding_consents(self, conn: Connection, pks: list[int], d: Decision, effect: str) -> list[str]:
         """Ids of the Consents whose rules decided (`effect`) for these resources."""
         if not pks or not d.any_rules:
             return []
-        t = self._templates(d.purpose, tuple(d.actors))
-        stmt = t.consents.where(t.row.c.pk.in_(pks), t.rule.c.effect == effect)
-        return [r[0] for r in conn.execute(stmt).all()]
+        stmt, row, rule = self._consents
+        deciding = _Deferred(self._deciding_sql, [rule, row], _request_params(d))
+        return [r[0] for r in conn.execute(stmt.where(row.c.pk.in_(pks), rule.c.effect == effect, deciding)).all()]
 
     def count_rules(self, conn: Connection) -> int:
         return conn.execute(select(func.count()).select_from(consent_rule)).scalar_one()
@@ -278,6 +321,18 @@ def _exists(tables: list[Any], *conds: ColumnElement[bool]) -> ColumnElement[boo
     """EXISTS over `tables`, correlated to every enclosing query for all other tables (SQLAlchemy
     would otherwise correlate only to the immediately enclosing SELECT)."""
     return select(literal(1)).select_from(*tables).where(*conds).correlate_except(*tables).exists()
+
+
+def _request_params(d: Decision) -> list[BindParameter[Any]]:
+    """The request's purpose and actor digests as bound parameters (values vary per request)."""
+    return [literal(d.purpose), *(literal(a) for a in d.actors)]
+
+
+def _one_of(col: ColumnElement[Any], values: Any) -> ColumnElement[bool]:
+    """`col IN (?, ?, ...)` with one bound parameter per value: an expanding IN (the default for
+    a list) is re-rendered into the statement's text at every execution."""
+    items = [v if isinstance(v, ClauseElement) else literal(v) for v in values]
+    return col.in_(items) if items else false()
 
 
 def actor_digest(blind: Any) -> Callable[[str], str]:
