@@ -76,7 +76,7 @@ compartment = Table(
     Column("resource_pk", Integer, ForeignKey("resource.pk"), nullable=False),
     Column("patient_id", String(64), nullable=False),
     Index("ix_compartment_patient", "patient_id", "resource_pk"),
-    Index("ix_compartment_resource", "resource_pk"),
+    Index("ix_compartment_resource", "resource_pk", "patient_id"),  # covering: consent probes per row
 )
 
 # ---- search indexes (current versions only) ----

@@ -58,3 +58,5 @@ def analyze(engine: Engine) -> None:
         if engine.dialect.name == "sqlite":
             conn.exec_driver_sql("PRAGMA analysis_limit=1000")
         conn.exec_driver_sql("ANALYZE")
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("PRAGMA analysis_limit=0")  # pooled connection: later ANALYZEs stay exact
