@@ -215,7 +215,7 @@ def test_hl7_examples_directory_round_trips_and_bundle_references_resolve(settin
 
     # exactly one import AuditEvent per file
     events = import_events(http, h)
-    assert sorted(event_file(e) for e in events) == sorted(str(p) for p in [*singles, *bundles])
+    assert sorted(event_file(e) for e in events) == sorted(str(p.resolve()) for p in [*singles, *bundles])
     assert query(settings, "SELECT count(*) FROM import_file WHERE done")[0][0] == len(singles) + len(bundles)
 
 

@@ -62,6 +62,11 @@ class ClientRecord:
         )
 
 
+def new_client_id() -> str:
+    """A random client_id that never starts with "-" (a command line would read it as an option)."""
+    return "c" + secrets.token_urlsafe(16)
+
+
 def hash_secret(secret: str) -> str:
     """Client secrets are 256-bit random strings the server generates, so one SHA-256 suffices
     (no password stretching needed) and the database never holds a usable secret."""
@@ -116,7 +121,7 @@ def register_backend_client(
     _check_keys(jwks, jwks_uri)
     _check_scopes_and_id(engine, scopes, client_id)
     record = ClientRecord(
-        client_id=client_id or secrets.token_urlsafe(16), name=name, kind="backend", scopes=scopes,
+        client_id=client_id or new_client_id(), name=name, kind="backend", scopes=scopes,
         jwks=jwks, jwks_uri=jwks_uri, organization=organization, settings=settings or {},
     )
     with transaction(engine) as conn:
@@ -197,7 +202,7 @@ def register_app_client(
     if launch_url:
         merged["launch_url"] = launch_url
     record = ClientRecord(
-        client_id=client_id or secrets.token_urlsafe(16), name=name, kind="app", scopes=scopes,
+        client_id=client_id or new_client_id(), name=name, kind="app", scopes=scopes,
         jwks=jwks, jwks_uri=jwks_uri, organization=organization, settings=merged,
         redirect_uris=list(redirect_uris), secret_hash=hash_secret(secret) if secret else None,
     )
