@@ -239,6 +239,13 @@ def test_research_exports_must_be_deidentified(server: Server) -> None:
     assert resp.status_code == 403 and "de-identified" in resp.get_data(as_text=True)
     files = export(server, research, _type="Patient")
     assert len(files["Patient"]) == 1 and "Researchable" not in json.dumps(files)
+    # the audit trail says what left, for which purpose, and that it was de-identified
+    auditor = client_token(server, "auditor", "system/AuditEvent.rs")
+    events = server.http.get("/fhir/AuditEvent", query_string={"_count": "1000"}, headers=server.h(auditor)).get_json()
+    runs = [e["resource"] for e in events["entry"]
+            if e["resource"].get("outcomeDesc", "").startswith("export complete")]
+    assert len(runs) == 1 and runs[0]["outcomeDesc"] == "export complete: Patient 1; de-identified (safe-harbor)"
+    assert runs[0]["purposeOfEvent"][0]["coding"][0]["code"] == "HRESCH"
 
 
 def test_capability_statement_documents_deidentify(server: Server) -> None:

@@ -163,7 +163,8 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
         return "failed"
     jobs.finish(svc.engine, job.id, "complete", None, keep)
     _audit(svc, job, 200, counts, patients, "export complete: " +
-           (", ".join(f"{t} {c}" for t, c in sorted(counts.items())) or "no resources"))
+           (", ".join(f"{t} {c}" for t, c in sorted(counts.items())) or "no resources") +
+           ("; de-identified (safe-harbor)" if deidentify is not None else ""))
     return "complete"
 
 
