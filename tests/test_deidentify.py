@@ -188,7 +188,15 @@ def test_addresses_ages_and_dates_follow_safe_harbor(server: Server) -> None:
         "issued": "2021-05-06T09:00:00Z", "valueQuantity": {"value": 71, "unit": "/min",
                                                             "system": "http://unitsofmeasure.org", "code": "/min"},
         "note": [{"text": "Patient said her neighbour Mrs Miller drove her in"}]})
+    server.create(token, {
+        "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{old}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "30525-0", "display": "Age"}]},
+        "valueQuantity": {"value": 104, "unit": "a", "system": "http://unitsofmeasure.org", "code": "a"}})
     files = export(server, client_token(server, "reader", "system/*.rs", consent_exempt=True))
+    age = next(o for o in files["Observation"] if o["code"]["coding"][0]["code"] == "30525-0")
+    assert age["valueQuantity"] == {"value": 90, "comparator": ">=", "unit": "a",
+                                    "system": "http://unitsofmeasure.org", "code": "a"}
+    files["Observation"].remove(age)
     patients = sorted(files["Patient"], key=lambda p: "birthDate" in p)
     aged, other = patients
     assert "birthDate" not in aged and {"url": AGE_90_PLUS, "valueBoolean": True} in aged["extension"]

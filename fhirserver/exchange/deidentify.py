@@ -9,7 +9,8 @@ extensions (e.g. `patient-birthPlace.valueAddress`) get the same treatment as to
   three-digit zones with fewer than 20,000 people);
 - every date and dateTime is reduced to its year; instants (`issued`, `meta.lastUpdated`) are
   removed because FHIR does not allow a year-only instant; a birth date more than 89 years ago
-  is removed and replaced by a flag extension (Safe Harbor's "90 or older");
+  is removed and replaced by a flag extension (Safe Harbor's "90 or older"), and a Quantity in
+  years above 89 (an age) becomes ">= 90";
 - resource ids, references and identifier values become keyed pseudonyms (HMAC-SHA-256), so
   references still link resources within one export but reveal nothing. The key is a data key
   of its own per export (`pseudonym:export:<job>`), so two exports cannot be linked, unless
@@ -141,6 +142,8 @@ class Deidentifier:
             kept = self._element(key, value)
             if kept is not None:
                 out[key] = kept
+        if _is_age_over_89(out):
+            out["value"], out["comparator"] = 90, ">="  # Safe Harbor: "90 or older", never the age
         if "url" in node and "extension" not in out and not any(k.startswith("value") for k in out):
             return None  # an extension whose value was removed is no longer valid FHIR
         if is_reference and set(out) <= {"type"}:
@@ -178,6 +181,16 @@ class Deidentifier:
             if out["type"] is None:
                 del out["type"]
         return out
+
+
+YEARS = frozenset({"a", "yr", "yrs", "year", "years", "y"})
+
+
+def _is_age_over_89(quantity: dict[str, Any]) -> bool:
+    """A Quantity in years above 89 (an age, for any clinical purpose we serve)."""
+    unit = str(quantity.get("code") or quantity.get("unit") or "").strip().lower()
+    value = quantity.get("value")
+    return unit in YEARS and isinstance(value, (int, float)) and value > 89
 
 
 def _uuid(hex32: str) -> str:
