@@ -15,6 +15,7 @@ replaced in the same transaction as the Consent's own write.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -60,6 +61,13 @@ class ConsentRepository(Repository):
         if p.type == "Consent":
             materialize(conn, stored.pk, p.body, self.digest)
         return stored
+
+    def create_many(self, conn: Connection, batch: Sequence[PreparedWrite], when_us: int | None = None) -> list[int]:
+        pks = super().create_many(conn, batch, when_us)
+        for pk, p in zip(pks, batch, strict=True):
+            if p.type == "Consent":
+                materialize(conn, pk, p.body, self.digest)
+        return pks
 
     def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
         stored, created = super().update(conn, p, if_match)

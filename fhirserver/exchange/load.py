@@ -523,14 +523,18 @@ def _commit(svc: Services, state: _FileState, batch: list[PreparedWrite], positi
     with svc.engine.begin() as conn:
         exists = _existing(conn, batch)
         updated = 0
+        creates: list[PreparedWrite] = []  # new ids, inserted set-wise until one must be updated
         for p in batch:
             if (p.type, p.id) in exists:
+                svc.repo.create_many(conn, creates)
+                creates = []
                 svc.repo.update(conn, p)
                 updated += 1
             else:
-                svc.repo.create(conn, p, fresh_id=True)
+                creates.append(p)
                 exists.add((p.type, p.id))
             report.loaded[p.type] += 1
+        svc.repo.create_many(conn, creates)
         report.updated += updated
         if final:
             rec = _audit_record(state)

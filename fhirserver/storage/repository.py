@@ -278,6 +278,39 @@ class Repository:
         self._write_index(conn, pk, p, replace=False)
         return Stored(p.type, p.id, 1, when_us, False, "POST", raw, pk)
 
+    def create_many(self, conn: Connection, batch: Sequence[PreparedWrite], when_us: int | None = None) -> list[int]:
+        """Insert version 1 of many resources whose ids are known not to exist (imports): the
+        same rows as `create`, in a few set-wise statements instead of ~5 round trips each, which
+        is what a client/server database such as PostgreSQL pays for. Returns the new pks."""
+        if not batch:
+            return []
+        when_us = when_us or now_us()
+        sealed = [self._seal_version(p, 1, when_us)[1] for p in batch]
+        if conn.dialect.name == "sqlite":  # in-process: one statement per row costs little
+            pks = [raw_sql.insert_returning_pk(conn, _RAW_INS_RESOURCE, (p.type, p.id, 1, when_us, False))
+                   for p in batch]
+        else:
+            values = ", ".join(["(?, ?, 1, ?, FALSE)"] * len(batch))
+            params = [v for p in batch for v in (p.type, p.id, when_us)]
+            cursor = raw_sql.execute(conn, "INSERT INTO resource (type, id, version, last_updated_us, deleted) "
+                                           f"VALUES {values} RETURNING pk, type, id", params)
+            try:
+                by_key = {(t, i): pk for pk, t, i in cursor.fetchall()}
+            finally:
+                cursor.close()
+            pks = [by_key[(p.type, p.id)] for p in batch]
+        raw_sql.executemany(conn, _RAW_INS_VERSION, [(pk, p.type, 1, when_us, "POST", False, p.key_id, blob)
+                                                     for pk, p, blob in zip(pks, batch, sealed, strict=True)])
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        for pk, p in zip(pks, batch, strict=True):
+            for kind, items in p.index.rows.items():
+                _sql, columns, _values = _raw_insert(kind)
+                rows.setdefault(kind, []).extend((pk, *[r.get(c) for c in columns]) for r in items)
+            rows.setdefault("compartment", []).extend((pk, pid) for pid in p.index.patients)
+        for kind, params in rows.items():
+            raw_sql.executemany(conn, _raw_insert(kind)[0], params)
+        return pks
+
     def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
         """Update (or create with the client's id). Returns (stored, created)."""
         head = self.current(conn, p.type, p.id, lock=True)
