@@ -58,6 +58,7 @@ from ..config import Settings
 from ..db.engine import read_connection
 from ..db.schema import resource
 from ..fhir.errors import FhirError
+from ..fhir.references import rewrite_references
 from ..search.dates import now_us
 from ..services import Services
 from ..storage.bulk import analyze
@@ -250,22 +251,6 @@ def _id_from_full_url(full_url: str, rtype: str) -> str | None:
     return None
 
 
-def rewrite_references(node: Any, mapping: dict[str, str]) -> None:
-    """Replace every `reference` naming a Bundle entry's fullUrl by that entry's Type/id."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                target = mapping.get(value)
-                if target is not None:
-                    node[key] = target
-            elif isinstance(value, (dict, list)):
-                rewrite_references(value, mapping)
-    elif isinstance(node, list):
-        for value in node:
-            if isinstance(value, (dict, list)):
-                rewrite_references(value, mapping)
-
-
 def bundle_items(doc: Any, sha: str, size: int, kept: frozenset[str]) -> list[Item]:
     """A Bundle of any type: its entries' resources with ids assigned where missing (the
     urn:uuid of the fullUrl, else the id of an absolute fullUrl, else a derived id) and references
@@ -298,7 +283,7 @@ def bundle_items(doc: Any, sha: str, size: int, kept: frozenset[str]) -> list[It
             items.append((index, None, nbytes))
             continue
         if isinstance(res, dict) and res.get("resourceType") in kept and mapping:
-            rewrite_references(res, mapping)
+            res = rewrite_references(res, mapping)
         items.append((index, res, nbytes))
     return items or [(0, None, size)]
 

@@ -15,7 +15,6 @@ database transaction.
 
 from __future__ import annotations
 
-import copy
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +23,7 @@ from sqlalchemy import Connection
 
 from ..audit.events import AuditRecord
 from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..fhir.references import rewrite_references
 from ..search.dates import now_us
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import new_id
@@ -50,20 +50,6 @@ class Entry:
 
     def where(self) -> str:
         return f"entry {self.index} ({self.method} {self.url[:80]})"
-
-
-def _rewrite(value: Any, mapping: dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if k == "reference" and isinstance(v, str) and v in mapping:
-                out[k] = mapping[v]
-            else:
-                out[k] = _rewrite(v, mapping)
-        return out
-    if isinstance(value, list):
-        return [_rewrite(v, mapping) for v in value]
-    return value
 
 
 class BundleHandler(Handler):
@@ -128,7 +114,7 @@ class BundleHandler(Handler):
             if not isinstance(res, dict):
                 raise FhirError(400, "required", f"{e.where()}: a resource is required",
                                 [f"Bundle.entry[{e.index}].resource"])
-            body = dump_json(_rewrite(copy.deepcopy(res), mapping))
+            body = dump_json(rewrite_references(res, mapping))
             headers["content-type"] = "application/fhir+json"
         rec = AuditRecord(interaction="unknown", request_id=ctx.record.request_id, network_address=ctx.record.network_address,
                           recorded_us=now_us(), client_id=ctx.record.client_id, client_name=ctx.record.client_name,
