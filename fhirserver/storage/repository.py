@@ -115,6 +115,20 @@ def _raw_insert(kind: str) -> tuple[str, list[str], Callable[[dict[str, Any]], t
     return _RAW_INSERTS[kind]
 
 
+def _index_params(pk: int, p: PreparedWrite) -> dict[str, list[tuple[Any, ...]]]:
+    """The INSERT parameters of one resource's index and compartment rows, by `_raw_insert` kind."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for kind, rows in p.index.rows.items():
+        _sql, columns, values = _raw_insert(kind)
+        try:
+            out[kind] = [(pk, *values(r)) for r in rows]
+        except KeyError:  # a row without some optional column
+            out[kind] = [(pk, *[r.get(c) for c in columns]) for r in rows]
+    if p.index.patients:
+        out["compartment"] = [(pk, pid) for pid in p.index.patients]
+    return out
+
+
 _VERSION_COLS = [resource_version.c[name] for name in
                  ("resource_pk", "type", "version", "last_updated_us", "method", "deleted", "key_id", "body")]
 
@@ -250,16 +264,8 @@ class Repository:
             for stmt in _DEL_INDEX:
                 conn.execute(stmt, {"rpk": pk})
             conn.execute(_DEL_COMPARTMENT, {"rpk": pk})
-        for kind, rows in p.index.rows.items():
-            sql, columns, values = _raw_insert(kind)
-            try:
-                params = [(pk, *values(r)) for r in rows]
-            except KeyError:  # a row without some optional column
-                params = [(pk, *[r.get(c) for c in columns]) for r in rows]
-            raw_sql.executemany(conn, sql, params)
-        if p.index.patients:
-            sql, _cols, _values = _raw_insert("compartment")
-            raw_sql.executemany(conn, sql, [(pk, pid) for pid in p.index.patients])
+        for kind, params in _index_params(pk, p).items():
+            raw_sql.executemany(conn, _raw_insert(kind)[0], params)
 
     def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
         index = self.indexer.index(rtype, body)
@@ -303,10 +309,8 @@ class Repository:
                                                      for pk, p, blob in zip(pks, batch, sealed, strict=True)])
         rows: dict[str, list[tuple[Any, ...]]] = {}
         for pk, p in zip(pks, batch, strict=True):
-            for kind, items in p.index.rows.items():
-                _sql, columns, _values = _raw_insert(kind)
-                rows.setdefault(kind, []).extend((pk, *[r.get(c) for c in columns]) for r in items)
-            rows.setdefault("compartment", []).extend((pk, pid) for pid in p.index.patients)
+            for kind, params in _index_params(pk, p).items():
+                rows.setdefault(kind, []).extend(params)
         for kind, params in rows.items():
             raw_sql.executemany(conn, _raw_insert(kind)[0], params)
         return pks
