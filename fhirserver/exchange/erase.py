@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete, func, select
 
 from ..audit.chain import record_redaction
 from ..bulk import jobs
@@ -70,6 +70,13 @@ def pseudonym_for(svc: Services, patient_id: str) -> str:
     return "erased-" + base64.b32encode(mac[:15]).decode().lower()
 
 
+def already_erased(conn: Connection, patient_deleted: bool, patient_id: str) -> bool:
+    """An erased patient is a deleted Patient whose data key no longer exists (a merely deleted
+    one still has its key and its history)."""
+    return patient_deleted and conn.execute(
+        select(data_key.c.id).where(data_key.c.scope == f"patient:{patient_id}")).first() is None
+
+
 def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: str) -> ErasureReport:
     """Erase one patient inside the caller's transaction (see the module docstring)."""
     report = ErasureReport(pseudonym)
@@ -92,9 +99,9 @@ def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: s
     patient = svc.repo.current(conn, "Patient", patient_id)
     if patient is not None:
         keyed.add(patient.pk)
+    report.versions += conn.execute(select(func.count()).select_from(resource_version)
+                                    .where(resource_version.c.resource_pk.in_(keyed))).scalar_one()
     for pk, rtype in conn.execute(select(resource.c.pk, resource.c.type).where(resource.c.pk.in_(keyed))).all():
-        report.versions += conn.execute(select(resource_version.c.pk)
-                                        .where(resource_version.c.resource_pk == pk)).all().__len__()
         if rtype == "Consent":
             clear_consent_rules(conn, pk)
         svc.repo.erase(conn, pk, rtype)
@@ -164,8 +171,8 @@ def _cancel_exports(conn: Connection, patient_id: str) -> int:
     patient's own. (Job specs do not list patients; erring on the side of erasure.)"""
     rows = conn.execute(select(export_job.c.id, export_job.c.spec).where(
         export_job.c.status.in_(("queued", "running", "complete")))).all()
-    hit = [r.id for r in rows if json.loads(r.spec).get("level") != "instance" or
-           json.loads(r.spec).get("patient") == patient_id]
+    specs = [(r.id, json.loads(r.spec)) for r in rows]
+    hit = [job_id for job_id, spec in specs if spec.get("level") != "instance" or spec.get("patient") == patient_id]
     for job_id in hit:
         jobs.cancel(conn, job_id)
         conn.execute(export_job.update().where(export_job.c.id == job_id).values(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
-from ..exchange.erase import erase_patient, pseudonym_for
+from ..exchange.erase import already_erased, erase_patient, pseudonym_for
 from ..fhir.errors import FhirError
 from .context import RequestContext, Result
 from .handlers import Handler
@@ -33,10 +33,10 @@ class Erase(Handler):
         head = svc.repo.current(conn, "Patient", pid, lock=True)
         if head is None:
             raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+        if already_erased(conn, head.deleted, pid):
+            raise FhirError(410, "deleted", "This patient has already been erased")
         pseudonym: str = ctx.prepared
         report = erase_patient(svc, conn, pid, pseudonym)
-        if report.resources == 0 or (head.deleted and report.versions <= 1):
-            raise FhirError(410, "deleted", "This patient has already been erased")
         record = ctx.record
         record.target = f"Patient/{pseudonym}"
         record.patients = [pseudonym]
