@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import hmac
 import re
-from collections.abc import Callable
 from datetime import date
 from hashlib import sha256
 from typing import Any
@@ -127,7 +126,7 @@ class Deidentifier:
                 return self._resource(value)
             return self._complex(value)
         if isinstance(value, str):
-            return self._string(key, value)
+            return _year_only(value)
         return value
 
     def _complex(self, node: dict[str, Any]) -> dict[str, Any] | None:
@@ -149,10 +148,6 @@ class Deidentifier:
         if is_reference and set(out) <= {"type"}:
             return None
         return out or None
-
-    def _string(self, key: str, value: str) -> str:
-        match = DATE_RE.match(value)
-        return match.group(1) if match and match.group(2) else value
 
     def _reference(self, ref: str) -> str:
         if ref.startswith("#"):
@@ -193,6 +188,12 @@ def _is_age_over_89(quantity: dict[str, Any]) -> bool:
     return unit in YEARS and isinstance(value, (int, float)) and value > 89
 
 
+def _year_only(value: str) -> str:
+    """A date or dateTime reduced to its year; any other string unchanged."""
+    match = DATE_RE.match(value)
+    return match.group(1) if match and match.group(2) else value
+
+
 def _uuid(hex32: str) -> str:
     digest = sha256(hex32.encode()).hexdigest()[:32]
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:]}"
@@ -203,6 +204,3 @@ def _order(out: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
     first = [k for k in ("resourceType", "id", "meta") if k in out]
     rest = [k for k in like if k in out and k not in first] + [k for k in out if k not in like and k not in first]
     return {k: out[k] for k in first + rest}
-
-
-Transform = Callable[[dict[str, Any]], dict[str, Any]]
