@@ -104,7 +104,6 @@ Then:
   curl -H "Authorization: Bearer $TOKEN" {base}/Patient
   curl -H "Authorization: Bearer $TOKEN" "{base}/Observation?subject=Patient/demo-alice&code=http://loinc.org|8867-4"
   curl -H "Authorization: Bearer $TOKEN" {base}/Patient/demo-bob/_history
-  curl -H "Authorization: Bearer $TOKEN" "{base}/AuditEvent?_count=5"     # needs system/AuditEvent.rs (included in system/*.rs)
 
 Consent (docs/consent.md): demo-dev opted out of everything but treatment (and of treatment by Organization/demo-ed), demo-bob opted in to research, demo-alice
 has a sensitive HIV result, demo-chloe is a minor with a guardian. The same key works for the clients
@@ -118,6 +117,10 @@ demo-research (purpose HRESCH), demo-break-glass (Organization/demo-ed) and demo
   curl -H "Authorization: Bearer $GTOKEN" {base}/Patient/demo-dev                 # 404: dev opted out of demo-ed
   curl -H "Authorization: Bearer $GTOKEN" -H "X-Purpose-Of-Use: ETREAT" -H "X-Break-Glass-Reason: demo" "{base}/Patient/demo-dev/\\$everything"
   {cfg}fhirserver alerts list
+
+The audit trail is an auditor's to read (docs/security.md): only demo-auditor may, with an explicit scope:
+  ATOKEN=$({cfg}fhirserver client token --client-id demo-auditor --key-file {key_path} --scope "system/AuditEvent.rs" --token-url {settings.token_url})
+  curl -H "Authorization: Bearer $ATOKEN" "{base}/AuditEvent?_count=5&_sort=-date"
 """)
 
 
@@ -226,6 +229,10 @@ def client() -> None:
               help="Not filtered by patients' consents (consent back office); every access is audited and alerted.")
 @click.option("--break-glass", "break_glass", is_flag=True,
               help="May override consent denies with X-Purpose-Of-Use: ETREAT and X-Break-Glass-Reason.")
+@click.option("--auditor", "auditor", is_flag=True,
+              help="May read AuditEvents (with an explicit system/AuditEvent.rs scope; purpose HOPERAT by default).")
+@click.option("--audit-query-values", "audit_query_values", is_flag=True,
+              help="An auditor that also sees the values inside audited queries and details (redacted otherwise).")
 @click.option("--stable-pseudonyms", "stable_pseudonyms", is_flag=True,
               help="De-identified exports reuse one pseudonym key for this client (linkable across its exports).")
 @click.pass_context
@@ -245,6 +252,10 @@ def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_u
     except (ValueError, UnicodeDecodeError) as exc:
         raise click.ClickException(f"the JWKS file is not valid JSON: {exc}") from exc
     settings: dict[str, object] = {k: v for k, v in extra_settings.items() if v not in (None, (), False)}
+    if settings.get("audit_query_values") and not settings.get("auditor"):
+        raise click.ClickException("--audit-query-values needs --auditor")
+    if settings.get("auditor") and ctx.get_parameter_source("purposes") == click.core.ParameterSource.DEFAULT:
+        settings["purposes"] = ("HOPERAT",)  # reading the audit trail is a healthcare-operations act
     if admin:
         settings["admin"] = True
     if introspect_any:

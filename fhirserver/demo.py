@@ -173,6 +173,8 @@ DEMO_CONSENT_CLIENTS = [  # client_id, name, settings (same key as the demo back
      {"purposes": ["TREAT"], "break_glass": True}, "Organization/demo-ed"),
     ("demo-consent-office", "Demo consent back office (consent-exempt)", {"consent_exempt": True},
      "Organization/demo-hospital"),
+    ("demo-auditor", "Demo privacy office (auditor: reads AuditEvents, query values included)",
+     {"auditor": True, "audit_query_values": True, "purposes": ["HOPERAT"]}, "Organization/demo-hospital"),
 ]
 
 
@@ -192,5 +194,6 @@ def ensure_demo_consent_clients(svc: Services, key_path: Path) -> None:
 
             with svc.engine.begin() as conn:
                 conn.execute(delete(client).where(client.c.client_id == client_id))
-        register_backend_client(svc.engine, name, "system/*.rs", jwks=jwks, organization=organization,
+        scopes = "system/AuditEvent.rs" if settings.get("auditor") else "system/*.rs"
+        register_backend_client(svc.engine, name, scopes, jwks=jwks, organization=organization,
                                 client_id=client_id, settings=settings)

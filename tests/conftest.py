@@ -107,6 +107,7 @@ class BackendClient:
     client_id: str
     key: Any
     token_url: str
+    default_scope: str = "system/*.cruds"
     _tokens: dict[str, str] = field(default_factory=dict)
 
     def token(self, scope: str) -> str:
@@ -116,20 +117,30 @@ class BackendClient:
             self._tokens[scope] = resp.get_json()["access_token"]
         return self._tokens[scope]
 
-    def headers(self, scope: str = "system/*.cruds", **extra: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(scope)}", **extra}
+    def headers(self, scope: str | None = None, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(scope or self.default_scope)}", **extra}
 
 
 @pytest.fixture
 def make_client(app, http, settings):  # type: ignore[no-untyped-def]
     svc = app.extensions["fhirserver"]
 
-    def _make(scopes: str = "system/*.cruds", alg: str = "ES384", **kw: Any) -> BackendClient:
+    def _make(scopes: str = "system/*.cruds", alg: str = "ES384", default_scope: str = "system/*.cruds",
+              **kw: Any) -> BackendClient:
         key = generate_key(alg)
         rec = register_backend_client(svc.engine, f"test client {next(_counter)}", scopes, jwks=public_jwks(key), **kw)
-        return BackendClient(http, rec.client_id, key, settings.token_url)
+        return BackendClient(http, rec.client_id, key, settings.token_url, default_scope)
 
     return _make
+
+
+# a privacy-office client: reads AuditEvents (explicit scope), query values included (docs/security.md)
+AUDITOR_SETTINGS: dict[str, Any] = {"auditor": True, "audit_query_values": True, "purposes": ["HOPERAT"]}
+
+
+@pytest.fixture
+def auditor(make_client) -> BackendClient:  # type: ignore[no-untyped-def]
+    return make_client("system/AuditEvent.rs", settings=AUDITOR_SETTINGS, default_scope="system/AuditEvent.rs")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from fhirserver.cli import main
+from tests.conftest import AUDITOR_SETTINGS
 from tests.conftest import raw_db as db
 
 REST_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
@@ -123,7 +124,7 @@ def build_chain(http, h, n_patients: int = 3) -> list[str]:  # type: ignore[no-u
 def test_exactly_one_audit_event_per_request(http, admin, make_client, settings):
     h = admin.headers()
     h_obs = make_client("system/Observation.rs").headers()  # tokens are fetched (and audited) up front
-    auditor = make_client("system/*.rs").headers()
+    auditor = make_client("system/AuditEvent.rs", settings=AUDITOR_SETTINGS).headers("system/AuditEvent.rs")
     seen: list[tuple[str, int, str, str]] = []  # (label, status, expected subtype, event id)
 
     def step(label: str, subtype: str, status: int, send: Callable[[], Any]) -> Any:
@@ -181,7 +182,7 @@ def _common_checks(ev: dict[str, Any], resp, client_id: str | None, settings) ->
 
 def test_audit_event_content(http, admin, make_client, settings):
     h = admin.headers()
-    auditor = make_client("system/*.rs").headers()
+    auditor = make_client("system/AuditEvent.rs", settings=AUDITOR_SETTINGS).headers("system/AuditEvent.rs")
     cid = admin.client_id
 
     def check(send, subtype: str, action: str, status: int, what: list[str] | None, patients: set[str]) -> dict:  # type: ignore[no-untyped-def]
@@ -242,7 +243,7 @@ def test_audit_event_content(http, admin, make_client, settings):
 
 def test_audit_event_outcomes_and_unauthenticated_agent(http, admin, make_client, settings):
     h = admin.headers()
-    auditor = make_client("system/*.rs").headers()
+    auditor = make_client("system/AuditEvent.rs", settings=AUDITOR_SETTINGS).headers("system/AuditEvent.rs")
     pid = http.post("/fhir/Patient", json=patient(), headers=h).get_json()["id"]
 
     resp, event_id = audited(settings, lambda: http.get(f"/fhir/Patient/{pid}"))
@@ -278,7 +279,7 @@ def test_failed_instance_access_names_its_target(http, admin, make_client, setti
     """An AuditEvent of a refused or failed access to one resource must say which resource was
     asked for: those are the events an investigation looks for."""
     h = admin.headers()
-    auditor = make_client("system/*.rs").headers()
+    auditor = make_client("system/AuditEvent.rs", settings=AUDITOR_SETTINGS).headers("system/AuditEvent.rs")
     h_obs = make_client("system/Observation.rs").headers()
     pid = http.post("/fhir/Patient", json=patient(), headers=h).get_json()["id"]
     target = f"Patient/{pid}"
@@ -315,7 +316,7 @@ def test_failed_instance_access_names_its_target(http, admin, make_client, setti
 # ----------------------------------------------------------------------------- search
 def test_audit_event_search(http, admin, make_client, settings):
     h = admin.headers()
-    auditor = make_client("system/*.rs").headers()
+    auditor = make_client("system/AuditEvent.rs", settings=AUDITOR_SETTINGS).headers("system/AuditEvent.rs")
     p1 = http.post("/fhir/Patient", json=patient(), headers=h)
     pid = p1.get_json()["id"]
     other = http.post("/fhir/Patient", json=patient(family="Otherfamilyzz"), headers=h).get_json()["id"]

@@ -20,7 +20,7 @@ from fhirserver.auth.assertion import generate_key, public_jwks, token_request_f
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.db.schema import idx_token
 from fhirserver.pipeline.consent import NoConsentFiltering
-from tests.conftest import BASE, db_path, make_settings
+from tests.conftest import AUDITOR_SETTINGS, BASE, db_path, make_settings
 
 ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
 
@@ -32,10 +32,11 @@ class Server:
         self.http = app.test_client()
         self._keys: dict[str, tuple[str, Any]] = {}
 
-    def token(self, scopes: str = "system/*.cruds", name: str = "main") -> str:
+    def token(self, scopes: str = "system/*.cruds", name: str = "main", settings: dict[str, Any] | None = None) -> str:
         if name not in self._keys:
             key = generate_key("ES384")
-            rec = register_backend_client(self.svc.engine, f"bulk {name}", scopes, jwks=public_jwks(key))
+            rec = register_backend_client(self.svc.engine, f"bulk {name}", scopes, jwks=public_jwks(key),
+                                          settings=settings)
             self._keys[name] = (rec.client_id, key)
         client_id, key = self._keys[name]
         form = token_request_form(key, client_id, self.svc.settings.token_url, scopes)
@@ -275,7 +276,8 @@ def test_output_is_encrypted_at_rest_and_every_step_audited(server: Server) -> N
     if wal.exists():
         blob += wal.read_bytes()
     assert b"Bulkfam" not in blob
-    audit = server.http.get("/fhir/AuditEvent", query_string={"_count": "1000"}, headers=server.h(token)).get_json()
+    auditor = server.token("system/AuditEvent.rs", name="auditor", settings=AUDITOR_SETTINGS)
+    audit = server.http.get("/fhir/AuditEvent", query_string={"_count": "1000"}, headers=server.h(auditor)).get_json()
     descs = [e["resource"].get("outcomeDesc", "") for e in audit["entry"]]
     assert any(d.startswith("export job") and "accepted" in d for d in descs)
     assert any(d.startswith("export complete: Patient 3") for d in descs)

@@ -16,7 +16,7 @@ from fhirserver.auth.assertion import generate_key, public_jwks, token_request_f
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.demo import load_demo
 from fhirserver.exchange.deidentify import AGE_90_PLUS, PSEUDONYM_SYSTEM
-from tests.conftest import EXAMPLES, example_files
+from tests.conftest import AUDITOR_SETTINGS, EXAMPLES, example_files
 from tests.test_bulk_export import Server, _app, _local
 
 FULL_DATE = re.compile(r"\d{4}-\d{2}")
@@ -248,7 +248,7 @@ def test_research_exports_must_be_deidentified(server: Server) -> None:
     files = export(server, research, _type="Patient")
     assert len(files["Patient"]) == 1 and "Researchable" not in json.dumps(files)
     # the audit trail says what left, for which purpose, and that it was de-identified
-    auditor = client_token(server, "auditor", "system/AuditEvent.rs")
+    auditor = client_token(server, "auditor", "system/AuditEvent.rs", **AUDITOR_SETTINGS)
     events = server.http.get("/fhir/AuditEvent", query_string={"_count": "1000"}, headers=server.h(auditor)).get_json()
     runs = [e["resource"] for e in events["entry"]
             if e["resource"].get("outcomeDesc", "").startswith("export complete")]

@@ -23,7 +23,7 @@ from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.cli import main
-from tests.conftest import BackendClient, db_path, example_files, make_settings
+from tests.conftest import AUDITOR_SETTINGS, BackendClient, db_path, example_files, make_settings
 from tests.conftest import raw_db as db
 
 EXAMPLE_TYPES = ("Patient", "Observation", "QuestionnaireResponse", "Consent")
@@ -364,7 +364,7 @@ def test_blind_index_search_still_works(http, admin):
 # ----------------------------------------------------------------------------- tampering
 def test_tampered_ciphertext_is_refused_and_audited(http, admin, settings, make_client):
     h = admin.headers()
-    auditor = make_client("system/*.rs").headers()
+    auditor = make_client("system/AuditEvent.rs", settings=AUDITOR_SETTINGS).headers("system/AuditEvent.rs")
     a = post(http, h, demo_patient())
     b = post(http, h, {"resourceType": "Patient", "name": [{"family": "Untouched", "given": ["Bea"]}]})
     obs = post(http, h, demo_observation(a["id"]))

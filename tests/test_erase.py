@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fhirserver.audit.chain import verify_chain
 from fhirserver.crypto.cipher import DecryptionError, open_sealed
-from tests.conftest import db_path
+from tests.conftest import AUDITOR_SETTINGS, db_path
 from tests.test_bulk_export import Server, _app, _local
 from tests.test_deidentify import client_token
 
@@ -108,7 +108,7 @@ def test_erasure_shreds_the_patient_and_keeps_a_pseudonymized_audit_trail(server
     # requests naming the erased id are new events and may name it)
     result = verify_chain(server.svc.engine, server.svc.repo)
     assert result.ok, result.reason
-    auditor = client_token(server, "auditor", "system/AuditEvent.rs")
+    auditor = client_token(server, "auditor", "system/AuditEvent.rs", **AUDITOR_SETTINGS)
     events = server.http.get("/fhir/AuditEvent", query_string={"_count": "1000"}, headers=server.h(auditor)).get_json()
     text = str(events)
     assert pid not in text and f"Patient/{pseudonym}" in text
@@ -156,7 +156,7 @@ def test_erasure_is_refused_to_anyone_but_an_admin_with_patient_delete(server: S
     pid = seed(server, admin)["pid"]
     plain = client_token(server, "plain", "system/*.cruds", consent_exempt=True)
     no_delete = client_token(server, "admin-ro", "system/*.rs", admin=True, consent_exempt=True)
-    auditor = client_token(server, "auditor", "system/AuditEvent.rs")
+    auditor = client_token(server, "auditor", "system/AuditEvent.rs", **AUDITOR_SETTINGS)
 
     def erase_events() -> list[dict[str, Any]]:
         bundle = server.http.get("/fhir/AuditEvent", query_string={"_count": "1000"}, headers=server.h(auditor)).get_json()

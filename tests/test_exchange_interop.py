@@ -13,7 +13,7 @@ import pytest
 
 from fhirserver.app import create_app
 from fhirserver.demo import load_demo
-from tests.conftest import BASE, example_files, make_settings
+from tests.conftest import AUDITOR_SETTINGS, BASE, example_files, make_settings
 from tests.test_bulk_export import Server, _local
 from tests.test_cli import cli, ok
 from tests.test_deidentify import client_token
@@ -79,7 +79,7 @@ def test_export_then_load_gives_equal_everything(source: Server, tmp_path: Path)
             assert mine == theirs, pid
             assert mine  # at least the Patient itself
         # and the import was audited on the target: one import event per file
-        auditor = client_token(target, "auditor", "system/AuditEvent.rs")
+        auditor = client_token(target, "auditor", "system/AuditEvent.rs", **AUDITOR_SETTINGS)
         events = target.http.get("/fhir/AuditEvent", query_string={"_count": "1000"},
                                  headers=target.h(auditor)).get_json()
         imports = [e for e in events.get("entry", []) if "import" in json.dumps(e["resource"].get("subtype", []))]

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from fhirserver.cli import main
 from fhirserver.exchange.load import load_paths
 from fhirserver.services import build_services
-from tests.conftest import EXAMPLES, db_path, example_files
+from tests.conftest import AUDITOR_SETTINGS, EXAMPLES, db_path, example_files
 
 TYPES = ("Patient", "Observation", "QuestionnaireResponse", "Consent")
 LOINC = "http://loinc.org"
@@ -75,7 +75,8 @@ def stored_types(settings: Any) -> dict[str, int]:
 
 def reader(make_client: Any) -> dict[str, str]:
     """Read everything, AuditEvents included; consent-exempt so the examples' Consents hide nothing."""
-    return make_client("system/*.rs", settings={"consent_exempt": True}).headers("system/*.rs")
+    scopes = "system/*.rs system/AuditEvent.rs"  # the audit trail needs its own scope and an auditor client
+    return make_client(scopes, settings={"consent_exempt": True, **AUDITOR_SETTINGS}).headers(scopes)
 
 
 def get(http: Any, h: dict[str, str], ref: str) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def test_granular_restriction_is_compiled_once_and_still_enforced(http, svc, adm
 
 
 def test_restriction_cache_keys_and_exclusions(svc) -> None:  # type: ignore[no-untyped-def]
-    authz = Authorizer(svc.params, svc.compiler)
+    authz = Authorizer(svc.params, svc.compiler, svc.types)
     query = parse_resource_scope(LAB_SCOPE).query
     first = authz._restriction(query, "Observation", resource)
     assert first is not None and authz._restriction(query, "Observation", resource) is first

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from fhirserver.auth.assertion import client_assertion
 from fhirserver.db.schema import audit_chain
+from tests.conftest import AUDITOR_SETTINGS
 
 CAT_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
 LAB = f"{CAT_SYSTEM}|laboratory"
@@ -437,17 +438,17 @@ def test_audit_events_need_an_audit_event_scope(http, make_client, admin, svc):
     assert_forbidden(http.get(f"/fhir/AuditEvent/{event_id}", headers=h))
 
     scope = "system/AuditEvent.rs"
-    h = make_client(scope).headers(scope)
+    h = make_client(scope, settings=AUDITOR_SETTINGS).headers(scope)
     r = http.get("/fhir/AuditEvent", headers=h)
     assert r.status_code == 200 and r.get_json()["total"] >= 1
     r = http.get(f"/fhir/AuditEvent/{event_id}", headers=h)
     assert r.status_code == 200 and r.get_json()["id"] == event_id
 
 
-def test_audit_events_are_read_only(http, admin, svc):
+def test_audit_events_are_read_only(http, admin, auditor, svc):
     h = admin.headers()
     event_id = latest_audit_id(svc)
-    r = http.get(f"/fhir/AuditEvent/{event_id}", headers=h)
+    r = http.get(f"/fhir/AuditEvent/{event_id}", headers=auditor.headers())
     assert r.status_code == 200
     original = r.get_json()
     assert original["resourceType"] == "AuditEvent"
@@ -456,7 +457,7 @@ def test_audit_events_are_read_only(http, admin, svc):
     assert r.get_json()["resourceType"] == "OperationOutcome"
     assert http.put(f"/fhir/AuditEvent/{event_id}", json={**original, "outcome": "8"}, headers=h).status_code == 405
     assert http.delete(f"/fhir/AuditEvent/{event_id}", headers=h).status_code == 405
-    after = http.get(f"/fhir/AuditEvent/{event_id}", headers=h).get_json()
+    after = http.get(f"/fhir/AuditEvent/{event_id}", headers=auditor.headers()).get_json()
     assert after == original
 
 
@@ -625,13 +626,14 @@ def test_every_fhir_request_writes_one_audit_event(http, make_client, admin, svc
 
 
 @pytest.mark.parametrize("kind", ["401", "403", "404"])
-def test_failed_request_audit_event_records_failure(http, make_client, admin, svc, kind):
+def test_failed_request_audit_event_records_failure(http, make_client, admin, auditor, svc, kind):
     admin_h = admin.headers()
+    auditor_h = auditor.headers()
     s_only = make_client("system/Patient.s").headers("system/Patient.s")
     request = {"401": ({}, "/fhir/Patient"), "403": (s_only, "/fhir/Patient/x1"),
                "404": (admin_h, "/fhir/Patient/x1")}[kind]
     r = http.get(request[1], headers=request[0])
     assert r.status_code == int(kind)
-    event = http.get(f"/fhir/AuditEvent/{latest_audit_id(svc)}", headers=admin_h).get_json()
+    event = http.get(f"/fhir/AuditEvent/{latest_audit_id(svc)}", headers=auditor_h).get_json()
     assert event["resourceType"] == "AuditEvent"
     assert event["outcome"] == "4"  # minor failure: the request was refused

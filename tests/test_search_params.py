@@ -405,10 +405,10 @@ class Server:
     def headers(self, scope: str = "system/*.cruds", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(scope)}", **extra}
 
-    def other_client(self, scopes: str) -> Server:
+    def other_client(self, scopes: str, settings: dict[str, Any] | None = None) -> Server:
         key = generate_key("ES384")
         rec = register_backend_client(self.svc.engine, f"search test client {next(_db_counter)}", scopes,
-                                      jwks=public_jwks(key))
+                                      jwks=public_jwks(key), settings=settings)
         return Server(self.app, self.http, self.settings, key, rec.client_id)
 
     # ---- requests

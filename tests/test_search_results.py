@@ -17,6 +17,7 @@ from sqlalchemy import exists
 
 from fhirserver.db.schema import idx_token
 from fhirserver.pipeline.consent import NoConsentFiltering
+from tests.conftest import AUDITOR_SETTINGS
 from tests.test_search_params import (
     LOCAL,
     LOINC,
@@ -531,7 +532,9 @@ def test_scopes_limit_includes_chains_and_revincludes(env) -> None:  # type: ign
 
 # ================================================================== audit
 def _audit_for(srv: Server, request_id: str) -> list[dict[str, Any]]:
-    body = srv.search("AuditEvent", [("_sort", "-_lastUpdated"), ("_count", "30")])
+    auditor = srv.other_client("system/AuditEvent.rs", AUDITOR_SETTINGS)
+    body = srv.search("AuditEvent", [("_sort", "-_lastUpdated"), ("_count", "30")],
+                      headers=auditor.headers("system/AuditEvent.rs"))
     found = []
     for e in entries(body):
         ev = e["resource"]

@@ -491,7 +491,7 @@ def test_every_token_request_is_audited(http, make_client, svc, settings):
         assert audit_count(svc) == before + 1, (data.get("grant_type"), resp.status_code)
 
 
-def test_token_endpoint_audit_events_record_outcome(http, make_client, svc, settings, admin):
+def test_token_endpoint_audit_events_record_outcome(http, make_client, svc, settings, auditor):
     client = make_client(SCOPE)
     ok = post_token(http, form(client_assertion(client.key, client.client_id, settings.token_url)))
     assert ok.status_code == 200
@@ -500,7 +500,7 @@ def test_token_endpoint_audit_events_record_outcome(http, make_client, svc, sett
     with svc.engine.connect() as conn:
         ids = conn.execute(select(audit_chain.c.event_id).order_by(audit_chain.c.seq.desc()).limit(2)).scalars().all()
     refused_id, issued_id = ids
-    h = admin.headers()
+    h = auditor.headers()
     issued = http.get(f"/fhir/AuditEvent/{issued_id}", headers=h).get_json()
     refused = http.get(f"/fhir/AuditEvent/{refused_id}", headers=h).get_json()
     assert issued["outcome"] == "0"

@@ -78,11 +78,14 @@ class ScopeSet:
     def render(self) -> str:
         return " ".join([*(s.render() for s in self.resource), *sorted(self.other)])
 
-    def for_interaction(self, rtype: str, interaction: str) -> list[ResourceScope]:
+    def for_interaction(self, rtype: str, interaction: str, explicit_only: bool = False) -> list[ResourceScope]:
+        """The scopes permitting `interaction` on `rtype`; with `explicit_only`, a wildcard type
+        (`system/*.rs`) does not count: the scope must name the type."""
         perm = INTERACTION_PERMISSION.get(interaction)
         if perm is None:
             return []
-        return [s for s in self.resource if s.covers_type(rtype) and perm in s.perms]
+        return [s for s in self.resource if s.covers_type(rtype) and perm in s.perms
+                and not (explicit_only and s.resource_type == "*")]
 
     def contexts(self) -> set[str]:
         return {s.context for s in self.resource}

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 from sqlalchemy import ColumnElement, and_, or_, select
 
 from ..audit.events import AuditRecord
+from ..audit.redact import redact_body
 from ..auth.scopes import parse_scopes
 from ..db.engine import read_connection
 from ..db.schema import compartment, resource
@@ -135,6 +136,8 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
                             compartment.c.resource_pk.in_(pks)).distinct()).scalars())
                 for item in stored:
                     body = item.body or b"{}"
+                    if rtype == "AuditEvent" and not principal.sees_audit_values:
+                        body = redact_body(body)
                     if deidentify is not None:
                         body = dump_json(deidentify(parse_json(body)))
                     elif b"\n" in body:

@@ -9,6 +9,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+
+@dataclass(frozen=True)
+class ReadAccess:
+    """Who may read a type beyond what scopes say (the audit trail is an auditor's to read)."""
+
+    explicit_scope: bool = False  # a wildcard scope (system/*.rs) does not grant it
+    client_role: str | None = None  # only clients registered with this role (besides the patient's own)
+    purposes: frozenset[str] = frozenset()  # purposes of use under which it may be read (empty: any)
+
+
 INSTANCE_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance")
 TYPE_INTERACTIONS = ("create", "search-type", "history-type")
 
@@ -22,6 +32,7 @@ class ResourceType:
     compartment_params: tuple[str, ...]  # params linking this type to Patient compartments
     server_written: bool  # clients may not write (AuditEvent)
     operations: tuple[tuple[str, str, str], ...] = ()  # (name, level, definition url)
+    read_access: ReadAccess = ReadAccess()
 
     def supports(self, interaction: str) -> bool:
         return interaction in self.interactions
@@ -46,6 +57,13 @@ class TypeRegistry:
         return iter(self._types[n] for n in self.names())
 
 
+def _read_access(entry: dict[str, object]) -> ReadAccess:
+    purposes = entry.get("purposes") or []
+    role = entry.get("clientRole")
+    return ReadAccess(bool(entry.get("explicitScope", False)), str(role) if role else None,
+                      frozenset(str(p) for p in purposes) if isinstance(purposes, list) else frozenset())
+
+
 def load_type_registry(profiles_dir: Path) -> TypeRegistry:
     spec = json.loads((profiles_dir / "resource-types.json").read_text())
     comp = json.loads((profiles_dir / "compartmentdefinition-patient.json").read_text())
@@ -60,6 +78,7 @@ def load_type_registry(profiles_dir: Path) -> TypeRegistry:
             compartment_params=comp_params.get(name, ()),
             server_written=entry.get("serverWritten", False),
             operations=tuple((o["name"], o["level"], o.get("definition", "")) for o in entry.get("operations", [])),
+            read_access=_read_access(entry.get("readAccess") or {}),
         )
     system = {o["name"]: (o.get("definition", ""), frozenset(o.get("methods", ["GET", "POST"])))
               for o in spec.get("systemOperations", [])}

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, FromClause, and_, false, or_, select
 from ..auth.scopes import ResourceScope
 from ..db.schema import compartment, resource
 from ..fhir.errors import FhirError
+from ..fhir.registry import TypeRegistry
 from ..search.params import ParamRegistry
 from ..search.query import QueryCompiler, parse_search
 from .principal import Principal
@@ -31,10 +32,14 @@ def compartment_predicate(rtype: str, patient_ids: list[str], res: FromClause = 
     return res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(patient_ids)))
 
 
+READING_INTERACTIONS = frozenset({"read", "vread", "history-instance", "history-type", "search-type"})
+
+
 class Authorizer:
-    def __init__(self, params: ParamRegistry, compiler: QueryCompiler) -> None:
+    def __init__(self, params: ParamRegistry, compiler: QueryCompiler, types: TypeRegistry) -> None:
         self.params = params
         self.compiler = compiler
+        self.types = types
         self._restrictions: dict[tuple[str, str], tuple[ColumnElement[bool], ...] | None] = {}
 
     def _restriction(self, query: str, rtype: str, res: FromClause) -> tuple[ColumnElement[bool], ...] | None:
@@ -75,12 +80,33 @@ class Authorizer:
             return []  # a user scope without a known user grants nothing
         return None
 
+    @staticmethod
+    def _check_reader(principal: Principal, rtype: str, role: str | None, purposes: frozenset[str]) -> None:
+        """Role and purpose rules of a type (docs/security.md). A patient reading records about
+        themselves is not held to them: the consent stage confines those reads to their own."""
+        if principal.reads_own_records:
+            return
+        if role and not principal.has_role(role):
+            raise FhirError(403, "forbidden", f"Reading {rtype} is reserved to clients registered as {role} "
+                                              f"(fhirserver client register --{role})")
+        purpose = principal.purpose[0] if principal.purpose else ""
+        if purposes and purpose not in purposes:
+            raise FhirError(403, "forbidden", f"{rtype} may not be read for purpose of use '{purpose}' "
+                                              f"(allowed: {', '.join(sorted(purposes))})")
+
     def predicates(self, principal: Principal, rtype: str, interaction: str,
                    res: FromClause = resource) -> list[ColumnElement[bool]]:
         """Raise 403 if no scope allows the interaction; else the row predicates (over `res`)."""
-        scopes = principal.scopes.for_interaction(rtype, interaction)
+        spec = self.types.get(rtype)
+        rule = spec.read_access if spec is not None else None
+        explicit = bool(rule and rule.explicit_scope)
+        scopes = principal.scopes.for_interaction(rtype, interaction, explicit_only=explicit)
         if not scopes:
-            raise FhirError(403, "forbidden", f"The access token has no scope that permits '{interaction}' on {rtype}")
+            hint = f" (a wildcard scope does not grant {rtype}: name it, e.g. system/{rtype}.rs)" if explicit else ""
+            raise FhirError(403, "forbidden",
+                            f"The access token has no scope that permits '{interaction}' on {rtype}{hint}")
+        if rule is not None and interaction in READING_INTERACTIONS:
+            self._check_reader(principal, rtype, rule.client_role, rule.purposes)
         alternatives: list[ColumnElement[bool]] = []
         for scope in scopes:
             conds: list[ColumnElement[bool]] = []

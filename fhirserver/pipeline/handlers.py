@@ -16,10 +16,12 @@ from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import ColumnElement, Connection, and_, false, func, or_, select
 
+from ..audit.redact import redact_body
 from ..db.engine import read_connection
 from ..db.schema import compartment, idx_date, idx_reference, idx_token, resource
 from ..fhir.capability import capability_statement, smart_configuration
 from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..fhir.structure import check_depth
 from ..fhir.subsetting import apply_subsetting
 from ..search.dates import instant_text, now_us, parse_range
 from ..search.query import (
@@ -117,17 +119,25 @@ def validated(ctx: RequestContext) -> dict[str, Any]:
     return body
 
 
+def output_body(ctx: RequestContext, stored: Stored) -> bytes:
+    """The stored JSON as this caller may see it: AuditEvents have the values of other requests'
+    queries and details redacted unless the caller is an auditor permitted to see them."""
+    assert stored.body is not None
+    if stored.type == "AuditEvent" and not (ctx.principal is not None and ctx.principal.sees_audit_values):
+        return redact_body(stored.body)
+    return stored.body
+
+
 def render_resource(ctx: RequestContext, stored: Stored) -> bytes | dict[str, Any]:
     params = dict(ctx.interaction.params)
     summary, elements = params.get("_summary"), params.get("_elements")
+    body = output_body(ctx, stored)
     if summary not in (None, "false") or elements:
         if summary not in (None, "true", "false", "text", "data"):
             raise FhirError(400, "invalid", "_summary must be true, false, text or data")
-        assert stored.body is not None
-        return apply_subsetting(parse_json(stored.body), summary,
+        return apply_subsetting(parse_json(body), summary,
                                 elements.split(",") if elements else None, ctx.services.summary_elements)
-    assert stored.body is not None
-    return stored.body
+    return body
 
 
 def write_result(ctx: RequestContext, stored: Stored, status: int) -> Result:
@@ -420,7 +430,7 @@ class History(Handler):
         for _vpk, st in page:
             entry: dict[str, Any] = {"fullUrl": f"{base}/{st.type}/{st.id}"}
             if st.body is not None:
-                entry["resource"] = fragment(st.body)
+                entry["resource"] = fragment(output_body(ctx, st))
             entry["request"] = {"method": st.method,
                                 "url": st.type if st.method == "POST" else f"{st.type}/{st.id}"}
             entry["response"] = {"status": {"POST": "201", "PUT": "200", "DELETE": "204"}.get(st.method, "200"),
@@ -509,9 +519,9 @@ def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSe
     entries: list[dict[str, Any]] = []
     for mode, group in (("match", stored), ("include", included)):
         for st in group:
-            assert st.body is not None
-            res: Any = (apply_subsetting(parse_json(st.body), parsed.summary, parsed.elements, s.summary_elements)
-                        if subset and mode == "match" else fragment(st.body))
+            body = output_body(ctx, st)
+            res: Any = (apply_subsetting(parse_json(body), parsed.summary, parsed.elements, s.summary_elements)
+                        if subset and mode == "match" else fragment(body))
             entries.append({"fullUrl": f"{base}/{st.type}/{st.id}", "resource": res, "search": {"mode": mode}})
     if parsed.ignored:
         outcome = operation_outcome([Issue("not-supported", m, severity="warning") for m in parsed.ignored])

@@ -64,7 +64,7 @@ def _parse_prefer(value: str | None) -> dict[str, str]:
 class Pipeline:
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.authorizer = Authorizer(services.params, services.compiler)
+        self.authorizer = Authorizer(services.params, services.compiler, services.types)
 
     # ---- stage 1: authenticate
     def authenticate(self, ctx: RequestContext) -> None:

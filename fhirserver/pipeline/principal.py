@@ -23,6 +23,22 @@ class Principal:
     client_settings: dict[str, Any] = field(default_factory=dict)
     consent: Any = None  # the consent stage's Decision for this request (purpose, mode, actors)
 
+    @property
+    def reads_own_records(self) -> bool:
+        """A signed-in patient (or their guardian/proxy): reads of role-restricted types such as
+        the audit trail are confined to their own records by the consent stage."""
+        return (self.fhir_user or "").startswith(("Patient/", "RelatedPerson/"))
+
+    def has_role(self, role: str) -> bool:
+        """The client was registered with this role (`fhirserver client register --auditor`)."""
+        return bool(self.client_settings.get(role))
+
+    @property
+    def sees_audit_values(self) -> bool:
+        """Query values and details inside AuditEvents are shown in plain text only to an auditor
+        client holding the explicit permission for them (docs/security.md)."""
+        return not self.reads_own_records and self.has_role("auditor") and self.has_role("audit_query_values")
+
     @classmethod
     def from_token(cls, info: TokenInfo) -> Principal:
         ctx = info.context
@@ -32,4 +48,6 @@ class Principal:
             fhir_user=ctx.get("fhirUser"), patient=ctx.get("patient"),
             linked_patients=tuple(ctx.get("linked_patients", [])),
             client_settings=info.client_settings,
+            # the client's default purpose of use; the consent stage replaces it with the one asked for
+            purpose=[str(p) for p in (info.client_settings.get("purposes") or ["TREAT"])[:1]],
         )

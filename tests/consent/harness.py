@@ -15,7 +15,7 @@ from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.auth.tokens import issue_token
-from tests.conftest import BASE, make_settings
+from tests.conftest import AUDITOR_SETTINGS, BASE, make_settings
 
 from .reference import Request, patients_of, visible
 
@@ -85,6 +85,16 @@ class ConsentServer:
     data: dict[Key, dict[str, Any]] = field(default_factory=dict)
 
     # ---- clients
+    def audit_reader(self) -> dict[str, str]:
+        """Headers of a privacy-office auditor (the only backend clients that read AuditEvents)."""
+        key = generate_key("ES384")
+        rec = register_backend_client(self.svc.engine, f"auditor {next(_n)}", "system/AuditEvent.rs",
+                                      jwks=public_jwks(key), settings=AUDITOR_SETTINGS)
+        resp = self.http.post("/auth/token", data=token_request_form(key, rec.client_id, self.token_url,
+                                                                     "system/AuditEvent.rs"))
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        return {"Authorization": f"Bearer {resp.get_json()['access_token']}"}
+
     def backend(self, purposes: list[str] | None = None, organization: str | None = None,
                 exempt: bool = False, break_glass: bool = False, scope: str = "system/*.rs",
                 header: str | None = None, reason: str | None = None) -> Caller:

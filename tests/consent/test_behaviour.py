@@ -51,8 +51,9 @@ def last_audit(srv: ConsentServer) -> dict[str, Any]:
     with srv.svc.engine.connect() as conn:
         ids = [r[0] for r in conn.execute(select(audit_chain.c.event_id).order_by(audit_chain.c.seq.desc())
                                           .limit(3)).all()]
+    reader = srv.audit_reader()
     for event_id in ids:  # skip the admin's own reads of the audit trail
-        body = srv.http.get(f"/fhir/AuditEvent/{event_id}", headers=srv.admin).get_json()
+        body = srv.http.get(f"/fhir/AuditEvent/{event_id}", headers=reader).get_json()
         if not any(e.get("what", {}).get("identifier", {}).get("value") == "consent-exempt"
                    for e in body.get("entity", [])):
             return body
@@ -173,7 +174,7 @@ def test_consent_exempt_access_is_audited_and_alerted(srv: ConsentServer, consen
     assert srv.get(exempt, "/fhir/Observation/pb-hiv").status_code == 200
     with srv.svc.engine.connect() as conn:
         event_id = conn.execute(select(audit_chain.c.event_id).order_by(audit_chain.c.seq.desc())).first()[0]
-    event = srv.http.get(f"/fhir/AuditEvent/{event_id}", headers=srv.admin).get_json()
+    event = srv.http.get(f"/fhir/AuditEvent/{event_id}", headers=srv.audit_reader()).get_json()
     assert "consent-exempt" in entity_refs(event)
     api = admin_api_headers(srv)
     alerts = srv.http.get(f"/api/admin/alerts?kind=consent-exempt&client_id={exempt.client_id}", headers=api)

@@ -187,7 +187,7 @@ def test_unknown_scopes_are_never_granted(smart: Smart, setup: dict[str, Any]) -
                                                                                       "launch/patient"}
 
 
-def test_token_events_are_audited(smart: Smart, setup: dict[str, Any], settings: Any) -> None:
+def test_token_events_are_audited(smart: Smart, setup: dict[str, Any], settings: Any, auditor: Any) -> None:
     def events() -> int:
         with raw_db(settings) as cx:
             return int(cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0])
@@ -200,9 +200,8 @@ def test_token_events_are_audited(smart: Smart, setup: dict[str, Any], settings:
     smart.http.post("/auth/revoke", data={"token": tok["access_token"], "client_id": setup["client"]})
     smart.exchange(setup["client"], type("F", (), {"code": "bogus", "verifier": pkce_pair()[0]})())
     assert events() - after_flow == 3  # introspection, revocation, refused token request
-    admin_tok = smart.admin.token("system/*.cruds")
     bundle = smart.http.get("/fhir/AuditEvent", query_string={"_count": "50", "_sort": "-date"},
-                            headers={"Authorization": f"Bearer {admin_tok}"}).get_json()
+                            headers=auditor.headers()).get_json()
     descs = [e["resource"].get("outcomeDesc", "") for e in bundle["entry"]]
     assert any(d.startswith("token refused") for d in descs)
     assert any(d.startswith("token introspected") for d in descs)
