@@ -24,6 +24,11 @@ class Settings:
     master_key: str = ""  # base64 of 32 bytes; empty = use the key ring file in data_dir
     profiles_dir: Path = DEFAULT_PROFILES_DIR
     max_body_bytes: int = 10 * 1024 * 1024
+    # input limits (docs/security.md): nesting of a resource's JSON, parameters of a search and
+    # comma-separated values of one parameter; beyond them a request is a 400 OperationOutcome
+    max_json_depth: int = 64
+    search_max_params: int = 100
+    search_max_values: int = 100
     access_token_lifetime: int = 300  # seconds; SMART backend services recommend <= 5 min
     client_assertion_max_lifetime: int = 300
     jwks_cache_seconds: int = 300
@@ -67,6 +72,9 @@ _ENV = {
     "FHIRSERVER_MASTER_KEY": "master_key",
     "FHIRSERVER_PROFILES_DIR": "profiles_dir",
     "FHIRSERVER_MAX_BODY_BYTES": "max_body_bytes",
+    "FHIRSERVER_MAX_JSON_DEPTH": "max_json_depth",
+    "FHIRSERVER_SEARCH_MAX_PARAMS": "search_max_params",
+    "FHIRSERVER_SEARCH_MAX_VALUES": "search_max_values",
     "FHIRSERVER_ACCESS_TOKEN_LIFETIME": "access_token_lifetime",
     "FHIRSERVER_LOG_LEVEL": "log_level",
     "FHIRSERVER_CONSENT_OPT_OUT_PURPOSES": "consent_opt_out_purposes",

@@ -54,7 +54,8 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     elements = json.loads((settings.profiles_dir / "summary-elements.json").read_text())
     set_choice_elements(set(elements.get("choiceElements", [])))
     params = load_param_registry(settings.profiles_dir, types.names())
-    validator = Validator(settings.profiles_dir)
+    params.max_params, params.max_values = settings.search_max_params, settings.search_max_values
+    validator = Validator(settings.profiles_dir, settings.max_json_depth)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
     repo, consent = build_consent(settings, keys, indexer, blind)
     summary = elements["types"]

@@ -30,7 +30,9 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from .errors import FhirError, Issue
+from .narrative import check_narratives
 from .profiles import ProfileRegistry
+from .structure import DEFAULT_MAX_DEPTH, check_structure
 
 
 def _expression(root: str, loc: list[Any] | tuple[Any, ...]) -> str:
@@ -51,9 +53,10 @@ _LOCK = threading.Lock()
 
 
 class Validator:
-    def __init__(self, profiles_dir: Path) -> None:
+    def __init__(self, profiles_dir: Path, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._schema_file = profiles_dir / "fhir-schema-subset.json"
         self.profiles = ProfileRegistry.load(profiles_dir)
+        self.max_depth = max_depth
 
     def _schema_for(self, type_name: str):  # type: ignore[no-untyped-def]
         key = (str(self._schema_file), type_name)
@@ -98,7 +101,8 @@ class Validator:
         root = root or rtype
         notes: list[Issue] = []
         if root == rtype:
-            _check_json_rules(body, rtype)
+            check_structure(body, rtype, self.max_depth)  # depth, JSON rules, ext-1, dom-2/4/5
+            check_narratives(body, rtype)  # txt-1, txt-2
         schema_fn = self._schema_for(rtype)
         if schema_fn is not None:
             try:
@@ -153,30 +157,6 @@ class Validator:
             message = f"{_expression(root, path)}: value has an invalid format"
         return FhirError(400, "value" if exc.rule in ("type", "enum", "pattern") else "structure",
                          _clean_message(message), [_expression(root, path)])
-
-
-def _check_json_rules(node: Any, path: str) -> None:
-    """FHIR JSON rules the schema does not express: no empty objects, arrays or strings, and
-    null only as a placeholder inside arrays of primitives (with their `_element` twin)."""
-    if isinstance(node, dict):
-        if not node:
-            raise FhirError(400, "structure", "Empty objects are not allowed in FHIR JSON", [path])
-        for key, value in node.items():
-            child = f"{path}.{key}"
-            if value is None:
-                raise FhirError(400, "structure", "null is not allowed here", [child])
-            if isinstance(value, list):
-                if not value:
-                    raise FhirError(400, "structure", "Empty arrays are not allowed in FHIR JSON", [child])
-                if all(v is None for v in value):
-                    raise FhirError(400, "structure", "An array may not contain only nulls", [child])
-                for i, item in enumerate(value):
-                    if item is not None:
-                        _check_json_rules(item, f"{child}[{i}]")
-            else:
-                _check_json_rules(value, child)
-    elif isinstance(node, str) and not node.strip():
-        raise FhirError(400, "value", "Empty or whitespace-only strings are not allowed", [path])
 
 
 def _clean_message(text: str) -> str:

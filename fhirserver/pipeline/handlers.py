@@ -37,6 +37,8 @@ from ..storage.codec import DuplicateKeyError, dump_json, fragment, parse_json
 from ..storage.repository import PreparedWrite, Stored
 from .context import RequestContext, Result
 
+MAX_VERSION = 2**63 - 1  # version numbers are 64-bit integers in the database
+BODY_WRAPPING_DEPTH = 6  # Bundle.entry[n].resource / Parameters.parameter[n].resource: 4 levels, and slack
 ETAG_RE = re.compile(r'^(?:W/)?"(\d+)"$')
 
 
@@ -45,7 +47,7 @@ def parse_etag(value: str | None, header: str) -> int | None:
     if value is None:
         return None
     m = ETAG_RE.match(value.strip())
-    if not m:
+    if not m or int(m.group(1)) > MAX_VERSION:
         raise FhirError(400, "invalid", f"{header} must be an ETag like W/\"3\"")
     return int(m.group(1))
 
@@ -109,6 +111,13 @@ def parse_body(ctx: RequestContext) -> dict[str, Any]:
         raise FhirError(400, "structure", f"The request body repeats a property: {exc}") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise FhirError(400, "structure", "The request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise FhirError(400, "structure", "The request body must be a JSON object (a FHIR resource)")
+    # checked here, before any code walks the body; a Bundle or Parameters wraps resources a few
+    # levels down, and each of those is then held to max_json_depth itself by the validator
+    wrapping = BODY_WRAPPING_DEPTH if body.get("resourceType") in ("Bundle", "Parameters") else 0
+    check_depth(body, ctx.services.settings.max_json_depth + wrapping,
+                "The request body" if wrapping else "The resource")
     return body
 
 
@@ -228,10 +237,11 @@ class Read(Handler):
         assert it.resource_type and it.id
         version = None
         if it.kind == "vread":
-            try:
-                version = int(it.version or "")
-            except ValueError:
-                raise FhirError(404, "not-found", "Unknown version") from None
+            text = it.version or ""
+            # this server's version ids are 64-bit integers: any other id names no version
+            if not text.isascii() or not text.isdigit() or int(text) > MAX_VERSION:
+                raise FhirError(404, "not-found", "Unknown version")
+            version = int(text)
         try:
             stored = ctx.services.repo.read(conn, it.resource_type, it.id, version)
         except FhirError as err:
@@ -625,6 +635,7 @@ class LastN(Handler):
             raise FhirError(400, "invalid", "max must be a positive integer", ["max"]) from None
         if max_n < 1:
             raise FhirError(400, "invalid", "max must be a positive integer", ["max"])
+        max_n = min(max_n, s.settings.max_page_size)  # more per code could never fit in one page
         strict = ctx.prefer.get("handling") == "strict"
         parsed = parse_search(s.params, "Observation", params, s.settings.max_page_size, s.settings.max_page_size, strict)
         r = resource.alias()

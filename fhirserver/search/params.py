@@ -40,6 +40,10 @@ class SearchParam:
 class ParamRegistry:
     by_type: dict[str, dict[str, SearchParam]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    # input limits every parsed search is held to (settings search_max_params / search_max_values):
+    # thousands of parameters or OR-values would build SQL larger than the database accepts
+    max_params: int = 100
+    max_values: int = 100
 
     def get(self, resource_type: str, code: str) -> SearchParam | None:
         return self.by_type.get(resource_type, {}).get(code)

@@ -156,6 +156,7 @@ def parse_search(
     strict: bool,
 ) -> ParsedSearch:
     out = ParsedSearch(resource_type=resource_type, count=default_count)
+    _check_limits(registry, params)
     for key, value in params:
         name, _, modifier = key.partition(":")
         if name == "_count":
@@ -209,6 +210,18 @@ def parse_search(
     if out.cursor is not None:
         _check_cursor(out.cursor, out.sort)
     return out
+
+
+def _check_limits(registry: ParamRegistry, params: Sequence[tuple[str, str]]) -> None:
+    """At most `max_params` parameters and `max_values` comma-separated values in each (chains
+    and `_has` count as the parameters they are written as)."""
+    if len(params) > registry.max_params:
+        raise FhirError(400, "too-costly", f"A search may have at most {registry.max_params} parameters "
+                                           f"(this one has {len(params)}; setting search_max_params)")
+    for key, value in params:
+        if value.count(",") >= registry.max_values:
+            raise FhirError(400, "too-costly", f"A search parameter may have at most {registry.max_values} values "
+                                               f"('{key[:60]}' has more; setting search_max_values)", [key[:60]])
 
 
 def _check_cursor(cursor: Cursor, sort: list[SortKey]) -> None:
