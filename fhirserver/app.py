@@ -39,13 +39,38 @@ def services() -> Services:
     return current_app.extensions["fhirserver"]
 
 
+DRAIN_FACTOR = 4  # an oversized chunked body is read and dropped up to this many times the limit
+
+
+def _read_body(limit: int) -> tuple[bytes, bool]:
+    """(body, too large). A body with Content-Length is refused up front by werkzeug; a chunked
+    one is counted while it is read (werkzeug would silently cut it at the limit) and refused
+    once past the limit. Its rest is read and dropped (up to DRAIN_FACTOR times the limit), so
+    the next request on a keep-alive connection starts where it should; gunicorn discards
+    whatever a client sends beyond that before it reads the next request."""
+    if request.content_length is not None or "wsgi.input_terminated" not in request.environ:
+        try:
+            return request.get_data(cache=False), False
+        except RequestEntityTooLarge:
+            return b"", True
+    stream = request.environ["wsgi.input"]
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := stream.read(65536):
+        total += len(chunk)
+        if total > limit:
+            while total <= DRAIN_FACTOR * limit and (chunk := stream.read(65536)):
+                total += len(chunk)
+            return b"", True
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
 def _fhir_view(path: str = "") -> Response:
     pipeline: Pipeline = current_app.extensions["fhirserver.pipeline"]
-    too_large = False
-    try:
-        body = request.get_data(cache=False) if request.method in ("POST", "PUT", "PATCH") else b""
-    except RequestEntityTooLarge:
-        body, too_large = b"", True
+    body, too_large = b"", False
+    if request.method in ("POST", "PUT", "PATCH"):
+        body, too_large = _read_body(current_app.config["MAX_CONTENT_LENGTH"])
     form = None
     if (path.endswith("/_search") or "/$" in "/" + path) and request.mimetype == "application/x-www-form-urlencoded" and not too_large:
         from urllib.parse import parse_qsl
