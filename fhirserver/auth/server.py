@@ -133,10 +133,27 @@ class SmartClientAssertion(JWTBearerClientAssertion):
         except (ValueError, TypeError) as exc:
             raise InvalidClientError(description="Client assertion rejected: malformed") from exc
         self.verify_claims(token.claims)
+        self._check_audience_and_client_id(token.claims)
         exp = token.claims.get("exp")
         if not isinstance(exp, (int, float)) or exp - time.time() > self.settings.client_assertion_max_lifetime + self.leeway:
             raise InvalidClientError(description="Client assertion 'exp' must be at most 5 minutes in the future.")
         return token.claims
+
+    @staticmethod
+    def _check_audience_and_client_id(claims: Any) -> None:
+        """SMART Backend Services: `aud` is this server's endpoint URL alone (a string, or an array
+        holding only it: RFC 7519 allows arrays, but an extra audience means the assertion was
+        also meant for someone else, who could replay it here). A form `client_id`, when sent,
+        must be the assertion's issuer: a client cannot authenticate as one client for another."""
+        from flask import has_request_context
+        from flask import request as http_request
+
+        aud = claims.get("aud")
+        if isinstance(aud, list) and len(aud) != 1:
+            raise InvalidClientError(description="Client assertion 'aud' must be the token URL alone.")
+        form_client = http_request.form.get("client_id") if has_request_context() else None
+        if form_client is not None and form_client != claims.get("sub"):
+            raise InvalidClientError(description="client_id does not match the client assertion's issuer.")
 
     def validate_jti(self, claims: dict[str, Any], jti: Any) -> bool:
         if not isinstance(jti, str) or not jti or len(jti) > 255:

@@ -14,3 +14,20 @@ def rewrite_references(value: Any, mapping: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [rewrite_references(v, mapping) for v in value]
     return value
+
+
+def unresolved_urns(value: Any, mapping: dict[str, str]) -> list[str]:
+    """`urn:uuid:` references in `value` that `mapping` does not resolve (FHIR requires every such
+    reference in a transaction to name an entry's fullUrl)."""
+    found: list[str] = []
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("reference")
+            if isinstance(ref, str) and ref.startswith("urn:uuid:") and ref not in mapping:
+                found.append(ref)
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return found

@@ -23,7 +23,7 @@ from sqlalchemy import Connection
 
 from ..audit.events import AuditRecord
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..fhir.references import rewrite_references
+from ..fhir.references import rewrite_references, unresolved_urns
 from ..search.dates import now_us
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import new_id
@@ -84,6 +84,12 @@ class BundleHandler(Handler):
                     assigned[e.index] = new_id()
                     rtype = urlsplit(e.url).path.strip("/")
                     mapping[full] = f"{rtype}/{assigned[e.index]}"
+            for e in entries:
+                dangling = unresolved_urns(e.raw.get("resource"), mapping)
+                if dangling:
+                    raise FhirError(400, "invalid", f"{e.where()}: the reference {dangling[0][:80]} names no entry "
+                                                    "created in this transaction (no POST entry has it as fullUrl)",
+                                    [f"Bundle.entry[{e.index}].resource"])
         for e in entries:
             try:
                 e.ctx = self._entry_context(ctx, e, mapping, assigned.get(e.index))

@@ -19,7 +19,18 @@ from typing import Any
 
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
-from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, session
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    current_app,
+    has_request_context,
+    jsonify,
+    render_template,
+    request,
+    session,
+)
+from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy import select
 from werkzeug.datastructures import MultiDict
 
@@ -430,8 +441,17 @@ def openid_configuration(svc: Services) -> dict[str, Any]:
     }
 
 
+class _TlsAwareSessions(SecureCookieSessionInterface):
+    """The sign-in session cookie is `Secure` whenever the request came over TLS -- directly or
+    through a TLS-terminating proxy (`proxy_hops`, X-Forwarded-Proto) -- or the public URL is https."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(super().get_cookie_secure(app)) or (has_request_context() and request.is_secure)
+
+
 def install(app: Flask) -> None:
     svc: Services = app.extensions["fhirserver"]
+    app.session_interface = _TlsAwareSessions()
     app.secret_key = session_secret(svc.settings.data_dir)
     app.config.update(SESSION_COOKIE_NAME="fhirserver_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Lax",
