@@ -29,14 +29,12 @@ def _configured_keys(config_file: str | None) -> set[str]:
 
 
 def _services(settings: Settings):  # type: ignore[no-untyped-def]
-    from .db.migrations import upgrade
-    from .services import build_services, warm_keys
+    from .startup import StartupError, open_services
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.effective_database_url)
-    svc = build_services(settings)
-    warm_keys(svc)
-    return svc
+    try:
+        return open_services(settings)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()

@@ -47,7 +47,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     from .consent import build_consent
 
     engine = engine or make_engine(settings.effective_database_url)
-    ring = MasterKeyRing(settings.master_key, settings.data_dir)
+    ring = MasterKeyRing(settings.master_key, settings.data_dir, may_create=not _holds_data_keys(engine))
     keys = DataKeyStore(engine, ring)
     blind = BlindIndexer(keys)
     types = load_type_registry(settings.profiles_dir)
@@ -65,6 +65,19 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
         audit=AuditLog(repo, settings.fhir_base), compiler=QueryCompiler(blind, settings.fhir_base, params),
         consent=consent, summary_elements=summary,
     )
+
+
+def _holds_data_keys(engine: Engine) -> bool:
+    """Whether the database already has wrapped data keys (False also before its first migration)."""
+    from sqlalchemy import inspect, select
+
+    from .db.engine import read_connection
+    from .db.schema import data_key
+
+    with read_connection(engine) as conn:
+        if not inspect(conn).has_table("data_key"):
+            return False
+        return conn.execute(select(data_key.c.id).limit(1)).first() is not None
 
 
 def warm_keys(services: Services) -> None:

@@ -41,8 +41,11 @@ def decode_key(text: str) -> bytes:
 
 
 class MasterKeyRing:
-    def __init__(self, env_value: str, data_dir: Path) -> None:
+    def __init__(self, env_value: str, data_dir: Path, may_create: bool = True) -> None:
+        """`may_create=False`: the database already holds wrapped data keys, so a missing key
+        file is an error (restore it), never a reason to generate a new, useless ring."""
         self._env_value = env_value
+        self._may_create = may_create
         self._file = Path(data_dir) / "master-keys.json"
         self._lock = threading.Lock()
         self._mtime: float | None = None
@@ -68,6 +71,9 @@ class MasterKeyRing:
             self._active = key_id(raws[0])
             return
         if not self._file.exists():
+            if not self._may_create:
+                raise KeyError_(f"the key file {self._file} is missing but the database holds data keys wrapped by "
+                                "a master key; no new key was generated")
             self._file.parent.mkdir(parents=True, exist_ok=True)
             raw = os.urandom(32)
             self._write({"active": key_id(raw), "keys": {key_id(raw): base64.b64encode(raw).decode()}})
