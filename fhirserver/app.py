@@ -185,7 +185,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
         upgrade(settings.effective_database_url)
     if svc is None:
         engine: Any = make_engine(settings.effective_database_url, background_checkpoint=True)
-        if settings.extra.get("group_commit", True):
+        if settings.group_commit:
             engine = GroupCommitEngine(engine)
         svc = build_services(settings, engine)
     start_checkpointer(svc.engine)
@@ -195,7 +195,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     threading.Thread(target=svc.validator.warm, args=(writable,), daemon=True, name="schema-warmup").start()
     app = Flask("fhirserver")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    hops = int(settings.extra.get("proxy_hops", 0))
+    hops = settings.proxy_hops
     if hops:  # behind TLS-terminating proxies: request URLs (OAuth checks them) use the forwarded scheme/host
         from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -206,7 +206,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     HANDLERS["$validate"] = Validate()
     HANDLERS["$erase"] = Erase()
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
-    if settings.extra.get("bulk_worker", True):
+    if settings.bulk_worker:
         start_worker(svc)
     app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings, svc.types.names())
 

@@ -5,27 +5,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config import Settings, load_settings
+from .config import Settings, SettingsError, explicitly_set, load_settings
 from .db.engine import read_connection
 
 
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    return load_settings(ctx.obj.get("config"), **overrides)
-
-
-def _configured_keys(config_file: str | None) -> set[str]:
-    """Keys the --config file sets (so `serve` does not override them with its own defaults)."""
-    if not config_file:
-        return set()
-    import tomllib
-
-    raw = tomllib.loads(Path(config_file).read_text())
-    return set(raw.get("fhirserver", raw))
+    try:
+        return load_settings(ctx.obj.get("config"), **overrides)
+    except SettingsError as exc:
+        raise click.ClickException(f"{exc}. Fix: correct the configuration (README, 'Configuration')") from None
 
 
 def _services(settings: Settings):  # type: ignore[no-untyped-def]
@@ -62,10 +56,10 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, 
     """Run the server under gunicorn (migrations are applied first)."""
 
     overrides: dict[str, Any] = {"data_dir": data_dir}
-    configured = _configured_keys(ctx.obj.get("config"))
-    if demo and not data_dir and not os.environ.get("FHIRSERVER_DATA_DIR") and "data_dir" not in configured:
+    configured = explicitly_set(ctx.obj.get("config"))
+    if demo and not data_dir and "data_dir" not in configured:
         overrides["data_dir"] = "./fhirserver-demo"
-    if not os.environ.get("FHIRSERVER_BASE_URL") and "base_url" not in configured:
+    if "base_url" not in configured:
         overrides["base_url"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/fhir"
     settings = _settings(ctx, **overrides)
     svc = _services(settings)
@@ -76,7 +70,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, 
         loaded = load_demo(svc)
         key_path = ensure_demo_client(svc)
         passwords = ensure_demo_smart(svc)
-        os.environ["FHIRSERVER_DEMO_APP"] = "1"  # gunicorn workers serve /demo-app/
+        settings = replace(settings, demo_app=True)  # the gunicorn workers serve /demo-app/
         _print_demo(settings, DEMO_CLIENT_ID, key_path, loaded)
         _print_demo_smart(settings, passwords)
     svc.engine.dispose()
@@ -375,7 +369,7 @@ def _read_password() -> str:
 def _totp_uri(settings: Settings, username: str, secret: str) -> str:
     from .users import provisioning_uri
 
-    return provisioning_uri(secret, username, str(settings.extra.get("totp_issuer", "fhirserver")))
+    return provisioning_uri(secret, username, settings.totp_issuer)
 
 
 @user.command("add")

@@ -1,19 +1,28 @@
 """Settings: defaults < TOML file (--config) < FHIRSERVER_* environment variables.
 
-Secrets never come from the TOML file's defaults: with no master key configured, a random key is
-generated once into the data directory (mode 0600) by the key ring.
+Every setting is a typed field of `Settings` with its default here and nowhere else, and every
+one can be set from the environment as FHIRSERVER_<NAME IN CAPITALS> (read only in this module).
+An unknown key in the TOML file is an error, not silently ignored. Secrets never come from the
+TOML file's defaults: with no master key configured, a random key is generated once into the data
+directory (mode 0600) by the key ring.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_PROFILES_DIR = PACKAGE_DIR.parent / "profiles"
+DEFAULT_REGISTRATION_SCOPES = ("openid fhirUser launch launch/patient online_access offline_access "
+                               "patient/*.rs user/*.rs patient/*.read user/*.read")
+
+
+class SettingsError(ValueError):
+    """A configuration file or environment variable names an unknown setting or a bad value."""
 
 
 @dataclass(frozen=True)
@@ -23,26 +32,46 @@ class Settings:
     base_url: str = "http://127.0.0.1:8080/fhir"
     master_key: str = ""  # base64 of 32 bytes; empty = use the key ring file in data_dir
     profiles_dir: Path = DEFAULT_PROFILES_DIR
+    log_level: str = "INFO"
+    # ---- HTTP and input limits (docs/security.md)
     max_body_bytes: int = 10 * 1024 * 1024
-    # input limits (docs/security.md): nesting of a resource's JSON, parameters of a search and
-    # comma-separated values of one parameter; beyond them a request is a 400 OperationOutcome
-    max_json_depth: int = 64
-    search_max_params: int = 100
-    search_max_values: int = 100
-    access_token_lifetime: int = 300  # seconds; SMART backend services recommend <= 5 min
-    client_assertion_max_lifetime: int = 300
-    jwks_cache_seconds: int = 300
+    max_json_depth: int = 64  # nesting of a resource's JSON objects and arrays
+    search_max_params: int = 100  # parameters of one search
+    search_max_values: int = 100  # comma-separated values of one parameter
     default_page_size: int = 20
     max_page_size: int = 1000
     history_max_page_size: int = 1000
-    log_level: str = "INFO"
-    # consent engine (docs/consent.md): purposes that permit unless a consent denies (opt-out);
-    # every other purpose denies unless a consent permits (opt-in)
+    bundle_max_entries: int = 1000
+    proxy_hops: int = 0  # TLS-terminating proxies in front that set X-Forwarded-For/-Proto/-Host
+    # ---- tokens and SMART (docs/smart.md)
+    access_token_lifetime: int = 300  # seconds; SMART backend services recommend <= 5 min
+    user_access_token_lifetime: int = 3600  # tokens of apps acting for a signed-in user
+    client_assertion_max_lifetime: int = 300
+    jwks_cache_seconds: int = 300
+    authorization_code_lifetime: int = 60
+    launch_lifetime: int = 300  # an EHR launch id is valid this long
+    offline_refresh_days: int = 90  # refresh tokens for offline_access
+    online_refresh_days: int = 1  # refresh tokens for online_access
+    login_max_failures: int = 5  # consecutive failures that lock an account
+    login_lockout_seconds: int = 900
+    login_session_seconds: int = 1800  # how long a sign-in at /auth/authorize is remembered
+    totp_issuer: str = "fhirserver"  # shown by authenticator apps
+    session_secret: str = ""  # signs sign-in cookies; empty: generated into data_dir (0600)
+    dynamic_registration: bool = False  # RFC 7591 at /auth/register (needs registration_token)
+    registration_token: str = ""
+    registration_max_scopes: str = DEFAULT_REGISTRATION_SCOPES
+    demo_app: bool = False  # serve the demo SMART app at /demo-app/
+    # ---- consent engine (docs/consent.md): purposes that permit unless a consent denies
+    # (opt-out); every other purpose denies unless a consent permits (opt-in)
     consent_opt_out_purposes: str = "TREAT,HPAYMT,HOPERAT"
     consent_minor_age: int = 14  # younger patients' privacy Consents must come from a guardian
     denial_burst_threshold: int = 20  # denied requests per client per minute that raise an alert (0: off)
     denial_burst_suspend: bool = False  # also disable the client on a burst
-    extra: dict[str, Any] = field(default_factory=dict)
+    # ---- bulk export and background work (docs/exchange.md)
+    export_expiry_seconds: int = 3600
+    export_file_max_resources: int = 10_000
+    bulk_worker: bool = True  # run export jobs in this process
+    group_commit: bool = True  # concurrent writes of one worker share a commit (SQLite)
 
     @property
     def public_root(self) -> str:
@@ -65,35 +94,25 @@ class Settings:
         return f"sqlite:///{(self.data_dir / 'fhirserver.sqlite3').resolve()}"
 
 
-_ENV = {
-    "FHIRSERVER_DATABASE_URL": "database_url",
-    "FHIRSERVER_BASE_URL": "base_url",
-    "FHIRSERVER_DATA_DIR": "data_dir",
-    "FHIRSERVER_MASTER_KEY": "master_key",
-    "FHIRSERVER_PROFILES_DIR": "profiles_dir",
-    "FHIRSERVER_MAX_BODY_BYTES": "max_body_bytes",
-    "FHIRSERVER_MAX_JSON_DEPTH": "max_json_depth",
-    "FHIRSERVER_SEARCH_MAX_PARAMS": "search_max_params",
-    "FHIRSERVER_SEARCH_MAX_VALUES": "search_max_values",
-    "FHIRSERVER_ACCESS_TOKEN_LIFETIME": "access_token_lifetime",
-    "FHIRSERVER_LOG_LEVEL": "log_level",
-    "FHIRSERVER_CONSENT_OPT_OUT_PURPOSES": "consent_opt_out_purposes",
-    "FHIRSERVER_CONSENT_MINOR_AGE": "consent_minor_age",
-    "FHIRSERVER_DENIAL_BURST_THRESHOLD": "denial_burst_threshold",
-    "FHIRSERVER_DENIAL_BURST_SUSPEND": "denial_burst_suspend",
-}
+ENV_PREFIX = "FHIRSERVER_"
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
 
 
 def _coerce(name: str, value: Any) -> Any:
-    kinds = {f.name: f.type for f in fields(Settings)}
-    kind = kinds[name]
-    if kind == "Path":
-        return Path(value)
-    if kind == "int":
-        return int(value)
-    if kind == "bool":
-        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
-    return value
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if kind == "Path":
+            return Path(value)
+        if kind == "int":
+            return int(value)
+        if kind == "bool":
+            return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {name} must be {'an integer' if kind == 'int' else kind}, not {value!r}") from None
+    return value if isinstance(value, str) else str(value)
 
 
 def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -103,18 +122,26 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     if config_file:
         raw = tomllib.loads(Path(config_file).read_text())
         section = raw.get("fhirserver", raw)
-        extra = {}
-        for key, value in section.items():
-            if key in known:
-                values[key] = _coerce(key, value)
-            else:
-                extra[key] = value
-        if extra:
-            values["extra"] = extra
-    for env_name, key in _ENV.items():
-        if os.environ.get(env_name):
-            values[key] = _coerce(key, os.environ[env_name])
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise SettingsError(f"unknown setting(s) in {config_file}: {', '.join(unknown)}")
+        values.update({key: _coerce(key, value) for key, value in section.items()})
+    for key in known:
+        if os.environ.get(env_name(key)):
+            values[key] = _coerce(key, os.environ[env_name(key)])
     for key, value in overrides.items():
+        if key not in known:
+            raise SettingsError(f"unknown setting {key}")
         if value is not None:
             values[key] = _coerce(key, value)
     return replace(Settings(), **values)
+
+
+def explicitly_set(config_file: str | os.PathLike[str] | None) -> set[str]:
+    """The settings a TOML file or an environment variable sets (so that a command's own
+    defaults, such as `serve --demo`'s data directory, do not override them)."""
+    names = {f.name for f in fields(Settings) if os.environ.get(env_name(f.name))}
+    if config_file:
+        raw = tomllib.loads(Path(config_file).read_text())
+        names |= set(raw.get("fhirserver", raw))
+    return names

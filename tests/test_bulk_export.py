@@ -90,8 +90,8 @@ def _local(url: str) -> str:
     return f"{parts.path}?{parts.query}"
 
 
-def _app(tmp_path: Path, **extra: Any) -> Any:
-    return create_app(replace(make_settings(tmp_path), extra=extra))
+def _app(tmp_path: Path, **settings: Any) -> Any:
+    return create_app(replace(make_settings(tmp_path), **settings))
 
 
 @pytest.fixture
@@ -233,7 +233,7 @@ def test_cancel_deletes_output_and_restart_resumes(tmp_path: Path) -> None:
                              "'Patient-9.ndjson', 'Patient', 1, (SELECT min(id) FROM data_key), x'00' "
                              "FROM export_job WHERE status='running'"))
     app.extensions["fhirserver"].engine.dispose()
-    restarted = create_app(replace(settings, extra={}))
+    restarted = create_app(replace(settings, bulk_worker=True))
     srv2 = Server(restarted)
     srv2._keys = srv._keys
     token2 = srv2.token()

@@ -5,7 +5,6 @@ apart from `meta` -- the demo data and every HL7 example, through the real publi
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ def everything(srv: Server, token: str, pid: str) -> list[str]:
 
 @pytest.fixture
 def source(tmp_path: Path) -> Any:
-    app = create_app(replace(make_settings(tmp_path / "a"), extra={}))
+    app = create_app(make_settings(tmp_path / "a"))
     yield Server(app)
     app.extensions["fhirserver"].engine.dispose()
 
@@ -66,7 +65,7 @@ def test_export_then_load_gives_equal_everything(source: Server, tmp_path: Path)
     out = ok(cli("load", str(exported), "--quiet", data_dir=target_dir, FHIRSERVER_BASE_URL=BASE))
     assert f"{total}" in out
 
-    target_app = create_app(replace(make_settings(tmp_path / "b"), extra={}))
+    target_app = create_app(make_settings(tmp_path / "b"))
     assert target_app.extensions["fhirserver"].settings.data_dir == target_dir
     target = Server(target_app)
     try:

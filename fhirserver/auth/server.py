@@ -217,7 +217,7 @@ def build_authorization_server(app: Any, engine: Engine, settings: Settings,
             return {"access_token": token, "token_type": "Bearer", "expires_in": lifetime, "scope": granted}
         granted = scope or user.scope
         words = granted.split()
-        lifetime = int(settings.extra.get("user_access_token_lifetime", 3600))
+        lifetime = settings.user_access_token_lifetime
         body: dict[str, Any] = {"token_type": "Bearer", "expires_in": lifetime, "scope": granted,
                                 "need_patient_banner": user.need_patient_banner,
                                 "smart_style_url": f"{settings.public_root}/auth/smart-style.json"}
@@ -226,8 +226,8 @@ def build_authorization_server(app: Any, engine: Engine, settings: Settings,
                                                      user.token_context(grant_type), user.family_id)
             refresh = [w for w in REFRESH_SCOPES if w in words]
             if include_refresh_token and refresh:
-                days = settings.extra.get("offline_refresh_days", 90) if "offline_access" in refresh else \
-                    settings.extra.get("online_refresh_days", 1)
+                days = settings.offline_refresh_days if "offline_access" in refresh else \
+                    settings.online_refresh_days
                 body["refresh_token"] = issue_refresh(conn, client.record.client_id, user, granted,
                                                       int(float(days) * 86400))
         if user.patient:

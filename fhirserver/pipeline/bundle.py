@@ -62,7 +62,7 @@ class BundleHandler(Handler):
         raw_entries = body.get("entry", [])
         if not isinstance(raw_entries, list) or not all(isinstance(e, dict) for e in raw_entries):
             raise FhirError(400, "structure", "Bundle.entry must be a list of objects", ["Bundle.entry"])
-        limit = int(ctx.services.settings.extra.get("bundle_max_entries", 1000))
+        limit = ctx.services.settings.bundle_max_entries
         if len(raw_entries) > limit:
             raise FhirError(413, "too-costly", f"A Bundle may have at most {limit} entries")
         entries = [Entry(i, e) for i, e in enumerate(raw_entries)]

@@ -9,7 +9,6 @@ with system scopes are registered by an administrator.
 from __future__ import annotations
 
 import hmac
-import os
 from typing import Any
 
 from flask import current_app
@@ -90,9 +89,8 @@ class Register(MethodView):
         import time
 
         svc = _svc()
-        extra = svc.settings.extra
-        expected = os.environ.get("FHIRSERVER_REGISTRATION_TOKEN") or str(extra.get("registration_token", ""))
-        if not extra.get("dynamic_registration") or not expected:
+        expected = svc.settings.registration_token
+        if not svc.settings.dynamic_registration or not expected:
             abort(404, message="Dynamic registration is disabled on this server")
         if not hmac.compare_digest(bearer_token().encode(), expected.encode()):
             audit_oauth(svc, "authorize", 401, None, None, "dynamic registration refused: bad initial access token")
@@ -101,8 +99,7 @@ class Register(MethodView):
         bad = [g for g in body["grant_types"] if g not in ("authorization_code", "refresh_token")]
         if bad or body["response_types"] != ["code"]:
             abort(400, message="only authorization_code/refresh_token and response type code are supported")
-        allowed = str(extra.get("registration_max_scopes", "openid fhirUser launch launch/patient online_access "
-                                                              "offline_access patient/*.rs user/*.rs patient/*.read user/*.read"))
+        allowed = svc.settings.registration_max_scopes
         from ..auth.scopes import intersect
 
         granted = intersect(body["scope"], allowed).render()

@@ -12,8 +12,6 @@ from ..services import Services
 from ..users.registry import get_user
 from .grants import create_launch
 
-LAUNCH_LIFETIME_S = 300
-
 
 class LaunchError(ValueError):
     pass
@@ -46,7 +44,7 @@ def new_launch(svc: Services, client_id: str, patient: str, encounter: str | Non
         if user is None or user.disabled:
             raise LaunchError(f"no enabled user {username}")
         context["user"] = user.username
-    lifetime = int(svc.settings.extra.get("launch_lifetime", LAUNCH_LIFETIME_S))
+    lifetime = svc.settings.launch_lifetime
     launch = create_launch(svc.engine, client_id, context, lifetime)
     base = record.settings.get("launch_url")
     url = f"{base}{'&' if '?' in base else '?'}{urlencode({'iss': svc.settings.fhir_base, 'launch': launch})}" \

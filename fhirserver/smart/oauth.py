@@ -40,7 +40,6 @@ from .grants import (
 from .secrets_store import signing_key
 
 APP_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
-CODE_LIFETIME_S = 60
 
 
 def user_active(engine: Engine, user_id: int) -> bool:
@@ -80,7 +79,7 @@ def build_code_grant(engine: Engine, settings: Settings) -> type[AuthorizationCo
                 save_code(conn, code, request.client.get_client_id(), request.payload.redirect_uri or
                           request.client.get_default_redirect_uri(), request.payload.data.get("code_challenge"),
                           request.payload.data.get("nonce"), ctx,
-                          int(settings.extra.get("authorization_code_lifetime", CODE_LIFETIME_S)))
+                          settings.authorization_code_lifetime)
 
         def query_authorization_code(self, code: str, client: Any) -> StoredCode | None:
             if not isinstance(code, str) or len(code) > 200:

@@ -50,8 +50,8 @@ def signing_key(data_dir: Path) -> RSAKey:
     return RSAKey.import_key(data)
 
 
-def session_secret(data_dir: Path) -> str:
-    env = os.environ.get("FHIRSERVER_SESSION_SECRET", "")
-    if env:
-        return env
+def session_secret(data_dir: Path, configured: str = "") -> str:
+    """The configured secret (setting session_secret) or one generated into the data dir."""
+    if configured:
+        return configured
     return _load_or_create(data_dir / SESSION_SECRET_FILE, lambda: secrets.token_urlsafe(48))

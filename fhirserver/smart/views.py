@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import secrets
 import time
 from typing import Any
@@ -302,7 +301,7 @@ def _continue() -> Response:
 
 
 def _sign_in(user_id: int | None, username: str) -> None:
-    ttl = int(_svc().settings.extra.get("login_session_seconds", 1800))
+    ttl = _svc().settings.login_session_seconds
     session["login"] = {"user_id": user_id, "username": username, "expires": time.time() + ttl}
     session["csrf"] = secrets.token_urlsafe(24)  # a new token once signed in
 
@@ -335,7 +334,7 @@ def _approve(svc: Services, stored: StoredAuthorizationRequest, grant: Any, user
         patient=patient, encounter=(launch_ctx or {}).get("encounter"),
         linked_patients=_own_patients(user)[1:] if user.fhir_user.startswith("Patient/") else _own_patients(user),
         need_patient_banner=launch_ctx is None, auth_time=int(session.get("login", {}).get("expires", 0)
-                                                              - int(svc.settings.extra.get("login_session_seconds", 1800))),
+                                                              - svc.settings.login_session_seconds),
         launch=launch_ctx is not None,
     )
     resp = _server().create_authorization_response(request=stored, grant_user=ctx, grant=grant)
@@ -452,7 +451,7 @@ class _TlsAwareSessions(SecureCookieSessionInterface):
 def install(app: Flask) -> None:
     svc: Services = app.extensions["fhirserver"]
     app.session_interface = _TlsAwareSessions()
-    app.secret_key = session_secret(svc.settings.data_dir)
+    app.secret_key = session_secret(svc.settings.data_dir, svc.settings.session_secret)
     app.config.update(SESSION_COOKIE_NAME="fhirserver_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Lax",
                       SESSION_COOKIE_SECURE=svc.settings.public_root.startswith("https://"))
@@ -463,7 +462,7 @@ def install(app: Flask) -> None:
 
     api_of(app).register_blueprint(launch_blp)
     api_of(app).register_blueprint(register_blp)
-    if svc.settings.extra.get("demo_app") or os.environ.get("FHIRSERVER_DEMO_APP") == "1":
+    if svc.settings.demo_app:
         from .demo_app import make_demo_app_blueprint
 
         app.register_blueprint(make_demo_app_blueprint())

@@ -56,9 +56,7 @@ class LoginPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoginPolicy:
-        extra = settings.extra or {}
-        policy = cls(max_failures=int(extra.get("login_max_failures", cls.max_failures)),
-                     lockout_seconds=int(extra.get("login_lockout_seconds", cls.lockout_seconds)))
+        policy = cls(max_failures=settings.login_max_failures, lockout_seconds=settings.login_lockout_seconds)
         if policy.max_failures < 1 or policy.lockout_seconds < 1:
             raise ValueError("login_max_failures and login_lockout_seconds must be positive")
         return policy

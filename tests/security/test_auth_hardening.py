@@ -64,8 +64,8 @@ def _session_cookie(http: Any, client_id: str, **headers: str) -> str:
     return str(cookies[0])
 
 
-def _app(tmp_path: Path, **extra: Any) -> Any:
-    settings = dataclasses.replace(make_settings(tmp_path), extra=extra)
+def _app(tmp_path: Path, **settings: Any) -> Any:
+    settings = dataclasses.replace(make_settings(tmp_path), **settings)
     return create_app(settings)
 
 

@@ -19,7 +19,7 @@ from tests.smart.browser import Browser, page_of
 @pytest.fixture
 def demo(tmp_path: Path) -> Any:
     settings = make_settings(tmp_path)
-    app = create_app(replace(settings, extra={"demo_app": True}))
+    app = create_app(replace(settings, demo_app=True))
     svc = app.extensions["fhirserver"]
     load_demo(svc)
     passwords = ensure_demo_smart(svc)

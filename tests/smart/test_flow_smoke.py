@@ -25,7 +25,7 @@ def test_behind_a_tls_proxy_the_forwarded_scheme_is_trusted_only_when_configured
     headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "fhir.example.org"}
     form = {"grant_type": "client_credentials", "client_id": "nobody"}
     for hops, expected in ((0, "insecure_transport"), (1, "invalid_client")):
-        app = create_app(replace(make_settings(tmp_path / str(hops)), extra={"proxy_hops": hops}))
+        app = create_app(replace(make_settings(tmp_path / str(hops)), proxy_hops=hops))
         client = app.test_client()
         resp = client.post("/auth/token", data=form, headers=headers, base_url="http://10.0.0.5")
         assert resp.get_json()["error"] == expected, resp.get_json()
