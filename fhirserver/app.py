@@ -13,10 +13,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from .admin_api import build_api
 from .audit.events import AuditRecord
-from .auth.server import build_authorization_server
 from .auth.tokens import token_hash
 from .bulk.handlers import BULK_HANDLERS
 from .bulk.worker import start_worker
+from .clock import now_us
 from .config import Settings
 from .db.engine import make_engine, read_connection, start_checkpointer
 from .db.group_commit import GroupCommitEngine
@@ -26,8 +26,8 @@ from .pipeline.erase_op import Erase
 from .pipeline.handlers import HANDLERS
 from .pipeline.pipeline import Pipeline
 from .pipeline.validate_op import Validate
-from .search.dates import now_us
 from .services import Services, build_services, warm_keys
+from .smart.server import build_authorization_server
 from .smart.views import install as install_smart
 from .storage.codec import dump_json, parse_json
 
@@ -215,7 +215,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.add_url_rule("/fhir/<path:path>", "fhir", _fhir_view, methods=METHODS)
     app.register_blueprint(_make_auth_blueprint())
     api = build_api(app)
-    from .consent.api import alerts_blp
+    from .admin_alerts import alerts_blp
 
     api.register_blueprint(alerts_blp)
     install_smart(app)

@@ -153,7 +153,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def db_reindex(ctx: click.Context) -> None:
     """Rebuild all search indexes from the stored resources (after adding SearchParameters)."""
-    from .storage.reindex import reindex_all
+    from .exchange.reindex import reindex_all
 
     svc = _services(_settings(ctx))
     count = reindex_all(svc)
@@ -479,7 +479,7 @@ def user_unlink(ctx: click.Context, username: str, patient: str) -> None:
 @click.pass_context
 def user_list(ctx: click.Context, as_json: bool) -> None:
     """List users (never their password hashes or TOTP secrets)."""
-    from .search.dates import instant_text
+    from .fhir.dates import instant_text
     from .users import list_users
 
     svc = _services(_settings(ctx))

@@ -11,8 +11,8 @@ from typing import Any
 from .audit.events import AuditRecord
 from .auth.assertion import generate_key, public_jwks, save_private_key
 from .auth.clients import get_client, register_backend_client
+from .clock import now_us
 from .db.engine import read_connection
-from .search.dates import now_us
 from .services import Services
 
 DEMO_CLIENT_ID = "demo-backend"

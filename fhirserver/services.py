@@ -9,14 +9,14 @@ from sqlalchemy import Engine
 
 from .audit.chain import CHAIN_SCOPE, AuditLog
 from .config import Settings
+from .consent.hooks import ConsentHook
 from .crypto.blind_index import BLIND_SCOPE, BlindIndexer
 from .crypto.datakeys import DataKeyStore
 from .crypto.keyring import MasterKeyRing
 from .db.engine import make_engine
+from .fhir.fhirpath import set_choice_elements
 from .fhir.registry import TypeRegistry, load_type_registry
 from .fhir.validation import Validator
-from .pipeline.consent import ConsentHook
-from .search.fhirpath import set_choice_elements
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
 from .search.query import QueryCompiler
@@ -57,7 +57,8 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     params.max_params, params.max_values = settings.search_max_params, settings.search_max_values
     validator = Validator(settings.profiles_dir, settings.max_json_depth)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
-    repo, consent = build_consent(settings, keys, indexer, blind)
+    writes, consent = build_consent(settings, blind)
+    repo = Repository(keys, indexer, hooks=[writes])
     summary = elements["types"]
     return Services(
         settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,

@@ -18,8 +18,8 @@ from sqlalchemy import exists
 from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
+from fhirserver.consent.hooks import NoConsentFiltering
 from fhirserver.db.schema import idx_token
-from fhirserver.pipeline.consent import NoConsentFiltering
 from tests.conftest import AUDITOR_SETTINGS, BASE, db_path, make_settings
 
 ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
@@ -187,7 +187,7 @@ def test_consent_hook_filters_exports(server: Server) -> None:
     token = server.token()
     seed(server, token)
 
-    class HideCode:
+    class HideCode(NoConsentFiltering):
         def predicates(self, principal: Any, rtype: str, interaction: str, res: Any) -> list[Any]:
             if rtype != "Observation":
                 return []

@@ -257,7 +257,7 @@ def test_research_exports_must_be_deidentified(server: Server) -> None:
 
 
 def test_capability_statement_documents_deidentify(server: Server) -> None:
-    from fhirserver.fhir.capability import DEIDENTIFY_EXTENSION
+    from fhirserver.pipeline.capability import DEIDENTIFY_EXTENSION
 
     cap = server.http.get("/fhir/metadata").get_json()
     ops = cap["rest"][0]["operation"] + [op for r in cap["rest"][0]["resource"] for op in r.get("operation", [])]

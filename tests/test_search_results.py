@@ -15,8 +15,8 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from sqlalchemy import exists
 
+from fhirserver.consent.hooks import NoConsentFiltering
 from fhirserver.db.schema import idx_token
-from fhirserver.pipeline.consent import NoConsentFiltering
 from tests.conftest import AUDITOR_SETTINGS
 from tests.test_search_params import (
     LOCAL,
@@ -390,7 +390,7 @@ def test_bad_chains_are_400(env, params) -> None:  # type: ignore[no-untyped-def
 
 
 # ================================================================== consent: totals and pages in the database
-class HideHook:
+class HideHook(NoConsentFiltering):
     """Consent hook under test: hides resources by id, and Observations by code."""
 
     def __init__(self, hidden: set[Key], codes: set[str]) -> None:

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 
 from fhirserver.audit.chain import verify_chain
 from fhirserver.cli import _services, main
+from fhirserver.clock import now_us
 from fhirserver.db.engine import read_connection
 from fhirserver.db.schema import app_user, audit_chain
-from fhirserver.search.dates import now_us
 from fhirserver.users import (
     LoginPolicy,
     UserError,

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..search.dates import instant_text
-from ..search.fhirpath import Node, child_nodes, resolves_to
+from ..fhir.dates import instant_text
+from ..fhir.fhirpath import Node, child_nodes, resolves_to
 from ..search.indexer import Indexer, IndexRows
 from ..search.params import SearchParam
 

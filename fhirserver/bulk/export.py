@@ -19,14 +19,14 @@ from sqlalchemy import ColumnElement, and_, or_, select
 from ..audit.events import AuditRecord
 from ..audit.redact import redact_body
 from ..auth.scopes import parse_scopes
+from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import compartment, resource
 from ..fhir.errors import FhirError
-from ..search.dates import now_us
 from ..search.query import parse_search
 from ..services import Services
+from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
-from . import jobs
 
 log = logging.getLogger("fhirserver.bulk")
 BATCH = 500

@@ -18,12 +18,13 @@ from urllib.parse import urlencode
 
 from sqlalchemy import Connection
 
+from ..clock import now_us
 from ..db.schema import resource
+from ..fhir.dates import instant_text, parse_range
 from ..fhir.errors import FhirError
 from ..pipeline.context import RequestContext, Result
 from ..pipeline.handlers import Handler, visible
-from ..search.dates import instant_text, now_us, parse_range
-from . import jobs
+from ..storage import export_jobs as jobs
 from .export import principal_snapshot, type_filters
 
 NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}

@@ -13,7 +13,7 @@ import threading
 from sqlalchemy import event
 
 from ..services import Services
-from . import jobs
+from ..storage import export_jobs as jobs
 from .export import run_export
 
 log = logging.getLogger("fhirserver.bulk")

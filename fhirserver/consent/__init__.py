@@ -8,18 +8,17 @@ from typing import Any
 
 from .engine import ConsentEngine, actor_digest
 from .labels import Labeller, load_sensitive_codes
-from .stage import ConsentRepository, ConsentStage
+from .stage import ConsentStage, ConsentWrites
 
 
-def build_consent(settings: Any, keys: Any, indexer: Any, blind: Any) -> tuple[ConsentRepository, ConsentStage]:
-    """The repository (labelling + rule materialization) and the pipeline stage."""
+def build_consent(settings: Any, blind: Any) -> tuple[ConsentWrites, ConsentStage]:
+    """The repository write hook (labelling + rule materialization) and the pipeline stage."""
     codes = load_sensitive_codes(settings.profiles_dir)
     digest = actor_digest(blind)
     opt_out = tuple(p.strip() for p in str(getattr(settings, "consent_opt_out_purposes", "TREAT,HPAYMT,HOPERAT"))
                     .split(",") if p.strip())
     engine = ConsentEngine(codes, digest, opt_out)
-    repo = ConsentRepository(keys, indexer, Labeller(codes), digest)
-    return repo, ConsentStage(engine, settings)
+    return ConsentWrites(Labeller(codes), digest), ConsentStage(engine, settings)
 
 
-__all__ = ["ConsentEngine", "ConsentRepository", "ConsentStage", "build_consent"]
+__all__ = ["ConsentEngine", "ConsentStage", "ConsentWrites", "build_consent"]

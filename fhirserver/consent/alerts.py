@@ -11,9 +11,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
+from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import access_denial, client, consent_alert
-from ..search.dates import instant_text, now_us
+from ..fhir.dates import instant_text
 
 KINDS = ("break-glass", "consent-exempt", "denial-burst", "client-suspended")
 WINDOW_US = 60_000_000

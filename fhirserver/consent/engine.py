@@ -44,6 +44,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import BindParameter, ClauseElement, FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
+from ..clock import now_us
 from ..db.schema import (
     compartment,
     consent_criterion,
@@ -54,7 +55,6 @@ from ..db.schema import (
     resource,
 )
 from ..fhir.errors import FhirError
-from ..search.dates import now_us
 from .labels import SensitiveCodes
 from .rules import ACTOR_PARAM, canonical_actor
 

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select
 
 from ..db.schema import consent_criterion, consent_rule
-from ..search.dates import MAX_US, MIN_US, parse_range
+from ..fhir.dates import MAX_US, MIN_US, parse_range
 from ..search.indexer import parse_reference
 
 KINDS = ("actor", "purpose", "class", "code", "label", "data", "period")

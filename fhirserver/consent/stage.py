@@ -8,28 +8,27 @@
 - `annotate(ctx, conn)` (after a reading handler ran): the Consents that decided, as entities.
 - `finish(ctx, conn)` (in the audit transaction): alerts and denial-burst accounting.
 
-`ConsentRepository` is the resource repository with two additions on every write path (REST,
-bulk load, demo, reindex): sensitivity labels are added in `prepare`, and a Consent's rules are
-replaced in the same transaction as the Consent's own write.
+`ConsentWrites` is the repository's write hook on every write path (REST, bulk load, demo,
+reindex): sensitivity labels are added in `prepare`, and a Consent's rules are replaced in the
+same transaction as the Consent's own write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
 from sqlalchemy import Connection, and_, or_, select
 
 from ..audit.events import AuditRecord
+from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import app_user, resource, user_patient_link
 from ..fhir.errors import FhirError
-from ..search.dates import now_us
 from ..storage.codec import parse_json
-from ..storage.repository import PreparedWrite, Repository, Stored
 from .alerts import note_denial, raise_alert
 from .engine import ConsentEngine, Decision, consent_entity, policy_entity
+from .hooks import NoConsentFiltering
 from .labels import Labeller
 from .rules import PRIVACY_SCOPE, materialize
 
@@ -42,52 +41,26 @@ def _entity_detail(entity: dict[str, Any], kind: str, value: str) -> dict[str, A
     return entity
 
 
-class ConsentRepository(Repository):
-    """Repository + sensitivity labelling on prepare + Consent rule materialization on write."""
+class ConsentWrites:
+    """The repository's write hook (storage.repository.WriteHook): sensitivity labels are added
+    when a write is prepared, and a Consent's rule rows are replaced in the transaction that
+    writes (or deletes) the Consent -- on every write path: REST, Bundles, imports, reindexing."""
 
-    def __init__(self, keys: Any, indexer: Any, labeller: Labeller, digest: Any) -> None:
-        super().__init__(keys, indexer)
+    LABELLED = ("Observation", "QuestionnaireResponse")
+
+    def __init__(self, labeller: Labeller, digest: Any) -> None:
         self.labeller = labeller
         self.digest = digest
 
-    def prepare(self, rtype: str, body: dict[str, Any], rid: str | None = None) -> PreparedWrite:
-        if rtype in ("Observation", "QuestionnaireResponse"):
-            body = self.labeller.label(rtype, body)
-        return super().prepare(rtype, body, rid)
+    def prepare(self, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.labeller.label(rtype, body) if rtype in self.LABELLED else body
 
-    def create(self, conn: Connection, p: PreparedWrite, when_us: int | None = None,
-               fresh_id: bool = False) -> Stored:
-        stored = super().create(conn, p, when_us, fresh_id)
-        if p.type == "Consent":
-            materialize(conn, stored.pk, p.body, self.digest)
-        return stored
-
-    def create_many(self, conn: Connection, batch: Sequence[PreparedWrite], when_us: int | None = None) -> list[int]:
-        pks = super().create_many(conn, batch, when_us)
-        for pk, p in zip(pks, batch, strict=True):
-            if p.type == "Consent":
-                materialize(conn, pk, p.body, self.digest)
-        return pks
-
-    def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
-        stored, created = super().update(conn, p, if_match)
-        if p.type == "Consent" and not created:
-            materialize(conn, stored.pk, p.body, self.digest)
-        return stored, created
-
-    def delete(self, conn: Connection, rtype: str, rid: str, if_match: int | None = None) -> Stored | None:
-        stored = super().delete(conn, rtype, rid, if_match)
-        if stored is not None and rtype == "Consent":
-            materialize(conn, stored.pk, None, self.digest)
-        return stored
-
-    def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
-        super().reindex(conn, pk, rtype, body)
+    def written(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any] | None) -> None:
         if rtype == "Consent":
             materialize(conn, pk, body, self.digest)
 
 
-class ConsentStage:
+class ConsentStage(NoConsentFiltering):
     def __init__(self, engine: ConsentEngine, settings: Any) -> None:
         self.engine = engine
         self.settings = settings

@@ -1,4 +1,7 @@
-"""The relational schema. Only ciphertext, keyed hashes, ids, codes, dates and quantities live here.
+"""The relational schema: every table of the server, in one module (and one MetaData) so that the
+migrations, the tests and a reader see the whole database in one place -- which is why it is longer
+than the 400 lines other modules keep to. Only ciphertext, keyed hashes, ids, codes, dates and
+quantities live here.
 
 Times are integer microseconds since the Unix epoch (UTC): exact, sortable and identical on SQLite
 and PostgreSQL.
@@ -411,4 +414,63 @@ access_denial = Table(
     Column("client_id", String(64), nullable=False),
     Column("at_us", BigInteger, nullable=False),
     Index("ix_access_denial_client", "client_id", "at_us"),
+)
+
+
+# ---- bulk export jobs (migration 0005). A job keeps a snapshot of who asked (client, scopes,
+# launch context, purpose) so the worker applies the same authorization and consent rules when it
+# runs, possibly after a restart. Output files are rows of `export_file`: NDJSON sealed with
+# AES-256-GCM under the job's own data key (scope `export:<job id>`, associated data
+# `export/<job>/<file>`); deleting the job deletes the rows and the key.
+export_job = Table(
+    "export_job",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("client_id", String(64), ForeignKey("client.client_id"), nullable=False),
+    Column("status", String(16), nullable=False),  # queued running complete failed cancelled
+    Column("request", Text, nullable=False),  # the kick-off URL (echoed in the manifest)
+    Column("spec", Text, nullable=False),  # JSON: level, patient, types, since, type filters, deidentify
+    Column("principal", Text, nullable=False),  # JSON snapshot of the caller (scopes, context, purpose)
+    Column("progress", String(200), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("transaction_us", BigInteger, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("heartbeat_us", BigInteger, nullable=True),
+    Column("completed_us", BigInteger, nullable=True),
+    Column("expires_us", BigInteger, nullable=True),
+)
+
+export_file = Table(
+    "export_file",
+    metadata,
+    Column("job_id", String(64), ForeignKey("export_job.id"), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("type", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("key_id", Integer, ForeignKey("data_key.id"), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+)
+
+
+# ---- import checkpoints of `fhirserver load` (migration 0006)
+import_file = Table(
+    "import_file",
+    metadata,
+    Column("key", String(64), primary_key=True),  # SHA-256 of the absolute path
+    Column("path", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("position", BigInteger, nullable=False),  # items (lines / entries) consumed and committed
+    Column("counts", Text, nullable=False),  # JSON: loaded/updated/skipped per type, invalid
+    Column("done", Boolean, nullable=False),
+    Column("started_us", BigInteger, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    Column("completed_us", BigInteger, nullable=True),
+)
+
+import_patient = Table(
+    "import_patient",
+    metadata,
+    Column("file_key", String(64), ForeignKey("import_file.key"), primary_key=True),
+    Column("patient_id", String(64), primary_key=True),
 )

@@ -31,8 +31,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 
 from ..audit.chain import record_redaction
-from ..bulk import jobs
-from ..bulk.tables import export_job
+from ..clock import now_us
 from ..consent.rules import clear as clear_consent_rules
 from ..db.schema import (
     access_token,
@@ -40,16 +39,17 @@ from ..db.schema import (
     compartment,
     consent_alert,
     data_key,
+    export_job,
+    import_patient,
     launch_context,
     refresh_token,
     resource,
     resource_version,
     user_patient_link,
 )
-from ..search.dates import now_us
 from ..services import Services
+from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
-from .tables import import_patient
 
 PSEUDONYM_SCOPE = "erasure-pseudonym"
 

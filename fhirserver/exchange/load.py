@@ -54,17 +54,16 @@ from sqlalchemy import (
 )
 
 from ..audit.events import ENTITY_TYPE, AuditRecord
+from ..clock import now_us
 from ..config import Settings
 from ..db.engine import read_connection
-from ..db.schema import resource
+from ..db.schema import import_file, import_patient, resource
 from ..fhir.errors import FhirError
 from ..fhir.references import rewrite_references
-from ..search.dates import now_us
 from ..services import Services
-from ..storage.bulk import analyze
 from ..storage.codec import DuplicateKeyError, parse_json
 from ..storage.repository import PreparedWrite, key_scope_for
-from .tables import import_file, import_patient
+from .bulk_load import analyze
 
 NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
 JSON_SUFFIXES = (".json", ".json.gz")

@@ -38,8 +38,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from ..search.fhirpath import UnsupportedExpression, compile_relative
 from .errors import Issue
+from .fhirpath import UnsupportedExpression, compile_relative
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import Connection
 
 from ..audit.events import AuditRecord
+from ..clock import now_us
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.references import rewrite_references, unresolved_urns
-from ..search.dates import now_us
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import new_id
 from .context import RequestContext, Result

@@ -17,13 +17,13 @@ from urllib.parse import parse_qsl, urlencode
 from sqlalchemy import ColumnElement, Connection, and_, false, func, or_, select
 
 from ..audit.redact import redact_body
+from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import compartment, idx_date, idx_reference, idx_token, resource
-from ..fhir.capability import capability_statement, smart_configuration
+from ..fhir.dates import instant_text, parse_range
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.structure import check_depth
 from ..fhir.subsetting import apply_subsetting
-from ..search.dates import instant_text, now_us, parse_range
 from ..search.query import (
     Include,
     ParsedSearch,
@@ -35,6 +35,7 @@ from ..search.query import (
 )
 from ..storage.codec import DuplicateKeyError, dump_json, fragment, parse_json
 from ..storage.repository import PreparedWrite, Stored
+from .capability import capability_statement, smart_configuration
 from .context import RequestContext, Result
 
 MAX_VERSION = 2**63 - 1  # version numbers are 64-bit integers in the database

@@ -19,10 +19,10 @@ from sqlalchemy import ColumnElement, FromClause
 
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
+from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import resource
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..search.dates import now_us
 from ..search.query import AccessFn
 from ..services import Services
 from ..storage.repository import CorruptDataError
@@ -89,9 +89,7 @@ class Pipeline:
         principal = ctx.principal
         assert principal is not None
         consent = self.services.consent
-        begin = getattr(consent, "begin", None)
-        if begin is not None:
-            begin(ctx)  # purpose of use, break-the-glass, exemption (403 before any data)
+        consent.begin(ctx)  # purpose of use, break-the-glass, exemption (403 before any data)
         if it.resource_type is None:  # a system-level operation ($export): access per type via access_fn
             ctx.access_fn = self.access_fn(principal)
             return
@@ -158,11 +156,11 @@ class Pipeline:
                 # committed, so a read is never served without its audit record.
                 with read_connection(self.services.engine) as conn:
                     result = handler.execute(ctx, conn)
-                    self._consent_hook("annotate", ctx, conn)  # the Consents that decided, for the audit
+                    self.services.consent.annotate(ctx, conn)  # the Consents that decided, for the audit
                 record.status = result.status
                 prepared = audit.prepare(record)
                 with self.services.engine.begin() as conn:
-                    self._consent_hook("finish", ctx, conn)  # alerts (break-the-glass, exempt access)
+                    self.services.consent.finish(ctx, conn)  # alerts (break-the-glass, exempt access)
                     audit.append(conn, record, prepared)
             else:
                 expected = handler.expected_audit(ctx)
@@ -190,21 +188,15 @@ class Pipeline:
         handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
         handler.prepare(ctx)
         if ctx.principal is not None:
-            self._consent_hook("check_write", ctx)  # minors' privacy Consents (422)
+            self.services.consent.check_write(ctx)  # minors' privacy Consents (422)
         return handler
 
     def _execute(self, ctx: RequestContext, handler: Any, conn: Any) -> Result:
         result = handler.execute(ctx, conn)
         ctx.record.status = result.status
-        self._consent_hook("annotate", ctx, conn)
-        self._consent_hook("finish", ctx, conn)
+        self.services.consent.annotate(ctx, conn)
+        self.services.consent.finish(ctx, conn)
         return result
-
-    def _consent_hook(self, name: str, ctx: RequestContext, *args: Any) -> None:
-        """The consent stage's optional hooks (check_write, annotate, finish)."""
-        hook = getattr(self.services.consent, name, None)
-        if hook is not None:
-            hook(ctx, *args)
 
     def prepare_entry(self, ctx: RequestContext) -> Any:
         """Authorize and prepare one Bundle entry (the Bundle request was authenticated)."""
@@ -228,7 +220,7 @@ class Pipeline:
         rec.outcome_desc = issues[0].diagnostics if issues else ""
         try:
             with self.services.engine.begin() as conn:
-                self._consent_hook("finish", ctx, conn)  # deny basis of a hidden read, denial bursts
+                self.services.consent.finish(ctx, conn)  # deny basis of a hidden read, denial bursts
                 self.services.audit.append(conn, rec)
         except Exception:
             log.exception("request %s: could not write the AuditEvent for a failed request", rec.request_id)

@@ -13,8 +13,8 @@ from decimal import Decimal
 from typing import Any
 
 from ..crypto.blind_index import BlindIndexer, normalize
-from .dates import MAX_US, MIN_US, parse_range
-from .fhirpath import Node
+from ..fhir.dates import MAX_US, MIN_US, parse_range
+from ..fhir.fhirpath import Node
 from .params import ParamRegistry, SearchParam
 
 MAX_PREFIX_CHARS = 20

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fhirpath import Fn, UnsupportedExpression, compile_expression, compile_relative
+from ..fhir.fhirpath import Fn, UnsupportedExpression, compile_expression, compile_relative
 
 SPECIAL = {"_id", "_lastUpdated"}  # answered from the resource table itself
 UNSUPPORTED = {"_text", "_content", "_query", "_list", "_has", "_filter"}

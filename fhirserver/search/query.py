@@ -33,6 +33,7 @@ from sqlalchemy import (
     select,
 )
 
+from ..clock import now_us
 from ..crypto.blind_index import BlindIndexer, normalize
 from ..db.schema import (
     idx_composite,
@@ -45,8 +46,8 @@ from ..db.schema import (
     idx_uri,
     resource,
 )
+from ..fhir.dates import MAX_US, MIN_US, parse_range
 from ..fhir.errors import FhirError
-from .dates import MAX_US, MIN_US, now_us, parse_range
 from .indexer import MAX_PREFIX_CHARS, parse_reference
 from .params import ParamRegistry, SearchParam
 

@@ -10,7 +10,7 @@ from typing import Any
 from flask import request
 
 from ..audit.events import DCM, AuditRecord
-from ..search.dates import now_us
+from ..clock import now_us
 from ..services import Services
 
 SUBTYPES = {

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from ..auth.clients import get_client
+from ..auth.grants import create_launch
 from ..services import Services
 from ..users.registry import get_user
-from .grants import create_launch
 
 
 class LaunchError(ValueError):

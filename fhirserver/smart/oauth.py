@@ -20,10 +20,7 @@ from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oidc.core import OpenIDCode, UserInfo
 from sqlalchemy import Engine, select
 
-from ..config import Settings
-from ..db.engine import transaction
-from ..db.schema import app_user
-from .grants import (
+from ..auth.grants import (
     GrantContext,
     StoredCode,
     StoredToken,
@@ -37,6 +34,9 @@ from .grants import (
     revoke_token,
     save_code,
 )
+from ..config import Settings
+from ..db.engine import transaction
+from ..db.schema import app_user
 from .secrets_store import signing_key
 
 APP_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]

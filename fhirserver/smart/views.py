@@ -34,6 +34,7 @@ from sqlalchemy import select
 from werkzeug.datastructures import MultiDict
 
 from ..auth.clients import get_client
+from ..auth.grants import GrantContext, claim_launch
 from ..db.engine import read_connection
 from ..db.schema import resource
 from ..services import Services
@@ -42,7 +43,6 @@ from ..users.login import authenticate_second_factor, authenticate_user
 from ..users.registry import UserRecord, get_user
 from .audit import audit_oauth
 from .describe import describe_scope
-from .grants import GrantContext, claim_launch
 from .secrets_store import session_secret, signing_key
 
 PENDING_MAX = 5

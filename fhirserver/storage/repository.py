@@ -15,18 +15,19 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, select, update
 
+from ..clock import now_us
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.datakeys import DataKeyStore
 from ..crypto.keyring import KeyError_
 from ..db import raw as raw_sql
 from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
+from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
-from ..search.dates import instant_text, now_us
 from ..search.indexer import Indexer, IndexRows
 from .codec import dump_json, parse_json
 
@@ -137,13 +138,34 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+class WriteHook(Protocol):
+    """What a package above storage adds to every write path (REST, Bundles, imports, the demo,
+    reindexing) without subclassing the repository: the consent package labels sensitive data on
+    prepare and keeps a Consent's rule rows in step with the Consent in the same transaction."""
+
+    def prepare(self, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The body to store (may be a changed copy); outside any transaction."""
+        ...
+
+    def written(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any] | None) -> None:
+        """After a version was written (body None: deleted), inside the write's transaction."""
+        ...
+
+
 class Repository:
-    def __init__(self, keys: DataKeyStore, indexer: Indexer) -> None:
+    def __init__(self, keys: DataKeyStore, indexer: Indexer, hooks: Sequence[WriteHook] = ()) -> None:
         self.keys = keys
         self.indexer = indexer
+        self.hooks = tuple(hooks)
+
+    def _written(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any] | None) -> None:
+        for hook in self.hooks:
+            hook.written(conn, pk, rtype, body)
 
     # ---- phase 1: outside the transaction ----
     def prepare(self, rtype: str, body: dict[str, Any], rid: str | None = None) -> PreparedWrite:
+        for hook in self.hooks:
+            body = hook.prepare(rtype, body)
         body = copy.copy(body)
         body["id"] = rid or body.get("id") or new_id()
         index = self.indexer.index(rtype, body)
@@ -271,6 +293,7 @@ class Repository:
         index = self.indexer.index(rtype, body)
         p = PreparedWrite(rtype, body.get("id", ""), body, index, 0, b"")
         self._write_index(conn, pk, p, replace=True)
+        self._written(conn, pk, rtype, body)
 
     def create(self, conn: Connection, p: PreparedWrite, when_us: int | None = None,
                fresh_id: bool = False) -> Stored:
@@ -282,6 +305,7 @@ class Repository:
         pk = raw_sql.insert_returning_pk(conn, _RAW_INS_RESOURCE, (p.type, p.id, 1, when_us, False))
         raw_sql.execute(conn, _RAW_INS_VERSION, (pk, p.type, 1, when_us, "POST", False, p.key_id, blob)).close()
         self._write_index(conn, pk, p, replace=False)
+        self._written(conn, pk, p.type, p.body)
         return Stored(p.type, p.id, 1, when_us, False, "POST", raw, pk)
 
     def create_many(self, conn: Connection, batch: Sequence[PreparedWrite], when_us: int | None = None) -> list[int]:
@@ -313,6 +337,8 @@ class Repository:
                 rows.setdefault(kind, []).extend(params)
         for kind, params in rows.items():
             raw_sql.executemany(conn, _raw_insert(kind)[0], params)
+        for pk, p in zip(pks, batch, strict=True):
+            self._written(conn, pk, p.type, p.body)
         return pks
 
     def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
@@ -330,6 +356,7 @@ class Repository:
         conn.execute(_UPD_RESOURCE, {"rpk": head.pk, "version": version, "last_updated_us": when_us, "deleted": False})
         raw_sql.execute(conn, _RAW_INS_VERSION, (head.pk, p.type, version, when_us, "PUT", False, p.key_id, blob)).close()
         self._write_index(conn, head.pk, p, replace=True)
+        self._written(conn, head.pk, p.type, p.body)
         return Stored(p.type, p.id, version, when_us, False, "PUT", raw, head.pk), head.deleted
 
     def erase(self, conn: Connection, pk: int, rtype: str) -> None:
@@ -370,5 +397,6 @@ class Repository:
         raw_sql.execute(conn, _RAW_INS_VERSION, (head.pk, rtype, version, when_us, "DELETE", True, None, None)).close()
         for stmt in _DEL_INDEX:
             conn.execute(stmt, {"rpk": head.pk})
+        self._written(conn, head.pk, rtype, None)
         # compartment rows are kept: the deleted resource still belongs to its patient (history)
         return Stored(rtype, rid, version, when_us, True, "DELETE", None, head.pk)

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import Connection, Engine, select, update
 
 from ..audit.events import DCM, ENTITY_TYPE, OBJECT_ROLE, AuditRecord
+from ..clock import now_us as current_us
 from ..config import Settings
 from ..crypto.cipher import DecryptionError
 from ..crypto.datakeys import DataKeyStore
 from ..crypto.keyring import KeyError_
 from ..db.engine import read_connection, transaction
 from ..db.schema import app_user
-from ..search.dates import now_us as current_us
 from .passwords import burn, hash_password, needs_rehash, verify_password
 from .registry import UserError, normalize_username
 from .totp import KEY_SCOPE, check_code, open_secret

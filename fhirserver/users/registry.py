@@ -19,10 +19,10 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from ..clock import now_us
 from ..crypto.datakeys import DataKeyStore
 from ..db.engine import read_connection, transaction
 from ..db.schema import app_user, user_patient_link
-from ..search.dates import now_us
 from .passwords import WeakPasswordError, check_strength, hash_password
 from .totp import new_secret, seal_secret
 
@@ -174,7 +174,7 @@ def set_disabled(engine: Engine, username: str, disabled: bool = True) -> UserRe
     with transaction(engine) as conn:
         conn.execute(update(app_user).where(app_user.c.id == record.id).values(**values))
         if disabled:  # a disabled account's apps lose their access and refresh tokens at once
-            from ..smart.grants import revoke_user_families
+            from ..auth.grants import revoke_user_families
 
             revoke_user_families(conn, record.id)
     return _require(engine, record.username)

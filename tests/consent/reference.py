@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhirserver.search.dates import now_us, parse_range
+from fhirserver.clock import now_us
+from fhirserver.fhir.dates import parse_range
 
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 SENSITIVE = {"HIV", "STD", "PSY", "SUD", "GDIS", "SEX"}

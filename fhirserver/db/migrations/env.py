@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from alembic import context
 
-import fhirserver.bulk.tables  # noqa: F401 - registers the export tables in the same metadata
-import fhirserver.exchange.tables  # noqa: F401 - registers the import checkpoint tables
 from fhirserver.db.engine import make_engine
 from fhirserver.db.schema import metadata
 

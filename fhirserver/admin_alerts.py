@@ -11,10 +11,11 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
-from ..admin_api import require_admin
-from ..audit.events import AuditRecord
-from ..search.dates import now_us, parse_range
-from .alerts import KINDS, list_alerts
+from .admin_api import require_admin
+from .audit.events import AuditRecord
+from .clock import now_us
+from .consent.alerts import KINDS, list_alerts
+from .fhir.dates import parse_range
 
 alerts_blp = Blueprint("consent-alerts", __name__, url_prefix="/api/admin/alerts",
                        description="Privacy alerts: break-the-glass, consent-exempt access, denial bursts, "

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from ..audit.events import AuditRecord
-from ..search.dates import now_us
+from ..clock import now_us
 from ..services import Services
 
 

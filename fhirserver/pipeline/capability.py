@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import __version__
+from ..fhir.registry import TypeRegistry
 from ..search.params import ParamRegistry
-from .registry import TypeRegistry
 
 
 def smart_oauth_extension(root: str) -> dict[str, Any]:

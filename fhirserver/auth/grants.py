@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from ..auth.tokens import token_hash
+from ..clock import now_us
 from ..db.engine import read_connection, transaction
 from ..db.schema import access_token, authorization_code, grant_family, launch_context, refresh_token
-from ..search.dates import now_us
+from .tokens import token_hash
 
 REFRESH_SCOPES = ("offline_access", "online_access")
 

@@ -27,13 +27,13 @@ from joserfc.jwk import KeySet
 from sqlalchemy import Engine, delete, insert
 from sqlalchemy.exc import IntegrityError
 
+from ..auth.clients import ClientRecord, get_client
+from ..auth.scopes import intersect
+from ..auth.tokens import issue_token
+from ..clock import now_us
 from ..config import Settings
 from ..db.engine import transaction
 from ..db.schema import assertion_jti
-from ..search.dates import now_us
-from .clients import ClientRecord, get_client
-from .scopes import intersect
-from .tokens import issue_token
 
 ALLOWED_ASSERTION_ALGS = ["RS384", "ES384"]
 AUTH_METHOD = "private_key_jwt"
@@ -195,8 +195,8 @@ class SmartAuthorizationServer(AuthorizationServer):
 
 def build_authorization_server(app: Any, engine: Engine, settings: Settings,
                                known_types: list[str]) -> AuthorizationServer:
-    from ..smart.grants import REFRESH_SCOPES, GrantContext, issue_refresh
-    from ..smart.oauth import register_smart_grants
+    from ..auth.grants import REFRESH_SCOPES, GrantContext, issue_refresh
+    from .oauth import register_smart_grants
 
     def query_client(client_id: str) -> OAuthClient | None:
         record = get_client(engine, client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None

@@ -8,8 +8,8 @@ from sqlalchemy import select
 from ..db.engine import read_connection
 from ..db.schema import resource
 from ..services import Services
-from .bulk import analyze
-from .codec import parse_json
+from ..storage.codec import parse_json
+from .bulk_load import analyze
 
 
 def reindex_all(svc: Services, batch: int = 500) -> int:

@@ -14,11 +14,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
+from ..clock import now_us
 from ..crypto.cipher import open_sealed, seal
 from ..db.engine import read_connection, transaction
-from ..db.schema import data_key
-from ..search.dates import now_us
-from .tables import export_file, export_job
+from ..db.schema import data_key, export_file, export_job
 
 STALE_HEARTBEAT_US = 30 * 1_000_000
 

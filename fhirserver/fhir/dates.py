@@ -72,7 +72,3 @@ def parse_range(text: str) -> tuple[int, int]:
         start = datetime(year, int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"]), micro, tzinfo=tz)
         end = start + timedelta(microseconds=10 ** max(0, 6 - len(frac)))
     return to_us(start), to_us(end) - 1
-
-
-def now_us() -> int:
-    return to_us(datetime.now(UTC))

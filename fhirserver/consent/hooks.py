@@ -1,0 +1,57 @@
+"""The consent stage's contract with the request pipeline (docs/architecture.md).
+
+The pipeline calls every method at a fixed point of every request; `NoConsentFiltering` is the
+no-op base (tests and consent-free deployments subclass it), `consent.stage.ConsentStage` the
+real one (docs/consent.md):
+
+- `begin(ctx)`: at the start of authorize -- purpose of use, break-the-glass, exemption (may
+  raise a 403 FhirError before any data is read);
+- `predicates(principal, type, interaction, table)`: SQL predicates over `table` (the resource
+  table or an alias) ANDed into every read and search, so hidden rows never count toward totals,
+  pages, includes, chains or `_has`;
+- `check_write(ctx)`: after a write was prepared (e.g. 422 for a minor's Consent without a guardian);
+- `annotate(ctx, conn)`: after a reading handler ran, before its audit record is built;
+- `finish(ctx, conn)`: inside the audit transaction, also for failed requests (alerts).
+
+`ctx` is the pipeline's RequestContext; it is typed `Any` here because the pipeline sits above
+this package (dependencies run one way).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, Connection, FromClause
+
+
+class ConsentHook(Protocol):
+    def begin(self, ctx: Any) -> None: ...
+
+    def predicates(self, principal: Any, resource_type: str, interaction: str,
+                   res: FromClause) -> list[ColumnElement[bool]]: ...
+
+    def check_write(self, ctx: Any) -> None: ...
+
+    def annotate(self, ctx: Any, conn: Connection) -> None: ...
+
+    def finish(self, ctx: Any, conn: Connection) -> None: ...
+
+
+class NoConsentFiltering:
+    """Every stage a no-op: nothing is hidden, nothing is recorded beyond the audit record."""
+
+    def begin(self, ctx: Any) -> None:
+        return None
+
+    def predicates(self, principal: Any, resource_type: str, interaction: str,
+                   res: FromClause) -> list[ColumnElement[bool]]:
+        return []
+
+    def check_write(self, ctx: Any) -> None:
+        return None
+
+    def annotate(self, ctx: Any, conn: Connection) -> None:
+        return None
+
+    def finish(self, ctx: Any, conn: Connection) -> None:
+        return None
