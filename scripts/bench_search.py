@@ -1,7 +1,7 @@
 """Search benchmark: 10,000 patients and 100,000 Observations, queried through HTTP, compared
 with the same queries as plain SQL against the index tables (the floor).
 
-Data is loaded in-process through fhirserver.storage.bulk (same validation, indexing and
+Data is loaded in-process through fhirserver.exchange.bulk_load (same validation, indexing and
 encryption as the API, batched transactions), then a real server (gunicorn, SQLite, audit on)
 answers the HTTP queries. Prints p50/p95 per query, the SQL floor and the ratio.
 
@@ -39,8 +39,8 @@ from benchserver import BenchServer  # noqa: E402
 from fhirserver.config import load_settings  # noqa: E402
 from fhirserver.crypto.blind_index import normalize  # noqa: E402
 from fhirserver.db.migrations import upgrade  # noqa: E402
+from fhirserver.exchange.bulk_load import load_resources  # noqa: E402
 from fhirserver.services import build_services, warm_keys  # noqa: E402
-from fhirserver.storage.bulk import load_resources  # noqa: E402
 
 
 def load(data_dir: Path, n_patients: int, n_obs: int) -> tuple[float, int]:
