@@ -14,18 +14,13 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .admin_api import build_api
 from .audit.events import AuditRecord
 from .auth.tokens import token_hash
-from .bulk.handlers import BULK_HANDLERS
 from .bulk.worker import start_worker
 from .clock import now_us
 from .config import Settings
 from .db.engine import make_engine, read_connection, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
-from .pipeline.bundle import BundleHandler
-from .pipeline.erase_op import Erase
-from .pipeline.handlers import HANDLERS
 from .pipeline.pipeline import Pipeline
-from .pipeline.validate_op import Validate
 from .services import Services, build_services, warm_keys
 from .smart.server import build_authorization_server
 from .smart.views import install as install_smart
@@ -201,10 +196,6 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
 
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     app.extensions["fhirserver"] = svc
-    HANDLERS.update(BULK_HANDLERS)  # $export, $export-poll-status, $export-file
-    HANDLERS["bundle"] = BundleHandler()  # batch / transaction at POST [base]
-    HANDLERS["$validate"] = Validate()
-    HANDLERS["$erase"] = Erase()
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
     if settings.bulk_worker:
         start_worker(svc)

@@ -17,9 +17,9 @@ from .db.engine import make_engine
 from .fhir.fhirpath import set_choice_elements
 from .fhir.registry import TypeRegistry, load_type_registry
 from .fhir.validation import Validator
+from .search.compiler import QueryCompiler
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
-from .search.query import QueryCompiler
 from .storage.repository import Repository
 
 

@@ -8,73 +8,25 @@ see, and consent withdrawn in the meantime is honoured.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import Any
-from urllib.parse import parse_qsl
 
 from sqlalchemy import ColumnElement, and_, or_, select
 
 from ..audit.events import AuditRecord
 from ..audit.redact import redact_body
-from ..auth.scopes import parse_scopes
 from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import compartment, resource
-from ..fhir.errors import FhirError
-from ..search.query import parse_search
+from ..pipeline.principal import principal_from
+from ..search.parser import parse_search
 from ..services import Services
 from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
 
 log = logging.getLogger("fhirserver.bulk")
 BATCH = 500
-
-
-def principal_snapshot(principal: Any) -> dict[str, Any]:
-    """The caller's plain (JSON) attributes; derived state, such as a consent decision, is
-    recomputed when the job runs."""
-    import json
-
-    data: dict[str, Any] = {"scopes": principal.scopes.render()}
-    for f in dataclasses.fields(principal):
-        value = getattr(principal, f.name)
-        if f.name == "scopes":
-            continue
-        value = list(value) if isinstance(value, tuple) else value
-        try:
-            json.dumps(value)
-        except TypeError:
-            continue
-        data[f.name] = value
-    return data
-
-
-def principal_from(snapshot: dict[str, Any]) -> Any:
-    from ..pipeline.principal import Principal
-
-    names = {f.name for f in dataclasses.fields(Principal)}
-    values = {k: v for k, v in snapshot.items() if k in names}
-    values["scopes"] = parse_scopes(str(snapshot.get("scopes", "")), strict=False)
-    if "linked_patients" in values:
-        values["linked_patients"] = tuple(values["linked_patients"])
-    return Principal(**values)
-
-
-def type_filters(svc: Services, values: list[str], types: list[str]) -> dict[str, list[list[tuple[str, str]]]]:
-    """`_typeFilter=Observation?category=laboratory,...`: per type, alternative queries."""
-    out: dict[str, list[list[tuple[str, str]]]] = {}
-    for value in values:
-        for item in value.split(","):
-            rtype, _, query = item.strip().partition("?")
-            if rtype not in types or not query:
-                raise FhirError(400, "invalid", f"_typeFilter '{item[:80]}' must be Type?query for an exported type",
-                                ["_typeFilter"])
-            params = parse_qsl(query, keep_blank_values=True)
-            parse_search(svc.params, rtype, params, 1, 1, strict=True)  # validated now, compiled when run
-            out.setdefault(rtype, []).append(params)
-    return out
 
 
 def _conditions(svc: Services, job: jobs.Job, rtype: str, access: Any) -> list[ColumnElement[bool]] | None:

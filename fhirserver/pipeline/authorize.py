@@ -16,8 +16,9 @@ from ..auth.scopes import ResourceScope
 from ..db.schema import compartment, resource
 from ..fhir.errors import FhirError
 from ..fhir.registry import TypeRegistry
+from ..search.compiler import QueryCompiler
 from ..search.params import ParamRegistry
-from ..search.query import QueryCompiler, parse_search
+from ..search.parser import parse_search
 from .principal import Principal
 
 _MAX_RESTRICTIONS = 1024  # distinct (scope query, type) pairs kept compiled

@@ -28,8 +28,9 @@ from ..fhir.references import rewrite_references, unresolved_urns
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import new_id
 from .context import RequestContext, Result
-from .handlers import Handler, parse_body
+from .handler import Handler
 from .interaction import parse_interaction
+from .request_body import parse_body
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 INTERACTION = "http://hl7.org/fhir/restful-interaction"

@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 from ..exchange.erase import already_erased, erase_patient, pseudonym_for
 from ..fhir.errors import FhirError
 from .context import RequestContext, Result
-from .handlers import Handler
+from .handler import Handler
 
 
 class Erase(Handler):

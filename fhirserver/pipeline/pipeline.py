@@ -23,14 +23,14 @@ from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import resource
 from ..fhir.errors import FhirError, Issue, operation_outcome
-from ..search.query import AccessFn
+from ..search.model import AccessFn
 from ..services import Services
 from ..storage.repository import CorruptDataError
 from .authorize import Authorizer
 from .context import RequestContext, Result
-from .handlers import HANDLERS
 from .interaction import Interaction, negotiate_format, parse_interaction
 from .principal import Principal
+from .routes import handler_for
 
 log = logging.getLogger("fhirserver.pipeline")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9\-_.]{8,64}$")
@@ -185,7 +185,7 @@ class Pipeline:
         """Authorize (scopes, compartment, consent) and prepare (outside any transaction)."""
         if authorize:
             self.authorize(ctx)
-        handler = HANDLERS[ctx.interaction.operation and f"${ctx.interaction.operation}" or ctx.interaction.kind]
+        handler = handler_for(ctx.interaction.kind, ctx.interaction.operation)
         handler.prepare(ctx)
         if ctx.principal is not None:
             self.services.consent.check_write(ctx)  # minors' privacy Consents (422)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,3 +53,30 @@ class Principal:
             # the client's default purpose of use; the consent stage replaces it with the one asked for
             purpose=[str(p) for p in (info.client_settings.get("purposes") or ["TREAT"])[:1]],
         )
+
+
+def principal_snapshot(principal: Any) -> dict[str, Any]:
+    """The caller's plain (JSON) attributes; derived state, such as a consent decision, is
+    recomputed when the job runs."""
+
+    data: dict[str, Any] = {"scopes": principal.scopes.render()}
+    for f in dataclasses.fields(principal):
+        value = getattr(principal, f.name)
+        if f.name == "scopes":
+            continue
+        value = list(value) if isinstance(value, tuple) else value
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        data[f.name] = value
+    return data
+
+
+def principal_from(snapshot: dict[str, Any]) -> Principal:
+    names = {f.name for f in dataclasses.fields(Principal)}
+    values = {k: v for k, v in snapshot.items() if k in names}
+    values["scopes"] = parse_scopes(str(snapshot.get("scopes", "")), strict=False)
+    if "linked_patients" in values:
+        values["linked_patients"] = tuple(values["linked_patients"])
+    return Principal(**values)

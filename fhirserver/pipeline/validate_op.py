@@ -19,7 +19,8 @@ from sqlalchemy import Connection
 
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from .context import RequestContext, Result
-from .handlers import Handler, parse_body
+from .handler import Handler
+from .request_body import parse_body
 
 MODES = ("create", "update", "delete")
 

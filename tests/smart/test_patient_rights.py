@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhirserver.pipeline.handlers import AMENDMENT_TAG
+from fhirserver.pipeline.crud import AMENDMENT_TAG
 from tests.smart.conftest import PASSWORD
 
 SCOPE = "openid fhirUser user/Patient.rus user/Observation.rus user/QuestionnaireResponse.rus"

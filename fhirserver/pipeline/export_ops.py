@@ -14,7 +14,7 @@ scope check per exported type uses the pipeline's `access_fn`.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import Connection
 
@@ -22,10 +22,13 @@ from ..clock import now_us
 from ..db.schema import resource
 from ..fhir.dates import instant_text, parse_range
 from ..fhir.errors import FhirError
-from ..pipeline.context import RequestContext, Result
-from ..pipeline.handlers import Handler, visible
+from ..search.parser import parse_search
+from ..services import Services
 from ..storage import export_jobs as jobs
-from .export import principal_snapshot, type_filters
+from ..storage.visibility import visible
+from .context import RequestContext, Result
+from .handler import Handler
+from .principal import principal_snapshot
 
 NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 PATIENT_TYPES_EXCLUDED = {"AuditEvent"}  # the audit trail is not part of a record
@@ -181,8 +184,16 @@ class ExportFile(Handler):
         return Result(200, data, {"Content-Type": "application/fhir+ndjson"})
 
 
-BULK_HANDLERS: dict[str, Handler] = {
-    "$export": ExportKickoff(),
-    "$export-poll-status": ExportStatus(),
-    "$export-file": ExportFile(),
-}
+def type_filters(svc: Services, values: list[str], types: list[str]) -> dict[str, list[list[tuple[str, str]]]]:
+    """`_typeFilter=Observation?category=laboratory,...`: per type, alternative queries."""
+    out: dict[str, list[list[tuple[str, str]]]] = {}
+    for value in values:
+        for item in value.split(","):
+            rtype, _, query = item.strip().partition("?")
+            if rtype not in types or not query:
+                raise FhirError(400, "invalid", f"_typeFilter '{item[:80]}' must be Type?query for an exported type",
+                                ["_typeFilter"])
+            params = parse_qsl(query, keep_blank_values=True)
+            parse_search(svc.params, rtype, params, 1, 1, strict=True)  # validated now, compiled when run
+            out.setdefault(rtype, []).append(params)
+    return out

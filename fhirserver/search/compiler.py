@@ -1,27 +1,15 @@
-"""Parse FHIR search parameters and compile them into one SQL query over the index tables.
-
-Access restrictions (scopes, compartments, consent) arrive as SQL predicates over the resource
-table and are ANDed into the same statement -- also inside chained, `_has` and included
-sub-queries, each against its own table alias -- so totals and pages are exact and nothing is
-matched through a resource the caller may not see.
-
-Paging is keyset-based: a cursor holds the sort values and pk of the last (or first) row of a
-page, so inserts between page fetches neither duplicate nor skip rows.
-"""
+"""Compile a ParsedSearch into SQL conditions over the index tables: one condition per clause,
+ordered so the most selective one drives the query (the planner), and the sort expressions."""
 
 from __future__ import annotations
 
-import base64
-import json
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Connection,
     FromClause,
     and_,
     exists,
@@ -37,41 +25,15 @@ from ..clock import now_us
 from ..crypto.blind_index import BlindIndexer, normalize
 from ..db.schema import (
     idx_composite,
-    idx_date,
-    idx_number,
-    idx_quantity,
     idx_reference,
     idx_string,
-    idx_token,
-    idx_uri,
     resource,
 )
 from ..fhir.dates import MAX_US, MIN_US, parse_range
 from ..fhir.errors import FhirError
 from .indexer import MAX_PREFIX_CHARS, parse_reference
+from .model import PREFIXES, TABLES, AccessFn, Clause, ParsedSearch
 from .params import ParamRegistry, SearchParam
-
-PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
-RESULT_PARAMS = {"_count", "_sort", "_total", "_summary", "_elements", "_include", "_revinclude",
-                 "_contained", "_containedType", "_format", "_pretty", "_cursor"}
-TABLES = {"token": idx_token, "string": idx_string, "date": idx_date, "reference": idx_reference,
-          "quantity": idx_quantity, "number": idx_number, "uri": idx_uri}
-_SPLIT = re.compile(r"(?<!\\),")
-MAX_CHAIN_DEPTH = 3
-
-# access(resource_type, table alias) -> predicates, or None when the caller may not read that type
-AccessFn = Callable[[str, FromClause], "list[ColumnElement[bool]] | None"]
-
-
-@dataclass
-class Clause:
-    code: str
-    modifier: str | None
-    values: list[str]
-    param: SearchParam | None  # None for _id / _lastUpdated / _has
-    chain: tuple[str, ParsedSearch] | None = None  # (target type, nested search on it)
-    has: tuple[str, str, ParsedSearch] | None = None  # (source type, reference param, nested)
-
 
 NEVER_DRIVES = 100
 BROAD_CLAUSE_ROWS = 1000
@@ -95,261 +57,6 @@ def _semi(res: FromClause, t: Any, conds: list[ColumnElement[bool]], rank: int, 
         return exists().where(t.c.resource_pk == res.c.pk, *conds)
 
     return Term(rank, build, None if negate else select(t.c.resource_pk).where(*conds))
-
-
-@dataclass
-class Include:
-    source_type: str
-    param: str
-    target_type: str | None
-    reverse: bool
-    iterate: bool
-
-
-@dataclass
-class SortKey:
-    code: str
-    descending: bool
-    param: SearchParam | None
-
-
-@dataclass
-class Cursor:
-    forward: bool
-    values: list[Any]
-    pk: int
-
-
-@dataclass
-class ParsedSearch:
-    resource_type: str
-    clauses: list[Clause] = field(default_factory=list)
-    count: int = 20
-    cursor: Cursor | None = None
-    total: str = "auto"  # auto: count on the first page only; accurate: every page; none: never
-    summary: str | None = None
-    elements: list[str] | None = None
-    sort: list[SortKey] = field(default_factory=list)
-    includes: list[Include] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    echo: list[tuple[str, str]] = field(default_factory=list)  # params as understood, for links
-
-
-@dataclass
-class SearchPage:
-    pks: list[int]
-    total: int | None
-    next_cursor: str | None
-    prev_cursor: str | None
-
-
-def split_values(raw: str) -> list[str]:
-    return [v.replace("\\,", ",") for v in _SPLIT.split(raw)]
-
-
-# ------------------------------------------------------------------------------- parsing
-def parse_search(
-    registry: ParamRegistry,
-    resource_type: str,
-    params: Sequence[tuple[str, str]],
-    default_count: int,
-    max_count: int,
-    strict: bool,
-) -> ParsedSearch:
-    out = ParsedSearch(resource_type=resource_type, count=default_count)
-    _check_limits(registry, params)
-    for key, value in params:
-        name, _, modifier = key.partition(":")
-        if name == "_count":
-            try:
-                out.count = max(0, min(int(value), max_count))
-            except ValueError:
-                raise FhirError(400, "invalid", "_count must be an integer", ["_count"]) from None
-            out.echo.append((key, str(out.count)))
-        elif name == "_cursor":
-            out.cursor = decode_cursor(value)
-        elif name == "_total":
-            if value not in ("none", "estimate", "accurate"):
-                raise FhirError(400, "invalid", "_total must be none, estimate or accurate", ["_total"])
-            out.total = value
-            out.echo.append((key, value))
-        elif name == "_summary":
-            if value not in ("true", "false", "count", "text", "data"):
-                raise FhirError(400, "invalid", "_summary must be true, false, count, text or data", ["_summary"])
-            out.summary = value
-            out.echo.append((key, value))
-        elif name == "_elements":
-            out.elements = [e.strip() for e in value.split(",") if e.strip()]
-            out.echo.append((key, value))
-        elif name == "_sort":
-            out.sort = _parse_sort(registry, resource_type, value)
-            out.echo.append((key, value))
-        elif name in ("_include", "_revinclude"):
-            inc = _parse_include(registry, name == "_revinclude", modifier, value, strict)
-            if inc is not None:
-                out.includes.append(inc)
-                out.echo.append((key, value))
-            else:
-                _unsupported(out, strict, key, f"Cannot {name} '{value[:80]}'")
-        elif name in ("_format", "_pretty"):
-            continue
-        elif name in RESULT_PARAMS:
-            _unsupported(out, strict, key, f"The result parameter {name} is not supported")
-        elif name == "_has":
-            out.clauses.append(_parse_has(registry, key, value, strict, depth=0))
-            out.echo.append((key, value))
-        elif name in ("_id", "_lastUpdated"):
-            out.clauses.append(Clause(name, modifier or None, split_values(value), None))
-            out.echo.append((key, value))
-        else:
-            clause = _parse_param(registry, resource_type, key, value, strict, depth=0)
-            if clause is None:
-                _unsupported(out, strict, key, f"Unknown search parameter '{name}' for {resource_type}")
-                continue
-            out.clauses.append(clause)
-            out.echo.append((key, value))
-    if out.cursor is not None:
-        _check_cursor(out.cursor, out.sort)
-    return out
-
-
-def _check_limits(registry: ParamRegistry, params: Sequence[tuple[str, str]]) -> None:
-    """At most `max_params` parameters and `max_values` comma-separated values in each (chains
-    and `_has` count as the parameters they are written as)."""
-    if len(params) > registry.max_params:
-        raise FhirError(400, "too-costly", f"A search may have at most {registry.max_params} parameters "
-                                           f"(this one has {len(params)}; setting search_max_params)")
-    for key, value in params:
-        if value.count(",") >= registry.max_values:
-            raise FhirError(400, "too-costly", f"A search parameter may have at most {registry.max_values} values "
-                                               f"('{key[:60]}' has more; setting search_max_values)", [key[:60]])
-
-
-def _check_cursor(cursor: Cursor, sort: list[SortKey]) -> None:
-    """A cursor comes back from the client: its values must fit this search's sort keys."""
-    bad = FhirError(400, "invalid", "The paging cursor does not belong to this search", ["_cursor"])
-    if len(cursor.values) != len(sort):
-        raise bad
-    for value, key in zip(cursor.values, sort, strict=True):
-        if key.code == "_lastUpdated" or (key.param and key.param.type == "date"):
-            ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_US
-        elif key.param and key.param.type in ("number", "quantity"):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e308
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise bad
-
-
-def _unsupported(out: ParsedSearch, strict: bool, key: str, message: str) -> None:
-    if strict:
-        raise FhirError(400, "not-supported", message, [key])
-    out.ignored.append(message)
-
-
-def _parse_param(registry: ParamRegistry, rtype: str, key: str, value: str, strict: bool,
-                 depth: int) -> Clause | None:
-    """A parameter clause; `key` may be chained: `subject:Patient.name`, `patient.identifier`."""
-    head, dot, rest = key.partition(".")
-    name, _, modifier = head.partition(":")
-    if name in ("_id", "_lastUpdated") and not dot:
-        return Clause(name, modifier or None, split_values(value), None)
-    param = registry.get(rtype, name)
-    if param is None:
-        return None
-    if dot:
-        if param.type != "reference":
-            raise FhirError(400, "invalid", f"'{name}' is not a reference parameter and cannot be chained", [key])
-        if depth >= MAX_CHAIN_DEPTH:
-            raise FhirError(400, "not-supported", "Chains are limited to 3 levels", [key])
-        target = modifier if modifier and modifier[0].isupper() else None
-        candidates = [target] if target else [t for t in param.targets if registry.for_type(t)]
-        if len(candidates) != 1:
-            raise FhirError(400, "invalid", f"Chained parameter '{name}' needs one target type, e.g. "
-                                            f"{name}:Patient.{rest}", [key])
-        target = candidates[0]
-        nested = ParsedSearch(resource_type=target)
-        inner = _parse_param(registry, target, rest, value, strict, depth + 1)
-        if inner is None:
-            raise FhirError(400, "invalid", f"Unknown search parameter '{rest}' for {target} in chain", [key])
-        nested.clauses.append(inner)
-        return Clause(name, None, [], param, chain=(target, nested))
-    if param.type == "composite" and not param.components:
-        raise FhirError(400, "not-supported", f"Composite parameter '{name}' has no components", [key])
-    return Clause(name, modifier or None, split_values(value), param)
-
-
-def _parse_has(registry: ParamRegistry, key: str, value: str, strict: bool, depth: int) -> Clause:
-    # _has:Observation:patient:code=1234   or nested: _has:Observation:patient:_has:AuditEvent:entity:type=...
-    parts = key.split(":", 3)
-    if len(parts) < 4 or not parts[1] or not parts[2] or not parts[3]:
-        raise FhirError(400, "invalid", "_has must look like _has:Type:reference-param:search-param=value", [key])
-    _, source, ref_param, rest = parts
-    if not registry.for_type(source):
-        raise FhirError(400, "not-supported", f"_has: resource type '{source}' is not supported", [key])
-    ref = registry.get(source, ref_param)
-    if ref is None or ref.type != "reference":
-        raise FhirError(400, "invalid", f"_has: '{ref_param}' is not a reference parameter of {source}", [key])
-    if depth >= MAX_CHAIN_DEPTH:
-        raise FhirError(400, "not-supported", "_has nesting is limited to 3 levels", [key])
-    nested = ParsedSearch(resource_type=source)
-    if rest.startswith("_has:"):
-        nested.clauses.append(_parse_has(registry, rest, value, strict, depth + 1))
-    else:
-        inner = _parse_param(registry, source, rest, value, strict, depth + 1)
-        if inner is None:
-            raise FhirError(400, "invalid", f"_has: unknown search parameter '{rest}' for {source}", [key])
-        nested.clauses.append(inner)
-    return Clause("_has", None, [], None, has=(source, ref_param, nested))
-
-
-def _parse_sort(registry: ParamRegistry, rtype: str, value: str) -> list[SortKey]:
-    keys = []
-    for raw in [v.strip() for v in value.split(",") if v.strip()]:
-        desc = raw.startswith("-")
-        code = raw[1:] if desc else raw
-        if code in ("_lastUpdated", "_id"):
-            keys.append(SortKey(code, desc, None))
-            continue
-        param = registry.get(rtype, code)
-        if param is None or param.type in ("composite", "special"):
-            raise FhirError(400, "invalid", f"Cannot sort by '{code}'", ["_sort"])
-        if param.protected:
-            raise FhirError(400, "not-supported",
-                            f"'{code}' is stored only as a keyed hash and cannot be sorted by", ["_sort"])
-        keys.append(SortKey(code, desc, param))
-    return keys
-
-
-def _parse_include(registry: ParamRegistry, reverse: bool, modifier: str, value: str,
-                   strict: bool) -> Include | None:
-    parts = value.split(":")
-    if len(parts) not in (2, 3) or modifier not in ("", "iterate", "recurse"):
-        return None
-    source, pname = parts[0], parts[1]
-    target = parts[2] if len(parts) == 3 else None
-    param = registry.get(source, pname)
-    if param is None or param.type != "reference":
-        if strict:
-            raise FhirError(400, "invalid", f"'{value[:80]}' is not a reference parameter to include", ["_include"])
-        return None
-    return Include(source, pname, target, reverse, modifier in ("iterate", "recurse"))
-
-
-def encode_cursor(forward: bool, values: Sequence[Any], pk: int) -> str:
-    raw = json.dumps(["n" if forward else "p", list(values), pk], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(text: str) -> Cursor:
-    try:
-        direction, values, pk = json.loads(base64.urlsafe_b64decode(text.encode() + b"==="))
-        if direction not in ("n", "p") or not isinstance(values, list) or not isinstance(pk, int) \
-                or isinstance(pk, bool) or abs(pk) > 2**62:
-            raise ValueError
-        return Cursor(direction == "n", values, pk)
-    except (ValueError, TypeError, UnicodeDecodeError):
-        raise FhirError(400, "invalid", "Invalid paging cursor", ["_cursor"]) from None
 
 
 # ------------------------------------------------------------------------------- compiling
@@ -670,77 +377,3 @@ def _number_cond(prefix: str, text: str, col: Any, key: str) -> ColumnElement[bo
         return col <= v
     margin = abs(v) * 0.1
     return and_(col >= v - margin, col <= v + margin)
-
-
-def _after(keys: list[tuple[Any, bool]], values: list[Any], pk_col: Any, pk: int, forward: bool) -> ColumnElement[bool]:
-    """Rows strictly after (forward) or before (backward) the cursor in the sort order."""
-    terms = []
-    for i in range(len(keys) + 1):
-        eqs = [keys[j][0] == values[j] for j in range(i)]
-        if i < len(keys):
-            expr, desc = keys[i]
-            greater = (expr < values[i]) if desc else (expr > values[i])
-            less = (expr > values[i]) if desc else (expr < values[i])
-            terms.append(and_(*eqs, greater if forward else less))
-        else:
-            terms.append(and_(*eqs, (pk_col > pk) if forward else (pk_col < pk)))
-    return or_(*terms)
-
-
-def run_search(
-    conn: Connection,
-    parsed: ParsedSearch,
-    compiler: QueryCompiler,
-    access: list[ColumnElement[bool]],
-    access_fn: AccessFn | None = None,
-    extra: Sequence[ColumnElement[bool]] = (),
-    res: FromClause = resource,
-) -> SearchPage:
-    """Run the search: exact total (unless _total=none) and one keyset page."""
-    where, driver = compiler.compile(parsed, res, access_fn)
-    if driver is not None and driver.probe is not None:
-        # A broad driving clause (e.g. category=laboratory) is cheaper as a probe on each row in
-        # pk order, which stops at the page size, than as a materialized list of every match.
-        probe = driver.probe.limit(BROAD_CLAUSE_ROWS).subquery()
-        if conn.execute(select(func.count()).select_from(probe)).scalar_one() >= BROAD_CLAUSE_ROWS:
-            where, driver = compiler.compile(parsed, res, access_fn, drive=False)
-    driven = driver is not None and driver.rank > 0
-    conds = [res.c.deleted.is_(False), *where, *access, *extra]
-    if parsed.resource_type != "*":  # "*": several types, constrained by `extra`
-        # With a driving clause, keep SQLite from preferring the (unselective) type index.
-        type_col = res.c.type.concat("") if driven else res.c.type
-        conds.insert(0, type_col == parsed.resource_type)
-    total = None
-    wanted = parsed.total in ("accurate", "estimate") or (parsed.total == "auto" and parsed.cursor is None)
-    if wanted or parsed.summary == "count":
-        total = conn.execute(select(func.count()).select_from(res).where(*conds)).scalar_one()
-    if parsed.summary == "count" or parsed.count == 0:
-        return SearchPage([], total, None, None)
-    keys = compiler.sort_expressions(parsed, res)
-    forward = parsed.cursor is None or parsed.cursor.forward
-    page_conds = list(conds)
-    if parsed.cursor is not None:
-        page_conds.append(_after(keys, parsed.cursor.values, res.c.pk, parsed.cursor.pk, forward))
-    order = []
-    for expr, desc in keys:
-        order.append(expr.desc() if desc == forward else expr.asc())
-    order.append(res.c.pk.asc() if forward else res.c.pk.desc())
-    stmt = select(res.c.pk, *[expr.label(f"k{i}") for i, (expr, _d) in enumerate(keys)]) \
-        .where(*page_conds).order_by(*order).limit(parsed.count + 1)
-    rows = conn.execute(stmt).all()
-    more = len(rows) > parsed.count
-    rows = rows[: parsed.count]
-    if not forward:
-        rows.reverse()
-    pks = [r[0] for r in rows]
-
-    def cur(row: Any, fwd: bool) -> str:
-        return encode_cursor(fwd, [row[i + 1] for i in range(len(keys))], row[0])
-
-    next_cursor = prev_cursor = None
-    if rows:
-        if (forward and more) or (not forward and parsed.cursor is not None):
-            next_cursor = cur(rows[-1], True)
-        if (not forward and more) or (forward and parsed.cursor is not None):
-            prev_cursor = cur(rows[0], False)
-    return SearchPage(pks, total, next_cursor, prev_cursor)

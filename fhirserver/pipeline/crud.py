@@ -1,0 +1,215 @@
+"""The instance and type interactions: capabilities, read/vread, create, update, delete."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy import Connection, select
+
+from ..clock import now_us
+from ..db.engine import read_connection
+from ..db.schema import resource
+from ..fhir.dates import instant_text
+from ..fhir.errors import FhirError
+from ..storage.repository import PreparedWrite
+from ..storage.visibility import visible
+from .access import record_touch, search_matches, version_visible
+from .capability import capability_statement, smart_configuration
+from .context import RequestContext, Result
+from .handler import Handler
+from .render import render_resource, resource_headers, write_result
+from .request_body import MAX_VERSION, parse_etag, validated
+
+
+class Capabilities(Handler):
+    reads_only = True
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        s = ctx.services
+        cs = capability_statement(s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE,
+                                  profiles=s.validator.profiles.urls_by_type())
+        return Result(200, cs)
+
+
+class SmartConfiguration(Handler):
+    reads_only = True
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        s = ctx.services
+        scopes = [f"{c}/{t}.{p}" for c in ("patient", "user", "system") for t in ("*", *s.types.names())
+                  for p in ("rs", "cruds", "read", "write")]
+        return Result(200, smart_configuration(s.settings.public_root, scopes),
+                      {"Content-Type": "application/json"})
+
+
+class Read(Handler):
+    def read_only(self, ctx: RequestContext) -> bool:
+        # restricted access probes old versions (vread) in a savepoint; a plain read does not
+        return ctx.interaction.kind == "read" or not ctx.access.get("read")
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        assert it.resource_type and it.id
+        version = None
+        if it.kind == "vread":
+            text = it.version or ""
+            # this server's version ids are 64-bit integers: any other id names no version
+            if not text.isascii() or not text.isdigit() or int(text) > MAX_VERSION:
+                raise FhirError(404, "not-found", "Unknown version")
+            version = int(text)
+        try:
+            stored = ctx.services.repo.read(conn, it.resource_type, it.id, version)
+        except FhirError as err:
+            if err.status == 410:
+                head = ctx.services.repo.current(conn, it.resource_type, it.id)
+                if head is not None and not visible(conn, head.pk, ctx.access["read"]):
+                    raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known") from None
+            raise
+        if not visible(conn, stored.pk, ctx.access["read"]):
+            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
+        if version is not None and ctx.access["read"] and not version_visible(ctx, conn, stored):
+            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id}/_history/{version} is not known")
+        record_touch(ctx, conn, stored)
+        headers = resource_headers(stored, ctx.services.settings.fhir_base)
+        if_none_match = (ctx.header("if-none-match") or "").strip()
+        if if_none_match and (if_none_match == "*" or stored.version in
+                              {parse_etag(tag, "If-None-Match") for tag in if_none_match.split(",")}):
+            return Result(304, None, headers)
+        return Result(200, render_resource(ctx, stored), headers)
+
+
+class Create(Handler):
+    def prepare(self, ctx: RequestContext) -> None:
+        body = validated(ctx)
+        body.pop("id", None)  # the server assigns ids on create
+        ctx.prepared = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body, ctx.assigned_id)
+
+    def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
+        if ctx.interaction.conditional:
+            return None
+        p: PreparedWrite = ctx.prepared
+        return {"status": 201, "resources": [f"{p.type}/{p.id}/_history/1"], "patients": list(p.index.patients),
+                "outcome_desc": ""}
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        prepared: PreparedWrite = ctx.prepared
+        if ctx.interaction.conditional:
+            query = parse_qsl(ctx.header("if-none-exist") or "", keep_blank_values=True)
+            matches = search_matches(ctx, conn, prepared.type, query)
+            if len(matches) > 1:
+                raise FhirError(412, "duplicate", "If-None-Exist matched more than one resource")
+            if matches:
+                existing = ctx.services.repo.load_current(conn, matches)[0]
+                record_touch(ctx, conn, existing)
+                ctx.record.outcome_desc = "conditional create matched an existing resource"
+                return write_result(ctx, existing, 200)
+        stored = ctx.services.repo.create(conn, prepared, fresh_id=True)
+        if not visible(conn, stored.pk, ctx.access["create"]):
+            raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
+                                              "(outside the permitted compartment or scope restriction)")
+        record_touch(ctx, conn, stored, prepared.index.patients)
+        if not visible(conn, stored.pk, ctx.access.get("consent-read", [])):
+            ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
+        return write_result(ctx, stored, 201)
+
+
+AMENDMENT_TAG = {"system": "http://fhirserver.dev/CodeSystem/record-origin", "code": "patient-amended",
+                 "display": "Amended by the patient or their representative; review against the prior version"}
+PATIENT_OWNED = {"Patient", "Consent", "QuestionnaireResponse"}  # the patient's own statements
+
+
+def flag_patient_amendment(ctx: RequestContext, body: dict[str, Any]) -> None:
+    """A patient (or guardian) correcting a clinical record does not silently overwrite the
+    clinician's data: the new version carries a `patient-amended` tag, the prior version stays in
+    history, and the AuditEvent names the user. Their own demographics, Consents and answers are
+    theirs to correct without a flag."""
+    principal = ctx.principal
+    user = (principal.fhir_user or "") if principal else ""
+    if user.startswith(("Patient/", "RelatedPerson/")) and ctx.interaction.resource_type not in PATIENT_OWNED:
+        meta = body.setdefault("meta", {})
+        tags = [t for t in meta.get("tag", []) if t.get("code") != AMENDMENT_TAG["code"]]
+        meta["tag"] = [*tags, dict(AMENDMENT_TAG)]
+
+
+class Update(Handler):
+    def prepare(self, ctx: RequestContext) -> None:
+        it = ctx.interaction
+        body = validated(ctx)
+        flag_patient_amendment(ctx, body)
+        rtype = it.resource_type or ""
+        if it.conditional:
+            with read_connection(ctx.services.engine) as conn:
+                matches = search_matches(ctx, conn, rtype, it.params)
+            if len(matches) > 1:
+                raise FhirError(412, "multiple-matches", "The conditional update matched more than one resource")
+            target = None
+            if matches:
+                with read_connection(ctx.services.engine) as conn:
+                    target = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
+            if target and body.get("id") not in (None, target):
+                raise FhirError(400, "invalid", "Resource id does not match the resource found by the condition",
+                                ["id"])
+            rid = target or body.get("id") or str(uuid.uuid4())
+            ctx.interaction.id = rid
+            ctx.prepared = (ctx.services.repo.prepare(rtype, body, rid), matches[:1])
+            return
+        if "id" not in body:
+            raise FhirError(400, "required", "The resource must contain an id matching the URL", [f"{rtype}.id"])
+        if body["id"] != it.id:
+            raise FhirError(400, "invalid", f"Resource id '{str(body['id'])[:64]}' does not match the URL id '{it.id}'",
+                            [f"{rtype}.id"])
+        ctx.prepared = (ctx.services.repo.prepare(rtype, body, it.id), None)
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        prepared, expected = ctx.prepared
+        repo = ctx.services.repo
+        if expected is not None:
+            now = search_matches(ctx, conn, prepared.type, ctx.interaction.params)
+            if now != expected:
+                raise FhirError(412, "conflict", "The resources matching the condition changed; retry")
+        head = repo.current(conn, prepared.type, prepared.id)
+        if head is not None and not head.deleted and not visible(conn, head.pk, ctx.access["update"]):
+            raise FhirError(403, "forbidden", "The access token does not permit updating this resource")
+        if (head is None or head.deleted) and "create" not in ctx.access:
+            # update-as-create needs create permission too
+            raise FhirError(403, "forbidden", "The access token does not permit creating resources of this type")
+        if_match = parse_etag(ctx.header("if-match"), "If-Match")
+        stored, created = repo.update(conn, prepared, if_match)
+        check = ctx.access["create"] if created else ctx.access["update"]
+        if not visible(conn, stored.pk, check):
+            raise FhirError(403, "forbidden", "The access token does not permit this resource content "
+                                              "(outside the permitted compartment or scope restriction)")
+        record_touch(ctx, conn, stored, prepared.index.patients)
+        if not visible(conn, stored.pk, ctx.access.get("consent-read", [])):
+            ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
+        return write_result(ctx, stored, 201 if created else 200)
+
+
+class Delete(Handler):
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        rtype = it.resource_type or ""
+        repo = ctx.services.repo
+        if it.conditional:
+            matches = search_matches(ctx, conn, rtype, it.params)
+            if len(matches) > 1:
+                raise FhirError(412, "multiple-matches", "The conditional delete matched more than one resource")
+            if not matches:
+                return Result(204)
+            it.id = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
+        assert it.id
+        head = repo.current(conn, rtype, it.id)
+        if head is not None and not visible(conn, head.pk, ctx.access["delete"]):
+            # indistinguishable from deleting something that does not exist (which is a 204)
+            ctx.record.outcome_desc = "target not visible to this client: nothing deleted"
+            return Result(204)
+        stored = repo.delete(conn, rtype, it.id, parse_etag(ctx.header("if-match"), "If-Match"))
+        if stored is None:
+            return Result(204)
+        record_touch(ctx, conn, stored)
+        return Result(204, None, {"ETag": stored.etag})
+
+
+_START_DATE = instant_text(now_us())[:10]

@@ -1,0 +1,114 @@
+"""Writing a response: resource headers, the body a caller may see, and searchset Bundles."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import urlencode
+
+from sqlalchemy import Connection
+
+from ..audit.redact import redact_body
+from ..clock import now_us
+from ..fhir.dates import instant_text
+from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..fhir.subsetting import apply_subsetting
+from ..search.model import ParsedSearch, SearchPage
+from ..storage.codec import dump_json, fragment, parse_json
+from ..storage.repository import Stored
+from ..storage.visibility import patients_of
+from .context import RequestContext, Result
+
+
+def resource_headers(stored: Stored, base: str) -> dict[str, str]:
+    return {
+        "ETag": stored.etag,
+        "Last-Modified": _http_date(stored.last_updated_us),
+        "Content-Location": f"{base}/{stored.type}/{stored.id}/_history/{stored.version}",
+    }
+
+
+def _http_date(us: int) -> str:
+    from email.utils import formatdate
+
+    return formatdate(us / 1_000_000, usegmt=True)
+
+
+def output_body(ctx: RequestContext, stored: Stored) -> bytes:
+    """The stored JSON as this caller may see it: AuditEvents have the values of other requests'
+    queries and details redacted unless the caller is an auditor permitted to see them."""
+    assert stored.body is not None
+    if stored.type == "AuditEvent" and not (ctx.principal is not None and ctx.principal.sees_audit_values):
+        return redact_body(stored.body)
+    return stored.body
+
+
+def render_resource(ctx: RequestContext, stored: Stored) -> bytes | dict[str, Any]:
+    params = dict(ctx.interaction.params)
+    summary, elements = params.get("_summary"), params.get("_elements")
+    body = output_body(ctx, stored)
+    if summary not in (None, "false") or elements:
+        if summary not in (None, "true", "false", "text", "data"):
+            raise FhirError(400, "invalid", "_summary must be true, false, text or data")
+        return apply_subsetting(parse_json(body), summary,
+                                elements.split(",") if elements else None, ctx.services.summary_elements)
+    return body
+
+
+def write_result(ctx: RequestContext, stored: Stored, status: int) -> Result:
+    base = ctx.services.settings.fhir_base
+    headers = resource_headers(stored, base)
+    if status == 201:
+        headers["Location"] = f"{base}/{stored.type}/{stored.id}/_history/{stored.version}"
+    pref = ctx.prefer.get("return", "representation")
+    if pref == "minimal":
+        return Result(status, None, headers)
+    if pref == "OperationOutcome":
+        outcome = operation_outcome([Issue("informational", f"{stored.type}/{stored.id} version {stored.version} "
+                                                            f"{'created' if status == 201 else 'updated'}",
+                                           severity="information")])
+        return Result(status, outcome, headers)
+    assert stored.body is not None
+    return Result(status, stored.body, headers)
+
+
+def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSearch, page: SearchPage,
+              included: list[Stored] | None = None, matches: list[Stored] | None = None) -> Result:
+    """A searchset Bundle for one page, with self/first/next/previous links; audits what it returns."""
+    s = ctx.services
+    stored = matches if matches is not None else s.repo.load_current(conn, page.pks)
+    included = included or []
+    everything = stored + included
+    ctx.record.query = ctx.interaction.query_string
+    ctx.record.patients = patients_of(conn, [st.pk for st in everything])
+    ctx.record.resources = [f"{st.type}/{st.id}/_history/{st.version}" for st in everything]
+    base = s.settings.fhir_base
+    subset = parsed.summary not in (None, "false") or bool(parsed.elements)
+    entries: list[dict[str, Any]] = []
+    for mode, group in (("match", stored), ("include", included)):
+        for st in group:
+            body = output_body(ctx, st)
+            res: Any = (apply_subsetting(parse_json(body), parsed.summary, parsed.elements, s.summary_elements)
+                        if subset and mode == "match" else fragment(body))
+            entries.append({"fullUrl": f"{base}/{st.type}/{st.id}", "resource": res, "search": {"mode": mode}})
+    if parsed.ignored:
+        outcome = operation_outcome([Issue("not-supported", m, severity="warning") for m in parsed.ignored])
+        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+
+    def link(cursor: str | None) -> str:
+        query = urlencode(parsed.echo + ([("_cursor", cursor)] if cursor else []))
+        return f"{base}/{path}" + (f"?{query}" if query else "")
+
+    current = dict(ctx.interaction.params).get("_cursor")
+    links = [{"relation": "self", "url": link(current)}, {"relation": "first", "url": link(None)}]
+    if page.next_cursor:
+        links.append({"relation": "next", "url": link(page.next_cursor)})
+    if page.prev_cursor:
+        links.append({"relation": "previous", "url": link(page.prev_cursor)})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                              "meta": {"lastUpdated": instant_text(now_us())}, "type": "searchset"}
+    if page.total is not None:
+        bundle["total"] = page.total
+    bundle["link"] = links
+    bundle["entry"] = entries
+    return Result(200, dump_json(bundle))

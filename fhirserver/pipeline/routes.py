@@ -1,0 +1,39 @@
+"""The route table: every interaction kind and operation the server answers, mapped once to its
+handler. The resource-type registry (profiles/resource-types.json) says which types support which
+of them; parse_interaction (interaction.py) names the key; the pipeline looks the handler up here."""
+
+from __future__ import annotations
+
+from .bundle import BundleHandler
+from .crud import Capabilities, Create, Delete, Read, SmartConfiguration, Update
+from .erase_op import Erase
+from .export_ops import ExportFile, ExportKickoff, ExportStatus
+from .handler import Handler
+from .history import History
+from .searching import Everything, LastN, Search
+from .validate_op import Validate
+
+ROUTES: dict[str, Handler] = {
+    "capabilities": Capabilities(),
+    "smart-configuration": SmartConfiguration(),
+    "read": Read(),
+    "vread": Read(),
+    "create": Create(),
+    "update": Update(),
+    "delete": Delete(),
+    "history-instance": History(),
+    "history-type": History(),
+    "search-type": Search(),
+    "bundle": BundleHandler(),  # batch / transaction at POST [base]
+    "$everything": Everything(),
+    "$lastn": LastN(),
+    "$validate": Validate(),
+    "$erase": Erase(),
+    "$export": ExportKickoff(),
+    "$export-poll-status": ExportStatus(),
+    "$export-file": ExportFile(),
+}
+
+
+def handler_for(kind: str, operation: str | None) -> Handler:
+    return ROUTES[f"${operation}" if operation else kind]

@@ -1,0 +1,123 @@
+"""Search and the search-like operations: type search, Patient/$everything, Observation/$lastn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, and_, false, func, or_, select
+
+from ..db.schema import compartment, idx_date, idx_token, resource
+from ..fhir.dates import parse_range
+from ..fhir.errors import FhirError
+from ..search.executor import run_search
+from ..search.model import SearchPage
+from ..search.parser import parse_search
+from ..storage.visibility import visible
+from .context import RequestContext, Result
+from .handler import Handler
+from .includes import resolve_includes
+from .render import searchset
+
+
+class Search(Handler):
+    reads_only = True
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        s = ctx.services
+        rtype = it.resource_type or ""
+        strict = ctx.prefer.get("handling") == "strict"
+        parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
+        page = run_search(conn, parsed, s.compiler, ctx.access["search-type"], ctx.access_fn)
+        matches = s.repo.load_current(conn, page.pks)
+        included = resolve_includes(ctx, conn, parsed.includes, matches)
+        return searchset(ctx, conn, rtype, parsed, page, included, matches)
+
+
+class Everything(Handler):
+    """Patient/[id]/$everything: the patient and everything in its compartment the caller may see.
+    Paged like a search (keyset over pk); `_since`, `_type`, `_count`."""
+
+    reads_only = True
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        s = ctx.services
+        pid = it.id or ""
+        head = s.repo.current(conn, "Patient", pid)
+        if head is None or head.deleted or not visible(conn, head.pk, ctx.access["search-type"]):
+            raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+        params = [(k, v) for k, v in it.params if k in ("_count", "_cursor", "_since", "_type", "_summary", "_elements")]
+        types = s.types.names()
+        wanted = types
+        extra: list[Any] = []
+        passthrough = []
+        for k, v in params:
+            if k == "_type":
+                wanted = [t.strip() for t in v.split(",") if t.strip()]
+                unknown = [t for t in wanted if t not in types]
+                if unknown:
+                    raise FhirError(400, "not-supported", f"_type: unsupported type(s) {', '.join(unknown)}", ["_type"])
+            elif k == "_since":
+                try:
+                    extra.append(resource.c.last_updated_us >= parse_range(v)[0])
+                except ValueError:
+                    raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
+            else:
+                passthrough.append((k, v))
+        allowed = []
+        for t in wanted:
+            if t == "AuditEvent":
+                continue  # the audit trail about a patient is not part of their record
+            preds = ctx.access_fn(t, resource)
+            if preds is not None:
+                allowed.append(and_(resource.c.type == t, *preds))
+        comp = compartment.alias()
+        member = or_(and_(resource.c.type == "Patient", resource.c.id == pid),
+                     resource.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
+        extra.extend([member, or_(*allowed) if allowed else false()])
+        parsed = parse_search(s.params, "*", passthrough, s.settings.default_page_size, s.settings.max_page_size, False)
+        parsed.echo += [(k, v) for k, v in params if k in ("_type", "_since")]
+        page = run_search(conn, parsed, s.compiler, [], ctx.access_fn, extra)
+        return searchset(ctx, conn, f"Patient/{pid}/$everything", parsed, page)
+
+
+class LastN(Handler):
+    reads_only = True
+
+    """Observation/$lastn: the most recent `max` Observations per code among those matching the
+    search parameters (patient, category, code, ...), newest first within each code."""
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        it = ctx.interaction
+        s = ctx.services
+        params = [(k, v) for k, v in it.params if k != "max"]
+        try:
+            max_n = int(dict(it.params).get("max", "1"))
+        except ValueError:
+            raise FhirError(400, "invalid", "max must be a positive integer", ["max"]) from None
+        if max_n < 1:
+            raise FhirError(400, "invalid", "max must be a positive integer", ["max"])
+        max_n = min(max_n, s.settings.max_page_size)  # more per code could never fit in one page
+        strict = ctx.prefer.get("handling") == "strict"
+        parsed = parse_search(s.params, "Observation", params, s.settings.max_page_size, s.settings.max_page_size, strict)
+        r = resource.alias()
+        access = ctx.access_fn("Observation", r)
+        conds = [r.c.type == "Observation", r.c.deleted.is_(False), *s.compiler.where(parsed, r, ctx.access_fn),
+                 *(access if access is not None else [false()])]
+        tok, dat = idx_token.alias(), idx_date.alias()
+        code_key = (select(func.min(func.coalesce(tok.c.system, "") + "|" + tok.c.code))
+                    .where(tok.c.resource_pk == r.c.pk, tok.c.param == "code").scalar_subquery())
+        when = (select(func.max(dat.c.high_us)).where(dat.c.resource_pk == r.c.pk, dat.c.param == "date")
+                .scalar_subquery())
+        ranked = (select(r.c.pk.label("pk"), code_key.label("code_key"), when.label("when"),
+                         func.row_number().over(partition_by=code_key,
+                                                order_by=(func.coalesce(when, -(2**62)).desc(), r.c.pk.desc()))
+                         .label("rn"))
+                  .where(*conds).subquery())
+        rows = conn.execute(select(ranked.c.pk).where(ranked.c.rn <= max_n)
+                            .order_by(ranked.c.code_key, ranked.c.rn).limit(s.settings.max_page_size)).all()
+        pks = [row[0] for row in rows]
+        parsed.echo.append(("max", str(max_n)))
+        page = SearchPage(pks, len(pks), None, None)
+        return searchset(ctx, conn, "Observation/$lastn", parsed, page)
