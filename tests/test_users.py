@@ -23,7 +23,8 @@ from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from fhirserver.audit.chain import verify_chain
-from fhirserver.cli import _services, main
+from fhirserver.cli import main
+from fhirserver.cli.root import _services
 from fhirserver.clock import now_us
 from fhirserver.db.engine import read_connection
 from fhirserver.db.schema import app_user, audit_chain

@@ -1,0 +1,8 @@
+"""The `fhirserver` command line: one module per command group, all registered on `main`."""
+
+from __future__ import annotations
+
+from . import clients, data, serve, users  # noqa: F401 - registers the commands on main
+from .root import main
+
+__all__ = ["main"]

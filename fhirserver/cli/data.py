@@ -1,0 +1,181 @@
+"""Commands over the stored data: `db upgrade|reindex`, `load`, `keys rotate|status`, `alerts list`,
+`audit verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..db.engine import read_connection
+from .root import _services, _settings, main
+
+
+# ------------------------------------------------------------------ db
+@main.group()
+def db() -> None:
+    """Database schema management."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Apply Alembic migrations (SQLite or PostgreSQL)."""
+    from ..db.migrations import current_revision, upgrade
+
+    settings = _settings(ctx)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url, revision)
+    click.echo(f"database at revision {current_revision(settings.effective_database_url)}")
+
+
+@db.command("reindex")
+@click.pass_context
+def db_reindex(ctx: click.Context) -> None:
+    """Rebuild all search indexes from the stored resources (after adding SearchParameters)."""
+    from ..exchange.reindex import reindex_all
+
+    svc = _services(_settings(ctx))
+    count = reindex_all(svc)
+    click.echo(f"re-indexed {count} resources")
+
+
+# ------------------------------------------------------------------ load
+@main.command("load")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 10_000),
+              help="Items per transaction; each commits its checkpoint with it.")
+@click.option("--workers", default=lambda: max((os.cpu_count() or 2) - 1, 1), show_default="CPU count - 1",
+              type=click.IntRange(0, 64),
+              help="Processes that parse, validate and index, beside this one, the writer (0: none).")
+@click.option("--force", is_flag=True, help="Load again files that were loaded completely before.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def load(ctx: click.Context, paths: tuple[Path, ...], batch: int, workers: int, force: bool, quiet: bool) -> None:
+    """Import FHIR Bundles (.json) and NDJSON (.ndjson) files, also gzipped, or directories of them.
+
+    Resources of the stored types are validated, indexed and encrypted like REST writes (ids
+    kept; Bundle urn:uuid references rewritten to Type/id); other types are skipped and counted.
+    Interrupted? Run the same command again: it continues where it stopped. One AuditEvent per
+    file. Exit status 1 if any resource was invalid (those are reported and not stored), 130 if
+    interrupted.
+    """
+    from ..exchange.load import load_paths
+    from ..exchange.sources import LoadError
+
+    svc = _services(_settings(ctx))
+    try:
+        report = load_paths(svc, paths, batch=batch, workers=workers, force=force, progress=False if quiet else None)
+    except LoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("interrupted: committed batches are kept; run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo(report.summary())
+    if report.invalid:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------ keys
+@main.group()
+def keys() -> None:
+    """Master key management."""
+
+
+@keys.command("rotate")
+@click.option("--new-key-stdin", is_flag=True,
+              help="Read the new base64 master key from stdin (when keys come from FHIRSERVER_MASTER_KEY).")
+@click.pass_context
+def keys_rotate(ctx: click.Context, new_key_stdin: bool) -> None:
+    """Re-wrap every data key under a new master key, online.
+
+    File-backed key ring: a new key is generated and made active; old keys are removed once no
+    data key uses them. Environment-provided keys: put the new key first in FHIRSERVER_MASTER_KEY
+    (new,old) and run this to re-wrap; then drop the old key from the variable.
+    """
+    settings = _settings(ctx)
+    svc = _services(settings)
+    if svc.ring.file_backed:
+        raw = None
+        if new_key_stdin:
+            from ..crypto.keyring import decode_key
+
+            raw = decode_key(sys.stdin.read())
+        kid = svc.ring.add_new_active_key(raw)
+    else:
+        if new_key_stdin:
+            raise click.ClickException("with FHIRSERVER_MASTER_KEY set, put the new key first in that variable")
+        kid = svc.ring.active_kid
+    count, unused = svc.keys.rewrap_all()
+    svc.ring.retire(unused)
+    click.echo(f"active master key {kid}; re-wrapped {count} data keys; retired {len(unused)} old master key(s)")
+
+
+@keys.command("status")
+@click.pass_context
+def keys_status(ctx: click.Context) -> None:
+    """Show which master keys wrap how many data keys."""
+    from sqlalchemy import func, select
+
+    from ..db.schema import data_key
+
+    svc = _services(_settings(ctx))
+    with read_connection(svc.engine) as conn:
+        rows = conn.execute(select(data_key.c.master_kid, func.count()).group_by(data_key.c.master_kid)).all()
+    click.echo(f"active master key: {svc.ring.active_kid} ({'file' if svc.ring.file_backed else 'environment'})")
+    for kid, n in rows:
+        click.echo(f"  {kid}: {n} data keys")
+
+
+# ------------------------------------------------------------------ audit
+@main.group()
+def alerts() -> None:
+    """The privacy alert feed (break-the-glass, consent-exempt access, denial bursts)."""
+
+
+@alerts.command("list")
+@click.option("--kind", type=click.Choice(["break-glass", "consent-exempt", "denial-burst", "client-suspended"]))
+@click.option("--client", "client_id", help="Only alerts about this client_id.")
+@click.option("--limit", default=100, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def alerts_list(ctx: click.Context, kind: str | None, client_id: str | None, limit: int, as_json: bool) -> None:
+    """List alerts, newest first."""
+    from ..consent.alerts import list_alerts
+
+    svc = _services(_settings(ctx))
+    rows = list_alerts(svc.engine, kind, client_id, None, limit)
+    if as_json:
+        click.echo(json.dumps([a.to_json() for a in rows], indent=2))
+        return
+    for a in rows:
+        click.echo(f"{a.id}\t{a.created}\t{a.kind}\t{a.client_id or '-'}\t{json.dumps(a.detail, sort_keys=True)}")
+
+
+@main.group()
+def audit() -> None:
+    """Audit trail tools."""
+
+
+@audit.command("verify")
+@click.pass_context
+def audit_verify(ctx: click.Context) -> None:
+    """Verify the AuditEvent hash chain; exits 1 and names the first bad record if broken."""
+    from ..audit.chain import verify_chain
+
+    svc = _services(_settings(ctx))
+    result = verify_chain(svc.engine, svc.repo)
+    if result.ok:
+        click.echo(f"OK: {result.checked} audit records verified; head hash {result.head_hash}")
+        return
+    click.echo(f"FAILED after {result.checked} good records: first bad record seq={result.first_bad_seq} "
+               f"event={result.first_bad_event}: {result.reason}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
