@@ -22,8 +22,8 @@ from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
 from .pipeline.pipeline import Pipeline
 from .services import Services, build_services, warm_keys
+from .smart.install import install as install_smart
 from .smart.server import build_authorization_server
-from .smart.views import install as install_smart
 from .storage.codec import dump_json, parse_json
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"

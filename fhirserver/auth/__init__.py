@@ -1,1 +1,6 @@
-"""OAuth 2.0 / SMART on FHIR: clients, scopes, tokens and the authorization server (Authlib)."""
+"""OAuth 2.0 / SMART building blocks: the client registry, the scope grammar and algebra, opaque
+access tokens, grant families, codes, refresh tokens and launch contexts, client assertions.
+
+Owns: who may ask for tokens and what a token grants. The HTTP endpoints live in smart/.
+May import: audit, storage, search, fhir, crypto, db, clock, config.
+"""

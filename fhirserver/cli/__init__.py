@@ -1,4 +1,7 @@
-"""The `fhirserver` command line: one module per command group, all registered on `main`."""
+"""The `fhirserver` command line: one module per command group, all registered on `main`.
+
+May import: anything (it is the top layer).
+"""
 
 from __future__ import annotations
 

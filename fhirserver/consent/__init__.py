@@ -1,6 +1,10 @@
-"""The consent engine (issue 6): patients' privacy Consents enforced inside every query, purpose
-of use, sensitive-data labelling, break-the-glass, minors, and the privacy alert feed.
-See docs/consent.md for the rules (a contract) and what the rule tables reveal."""
+"""The consent engine: patients' privacy Consents enforced inside every query, purpose of use,
+sensitive-data labelling, break-the-glass, minors, and the privacy alert feed. See
+docs/consent.md for the rules (a contract) and what the rule tables reveal.
+
+Owns: the consent stage (hooks.py is its contract with the pipeline) and the repository's
+write hook. May import: auth, audit, storage, search, fhir, crypto, db, clock, config.
+"""
 
 from __future__ import annotations
 

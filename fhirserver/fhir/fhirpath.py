@@ -8,6 +8,9 @@ time, so a custom SearchParameter never silently indexes nothing.
 
 Nodes are (value, type) pairs; `type` is known for choice elements (`valueQuantity` -> Quantity)
 and for resolve() results, which is what `ofType`/`is` need.
+
+One module, past the 400 lines others keep to: the tokenizer, the recursive-descent parser and
+the functions it compiles to are one grammar, and read best side by side.
 """
 
 from __future__ import annotations

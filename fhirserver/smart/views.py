@@ -11,7 +11,6 @@ password the session only records "second factor pending" for five minutes.
 from __future__ import annotations
 
 import hmac
-import json
 import secrets
 import time
 from typing import Any
@@ -20,30 +19,24 @@ from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
 from flask import (
     Blueprint,
-    Flask,
     Response,
     current_app,
-    has_request_context,
     jsonify,
     render_template,
     request,
     session,
 )
-from flask.sessions import SecureCookieSessionInterface
-from sqlalchemy import select
 from werkzeug.datastructures import MultiDict
 
 from ..auth.clients import get_client
 from ..auth.grants import GrantContext, claim_launch
-from ..db.engine import read_connection
-from ..db.schema import resource
 from ..services import Services
-from ..storage.codec import parse_json
 from ..users.login import authenticate_second_factor, authenticate_user
 from ..users.registry import UserRecord, get_user
 from .audit import audit_oauth
 from .describe import describe_scope
-from .secrets_store import session_secret, signing_key
+from .patients import _own_patients, _patient_choices, _patient_exists
+from .secrets_store import signing_key
 
 PENDING_MAX = 5
 PENDING_TTL_S = 15 * 60
@@ -204,46 +197,6 @@ def _show(txn: str, grant: Any, error: str = "", status: int = 200) -> Response:
                  scopes=[(s, describe_scope(s)) for s in scopes], mode=mode, options=options, error=error)
 
 
-def _patient_label(svc: Services, pid: str) -> str:
-    try:
-        with read_connection(svc.engine) as conn:
-            stored = svc.repo.read(conn, "Patient", pid)
-        body = parse_json(stored.body or b"{}")
-        name = (body.get("name") or [{}])[0]
-        text = name.get("text") or " ".join([*name.get("given", []), name.get("family", "")]).strip()
-        return f"{text} (Patient/{pid})" if text else f"Patient/{pid}"
-    except Exception:  # noqa: BLE001 - a label is cosmetic; an unreadable record shows its id
-        return f"Patient/{pid}"
-
-
-def _needs_patient(scopes: list[str]) -> bool:
-    return "launch/patient" in scopes or any(s.startswith("patient/") for s in scopes)
-
-
-def _patient_choices(svc: Services, user: UserRecord, launch_ctx: dict[str, Any] | None,
-                     scopes: list[str]) -> tuple[str, list[tuple[str, str]]]:
-    """How the patient context is set: none | fixed (EHR launch) | choose (own/linked records) |
-    search (a practitioner names any patient)."""
-    if launch_ctx and launch_ctx.get("patient"):
-        pid = launch_ctx["patient"]
-        return "fixed", [(pid, _patient_label(svc, pid))]
-    if not _needs_patient(scopes):
-        return "none", []
-    ids = _own_patients(user)
-    if user.fhir_user.startswith(("Practitioner/", "PractitionerRole/")):
-        with read_connection(svc.engine) as conn:
-            recent = conn.execute(select(resource.c.id).where(
-                resource.c.type == "Patient", resource.c.deleted.is_(False))
-                .order_by(resource.c.last_updated_us.desc()).limit(20)).scalars().all()
-        return "search", [(pid, _patient_label(svc, pid)) for pid in recent]
-    return "choose", [(pid, _patient_label(svc, pid)) for pid in ids]
-
-
-def _own_patients(user: UserRecord) -> list[str]:
-    ids = [user.fhir_user.split("/", 1)[1]] if user.fhir_user.startswith("Patient/") else []
-    return list(dict.fromkeys([*ids, *(link.patient_id for link in user.links)]))
-
-
 def _continue() -> Response:
     svc = _svc()
     form = request.form
@@ -354,15 +307,30 @@ def _repeat(stored: StoredAuthorizationRequest, launch_ctx: dict[str, Any] | Non
     return failure or _show(txn, grant, error, 400)
 
 
-def _patient_exists(svc: Services, pid: str) -> bool:
-    if not pid or len(pid) > 64:
-        return False
-    with read_connection(svc.engine) as conn:
-        head = svc.repo.current(conn, "Patient", pid)
-    return head is not None and not head.deleted
-
-
 # ---- blueprint
+
+def _endpoint_view(name: str) -> Any:
+    def view() -> Response:
+        svc = _svc()
+        try:
+            resp = _server().create_endpoint_response(name)
+        except OAuth2Error as err:
+            resp = _server().handle_error_response(None, err)
+        body = resp.get_json(silent=True) or {}
+        claimed = request.form.get("client_id") or (request.authorization.username if request.authorization else None)
+        record = get_client(svc.engine, claimed) if isinstance(claimed, str) and len(claimed) <= 64 else None
+        if resp.status_code == 200:
+            desc = (f"token introspected: active={body.get('active')}" if name == "introspection"
+                    else "token revoked (or already unknown)")
+        else:
+            desc = f"{name} refused: {body.get('error', 'error')}"
+        audit_oauth(svc, name, resp.status_code, record, None, desc)
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    view.__name__ = f"{name}_view"
+    return view
+
 
 def make_smart_blueprint() -> Blueprint:
     bp = Blueprint("smart", __name__, url_prefix="/auth", template_folder="templates",
@@ -393,80 +361,3 @@ def make_smart_blueprint() -> Blueprint:
     for name, path in (("introspection", "/introspect"), ("revocation", "/revoke")):
         bp.add_url_rule(path, name, _endpoint_view(name), methods=["POST"])
     return bp
-
-
-def _endpoint_view(name: str) -> Any:
-    def view() -> Response:
-        svc = _svc()
-        try:
-            resp = _server().create_endpoint_response(name)
-        except OAuth2Error as err:
-            resp = _server().handle_error_response(None, err)
-        body = resp.get_json(silent=True) or {}
-        claimed = request.form.get("client_id") or (request.authorization.username if request.authorization else None)
-        record = get_client(svc.engine, claimed) if isinstance(claimed, str) and len(claimed) <= 64 else None
-        if resp.status_code == 200:
-            desc = (f"token introspected: active={body.get('active')}" if name == "introspection"
-                    else "token revoked (or already unknown)")
-        else:
-            desc = f"{name} refused: {body.get('error', 'error')}"
-        audit_oauth(svc, name, resp.status_code, record, None, desc)
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
-
-    view.__name__ = f"{name}_view"
-    return view
-
-
-def openid_configuration(svc: Services) -> dict[str, Any]:
-    root = svc.settings.public_root
-    return {
-        "issuer": root,
-        "authorization_endpoint": f"{root}/auth/authorize",
-        "token_endpoint": f"{root}/auth/token",
-        "jwks_uri": f"{root}/auth/jwks",
-        "introspection_endpoint": f"{root}/auth/introspect",
-        "revocation_endpoint": f"{root}/auth/revoke",
-        "response_types_supported": ["code"],
-        "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
-        "scopes_supported": ["openid", "fhirUser", "profile", "launch", "launch/patient", "offline_access",
-                             "online_access"],
-        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser", "profile"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
-        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post",
-                                                  "private_key_jwt"],
-        "code_challenge_methods_supported": ["S256"],
-    }
-
-
-class _TlsAwareSessions(SecureCookieSessionInterface):
-    """The sign-in session cookie is `Secure` whenever the request came over TLS -- directly or
-    through a TLS-terminating proxy (`proxy_hops`, X-Forwarded-Proto) -- or the public URL is https."""
-
-    def get_cookie_secure(self, app: Flask) -> bool:
-        return bool(super().get_cookie_secure(app)) or (has_request_context() and request.is_secure)
-
-
-def install(app: Flask) -> None:
-    svc: Services = app.extensions["fhirserver"]
-    app.session_interface = _TlsAwareSessions()
-    app.secret_key = session_secret(svc.settings.data_dir, svc.settings.session_secret)
-    app.config.update(SESSION_COOKIE_NAME="fhirserver_session", SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Lax",
-                      SESSION_COOKIE_SECURE=svc.settings.public_root.startswith("https://"))
-    signing_key(svc.settings.data_dir)  # generate at start, not on the first login
-    app.register_blueprint(make_smart_blueprint())
-    from ..admin_api import api_of
-    from .admin import launch_blp, register_blp
-
-    api_of(app).register_blueprint(launch_blp)
-    api_of(app).register_blueprint(register_blp)
-    if svc.settings.demo_app:
-        from .demo_app import make_demo_app_blueprint
-
-        app.register_blueprint(make_demo_app_blueprint())
-
-    @app.get("/.well-known/openid-configuration")
-    def oidc_discovery() -> Response:
-        return Response(json.dumps(openid_configuration(svc)), mimetype="application/json")

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, select, update
@@ -30,6 +30,7 @@ from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
 from ..search.indexer import Indexer, IndexRows
 from .codec import dump_json, parse_json
+from .write_hooks import WriteHook
 
 
 class CorruptDataError(Exception):
@@ -136,20 +137,6 @@ _VERSION_COLS = [resource_version.c[name] for name in
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-class WriteHook(Protocol):
-    """What a package above storage adds to every write path (REST, Bundles, imports, the demo,
-    reindexing) without subclassing the repository: the consent package labels sensitive data on
-    prepare and keeps a Consent's rule rows in step with the Consent in the same transaction."""
-
-    def prepare(self, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
-        """The body to store (may be a changed copy); outside any transaction."""
-        ...
-
-    def written(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any] | None) -> None:
-        """After a version was written (body None: deleted), inside the write's transaction."""
-        ...
 
 
 class Repository:

@@ -1,4 +1,7 @@
-"""User accounts for SMART App Launch: registry, Argon2id passwords, TOTP, lockout, audited logins."""
+"""User accounts for SMART App Launch: registry, Argon2id passwords, TOTP, lockout, audited logins.
+
+May import: services and everything below it.
+"""
 
 from .login import LoginPolicy, LoginResult, authenticate_user, login_audit_record, verify_login
 from .passwords import WeakPasswordError, check_strength

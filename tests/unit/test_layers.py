@@ -82,3 +82,16 @@ def violations() -> list[str]:
 def test_no_module_imports_from_a_higher_layer() -> None:
     found = violations()
     assert not found, "\n".join(found)
+
+
+def test_modules_stay_small_unless_their_docstring_says_why() -> None:
+    """A module over 400 lines must say in its docstring why it is one module (e.g. the schema)."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "migrations" in path.parts:
+            continue
+        text = path.read_text()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if text.count("\n") > 400 and "400 lines" not in doc:
+            long.append(f"{path.relative_to(PACKAGE.parent)}: {text.count(chr(10))} lines")
+    assert not long, "\n".join(long)
