@@ -166,7 +166,9 @@ def _make_auth_blueprint() -> Blueprint:
         except Exception:
             logging.getLogger("fhirserver.auth").exception("could not audit a token request")
             _revoke_issued(svc, body)  # fail closed: no token without its audit record
-            return jsonify(error="server_error", error_description="audit unavailable"), 500
+            failed = jsonify(error="server_error", error_description="audit unavailable")
+            failed.status_code = 500
+            return failed
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["Pragma"] = "no-cache"
         return resp

@@ -167,7 +167,8 @@ def ensure_demo_client(svc: Services) -> Path:
     return key_path
 
 
-DEMO_CONSENT_CLIENTS = [  # client_id, name, settings (same key as the demo backend client)
+# client_id, name, settings, organization (same key as the demo backend client)
+DEMO_CONSENT_CLIENTS: list[tuple[str, str, dict[str, Any], str]] = [
     ("demo-research", "Demo research client (purpose HRESCH)", {"purposes": ["HRESCH"]}, "Organization/demo-hospital"),
     ("demo-break-glass", "Demo emergency department of another hospital (break-the-glass)",
      {"purposes": ["TREAT"], "break_glass": True}, "Organization/demo-ed"),

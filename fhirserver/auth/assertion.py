@@ -49,7 +49,7 @@ def client_assertion(key: ECKey | RSAKey, client_id: str, token_url: str, lifeti
     claims = {"iss": client_id, "sub": client_id, "aud": token_url, "exp": now + lifetime_s,
               "iat": now, "jti": uuid.uuid4().hex}
     claims.update(overrides)
-    alg = key.as_dict().get("alg") or ("ES384" if key.key_type == "EC" else "RS384")
+    alg = str(key.as_dict().get("alg") or ("ES384" if key.key_type == "EC" else "RS384"))
     header = {"alg": alg, "kid": key.kid, "typ": "JWT"}
     return jwt.encode(header, claims, key, algorithms=[alg])
 

@@ -82,7 +82,7 @@ def _check_jwks(jwks: dict[str, Any]) -> None:
         if any(k in key for k in ("d", "p", "q", "dp", "dq", "qi", "k")):
             raise ClientError("JWKS must contain public keys only")
     try:
-        KeySet.import_key_set(jwks)
+        KeySet.import_key_set(jwks)  # type: ignore[arg-type]  # validated by joserfc itself
     except Exception as exc:  # noqa: BLE001 - joserfc raises several types
         raise ClientError(f"JWKS is not valid: {exc}") from exc
 

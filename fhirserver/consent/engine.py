@@ -102,7 +102,7 @@ class _Deferred(ColumnElement[bool]):
     type = Boolean()
     _traverse_internals = [
         ("tables", InternalTraversal.dp_clauseelement_list),
-        ("params", InternalTraversal.dp_clauseelement_list),
+        ("bound", InternalTraversal.dp_clauseelement_list),
         ("shape", InternalTraversal.dp_plain_obj),
     ]
 
@@ -110,13 +110,13 @@ class _Deferred(ColumnElement[bool]):
                  shape: tuple[Any, ...] = ()) -> None:
         self.build = build
         self.tables = list(tables)
-        self.params = list(params)
+        self.bound = list(params)
         self.shape = (build.__name__, *shape)
 
 
 @compiles(_Deferred)
 def _compile_deferred(element: _Deferred, compiler: Any, **kw: Any) -> str:
-    tree = element.build(element.tables, element.params, element.shape[1:])
+    tree = element.build(element.tables, element.bound, element.shape[1:])
     return str(compiler.process(tree, **kw))
 
 

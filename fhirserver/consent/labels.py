@@ -68,7 +68,7 @@ class Labeller:
                     continue
                 for coding in concept.get("coding", []):
                     if isinstance(coding, dict):
-                        label = self.codes.by_code.get((coding.get("system"), coding.get("code")))
+                        label = self.codes.by_code.get((str(coding.get("system")), str(coding.get("code"))))
                         if label and label not in found:
                             found.append(label)
         elif rtype == "QuestionnaireResponse":

@@ -176,12 +176,13 @@ def materialize(conn: Connection, consent_pk: int, body: dict[str, Any] | None,
         return 0
     pks: dict[int, int] = {}
     for rule in rules:
-        pk = conn.execute(insert(consent_rule).values(
+        key = conn.execute(insert(consent_rule).values(
             consent_pk=consent_pk, patient_id=patient, parent_pk=pks.get(rule.parent) if rule.parent is not None
             else None, effect=rule.effect, start_us=rule.start_us, end_us=rule.end_us, explicit=rule.explicit,
             n_groups=len({c.grp for c in rule.criteria}),
-        )).inserted_primary_key[0]
-        pks[rule.index] = pk
+        )).inserted_primary_key
+        assert key is not None
+        pk = pks[rule.index] = key[0]
         if rule.criteria:
             conn.execute(insert(consent_criterion), [
                 {"rule_pk": pk, "grp": c.grp, "kind": c.kind, "system": c.system, "value": c.value,

@@ -25,6 +25,13 @@ def _sql(conn: Connection | Engine, sql: str) -> str:
     return _CACHE[key]
 
 
+def _driver(conn: Connection) -> Any:
+    """The DB-API connection under a SQLAlchemy connection (always present once connected)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    return driver
+
+
 def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     """Run one statement in `conn`'s transaction; returns the DB-API cursor (caller closes).
 
@@ -32,7 +39,7 @@ def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     raw and Core statements on one connection share a transaction (and its snapshot)."""
     if not conn.in_transaction():
         conn.begin()
-    cursor = conn.connection.driver_connection.cursor()
+    cursor = _driver(conn).cursor()
     cursor.execute(_sql(conn, sql), tuple(params))
     return cursor
 
@@ -42,7 +49,7 @@ def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> No
         return
     if not conn.in_transaction():
         conn.begin()
-    cursor = conn.connection.driver_connection.cursor()
+    cursor = _driver(conn).cursor()
     try:
         cursor.executemany(_sql(conn, sql), rows)
     finally:

@@ -158,7 +158,7 @@ class Deidentifier:
         return f"urn:uuid:{_uuid(self.pseudonym(ref))}"
 
     def _address(self, addr: dict[str, Any]) -> dict[str, Any] | None:
-        out = {k: addr[k] for k in ("use", "type", "state", "country") if k in addr}
+        out: dict[str, Any] = {k: addr[k] for k in ("use", "type", "state", "country") if k in addr}
         digits = "".join(c for c in str(addr.get("postalCode", "")) if c.isdigit())
         if len(digits) >= 3 and (str(addr.get("country", "US")).upper() in ("US", "USA", "UNITED STATES")):
             zip3 = digits[:3]

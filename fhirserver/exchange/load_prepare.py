@@ -87,7 +87,7 @@ class _DeferredKeys:
     def ensure(self, scope: str) -> tuple[int, bytes]:
         if scope.startswith("patient:"):
             return 0, b""
-        return self._keys.ensure(scope)  # type: ignore[no-any-return]
+        return self._keys.ensure(scope)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._keys, name)

@@ -21,6 +21,7 @@ from typing import Any
 
 Node = tuple[Any, str | None]
 Fn = Callable[[list[Node]], list[Node]]
+Extract = Callable[[dict[str, Any]], list[Node]]  # a compiled expression applied to a resource
 
 
 class UnsupportedExpression(ValueError):
@@ -210,11 +211,11 @@ class _Parser:
         elif tok[0] == "str":
             self.take()
             lit = tok[1][1:-1]
-            fn = lambda _nodes, lit=lit: [(lit, "string")]  # noqa: E731
+            fn = _constant((lit, "string"))
         elif tok[1] in ("true", "false"):
             self.take()
             lit_b = tok[1] == "true"
-            fn = lambda _nodes, lit_b=lit_b: [(lit_b, "boolean")]  # noqa: E731
+            fn = _constant((lit_b, "boolean"))
         else:
             fn, strict = self.invocation(first=True)
         steps = [(fn, strict)]
@@ -237,7 +238,8 @@ class _Parser:
                 args.append(self.take()[1])
             elif name == "where":
                 args.append(self.and_expr())
-            while self.peek() and self.peek()[1] != ")":
+            after = self.peek()
+            if after and after[1] != ")":
                 raise UnsupportedExpression(f"unsupported arguments to {name}()")
             self.take(")")
             return _function(name, args), name in _STRICT_FUNCTIONS
@@ -342,7 +344,12 @@ def _function(name: str, args: list[Any]) -> Fn:
     raise UnsupportedExpression(f"unsupported FHIRPath function {name}()")
 
 
-def compile_expression(expression: str, resource_type: str) -> Fn | None:
+def _constant(node: Node) -> Fn:
+    """A literal: the same one node whatever the input."""
+    return lambda _nodes: [node]
+
+
+def compile_expression(expression: str, resource_type: str) -> Extract | None:
     """Compile the branches of `expression` that apply to `resource_type`.
 
     Returns a function from a resource (dict) to its nodes, or None if no branch applies.

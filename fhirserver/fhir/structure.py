@@ -68,7 +68,7 @@ def _check_contained(body: dict[str, Any], root: str) -> None:
         if res.get("contained"):
             raise _invariant("dom-2", "If the resource is contained in another resource, it SHALL NOT contain "
                                       "nested Resources", f"{path}.contained")
-        meta = res.get("meta") if isinstance(res.get("meta"), dict) else {}
+        meta: dict[str, Any] = res["meta"] if isinstance(res.get("meta"), dict) else {}
         if "versionId" in meta or "lastUpdated" in meta:
             raise _invariant("dom-4", "If a resource is contained in another resource, it SHALL NOT have a "
                                       "meta.versionId or a meta.lastUpdated", f"{path}.meta")

@@ -142,7 +142,8 @@ class Validator:
         return issues
 
     @staticmethod
-    def _schema_error(root: str, exc: fastjsonschema.JsonSchemaException) -> FhirError:
+    def _schema_error(root: str, exc: Any) -> FhirError:
+        """`exc` is a fastjsonschema JsonSchemaException (its attributes are not in its stubs)."""
         path = list(exc.path[1:]) if exc.path else []
         if exc.rule == "additionalProperties" and isinstance(exc.value, dict):
             allowed = set((exc.definition or {}).get("properties", {}))

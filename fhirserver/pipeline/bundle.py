@@ -40,7 +40,7 @@ class Entry:
     def __init__(self, index: int, raw: dict[str, Any]) -> None:
         self.index = index
         self.raw = raw
-        request = raw.get("request") if isinstance(raw.get("request"), dict) else {}
+        request: dict[str, Any] = raw["request"] if isinstance(raw.get("request"), dict) else {}
         self.method = str(request.get("method", "")).upper()
         self.url = str(request.get("url", ""))
         self.request = request

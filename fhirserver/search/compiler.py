@@ -324,6 +324,7 @@ class QueryCompiler:
             p = key.param
             assert p is not None
             t = TABLES[p.type].alias()
+            sentinel: Any
             if p.type == "date":
                 col, sentinel = (t.c.high_us, MIN_US) if key.descending else (t.c.low_us, MAX_US)
             elif p.type in ("number", "quantity"):

@@ -79,7 +79,7 @@ def run_search(
     order.append(res.c.pk.asc() if forward else res.c.pk.desc())
     stmt = select(res.c.pk, *[expr.label(f"k{i}") for i, (expr, _d) in enumerate(keys)]) \
         .where(*page_conds).order_by(*order).limit(parsed.count + 1)
-    rows = conn.execute(stmt).all()
+    rows = list(conn.execute(stmt).all())
     more = len(rows) > parsed.count
     rows = rows[: parsed.count]
     if not forward:

@@ -153,8 +153,8 @@ class Indexer:
         elif ptype == "date":
             for low, high in _date_ranges(value):
                 if p.protected:
-                    text = value if isinstance(value, str) else None
-                    if text:
+                    if isinstance(value, str) and value:
+                        text = value
                         for prefix in {text[:4], text[:7], text[:10]}:
                             out.add("string", param=p.code, kind="d", value=self.blind.digest(p.code, "d", prefix))
                 else:

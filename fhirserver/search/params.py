@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fhir.fhirpath import Fn, UnsupportedExpression, compile_expression, compile_relative
+from ..fhir.fhirpath import Extract, Fn, UnsupportedExpression, compile_expression, compile_relative
 
 SPECIAL = {"_id", "_lastUpdated"}  # answered from the resource table itself
 UNSUPPORTED = {"_text", "_content", "_query", "_list", "_has", "_filter"}
@@ -25,7 +25,7 @@ class SearchParam:
     resource_type: str
     expression: str
     url: str
-    extract: Fn | None
+    extract: Extract | None
     protected: bool = False
     prefix_index: bool = True  # string params: also index normalized prefixes (starts-with search)
     targets: tuple[str, ...] = ()

@@ -123,7 +123,7 @@ class SmartClientAssertion(JWTBearerClientAssertion):
         if not jwks:
             raise InvalidClientError(description="The client has no registered keys.")
         public = {"keys": [k for k in jwks.get("keys", []) if "d" not in k]}
-        return KeySet.import_key_set(public)
+        return KeySet.import_key_set(public)  # type: ignore[arg-type]  # a JWKS document
 
     def process_assertion_claims(self, assertion: str, resolve_key: Any) -> Any:
         try:

@@ -147,12 +147,12 @@ def _validate(stored: StoredAuthorizationRequest, launch_ctx: dict[str, Any] | N
     aud = (stored.payload.data.get("aud") or "").rstrip("/")
     settings = _svc().settings
     if aud != settings.fhir_base:
-        err = InvalidRequestError(f"'aud' must be this server's FHIR base URL ({settings.fhir_base})",
-                                  redirect_uri=grant.redirect_uri)
-        return None, _redirect_error(stored, err)
+        bad_aud = InvalidRequestError(f"'aud' must be this server's FHIR base URL ({settings.fhir_base})",
+                                      redirect_uri=grant.redirect_uri)
+        return None, _redirect_error(stored, bad_aud)
     if launch_ctx is not None and "launch" not in (stored.payload.scope or "").split():
-        err = InvalidRequestError("an EHR launch needs the 'launch' scope", redirect_uri=grant.redirect_uri)
-        return None, _redirect_error(stored, err)
+        no_launch = InvalidRequestError("an EHR launch needs the 'launch' scope", redirect_uri=grant.redirect_uri)
+        return None, _redirect_error(stored, no_launch)
     return grant, None
 
 

@@ -113,8 +113,8 @@ def read_file(conn: Connection, keys: Any, job_id: str, name: str) -> bytes | No
 
 
 def files_of(conn: Connection, job_id: str) -> list[Any]:
-    return conn.execute(select(export_file.c.name, export_file.c.type, export_file.c.count)
-                        .where(export_file.c.job_id == job_id).order_by(export_file.c.name)).all()
+    return list(conn.execute(select(export_file.c.name, export_file.c.type, export_file.c.count)
+                             .where(export_file.c.job_id == job_id).order_by(export_file.c.name)).all())
 
 
 def finish(engine: Engine, job_id: str, status: str, error: str | None = None, keep_seconds: int = 3600) -> None:

@@ -320,10 +320,10 @@ class Repository:
                                                      for pk, p, blob in zip(pks, batch, sealed, strict=True)])
         rows: dict[str, list[tuple[Any, ...]]] = {}
         for pk, p in zip(pks, batch, strict=True):
-            for kind, params in _index_params(pk, p).items():
-                rows.setdefault(kind, []).extend(params)
-        for kind, params in rows.items():
-            raw_sql.executemany(conn, _raw_insert(kind)[0], params)
+            for kind, index_rows in _index_params(pk, p).items():
+                rows.setdefault(kind, []).extend(index_rows)
+        for kind, index_rows in rows.items():
+            raw_sql.executemany(conn, _raw_insert(kind)[0], index_rows)
         for pk, p in zip(pks, batch, strict=True):
             self._written(conn, pk, p.type, p.body)
         return pks
