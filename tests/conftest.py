@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.config import Settings, load_settings
+from tests.support.apps import fresh_app
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO.parent / "shared" / "fhir-examples"
@@ -84,7 +84,7 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
 
 @pytest.fixture
 def app(settings: Settings):  # type: ignore[no-untyped-def]
-    application = create_app(settings)
+    application = fresh_app(settings)
     yield application
     application.extensions["fhirserver"].engine.dispose()
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhirserver.app import create_app
 from fhirserver.audit.events import ACTIONS, AuditIndexer, AuditRecord, build_audit_event
 from fhirserver.search.indexer import Indexer
 from fhirserver.search.params import ParamRegistry
 from tests.conftest import make_settings
+from tests.support.apps import fresh_app
 
 ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
@@ -80,7 +80,7 @@ records = st.builds(
 
 @pytest.fixture(scope="module")
 def indexer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    app = create_app(make_settings(Path(tmp_path_factory.mktemp("audit-index"))))
+    app = fresh_app(make_settings(Path(tmp_path_factory.mktemp("audit-index"))))
     yield app.extensions["fhirserver"].indexer
     app.extensions["fhirserver"].engine.dispose()
 

@@ -21,6 +21,7 @@ from fhirserver.auth.clients import register_backend_client
 from fhirserver.consent.hooks import NoConsentFiltering
 from fhirserver.db.schema import idx_token
 from tests.conftest import AUDITOR_SETTINGS, BASE, db_path, make_settings
+from tests.support.apps import fresh_app
 
 ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
 
@@ -91,7 +92,7 @@ def _local(url: str) -> str:
 
 
 def _app(tmp_path: Path, **settings: Any) -> Any:
-    return create_app(replace(make_settings(tmp_path), **settings))
+    return fresh_app(make_settings(tmp_path), **settings)
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from tests.conftest import BASE, EXAMPLES, example_files, make_settings
+from tests.support.apps import fresh_app
 
 TYPES = ("Patient", "Observation", "QuestionnaireResponse", "Consent")
 FILES: list[Path] = [p for t in TYPES for p in example_files(f"{t}-")]
@@ -38,7 +38,7 @@ def _skip_without_examples() -> None:
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     _skip_without_examples()
     settings = make_settings(tmp_path_factory.mktemp("examples"))
-    app = create_app(settings)
+    app = fresh_app(settings)
     svc = app.extensions["fhirserver"]
     key = generate_key()
     rec = register_backend_client(svc.engine, "examples test client", "system/*.cruds", jwks=public_jwks(key))

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from fhirserver.app import create_app
 from fhirserver.demo import load_demo
 from tests.conftest import AUDITOR_SETTINGS, BASE, example_files, make_settings
+from tests.support.apps import fresh_app
 from tests.test_bulk_export import Server, _local
 from tests.test_cli import cli, ok
 from tests.test_deidentify import client_token
@@ -36,7 +36,7 @@ def everything(srv: Server, token: str, pid: str) -> list[str]:
 
 @pytest.fixture
 def source(tmp_path: Path) -> Any:
-    app = create_app(make_settings(tmp_path / "a"))
+    app = fresh_app(make_settings(tmp_path / "a"))
     yield Server(app)
     app.extensions["fhirserver"].engine.dispose()
 
@@ -65,7 +65,7 @@ def test_export_then_load_gives_equal_everything(source: Server, tmp_path: Path)
     out = ok(cli("load", str(exported), "--quiet", data_dir=target_dir, FHIRSERVER_BASE_URL=BASE))
     assert f"{total}" in out
 
-    target_app = create_app(make_settings(tmp_path / "b"))
+    target_app = fresh_app(make_settings(tmp_path / "b"))
     assert target_app.extensions["fhirserver"].settings.data_dir == target_dir
     target = Server(target_app)
     try:

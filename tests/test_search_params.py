@@ -26,10 +26,10 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from tests.conftest import BASE, REPO, make_settings
+from tests.support.apps import fresh_app
 
 # ================================================================== constants of the data set
 LOINC = "http://loinc.org"
@@ -467,7 +467,7 @@ def start_server(tmp: Path, request: pytest.FixtureRequest, db: str, **settings_
         pg = request.getfixturevalue("postgres")
         url = pg.create_database(f"search_{next(_db_counter)}_{os.getpid()}")
     settings = make_settings(tmp, url, **settings_kw)
-    app = create_app(settings)
+    app = fresh_app(settings)
     svc = app.extensions["fhirserver"]
     key = generate_key("ES384")
     rec = register_backend_client(svc.engine, f"search tests {next(_db_counter)}", "system/*.cruds",

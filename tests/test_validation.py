@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from tests.conftest import make_settings
+from tests.support.apps import fresh_app
 
 JSON = {"Content-Type": "application/fhir+json"}
 
 
 def _server(settings):  # type: ignore[no-untyped-def]
     """An app with its own registered backend client; returns (app, test client, auth headers)."""
-    app = create_app(settings)
+    app = fresh_app(settings)
     svc = app.extensions["fhirserver"]
     key = generate_key()
     rec = register_backend_client(svc.engine, "validation test client", "system/*.cruds", jwks=public_jwks(key))

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.auth.tokens import issue_token
 from tests.conftest import AUDITOR_SETTINGS, BASE, make_settings
+from tests.support.apps import fresh_app
 
 from .reference import Request, patients_of, visible
 
@@ -265,7 +265,7 @@ def check_everything(srv: ConsentServer, caller: Caller) -> None:
 
 def start(tmp: Path, database_url: str = "") -> ConsentServer:
     settings = make_settings(tmp, database_url)
-    app = create_app(settings)
+    app = fresh_app(settings)
     svc = app.extensions["fhirserver"]
     http = app.test_client()
     key = generate_key("ES384")

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import load_private_key, token_request_form
 from fhirserver.demo import ensure_demo_client, load_demo
 from tests.conftest import make_settings
+from tests.support.apps import fresh_app
 
 
 def test_demo_consents(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    app = create_app(settings)
+    app = fresh_app(settings)
     svc = app.extensions["fhirserver"]
     http = app.test_client()
     try:

@@ -20,12 +20,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, load_private_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from fhirserver.demo import ensure_demo_client, load_demo
 from tests.conftest import make_settings
 from tests.consent.harness import ConsentServer, start
+from tests.support.apps import fresh_app
 
 SEARCH = {"name": "Devendra", "birthdate": "1961-07-14", "identifier": "urn:ssn|123-45-6789"}
 SECRETS = ("Devendra", "1961-07-14", "123-45-6789")
@@ -53,7 +53,7 @@ class Demo:
 
     def __init__(self, tmp: Path) -> None:
         self.settings = make_settings(tmp)
-        self.app = create_app(self.settings)
+        self.app = fresh_app(self.settings)
         self.svc = self.app.extensions["fhirserver"]
         self.http = self.app.test_client()
         load_demo(self.svc)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import client_assertion
 from fhirserver.auth.clients import register_app_client, set_disabled
 from tests.conftest import BASE, BackendClient, make_settings
+from tests.support.apps import fresh_app
 from tests.test_token_endpoint import assert_refused, form, post_token
 
 SCOPE = "system/*.cruds"
@@ -66,7 +66,7 @@ def _session_cookie(http: Any, client_id: str, **headers: str) -> str:
 
 def _app(tmp_path: Path, **settings: Any) -> Any:
     settings = dataclasses.replace(make_settings(tmp_path), **settings)
-    return create_app(settings)
+    return fresh_app(settings)
 
 
 def test_session_cookie_is_secure_behind_a_tls_proxy(tmp_path: Path) -> None:

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhirserver.app import create_app
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
 from tests.conftest import example_files, make_settings
+from tests.support.apps import fresh_app
 
 TYPES = ["Patient", "Observation", "QuestionnaireResponse", "Consent", "AuditEvent"]
 MODIFIERS = ["", ":exact", ":contains", ":missing", ":not", ":text", ":above", ":below", ":in", ":of-type",
@@ -35,7 +35,7 @@ ODD_VALUES = ["", ",", "|", "||", "$", "%", "%%", "\\", "\\,", "a" * 300, "9" * 
 
 class Live:
     def __init__(self, root: Path) -> None:
-        self.app = create_app(make_settings(root))
+        self.app = fresh_app(make_settings(root))
         self.svc = self.app.extensions["fhirserver"]
         self.http = self.app.test_client()
         key = generate_key("ES384")

@@ -8,7 +8,7 @@ import itertools
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,11 @@ import pyotp
 import pytest
 from werkzeug.serving import make_server
 
-from fhirserver.app import create_app
 from fhirserver.auth.clients import register_app_client
 from fhirserver.users.registry import create_user, link_patient
 from tests.conftest import BASE, make_settings
 from tests.smart.browser import Browser, Page, pkce_pair, redirect_params
+from tests.support.apps import fresh_app
 
 PASSWORD = "violet-harbor-lantern-92"
 REDIRECT = "https://app.example.org/callback"
@@ -153,7 +153,7 @@ def live(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """A real HTTP server (werkzeug, threaded) on a free port; yields (FHIR base URL, app)."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}/fhir"
-    app = create_app(replace(make_settings(tmp_path), base_url=base))
+    app = fresh_app(make_settings(tmp_path), base_url=base)
     server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
