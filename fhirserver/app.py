@@ -8,23 +8,20 @@ from typing import Any
 
 from authlib.oauth2 import OAuth2Error
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from joserfc import jws
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .admin_api import build_api
-from .audit.events import AuditRecord
-from .auth.tokens import token_hash
 from .bulk.worker import start_worker
-from .clock import now_us
 from .config import Settings
-from .db.engine import make_engine, read_connection, start_checkpointer
+from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
 from .pipeline.pipeline import Pipeline
 from .services import Services, build_services, warm_keys
 from .smart.install import install as install_smart
 from .smart.server import build_authorization_server
-from .storage.codec import dump_json, parse_json
+from .smart.token_audit import audit_token_request, revoke_issued
+from .storage.codec import dump_json
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
@@ -91,64 +88,6 @@ def _fhir_view(path: str = "") -> Response:
     return resp
 
 
-def _audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> None:
-    """Record every token request (issued or refused) as an AuditEvent (DICOM 110114)."""
-    rec = AuditRecord(interaction="login", request_id=request.headers.get("X-Request-Id", "")[:64] or "token",
-                      network_address=request.remote_addr or "", recorded_us=now_us(), status=status)
-    rec.type_code = ("http://dicom.nema.org/resources/ontology/DCM", "110114", "User Authentication")
-    rec.subtype_code = ("http://dicom.nema.org/resources/ontology/DCM", "110122", "Login")
-    token = body.get("access_token")
-    if token:
-        from sqlalchemy import select
-
-        from .db.schema import access_token, client
-
-        with read_connection(svc.engine) as conn:
-            row = conn.execute(select(client.c.client_id, client.c.name).join(
-                access_token, access_token.c.client_id == client.c.client_id)
-                .where(access_token.c.token_hash == token_hash(token))).first()
-            ctx = conn.execute(select(access_token.c.context).where(
-                access_token.c.token_hash == token_hash(token))).scalar()
-        if row:
-            rec.client_id, rec.client_name = row.client_id, row.name
-        if ctx:
-            rec.user = parse_json(ctx.encode()).get("fhirUser")
-        grant = request.form.get("grant_type", "")
-        rec.outcome_desc = f"token issued ({grant}); scope: {body.get('scope', '')}"
-    else:
-        claimed = request.form.get("client_id") or (request.authorization.username if request.authorization else None)
-        assertion = request.form.get("client_assertion")
-        if assertion:
-            try:
-                claimed = parse_json(jws.extract_compact(assertion.encode()).payload).get("sub")
-            except Exception:  # noqa: BLE001 - anything unparsable is simply "unknown"
-                claimed = None
-        rec.outcome_desc = f"token refused: {body.get('error', 'error')}" + (
-            f" (claimed client {str(claimed)[:64]})" if claimed else "")
-    with svc.engine.begin() as conn:
-        svc.audit.append(conn, rec)
-
-
-def _revoke_issued(svc: Services, body: dict[str, Any]) -> None:
-    from sqlalchemy import update
-
-    from .db.schema import access_token, refresh_token
-
-    hashes = {k: token_hash(body[k]) for k in ("access_token", "refresh_token") if isinstance(body.get(k), str)}
-    if not hashes:
-        return
-    try:
-        with svc.engine.begin() as conn:
-            if "access_token" in hashes:
-                conn.execute(update(access_token).where(access_token.c.token_hash == hashes["access_token"])
-                             .values(revoked=True))
-            if "refresh_token" in hashes:
-                conn.execute(update(refresh_token).where(refresh_token.c.token_hash == hashes["refresh_token"])
-                             .values(revoked=True))
-    except Exception:
-        logging.getLogger("fhirserver.auth").exception("could not revoke a token whose issuance was not audited")
-
-
 def _make_auth_blueprint() -> Blueprint:
     bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -162,10 +101,10 @@ def _make_auth_blueprint() -> Blueprint:
             resp = server.handle_error_response(None, err)
         try:
             body = resp.get_json(silent=True) or {}
-            _audit_token_request(svc, resp.status_code, body)
+            audit_token_request(svc, resp.status_code, body)
         except Exception:
             logging.getLogger("fhirserver.auth").exception("could not audit a token request")
-            _revoke_issued(svc, body)  # fail closed: no token without its audit record
+            revoke_issued(svc, body)  # fail closed: no token without its audit record
             failed = jsonify(error="server_error", error_description="audit unavailable")
             failed.status_code = 500
             return failed

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .root import _services, _settings, main
+from ..services import Services
+from .root import _services, _settings, add_enable_disable, main
 
 
 # ------------------------------------------------------------------ clients
@@ -105,29 +106,17 @@ def client_list(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{r.client_id}\t{r.name}\t{r.kind}\t{'disabled' if r.disabled else 'enabled'}\t{r.scopes}")
 
 
-def _set_client_state(ctx: click.Context, client_id: str, disabled: bool) -> None:
+def _set_client_state(svc: Services, client_id: str, disabled: bool) -> str:
     from ..auth.clients import set_disabled
 
-    svc = _services(_settings(ctx))
     if not set_disabled(svc.engine, client_id, disabled):
         raise click.ClickException(f"no client {client_id}")
-    click.echo(f"{'disabled' if disabled else 'enabled'} {client_id}")
+    return client_id
 
 
-@client.command("disable")
-@click.argument("client_id")
-@click.pass_context
-def client_disable(ctx: click.Context, client_id: str) -> None:
-    """Disable a client: its tokens are revoked and stop working immediately."""
-    _set_client_state(ctx, client_id, True)
-
-
-@client.command("enable")
-@click.argument("client_id")
-@click.pass_context
-def client_enable(ctx: click.Context, client_id: str) -> None:
-    """Re-enable a disabled client (its old tokens stay revoked)."""
-    _set_client_state(ctx, client_id, False)
+add_enable_disable(client, "client_id", _set_client_state,
+                   "Disable a client: its tokens are revoked and stop working immediately.",
+                   "Re-enable a disabled client (its old tokens stay revoked).")
 
 
 @client.command("keygen")

@@ -3,6 +3,7 @@ the data directory (operator errors become one line, see startup.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -34,3 +35,16 @@ def main(ctx: click.Context, config: str | None) -> None:
     """fhirserver: a FHIR R4 server with SMART auth, encryption at rest and hash-chained audit."""
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
+
+
+def add_enable_disable(group: click.Group, argument: str, change: Callable[[Any, str, bool], str],
+                       disable_help: str, enable_help: str) -> None:
+    """`disable ARG` and `enable ARG` on `group`; `change(services, value, disabled)` applies it
+    (raising click.ClickException when it cannot) and returns the name to print."""
+    for disabled, help_text in ((True, disable_help), (False, enable_help)):
+        def command(ctx: click.Context, disabled: bool = disabled, **kw: str) -> None:
+            label = change(_services(_settings(ctx)), kw[argument], disabled)
+            click.echo(f"{'disabled' if disabled else 'enabled'} {label}")
+
+        group.command("disable" if disabled else "enable", help=help_text)(
+            click.argument(argument)(click.pass_context(command)))

@@ -8,7 +8,8 @@ import sys
 import click
 
 from ..config import Settings
-from .root import _services, _settings, main
+from ..services import Services
+from .root import _services, _settings, add_enable_disable, main
 
 
 # ------------------------------------------------------------------ users
@@ -56,31 +57,17 @@ def user_add(ctx: click.Context, username: str, fhir_user: str, totp: bool) -> N
         click.echo(_totp_uri(settings, record.username, secret))
 
 
-def _set_user_state(ctx: click.Context, username: str, disabled: bool) -> None:
+def _set_user_state(svc: Services, username: str, disabled: bool) -> str:
     from ..users import UserError, set_disabled
 
-    svc = _services(_settings(ctx))
     try:
-        record = set_disabled(svc.engine, username, disabled)
+        return set_disabled(svc.engine, username, disabled).username
     except UserError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"{'disabled' if disabled else 'enabled'} {record.username}")
 
 
-@user.command("disable")
-@click.argument("username")
-@click.pass_context
-def user_disable(ctx: click.Context, username: str) -> None:
-    """Disable a user: no login succeeds until re-enabled."""
-    _set_user_state(ctx, username, True)
-
-
-@user.command("enable")
-@click.argument("username")
-@click.pass_context
-def user_enable(ctx: click.Context, username: str) -> None:
-    """Re-enable a user (also lifts a lockout after failed logins)."""
-    _set_user_state(ctx, username, False)
+add_enable_disable(user, "username", _set_user_state, "Disable a user: no login succeeds until re-enabled.",
+                   "Re-enable a user (also lifts a lockout after failed logins).")
 
 
 @user.command("reset-mfa")
