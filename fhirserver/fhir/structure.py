@@ -41,10 +41,14 @@ def json_depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _too_deep(limit: int, what: str = "The resource") -> FhirError:
+    return FhirError(400, "too-costly", f"{what} nests objects and arrays more than {limit} levels deep "
+                                        f"(the server's max_json_depth)")
+
+
 def check_depth(value: Any, limit: int, what: str = "The resource") -> None:
     if json_depth(value, limit) > limit:
-        raise FhirError(400, "too-costly", f"{what} nests objects and arrays more than {limit} levels deep "
-                                           f"(the server's max_json_depth)")
+        raise _too_deep(limit, what)
 
 
 def _invariant(key: str, human: str, path: str) -> FhirError:
@@ -78,21 +82,25 @@ def _check_contained(body: dict[str, Any], root: str) -> None:
 
 
 def check_structure(body: dict[str, Any], root: str, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
-    """Raise FhirError(400) for the first problem, in document order, with its location."""
-    check_depth(body, max_depth)
+    """Raise FhirError(400) for the first problem met, with its location; one pass that also
+    bounds the nesting depth (objects and arrays count one level each)."""
     _check_contained(body, root)
-    stack: list[tuple[Any, str]] = [(body, root)]
+    stack: list[tuple[Any, str, int]] = [(body, root, 1)]
     while stack:
-        node, path = stack.pop()
+        node, path, depth = stack.pop()
         if isinstance(node, dict):
+            if depth > max_depth:
+                raise _too_deep(max_depth)
             if not node:
                 raise FhirError(400, "structure", "Empty objects are not allowed in FHIR JSON", [path])
-            pending: list[tuple[Any, str]] = []
+            pending: list[tuple[Any, str, int]] = []
             for key, value in node.items():
                 child = f"{path}.{key}"
                 if value is None:
                     raise FhirError(400, "structure", "null is not allowed here", [child])
                 if isinstance(value, list):
+                    if depth + 1 > max_depth:
+                        raise _too_deep(max_depth)
                     if not value:
                         raise FhirError(400, "structure", "Empty arrays are not allowed in FHIR JSON", [child])
                     if all(v is None for v in value):
@@ -102,9 +110,13 @@ def check_structure(body: dict[str, Any], root: str, max_depth: int = DEFAULT_MA
                             continue
                         if key in ("extension", "modifierExtension"):
                             _check_extension(item, f"{child}[{i}]")
-                        pending.append((item, f"{child}[{i}]"))
+                        pending.append((item, f"{child}[{i}]", depth + 2))
                 else:
-                    pending.append((value, child))
+                    pending.append((value, child, depth + 1))
             stack.extend(reversed(pending))
+        elif isinstance(node, list):  # an array inside an array is not FHIR JSON, but bound it all the same
+            if depth > max_depth:
+                raise _too_deep(max_depth)
+            stack.extend((item, path, depth + 1) for item in node)
         elif isinstance(node, str) and not node.strip():
             raise FhirError(400, "value", "Empty or whitespace-only strings are not allowed", [path])

@@ -42,9 +42,8 @@ def parse_body(ctx: RequestContext) -> dict[str, Any]:
         raise FhirError(400, "structure", "The request body must be a JSON object (a FHIR resource)")
     # checked here, before any code walks the body; a Bundle or Parameters wraps resources a few
     # levels down, and each of those is then held to max_json_depth itself by the validator
-    wrapping = BODY_WRAPPING_DEPTH if body.get("resourceType") in ("Bundle", "Parameters") else 0
-    check_depth(body, ctx.services.settings.max_json_depth + wrapping,
-                "The request body" if wrapping else "The resource")
+    if body.get("resourceType") in ("Bundle", "Parameters"):  # a resource is bounded by its validation
+        check_depth(body, ctx.services.settings.max_json_depth + BODY_WRAPPING_DEPTH, "The request body")
     return body
 
 
