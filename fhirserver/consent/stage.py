@@ -101,9 +101,9 @@ class ConsentStage(NoConsentFiltering):
     # ---- minors (rule 7)
     def check_write(self, ctx: Any) -> None:
         it = ctx.interaction
-        if it.resource_type != "Consent" or it.kind not in ("create", "update") or ctx.prepared is None:
+        if it.resource_type != "Consent" or it.kind not in ("create", "update") or ctx.write is None:
             return
-        prepared = ctx.prepared[0] if isinstance(ctx.prepared, tuple) else ctx.prepared
+        prepared = ctx.write
         body = prepared.body
         scope = body.get("scope") or {}
         if not any(isinstance(c, dict) and c.get("code") == PRIVACY_SCOPE for c in scope.get("coding", [])):

@@ -27,7 +27,7 @@ def version_visible(ctx: RequestContext, conn: Connection, stored: Stored) -> bo
     savepoint = conn.begin_nested()
     try:
         repo.reindex(conn, stored.pk, stored.type, parse_json(stored.body))
-        return visible(conn, stored.pk, ctx.access["read"])
+        return visible(conn, stored.pk, ctx.access.read)
     finally:
         savepoint.rollback()
 
@@ -46,6 +46,6 @@ def search_matches(ctx: RequestContext, conn: Connection, rtype: str, query: lis
     if not parsed.clauses:
         raise FhirError(400, "invalid", "A conditional request needs at least one search parameter")
     parsed.total = "none"
-    page = run_search(conn, parsed, services.compiler, ctx.access.get("search-type", ctx.access.get("read", [])),
+    page = run_search(conn, parsed, services.compiler, ctx.access.search,
                       ctx.access_fn)
     return page.pks

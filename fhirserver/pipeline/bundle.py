@@ -99,7 +99,7 @@ class BundleHandler(Handler):
                 if kind == "transaction":
                     raise _entry_error(e, err) from None
                 e.error = err
-        ctx.prepared = (kind, entries)
+        ctx.plan = (kind, entries)
         ctx.record.outcome_desc = f"{kind} of {len(entries)} entries"
 
     def _entry_context(self, ctx: RequestContext, e: Entry, mapping: dict[str, str],
@@ -139,7 +139,7 @@ class BundleHandler(Handler):
         return sub
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        kind, entries = ctx.prepared
+        kind, entries = ctx.plan
         pipeline = ctx.pipeline
         if kind == "transaction":
             for e in sorted(entries, key=lambda x: (ORDER[x.method], x.index)):

@@ -13,7 +13,6 @@ from ..db.engine import read_connection
 from ..db.schema import resource
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
-from ..storage.repository import PreparedWrite
 from ..storage.visibility import visible
 from .access import record_touch, search_matches, version_visible
 from .capability import capability_statement, smart_configuration
@@ -47,7 +46,7 @@ class SmartConfiguration(Handler):
 class Read(Handler):
     def read_only(self, ctx: RequestContext) -> bool:
         # restricted access probes old versions (vread) in a savepoint; a plain read does not
-        return ctx.interaction.kind == "read" or not ctx.access.get("read")
+        return ctx.interaction.kind == "read" or not ctx.access.read
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -64,12 +63,12 @@ class Read(Handler):
         except FhirError as err:
             if err.status == 410:
                 head = ctx.services.repo.current(conn, it.resource_type, it.id)
-                if head is not None and not visible(conn, head.pk, ctx.access["read"]):
+                if head is not None and not visible(conn, head.pk, ctx.access.read):
                     raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known") from None
             raise
-        if not visible(conn, stored.pk, ctx.access["read"]):
+        if not visible(conn, stored.pk, ctx.access.read):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
-        if version is not None and ctx.access["read"] and not version_visible(ctx, conn, stored):
+        if version is not None and ctx.access.read and not version_visible(ctx, conn, stored):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id}/_history/{version} is not known")
         record_touch(ctx, conn, stored)
         headers = resource_headers(stored, ctx.services.settings.fhir_base)
@@ -84,17 +83,19 @@ class Create(Handler):
     def prepare(self, ctx: RequestContext) -> None:
         body = validated(ctx)
         body.pop("id", None)  # the server assigns ids on create
-        ctx.prepared = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body, ctx.assigned_id)
+        ctx.write = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body, ctx.assigned_id)
 
     def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
         if ctx.interaction.conditional:
             return None
-        p: PreparedWrite = ctx.prepared
+        p = ctx.write
+        assert p is not None
         return {"status": 201, "resources": [f"{p.type}/{p.id}/_history/1"], "patients": list(p.index.patients),
                 "outcome_desc": ""}
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        prepared: PreparedWrite = ctx.prepared
+        prepared = ctx.write
+        assert prepared is not None
         if ctx.interaction.conditional:
             query = parse_qsl(ctx.header("if-none-exist") or "", keep_blank_values=True)
             matches = search_matches(ctx, conn, prepared.type, query)
@@ -106,11 +107,11 @@ class Create(Handler):
                 ctx.record.outcome_desc = "conditional create matched an existing resource"
                 return write_result(ctx, existing, 200)
         stored = ctx.services.repo.create(conn, prepared, fresh_id=True)
-        if not visible(conn, stored.pk, ctx.access["create"]):
+        if not visible(conn, stored.pk, ctx.access.create):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
                                               "(outside the permitted compartment or scope restriction)")
         record_touch(ctx, conn, stored, prepared.index.patients)
-        if not visible(conn, stored.pk, ctx.access.get("consent-read", [])):
+        if not visible(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201)
 
@@ -153,36 +154,37 @@ class Update(Handler):
                                 ["id"])
             rid = target or body.get("id") or str(uuid.uuid4())
             ctx.interaction.id = rid
-            ctx.prepared = (ctx.services.repo.prepare(rtype, body, rid), matches[:1])
+            ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, rid), matches[:1]
             return
         if "id" not in body:
             raise FhirError(400, "required", "The resource must contain an id matching the URL", [f"{rtype}.id"])
         if body["id"] != it.id:
             raise FhirError(400, "invalid", f"Resource id '{str(body['id'])[:64]}' does not match the URL id '{it.id}'",
                             [f"{rtype}.id"])
-        ctx.prepared = (ctx.services.repo.prepare(rtype, body, it.id), None)
+        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, it.id), None
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        prepared, expected = ctx.prepared
+        prepared, expected = ctx.write, ctx.plan  # expected: the conditional update's match, re-checked
+        assert prepared is not None
         repo = ctx.services.repo
         if expected is not None:
             now = search_matches(ctx, conn, prepared.type, ctx.interaction.params)
             if now != expected:
                 raise FhirError(412, "conflict", "The resources matching the condition changed; retry")
         head = repo.current(conn, prepared.type, prepared.id)
-        if head is not None and not head.deleted and not visible(conn, head.pk, ctx.access["update"]):
+        if head is not None and not head.deleted and not visible(conn, head.pk, ctx.access.update):
             raise FhirError(403, "forbidden", "The access token does not permit updating this resource")
-        if (head is None or head.deleted) and "create" not in ctx.access:
+        if (head is None or head.deleted) and not ctx.access.may_create:
             # update-as-create needs create permission too
             raise FhirError(403, "forbidden", "The access token does not permit creating resources of this type")
         if_match = parse_etag(ctx.header("if-match"), "If-Match")
         stored, created = repo.update(conn, prepared, if_match)
-        check = ctx.access["create"] if created else ctx.access["update"]
+        check = ctx.access.create if created else ctx.access.update
         if not visible(conn, stored.pk, check):
             raise FhirError(403, "forbidden", "The access token does not permit this resource content "
                                               "(outside the permitted compartment or scope restriction)")
         record_touch(ctx, conn, stored, prepared.index.patients)
-        if not visible(conn, stored.pk, ctx.access.get("consent-read", [])):
+        if not visible(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201 if created else 200)
 
@@ -201,7 +203,7 @@ class Delete(Handler):
             it.id = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
         assert it.id
         head = repo.current(conn, rtype, it.id)
-        if head is not None and not visible(conn, head.pk, ctx.access["delete"]):
+        if head is not None and not visible(conn, head.pk, ctx.access.delete):
             # indistinguishable from deleting something that does not exist (which is a 204)
             ctx.record.outcome_desc = "target not visible to this client: nothing deleted"
             return Result(204)

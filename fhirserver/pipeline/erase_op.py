@@ -25,7 +25,7 @@ class Erase(Handler):
         if principal is None or not principal.client_settings.get("admin") or principal.fhir_user or principal.patient:
             raise FhirError(403, "forbidden", "$erase is reserved to administrator backend clients")
         ctx.pipeline.authorizer.predicates(principal, "Patient", "delete")  # 403 without Patient delete
-        ctx.prepared = pseudonym_for(ctx.services, it.id or "")  # creates its key before the transaction
+        ctx.plan = pseudonym_for(ctx.services, it.id or "")  # creates its key before the transaction
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         pid = ctx.interaction.id or ""
@@ -35,7 +35,7 @@ class Erase(Handler):
             raise FhirError(404, "not-found", f"Patient/{pid} is not known")
         if already_erased(conn, head.deleted, pid):
             raise FhirError(410, "deleted", "This patient has already been erased")
-        pseudonym: str = ctx.prepared
+        pseudonym: str = ctx.plan
         report = erase_patient(svc, conn, pid, pseudonym)
         record = ctx.record
         record.target = f"Patient/{pseudonym}"

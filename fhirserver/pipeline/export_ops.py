@@ -93,7 +93,7 @@ class ExportKickoff(Handler):
         if "HRESCH" in (principal.purpose or []) and not deidentify:
             raise FhirError(403, "forbidden", "Exports for research (HRESCH) must be de-identified "
                                               "(_deidentify=safe-harbor)")
-        ctx.prepared = {
+        ctx.plan = {
             "level": level, "patient": it.id, "types": permitted, "since_us": since_us,
             "type_filters": type_filters(svc, _values(ctx, "_typeFilter"), permitted),
             "deidentify": bool(deidentify),
@@ -102,10 +102,10 @@ class ExportKickoff(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
         svc = ctx.services
-        spec = ctx.prepared
+        spec = ctx.plan
         if spec["level"] == "instance":
             head = svc.repo.current(conn, "Patient", it.id or "")
-            if head is None or head.deleted or not visible(conn, head.pk, ctx.access["search-type"]):
+            if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
                 raise FhirError(404, "not-found", f"Patient/{it.id} is not known")
             ctx.record.patients = [it.id or ""]
         principal = ctx.principal

@@ -4,7 +4,7 @@
 A handler has `prepare(ctx)` (outside the transaction: parse and validate the body, assign ids,
 index, fetch data keys) and `execute(ctx, conn)` (inside the request's transaction, which also
 writes the AuditEvent). Handlers never check scopes or write audit records themselves: they use
-`ctx.access[...]` predicates computed by the authorize and consent stages, and fill
+`ctx.access` predicates (context.Access) computed by the authorize and consent stages, and fill
 `ctx.record` for the audit stage.
 """
 

@@ -41,7 +41,7 @@ def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
 
 class History(Handler):
     def read_only(self, ctx: RequestContext) -> bool:
-        return not ctx.access.get("read")  # restricted access probes old versions in a savepoint
+        return not ctx.access.read  # restricted access probes old versions in a savepoint
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -50,13 +50,13 @@ class History(Handler):
         repo = ctx.services.repo
         if it.kind == "history-instance":
             head = repo.current(conn, rtype, it.id or "")
-            if head is None or not visible(conn, head.pk, ctx.access["read"]):
+            if head is None or not visible(conn, head.pk, ctx.access.read):
                 raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
             rows = repo.history(conn, rtype, head.pk, since, count + 1, cursor)
         else:
-            rows = repo.history(conn, rtype, None, since, count + 1, cursor, access=ctx.access["read"])
+            rows = repo.history(conn, rtype, None, since, count + 1, cursor, access=ctx.access.read)
         page = raw_page = rows[:count]
-        if ctx.access["read"]:
+        if ctx.access.read:
             # Restricted access (compartment, granular scope, consent): earlier versions may not
             # have matched; check each against the same predicates.
             page = [(v, st) for v, st in page if version_visible(ctx, conn, st)]

@@ -42,13 +42,13 @@ ACCESS_NEEDS: dict[str, list[tuple[str, str, bool]]] = {
     "vread": [("read", "vread", True)],
     "history-instance": [("read", "history-instance", True)],
     "history-type": [("read", "history-type", True)],
-    "search-type": [("search-type", "search-type", True)],
+    "search-type": [("search", "search-type", True)],
     "create": [("create", "create", True)],
     "update": [("update", "update", True), ("create", "create", False)],
     "delete": [("delete", "delete", True)],
-    "operation": [("search-type", "search-type", True)],
+    "operation": [("search", "search-type", True)],
 }
-READING = {"read", "search-type"}
+READING = {"read", "search"}
 
 
 def _parse_prefer(value: str | None) -> dict[str, str]:
@@ -95,7 +95,7 @@ class Pipeline:
             return
         needs = list(ACCESS_NEEDS.get(it.kind, []))
         if it.conditional:
-            needs.append(("search-type", "search-type", True))
+            needs.append(("search", "search-type", True))
         for name, scope_interaction, required in needs:
             try:
                 preds = self.authorizer.predicates(principal, it.resource_type, scope_interaction)
@@ -105,11 +105,13 @@ class Pipeline:
                 continue
             if name in READING:
                 preds = preds + consent.predicates(principal, it.resource_type, scope_interaction, resource)
-            ctx.access[name] = preds
+            setattr(ctx.access, name, preds)
+            if name == "create":
+                ctx.access.may_create = True
         if it.kind in ("create", "update") and ctx.prefer.get("return") != "minimal":
             # what the writer could read back: a write it cannot see answers as return=minimal.
             # A client that asked for return=minimal gets no content anyway: no check needed.
-            ctx.access["consent-read"] = consent.predicates(principal, it.resource_type, "read", resource)
+            ctx.access.consent_read = consent.predicates(principal, it.resource_type, "read", resource)
         ctx.access_fn = self.access_fn(principal)
 
     def access_fn(self, principal: Principal) -> AccessFn:

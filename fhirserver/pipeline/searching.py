@@ -28,7 +28,7 @@ class Search(Handler):
         rtype = it.resource_type or ""
         strict = ctx.prefer.get("handling") == "strict"
         parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
-        page = run_search(conn, parsed, s.compiler, ctx.access["search-type"], ctx.access_fn)
+        page = run_search(conn, parsed, s.compiler, ctx.access.search, ctx.access_fn)
         matches = s.repo.load_current(conn, page.pks)
         included = resolve_includes(ctx, conn, parsed.includes, matches)
         return searchset(ctx, conn, rtype, parsed, page, included, matches)
@@ -45,7 +45,7 @@ class Everything(Handler):
         s = ctx.services
         pid = it.id or ""
         head = s.repo.current(conn, "Patient", pid)
-        if head is None or head.deleted or not visible(conn, head.pk, ctx.access["search-type"]):
+        if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
             raise FhirError(404, "not-found", f"Patient/{pid} is not known")
         params = [(k, v) for k, v in it.params if k in ("_count", "_cursor", "_since", "_type", "_summary", "_elements")]
         types = s.types.names()

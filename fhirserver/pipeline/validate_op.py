@@ -59,11 +59,11 @@ class Validate(Handler):
             raise FhirError(400, "invalid", f"mode must be one of {', '.join(MODES)}", ["mode"])
         if resource is None and mode != "delete":
             raise FhirError(400, "required", "$validate needs a resource (the body, or Parameters.resource)")
-        ctx.prepared = (resource, mode, args.get("profile"))
+        ctx.plan = (resource, mode, args.get("profile"))
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
-        resource, mode, profile = ctx.prepared
+        resource, mode, profile = ctx.plan
         rtype = it.resource_type or ""
         validator = ctx.services.validator
         known = validator.profiles.resolve(profile) if profile else None
