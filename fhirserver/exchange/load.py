@@ -55,10 +55,10 @@ from ..db.engine import read_connection
 from ..db.schema import import_file, import_patient, resource
 from ..services import Services
 from ..storage.repository import PreparedWrite, key_scope_for
-from .bulk_load import analyze
 from .load_prepare import Outcome, _init_worker, _started, _worker_chunk, kept_types, prepare_items
 from .load_report import MAX_REPORTED_INVALID, FileReport, LoadReport
 from .sources import discover, file_sha256, iter_items
+from .statistics import analyze
 
 MIN_PARALLEL_BYTES = 4 << 20  # below this, starting worker processes costs more than they save
 

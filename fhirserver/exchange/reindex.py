@@ -9,7 +9,7 @@ from ..db.engine import read_connection
 from ..db.schema import resource
 from ..services import Services
 from ..storage.codec import parse_json
-from .bulk_load import analyze
+from .statistics import analyze
 
 
 def reindex_all(svc: Services, batch: int = 500) -> int:

@@ -13,6 +13,7 @@ from ..db.engine import read_connection
 from ..db.schema import resource
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
+from ..storage.errors import Deleted
 from ..storage.visibility import visible
 from .access import record_touch, search_matches, version_visible
 from .capability import capability_statement, smart_configuration
@@ -60,11 +61,10 @@ class Read(Handler):
             version = int(text)
         try:
             stored = ctx.services.repo.read(conn, it.resource_type, it.id, version)
-        except FhirError as err:
-            if err.status == 410:
-                head = ctx.services.repo.current(conn, it.resource_type, it.id)
-                if head is not None and not visible(conn, head.pk, ctx.access.read):
-                    raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known") from None
+        except Deleted:
+            head = ctx.services.repo.current(conn, it.resource_type, it.id)
+            if head is not None and not visible(conn, head.pk, ctx.access.read):
+                raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known") from None
             raise
         if not visible(conn, stored.pk, ctx.access.read):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")

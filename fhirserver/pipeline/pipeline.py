@@ -15,7 +15,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause
+from sqlalchemy import ColumnElement, Connection, FromClause
 
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
@@ -25,9 +25,12 @@ from ..db.schema import resource
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..search.model import AccessFn
 from ..services import Services
+from ..storage.errors import StorageError
 from ..storage.repository import CorruptDataError
 from .authorize import Authorizer
 from .context import RequestContext, Result
+from .errors import fhir_error
+from .handler import Handler
 from .interaction import Interaction, negotiate_format, parse_interaction
 from .principal import Principal
 from .routes import handler_for
@@ -59,6 +62,14 @@ def _parse_prefer(value: str | None) -> dict[str, str]:
             if key:
                 out[key.strip().lower()] = val.strip().strip('"')
     return out
+
+
+def run_handler(handler: Handler, ctx: RequestContext, conn: Connection) -> Result:
+    """Execute a handler; a storage refusal becomes its FHIR error here (pipeline/errors.py)."""
+    try:
+        return handler.execute(ctx, conn)
+    except StorageError as err:
+        raise fhir_error(err) from None
 
 
 class Pipeline:
@@ -157,7 +168,7 @@ class Pipeline:
                 # AuditEvent in a short write transaction; the response leaves only after it
                 # committed, so a read is never served without its audit record.
                 with read_connection(self.services.engine) as conn:
-                    result = handler.execute(ctx, conn)
+                    result = run_handler(handler, ctx, conn)
                     self.services.consent.annotate(ctx, conn)  # the Consents that decided, for the audit
                 record.status = result.status
                 prepared = audit.prepare(record)
@@ -194,7 +205,7 @@ class Pipeline:
         return handler
 
     def _execute(self, ctx: RequestContext, handler: Any, conn: Any) -> Result:
-        result = handler.execute(ctx, conn)
+        result = run_handler(handler, ctx, conn)
         ctx.record.status = result.status
         self.services.consent.annotate(ctx, conn)
         self.services.consent.finish(ctx, conn)

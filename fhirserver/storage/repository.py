@@ -27,9 +27,9 @@ from ..crypto.keyring import KeyError_
 from ..db import raw as raw_sql
 from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.dates import instant_text
-from ..fhir.errors import FhirError
 from ..search.indexer import Indexer, IndexRows
 from .codec import dump_json, parse_json
+from .errors import AlreadyExists, Deleted, NotFound, VersionConflict
 from .write_hooks import WriteHook
 
 
@@ -186,22 +186,21 @@ class Repository:
             raise CorruptDataError(f"{rtype}/{rid}/_history/{version} cannot be decrypted") from exc
 
     def read(self, conn: Connection, rtype: str, rid: str, version: int | None = None) -> Stored:
-        """Current or given version. Raises FhirError 404 (unknown) or 410 (deleted)."""
+        """Current or given version. Raises NotFound (unknown) or Deleted."""
         if version is None:
             row = raw_sql.fetchone(conn, _RAW_READ, (rtype, rid))
         else:
             row = raw_sql.fetchone(conn, _RAW_READ_VERSION, (version, rtype, rid))
         if row is None:
-            raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
+            raise NotFound(f"{rtype}/{rid} is not known")
         pk, current, got, last_updated_us, deleted, method, key_id, blob = row
         if got is None:
             wanted = version if version is not None else current
-            raise FhirError(404, "not-found", f"{rtype}/{rid}/_history/{wanted} is not known")
+            raise NotFound(f"{rtype}/{rid}/_history/{wanted} is not known")
         stored = Stored(type=rtype, id=rid, version=got, last_updated_us=last_updated_us, deleted=bool(deleted),
                         method=method, body=self.decrypt(rtype, rid, got, key_id, blob, conn), pk=pk)
         if stored.deleted:
-            raise FhirError(410, "deleted", f"{rtype}/{rid} has been deleted",
-                            headers={"ETag": stored.etag})
+            raise Deleted(f"{rtype}/{rid} has been deleted", etag=stored.etag)
         return stored
 
     def _stored(self, rtype: str, rid: str, row: Any, conn: Connection) -> Stored:
@@ -287,7 +286,7 @@ class Repository:
         """Insert version 1. `fresh_id`: the id is a new UUID, so skip the existence check."""
         when_us = when_us or now_us()
         if not fresh_id and self.current(conn, p.type, p.id) is not None:
-            raise FhirError(409, "duplicate", f"{p.type}/{p.id} already exists")
+            raise AlreadyExists(f"{p.type}/{p.id} already exists")
         raw, blob = self._seal_version(p, 1, when_us)
         pk = raw_sql.insert_returning_pk(conn, _RAW_INS_RESOURCE, (p.type, p.id, 1, when_us, False))
         raw_sql.execute(conn, _RAW_INS_VERSION, (pk, p.type, 1, when_us, "POST", False, p.key_id, blob)).close()
@@ -333,10 +332,10 @@ class Repository:
         head = self.current(conn, p.type, p.id, lock=True)
         if head is None:
             if if_match is not None:
-                raise FhirError(412, "conflict", f"{p.type}/{p.id} does not exist (If-Match given)")
+                raise VersionConflict(f"{p.type}/{p.id} does not exist (If-Match given)")
             return self.create(conn, p), True
         if if_match is not None and if_match != head.version:
-            raise FhirError(412, "conflict", f"Version conflict: If-Match {if_match} but current version is {head.version}")
+            raise VersionConflict(f"Version conflict: If-Match {if_match} but current version is {head.version}")
         when_us = max(now_us(), head.last_updated_us + 1)
         version = head.version + 1
         raw, blob = self._seal_version(p, version, when_us)
@@ -372,10 +371,10 @@ class Repository:
         head = self.current(conn, rtype, rid, lock=True)
         if head is None:
             if if_match is not None:
-                raise FhirError(412, "conflict", f"{rtype}/{rid} does not exist (If-Match given)")
+                raise VersionConflict(f"{rtype}/{rid} does not exist (If-Match given)")
             return None
         if if_match is not None and if_match != head.version:
-            raise FhirError(412, "conflict", f"Version conflict: If-Match {if_match} but current version is {head.version}")
+            raise VersionConflict(f"Version conflict: If-Match {if_match} but current version is {head.version}")
         if head.deleted:
             return None
         when_us = max(now_us(), head.last_updated_us + 1)
