@@ -40,7 +40,7 @@ def load_example(name: str) -> dict[str, Any]:
 def postgres() -> Iterator[Any]:
     if os.environ.get("FHIRSERVER_TEST_SKIP_PG") == "1":
         pytest.skip("PostgreSQL tests disabled by FHIRSERVER_TEST_SKIP_PG=1")
-    from tests.pg import ThrowawayPostgres
+    from tests.support.pg import ThrowawayPostgres
 
     pg = ThrowawayPostgres()
     pg.start()
