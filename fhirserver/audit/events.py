@@ -6,7 +6,7 @@ the resources touched, the patients involved, the search query (base64) and the 
 
 Every request writes one, so its index rows are taken straight from the event the server just
 built (`AuditIndexer`) instead of evaluating the ~22 AuditEvent SearchParameter expressions; the
-rows themselves come from the same Indexer code, and tests/test_audit_index.py checks that both
+rows themselves come from the same Indexer code, and tests/functional/audit/test_audit_index.py checks that both
 routes agree for any record.
 """
 
@@ -20,8 +20,9 @@ from typing import Any
 
 from ..fhir.dates import instant_text
 from ..fhir.fhirpath import Node, child_nodes, resolves_to
-from ..search.indexer import Indexer, IndexRows
+from ..search.indexer import Indexer
 from ..search.params import SearchParam
+from ..search.values import IndexRows
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 BALP_ENTITY = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"

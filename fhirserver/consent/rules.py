@@ -22,7 +22,7 @@ from sqlalchemy import Connection, delete, insert, select
 
 from ..db.schema import consent_criterion, consent_rule
 from ..fhir.dates import MAX_US, MIN_US, parse_range
-from ..search.indexer import parse_reference
+from ..search.values import parse_reference
 
 KINDS = ("actor", "purpose", "class", "code", "label", "data", "period")
 PRIVACY_SCOPE = "patient-privacy"

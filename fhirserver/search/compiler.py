@@ -5,35 +5,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     FromClause,
-    and_,
     exists,
     false,
     func,
     literal,
-    not_,
     or_,
     select,
 )
 
-from ..clock import now_us
-from ..crypto.blind_index import BlindIndexer, normalize
+from ..crypto.blind_index import BlindIndexer
 from ..db.schema import (
     idx_composite,
     idx_reference,
     idx_string,
     resource,
 )
-from ..fhir.dates import MAX_US, MIN_US, parse_range
+from ..fhir.dates import MAX_US, MIN_US
 from ..fhir.errors import FhirError
-from .indexer import MAX_PREFIX_CHARS, parse_reference
-from .model import PREFIXES, TABLES, AccessFn, Clause, ParsedSearch
+from .model import TABLES, AccessFn, Clause, ParsedSearch
 from .params import ParamRegistry, SearchParam
+from .types import TYPES
+from .types.date import date_cond
+from .types.string import string_cond
 
 NEVER_DRIVES = 100
 BROAD_CLAUSE_ROWS = 1000
@@ -103,7 +101,7 @@ class QueryCompiler:
                 return Term(NEVER_DRIVES, lambda _d: res.c.id.not_in(c.values))
             return Term(0, lambda _d: res.c.id.in_(c.values))  # the (type, id) index drives
         if c.code == "_lastUpdated":
-            cond = or_(*[self._date_cond(v, res.c.last_updated_us, res.c.last_updated_us, "_lastUpdated")
+            cond = or_(*[date_cond(v, res.c.last_updated_us, res.c.last_updated_us, "_lastUpdated")
                          for v in c.values])
             return Term(NEVER_DRIVES, lambda _d: cond)
         if c.has is not None:
@@ -142,10 +140,8 @@ class QueryCompiler:
                 raise FhirError(400, "invalid", ":missing takes true or false", [f"{p.code}:missing"])
             return _semi(res, t, base, NEVER_DRIVES, negate=c.values == ["true"])
         if p.type == "composite":
-            if c.modifier is not None:
-                raise FhirError(400, "not-supported", f"Modifier :{c.modifier} is not supported on composite "
-                                                      f"parameter '{p.code}'", [f"{p.code}:{c.modifier}"])
-            return _semi(res, t, [*base, self._composite(p, c, t)], 2)
+            alternatives = [self._value_cond(p, t, c.modifier, v) for v in c.values]
+            return _semi(res, t, [*base, or_(*alternatives)], 2)
         negate = False
         modifier = c.modifier
         if modifier == "not" and p.type == "token":
@@ -166,149 +162,11 @@ class QueryCompiler:
         if modifier == "text":
             if p.type != "token" or not p.text_index:
                 raise FhirError(400, "not-supported", f":text is not indexed for '{p.code}'", [key])
-            return self._string_cond(f"{p.code}:text", True, value, key, t)
-        if p.type == "string":
-            if modifier == "contains":
-                raise FhirError(400, "not-supported",
-                                f"'{p.code}' holds identifying data that is stored only as a keyed hash; "
-                                ":contains cannot be answered. Use the default starts-with or :exact.", [key])
-            if modifier == "exact":
-                return and_(t.c.kind == "e", t.c.value == self.blind.digest(p.code, "e", value))
-            if modifier is not None:
-                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on string parameters", [key])
-            return self._string_cond(p.code, p.prefix_index, value, key, t)
-        if p.type == "token":
-            if modifier is not None:
-                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on token parameters", [key])
-            return self._token_cond(p, t.c.system, t.c.code, value, key)
-        if p.type == "date":
-            if p.protected:
-                prefix, text = _prefix(value)
-                if prefix != "eq" or len(text) > 10:
-                    raise FhirError(400, "not-supported",
-                                    f"'{p.code}' is stored only as a keyed hash: only equality on a year, "
-                                    "month or day is supported", [key])
-                _check_date(text, key)
-                return and_(t.c.kind == "d", t.c.value == self.blind.digest(p.code, "d", text))
-            if modifier is not None:
-                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on date parameters", [key])
-            return self._date_cond(value, t.c.low_us, t.c.high_us, key)
-        if p.type == "reference":
-            return self._reference_cond(p, t, modifier, value, key)
-        if p.type in ("number", "quantity"):
-            if modifier is not None:
-                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on {p.type} parameters", [key])
-            return self._quantity_cond(p.type, t.c.value, t.c.system if p.type == "quantity" else None,
-                                       t.c.code if p.type == "quantity" else None, value, key)
-        if p.type == "uri":
-            if modifier == "below":
-                return t.c.value.startswith(value, autoescape=True)
-            if modifier is not None:
-                raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on uri parameters", [key])
-            return t.c.value == value
-        raise FhirError(400, "not-supported", f"Parameter type {p.type} is not supported", [key])
-
-    def _string_cond(self, code: str, prefixes: bool, value: str, key: str, t: Any) -> ColumnElement[bool]:
-        norm = normalize(value)
-        if not norm:
-            raise FhirError(400, "invalid", f"Empty value for '{key}'", [key])
-        if len(norm) <= MAX_PREFIX_CHARS and prefixes:
-            return and_(t.c.kind == "p", t.c.value == self.blind.digest(code, "p", norm))
-        return and_(t.c.kind == "n", t.c.value == self.blind.digest(code, "n", norm))
-
-    def _token_cond(self, p: SearchParam, system_col: Any, code_col: Any, value: str, key: str,
-                    protected: bool | None = None) -> ColumnElement[bool]:
-        system, bar, code = value.partition("|")
-        if not bar:
-            system, code = None, value  # type: ignore[assignment]
-        if (p.protected if protected is None else protected) and code:
-            code = self.blind.digest(p.code, "t", code)
-        conds = []
-        if bar:
-            conds.append(system_col.is_(None) if system == "" else system_col == system)
-        if code:
-            conds.append(code_col == code)
-        if not conds:
-            raise FhirError(400, "invalid", f"Empty token for '{p.code}'", [key])
-        return and_(*conds)
-
-    def _quantity_cond(self, ptype: str, value_col: Any, system_col: Any, code_col: Any, value: str,
-                       key: str) -> ColumnElement[bool]:
-        prefix, text = _prefix(value)
-        number, _, rest = text.partition("|")
-        cond = _number_cond(prefix, number, value_col, key)
-        if ptype == "quantity" and rest:
-            system, _, code = rest.partition("|")
-            if system:
-                cond = and_(cond, system_col == system)
-            if code:
-                cond = and_(cond, code_col == code)
-        return cond
-
-    def _composite(self, p: SearchParam, c: Clause, t: Any) -> ColumnElement[bool]:
-        kinds = p.component_types
-        alternatives = []
-        for value in c.values:
-            parts = value.split("$")
-            if len(parts) != len(kinds) or len(kinds) != 2:
-                raise FhirError(400, "invalid", f"'{p.code}' takes two components joined by '$'", [p.code])
-            first = self._token_cond(p, t.c.system, t.c.code, parts[0], p.code, protected=False)
-            kind, second = kinds[1], parts[1]
-            if kind == "token":
-                cond2 = self._token_cond(p, t.c.system2, t.c.code2, second, p.code, protected=False)
-            elif kind == "quantity":
-                cond2 = self._quantity_cond("quantity", t.c.num, t.c.system2, t.c.code2, second, p.code)
-            elif kind == "date":
-                cond2 = self._date_cond(second, t.c.low_us, t.c.high_us, p.code)
-            elif kind == "string":
-                cond2 = t.c.code2 == self.blind.digest(p.code, "n", normalize(second))
-            else:
-                raise FhirError(400, "not-supported", f"Composite component type {kind} is not supported", [p.code])
-            alternatives.append(and_(first, cond2))
-        return or_(*alternatives)
-
-    def _reference_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
-        rtype, rid, url = parse_reference(value, self.base_url)
-        if modifier and modifier[0].isupper():
-            if rid is None and url is not None and "/" not in value:
-                return and_(t.c.target_type == modifier, t.c.target_id == value)
-            if rtype not in (None, modifier):
-                return false()  # subject:Patient=Group/1 can match nothing
-            rtype = modifier
-        elif modifier is not None:
-            raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on reference parameters", [key])
-        if rtype and rid:
-            return and_(t.c.target_type == rtype, t.c.target_id == rid)
-        if url and "/" not in value and ":" not in value:
-            cond = t.c.target_id == value  # a bare id
-            if len(p.targets) == 1:
-                cond = and_(cond, t.c.target_type == p.targets[0])
-            return cond
-        return t.c.url == (url or value)
-
-    def _date_cond(self, value: str, low: Any, high: Any, key: str) -> ColumnElement[bool]:
-        prefix, text = _prefix(value)
-        ql, qh = _check_date(text, key)
-        eq = and_(low >= ql, high <= qh)
-        if prefix == "eq":
-            return eq
-        if prefix == "ne":
-            return not_(eq)
-        if prefix == "gt":
-            return high > qh
-        if prefix == "lt":
-            return low < ql
-        if prefix == "ge":
-            return or_(high > qh, eq)
-        if prefix == "le":
-            return or_(low < ql, eq)
-        if prefix == "sa":
-            return low > qh
-        if prefix == "eb":
-            return high < ql
-        # ap: overlap with the search range widened by 10% of its distance from now (>= 1 day)
-        margin = max(abs(now_us() - ql) // 10, 86_400_000_000)
-        return and_(low <= qh + margin, high >= ql - margin)
+            return string_cond(self, f"{p.code}:text", True, value, key, t)
+        kind = TYPES.get(p.type)
+        if kind is None:
+            raise FhirError(400, "not-supported", f"Parameter type {p.type} is not supported", [key])
+        return kind.condition(self, p, t, modifier, value, key)
 
     # ---- sorting
     def sort_expressions(self, parsed: ParsedSearch, res: FromClause) -> list[tuple[Any, bool]]:
@@ -341,40 +199,3 @@ class QueryCompiler:
         return out
 
 
-def _prefix(value: str) -> tuple[str, str]:
-    if len(value) > 2 and value[:2] in PREFIXES and (value[2].isdigit() or value[2] in "-+."):
-        return value[:2], value[2:]
-    return "eq", value
-
-
-def _check_date(text: str, key: str) -> tuple[int, int]:
-    try:
-        return parse_range(text)
-    except ValueError:
-        raise FhirError(400, "invalid", f"'{text[:40]}' is not a valid FHIR date", [key]) from None
-
-
-def _number_cond(prefix: str, text: str, col: Any, key: str) -> ColumnElement[bool]:
-    try:
-        num = Decimal(text)
-    except InvalidOperation:
-        raise FhirError(400, "invalid", f"'{text[:40]}' is not a number", [key]) from None
-    if not num.is_finite():
-        raise FhirError(400, "invalid", f"'{text[:40]}' is not a number", [key])
-    exponent = num.as_tuple().exponent
-    half = Decimal(5) * Decimal(10) ** (exponent - 1) if isinstance(exponent, int) and exponent <= 0 else Decimal("0.5")
-    lo, hi, v = float(num - half), float(num + half), float(num)
-    if prefix == "eq":
-        return and_(col >= lo, col < hi)
-    if prefix == "ne":
-        return or_(col < lo, col >= hi)
-    if prefix in ("gt", "sa"):
-        return col > v
-    if prefix in ("lt", "eb"):
-        return col < v
-    if prefix == "ge":
-        return col >= v
-    if prefix == "le":
-        return col <= v
-    margin = abs(v) * 0.1
-    return and_(col >= v - margin, col <= v + margin)

@@ -27,7 +27,8 @@ from ..crypto.keyring import KeyError_
 from ..db import raw as raw_sql
 from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.dates import instant_text
-from ..search.indexer import Indexer, IndexRows
+from ..search.indexer import Indexer
+from ..search.values import IndexRows
 from .codec import dump_json, parse_json
 from .errors import AlreadyExists, Deleted, NotFound, VersionConflict
 from .write_hooks import WriteHook

@@ -1,0 +1,35 @@
+"""Search parameter types, one module per type, each holding both halves of its semantics: the
+index rows a value of a resource produces on write (`index`) and the SQL condition one search
+value becomes (`condition`). The indexer and the compiler dispatch on `SearchParam.type` through
+TYPES; a new type is a new module here and a line in TYPES."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement
+
+from ...crypto.blind_index import BlindIndexer
+from ..params import SearchParam
+from ..values import IndexRows
+from . import composite, date, number, quantity, reference, string, token, uri
+
+
+class Keys(Protocol):
+    """What the types need from their caller (the Indexer or the QueryCompiler)."""
+
+    blind: BlindIndexer
+    base_url: str
+
+
+class ParamType(Protocol):
+    def index(self, keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None: ...
+
+    def condition(self, keys: Keys, p: SearchParam, t: Any, modifier: str | None, value: str,
+                  key: str) -> ColumnElement[bool]: ...
+
+
+TYPES: dict[str, ParamType] = {
+    "token": token, "string": string, "date": date, "reference": reference, "quantity": quantity,
+    "number": number, "uri": uri, "composite": composite,
+}

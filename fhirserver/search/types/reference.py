@@ -1,0 +1,39 @@
+"""reference: `Type/id` (local or this server's absolute URL), external URLs and canonicals;
+`:Type` restricts the target type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, false
+
+from ...fhir.errors import FhirError
+from ..params import SearchParam
+from ..values import IndexRows, parse_reference
+
+
+def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+    ref = value.get("reference") if isinstance(value, dict) else value if isinstance(value, str) else None
+    if isinstance(ref, str):
+        rtype, rid, url = parse_reference(ref, keys.base_url)
+        out.add("reference", param=p.code, target_type=rtype, target_id=rid, url=url)
+
+
+def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+    rtype, rid, url = parse_reference(value, keys.base_url)
+    if modifier and modifier[0].isupper():
+        if rid is None and url is not None and "/" not in value:
+            return and_(t.c.target_type == modifier, t.c.target_id == value)
+        if rtype not in (None, modifier):
+            return false()  # subject:Patient=Group/1 can match nothing
+        rtype = modifier
+    elif modifier is not None:
+        raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on reference parameters", [key])
+    if rtype and rid:
+        return and_(t.c.target_type == rtype, t.c.target_id == rid)
+    if url and "/" not in value and ":" not in value:
+        cond = t.c.target_id == value  # a bare id
+        if len(p.targets) == 1:
+            cond = and_(cond, t.c.target_type == p.targets[0])
+        return cond
+    return t.c.url == (url or value)

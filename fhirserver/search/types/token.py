@@ -1,0 +1,48 @@
+"""token: codes with an optional system (Coding, CodeableConcept, Identifier, ContactPoint, code,
+boolean); protected parameters (identifiers of people) are stored as keyed digests; `:text`
+searches the display texts, indexed as strings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_
+
+from ...fhir.errors import FhirError
+from ..params import SearchParam
+from ..values import IndexRows, token_pairs, token_texts
+from . import string
+from .common import no_modifier
+
+
+def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+    for system, code in token_pairs(value):
+        if p.protected:
+            code = keys.blind.digest(p.code, "t", code)
+        out.add("token", param=p.code, system=system, code=code[:255] if code else code)
+    if p.text_index:
+        for text in token_texts(value):
+            string.add_string(keys, out, f"{p.code}:text", text, True)
+
+
+def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+    no_modifier("token", modifier, key)
+    return token_cond(keys, p, t.c.system, t.c.code, value, key)
+
+
+def token_cond(keys: Any, p: SearchParam, system_col: Any, code_col: Any, value: str, key: str,
+               protected: bool | None = None) -> ColumnElement[bool]:
+    system: str | None
+    system, bar, code = value.partition("|")
+    if not bar:
+        system, code = None, value
+    if (p.protected if protected is None else protected) and code:
+        code = keys.blind.digest(p.code, "t", code)
+    conds = []
+    if bar:
+        conds.append(system_col.is_(None) if system == "" else system_col == system)
+    if code:
+        conds.append(code_col == code)
+    if not conds:
+        raise FhirError(400, "invalid", f"Empty token for '{p.code}'", [key])
+    return and_(*conds)
