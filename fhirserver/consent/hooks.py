@@ -5,7 +5,8 @@ no-op base (tests and consent-free deployments subclass it), `consent.stage.Cons
 real one (docs/consent.md):
 
 - `begin(ctx)`: at the start of authorize -- purpose of use, break-the-glass, exemption (may
-  raise a 403 FhirError before any data is read);
+  raise a 403 FhirError before any data is read); returns the request's decision (or None), which
+  the pipeline attaches to a request-scoped copy of the principal -- the stage changes nothing;
 - `predicates(principal, type, interaction, table)`: SQL predicates over `table` (the resource
   table or an alias) ANDed into every read and search, so hidden rows never count toward totals,
   pages, includes, chains or `_has`;
@@ -25,7 +26,7 @@ from sqlalchemy import ColumnElement, Connection, FromClause
 
 
 class ConsentHook(Protocol):
-    def begin(self, ctx: Any) -> None: ...
+    def begin(self, ctx: Any) -> Any: ...
 
     def predicates(self, principal: Any, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]: ...
@@ -40,7 +41,7 @@ class ConsentHook(Protocol):
 class NoConsentFiltering:
     """Every stage a no-op: nothing is hidden, nothing is recorded beyond the audit record."""
 
-    def begin(self, ctx: Any) -> None:
+    def begin(self, ctx: Any) -> Any:
         return None
 
     def predicates(self, principal: Any, resource_type: str, interaction: str,

@@ -69,14 +69,11 @@ class ConsentStage(NoConsentFiltering):
         self.burst_suspend = bool(getattr(settings, "denial_burst_suspend", False))
 
     # ---- stage entry
-    def begin(self, ctx: Any) -> None:
-        principal = ctx.principal
-        decision = self.engine.decide(principal, ctx.headers)
+    def begin(self, ctx: Any) -> Decision:
+        decision = self.engine.decide(ctx.principal, ctx.headers)
         if decision.mode == "filter":
             with read_connection(ctx.services.engine) as conn:
                 decision.any_rules = self.engine.rules_exist(conn)
-        principal.consent = decision
-        principal.purpose = [decision.purpose]
         rec: AuditRecord = ctx.record
         rec.purpose = [decision.purpose]
         if decision.mode == "exempt":
@@ -94,6 +91,8 @@ class ConsentStage(NoConsentFiltering):
             rec.extra_entities.append(policy_entity(
                 decision.purpose, f"default policy for purpose {decision.purpose}: {default}; data with a "
                                   "sensitivity label needs a consent that permits it explicitly"))
+        return decision
+
 
     def predicates(self, principal: Any, resource_type: str, interaction: str, res: Any) -> list[Any]:
         return self.engine.predicates(principal, resource_type, interaction, res)

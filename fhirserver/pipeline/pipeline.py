@@ -100,7 +100,9 @@ class Pipeline:
         principal = ctx.principal
         assert principal is not None
         consent = self.services.consent
-        consent.begin(ctx)  # purpose of use, break-the-glass, exemption (403 before any data)
+        decision = consent.begin(ctx)  # purpose of use, break-the-glass, exemption (403 before any data)
+        if decision is not None:  # this request's caller: the token's principal plus the decision
+            principal = ctx.principal = replace(principal, consent=decision, purpose=[decision.purpose])
         if it.resource_type is None:  # a system-level operation ($export): access per type via access_fn
             ctx.access_fn = self.access_fn(principal)
             return
