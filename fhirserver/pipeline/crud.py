@@ -6,15 +6,14 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from ..clock import now_us
 from ..db.engine import read_connection
-from ..db.schema import resource
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
 from ..storage.errors import Deleted
-from ..storage.visibility import visible
+from ..storage.visibility import id_of, visible
 from .access import record_touch, search_matches, version_visible
 from .capability import capability_statement, smart_configuration
 from .context import RequestContext, Result
@@ -148,7 +147,7 @@ class Update(Handler):
             target = None
             if matches:
                 with read_connection(ctx.services.engine) as conn:
-                    target = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
+                    target = id_of(conn, matches[0])
             if target and body.get("id") not in (None, target):
                 raise FhirError(400, "invalid", "Resource id does not match the resource found by the condition",
                                 ["id"])
@@ -200,7 +199,7 @@ class Delete(Handler):
                 raise FhirError(412, "multiple-matches", "The conditional delete matched more than one resource")
             if not matches:
                 return Result(204)
-            it.id = conn.execute(select(resource.c.id).where(resource.c.pk == matches[0])).scalar_one()
+            it.id = id_of(conn, matches[0])
         assert it.id
         head = repo.current(conn, rtype, it.id)
         if head is not None and not visible(conn, head.pk, ctx.access.delete):

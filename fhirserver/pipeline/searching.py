@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, and_, false, func, or_, select
+from sqlalchemy import Connection, and_, false, or_
 
-from ..db.schema import compartment, idx_date, idx_token, resource
+from ..db.schema import resource
 from ..fhir.dates import parse_range
 from ..fhir.errors import FhirError
 from ..search.executor import run_search
+from ..search.lastn import lastn_pks
 from ..search.model import SearchPage
 from ..search.parser import parse_search
-from ..storage.visibility import visible
+from ..storage.includes import resolve_includes
+from ..storage.visibility import in_compartment, visible
 from .context import RequestContext, Result
 from .handler import Handler
-from .includes import resolve_includes
 from .render import searchset
 
 
@@ -30,7 +31,7 @@ class Search(Handler):
         parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
         page = run_search(conn, parsed, s.compiler, ctx.access.search, ctx.access_fn)
         matches = s.repo.load_current(conn, page.pks)
-        included = resolve_includes(ctx, conn, parsed.includes, matches)
+        included = resolve_includes(conn, s.repo, s.types.names(), ctx.access_fn, parsed.includes, matches)
         return searchset(ctx, conn, rtype, parsed, page, included, matches)
 
 
@@ -72,10 +73,7 @@ class Everything(Handler):
             preds = ctx.access_fn(t, resource)
             if preds is not None:
                 allowed.append(and_(resource.c.type == t, *preds))
-        comp = compartment.alias()
-        member = or_(and_(resource.c.type == "Patient", resource.c.id == pid),
-                     resource.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
-        extra.extend([member, or_(*allowed) if allowed else false()])
+        extra.extend([in_compartment(pid), or_(*allowed) if allowed else false()])
         parsed = parse_search(s.params, "*", passthrough, s.settings.default_page_size, s.settings.max_page_size, False)
         parsed.echo += [(k, v) for k, v in params if k in ("_type", "_since")]
         page = run_search(conn, parsed, s.compiler, [], ctx.access_fn, extra)
@@ -101,23 +99,7 @@ class LastN(Handler):
         max_n = min(max_n, s.settings.max_page_size)  # more per code could never fit in one page
         strict = ctx.prefer.get("handling") == "strict"
         parsed = parse_search(s.params, "Observation", params, s.settings.max_page_size, s.settings.max_page_size, strict)
-        r = resource.alias()
-        access = ctx.access_fn("Observation", r)
-        conds = [r.c.type == "Observation", r.c.deleted.is_(False), *s.compiler.where(parsed, r, ctx.access_fn),
-                 *(access if access is not None else [false()])]
-        tok, dat = idx_token.alias(), idx_date.alias()
-        code_key = (select(func.min(func.coalesce(tok.c.system, "") + "|" + tok.c.code))
-                    .where(tok.c.resource_pk == r.c.pk, tok.c.param == "code").scalar_subquery())
-        when = (select(func.max(dat.c.high_us)).where(dat.c.resource_pk == r.c.pk, dat.c.param == "date")
-                .scalar_subquery())
-        ranked = (select(r.c.pk.label("pk"), code_key.label("code_key"), when.label("when"),
-                         func.row_number().over(partition_by=code_key,
-                                                order_by=(func.coalesce(when, -(2**62)).desc(), r.c.pk.desc()))
-                         .label("rn"))
-                  .where(*conds).subquery())
-        rows = conn.execute(select(ranked.c.pk).where(ranked.c.rn <= max_n)
-                            .order_by(ranked.c.code_key, ranked.c.rn).limit(s.settings.max_page_size)).all()
-        pks = [row[0] for row in rows]
+        pks = lastn_pks(conn, parsed, s.compiler, ctx.access_fn, max_n, s.settings.max_page_size)
         parsed.echo.append(("max", str(max_n)))
         page = SearchPage(pks, len(pks), None, None)
         return searchset(ctx, conn, "Observation/$lastn", parsed, page)

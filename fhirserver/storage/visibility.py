@@ -3,7 +3,7 @@ the authorize and consent stages)."""
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, Connection, select
+from sqlalchemy import ColumnElement, Connection, FromClause, and_, or_, select
 
 from ..db.schema import compartment, resource
 
@@ -19,3 +19,15 @@ def patients_of(conn: Connection, pks: list[int]) -> list[str]:
         return []
     rows = conn.execute(select(compartment.c.patient_id).where(compartment.c.resource_pk.in_(pks)).distinct()).all()
     return sorted({r[0] for r in rows})
+
+
+def in_compartment(pid: str, res: FromClause = resource) -> ColumnElement[bool]:
+    """The Patient itself or any resource in its compartment."""
+    comp = compartment.alias()
+    return or_(and_(res.c.type == "Patient", res.c.id == pid),
+               res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
+
+
+def id_of(conn: Connection, pk: int) -> str:
+    """The logical id of the resource row `pk`."""
+    return str(conn.execute(select(resource.c.id).where(resource.c.pk == pk)).scalar_one())

@@ -1,20 +1,20 @@
-"""_include and _revinclude: what they add to a page, through the caller's access rules."""
+"""_include and _revinclude: the resources they add to a page, through the caller's access rules
+(`access(type, table)` gives the row predicates for a type, None where the caller may not read it)."""
 
 from __future__ import annotations
 
 from sqlalchemy import Connection, and_, or_, select
 
 from ..db.schema import idx_reference, resource
-from ..search.model import Include
-from ..storage.repository import Stored
-from .context import RequestContext
+from ..search.model import AccessFn, Include
+from .repository import Repository, Stored
 
 MAX_INCLUDED = 1000
 
 
-def _include_targets(ctx: RequestContext, conn: Connection, inc: Include, sources: list[Stored]) -> list[int]:
+def _include_targets(conn: Connection, types: list[str], access: AccessFn, inc: Include,
+                     sources: list[Stored]) -> list[int]:
     """pks that one _include / _revinclude adds for `sources`, through the caller's access rules."""
-    types = ctx.services.types.names()
     alias = resource.alias()
     if not inc.reverse:
         src = [st.pk for st in sources if st.type == inc.source_type]
@@ -23,7 +23,7 @@ def _include_targets(ctx: RequestContext, conn: Connection, inc: Include, source
         ref = idx_reference.alias()
         allowed = []
         for t in ([inc.target_type] if inc.target_type else types):
-            preds = ctx.access_fn(t, alias) if t in types else None
+            preds = access(t, alias) if t in types else None
             if preds is not None:
                 allowed.append(and_(alias.c.type == t, *preds))
         if not allowed:
@@ -32,7 +32,7 @@ def _include_targets(ctx: RequestContext, conn: Connection, inc: Include, source
                 .where(ref.c.resource_pk.in_(src), ref.c.param == inc.param, alias.c.deleted.is_(False), or_(*allowed))
                 .distinct().limit(MAX_INCLUDED))
     else:
-        preds = ctx.access_fn(inc.source_type, alias)
+        preds = access(inc.source_type, alias)
         if preds is None:
             return []
         ref = idx_reference.alias()
@@ -49,7 +49,8 @@ def _include_targets(ctx: RequestContext, conn: Connection, inc: Include, source
     return [r[0] for r in conn.execute(stmt).all()]
 
 
-def resolve_includes(ctx: RequestContext, conn: Connection, includes: list[Include], matches: list[Stored]) -> list[Stored]:
+def resolve_includes(conn: Connection, repo: Repository, types: list[str], access: AccessFn, includes: list[Include],
+                     matches: list[Stored]) -> list[Stored]:
     if not includes:
         return []
     seen = {st.pk for st in matches}
@@ -59,7 +60,7 @@ def resolve_includes(ctx: RequestContext, conn: Connection, includes: list[Inclu
             if inc.iterate != iterate:
                 continue
             sources = matches + included if iterate else matches
-            new = [pk for pk in _include_targets(ctx, conn, inc, sources) if pk not in seen]
+            new = [pk for pk in _include_targets(conn, types, access, inc, sources) if pk not in seen]
             seen.update(new)
-            included.extend(ctx.services.repo.load_current(conn, new))
+            included.extend(repo.load_current(conn, new))
     return included[:MAX_INCLUDED]
