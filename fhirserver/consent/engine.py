@@ -183,11 +183,10 @@ class ConsentEngine:
         return Decision(purpose, mode, reason[:500] or None, [self.digest(a) for a in actors], own, now_us())
 
     def decision_of(self, principal: Any) -> Decision:
+        """The request's decision (attached by the pipeline), or the client's defaults for a
+        principal outside a request (an export job re-applying its caller's rules)."""
         decision = getattr(principal, "consent", None)
-        if decision is None:
-            decision = self.decide(principal, {})
-            principal.consent = decision
-        return decision
+        return decision if decision is not None else self.decide(principal, {})
 
     # ------------------------------------------------------------------ the predicates
     def predicates(self, principal: Any, resource_type: str, interaction: str,

@@ -14,8 +14,8 @@ real one (docs/consent.md):
 - `annotate(ctx, conn)`: after a reading handler ran, before its audit record is built;
 - `finish(ctx, conn)`: inside the audit transaction, also for failed requests (alerts).
 
-`ctx` is the pipeline's RequestContext; it is typed `Any` here because the pipeline sits above
-this package (dependencies run one way).
+`ctx` is the pipeline's RequestContext, seen through StageContext: the pipeline sits above this
+package (dependencies run one way), so the stage names only what it reads.
 """
 
 from __future__ import annotations
@@ -24,35 +24,49 @@ from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Connection, FromClause
 
+from ..audit.events import AuditRecord
+from ..storage.repository import PreparedWrite
+
+
+class StageContext(Protocol):
+    """What the consent stage reads of a request (pipeline.context.RequestContext satisfies it)."""
+
+    headers: dict[str, str]
+    record: AuditRecord
+    write: PreparedWrite | None  # the resource a create or update will store
+    principal: Any  # pipeline.principal.Principal (a layer above)
+    interaction: Any  # pipeline.interaction.Interaction
+    services: Any  # services.Services (a layer above)
+
 
 class ConsentHook(Protocol):
-    def begin(self, ctx: Any) -> Any: ...
+    def begin(self, ctx: StageContext) -> Any: ...
 
     def predicates(self, principal: Any, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]: ...
 
-    def check_write(self, ctx: Any) -> None: ...
+    def check_write(self, ctx: StageContext) -> None: ...
 
-    def annotate(self, ctx: Any, conn: Connection) -> None: ...
+    def annotate(self, ctx: StageContext, conn: Connection) -> None: ...
 
-    def finish(self, ctx: Any, conn: Connection) -> None: ...
+    def finish(self, ctx: StageContext, conn: Connection) -> None: ...
 
 
 class NoConsentFiltering:
     """Every stage a no-op: nothing is hidden, nothing is recorded beyond the audit record."""
 
-    def begin(self, ctx: Any) -> Any:
+    def begin(self, ctx: StageContext) -> Any:
         return None
 
     def predicates(self, principal: Any, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]:
         return []
 
-    def check_write(self, ctx: Any) -> None:
+    def check_write(self, ctx: StageContext) -> None:
         return None
 
-    def annotate(self, ctx: Any, conn: Connection) -> None:
+    def annotate(self, ctx: StageContext, conn: Connection) -> None:
         return None
 
-    def finish(self, ctx: Any, conn: Connection) -> None:
+    def finish(self, ctx: StageContext, conn: Connection) -> None:
         return None

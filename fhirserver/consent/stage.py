@@ -28,7 +28,7 @@ from ..fhir.errors import FhirError
 from ..storage.codec import parse_json
 from .alerts import note_denial, raise_alert
 from .engine import ConsentEngine, Decision, consent_entity, policy_entity
-from .hooks import NoConsentFiltering
+from .hooks import NoConsentFiltering, StageContext
 from .labels import Labeller
 from .rules import PRIVACY_SCOPE, materialize
 
@@ -69,7 +69,7 @@ class ConsentStage(NoConsentFiltering):
         self.burst_suspend = bool(getattr(settings, "denial_burst_suspend", False))
 
     # ---- stage entry
-    def begin(self, ctx: Any) -> Decision:
+    def begin(self, ctx: StageContext) -> Decision:
         decision = self.engine.decide(ctx.principal, ctx.headers)
         if decision.mode == "filter":
             with read_connection(ctx.services.engine) as conn:
@@ -98,7 +98,7 @@ class ConsentStage(NoConsentFiltering):
         return self.engine.predicates(principal, resource_type, interaction, res)
 
     # ---- minors (rule 7)
-    def check_write(self, ctx: Any) -> None:
+    def check_write(self, ctx: StageContext) -> None:
         it = ctx.interaction
         if it.resource_type != "Consent" or it.kind not in ("create", "update") or ctx.write is None:
             return
@@ -137,7 +137,7 @@ class ConsentStage(NoConsentFiltering):
                             "--relationship guardian)", ["Consent.patient"])
 
     # ---- audit basis
-    def annotate(self, ctx: Any, conn: Connection) -> None:
+    def annotate(self, ctx: StageContext, conn: Connection) -> None:
         principal = ctx.principal
         if principal is None or ctx.interaction.kind not in READING:
             return
@@ -158,7 +158,7 @@ class ConsentStage(NoConsentFiltering):
             ctx.record.extra_entities.append(consent_entity(cid, f"permitted disclosure for {decision.purpose}"))
 
     # ---- alerts, denial bursts (inside the audit transaction)
-    def finish(self, ctx: Any, conn: Connection) -> None:
+    def finish(self, ctx: StageContext, conn: Connection) -> None:
         rec: AuditRecord = ctx.record
         principal = ctx.principal
         decision: Decision | None = getattr(principal, "consent", None) if principal else None

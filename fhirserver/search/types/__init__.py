@@ -7,25 +7,18 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, FromClause
 
-from ...crypto.blind_index import BlindIndexer
 from ..params import SearchParam
 from ..values import IndexRows
 from . import composite, date, number, quantity, reference, string, token, uri
-
-
-class Keys(Protocol):
-    """What the types need from their caller (the Indexer or the QueryCompiler)."""
-
-    blind: BlindIndexer
-    base_url: str
+from .common import Keys
 
 
 class ParamType(Protocol):
     def index(self, keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None: ...
 
-    def condition(self, keys: Keys, p: SearchParam, t: Any, modifier: str | None, value: str,
+    def condition(self, keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str,
                   key: str) -> ColumnElement[bool]: ...
 
 

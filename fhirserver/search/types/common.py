@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, or_
 
+from ...crypto.blind_index import BlindIndexer
 from ...fhir.dates import parse_range
 from ...fhir.errors import FhirError
 from ..model import PREFIXES
+
+
+class Keys(Protocol):
+    """What the types need from their caller (the Indexer or the QueryCompiler)."""
+
+    blind: BlindIndexer
+    base_url: str
 
 
 def prefix_of(value: str) -> tuple[str, str]:

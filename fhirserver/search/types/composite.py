@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_
+from sqlalchemy import ColumnElement, FromClause, and_
 
 from ...crypto.blind_index import normalize
 from ...fhir.errors import FhirError
 from ..params import SearchParam
 from ..values import IndexRows, date_ranges, number_of, token_pairs
+from .common import Keys
 from .date import date_cond
 from .quantity import quantity_cond
 from .token import token_cond
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     if len(p.component_extract) != 2:
         return
     node = [(value, node_type)]
@@ -42,7 +43,7 @@ def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str 
                 out.add("composite", **{**row, "code2": keys.blind.digest(p.code, "n", normalize(v))})
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     if modifier is not None:
         raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on composite "
                                               f"parameter '{p.code}'", [key])

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, not_, or_
+from sqlalchemy import ColumnElement, FromClause, and_, not_, or_
 
 from ...clock import now_us
 from ...fhir.errors import FhirError
 from ..params import SearchParam
 from ..values import IndexRows, date_ranges
-from .common import checked_date, no_modifier, prefix_of
+from .common import Keys, checked_date, no_modifier, prefix_of
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     for low, high in date_ranges(value):
         if p.protected:
             if isinstance(value, str) and value:
@@ -25,7 +25,7 @@ def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str 
             out.add("date", param=p.code, low_us=low, high_us=high)
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     if p.protected:
         prefix, text = prefix_of(value)
         if prefix != "eq" or len(text) > 10:

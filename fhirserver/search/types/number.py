@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, FromClause
 
 from ..params import SearchParam
 from ..values import IndexRows, number_of
-from .common import no_modifier
+from .common import Keys, no_modifier
 from .quantity import quantity_cond
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     number = number_of(value)
     if number is not None:
         out.add("number", param=p.code, value=number)
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     no_modifier("number", modifier, key)
     return quantity_cond("number", t.c.value, None, None, value, key)

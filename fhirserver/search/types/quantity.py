@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_
+from sqlalchemy import ColumnElement, FromClause, and_
 
 from ..params import SearchParam
 from ..values import IndexRows, number_of
-from .common import no_modifier, number_cond, prefix_of
+from .common import Keys, no_modifier, number_cond, prefix_of
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     number = number_of(value.get("value")) if isinstance(value, dict) else None
     if number is not None:
         out.add("quantity", param=p.code, value=number, system=value.get("system"),
                 code=value.get("code") or value.get("unit"))
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     no_modifier("quantity", modifier, key)
     return quantity_cond("quantity", t.c.value, t.c.system, t.c.code, value, key)
 

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false
+from sqlalchemy import ColumnElement, FromClause, and_, false
 
 from ...fhir.errors import FhirError
 from ..params import SearchParam
 from ..values import IndexRows, parse_reference
+from .common import Keys
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     ref = value.get("reference") if isinstance(value, dict) else value if isinstance(value, str) else None
     if isinstance(ref, str):
         rtype, rid, url = parse_reference(ref, keys.base_url)
         out.add("reference", param=p.code, target_type=rtype, target_id=rid, url=url)
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     rtype, rid, url = parse_reference(value, keys.base_url)
     if modifier and modifier[0].isupper():
         if rid is None and url is not None and "/" not in value:

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_
+from sqlalchemy import ColumnElement, FromClause, and_
 
 from ...crypto.blind_index import normalize
 from ...fhir.errors import FhirError
 from ..params import SearchParam
 from ..values import MAX_PREFIX_CHARS, IndexRows, strings_of
+from .common import Keys
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     for text in strings_of(value):
         add_string(keys, out, p.code, text, p.prefix_index)
 
 
-def add_string(keys: Any, out: IndexRows, code: str, text: str, prefixes: bool) -> None:
+def add_string(keys: Keys, out: IndexRows, code: str, text: str, prefixes: bool) -> None:
     norm = normalize(text)
     digest = keys.blind.digest
     out.add("string", param=code, kind="e", value=digest(code, "e", text))
@@ -27,7 +28,7 @@ def add_string(keys: Any, out: IndexRows, code: str, text: str, prefixes: bool) 
         out.add("string", param=code, kind="p", value=digest(code, "p", norm[:i]))
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     if modifier == "contains":
         raise FhirError(400, "not-supported",
                         f"'{p.code}' holds identifying data that is stored only as a keyed hash; "
@@ -39,7 +40,7 @@ def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: st
     return string_cond(keys, p.code, p.prefix_index, value, key, t)
 
 
-def string_cond(keys: Any, code: str, prefixes: bool, value: str, key: str, t: Any) -> ColumnElement[bool]:
+def string_cond(keys: Keys, code: str, prefixes: bool, value: str, key: str, t: Any) -> ColumnElement[bool]:
     norm = normalize(value)
     if not norm:
         raise FhirError(400, "invalid", f"Empty value for '{key}'", [key])

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_
+from sqlalchemy import ColumnElement, FromClause, and_
 
 from ...fhir.errors import FhirError
 from ..params import SearchParam
 from ..values import IndexRows, token_pairs, token_texts
 from . import string
-from .common import no_modifier
+from .common import Keys, no_modifier
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     for system, code in token_pairs(value):
         if p.protected:
             code = keys.blind.digest(p.code, "t", code)
@@ -25,12 +25,12 @@ def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str 
             string.add_string(keys, out, f"{p.code}:text", text, True)
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     no_modifier("token", modifier, key)
     return token_cond(keys, p, t.c.system, t.c.code, value, key)
 
 
-def token_cond(keys: Any, p: SearchParam, system_col: Any, code_col: Any, value: str, key: str,
+def token_cond(keys: Keys, p: SearchParam, system_col: Any, code_col: Any, value: str, key: str,
                protected: bool | None = None) -> ColumnElement[bool]:
     system: str | None
     system, bar, code = value.partition("|")

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, FromClause
 
 from ...fhir.errors import FhirError
 from ..params import SearchParam
 from ..values import IndexRows
+from .common import Keys
 
 
-def index(keys: Any, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
     if isinstance(value, str):
         out.add("uri", param=p.code, value=value[:1024])
 
 
-def condition(keys: Any, p: SearchParam, t: Any, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     if modifier == "below":
         return t.c.value.startswith(value, autoescape=True)
     if modifier is not None:
