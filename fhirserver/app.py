@@ -1,4 +1,4 @@
-"""The Flask application factory: /fhir (the pipeline), /auth (OAuth), /healthz."""
+"""The Flask application factory: /fhir (the pipeline), /auth (OAuth), /healthz, /livez, /readyz."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from .config import Settings
 from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
+from .health import install as install_health
 from .pipeline.pipeline import Pipeline
 from .services import Services, build_services, warm_keys
 from .smart.install import install as install_smart
+from .smart.secrets_store import SIGNING_KEY_FILE
 from .smart.server import build_authorization_server
 from .smart.token_audit import audit_token_request, revoke_issued
 from .storage.codec import dump_json
@@ -163,5 +165,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     @app.get("/healthz")
     def healthz() -> Response:
         return jsonify(status="ok")
+
+    install_health(app, svc, lambda: (settings.data_dir / SIGNING_KEY_FILE).is_file())
 
     return app
