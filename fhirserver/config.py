@@ -30,7 +30,8 @@ class Settings:
     data_dir: Path = Path("./fhirserver-data")
     database_url: str = ""
     base_url: str = "http://127.0.0.1:8080/fhir"
-    master_key: str = ""  # base64 of 32 bytes; empty = use the key ring file in data_dir
+    master_key: str = ""  # base64 of 32 bytes; empty = use the key ring file
+    master_key_file: str = ""  # the key ring file; empty = data_dir/master-keys.json (warned about at start)
     profiles_dir: Path = DEFAULT_PROFILES_DIR
     log_level: str = "INFO"
     # ---- HTTP and input limits (docs/security.md)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -47,7 +48,8 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     from .consent import build_consent
 
     engine = engine or make_engine(settings.effective_database_url)
-    ring = MasterKeyRing(settings.master_key, settings.data_dir, may_create=not _holds_data_keys(engine))
+    ring = MasterKeyRing(settings.master_key, settings.data_dir, may_create=not _holds_data_keys(engine),
+                         key_file=Path(settings.master_key_file) if settings.master_key_file else None)
     keys = DataKeyStore(engine, ring)
     blind = BlindIndexer(keys)
     types = load_type_registry(settings.profiles_dir)
@@ -79,6 +81,18 @@ def _holds_data_keys(engine: Engine) -> bool:
         if not inspect(conn).has_table("data_key"):
             return False
         return conn.execute(select(data_key.c.id).limit(1)).first() is not None
+
+
+def key_beside_data(services: Services) -> str | None:
+    """A warning when the master key ring sits inside the data directory (None when it does not)."""
+    key_file = services.ring.key_file
+    if key_file is None:
+        return None
+    data = services.settings.data_dir.resolve()
+    if key_file.resolve().is_relative_to(data):
+        return (f"the master key ring {key_file} is inside the data directory: a copy of the directory is a copy "
+                "of the plaintext. Keep it elsewhere (FHIRSERVER_MASTER_KEY_FILE) or use FHIRSERVER_MASTER_KEY")
+    return None
 
 
 def warm_keys(services: Services) -> None:

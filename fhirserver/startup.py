@@ -22,11 +22,12 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import OperationalError
 
-    from .crypto.keyring import KeyError_
+    from .crypto.keyring import KEY_FILE_NAME, KeyError_
 
     where = settings.database_url and "the database" or f"{settings.effective_database_url[len('sqlite:///'):]}"
     if isinstance(exc, KeyError_):
-        source = "FHIRSERVER_MASTER_KEY" if settings.master_key else f"{settings.data_dir / 'master-keys.json'}"
+        source = "FHIRSERVER_MASTER_KEY" if settings.master_key else \
+            (settings.master_key_file or f"{settings.data_dir / KEY_FILE_NAME}")
         return (f"master key problem: {exc}. Fix: provide the master key this database was encrypted with "
                 f"(key source: {source}); see docs/security.md, 'Keys'")
     if isinstance(exc, CommandError) and "Can't locate revision" in str(exc):

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..config import Settings, explicitly_set
+from ..services import key_beside_data
 from .root import _services, _settings, main
 
 
@@ -35,6 +36,9 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, 
         overrides["base_url"] = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/fhir"
     settings = _settings(ctx, **overrides)
     svc = _services(settings)
+    beside = key_beside_data(svc)
+    if beside:
+        click.echo(f"warning: {beside}", err=True)
     if demo:
         from ..demo import DEMO_CLIENT_ID, ensure_demo_client, load_demo
         from ..smart.demo import ensure_demo_smart

@@ -3,7 +3,10 @@
 Sources, in order:
 - FHIRSERVER_MASTER_KEY: comma-separated base64 32-byte keys; the first is active, the others
   are kept only to unwrap data keys during a rotation.
-- otherwise `<data_dir>/master-keys.json` (mode 0600), generated on first start.
+- otherwise the key ring file: `master_key_file` (FHIRSERVER_MASTER_KEY_FILE), by default
+  `<data_dir>/master-keys.json` (mode 0600), generated on the first start of an empty database.
+  Keep it outside the data directory in production: a copy of the data directory with the key
+  beside it is a copy of the plaintext.
 
 A key id (kid) is the first 16 hex chars of SHA-256 over the key: stable, and reveals nothing.
 """
@@ -20,6 +23,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .cipher import open_sealed, seal
+
+KEY_FILE_NAME = "master-keys.json"
 
 
 class KeyError_(Exception):
@@ -41,17 +46,22 @@ def decode_key(text: str) -> bytes:
 
 
 class MasterKeyRing:
-    def __init__(self, env_value: str, data_dir: Path, may_create: bool = True) -> None:
+    def __init__(self, env_value: str, data_dir: Path, may_create: bool = True, key_file: Path | None = None) -> None:
         """`may_create=False`: the database already holds wrapped data keys, so a missing key
         file is an error (restore it), never a reason to generate a new, useless ring."""
         self._env_value = env_value
         self._may_create = may_create
-        self._file = Path(data_dir) / "master-keys.json"
+        self._file = key_file or Path(data_dir) / KEY_FILE_NAME
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._keys: dict[str, AESGCM] = {}
         self._active: str = ""
         self._load()
+
+    @property
+    def key_file(self) -> Path | None:
+        """The key ring file, None when the keys come from FHIRSERVER_MASTER_KEY."""
+        return None if self._env_value else self._file
 
     @property
     def file_backed(self) -> bool:
