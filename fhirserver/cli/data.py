@@ -179,3 +179,38 @@ def audit_verify(ctx: click.Context) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------ backup
+@main.command("backup")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="An empty or new directory for the backup.")
+@click.pass_context
+def backup_cmd(ctx: click.Context, out: Path) -> None:
+    """Online backup of the SQLite database (SQLite's backup API) and its side files, without the
+    master key: keep that in your key backup (docs/operations.md)."""
+    from ..backup import BackupError, backup
+    from ..startup import StartupError
+
+    try:
+        report = backup(_settings(ctx), out)
+    except (BackupError, StartupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"backup written to {report.path} (database sha256 {report.sha256}); the master key "
+               f"({', '.join(report.master_kids)}) is NOT in it: keep it in your key backup")
+
+
+@main.command("restore")
+@click.option("--from", "src", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A directory written by `fhirserver backup`.")
+@click.pass_context
+def restore_cmd(ctx: click.Context, src: Path) -> None:
+    """Restore a backup into a new data directory; needs the same master key (environment or key file)."""
+    from ..backup import BackupError, restore
+    from ..startup import StartupError
+
+    try:
+        report = restore(_settings(ctx), src)
+    except (BackupError, StartupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"restored {report.path}; run `fhirserver audit verify` to check the audit chain")
