@@ -1,5 +1,5 @@
 """Commands over the stored data: `db upgrade|reindex`, `load`, `keys rotate|status`, `alerts list`,
-`audit verify`."""
+`audit verify`, `backup`, `restore`."""
 
 from __future__ import annotations
 
