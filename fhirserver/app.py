@@ -17,6 +17,7 @@ from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
 from .health import install as install_health
+from .logs import configure as configure_logs
 from .pipeline.pipeline import Pipeline
 from .services import Services, build_services, warm_keys
 from .smart.install import install as install_smart
@@ -118,6 +119,7 @@ def _make_auth_blueprint() -> Blueprint:
 
 
 def create_app(settings: Settings, migrate: bool = True, svc: Services | None = None) -> Flask:
+    configure_logs(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
         upgrade(settings.effective_database_url)

@@ -26,6 +26,8 @@ def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads
             self.cfg.set("threads", threads)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-")
+            # the URL path only: query strings carry search values (names, birth dates, identifiers)
+            self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
             self.cfg.set("timeout", 120)
             if "control_socket_disable" in self.cfg.settings:
                 # one server per data dir: no shared per-user control socket between instances

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, FromClause
 
+from .. import logs
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
 from ..clock import now_us
@@ -143,6 +145,17 @@ class Pipeline:
     def handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,
                headers: dict[str, str], body: bytes, remote_addr: str,
                body_too_large: bool = False) -> tuple[Result, str]:
+        """The whole road for one /fhir request; one access log line (no patient data) per request."""
+        started = time.perf_counter()
+        result, request_id, record = self._handle(method, path, query, form, headers, body, remote_addr,
+                                                  body_too_large)
+        logs.access(request_id, method, record.interaction, record.resource_type, result.status, started,
+                    record.client_id)
+        return result, request_id
+
+    def _handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,
+               headers: dict[str, str], body: bytes, remote_addr: str,
+               body_too_large: bool = False) -> tuple[Result, str, AuditRecord]:
         lower = {k.lower(): v for k, v in headers.items()}
         client_rid = lower.get("x-request-id", "")
         request_id = client_rid if REQUEST_ID_RE.match(client_rid) else str(uuid.uuid4())
@@ -184,16 +197,17 @@ class Pipeline:
                     result = self._execute(ctx, handler, conn)
                     matched = expected and all(getattr(record, k) == v for k, v in expected.items())
                     audit.append(conn, record, speculative if matched else None)
-            return result, request_id
+            return result, request_id, record
         except FhirError as err:
-            return self._fail(ctx, err.status, err.issues, err.headers, err), request_id
+            return self._fail(ctx, err.status, err.issues, err.headers, err), request_id, record
         except CorruptDataError:
             log.error("request %s: stored data failed authentication or its key is unavailable", request_id)
             return self._fail(ctx, 500, [Issue("exception", "Stored data failed an integrity check; nothing was "
-                                                             "returned. The incident has been recorded.")], {}, None), request_id
+                                                             "returned. The incident has been recorded.")], {}, None), \
+                request_id, record
         except Exception:
             log.exception("request %s failed", request_id)
-            return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id
+            return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id, record
 
     # ---- stages shared by requests and by the entries of a batch/transaction Bundle
     def _prepare(self, ctx: RequestContext, authorize: bool = True) -> Any:
