@@ -18,6 +18,7 @@ from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
 from .health import install as install_health
 from .logs import configure as configure_logs
+from .metrics import install as install_metrics
 from .pipeline.pipeline import Pipeline
 from .services import Services, build_services, warm_keys
 from .smart.install import install as install_smart
@@ -169,5 +170,6 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
         return jsonify(status="ok")
 
     install_health(app, svc, lambda: (settings.data_dir / SIGNING_KEY_FILE).is_file())
+    install_metrics(app)
 
     return app

@@ -5,6 +5,8 @@ Also usable directly: `gunicorn 'fhirserver.wsgi:app()'` with FHIRSERVER_* envir
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any
 
 from .config import Settings, load_settings
@@ -18,6 +20,13 @@ def app() -> Any:
 
 def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads: int) -> None:
     from gunicorn.app.base import BaseApplication
+
+    # Prometheus multiprocess mode: set before prometheus_client is first imported (it picks its
+    # value storage at import) and before the workers fork; a fresh directory per start.
+    metrics_dir = settings.data_dir / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
     class _App(BaseApplication):
         def load_config(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, FromClause
 
-from .. import logs
+from .. import logs, metrics
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
 from ..clock import now_us
@@ -149,8 +149,10 @@ class Pipeline:
         started = time.perf_counter()
         result, request_id, record = self._handle(method, path, query, form, headers, body, remote_addr,
                                                   body_too_large)
-        logs.access(request_id, method, record.interaction, record.resource_type, result.status, started,
+        seconds = time.perf_counter() - started
+        logs.access(request_id, method, record.interaction, record.resource_type, result.status, seconds,
                     record.client_id)
+        metrics.observe(record.interaction, record.resource_type, result.status, seconds)
         return result, request_id
 
     def _handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,

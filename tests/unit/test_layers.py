@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "fhirserver"
 # lowest first; a top-level module or package of fhirserver per name
 LAYERS: list[list[str]] = [
-    ["__init__", "config", "clock", "logs"],
+    ["__init__", "config", "clock", "logs", "metrics"],
     ["db"],
     ["crypto"],
     ["fhir"],
