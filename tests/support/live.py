@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 
-from tests.support.cli import CLI
+from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
+from tests.support.cli import CLI, cli, ok
 
 
 def free_port() -> int:
@@ -58,3 +62,24 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def served_with_client(root: Path, scopes: str, *serve_args: str) -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A backend client registered through the CLI, then `fhirserver serve` on a free port:
+    yields (base URL, bearer headers for `scopes`, the server log); stops the server after."""
+    data, key = root / "data", generate_key("ES384")
+    (root / "jwks.json").write_text(json.dumps(public_jwks(key)))
+    client_id = ok(cli("client", "register", "--name", "live test", "--jwks-file", str(root / "jwks.json"),
+                       "--scopes", scopes, data_dir=data, real=True)).strip()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = root / "serve.log"
+    proc = start_server(["serve", "--port", str(port), *serve_args],
+                        server_env(root, data, FHIRSERVER_BASE_URL=f"{base}/fhir"), root, log, port)
+    try:
+        form = token_request_form(key, client_id, f"{base}/auth/token", scopes)
+        token = requests.post(f"{base}/auth/token", data=form, timeout=10).json()["access_token"]
+        yield base, {"Authorization": f"Bearer {token}"}, log
+    finally:
+        stop_server(proc)

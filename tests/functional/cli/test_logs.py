@@ -10,26 +10,13 @@ from pathlib import Path
 
 import requests
 
-from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
-from tests.support.cli import cli, ok
-from tests.support.live import free_port, server_env, start_server, stop_server
+from tests.support.live import served_with_client
 
 SECRETS = ("Devendra", "Okonkwo-Shah", "1961-07-14", "123-45-6789", "555-0199")
 
 
 def test_no_name_identifier_or_birth_date_reaches_the_log(tmp_path: Path) -> None:
-    data, key = tmp_path / "data", generate_key("ES384")
-    (tmp_path / "jwks.json").write_text(json.dumps(public_jwks(key)))
-    client_id = ok(cli("client", "register", "--name", "log test", "--jwks-file", str(tmp_path / "jwks.json"),
-                       "--scopes", "system/*.cruds", data_dir=data, real=True)).strip()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    proc = start_server(["serve", "--port", str(port), "--workers", "1"],
-                        server_env(tmp_path, data, FHIRSERVER_BASE_URL=f"{base}/fhir"), tmp_path, log, port)
-    try:
-        form = token_request_form(key, client_id, f"{base}/auth/token", "system/*.cruds")
-        h = {"Authorization": f"Bearer {requests.post(f'{base}/auth/token', data=form, timeout=10).json()['access_token']}"}
+    with served_with_client(tmp_path, "system/*.cruds", "--workers", "1") as (base, h, log):
         patient = {"resourceType": "Patient", "name": [{"family": "Okonkwo-Shah", "given": ["Devendra"]}],
                    "birthDate": "1961-07-14", "identifier": [{"system": "urn:ssn", "value": "123-45-6789"}],
                    "telecom": [{"system": "phone", "value": "555-0199"}]}
@@ -43,8 +30,6 @@ def test_no_name_identifier_or_birth_date_reaches_the_log(tmp_path: Path) -> Non
         bad = requests.post(f"{base}/fhir/Patient", json={**patient, "birthDate": "Devendra"}, headers=h, timeout=10)
         assert bad.status_code == 400
         ids.append(bad.headers["X-Request-Id"])
-    finally:
-        stop_server(proc)
     text = log.read_text()
     assert not [s for s in SECRETS if s in text], [s for s in SECRETS if s in text]
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]

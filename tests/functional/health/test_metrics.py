@@ -3,17 +3,14 @@ their latency, summed over gunicorn's workers, with no patient data in any label
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from tests.conftest import BackendClient
-from tests.support.cli import cli, ok
-from tests.support.live import free_port, server_env, start_server, stop_server
+from tests.support.live import served_with_client
 
 
 def samples(text: str, name: str) -> dict[str, float]:
@@ -49,18 +46,7 @@ def test_metrics_count_requests_without_patient_data(http: Any, admin: BackendCl
 
 
 def test_metrics_are_summed_over_gunicorn_workers(tmp_path: Path) -> None:
-    data, key = tmp_path / "data", generate_key("ES384")
-    (tmp_path / "jwks.json").write_text(json.dumps(public_jwks(key)))
-    client_id = ok(cli("client", "register", "--name", "metrics", "--jwks-file", str(tmp_path / "jwks.json"),
-                       "--scopes", "system/*.rs", data_dir=data, real=True)).strip()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server(["serve", "--port", str(port), "--workers", "2", "--threads", "2"],
-                        server_env(tmp_path, data, FHIRSERVER_BASE_URL=f"{base}/fhir"), tmp_path,
-                        tmp_path / "serve.log", port)
-    try:
-        form = token_request_form(key, client_id, f"{base}/auth/token", "system/*.rs")
-        h = {"Authorization": f"Bearer {requests.post(f'{base}/auth/token', data=form, timeout=10).json()['access_token']}"}
+    with served_with_client(tmp_path, "system/*.rs", "--workers", "2", "--threads", "2") as (base, h, _log):
         for _ in range(40):  # new connections: the two workers share them
             assert requests.get(f"{base}/fhir/Patient", headers=h, timeout=10).status_code == 200
         total = 0.0
@@ -68,6 +54,4 @@ def test_metrics_are_summed_over_gunicorn_workers(tmp_path: Path) -> None:
             text = requests.get(f"{base}/metrics", timeout=10).text
             total = samples(text, "fhirserver_requests_total")['{interaction="search-type",resource_type="Patient",status="200"}']
             assert total == 40
-    finally:
-        stop_server(proc)
     assert total == 40
