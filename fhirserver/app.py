@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from typing import Any
@@ -145,6 +146,9 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
     if settings.bulk_worker:
         start_worker(svc)
+    if settings.audit_sequencer:
+        svc.sequencer.start(settings.audit_sequence_seconds)
+        atexit.register(svc.sequencer.stop)  # sequence the rest and sign a checkpoint on the way out
     app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings, svc.types.names())
 
     app.add_url_rule("/fhir", "fhir_base", _fhir_view, methods=METHODS)
@@ -169,7 +173,8 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     def healthz() -> Response:
         return jsonify(status="ok")
 
-    install_health(app, svc, lambda: (settings.data_dir / SIGNING_KEY_FILE).is_file())
+    install_health(app, svc, lambda: (settings.data_dir / SIGNING_KEY_FILE).is_file()
+                   and svc.sequencer.signer.path.is_file())
     install_metrics(app)
 
     return app

@@ -73,6 +73,12 @@ class Settings:
     export_file_max_resources: int = 10_000
     bulk_worker: bool = True  # run export jobs in this process
     group_commit: bool = True  # concurrent writes of one worker share a commit (SQLite)
+    # ---- the audit log (docs/audit.md)
+    audit_signing_key_file: str = ""  # Ed25519 checkpoint key (PEM); empty = data_dir/audit-signing-key.pem
+    audit_checkpoint_file: str = ""  # signed checkpoints appended here too; empty = data_dir/audit-checkpoints.jsonl
+    audit_checkpoint_seconds: float = 60.0  # a signed checkpoint at most this often (and at shutdown)
+    audit_sequence_seconds: float = 0.5  # new access records enter the Merkle tree within about this delay
+    audit_sequencer: bool = True  # run the sequencer in this process (every server process may)
 
     @property
     def public_root(self) -> str:
@@ -87,6 +93,14 @@ class Settings:
     @property
     def token_url(self) -> str:
         return f"{self.public_root}/auth/token"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return Path(self.audit_signing_key_file) if self.audit_signing_key_file else self.data_dir / "audit-signing-key.pem"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.audit_checkpoint_file) if self.audit_checkpoint_file else self.data_dir / "audit-checkpoints.jsonl"
 
     @property
     def effective_database_url(self) -> str:
@@ -109,10 +123,12 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(value)
         if kind == "int":
             return int(value)
+        if kind == "float":
+            return float(value)
         if kind == "bool":
             return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
     except (TypeError, ValueError):
-        raise SettingsError(f"setting {name} must be {'an integer' if kind == 'int' else kind}, not {value!r}") from None
+        raise SettingsError(f"setting {name} must be {'an integer' if kind == 'int' else 'a number' if kind == 'float' else kind}, not {value!r}") from None
     return value if isinstance(value, str) else str(value)
 
 

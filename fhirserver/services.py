@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
-from .audit.chain import CHAIN_SCOPE, AuditLog
+from .audit.checkpoints import Signer
+from .audit.records import CHAIN_SCOPE, AuditLog
+from .audit.sequencer import Sequencer
 from .config import Settings
 from .consent.hooks import ConsentHook
 from .crypto.blind_index import BLIND_SCOPE, BlindIndexer
@@ -21,7 +23,8 @@ from .fhir.validation import Validator
 from .search.compiler import QueryCompiler
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
-from .storage.repository import Repository
+from .search.sources import is_access_records, use_stores
+from .storage.repository import Repository, Stored
 
 
 @dataclass
@@ -39,7 +42,14 @@ class Services:
     audit: AuditLog
     compiler: QueryCompiler
     consent: ConsentHook
+    sequencer: Sequencer
     summary_elements: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, conn: Connection, rtype: str, pks: list[int]) -> list[Stored]:
+        """Current versions of rows `pks` of `rtype`'s store, in order ("*": resource rows)."""
+        if is_access_records(rtype):
+            return self.audit.load(conn, pks)
+        return self.repo.load_current(conn, pks)
 
 
 def build_services(settings: Settings, engine: Engine | None = None) -> Services:
@@ -53,6 +63,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     keys = DataKeyStore(engine, ring)
     blind = BlindIndexer(keys)
     types = load_type_registry(settings.profiles_dir)
+    use_stores({t.name: t.store for t in types})
     elements = json.loads((settings.profiles_dir / "summary-elements.json").read_text())
     set_choice_elements(set(elements.get("choiceElements", [])))
     params = load_param_registry(settings.profiles_dir, types.names())
@@ -67,7 +78,22 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
         params=params, validator=validator, indexer=indexer, repo=repo,
         audit=AuditLog(repo, settings.fhir_base), compiler=QueryCompiler(blind, settings.fhir_base, params),
         consent=consent, summary_elements=summary,
+        sequencer=Sequencer(engine, Signer(settings.signing_key_path, may_create=not _holds_checkpoints(engine)),
+                            settings.checkpoint_path, settings.audit_checkpoint_seconds),
     )
+
+
+def _holds_checkpoints(engine: Engine) -> bool:
+    """Whether signed checkpoints exist (then a missing signing key is an error, not created anew)."""
+    from sqlalchemy import inspect, select
+
+    from .db.engine import read_connection
+    from .db.schema import audit_checkpoint
+
+    with read_connection(engine) as conn:
+        if not inspect(conn).has_table("audit_checkpoint"):
+            return False
+        return conn.execute(select(audit_checkpoint.c.id).limit(1)).first() is not None
 
 
 def _holds_data_keys(engine: Engine) -> bool:

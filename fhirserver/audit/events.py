@@ -74,12 +74,12 @@ class AuditRecord:
     extra_entities: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_audit_event(rec: AuditRecord, server_url: str) -> dict[str, Any]:
+def build_audit_event(rec: AuditRecord, server_url: str, event_id: str | None = None) -> dict[str, Any]:
     action = ACTIONS.get(rec.interaction, "E")
     subtype = rec.subtype_code or ("http://hl7.org/fhir/restful-interaction", rec.interaction, rec.interaction)
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
-        "id": str(uuid.uuid4()),
+        "id": event_id or str(uuid.uuid4()),
         "meta": {"profile": [BALP_PROFILE + PROFILES[action]]},
         "type": {"system": rec.type_code[0], "code": rec.type_code[1], "display": rec.type_code[2]},
         "subtype": [{"system": subtype[0], "code": subtype[1], "display": subtype[2]}],

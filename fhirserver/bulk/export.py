@@ -18,40 +18,43 @@ from ..audit.events import AuditRecord
 from ..audit.redact import redact_body
 from ..clock import now_us
 from ..db.engine import read_connection
-from ..db.schema import compartment, resource
 from ..pipeline.principal import principal_from
 from ..search.parser import parse_search
+from ..search.sources import source_of
 from ..services import Services
 from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
+from ..storage.visibility import patients_of
 
 log = logging.getLogger("fhirserver.bulk")
 BATCH = 500
 
 
 def _conditions(svc: Services, job: jobs.Job, rtype: str, access: Any) -> list[ColumnElement[bool]] | None:
-    preds = access(rtype, resource)
+    source = source_of(rtype)
+    res = source.res
+    preds = access(rtype, res)
     if preds is None:
         return None
     spec = job.spec
-    conds: list[ColumnElement[bool]] = [resource.c.type == rtype, resource.c.deleted.is_(False), *preds]
+    conds: list[ColumnElement[bool]] = [res.c.type == rtype, res.c.deleted.is_(False), *preds]
     if spec.get("since_us") is not None:
-        conds.append(resource.c.last_updated_us >= spec["since_us"])
+        conds.append(res.c.last_updated_us >= spec["since_us"])
     if spec["level"] in ("patient", "instance"):
-        comp = compartment.alias()
+        comp = source.compartment.alias()
         if spec["level"] == "instance":
             pid = spec["patient"]
-            member = or_(and_(resource.c.type == "Patient", resource.c.id == pid),
-                         resource.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
+            member = or_(and_(res.c.type == "Patient", res.c.id == pid),
+                         res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
         else:
-            member = or_(resource.c.type == "Patient", resource.c.pk.in_(select(comp.c.resource_pk)))
+            member = or_(res.c.type == "Patient", res.c.pk.in_(select(comp.c.resource_pk)))
         conds.append(member)
     filters = spec.get("type_filters", {}).get(rtype)
     if filters:
         alternatives = []
         for params in filters:
             parsed = parse_search(svc.params, rtype, [tuple(p) for p in params], 1, 1, strict=True)
-            alternatives.append(and_(*svc.compiler.where(parsed, resource, access)))
+            alternatives.append(and_(*svc.compiler.where(parsed, res, access)))
         conds.append(or_(*alternatives))
     return conds
 
@@ -80,12 +83,11 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
                 if stop is not None and stop.is_set():
                     return "interrupted"  # requeued by the next server (stale heartbeat)
                 with read_connection(svc.engine) as conn:
-                    pks = conn.execute(select(resource.c.pk).where(*conds, resource.c.pk > last_pk)
-                                       .order_by(resource.c.pk).limit(BATCH)).scalars().all()
-                    stored = svc.repo.load_current(conn, list(pks))
-                    if pks:
-                        patients.update(conn.execute(select(compartment.c.patient_id).where(
-                            compartment.c.resource_pk.in_(pks)).distinct()).scalars())
+                    res = source_of(rtype).res
+                    pks = conn.execute(select(res.c.pk).where(*conds, res.c.pk > last_pk)
+                                       .order_by(res.c.pk).limit(BATCH)).scalars().all()
+                    stored = svc.load(conn, rtype, list(pks))
+                    patients.update(patients_of(conn, stored))
                 for item in stored:
                     body = item.body or b"{}"
                     if rtype == "AuditEvent" and not principal.sees_audit_values:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -164,17 +165,39 @@ def audit() -> None:
 @audit.command("verify")
 @click.pass_context
 def audit_verify(ctx: click.Context) -> None:
-    """Verify the AuditEvent hash chain; exits 1 and names the first bad record if broken."""
-    from ..audit.chain import verify_chain
+    """Verify every access record, the Merkle tree and every signed checkpoint (the database's
+    and the checkpoint file's); exits 1 and names the first bad record if anything is wrong.
+    Pending records are sequenced first (no checkpoint is signed)."""
+    from ..audit.verify import verify_log
 
     svc = _services(_settings(ctx))
-    result = verify_chain(svc.engine, svc.repo)
+    svc.sequencer.run_once(checkpoint=False)
+    result = verify_log(svc.audit, svc.sequencer.signer, svc.settings.checkpoint_path)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if result.ok:
-        click.echo(f"OK: {result.checked} audit records verified; head hash {result.head_hash}")
+        click.echo(f"OK: {result.checked} audit records verified; tree root {result.root}; "
+                   f"{result.checkpoints} checkpoints in the database and {result.file_checkpoints} in the file verified")
         return
     click.echo(f"FAILED after {result.checked} good records: first bad record seq={result.first_bad_seq} "
                f"event={result.first_bad_event}: {result.reason}", err=True)
     sys.exit(1)
+
+
+@audit.command("checkpoint")
+@click.pass_context
+def audit_checkpoint(ctx: click.Context) -> None:
+    """Sequence pending access records and sign a checkpoint now (stored, appended to the
+    checkpoint file and logged)."""
+    svc = _services(_settings(ctx))
+    for _attempt in range(50):
+        done = svc.sequencer.run_once(force_checkpoint=True)
+        if done is not None and done.checkpoint is not None:
+            cp = done.checkpoint
+            click.echo(f"checkpoint: {cp.tree_size} records, root {cp.root}, key {cp.key_id}")
+            return
+        time.sleep(0.1)
+    raise click.ClickException("another server process holds the audit log; try again")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from ..db.schema import (
     resource,
 )
 from ..fhir.errors import FhirError
+from ..search.sources import source_of
 from .labels import SensitiveCodes
 from .rules import ACTOR_PARAM, canonical_actor
 
@@ -190,13 +191,15 @@ class ConsentEngine:
 
     # ------------------------------------------------------------------ the predicates
     def predicates(self, principal: Any, resource_type: str, interaction: str,
-                   res: FromClause = resource) -> list[ColumnElement[bool]]:
+                   res: FromClause | None = None) -> list[ColumnElement[bool]]:
         d = self.decision_of(principal)
+        source = source_of(resource_type)
+        res = source.res if res is None else res
         if resource_type == "AuditEvent" and d.own_patients:
             # transparency: a patient (or guardian) sees the AuditEvents about their own data --
             # and only those that involve no one else, since an event names every patient and
             # resource it touched (multi-patient events stay with the privacy office)
-            comp = compartment.alias()
+            comp = source.compartment.alias()
             return [~_exists([comp], comp.c.resource_pk == res.c.pk, comp.c.patient_id.not_in(d.own_patients))]
         if d.mode != "filter" or resource_type in NOT_FILTERED_TYPES:
             return []

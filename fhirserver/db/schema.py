@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -260,6 +261,91 @@ audit_head = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
+)
+
+# ---- access records (migration 0009): the audit log since the redesign (docs/audit.md) ----
+# One compact row per access, written in the access's own transaction with no lock shared by
+# other requests. `detail` is AES-GCM(audit data key, {"record": <leaf content>, "query": ...})
+# with the record id as associated data; `leaf_hash` = SHA-256(0x00 || leaf content) (RFC 9162).
+# `seq` is assigned afterwards by the sequencer, which builds the Merkle tree over the leaves in
+# seq order; checkpoints sign its root. On PostgreSQL the table is partitioned by recorded_us.
+access_record = Table(
+    "access_record",
+    metadata,
+    Column("pk", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False),  # the AuditEvent id
+    Column("recorded_us", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=True),  # position in the Merkle tree; NULL until sequenced
+    Column("terms", String(64), nullable=False),  # audit_term set: its token/uri/string index rows
+    Column("key_id", Integer, nullable=False),
+    Column("detail", LargeBinary, nullable=False),
+    Column("content_hash", String(64), nullable=False),  # SHA-256 of the record as written
+    # "<sha256 of the redacted leaf content>:<HMAC(chain key, ...)>" after an erasure
+    Column("redaction", String(160), nullable=True),
+    Index("ix_access_record_id", "id"),
+    Index("ix_access_record_time", "recorded_us", "pk"),
+    Index("ix_access_record_terms", "terms", "pk"),
+    Index("ix_access_record_seq", "seq"),
+    Index("ix_access_record_unsequenced", "pk", sqlite_where=text("seq IS NULL"),
+          postgresql_where=text("seq IS NULL")),
+)
+
+# The references an access record's AuditEvent would index (agent, entity, patient), one row
+# each, like idx_reference; `patient` rows are its Patient compartment.
+access_subject = Table(
+    "access_subject",
+    metadata,
+    Column("record_pk", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+    Column("recorded_us", BigInteger, nullable=False),  # partition key on PostgreSQL
+    Column("param", String(64), nullable=False),
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(255), nullable=True),
+    Column("url", String(1024), nullable=True),
+    Index("ix_subject_target", "param", "target_id", "target_type", "record_pk"),
+    Index("ix_subject_record", "record_pk"),
+)
+
+# Interned sets of index rows shared by many records (action, outcome, type, subtype, profile,
+# site, entity-type/-role codes, the keyed digests of network addresses): a set's id is the
+# SHA-256 of its rows, so a record stores one id instead of ~17 rows.
+audit_term = Table(
+    "audit_term",
+    metadata,
+    Column("set_id", String(64), primary_key=True),
+    Column("n", Integer, primary_key=True, autoincrement=False),
+    Column("tbl", String(16), nullable=False),  # token | uri | string
+    Column("param", String(64), nullable=False),
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Column("kind", String(1), nullable=True),
+    Column("value", String(1024), nullable=True),
+    Index("ix_audit_term_code", "tbl", "param", "code", "set_id"),
+    Index("ix_audit_term_value", "tbl", "param", "value", "set_id"),
+)
+
+# Hashes of the perfect subtrees (level >= 1) of the Merkle tree: node (level, idx) covers leaves
+# [idx * 2^level, (idx + 1) * 2^level). Inclusion proofs and roots of any size come from these
+# and the leaves in O(log n) lookups.
+audit_node = Table(
+    "audit_node",
+    metadata,
+    Column("level", Integer, primary_key=True, autoincrement=False),
+    Column("idx", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# Signed checkpoints (tree size, root, time); also appended to a file outside the database and
+# written to the log. The signing key (Ed25519) is never in the database.
+audit_checkpoint = Table(
+    "audit_checkpoint",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tree_size", BigInteger, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("time_us", BigInteger, nullable=False),
+    Column("key_id", String(64), nullable=False),
+    Column("signature", String(200), nullable=False),
+    Index("ix_audit_checkpoint_size", "tree_size"),
 )
 
 # ---- users (SMART App Launch) ----

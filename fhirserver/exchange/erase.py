@@ -15,7 +15,7 @@ Everything in a patient's compartment is encrypted under the patient's own data 
 4. cancels every unexpired Bulk export that may hold the patient (their files and keys go);
 5. pseudonymizes the patient in the AuditEvents that name them (`Patient/erased-<HMAC>`, the same
    pseudonym in every event so auditors can still follow one erased person's trail), recorded
-   in the hash chain as an authorized redaction (see audit/chain.py).
+   in the audit log as an authorized redaction (see audit/records.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
-from ..audit.chain import record_redaction
+from ..audit.records import redact
 from ..clock import now_us
 from ..consent.rules import clear as clear_consent_rules
 from ..db.schema import (
@@ -47,9 +47,9 @@ from ..db.schema import (
     resource_version,
     user_patient_link,
 )
+from ..search.sources import source_of
 from ..services import Services
 from ..storage import export_jobs as jobs
-from ..storage.codec import dump_json, parse_json
 
 PSEUDONYM_SCOPE = "erasure-pseudonym"
 
@@ -106,8 +106,9 @@ def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: s
             clear_consent_rules(conn, pk)
         svc.repo.erase(conn, pk, rtype)
         report.resources += 1
-    audit_pks = conn.execute(select(compartment.c.resource_pk).join(resource, resource.c.pk == compartment.c.resource_pk)
-                             .where(compartment.c.patient_id == patient_id, resource.c.type == "AuditEvent")).scalars().all()
+    audit_comp = source_of("AuditEvent").compartment
+    audit_pks = conn.execute(select(audit_comp.c.resource_pk).where(audit_comp.c.patient_id == patient_id)
+                             .distinct()).scalars().all()
     conn.execute(delete(compartment).where(compartment.c.patient_id == patient_id))
     conn.execute(delete(user_patient_link).where(user_patient_link.c.patient_id == patient_id))
     conn.execute(delete(import_patient).where(import_patient.c.patient_id == patient_id))
@@ -115,8 +116,9 @@ def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: s
     _redact_alerts(conn, patient_id, pseudonym)
     svc.keys.destroy(conn, scope)
     report.exports = _cancel_exports(conn, patient_id)
-    for pk in audit_pks:
-        if _redact_audit_event(svc, conn, pk, patient_id, pseudonym):
+    rewrite = _Rewriter(patient_id, pseudonym)
+    for pk in sorted(audit_pks):
+        if redact(svc.audit, conn, pk, lambda content: _redact_record(content, rewrite, patient_id, pseudonym)):
             report.audit_events += 1
     return report
 
@@ -180,21 +182,19 @@ def _cancel_exports(conn: Connection, patient_id: str) -> int:
     return len(hit)
 
 
-def _redact_audit_event(svc: Services, conn: Connection, pk: int, patient_id: str, pseudonym: str) -> bool:
-    head = conn.execute(select(resource.c.id, resource.c.version).where(resource.c.pk == pk)).one()
-    ver = conn.execute(select(resource_version.c.key_id, resource_version.c.body).where(
-        resource_version.c.resource_pk == pk, resource_version.c.version == head.version)).one()
-    raw = svc.repo.decrypt("AuditEvent", head.id, head.version, ver.key_id, ver.body, conn)
-    if raw is None:
-        return False
-    event = parse_json(raw)
-    redacted = _replace(event, _Rewriter(patient_id, pseudonym))
-    new_raw = dump_json(redacted)
-    if new_raw == raw:
-        return False
-    svc.repo.reseal(conn, pk, "AuditEvent", head.id, head.version, ver.key_id, new_raw)
-    record_redaction(conn, svc.repo, head.id, new_raw)
-    return True
+def _redact_record(content: dict[str, Any], rewrite: _Rewriter, patient_id: str, pseudonym: str) -> dict[str, Any]:
+    """An access record with the patient pseudonymized (records moved from the old chain are
+    AuditEvent JSON, whose query is base64)."""
+    if content.get("resourceType") == "AuditEvent":
+        return dict(_replace(content, rewrite))
+    out = dict(content)
+    out["patients"] = [pseudonym if p == patient_id else p for p in content.get("patients", [])]
+    if isinstance(content.get("query"), str):
+        out["query"] = rewrite(content["query"])
+    for name in ("resources", "target", "user", "outcome_desc", "extra_entities"):
+        if content.get(name) is not None:
+            out[name] = _replace(content[name], rewrite, name)
+    return out
 
 
 class _Rewriter:

@@ -1,5 +1,6 @@
 """Rebuild search indexes from stored (decrypted) current versions, e.g. after adding a
-SearchParameter to profiles/. Runs in batches of short transactions."""
+SearchParameter to profiles/. Runs in batches of short transactions. AuditEvents are access
+records whose search rows are written with them (audit/records.py), not resource rows."""
 
 from __future__ import annotations
 

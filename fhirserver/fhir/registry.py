@@ -33,6 +33,7 @@ class ResourceType:
     server_written: bool  # clients may not write (AuditEvent)
     operations: tuple[tuple[str, str, str], ...] = ()  # (name, level, definition url)
     read_access: ReadAccess = ReadAccess()
+    store: str = "resources"  # where its rows live: "resources" or "access-records" (search/sources.py)
 
     def supports(self, interaction: str) -> bool:
         return interaction in self.interactions
@@ -79,6 +80,7 @@ def load_type_registry(profiles_dir: Path) -> TypeRegistry:
             server_written=entry.get("serverWritten", False),
             operations=tuple((o["name"], o["level"], o.get("definition", "")) for o in entry.get("operations", [])),
             read_access=_read_access(entry.get("readAccess") or {}),
+            store=str(entry.get("store", "resources")),
         )
     system = {o["name"]: (o.get("definition", ""), frozenset(o.get("methods", ["GET", "POST"])))
               for o in spec.get("systemOperations", [])}

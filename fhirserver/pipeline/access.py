@@ -35,7 +35,7 @@ def version_visible(ctx: RequestContext, conn: Connection, stored: Stored) -> bo
 def record_touch(ctx: RequestContext, conn: Connection, stored: Stored, patients: list[str] | None = None) -> None:
     """Note the resource (and its patients: given for writes, else looked up) for the audit."""
     ctx.record.resources.append(f"{stored.type}/{stored.id}/_history/{stored.version}")
-    ctx.record.patients = patients if patients is not None else patients_of(conn, [stored.pk])
+    ctx.record.patients = patients if patients is not None else patients_of(conn, [stored])
 
 
 def search_matches(ctx: RequestContext, conn: Connection, rtype: str, query: list[tuple[str, str]],

@@ -13,23 +13,24 @@ from urllib.parse import parse_qsl
 from sqlalchemy import ColumnElement, FromClause, and_, false, or_, select
 
 from ..auth.scopes import ResourceScope
-from ..db.schema import compartment, resource
 from ..fhir.errors import FhirError
 from ..fhir.registry import TypeRegistry
 from ..search.compiler import QueryCompiler
 from ..search.params import ParamRegistry
 from ..search.parser import parse_search
+from ..search.sources import source_of
 from .principal import Principal
 
 _MAX_RESTRICTIONS = 1024  # distinct (scope query, type) pairs kept compiled
 
 
-def compartment_predicate(rtype: str, patient_ids: list[str], res: FromClause = resource) -> ColumnElement[bool]:
+def compartment_predicate(rtype: str, patient_ids: list[str], res: FromClause | None = None) -> ColumnElement[bool]:
+    res = source_of(rtype).res if res is None else res
     if not patient_ids:
         return false()
     if rtype == "Patient":
         return res.c.id.in_(patient_ids)
-    comp = compartment.alias()
+    comp = source_of(rtype).compartment.alias()
     return res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(patient_ids)))
 
 
@@ -51,14 +52,14 @@ class Authorizer:
         cached: other aliases, chains and `_has` (they carry aliases of their own) and `ap`
         values (their tolerance depends on the current time)."""
         key = (query, rtype)
-        if res is resource and key in self._restrictions:
+        if res is source_of(rtype).res and key in self._restrictions:
             return self._restrictions[key]
         try:
             parsed = parse_search(self.params, rtype, parse_qsl(query), 1, 1, strict=True)
             found: tuple[ColumnElement[bool], ...] | None = tuple(self.compiler.where(parsed, res))
         except FhirError:
             parsed, found = None, None
-        cacheable = res is resource and (parsed is None or not any(
+        cacheable = res is source_of(rtype).res and (parsed is None or not any(
             c.chain or c.has or any(v.startswith("ap") for v in c.values) for c in parsed.clauses))
         if cacheable:
             if len(self._restrictions) >= _MAX_RESTRICTIONS:
@@ -96,8 +97,10 @@ class Authorizer:
                                               f"(allowed: {', '.join(sorted(purposes))})")
 
     def predicates(self, principal: Principal, rtype: str, interaction: str,
-                   res: FromClause = resource) -> list[ColumnElement[bool]]:
-        """Raise 403 if no scope allows the interaction; else the row predicates (over `res`)."""
+                   res: FromClause | None = None) -> list[ColumnElement[bool]]:
+        """Raise 403 if no scope allows the interaction; else the row predicates (over `res`,
+        by default the type's own table: search/sources.py)."""
+        res = source_of(rtype).res if res is None else res
         spec = self.types.get(rtype)
         rule = spec.read_access if spec is not None else None
         explicit = bool(rule and rule.explicit_scope)

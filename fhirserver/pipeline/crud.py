@@ -12,7 +12,9 @@ from ..clock import now_us
 from ..db.engine import read_connection
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
+from ..search.sources import is_access_records
 from ..storage.errors import Deleted
+from ..storage.repository import Stored
 from ..storage.visibility import id_of, visible
 from .access import record_touch, search_matches, version_visible
 from .capability import capability_statement, smart_configuration
@@ -58,6 +60,8 @@ class Read(Handler):
             if not text.isascii() or not text.isdigit() or int(text) > MAX_VERSION:
                 raise FhirError(404, "not-found", "Unknown version")
             version = int(text)
+        if is_access_records(it.resource_type):
+            return self._read_record(ctx, conn, version)
         try:
             stored = ctx.services.repo.read(conn, it.resource_type, it.id, version)
         except Deleted:
@@ -69,6 +73,17 @@ class Read(Handler):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
         if version is not None and ctx.access.read and not version_visible(ctx, conn, stored):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id}/_history/{version} is not known")
+        return self._answer(ctx, conn, stored)
+
+    def _read_record(self, ctx: RequestContext, conn: Connection, version: int | None) -> Result:
+        """An access record, rendered as its AuditEvent (one version: records never change)."""
+        it = ctx.interaction
+        stored = ctx.services.audit.read(conn, it.id or "")
+        if stored is None or version not in (None, 1) or not visible(conn, stored.pk, ctx.access.read, it.resource_type):
+            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
+        return self._answer(ctx, conn, stored)
+
+    def _answer(self, ctx: RequestContext, conn: Connection, stored: Stored) -> Result:
         record_touch(ctx, conn, stored)
         headers = resource_headers(stored, ctx.services.settings.fhir_base)
         if_none_match = (ctx.header("if-none-match") or "").strip()

@@ -72,7 +72,7 @@ class History(Handler):
                                  "etag": st.etag, "lastModified": instant_text(st.last_updated_us)}
             entries.append(entry)
             ctx.record.resources.append(f"{st.type}/{st.id}/_history/{st.version}")
-        ctx.record.patients = patients_of(conn, sorted({st.pk for _v, st in page}))
+        ctx.record.patients = patients_of(conn, [st for _v, st in page])
         path = f"{base}/{rtype}/{it.id}/_history" if it.kind == "history-instance" else f"{base}/{rtype}/_history"
         keep = [(k, v) for k, v in it.params if k != "_cursor"]
         links = [{"relation": "self", "url": path + ("?" + urlencode(it.params) if it.params else "")}]

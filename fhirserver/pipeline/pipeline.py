@@ -23,9 +23,9 @@ from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
 from ..clock import now_us
 from ..db.engine import read_connection
-from ..db.schema import resource
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..search.model import AccessFn
+from ..search.sources import source_of
 from ..services import Services
 from ..storage.errors import StorageError
 from ..storage.repository import CorruptDataError
@@ -108,6 +108,7 @@ class Pipeline:
         if it.resource_type is None:  # a system-level operation ($export): access per type via access_fn
             ctx.access_fn = self.access_fn(principal)
             return
+        rows = source_of(it.resource_type).res  # the type's own rows (search/sources.py)
         needs = list(ACCESS_NEEDS.get(it.kind, []))
         if it.conditional:
             needs.append(("search", "search-type", True))
@@ -119,14 +120,14 @@ class Pipeline:
                     raise
                 continue
             if name in READING:
-                preds = preds + consent.predicates(principal, it.resource_type, scope_interaction, resource)
+                preds = preds + consent.predicates(principal, it.resource_type, scope_interaction, rows)
             setattr(ctx.access, name, preds)
             if name == "create":
                 ctx.access.may_create = True
         if it.kind in ("create", "update") and ctx.prefer.get("return") != "minimal":
             # what the writer could read back: a write it cannot see answers as return=minimal.
             # A client that asked for return=minimal gets no content anyway: no check needed.
-            ctx.access.consent_read = consent.predicates(principal, it.resource_type, "read", resource)
+            ctx.access.consent_read = consent.predicates(principal, it.resource_type, "read", rows)
         ctx.access_fn = self.access_fn(principal)
 
     def access_fn(self, principal: Principal) -> AccessFn:

@@ -76,11 +76,11 @@ def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSe
               included: list[Stored] | None = None, matches: list[Stored] | None = None) -> Result:
     """A searchset Bundle for one page, with self/first/next/previous links; audits what it returns."""
     s = ctx.services
-    stored = matches if matches is not None else s.repo.load_current(conn, page.pks)
+    stored = matches if matches is not None else s.load(conn, parsed.resource_type, page.pks)
     included = included or []
     everything = stored + included
     ctx.record.query = ctx.interaction.query_string
-    ctx.record.patients = patients_of(conn, [st.pk for st in everything])
+    ctx.record.patients = patients_of(conn, everything)
     ctx.record.resources = [f"{st.type}/{st.id}/_history/{st.version}" for st in everything]
     base = s.settings.fhir_base
     subset = parsed.summary not in (None, "false") or bool(parsed.elements)

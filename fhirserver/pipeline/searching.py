@@ -30,8 +30,8 @@ class Search(Handler):
         strict = ctx.prefer.get("handling") == "strict"
         parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
         page = run_search(conn, parsed, s.compiler, ctx.access.search, ctx.access_fn)
-        matches = s.repo.load_current(conn, page.pks)
-        included = resolve_includes(conn, s.repo, s.types.names(), ctx.access_fn, parsed.includes, matches)
+        matches = s.load(conn, rtype, page.pks)
+        included = resolve_includes(conn, s.load, s.types.names(), ctx.access_fn, parsed.includes, matches)
         return searchset(ctx, conn, rtype, parsed, page, included, matches)
 
 

@@ -19,16 +19,11 @@ from sqlalchemy import (
 )
 
 from ..crypto.blind_index import BlindIndexer
-from ..db.schema import (
-    idx_composite,
-    idx_reference,
-    idx_string,
-    resource,
-)
 from ..fhir.dates import MAX_US, MIN_US
 from ..fhir.errors import FhirError
-from .model import TABLES, AccessFn, Clause, ParsedSearch
+from .model import AccessFn, Clause, ParsedSearch
 from .params import ParamRegistry, SearchParam
+from .sources import source_of
 from .types import TYPES
 from .types.date import date_cond
 from .types.string import string_cond
@@ -64,11 +59,11 @@ class QueryCompiler:
         self.base_url = base_url.rstrip("/")
         self.registry = registry
 
-    def where(self, parsed: ParsedSearch, res: FromClause = resource,
+    def where(self, parsed: ParsedSearch, res: FromClause | None = None,
               access: AccessFn | None = None) -> list[ColumnElement[bool]]:
         return self.compile(parsed, res, access)[0]
 
-    def compile(self, parsed: ParsedSearch, res: FromClause = resource, access: AccessFn | None = None,
+    def compile(self, parsed: ParsedSearch, res: FromClause | None = None, access: AccessFn | None = None,
                 drive: bool = True) -> tuple[list[ColumnElement[bool]], Term | None]:
         """SQL conditions for the clauses, and whether one of them drives the query.
 
@@ -79,13 +74,14 @@ class QueryCompiler:
         `drive=False`: no driving clause (run_search uses it when the best clause is broad).
         Returns the conditions and the driving term (None when the resource table drives).
         """
+        res = source_of(parsed.resource_type).res if res is None else res
         terms = [self._clause(parsed.resource_type, c, res, access) for c in parsed.clauses]
         drivers = [t for t in terms if t.rank < NEVER_DRIVES and drive]
         driver = min(drivers, key=lambda t: t.rank) if drivers else None
         return [t.build(t is driver) for t in terms], driver
 
     def _nested(self, target: str, nested: ParsedSearch, access: AccessFn | None) -> tuple[FromClause, list[ColumnElement[bool]]] | None:
-        alias = resource.alias()
+        alias = source_of(target).res.alias()
         preds: list[ColumnElement[bool]] = [alias.c.type == target, alias.c.deleted.is_(False)]
         if access is not None:
             allowed = access(target, alias)
@@ -110,7 +106,7 @@ class QueryCompiler:
             if built is None:
                 return Term(NEVER_DRIVES, lambda _d: false())
             alias, preds = built
-            ref = idx_reference.alias()
+            ref = source_of(source).tables["reference"].alias()
             has_conds = [ref.c.param == ref_param, ref.c.target_type == rtype, *preds]
             return Term(NEVER_DRIVES, lambda _d: exists().where(
                 alias.c.pk == ref.c.resource_pk, ref.c.target_id == res.c.id, *has_conds))
@@ -122,16 +118,17 @@ class QueryCompiler:
             if built is None:
                 return Term(NEVER_DRIVES, lambda _d: false())
             alias, preds = built
-            ref = idx_reference.alias()
+            ref = source_of(rtype).tables["reference"].alias()
             conds = [ref.c.param == p.code, ref.c.target_type == target,
                      ref.c.target_id.in_(select(alias.c.id).where(*preds))]
             return _semi(res, ref, conds, 3)
+        tables = source_of(rtype).tables
         if p.type == "composite":
-            table = idx_composite
+            table = tables["composite"]
         elif (p.protected and p.type == "date") or c.modifier == "text":
-            table = idx_string
+            table = tables["string"]
         else:
-            table = TABLES[p.type]
+            table = tables[p.type]
         t = table.alias()
         param_code = f"{p.code}:text" if c.modifier == "text" else p.code
         base = [t.c.param == param_code]
@@ -181,7 +178,7 @@ class QueryCompiler:
                 continue
             p = key.param
             assert p is not None
-            t = TABLES[p.type].alias()
+            t = source_of(parsed.resource_type).tables[p.type].alias()
             sentinel: Any
             if p.type == "date":
                 col, sentinel = (t.c.high_us, MIN_US) if key.descending else (t.c.low_us, MAX_US)

@@ -16,12 +16,10 @@ from sqlalchemy import (
     select,
 )
 
-from ..db.schema import (
-    resource,
-)
 from .compiler import BROAD_CLAUSE_ROWS, QueryCompiler
 from .cursor import encode_cursor
 from .model import AccessFn, ParsedSearch, SearchPage
+from .sources import source_of
 
 
 def _after(keys: list[tuple[Any, bool]], values: list[Any], pk_col: Any, pk: int, forward: bool) -> ColumnElement[bool]:
@@ -46,9 +44,10 @@ def run_search(
     access: list[ColumnElement[bool]],
     access_fn: AccessFn | None = None,
     extra: Sequence[ColumnElement[bool]] = (),
-    res: FromClause = resource,
+    res: FromClause | None = None,
 ) -> SearchPage:
     """Run the search: exact total (unless _total=none) and one keyset page."""
+    res = source_of(parsed.resource_type).res if res is None else res
     where, driver = compiler.compile(parsed, res, access_fn)
     if driver is not None and driver.probe is not None:
         # A broad driving clause (e.g. category=laboratory) is cheaper as a probe on each row in

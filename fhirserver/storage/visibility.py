@@ -1,24 +1,35 @@
-"""Row-level visibility queries over the resource and compartment tables (predicates come from
-the authorize and consent stages)."""
+"""Row-level visibility queries over each type's rows and compartment (predicates come from the
+authorize and consent stages; search/sources.py says where a type's rows live)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from sqlalchemy import ColumnElement, Connection, FromClause, and_, or_, select
 
 from ..db.schema import compartment, resource
+from ..search.sources import source_of
+from .repository import Stored
 
 
-def visible(conn: Connection, pk: int, preds: list[ColumnElement[bool]]) -> bool:
+def visible(conn: Connection, pk: int, preds: list[ColumnElement[bool]], rtype: str | None = None) -> bool:
+    """Does row `pk` (of `rtype`'s table; `resource` by default) pass the predicates?"""
     if not preds:
         return True
-    return conn.execute(select(resource.c.pk).where(resource.c.pk == pk, *preds)).first() is not None
+    res = source_of(rtype).res if rtype else resource
+    return conn.execute(select(res.c.pk).where(res.c.pk == pk, *preds)).first() is not None
 
 
-def patients_of(conn: Connection, pks: list[int]) -> list[str]:
-    if not pks:
-        return []
-    rows = conn.execute(select(compartment.c.patient_id).where(compartment.c.resource_pk.in_(pks)).distinct()).all()
-    return sorted({r[0] for r in rows})
+def patients_of(conn: Connection, stored: Sequence[Stored]) -> list[str]:
+    """The patients whose compartments hold these resources (for the audit record)."""
+    by_store: dict[str, tuple[FromClause, list[int]]] = {}
+    for st in stored:
+        src = source_of(st.type)
+        by_store.setdefault(src.store, (src.compartment, []))[1].append(st.pk)
+    found: set[str] = set()
+    for comp, pks in by_store.values():
+        found.update(conn.execute(select(comp.c.patient_id).where(comp.c.resource_pk.in_(pks)).distinct()).scalars())
+    return sorted(found)
 
 
 def in_compartment(pid: str, res: FromClause = resource) -> ColumnElement[bool]:

@@ -27,7 +27,7 @@ _template: Path | None = None
 
 def _build_template() -> Path:
     root = Path(tempfile.mkdtemp(prefix="fhirserver-template-"))
-    settings = load_settings(data_dir=str(root / "live"), bulk_worker=False)
+    settings = load_settings(data_dir=str(root / "live"), bulk_worker=False, audit_sequencer=False)
     app = create_app(settings)
     app.extensions["fhirserver"].engine.dispose()
     final = root / "data"

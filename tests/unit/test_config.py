@@ -12,7 +12,7 @@ from fhirserver.config import Settings, SettingsError, env_name, explicitly_set,
 
 
 def _sample(kind: str) -> tuple[str, object]:
-    return {"int": ("7", 7), "bool": ("true", True), "Path": ("/tmp/x", Path("/tmp/x")), "str": ("abc", "abc")}[kind]
+    return {"int": ("7", 7), "float": ("2.5", 2.5), "bool": ("true", True), "Path": ("/tmp/x", Path("/tmp/x")), "str": ("abc", "abc")}[kind]
 
 
 @pytest.mark.parametrize("name", [f.name for f in fields(Settings)])

@@ -31,28 +31,36 @@ FAMILY = "Auditfamilyxq"
 
 
 
-def chain(settings) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
+def records(settings) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
+    """(pk, id) of every access record, in the order they were written."""
     with db(settings) as cx:
-        return [(r[0], r[1]) for r in cx.execute("SELECT seq, event_id FROM audit_chain ORDER BY seq")]
+        return [(r[0], r[1]) for r in cx.execute("SELECT pk, id FROM access_record ORDER BY pk")]
+
+
+def chain(settings) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
+    """(position in the Merkle tree, id) of every sequenced record."""
+    with db(settings) as cx:
+        return [(r[0], r[1]) for r in cx.execute(
+            "SELECT seq, id FROM access_record WHERE seq IS NOT NULL ORDER BY seq")]
 
 
 def counts(settings) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    """(audit_chain rows, AuditEvent resources, audit_head.seq)."""
+    """(access records, distinct record ids, highest record pk); AuditEvents are never resource rows."""
     with db(settings) as cx:
-        rows = cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0]
-        events = cx.execute("SELECT count(*) FROM resource WHERE type='AuditEvent'").fetchone()[0]
-        head = cx.execute("SELECT seq FROM audit_head WHERE id=1").fetchone()[0]
-    return rows, events, head
+        rows = cx.execute("SELECT count(*) FROM access_record").fetchone()[0]
+        ids = cx.execute("SELECT count(DISTINCT id) FROM access_record").fetchone()[0]
+        top = cx.execute("SELECT coalesce(max(pk), 0) FROM access_record").fetchone()[0]
+        assert cx.execute("SELECT count(*) FROM resource WHERE type='AuditEvent'").fetchone()[0] == 0
+    return rows, ids, top
 
 
 def audited(settings, send: Callable[[], Any]) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
     """Send one request; assert it added exactly one audit record; return (response, event id)."""
     before = counts(settings)
-    last = chain(settings)[-1][0] if before[0] else 0
     resp = send()
     after = counts(settings)
-    assert after == (before[0] + 1, before[1] + 1, before[2] + 1), (before, after, resp.status_code)
-    new = [(s, e) for s, e in chain(settings) if s > last]
+    assert after[:2] == (before[0] + 1, before[1] + 1) and after[2] > before[2], (before, after, resp.status_code)
+    new = [(pk, e) for pk, e in records(settings) if pk > before[2]]
     assert len(new) == 1
     return resp, new[0][1]
 
@@ -106,6 +114,12 @@ def cli_env(settings) -> dict[str, str | None]:  # type: ignore[no-untyped-def]
 
 def verify(settings):  # type: ignore[no-untyped-def]
     return CliRunner().invoke(main, ["audit", "verify"], env=cli_env(settings))
+
+
+def checkpoint(settings) -> None:  # type: ignore[no-untyped-def]
+    """What the server does every audit_checkpoint_seconds and at shutdown."""
+    result = CliRunner().invoke(main, ["audit", "checkpoint"], env=cli_env(settings))
+    assert result.exit_code == 0 and result.output.startswith("checkpoint: "), result.output
 
 
 def build_chain(http, h, n_patients: int = 3) -> list[str]:  # type: ignore[no-untyped-def]
@@ -351,7 +365,7 @@ def test_audit_event_search(http, admin, make_client, settings):
     assert all(ev["outcome"] == "4" for ev in events)
     with db(settings) as cx:
         assert len(events) == len(failed)  # nothing else in this fresh server failed
-        assert cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0] > len(events)
+        assert cx.execute("SELECT count(*) FROM access_record").fetchone()[0] > len(events)
 
     events = search_events(http, auditor, f"agent=Device/{admin.client_id}&subtype=read")
     assert events and all(ev["subtype"][0]["code"] == "read" and requestor_ref(ev) == f"Device/{admin.client_id}"
@@ -383,118 +397,150 @@ def test_verify_cli_subprocess_exit_codes(http, admin, settings):
 
     seq, event_id = chain(settings)[2]
     with db(settings) as cx:
-        cx.execute("UPDATE audit_chain SET content_hash=? WHERE seq=?", ("0" * 64, seq))
+        cx.execute("UPDATE access_record SET content_hash=? WHERE seq=?", ("0" * 64, seq))
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1, (bad.stdout, bad.stderr)
     assert f"seq={seq} event={event_id}" in bad.stderr
     assert "OK" not in bad.stdout
 
 
-def _tamper(settings, how: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
-    """Tamper with the chain; return (text the report must contain, description)."""
+def _copy_record(cx, event_id: str, new_id: str, seq: int | None) -> None:  # type: ignore[no-untyped-def]
+    cx.execute("INSERT INTO access_record (id, recorded_us, seq, terms, key_id, detail, content_hash) "
+               "SELECT ?, recorded_us, ?, terms, key_id, detail, content_hash FROM access_record WHERE id=?",
+               (new_id, seq, event_id))
+
+
+def _tamper(settings, how: str) -> tuple[list[str], str]:  # type: ignore[no-untyped-def]
+    """Tamper with the log; return (texts one of which the report must contain, description)."""
     rows = chain(settings)
     assert len(rows) >= 8
     k = len(rows) // 2
     seq, event_id = rows[k]
     with db(settings) as cx:
         if how == "content-hash":
-            cx.execute("UPDATE audit_chain SET content_hash=? WHERE seq=?", (hashlib.sha256(b"x").hexdigest(), seq))
-            return f"seq={seq} event={event_id}", "modified chain row"
+            cx.execute("UPDATE access_record SET content_hash=? WHERE seq=?", (hashlib.sha256(b"x").hexdigest(), seq))
+            return [f"seq={seq} event={event_id}"], "modified record hash"
         if how == "delete-middle":
-            cx.execute("DELETE FROM audit_chain WHERE seq=?", (seq,))
-            return f"seq={seq} event=None", "deleted chain row"
+            cx.execute("DELETE FROM access_record WHERE seq=?", (seq,))
+            return [f"seq={seq} event={rows[k + 1][1]}"], "deleted record"
         if how == "reorder":
             nxt_seq, nxt_event = rows[k + 1]
             cx.execute("BEGIN")
-            cx.execute("UPDATE audit_chain SET seq=-1 WHERE seq=?", (seq,))
-            cx.execute("UPDATE audit_chain SET seq=? WHERE seq=?", (seq, nxt_seq))
-            cx.execute("UPDATE audit_chain SET seq=? WHERE seq=-1", (nxt_seq,))
+            cx.execute("UPDATE access_record SET seq=-1 WHERE seq=?", (seq,))
+            cx.execute("UPDATE access_record SET seq=? WHERE seq=?", (seq, nxt_seq))
+            cx.execute("UPDATE access_record SET seq=? WHERE seq=-1", (nxt_seq,))
             cx.execute("COMMIT")
-            return f"seq={seq} event={nxt_event}", "swapped rows"
+            return [f"event={event_id}", f"event={nxt_event}"], "swapped records"
         if how == "event-body":
-            vpk, blob = cx.execute(
-                "SELECT v.pk, v.body FROM resource_version v JOIN resource r ON r.pk = v.resource_pk "
-                "WHERE r.type='AuditEvent' AND r.id=?", (event_id,)).fetchone()
-            blob = bytearray(blob)
+            blob = bytearray(cx.execute("SELECT detail FROM access_record WHERE seq=?", (seq,)).fetchone()[0])
             blob[len(blob) // 2] ^= 0x20
-            cx.execute("UPDATE resource_version SET body=? WHERE pk=?", (bytes(blob), vpk))
-            return f"seq={seq} event={event_id}", "flipped AuditEvent byte"
+            cx.execute("UPDATE access_record SET detail=? WHERE seq=?", (bytes(blob), seq))
+            return [f"seq={seq} event={event_id}"], "flipped a byte of the record"
+        if how == "search-rows":
+            cx.execute("UPDATE access_subject SET target_id='someone-else' WHERE param='agent' AND record_pk="
+                       "(SELECT pk FROM access_record WHERE seq=?)", (seq,))
+            return [f"seq={seq} event={event_id}"], "record hidden from agent searches"
         if how == "truncate-tail":
-            last_seq, last_event = rows[-1]
-            pk = cx.execute("SELECT pk FROM resource WHERE type='AuditEvent' AND id=?", (last_event,)).fetchone()[0]
-            cx.execute("BEGIN")
-            cx.execute("DELETE FROM audit_chain WHERE seq=?", (last_seq,))
-            for table in ("idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity", "idx_number",
-                          "idx_uri", "compartment", "resource_version"):
-                cx.execute(f"DELETE FROM {table} WHERE resource_pk=?", (pk,))
-            cx.execute("DELETE FROM resource WHERE pk=?", (pk,))
-            cx.execute("COMMIT")
-            return f"seq={last_seq} event=None", "removed last record"
+            last_seq, _last_event = rows[-1]
+            cx.execute("DELETE FROM access_record WHERE seq=?", (last_seq,))
+            return [f"seq={last_seq} event=None"], "removed the newest record"
         if how == "orphan":
-            src = cx.execute("SELECT r.version, r.last_updated_us, v.key_id, v.body FROM resource r "
-                             "JOIN resource_version v ON v.resource_pk = r.pk "
-                             "WHERE r.type='AuditEvent' AND r.id=?", (event_id,)).fetchone()
             orphan = "forged-audit-event-0001"
-            cx.execute("BEGIN")
-            pk = cx.execute("INSERT INTO resource (type, id, version, last_updated_us, deleted) "
-                            "VALUES ('AuditEvent', ?, 1, ?, 0)", (orphan, src[1])).lastrowid
-            cx.execute("INSERT INTO resource_version (resource_pk, type, version, last_updated_us, method, deleted, "
-                       "key_id, body) VALUES (?, 'AuditEvent', 1, ?, 'POST', 0, ?, ?)", (pk, src[1], src[2], src[3]))
-            cx.execute("COMMIT")
-            return f"seq=None event={orphan}", "inserted orphan AuditEvent"
+            _copy_record(cx, event_id, orphan, None)
+            return [f"event={orphan}: access record ciphertext"], "inserted a forged record"
+        if how == "orphan-in-tree":
+            orphan = "forged-audit-event-0002"
+            _copy_record(cx, event_id, orphan, len(rows))
+            return [f"seq={len(rows)} event={orphan}"], "appended a forged record to the tree"
     raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["content-hash", "delete-middle", "reorder", "event-body", "truncate-tail", "orphan"])
+@pytest.mark.parametrize("how", ["content-hash", "delete-middle", "reorder", "event-body", "search-rows",
+                                 "truncate-tail", "orphan", "orphan-in-tree"])
 def test_verify_detects_tampering(http, admin, settings, how):
     build_chain(http, admin.headers())
+    checkpoint(settings)  # the server signs one every audit_checkpoint_seconds and at shutdown
     assert verify(settings).exit_code == 0
     expected, what = _tamper(settings, how)
     result = verify(settings)
     assert result.exit_code != 0, f"{what} went unnoticed: {result.output}"
     assert "FAILED" in result.output
-    assert expected in result.output, f"{what}: report does not name {expected}: {result.output}"
+    assert any(e in result.output for e in expected), f"{what}: report names none of {expected}: {result.output}"
 
 
-def test_verify_detects_deletion_with_relinked_chain(http, admin, settings):
-    """The attacker who removes the record of their access does not stop at one row: they delete the
-    AuditEvent, renumber the rest of the chain and recompute every link and the head. Everything
-    they need is in the database; the content of the remaining events is untouched."""
+def _relink_without(cx, victim_seq: int) -> None:  # type: ignore[no-untyped-def]
+    """Delete one record and rebuild the tree from what the database holds: renumber the rest and
+    recompute every stored node, exactly as the sequencer would have."""
+    from fhirserver.audit.merkle import CompactRange
+    from fhirserver.audit.records import record_leaf
+
+    cx.execute("DELETE FROM access_record WHERE seq=?", (victim_seq,))
+    cx.execute("UPDATE access_record SET seq = seq - 1 WHERE seq > ?", (victim_seq,))
+    cr = CompactRange()
+    for rid, recorded_us, content_hash in cx.execute(
+            "SELECT id, recorded_us, content_hash FROM access_record ORDER BY seq").fetchall():
+        cr.append(record_leaf(rid, recorded_us, content_hash))
+    cx.execute("DELETE FROM audit_node")
+    cx.executemany("INSERT INTO audit_node (level, idx, hash) VALUES (?, ?, ?)", cr.completed)
+
+
+def test_verify_detects_deletion_with_relinked_tree(http, admin, settings):
+    """The attacker who removes the record of their access does not stop at one row: they delete
+    it, renumber the rest, recompute the whole tree and delete the database's checkpoints too.
+    Everything but the signing key is in the database; the checkpoint file outside it remains."""
     build_chain(http, admin.headers())
+    checkpoint(settings)
+    signed = len(chain(settings))
+    build_chain(http, admin.headers(), n_patients=2)  # later records keep the tree larger than the checkpoint
+    checkpoint(settings)
     with db(settings) as cx:
-        rows = cx.execute("SELECT seq, event_id, recorded_us, content_hash FROM audit_chain ORDER BY seq").fetchall()
-        k = len(rows) // 2
-        victim = rows[k][1]
-        pk = cx.execute("SELECT pk FROM resource WHERE type='AuditEvent' AND id=?", (victim,)).fetchone()[0]
         cx.execute("BEGIN")
-        for table in ("idx_token", "idx_string", "idx_date", "idx_reference", "idx_quantity", "idx_number",
-                      "idx_uri", "compartment", "resource_version"):
-            cx.execute(f"DELETE FROM {table} WHERE resource_pk=?", (pk,))
-        cx.execute("DELETE FROM resource WHERE pk=?", (pk,))
-        cx.execute("DELETE FROM audit_chain WHERE seq >= ?", (rows[k][0],))
-        prev = cx.execute("SELECT hash FROM audit_chain WHERE seq=?", (rows[k - 1][0],)).fetchone()[0]
-        seq = rows[k - 1][0]
-        for _old_seq, event_id, recorded_us, content_hash in rows[k + 1:]:
-            seq += 1
-            new_hash = hashlib.sha256(f"{prev}|{seq}|{event_id}|{recorded_us}|{content_hash}".encode()).hexdigest()
-            cx.execute("INSERT INTO audit_chain (seq, event_id, recorded_us, content_hash, prev_hash, hash) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (seq, event_id, recorded_us, content_hash, prev, new_hash))
-            prev = new_hash
-        cx.execute("UPDATE audit_head SET seq=?, hash=? WHERE id=1", (seq, prev))
+        _relink_without(cx, signed // 2)
+        cx.execute("DELETE FROM audit_checkpoint")
         cx.execute("COMMIT")
     result = verify(settings)
     assert result.exit_code != 0, (
-        "an AuditEvent was deleted and the chain re-linked from data in the database alone, and "
+        "a record was deleted and the tree rebuilt from data in the database alone, and "
         f"`audit verify` still reports: {result.output.strip()}")
+    assert "do not match the signed checkpoint" in result.output
+
+
+def test_verify_detects_rollback_to_a_backup(http, admin, settings):
+    """Restoring the database file to an earlier copy removes the newest records *and* the
+    checkpoints that named them; the checkpoint file outside the database still names them."""
+    import shutil
+
+    from tests.conftest import db_path
+
+    h = admin.headers()
+    build_chain(http, h)
+    checkpoint(settings)
+    with db(settings) as cx:
+        cx.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    saved = settings.data_dir.parent / "earlier.sqlite3"
+    shutil.copy(db_path(settings), saved)
+    build_chain(http, h, n_patients=2)
+    checkpoint(settings)
+    assert verify(settings).exit_code == 0
+    with db(settings) as cx:  # roll back: the earlier copy's content replaces the database's
+        cx.execute("ATTACH DATABASE ? AS earlier", (str(saved),))
+        cx.execute("BEGIN")
+        for table in ("access_record", "access_subject", "audit_node", "audit_checkpoint"):
+            cx.execute(f"DELETE FROM {table}")
+            cx.execute(f"INSERT INTO {table} SELECT * FROM earlier.{table}")
+        cx.execute("COMMIT")
+    result = verify(settings)
+    assert result.exit_code != 0, f"a rollback went unnoticed: {result.output}"
+    assert "the checkpoint file signed" in result.output and "rolled back" in result.output
 
 
 # ----------------------------------------------------------------------------- fail closed
 def _break_audit(settings, how: str) -> None:  # type: ignore[no-untyped-def]
     with db(settings) as cx:
         if how == "trigger":
-            cx.execute("CREATE TRIGGER no_audit BEFORE INSERT ON audit_chain BEGIN SELECT RAISE(ABORT, 'no'); END;")
+            cx.execute("CREATE TRIGGER no_audit BEFORE INSERT ON access_record BEGIN SELECT RAISE(ABORT, 'no'); END;")
         else:
-            cx.execute("DROP TABLE audit_chain")
+            cx.execute("DROP TABLE access_record")
 
 
 def _patient_rows(settings) -> int:  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from sqlalchemy import func, select, update
 from fhirserver.app import create_app
 from fhirserver.auth.assertion import client_assertion, generate_key, public_jwks
 from fhirserver.auth.clients import register_backend_client, set_disabled
-from fhirserver.db.schema import access_token, audit_chain
+from fhirserver.db.schema import access_record, access_token
 from tests.conftest import make_settings
 from tests.support.tokens import SCOPE, assert_refused, form, post_token
 
@@ -61,7 +61,7 @@ def sign_with(key: Any, alg: str, claims: dict[str, Any], kid: str | None) -> st
 
 def audit_count(svc: Any) -> int:
     with svc.engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(audit_chain)).scalar_one()
+        return conn.execute(select(func.count()).select_from(access_record)).scalar_one()
 
 
 def token_for(http: Any, client: Any, scope: str = SCOPE) -> str:
@@ -476,7 +476,7 @@ def test_token_endpoint_audit_events_record_outcome(http, make_client, svc, sett
     bad = post_token(http, form(client_assertion(generate_key(), client.client_id, settings.token_url)))
     assert bad.status_code in (400, 401)
     with svc.engine.connect() as conn:
-        ids = conn.execute(select(audit_chain.c.event_id).order_by(audit_chain.c.seq.desc()).limit(2)).scalars().all()
+        ids = conn.execute(select(access_record.c.id).order_by(access_record.c.pk.desc()).limit(2)).scalars().all()
     refused_id, issued_id = ids
     h = auditor.headers()
     issued = http.get(f"/fhir/AuditEvent/{issued_id}", headers=h).get_json()

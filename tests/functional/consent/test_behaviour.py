@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
 from fhirserver.auth.clients import register_backend_client
-from fhirserver.db.schema import audit_chain
+from fhirserver.db.schema import access_record
 from fhirserver.users.registry import create_user, link_patient
 from tests.conftest import make_settings
 
@@ -49,7 +49,7 @@ def purpose(*codes: str) -> list[dict[str, str]]:
 
 def last_audit(srv: ConsentServer) -> dict[str, Any]:
     with srv.svc.engine.connect() as conn:
-        ids = [r[0] for r in conn.execute(select(audit_chain.c.event_id).order_by(audit_chain.c.seq.desc())
+        ids = [r[0] for r in conn.execute(select(access_record.c.id).order_by(access_record.c.pk.desc())
                                           .limit(3)).all()]
     reader = srv.audit_reader()
     for event_id in ids:  # skip the admin's own reads of the audit trail
@@ -173,7 +173,7 @@ def test_consent_exempt_access_is_audited_and_alerted(srv: ConsentServer, consen
     exempt = srv.backend(exempt=True)
     assert srv.get(exempt, "/fhir/Observation/pb-hiv").status_code == 200
     with srv.svc.engine.connect() as conn:
-        event_id = conn.execute(select(audit_chain.c.event_id).order_by(audit_chain.c.seq.desc())).first()[0]
+        event_id = conn.execute(select(access_record.c.id).order_by(access_record.c.pk.desc())).first()[0]
     event = srv.http.get(f"/fhir/AuditEvent/{event_id}", headers=srv.audit_reader()).get_json()
     assert "consent-exempt" in entity_refs(event)
     api = admin_api_headers(srv)

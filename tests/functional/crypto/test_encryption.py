@@ -225,7 +225,7 @@ def run_cli(args: list[str], env: dict[str, str | None]):  # type: ignore[no-unt
 
 def audit_rows(settings) -> int:  # type: ignore[no-untyped-def]
     with db(settings) as cx:
-        return cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0]
+        return cx.execute("SELECT count(*) FROM access_record").fetchone()[0]
 
 
 def version_row(settings, rtype: str, rid: str, version: int | None = None) -> tuple[int, int, bytes]:  # type: ignore[no-untyped-def]
@@ -383,7 +383,7 @@ def test_tampered_ciphertext_is_refused_and_audited(http, admin, settings, make_
     # the AuditEvent of that request says "serious failure" and carries the request id
     # (that it also names the resource is checked in test_audit.py)
     with db(settings) as cx:
-        event_id = cx.execute("SELECT event_id FROM audit_chain ORDER BY seq DESC LIMIT 1").fetchone()[0]
+        event_id = cx.execute("SELECT id FROM access_record ORDER BY pk DESC LIMIT 1").fetchone()[0]
     ev = http.get(f"/fhir/AuditEvent/{event_id}", headers=auditor).get_json()
     assert ev["outcome"] == "8"
     assert ev["subtype"][0]["code"] == "read"

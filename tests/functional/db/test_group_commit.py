@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from fhirserver.audit.chain import verify_chain
 from fhirserver.db.engine import make_engine, read_connection
 from fhirserver.db.group_commit import GroupCommitEngine
+from tests.support.audit import verify_audit
 
 T = sa.table("t", sa.column("v"))
 
@@ -142,6 +142,6 @@ def test_concurrent_http_creates_are_all_stored_and_audited(app: Any, admin: Any
     client = app.test_client()
     for pid in ids[::10]:
         assert client.get(f"/fhir/Patient/{pid}", headers=headers).status_code == 200
-    result = verify_chain(svc.engine, svc.repo)
+    result = verify_audit(svc)
     assert result.ok, result
     assert result.checked == 1 + 80 + len(ids[::10])  # the token request, the creates, the reads

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fhirserver.audit.chain import verify_chain
 from fhirserver.crypto.cipher import DecryptionError, open_sealed
 from tests.conftest import AUDITOR_SETTINGS, db_path
+from tests.support.audit import verify_audit
 from tests.support.bulk import Server, _app, _local, client_token
 
 SECRET_NAME = "Zyxwerasable"
@@ -105,7 +105,7 @@ def test_erasure_shreds_the_patient_and_keeps_a_pseudonymized_audit_trail(server
 
     # the audit trail: kept, chain verifies, the patient only under the pseudonym (later
     # requests naming the erased id are new events and may name it)
-    result = verify_chain(server.svc.engine, server.svc.repo)
+    result = verify_audit(server.svc)
     assert result.ok, result.reason
     auditor = client_token(server, "auditor", "system/AuditEvent.rs", **AUDITOR_SETTINGS)
     events = server.http.get("/fhir/AuditEvent", query_string={"_count": "1000"}, headers=server.h(auditor)).get_json()
@@ -138,16 +138,16 @@ def test_erasure_shreds_the_patient_and_keeps_a_pseudonymized_audit_trail(server
     # a second erasure: 410; the chain still detects tampering with a redacted event
     assert erase(server, admin, pid).status_code == 410
     with raw(server) as cx:
-        seq, redaction = cx.execute("SELECT seq, redaction FROM audit_chain WHERE redaction IS NOT NULL "
-                                    "ORDER BY seq LIMIT 1").fetchone()
+        rid, redaction = cx.execute("SELECT id, redaction FROM access_record WHERE redaction IS NOT NULL "
+                                    "ORDER BY pk LIMIT 1").fetchone()
         digest, _, mac = redaction.partition(":")
-        cx.execute("UPDATE audit_chain SET redaction=? WHERE seq=?", (f"{'0' * 64}:{mac}", seq))
-    bad = verify_chain(server.svc.engine, server.svc.repo)
-    assert not bad.ok and bad.first_bad_seq == seq and "redaction" in bad.reason
+        cx.execute("UPDATE access_record SET redaction=? WHERE id=?", (f"{'0' * 64}:{mac}", rid))
+    bad = verify_audit(server.svc)
+    assert not bad.ok and bad.first_bad_event == rid and "redaction" in bad.reason
     with raw(server) as cx:
-        cx.execute("UPDATE audit_chain SET redaction=NULL WHERE seq=?", (seq,))
-    bad = verify_chain(server.svc.engine, server.svc.repo)
-    assert not bad.ok and bad.first_bad_seq == seq  # the redacted body no longer matches the original hash
+        cx.execute("UPDATE access_record SET redaction=NULL WHERE id=?", (rid,))
+    bad = verify_audit(server.svc)
+    assert not bad.ok and bad.first_bad_event == rid  # the redacted body no longer matches the original hash
 
 
 def test_erasure_is_refused_to_anyone_but_an_admin_with_patient_delete(server: Server) -> None:
@@ -173,7 +173,7 @@ def test_erasure_is_refused_to_anyone_but_an_admin_with_patient_delete(server: S
     assert server.http.post(f"/fhir/Patient/{pid}/$erase").status_code == 401
     assert len(erase_events()) - before == 5  # each refusal (403, 403, 405, 404, 401) left its AuditEvent
     assert server.http.get(f"/fhir/Patient/{pid}", headers=server.h(admin)).status_code == 200  # nothing erased
-    assert verify_chain(server.svc.engine, server.svc.repo).ok
+    assert verify_audit(server.svc).ok
 
 
 def test_capability_statement_lists_erase(server: Server) -> None:
@@ -200,8 +200,8 @@ def test_erasure_on_postgres(settings: Any) -> None:
         assert srv.http.get(f"/fhir/Patient/{ids['other']}", headers=srv.h(admin)).status_code == 200
         with app.extensions["fhirserver"].engine.connect() as conn:
             scopes = [r[0] for r in conn.exec_driver_sql("SELECT scope FROM data_key")]
-            redacted = conn.exec_driver_sql("SELECT count(*) FROM audit_chain WHERE redaction IS NOT NULL").scalar()
+            redacted = conn.exec_driver_sql("SELECT count(*) FROM access_record WHERE redaction IS NOT NULL").scalar()
         assert f"patient:{ids['pid']}" not in scopes and f"patient:{ids['other']}" in scopes and redacted >= 1
-        assert verify_chain(srv.svc.engine, srv.svc.repo).ok
+        assert verify_audit(srv.svc).ok
     finally:
         app.extensions["fhirserver"].engine.dispose()

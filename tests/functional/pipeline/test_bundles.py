@@ -34,7 +34,7 @@ def count(http: Any, headers: dict[str, str], rtype: str, **params: str) -> int:
 
 def audit_rows(settings: Any) -> int:
     with raw_db(settings) as cx:
-        return int(cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0])
+        return int(cx.execute("SELECT count(*) FROM access_record").fetchone()[0])
 
 
 def test_transaction_resolves_urn_references_and_audits_each_entry(http, admin, settings) -> None:  # type: ignore[no-untyped-def]

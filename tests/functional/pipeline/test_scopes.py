@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from fhirserver.auth.assertion import client_assertion
-from fhirserver.db.schema import audit_chain
+from fhirserver.db.schema import access_record
 from tests.conftest import AUDITOR_SETTINGS
 
 CAT_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -59,12 +59,12 @@ def assert_forbidden(resp: Any) -> None:
 
 def audit_count(svc: Any) -> int:
     with svc.engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(audit_chain)).scalar_one()
+        return conn.execute(select(func.count()).select_from(access_record)).scalar_one()
 
 
 def latest_audit_id(svc: Any) -> str:
     with svc.engine.connect() as conn:
-        return conn.execute(select(audit_chain.c.event_id).order_by(audit_chain.c.seq.desc()).limit(1)).scalar_one()
+        return conn.execute(select(access_record.c.id).order_by(access_record.c.pk.desc()).limit(1)).scalar_one()
 
 
 def patient(family: str = "Smith", identifier: str | None = None) -> dict[str, Any]:

@@ -72,10 +72,10 @@ def test_validate_needs_a_token_and_is_audited(http, admin, settings) -> None:  
     assert _post(http, {}, "/fhir/Patient/$validate", GOOD).status_code == 401
     h = admin.headers()  # the token request is audited too: fetch it first
     with raw_db(settings) as cx:
-        before = cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0]
+        before = cx.execute("SELECT count(*) FROM access_record").fetchone()[0]
     _post(http, h, "/fhir/Patient/$validate", GOOD)
     with raw_db(settings) as cx:
-        assert cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0] == before + 1
+        assert cx.execute("SELECT count(*) FROM access_record").fetchone()[0] == before + 1
 
 
 @pytest.mark.parametrize("path", example_files()[:40], ids=lambda p: p.name)

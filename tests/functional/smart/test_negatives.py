@@ -190,7 +190,7 @@ def test_unknown_scopes_are_never_granted(smart: Smart, setup: dict[str, Any]) -
 def test_token_events_are_audited(smart: Smart, setup: dict[str, Any], settings: Any, auditor: Any) -> None:
     def events() -> int:
         with raw_db(settings) as cx:
-            return int(cx.execute("SELECT count(*) FROM audit_chain").fetchone()[0])
+            return int(cx.execute("SELECT count(*) FROM access_record").fetchone()[0])
 
     start = events()
     tok = smart.tokens(setup["client"], SCOPE, setup["user"])

@@ -3,7 +3,7 @@
 CLI tests run the real command in-process (click's CliRunner) against a data directory under
 tmp_path; login tests call the module API on services built from the same settings, so what the
 CLI stored is what the login code reads. Every login leaves exactly one AuditEvent, counted in
-`audit_chain` and decrypted to check its codes.
+the audit log and decrypted to check its codes.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher
 from click.testing import CliRunner
 
-from fhirserver.audit.chain import verify_chain
 from fhirserver.cli import main
 from fhirserver.cli.root import _services
 from fhirserver.clock import now_us
 from fhirserver.db.engine import read_connection
-from fhirserver.db.schema import app_user, audit_chain
+from fhirserver.db.schema import access_record, app_user
 from fhirserver.users import (
     LoginPolicy,
     UserError,
@@ -44,6 +43,7 @@ from fhirserver.users import (
 )
 from fhirserver.users import login as login_module
 from tests.conftest import BASE, make_settings
+from tests.support.audit import verify_audit
 
 GOOD = "violet-Harbor-7-tangerine"
 OTHER_GOOD = "quiet Meadow lantern 42"
@@ -91,14 +91,14 @@ def users_json(data_dir: Path) -> list[dict[str, Any]]:
 
 def audit_count(svc: Any) -> int:
     with read_connection(svc.engine) as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(audit_chain)).scalar_one()
+        return conn.execute(sa.select(sa.func.count()).select_from(access_record)).scalar_one()
 
 
 def audit_events_after(svc: Any, seq: int) -> list[dict[str, Any]]:
     with read_connection(svc.engine) as conn:
-        ids = conn.execute(sa.select(audit_chain.c.event_id).where(audit_chain.c.seq > seq)
-                           .order_by(audit_chain.c.seq)).scalars().all()
-        return [json.loads(svc.repo.read(conn, "AuditEvent", i).body) for i in ids]
+        ids = conn.execute(sa.select(access_record.c.id).where(access_record.c.pk > seq)
+                           .order_by(access_record.c.pk)).scalars().all()
+        return [json.loads(svc.audit.read(conn, i).body) for i in ids]
 
 
 def user_row(svc: Any, username: str) -> Any:
@@ -298,7 +298,7 @@ def test_login_ok_wrong_password_unknown_user(services: Any) -> None:
     assert "mallory" not in json.dumps(login.last_event)  # unknown usernames are not recorded
     assert login("not a valid name!", GOOD).reason == "unknown-user"
     assert login("", "").reason == "unknown-user"
-    assert verify_chain(services.engine, services.repo).ok
+    assert verify_audit(services).ok
 
 
 def test_unknown_users_cost_one_hash_like_known_ones(services: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,7 +347,7 @@ def test_lockout_after_five_failures_then_success_after_the_period(services: Any
     assert login("frank", GOOD, at_us=fifth.locked_until_us + 1).ok
     after = get_user(services.engine, "frank")
     assert after.failed_logins == 0 and after.locked_until_us is None
-    assert verify_chain(services.engine, services.repo).ok
+    assert verify_audit(services).ok
 
 
 def test_lockout_policy_from_configuration_and_admin_unlock(tmp_path: Path, data_dir: Path) -> None:

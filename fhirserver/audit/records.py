@@ -1,0 +1,200 @@
+"""Access records: how the audit log is written and read back (docs/audit.md).
+
+Every access appends one compact `access_record` row in its own transaction -- no row or lock
+that other requests share -- plus one `access_subject` row per reference its AuditEvent would
+index (agent, entity, patient). The record itself is the AuditRecord's fields as canonical JSON,
+encrypted under the `audit` data key with the record id as associated data; `content_hash` is
+its SHA-256. The BALP AuditEvent is rendered from it on read (`render`), byte for byte what
+`build_audit_event` makes, so reads, searches and exports see the same resource as before.
+
+The search index of an event is the same rows `AuditIndexer` computes, split three ways: the
+references go to `access_subject`; the token, uri and string rows (codes and keyed digests
+shared by many records) form an interned `audit_term` set the record points to; the date row
+is the record's time. `search/sources.py` presents these as the index tables of AuditEvent.
+
+Records get their place in the Merkle tree later, from the sequencer (audit/sequencer.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import Connection, select
+
+from ..crypto.cipher import DecryptionError, open_sealed, seal
+from ..crypto.keyring import KeyError_
+from ..db import raw as raw_sql
+from ..db.schema import access_record, access_subject
+from ..fhir.dates import instant_text
+from ..storage.codec import dump_json, parse_json
+from ..storage.repository import CorruptDataError, Repository, Stored
+from .events import AuditIndexer, AuditRecord, build_audit_event
+from .merkle import leaf_hash
+
+AUDIT_KEY_SCOPE = "audit"
+CHAIN_SCOPE = "audit-chain"  # the server's MAC key for redactions (a data key, wrapped by the master key)
+RECORD_VERSION = 1
+TERM_TABLES = ("token", "uri", "string")
+
+_INS_RECORD = ("INSERT INTO access_record (id, recorded_us, terms, key_id, detail, content_hash) "
+               "VALUES (?, ?, ?, ?, ?, ?)")
+_INS_SUBJECT = ("INSERT INTO access_subject (record_pk, recorded_us, param, target_type, target_id, url) "
+                "VALUES (?, ?, ?, ?, ?, ?)")
+_INS_TERM = ("INSERT INTO audit_term (set_id, n, tbl, param, system, code, kind, value) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+
+
+def leaf_content(record_id: str, recorded_us: int, content_hash: str) -> bytes:
+    """What a Merkle leaf commits to: the record's id, time and content digest."""
+    return f"fhirserver-access-record:v1:{record_id}:{recorded_us}:{content_hash}".encode()
+
+
+def record_leaf(record_id: str, recorded_us: int, content_hash: str) -> str:
+    return leaf_hash(leaf_content(record_id, recorded_us, content_hash))
+
+
+def _aad(record_id: str) -> bytes:
+    return f"access-record/{record_id}".encode()
+
+
+@dataclass
+class PreparedRecord:
+    """A record built, indexed and encrypted outside any transaction."""
+
+    id: str
+    recorded_us: int
+    terms: str
+    term_rows: list[tuple[Any, ...]]
+    subjects: list[tuple[Any, ...]]  # (param, target_type, target_id, url)
+    key_id: int
+    detail: bytes
+    content_hash: str
+
+
+class AuditLog:
+    def __init__(self, repo: Repository, server_url: str) -> None:
+        self.repo = repo
+        self.server_url = server_url
+        self.indexer = AuditIndexer(repo.indexer)
+        self._known_sets: set[str] = set()
+
+    # ------------------------------------------------------------------ writing
+    def prepare(self, rec: AuditRecord) -> PreparedRecord:
+        """Build, index and encrypt ahead of the transaction (call outside any transaction: a
+        term set not seen before is written and committed on its own connection first)."""
+        p = self.build(rec)
+        if p.terms not in self._known_sets:
+            with self.repo.keys.engine.begin() as conn:
+                raw_sql.executemany(conn, _INS_TERM, p.term_rows)
+            self._known_sets.add(p.terms)
+        return p
+
+    def build(self, rec: AuditRecord) -> PreparedRecord:
+        """Build, index and encrypt one record: no database access."""
+        record_id = str(uuid.uuid4())
+        content = {"v": RECORD_VERSION, "id": record_id, "site": self.server_url, **asdict(rec)}
+        raw = dump_json(content)
+        event = build_audit_event(rec, self.server_url, record_id)
+        rows = self.indexer.index(event)
+        terms: list[tuple[Any, ...]] = []
+        for tbl in TERM_TABLES:
+            for row in rows.rows.get(tbl, []):
+                terms.append((tbl, row["param"], row.get("system"), row.get("code"), row.get("kind"), row.get("value")))
+        terms.sort(key=lambda t: tuple("" if v is None else str(v) for v in t))
+        set_id = hashlib.sha256(dump_json(terms)).hexdigest()
+        subjects = [(r["param"], r["target_type"], r["target_id"], r["url"]) for r in rows.rows.get("reference", [])]
+        key_id, key = self.repo.keys.ensure(AUDIT_KEY_SCOPE)
+        detail = seal(AESGCM(key), raw, _aad(record_id))
+        term_rows = [(set_id, n, *t) for n, t in enumerate(terms)]
+        return PreparedRecord(record_id, rec.recorded_us, set_id, term_rows, subjects, key_id, detail,
+                              hashlib.sha256(raw).hexdigest())
+
+    def append(self, conn: Connection, rec: AuditRecord, prepared: PreparedRecord | None = None) -> str:
+        """Append the record inside `conn`'s transaction (fail closed: it commits with the
+        access or not at all). No lock beyond the rows it inserts. Returns the record id."""
+        p = prepared or self.build(rec)
+        if p.terms not in self._known_sets:
+            raw_sql.executemany(conn, _INS_TERM, p.term_rows)
+        pk = raw_sql.insert_returning_pk(conn, _INS_RECORD, (p.id, p.recorded_us, p.terms, p.key_id, p.detail,
+                                                             p.content_hash))
+        raw_sql.executemany(conn, _INS_SUBJECT, [(pk, p.recorded_us, *s) for s in p.subjects])
+        return p.id
+
+    # ------------------------------------------------------------------ reading
+    def decrypt(self, record_id: str, key_id: int, detail: bytes, conn: Connection | None = None) -> bytes:
+        try:
+            return open_sealed(AESGCM(self.repo.keys.by_id(key_id, conn)), detail, _aad(record_id))
+        except (DecryptionError, KeyError_) as exc:
+            raise CorruptDataError(f"access record {record_id} cannot be decrypted") from exc
+
+    def render(self, raw: bytes, recorded_us: int) -> bytes:
+        """The AuditEvent JSON of a decrypted record (events moved from the old chain are kept verbatim)."""
+        content = parse_json(raw)
+        if content.get("resourceType") == "AuditEvent":
+            return raw
+        fields = {k: v for k, v in content.items() if k not in ("v", "id", "site")}
+        for name in ("type_code", "subtype_code"):
+            if fields.get(name) is not None:
+                fields[name] = tuple(fields[name])
+        event = build_audit_event(AuditRecord(**fields), content["site"], content["id"])
+        meta = dict(event.pop("meta"))
+        meta["versionId"] = "1"
+        meta["lastUpdated"] = instant_text(recorded_us)
+        ordered = {"resourceType": event.pop("resourceType"), "id": event.pop("id"), "meta": meta}
+        ordered.update(event)
+        return dump_json(ordered)
+
+    def _stored(self, row: Any, conn: Connection) -> Stored:
+        body = self.render(self.decrypt(row.id, row.key_id, row.detail, conn), row.recorded_us)
+        return Stored(type="AuditEvent", id=row.id, version=1, last_updated_us=row.recorded_us, deleted=False,
+                      method="POST", body=body, pk=row.pk)
+
+    def load(self, conn: Connection, pks: list[int]) -> list[Stored]:
+        """Rendered AuditEvents of the given record pks, in the given order."""
+        if not pks:
+            return []
+        rows = conn.execute(select(access_record.c.pk, access_record.c.id, access_record.c.recorded_us,
+                                   access_record.c.key_id, access_record.c.detail)
+                            .where(access_record.c.pk.in_(pks))).all()
+        by_pk = {r.pk: self._stored(r, conn) for r in rows}
+        return [by_pk[pk] for pk in pks if pk in by_pk]
+
+    def read(self, conn: Connection, record_id: str) -> Stored | None:
+        row = conn.execute(select(access_record.c.pk, access_record.c.id, access_record.c.recorded_us,
+                                  access_record.c.key_id, access_record.c.detail)
+                           .where(access_record.c.id == record_id)).first()
+        return None if row is None else self._stored(row, conn)
+
+
+def redaction_mac(key: bytes, record_id: str, content_hash: str, redacted_hash: str) -> str:
+    """Authorizes a redacted record: only the holder of the chain key (the server) can
+    pseudonymize one; the Merkle leaf keeps committing to the original content."""
+    message = f"redaction|{record_id}|{content_hash}|{redacted_hash}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def redact(log: AuditLog, conn: Connection, pk: int, transform: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """Rewrite one record's content (erasure pseudonymizes a patient): re-encrypted in place,
+    its search rows rebuilt, and the change recorded as an authorized redaction."""
+    row = conn.execute(select(access_record).where(access_record.c.pk == pk)).one()
+    raw = log.decrypt(row.id, row.key_id, row.detail, conn)
+    new_raw = dump_json(transform(parse_json(raw)))
+    if new_raw == raw:
+        return False
+    digest = hashlib.sha256(new_raw).hexdigest()
+    mac = redaction_mac(log.repo.keys.ensure(CHAIN_SCOPE)[1], row.id, row.content_hash, digest)
+    detail = seal(AESGCM(log.repo.keys.by_id(row.key_id, conn)), new_raw, _aad(row.id))
+    event = parse_json(log.render(new_raw, row.recorded_us))
+    rows = log.indexer.indexer.index("AuditEvent", event)
+    conn.execute(access_subject.delete().where(access_subject.c.record_pk == pk))
+    raw_sql.executemany(conn, _INS_SUBJECT, [(pk, row.recorded_us, r["param"], r["target_type"], r["target_id"],
+                                              r["url"]) for r in rows.rows.get("reference", [])])
+    conn.execute(access_record.update().where(access_record.c.pk == pk).values(
+        detail=detail, redaction=f"{digest}:{mac}"))
+    return True
