@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from .audit.checkpoints import Signer
+from .audit.legacy import migrate_chain
 from .audit.records import CHAIN_SCOPE, AuditLog
 from .audit.sequencer import Sequencer
 from .config import Settings
@@ -125,3 +126,4 @@ def warm_keys(services: Services) -> None:
     """Create/unwrap the system data keys before serving, so no request creates them mid-transaction."""
     for scope in ("audit", "shared", BLIND_SCOPE, CHAIN_SCOPE):
         services.keys.ensure(scope)
+    migrate_chain(services.audit)  # AuditEvents of the old hash chain, once (audit/legacy.py)

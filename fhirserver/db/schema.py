@@ -237,9 +237,9 @@ assertion_jti = Table(
     Column("expires_us", BigInteger, nullable=False),
 )
 
-# ---- audit hash chain ----
-# Each row links one AuditEvent (stored encrypted in resource/resource_version) into the chain:
-# hash = SHA-256(prev_hash | seq | event_id | recorded_us | content_hash).
+# ---- the audit hash chain before migration 0009 (kept only to be read and emptied once by
+# audit/legacy.py): each row linked one AuditEvent stored as a resource row,
+# hash = HMAC(chain key, prev_hash | seq | event_id | recorded_us | content_hash).
 audit_chain = Table(
     "audit_chain",
     metadata,
@@ -254,7 +254,7 @@ audit_chain = Table(
     Column("redaction", String(160), nullable=True),
 )
 
-# Single-row table: the serialization point for appending to the chain (SELECT ... FOR UPDATE).
+# Single-row table: the old chain's head (it serialized every request; see access_record).
 audit_head = Table(
     "audit_head",
     metadata,
