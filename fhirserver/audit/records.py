@@ -165,6 +165,12 @@ class AuditLog:
         by_pk = {r.pk: self._stored(r, conn) for r in rows}
         return [by_pk[pk] for pk in pks if pk in by_pk]
 
+    def read_content(self, conn: Connection, record_id: str) -> bytes | None:
+        """The decrypted record (the JSON its content hash covers)."""
+        row = conn.execute(select(access_record.c.id, access_record.c.key_id, access_record.c.detail)
+                           .where(access_record.c.id == record_id)).first()
+        return None if row is None else self.decrypt(row.id, row.key_id, row.detail, conn)
+
     def read(self, conn: Connection, record_id: str) -> Stored | None:
         row = conn.execute(select(access_record.c.pk, access_record.c.id, access_record.c.recorded_us,
                                   access_record.c.key_id, access_record.c.detail)

@@ -10,6 +10,7 @@ from .erase_op import Erase
 from .export_ops import ExportFile, ExportKickoff, ExportStatus
 from .handler import Handler
 from .history import History
+from .proof_op import Proof
 from .searching import Everything, LastN, Search
 from .validate_op import Validate
 
@@ -29,6 +30,7 @@ ROUTES: dict[str, Handler] = {
     "$lastn": LastN(),
     "$validate": Validate(),
     "$erase": Erase(),
+    "$proof": Proof(),
     "$export": ExportKickoff(),
     "$export-poll-status": ExportStatus(),
     "$export-file": ExportFile(),
