@@ -48,6 +48,19 @@ def postgres() -> Iterator[Any]:
     pg.stop()
 
 
+@pytest.fixture(scope="module")
+def durable_postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL with its default durable settings (fsync, synchronous commit)."""
+    if os.environ.get("FHIRSERVER_TEST_SKIP_PG") == "1":
+        pytest.skip("PostgreSQL tests disabled by FHIRSERVER_TEST_SKIP_PG=1")
+    from tests.support.pg import ThrowawayPostgres
+
+    pg = ThrowawayPostgres()
+    pg.start(durable=True)
+    yield pg
+    pg.stop()
+
+
 def db_path(settings: Settings) -> Path:
     url = settings.effective_database_url
     assert url.startswith("sqlite:///"), url

@@ -1,8 +1,11 @@
 """Export job lifecycle in the database: queued -> running -> complete | failed | cancelled.
 
 Every state change is one conditional UPDATE, so any number of worker threads (in any number of
-server processes) can poll the same table: only one wins a job. A running job whose heartbeat
-stopped (its server died) is queued again and redone from the start.
+server processes) can poll the same table: only one wins a job. On PostgreSQL the claim first
+locks its candidate with `FOR UPDATE SKIP LOCKED`, so instances polling together each take a
+different job instead of queueing on one row (no queue library: exports are rare, long jobs whose
+state must sit in the same database, and transactions, as their data; see docs/scaling.md). A
+running job whose heartbeat stopped (its server died) is queued again and redone from the start.
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ def claim_next(engine: Engine) -> Job | None:
             cond = export_job.c.status == row.status
             if row.status == "running":
                 cond = cond & (export_job.c.heartbeat_us < now - STALE_HEARTBEAT_US)
+            if conn.dialect.name == "postgresql":
+                mine = conn.execute(select(export_job.c.id).where(export_job.c.id == row.id, cond)
+                                    .with_for_update(skip_locked=True)).first()
+                if mine is None:
+                    continue  # another instance holds or took it
             res = conn.execute(update(export_job).where(export_job.c.id == row.id, cond)
                                .values(status="running", heartbeat_us=now, progress="starting"))
             if res.rowcount == 1:
