@@ -17,6 +17,7 @@ from .config import Settings
 from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
+from .health import db_gauges
 from .health import install as install_health
 from .logs import configure as configure_logs
 from .metrics import install as install_metrics
@@ -175,6 +176,6 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
 
     install_health(app, svc, lambda: (settings.data_dir / SIGNING_KEY_FILE).is_file()
                    and svc.sequencer.signer.path.is_file())
-    install_metrics(app)
+    install_metrics(app, db_gauges(svc))
 
     return app

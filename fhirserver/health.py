@@ -57,3 +57,35 @@ def install(app: Flask, svc: Services, signing_key_loaded: Callable[[], bool]) -
         resp.status_code = 200 if ready else 503
         resp.headers["Cache-Control"] = "no-store"
         return resp
+
+
+def db_gauges(svc: Services) -> Callable[[], dict[tuple[str, str, tuple[str, ...]], list[tuple[tuple[str, ...], float]]]]:
+    """What /metrics reads from the database at each scrape: the audit log's progress (checkpoint
+    age, records still waiting for the sequencer, tree size) and export jobs by state."""
+    from sqlalchemy import func, select
+
+    from .clock import now_us
+    from .db.schema import access_record, audit_checkpoint, export_job
+
+    def read() -> dict[tuple[str, str, tuple[str, ...]], list[tuple[tuple[str, ...], float]]]:
+        with read_connection(svc.engine) as conn:
+            last = conn.execute(select(func.max(audit_checkpoint.c.time_us))).scalar()
+            pending = conn.execute(select(func.count()).select_from(access_record)
+                                   .where(access_record.c.seq.is_(None))).scalar_one()
+            top = conn.execute(select(func.max(access_record.c.seq))).scalar()
+            jobs: dict[str, int] = {s: n for s, n in conn.execute(
+                select(export_job.c.status, func.count()).group_by(export_job.c.status)).all()}
+        states = ("queued", "running", "complete", "failed", "cancelled")
+        age = (now_us() - last) / 1e6 if last is not None else -1.0
+        return {
+            ("fhirserver_audit_checkpoint_age_seconds", "Seconds since the newest signed audit checkpoint "
+                                                        "(-1: none yet)", ()): [((), age)],
+            ("fhirserver_audit_unsequenced_records", "Access records not yet in the Merkle tree", ()):
+                [((), float(pending))],
+            ("fhirserver_audit_tree_size", "Access records in the Merkle tree", ()):
+                [((), float(0 if top is None else top + 1))],
+            ("fhirserver_export_jobs", "Bulk export jobs by state", ("state",)):
+                [((s,), float(jobs.get(s, 0))) for s in states],
+        }
+
+    return read

@@ -10,34 +10,99 @@ without the variable) serves its own registry.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Flask, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
 
-REQUESTS = Counter("fhirserver_requests_total", "FHIR requests answered", ["interaction", "resource_type", "status"])
-LATENCY = Histogram("fhirserver_request_seconds", "Time to answer a FHIR request (audit commit included)",
-                    ["interaction"], buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+# prometheus_client is imported only when a metric is first used or /metrics is installed: it
+# picks its value storage (per-process files or memory) when first imported, and `serve` imports
+# this module before it sets PROMETHEUS_MULTIPROC_DIR for gunicorn's workers.
+
+
+class _Metrics:
+    """Created on first use (see the note on the import above)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter("fhirserver_requests_total", "FHIR requests answered",
+                                ["interaction", "resource_type", "status"])
+        self.latency = Histogram("fhirserver_request_seconds", "Time to answer a FHIR request (audit commit included)",
+                                 ["interaction"], buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.audit_append = Histogram("fhirserver_audit_append_seconds", "Time to write one access record in its "
+                                      "request's transaction",
+                                      buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25))
+        self.consent_denials = Counter("fhirserver_consent_denials_total", "Reads a patient's Consent denied",
+                                       ["resource_type"])
+        self.login_failures = Counter("fhirserver_login_failures_total", "Failed sign-ins, by reason code", ["reason"])
+
+
+_metrics: _Metrics | None = None
+
+
+def _m() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+def audit_append(seconds: float) -> None:
+    _m().audit_append.observe(seconds)
+
+
+def consent_denial(resource_type: str | None) -> None:
+    _m().consent_denials.labels(resource_type or "-").inc()
+
+
+def login_failure(reason: str) -> None:
+    _m().login_failures.labels(reason).inc()
+
+
+# Gauges read from the database at each scrape (one value for the whole deployment, whichever
+# worker or instance answers): (name, help, labels) -> rows of (label values, value).
+DbGauges = Callable[[], dict[tuple[str, str, tuple[str, ...]], list[tuple[tuple[str, ...], float]]]]
 
 
 def observe(interaction: str, resource_type: str | None, status: int, seconds: float) -> None:
-    REQUESTS.labels(interaction, resource_type or "-", str(status)).inc()
-    LATENCY.labels(interaction).observe(seconds)
+    m = _m()
+    m.requests.labels(interaction, resource_type or "-", str(status)).inc()
+    m.latency.labels(interaction).observe(seconds)
 
 
-def install(app: Flask) -> None:
+def install(app: Flask, db_gauges: DbGauges) -> None:
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        REGISTRY,
+        CollectorRegistry,
+        generate_latest,
+        multiprocess,
+    )
+    from prometheus_client.core import GaugeMetricFamily
+
+    class DbCollector:
+        def collect(self) -> Iterator[Any]:
+            for (name, doc, labels), rows in db_gauges().items():
+                family = GaugeMetricFamily(name, doc, labels=list(labels))
+                for values, value in rows:
+                    family.add_metric(list(values), value)
+                yield family
+
     @app.get("/metrics")
     def metrics() -> Response:
+        _m()  # every series exists (at zero) from the first scrape
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             data = generate_latest(registry)
         else:
-            data = generate_latest()
-        return Response(data, mimetype=CONTENT_TYPE_LATEST)
+            data = generate_latest(REGISTRY)
+        from_db = CollectorRegistry()
+        from_db.register(DbCollector())
+        return Response(data + generate_latest(from_db), mimetype=CONTENT_TYPE_LATEST)
+
+
+def now() -> float:
+    return time.perf_counter()

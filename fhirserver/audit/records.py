@@ -27,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, select
 
+from .. import metrics
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.keyring import KeyError_
 from ..db import raw as raw_sql
@@ -119,11 +120,13 @@ class AuditLog:
         """Append the record inside `conn`'s transaction (fail closed: it commits with the
         access or not at all). No lock beyond the rows it inserts. Returns the record id."""
         p = prepared or self.build(rec)
+        started = metrics.now()
         if p.terms not in self._known_sets:
             raw_sql.executemany(conn, _INS_TERM, p.term_rows)
         pk = raw_sql.insert_returning_pk(conn, _INS_RECORD, (p.id, p.recorded_us, p.terms, p.key_id, p.detail,
                                                              p.content_hash))
         raw_sql.executemany(conn, _INS_SUBJECT, [(pk, p.recorded_us, *s) for s in p.subjects])
+        metrics.audit_append(metrics.now() - started)
         return p.id
 
     # ------------------------------------------------------------------ reading

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, or_, select
 
+from .. import metrics
 from ..audit.events import AuditRecord
 from ..clock import now_us
 from ..db.engine import read_connection
@@ -181,6 +182,8 @@ class ConsentStage(NoConsentFiltering):
             denied = self.engine.deciding_consents(conn, pks, decision, "deny")
             for cid in denied:
                 rec.extra_entities.append(consent_entity(cid, "denied by consent"))
+            if denied:
+                metrics.consent_denial(rec.resource_type)
             rec.outcome_desc = (rec.outcome_desc + " (hidden by consent)").strip()
         outcome = note_denial(conn, rec.client_id, rec.request_id, self.burst_threshold, self.burst_suspend)
         if outcome == "suspended":

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Connection, Engine, select, update
 
+from .. import metrics
 from ..audit.events import DCM, ENTITY_TYPE, OBJECT_ROLE, AuditRecord
 from ..clock import now_us as current_us
 from ..config import Settings
@@ -211,6 +212,8 @@ def authenticate_user(svc: Services, username: str, password: str, totp: str | N
         result = _decide(conn, pre, password, totp, svc.keys, policy, now_us if now_us is not None else recorded)
         svc.audit.append(conn, login_audit_record(result, network_address, recorded, request_id, client_id,
                                                   client_name))
+    if not result.ok:
+        metrics.login_failure(result.reason)
     log.info("login %s for user id %s in %.0f ms", result.reason, result.user_id,
              (time.monotonic() - started) * 1000)
     return result
@@ -233,4 +236,6 @@ def authenticate_second_factor(svc: Services, username: str, totp: str, network_
             result = LoginResult(False, "bad-totp", result.username, result.user_id, result.fhir_user, "no TOTP code")
         svc.audit.append(conn, login_audit_record(result, network_address, recorded, request_id, client_id,
                                                   client_name))
+    if not result.ok:
+        metrics.login_failure(result.reason)
     return result

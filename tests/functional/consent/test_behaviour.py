@@ -107,10 +107,19 @@ def test_audit_event_records_purpose_and_the_deciding_consents(srv: ConsentServe
     body = srv.bundle(research, "/fhir/Observation?_count=100")
     assert body["total"] >= 1
     assert "Consent/aud-permit" in entity_refs(last_audit(srv))
-    # a hidden read is a 404 for the client; the audit trail says which consent denied it
+    # a hidden read is a 404 for the client; the audit trail says which consent denied it, and
+    # the consent-denial metric counts it (by resource type only)
     treat = srv.backend()
+    metric = 'fhirserver_consent_denials_total{resource_type="Observation"}'
+
+    def denials() -> float:
+        text = srv.http.get("/metrics").get_data(as_text=True)
+        return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric)), 0.0)
+
+    before = denials()
     resp = srv.get(treat, "/fhir/Observation/pa-hr")
     assert resp.status_code == 404
+    assert denials() == before + 1
     event = last_audit(srv)
     assert event["outcome"] == "4" and "Consent/aud-deny" in entity_refs(event)
     assert event["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
