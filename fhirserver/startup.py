@@ -22,6 +22,8 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     from alembic.util.exc import CommandError
     from sqlalchemy.exc import OperationalError
 
+    from .audit.checkpoints import SigningKeyError
+    from .audit.legacy import LegacyChainError
     from .crypto.keyring import KEY_FILE_NAME, KeyError_
 
     where = settings.database_url and "the database" or f"{settings.effective_database_url[len('sqlite:///'):]}"
@@ -30,6 +32,13 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
             (settings.master_key_file or f"{settings.data_dir / KEY_FILE_NAME}")
         return (f"master key problem: {exc}. Fix: provide the master key this database was encrypted with "
                 f"(key source: {source}); see docs/security.md, 'Keys'")
+    if isinstance(exc, SigningKeyError):
+        return (f"audit signing key problem: {exc}. Fix: provide the key that signed this database's audit "
+                "checkpoints (FHIRSERVER_AUDIT_SIGNING_KEY_FILE); see docs/audit.md")
+    if isinstance(exc, LegacyChainError):
+        return (f"the audit log from before this version does not verify ({exc}); nothing was changed. Fix: "
+                "restore the database from a backup taken before the tampering, or investigate with the "
+                "previous fhirserver version's `audit verify`")
     if isinstance(exc, CommandError) and "Can't locate revision" in str(exc):
         return (f"{where} was migrated by a newer fhirserver ({exc}). Fix: run the fhirserver version that "
                 "wrote it, or restore a backup made by this version")

@@ -37,23 +37,15 @@ class BenchServer:
             self.env["FHIRSERVER_DATABASE_URL"] = database_url
         self.workers, self.threads = workers, threads
         self.proc: subprocess.Popen[bytes] | None = None
+        self.code: Path | None = None  # another checkout to run (`python -m` puts the cwd first on sys.path)
 
     def cli(self, *args: str) -> str:
         return subprocess.run([sys.executable, "-m", "fhirserver", *args], env=self.env, check=True,
-                              capture_output=True, text=True).stdout.strip()
+                              capture_output=True, text=True, cwd=self.code).stdout.strip()
 
     def start(self) -> BenchServer:
         self.cli("db", "upgrade")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fhirserver", "serve", "--port", str(self.port), "--workers", str(self.workers),
-             "--threads", str(self.threads)], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
+        self.start_only()
         self.key = generate_key("ES384")
         jwks = self.data_dir / "bench-jwks.json"
         import json
@@ -62,6 +54,21 @@ class BenchServer:
         self.client_id = self.cli("client", "register", "--name", "bench", "--jwks-file", str(jwks),
                                   "--scopes", "system/*.cruds")
         time.sleep(6)  # let the workers finish compiling the JSON schema validators (off the clock)
+        return self
+
+    def start_only(self) -> BenchServer:
+        """Serve an already migrated database (another instance on it registered the client)."""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fhirserver", "serve", "--port", str(self.port), "--workers", str(self.workers),
+             "--threads", str(self.threads)], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=self.code)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
         return self
 
     def token(self, scope: str = "system/*.cruds") -> str:

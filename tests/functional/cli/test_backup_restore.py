@@ -31,8 +31,9 @@ def _client(app: Any, key: Any, client_id: str | None = None) -> tuple[Any, dict
 def test_restore_drill(tmp_path: Path) -> None:
     keys = tmp_path / "key-backup" / "ring.json"
     keys.parent.mkdir()
-    env = {"FHIRSERVER_MASTER_KEY_FILE": str(keys)}
-    settings = make_settings(tmp_path / "live", master_key_file=str(keys))
+    signing = keys.parent / "audit-signing-key.pem"  # kept like the master key, outside the data
+    env = {"FHIRSERVER_MASTER_KEY_FILE": str(keys), "FHIRSERVER_AUDIT_SIGNING_KEY_FILE": str(signing)}
+    settings = make_settings(tmp_path / "live", master_key_file=str(keys), audit_signing_key_file=str(signing))
     app = create_app(settings)
     key = generate_key("ES384")
     http, h, client_id = _client(app, key)
@@ -47,16 +48,19 @@ def test_restore_drill(tmp_path: Path) -> None:
         ids += [("Patient", pid), ("Observation", oid)]
     before = {ref: http.get(f"/fhir/{ref[0]}/{ref[1]}", headers=h).get_data() for ref in ids}
 
+    ok(cli("audit", "checkpoint", data_dir=settings.data_dir, real=True, **env))  # as the server does each minute
     out = tmp_path / "backup"
     ok(cli("backup", "--out", str(out), data_dir=settings.data_dir, real=True, **env))  # while the app is open
     app.extensions["fhirserver"].engine.dispose()
-    assert not any("master" in p.name or p.read_bytes() == keys.read_bytes() for p in out.iterdir())
+    assert not any("master" in p.name or p.read_bytes() in (keys.read_bytes(), signing.read_bytes())
+                   for p in out.iterdir())
     manifest = json.loads((out / "backup-manifest.json").read_text())
     assert manifest["master_key_ids"] and "not in this backup" in manifest["note"]
 
-    restored = make_settings(tmp_path / "restored", master_key_file=str(keys))
+    restored = make_settings(tmp_path / "restored", master_key_file=str(keys), audit_signing_key_file=str(signing))
     ok(cli("restore", "--from", str(out), data_dir=restored.data_dir, real=True, **env))
-    assert "OK:" in ok(cli("audit", "verify", data_dir=restored.data_dir, real=True, **env))
+    verified = ok(cli("audit", "verify", data_dir=restored.data_dir, real=True, **env))
+    assert verified.startswith("OK:") and "1 checkpoints in the database" in verified, verified
     app2 = create_app(restored)
     try:
         http2, h2, _ = _client(app2, key, client_id)  # the client registry came back too
