@@ -89,6 +89,24 @@ class LockSampler(threading.Thread):
         return self.waiting / self.active if self.active else 0.0
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) so far of the fhirserver server processes and of PostgreSQL's."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"server": 0.0, "postgres": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick
+        if b"fhirserver serve" in cmd:
+            out["server"] += used
+        elif cmd.startswith(b"postgres"):
+            out["postgres"] += used
+    return out
+
+
 def rows_written(database_url: str) -> int:
     import psycopg
 
@@ -144,14 +162,17 @@ def run_load(servers: list[BenchServer], seconds: float, clients: int, seed_ids:
             i += 1
             time.sleep(0.02)
 
+    cpu_before = cpu_seconds()
     started = time.monotonic()
     with ThreadPoolExecutor(clients + 1) as pool:
         futures = [pool.submit(client, n) for n in range(clients)] + [pool.submit(healthz)]
         for f in futures:
             f.result()
     wall = time.monotonic() - started
+    cpu_after = cpu_seconds()
     done = sum(len(latencies[k]) for k in KINDS)
-    return {"rps": done / wall, "errors": errors[0], "latencies": latencies, "ids": ids}
+    cpu = {k: 1000 * (cpu_after[k] - cpu_before[k]) / done for k in cpu_after}
+    return {"rps": done / wall, "errors": errors[0], "latencies": latencies, "ids": ids, "cpu": cpu}
 
 
 def light_latency(server: BenchServer, ids: list[str], n: int = 300) -> tuple[float, float]:
@@ -213,7 +234,9 @@ def one_config(label: str, code: Path | None, pg: ThrowawayPostgres | None, inst
 
 def report(r: dict[str, object]) -> str:
     lat: dict[str, list[float]] = r["latencies"]  # type: ignore[assignment]
-    parts = [f"{r['label']:<34} {r['rps']:7.1f} req/s  errors {r['errors']}"]
+    cpu: dict[str, float] = r["cpu"]  # type: ignore[assignment]
+    parts = [f"{r['label']:<34} {r['rps']:7.1f} req/s  errors {r['errors']}  CPU/request: server "
+             f"{cpu['server']:.2f} ms, PostgreSQL {cpu['postgres']:.2f} ms"]
     for k in KINDS:
         parts.append(f"{k} p50 {pct(lat[k], 50):6.1f} p95 {pct(lat[k], 95):6.1f} ms")
     hz = pct(lat["healthz"], 50)

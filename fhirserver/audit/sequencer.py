@@ -72,6 +72,40 @@ def frontier(conn: Connection, size: int) -> CompactRange:
     return cr
 
 
+PARTITIONED = ("access_record", "access_subject")
+PARTITION_CHECK_US = 3600 * 1_000_000
+
+
+def month_bounds(year: int, month: int) -> tuple[int, int]:
+    """[start, end) of a calendar month (UTC) in microseconds."""
+    import calendar
+
+    start = calendar.timegm((year, month, 1, 0, 0, 0)) * 1_000_000
+    ny, nm = (year + 1, 1) if month == 12 else (year, month + 1)
+    return start, calendar.timegm((ny, nm, 1, 0, 0, 0)) * 1_000_000
+
+
+def ensure_partitions(conn: Connection, now: int, months_ahead: int = 2) -> list[str]:
+    """PostgreSQL: monthly partitions of the access-record tables for the next months (made
+    ahead: a month whose rows already sit in the default partition cannot be split off).
+    Returns the partitions created."""
+    import datetime
+
+    made = []
+    day = datetime.datetime.fromtimestamp(now / 1e6, datetime.UTC)
+    y, m = day.year, day.month
+    for _ in range(months_ahead):
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+        start, end = month_bounds(y, m)
+        for table in PARTITIONED:
+            name = f"{table}_{y:04d}_{m:02d}"
+            exists = conn.execute(text("SELECT to_regclass(:n)"), {"n": name}).scalar()
+            if exists is None:
+                conn.execute(text(f"CREATE TABLE {name} PARTITION OF {table} FOR VALUES FROM ({start}) TO ({end})"))
+                made.append(name)
+    return made
+
+
 @dataclass
 class RunResult:
     sequenced: int
@@ -88,6 +122,7 @@ class Sequencer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_checkpoint_us = 0  # for the checkpoint-age metric
+        self._partitions_checked_us = 0
 
     def _locked(self, conn: Connection) -> bool:
         if conn.dialect.name == "postgresql":
@@ -113,6 +148,10 @@ class Sequencer:
         with self.engine.begin() as conn:
             if not self._locked(conn):
                 return None
+            if conn.dialect.name == "postgresql" and now_us() - self._partitions_checked_us > PARTITION_CHECK_US:
+                for name in ensure_partitions(conn, now_us()):
+                    log.info("created partition %s", name)
+                self._partitions_checked_us = now_us()
             size = tree_size(conn)
             rows = conn.execute(select(access_record.c.pk, access_record.c.id, access_record.c.recorded_us,
                                        access_record.c.content_hash)
