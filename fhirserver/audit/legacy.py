@@ -31,6 +31,7 @@ from .records import (
     AuditLog,
     _aad,
     redaction_mac,
+    subject_rows,
 )
 
 log = logging.getLogger("fhirserver.audit")
@@ -98,8 +99,7 @@ def migrate_chain(audit: AuditLog) -> int:
                                                                   detail, row.content_hash))
             if redaction:
                 conn.execute(text("UPDATE access_record SET redaction = :r WHERE pk = :pk"), {"r": redaction, "pk": rpk})
-            raw_sql.executemany(conn, _INS_SUBJECT, [(rpk, row.recorded_us, r["param"], r["target_type"],
-                                                      r["target_id"], r["url"]) for r in index.rows.get("reference", [])])
+            raw_sql.executemany(conn, _INS_SUBJECT, [(rpk, row.recorded_us, *s) for s in subject_rows(index)])
             for table in INDEX_TABLES.values():
                 conn.execute(delete(table).where(table.c.resource_pk == pk))
             conn.execute(delete(compartment).where(compartment.c.resource_pk == pk))

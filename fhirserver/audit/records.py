@@ -33,6 +33,7 @@ from ..crypto.keyring import KeyError_
 from ..db import raw as raw_sql
 from ..db.schema import access_record, access_subject
 from ..fhir.dates import instant_text
+from ..search.values import IndexRows
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import CorruptDataError, Repository, Stored
 from .events import AuditIndexer, AuditRecord, build_audit_event
@@ -49,6 +50,13 @@ _INS_SUBJECT = ("INSERT INTO access_subject (record_pk, recorded_us, param, targ
                 "VALUES (?, ?, ?, ?, ?, ?)")
 _INS_TERM = ("INSERT INTO audit_term (set_id, n, tbl, param, system, code, kind, value) "
              "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+
+
+def subject_rows(rows: IndexRows) -> list[tuple[Any, ...]]:
+    """The distinct (param, target type, target id, url) references of an event's index rows (a
+    read names its patient twice -- as the resource's and as the patient entity -- one row does)."""
+    return sorted({(r["param"], r["target_type"], r["target_id"], r["url"]) for r in rows.rows.get("reference", [])},
+                  key=lambda t: tuple("" if v is None else str(v) for v in t))
 
 
 def leaf_content(record_id: str, recorded_us: int, content_hash: str) -> bytes:
@@ -109,7 +117,7 @@ class AuditLog:
                 terms.append((tbl, row["param"], row.get("system"), row.get("code"), row.get("kind"), row.get("value")))
         terms.sort(key=lambda t: tuple("" if v is None else str(v) for v in t))
         set_id = hashlib.sha256(dump_json(terms)).hexdigest()
-        subjects = [(r["param"], r["target_type"], r["target_id"], r["url"]) for r in rows.rows.get("reference", [])]
+        subjects = subject_rows(rows)
         key_id, key = self.repo.keys.ensure(AUDIT_KEY_SCOPE)
         detail = seal(AESGCM(key), raw, _aad(record_id))
         term_rows = [(set_id, n, *t) for n, t in enumerate(terms)]
@@ -202,8 +210,7 @@ def redact(log: AuditLog, conn: Connection, pk: int, transform: Callable[[dict[s
     event = parse_json(log.render(new_raw, row.recorded_us))
     rows = log.indexer.indexer.index("AuditEvent", event)
     conn.execute(access_subject.delete().where(access_subject.c.record_pk == pk))
-    raw_sql.executemany(conn, _INS_SUBJECT, [(pk, row.recorded_us, r["param"], r["target_type"], r["target_id"],
-                                              r["url"]) for r in rows.rows.get("reference", [])])
+    raw_sql.executemany(conn, _INS_SUBJECT, [(pk, row.recorded_us, *s) for s in subject_rows(rows)])
     conn.execute(access_record.update().where(access_record.c.pk == pk).values(
         detail=detail, redaction=f"{digest}:{mac}"))
     return True

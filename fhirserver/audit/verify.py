@@ -29,7 +29,7 @@ from ..storage.codec import parse_json
 from ..storage.repository import CorruptDataError
 from .checkpoints import Checkpoint, Signer, read_file
 from .merkle import EMPTY_ROOT, CompactRange
-from .records import CHAIN_SCOPE, TERM_TABLES, AuditLog, record_leaf, redaction_mac
+from .records import CHAIN_SCOPE, TERM_TABLES, AuditLog, record_leaf, redaction_mac, subject_rows
 
 BATCH = 2000
 
@@ -73,8 +73,7 @@ def _check_record(log: AuditLog, conn: Connection, row: Any, chain_key: bytes, t
         raise _Bad(row.seq, row.id, "the record's time was changed")
     event = parse_json(log.render(raw, row.recorded_us))
     rows = log.indexer.index(event)
-    want_refs = sorted((r["param"], r["target_type"] or "", r["target_id"] or "", r["url"] or "")
-                       for r in rows.rows.get("reference", []))
+    want_refs = sorted((p, t or "", i or "", u or "") for p, t, i, u in subject_rows(rows))
     got_refs = sorted((s.param, s.target_type or "", s.target_id or "", s.url or "") for s in conn.execute(
         select(access_subject).where(access_subject.c.record_pk == row.pk)).all())
     if want_refs != got_refs:
