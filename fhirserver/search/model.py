@@ -19,22 +19,11 @@ from sqlalchemy import (
     FromClause,
 )
 
-from ..db.schema import (
-    idx_date,
-    idx_number,
-    idx_quantity,
-    idx_reference,
-    idx_string,
-    idx_token,
-    idx_uri,
-)
 from .params import SearchParam
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 RESULT_PARAMS = {"_count", "_sort", "_total", "_summary", "_elements", "_include", "_revinclude",
                  "_contained", "_containedType", "_format", "_pretty", "_cursor"}
-TABLES = {"token": idx_token, "string": idx_string, "date": idx_date, "reference": idx_reference,
-          "quantity": idx_quantity, "number": idx_number, "uri": idx_uri}
 _SPLIT = re.compile(r"(?<!\\),")
 MAX_CHAIN_DEPTH = 3
 
