@@ -77,9 +77,11 @@ def _fhir_view(path: str = "") -> Response:
         body = b""
     # HEAD is GET without a body (werkzeug drops the body); it is audited as the GET it is.
     method = "GET" if request.method == "HEAD" else request.method
+    query = request.query_string.decode("utf-8", "replace")
+    too_long = len(request.path) + len(query) > current_app.extensions["fhirserver"].settings.max_url_bytes
     result, request_id = pipeline.handle(
-        method, path, request.query_string.decode("utf-8", "replace"), form,
-        dict(request.headers), body, request.remote_addr or "", body_too_large=too_large,
+        method, path, "" if too_long else query, form,
+        dict(request.headers), body, request.remote_addr or "", body_too_large=too_large, url_too_long=too_long,
     )
     headers = {"X-Request-Id": request_id, **result.headers}
     content_type = headers.pop("Content-Type", FHIR_JSON)

@@ -36,6 +36,7 @@ class Settings:
     log_level: str = "INFO"
     # ---- HTTP and input limits (docs/security.md)
     max_body_bytes: int = 10 * 1024 * 1024
+    max_url_bytes: int = 8192  # path + query string; longer is a 414 OperationOutcome (use POST _search)
     max_json_depth: int = 64  # nesting of a resource's JSON objects and arrays
     search_max_params: int = 100  # parameters of one search
     search_max_values: int = 100  # comma-separated values of one parameter

@@ -38,6 +38,9 @@ def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads
             # the URL path only: query strings carry search values (names, birth dates, identifiers)
             self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
             self.cfg.set("timeout", 120)
+            # request lines up to gunicorn's 1 MB hard cap reach the app, which answers a URL over
+            # max_url_bytes with a 414 OperationOutcome (gunicorn's own 414 is an HTML page)
+            self.cfg.set("limit_request_line", 0)
             if "control_socket_disable" in self.cfg.settings:
                 # one server per data dir: no shared per-user control socket between instances
                 self.cfg.set("control_socket_disable", True)

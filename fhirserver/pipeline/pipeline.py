@@ -145,11 +145,11 @@ class Pipeline:
     # ---- the whole road
     def handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,
                headers: dict[str, str], body: bytes, remote_addr: str,
-               body_too_large: bool = False) -> tuple[Result, str]:
+               body_too_large: bool = False, url_too_long: bool = False) -> tuple[Result, str]:
         """The whole road for one /fhir request; one access log line (no patient data) per request."""
         started = time.perf_counter()
         result, request_id, record = self._handle(method, path, query, form, headers, body, remote_addr,
-                                                  body_too_large)
+                                                  body_too_large, url_too_long)
         seconds = time.perf_counter() - started
         logs.access(request_id, method, record.interaction, record.resource_type, result.status, seconds,
                     record.client_id)
@@ -158,7 +158,7 @@ class Pipeline:
 
     def _handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,
                headers: dict[str, str], body: bytes, remote_addr: str,
-               body_too_large: bool = False) -> tuple[Result, str, AuditRecord]:
+               body_too_large: bool = False, url_too_long: bool = False) -> tuple[Result, str, AuditRecord]:
         lower = {k.lower(): v for k, v in headers.items()}
         client_rid = lower.get("x-request-id", "")
         request_id = client_rid if REQUEST_ID_RE.match(client_rid) else str(uuid.uuid4())
@@ -166,6 +166,9 @@ class Pipeline:
                              recorded_us=now_us())
         ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body, pipeline=self)
         try:
+            if url_too_long:
+                raise FhirError(414, "too-costly", f"The request URL exceeds the limit of "
+                                                   f"{self.services.settings.max_url_bytes} bytes; use POST [type]/_search")
             ctx.prefer = _parse_prefer(lower.get("prefer"))
             ctx.interaction = parse_interaction(method, path, query, form, self.services.types,
                                                 "if-none-exist" in lower)

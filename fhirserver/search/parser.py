@@ -3,6 +3,7 @@ restrictions) into a ParsedSearch, holding every search to the input limits."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from ..fhir.dates import MAX_US
@@ -36,9 +37,13 @@ def parse_search(
         name, _, modifier = key.partition(":")
         if name == "_count":
             try:
-                out.count = max(0, min(int(value), max_count))
+                wanted = int(value)
             except ValueError:
                 raise FhirError(400, "invalid", "_count must be an integer", ["_count"]) from None
+            out.count = max(0, min(wanted, max_count))
+            if out.count != wanted:
+                _unsupported(out, strict, key, f"_count must be between 0 and {max_count}; {out.count} was used",
+                             "invalid")
             out.echo.append((key, str(out.count)))
         elif name == "_cursor":
             out.cursor = decode_cursor(value)
@@ -53,8 +58,13 @@ def parse_search(
             out.summary = value
             out.echo.append((key, value))
         elif name == "_elements":
-            out.elements = [e.strip() for e in value.split(",") if e.strip()]
-            out.echo.append((key, value))
+            names = [e.strip() for e in value.split(",") if e.strip()]
+            bad = [e for e in names if not _ELEMENT.fullmatch(e)]
+            if bad:
+                _unsupported(out, strict, key, f"_elements: '{bad[0][:40]}' is not an element name; ignored", "invalid")
+            out.elements = [e for e in names if e not in bad]
+            if out.elements:
+                out.echo.append((key, ",".join(out.elements)))
         elif name == "_sort":
             out.sort = _parse_sort(registry, resource_type, value)
             out.echo.append((key, value))
@@ -86,6 +96,8 @@ def parse_search(
         _check_cursor(out.cursor, out.sort)
     return out
 
+_ELEMENT = re.compile(r"(?:[A-Z][A-Za-z]+\.)?[a-z][A-Za-z0-9]*(?:\[x\])?")
+
 
 def _check_limits(registry: ParamRegistry, params: Sequence[tuple[str, str]]) -> None:
     """At most `max_params` parameters and `max_values` comma-separated values in each (chains
@@ -115,9 +127,10 @@ def _check_cursor(cursor: Cursor, sort: list[SortKey]) -> None:
             raise bad
 
 
-def _unsupported(out: ParsedSearch, strict: bool, key: str, message: str) -> None:
+def _unsupported(out: ParsedSearch, strict: bool, key: str, message: str, code: str = "not-supported") -> None:
+    """A 400 with Prefer: handling=strict; otherwise a warning in the Bundle (not applied)."""
     if strict:
-        raise FhirError(400, "not-supported", message, [key])
+        raise FhirError(400, code, message, [key])
     out.ignored.append(message)
 
 
