@@ -52,7 +52,8 @@ class ExportKickoff(Handler):
         if "respond-async" not in ctx.prefer:
             raise FhirError(400, "invalid", "Bulk export is asynchronous: send 'Prefer: respond-async'")
         fmt = _one(ctx, "_outputFormat")
-        if fmt is not None and fmt not in NDJSON_FORMATS:
+        # an unencoded '+' arrives as a space (application/fhir ndjson): read it as the client meant it
+        if fmt is not None and fmt.replace(" ", "+") not in NDJSON_FORMATS:
             raise FhirError(400, "not-supported", "_outputFormat must be application/fhir+ndjson", ["_outputFormat"])
         known = {k for k, _ in it.params}
         unsupported = known - {"_outputFormat", "_type", "_since", "_typeFilter", "_deidentify"}

@@ -40,8 +40,12 @@ def _check_id(value: str, what: str = "id") -> str:
     return value
 
 
-def negotiate_format(accept: str | None, fmt: str | None) -> None:
-    """Only JSON is served. Raise 406 for XML or anything else we cannot produce."""
+NDJSON_TYPES = {"application/fhir+ndjson", "application/ndjson"}
+
+
+def negotiate_format(accept: str | None, fmt: str | None, ndjson: bool = False) -> None:
+    """Only JSON is served (and NDJSON by Bulk Data downloads, `ndjson`). Raise 406 for XML or
+    anything else we cannot produce."""
     if fmt:
         base = fmt.split(";")[0].strip().lower()
         if base in XML_TYPES:
@@ -52,7 +56,7 @@ def negotiate_format(accept: str | None, fmt: str | None) -> None:
     if not accept:
         return
     types = [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
-    if not types or any(t in JSON_TYPES for t in types):
+    if not types or any(t in JSON_TYPES or (ndjson and t in NDJSON_TYPES) for t in types):
         return
     raise FhirError(406, "not-supported", "Only application/fhir+json is supported")
 

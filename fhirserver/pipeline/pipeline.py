@@ -176,7 +176,8 @@ class Pipeline:
             record.resource_type = ctx.interaction.resource_type
             if ctx.interaction.id:
                 record.target = f"{ctx.interaction.resource_type}/{ctx.interaction.id}"
-            negotiate_format(lower.get("accept"), dict(ctx.interaction.params).get("_format"))
+            negotiate_format(lower.get("accept"), dict(ctx.interaction.params).get("_format"),
+                             ndjson=ctx.interaction.operation == "export-file")
             if body_too_large:
                 raise FhirError(413, "too-costly", f"The request body exceeds the limit of "
                                                    f"{self.services.settings.max_body_bytes} bytes")
