@@ -14,6 +14,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .admin_api import build_api
 from .bulk.worker import start_worker
 from .config import Settings
+from .cors import AllowedOrigins
+from .cors import install as install_cors
 from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
@@ -179,5 +181,6 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     install_health(app, svc, lambda: (settings.data_dir / SIGNING_KEY_FILE).is_file()
                    and svc.sequencer.signer.path.is_file())
     install_metrics(app, db_gauges(svc))
+    install_cors(app, AllowedOrigins(svc.engine, settings.cors_origins))
 
     return app

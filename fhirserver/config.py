@@ -44,6 +44,7 @@ class Settings:
     max_page_size: int = 1000
     history_max_page_size: int = 1000
     bundle_max_entries: int = 1000
+    cors_origins: str = ""  # browser origins allowed besides the registered apps' redirect-URI origins
     proxy_hops: int = 0  # TLS-terminating proxies in front that set X-Forwarded-For/-Proto/-Host
     # ---- tokens and SMART (docs/smart.md)
     access_token_lifetime: int = 300  # seconds; SMART backend services recommend <= 5 min

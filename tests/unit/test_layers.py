@@ -24,7 +24,7 @@ LAYERS: list[list[str]] = [
     ["pipeline"],
     ["bulk"],
     ["smart", "admin_api", "admin_alerts"],
-    ["demo", "startup", "health", "backup"],
+    ["demo", "startup", "health", "backup", "cors"],
     ["app", "wsgi"],
     ["cli", "__main__"],
 ]
