@@ -24,6 +24,7 @@ from .health import install as install_health
 from .logs import configure as configure_logs
 from .metrics import install as install_metrics
 from .pipeline.pipeline import Pipeline
+from .security_headers import install as install_security_headers
 from .services import Services, build_services, warm_keys
 from .smart.install import install as install_smart
 from .smart.secrets_store import SIGNING_KEY_FILE
@@ -182,5 +183,6 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
                    and svc.sequencer.signer.path.is_file())
     install_metrics(app, db_gauges(svc))
     install_cors(app, AllowedOrigins(svc.engine, settings.cors_origins))
+    install_security_headers(app)
 
     return app

@@ -24,7 +24,7 @@ LAYERS: list[list[str]] = [
     ["pipeline"],
     ["bulk"],
     ["smart", "admin_api", "admin_alerts"],
-    ["demo", "startup", "health", "backup", "cors"],
+    ["demo", "startup", "health", "backup", "cors", "security_headers"],
     ["app", "wsgi"],
     ["cli", "__main__"],
 ]
