@@ -186,7 +186,7 @@ def _query_token(engine: Engine, token_string: Any, hint: str | None) -> StoredT
 
 def build_introspection(engine: Engine, settings: Settings) -> type[IntrospectionEndpoint]:
     class SmartIntrospection(IntrospectionEndpoint):
-        CLIENT_AUTH_METHODS = APP_AUTH_METHODS
+        CLIENT_AUTH_METHODS = [*APP_AUTH_METHODS, "bearer_access_token"]
 
         def query_token(self, token_string: str, token_type_hint: str | None) -> StoredToken | None:
             return _query_token(engine, token_string, token_type_hint)

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..auth.clients import ClientRecord, get_client
 from ..auth.scopes import intersect
-from ..auth.tokens import issue_token
+from ..auth.tokens import issue_token, lookup_token
 from ..clock import now_us
 from ..config import Settings
 from ..db.engine import transaction
@@ -37,6 +37,9 @@ from ..db.schema import assertion_jti
 
 ALLOWED_ASSERTION_ALGS = ["RS384", "ES384"]
 AUTH_METHOD = "private_key_jwt"
+
+
+BEARER_AUTH_METHOD = "bearer_access_token"
 
 
 class OAuthClient(ClientMixin):
@@ -65,6 +68,9 @@ class OAuthClient(ClientMixin):
         if self.record.disabled:
             return False
         registered = self.record.auth_method
+        if method == BEARER_AUTH_METHOD:
+            # a resource server presenting its own access token (introspection only)
+            return endpoint == "introspection" and bool(self.record.settings.get("introspect_any"))
         if registered == "client_secret_basic":
             return method in ("client_secret_basic", "client_secret_post")
         return method == registered
@@ -239,6 +245,21 @@ def build_authorization_server(app: Any, engine: Engine, settings: Settings,
     server.register_token_generator("default", generate)
     assertion = SmartClientAssertion(engine, settings, JwksCache(settings.jwks_cache_seconds))
     server.register_client_auth_method(AUTH_METHOD, assertion)
+
+    def bearer(query: Any, request: Any) -> OAuthClient | None:
+        """RFC 7662 section 2.1 lets a protected resource authenticate with a bearer token: here its
+        own unexpired, unrevoked backend-services access token (SMART's suggestion)."""
+        header = request.headers.get("Authorization", "")
+        if not header.lower().startswith("bearer "):
+            return None
+        info, _reason = lookup_token(engine, header[7:].strip())
+        if info is None or info.context.get("grant_type") != "client_credentials":
+            return None
+        client = query(info.client_id)
+        return client if client is not None and client.check_endpoint_auth_method(BEARER_AUTH_METHOD,
+                                                                                   "introspection") else None
+
+    server.register_client_auth_method(BEARER_AUTH_METHOD, bearer)
     server.register_grant(SmartClientCredentialsGrant)
     register_smart_grants(server, engine, settings)
     return server

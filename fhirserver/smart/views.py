@@ -30,6 +30,7 @@ from werkzeug.datastructures import MultiDict
 
 from ..auth.clients import get_client
 from ..auth.grants import GrantContext, claim_launch
+from ..auth.tokens import lookup_token
 from ..services import Services
 from ..users.login import authenticate_second_factor, authenticate_user
 from ..users.registry import UserRecord, get_user
@@ -317,7 +318,11 @@ def _endpoint_view(name: str) -> Any:
         except OAuth2Error as err:
             resp = _server().handle_error_response(None, err)
         body = resp.get_json(silent=True) or {}
-        claimed = request.form.get("client_id") or (request.authorization.username if request.authorization else None)
+        auth = request.authorization
+        claimed = request.form.get("client_id") or (auth.username if auth and auth.type == "basic" else None)
+        if claimed is None and auth is not None and auth.type == "bearer" and auth.token:
+            info, _reason = lookup_token(svc.engine, auth.token)  # a resource server's own token
+            claimed = info.client_id if info else None
         record = get_client(svc.engine, claimed) if isinstance(claimed, str) and len(claimed) <= 64 else None
         if resp.status_code == 200:
             desc = (f"token introspected: active={body.get('active')}" if name == "introspection"
