@@ -31,7 +31,7 @@ OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 BALP_PROFILE = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/"
 
 ACTIONS = {
-    "create": "C", "read": "R", "vread": "R", "history-instance": "R", "update": "U", "delete": "D",
+    "create": "C", "read": "R", "vread": "R", "history-instance": "R", "update": "U", "patch": "U", "delete": "D",
     "search-type": "E", "history-type": "E", "history-system": "E", "search-system": "E",
     "capabilities": "E", "operation": "E", "unknown": "E", "login": "E",
 }

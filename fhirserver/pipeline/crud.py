@@ -12,16 +12,19 @@ from ..clock import now_us
 from ..db.engine import read_connection
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
+from ..fhir.patch import JSON_PATCH, apply_fhirpath_patch, apply_json_patch
 from ..search.sources import is_access_records
-from ..storage.errors import Deleted
+from ..storage.codec import parse_json
+from ..storage.errors import Deleted, StorageError
 from ..storage.repository import Stored
 from ..storage.visibility import id_of, visible
 from .access import record_touch, search_matches, version_visible
 from .capability import capability_statement, smart_configuration
 from .context import RequestContext, Result
+from .errors import fhir_error
 from .handler import Handler
 from .render import render_resource, resource_headers, write_result
-from .request_body import MAX_VERSION, parse_etag, validated
+from .request_body import MAX_VERSION, parse_body, parse_etag, validated
 
 
 class Capabilities(Handler):
@@ -178,7 +181,11 @@ class Update(Handler):
         ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, it.id), None
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        prepared, expected = ctx.write, ctx.plan  # expected: the conditional update's match, re-checked
+        # ctx.plan: the conditional update's match, re-checked in the transaction
+        return self.write(ctx, conn, ctx.plan, parse_etag(ctx.header("if-match"), "If-Match"))
+
+    def write(self, ctx: RequestContext, conn: Connection, expected: Any, if_match: int | None) -> Result:
+        prepared = ctx.write
         assert prepared is not None
         repo = ctx.services.repo
         if expected is not None:
@@ -191,7 +198,6 @@ class Update(Handler):
         if (head is None or head.deleted) and not ctx.access.may_create:
             # update-as-create needs create permission too
             raise FhirError(403, "forbidden", "The access token does not permit creating resources of this type")
-        if_match = parse_etag(ctx.header("if-match"), "If-Match")
         stored, created = repo.update(conn, prepared, if_match)
         check = ctx.access.create if created else ctx.access.update
         if not visible(conn, stored.pk, check):
@@ -201,6 +207,51 @@ class Update(Handler):
         if not visible(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201 if created else 200)
+
+
+class Patch(Update):
+    """PATCH [type]/[id]: JSON Patch (application/json-patch+json) or FHIRPath Patch (a Parameters
+    resource). The current version is read and patched before the transaction, the result is
+    validated as a PUT body is, and it is written as an update conditional on that version: a
+    concurrent change makes it a 409/412 instead of a lost update. Scopes, consent and audit as
+    for an update."""
+
+    def prepare(self, ctx: RequestContext) -> None:
+        it = ctx.interaction
+        rtype, rid = it.resource_type or "", it.id or ""
+        ctype = (ctx.header("content-type") or "").split(";")[0].strip().lower()
+        if ctype == JSON_PATCH:
+            try:
+                document: Any = parse_json(ctx.body) if ctx.body else None
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise FhirError(400, "structure", "The JSON Patch document is not valid JSON") from None
+        else:
+            document = parse_body(ctx)  # application/fhir+json: a FHIRPath Patch Parameters
+        wanted = parse_etag(ctx.header("if-match"), "If-Match")
+        with read_connection(ctx.services.engine) as conn:
+            try:
+                current = ctx.services.repo.read(conn, rtype, rid)
+            except StorageError as err:  # 404 unknown, 410 deleted
+                raise fhir_error(err) from None
+            if not visible(conn, current.pk, ctx.access.update):
+                raise FhirError(403, "forbidden", "The access token does not permit updating this resource")
+        if wanted is not None and wanted != current.version:
+            raise FhirError(412, "conflict", f"If-Match names version {wanted}; the current version is "
+                                             f"{current.version}")
+        assert current.body is not None
+        resource = parse_json(current.body)
+        if ctype == JSON_PATCH:
+            patched = apply_json_patch(resource, document)
+        else:
+            patched = apply_fhirpath_patch(resource, document, ctx.services.settings.profiles_dir)
+        if patched.get("resourceType") != rtype or patched.get("id") != rid:
+            raise FhirError(422, "processing", "A patch may not change the resource type or id")
+        ctx.services.validator.validate(patched, rtype)
+        flag_patient_amendment(ctx, patched)
+        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, patched, rid), current.version
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        return self.write(ctx, conn, None, ctx.plan)
 
 
 class Delete(Handler):

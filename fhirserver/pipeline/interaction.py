@@ -134,9 +134,9 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
         return it
     elif len(parts) == 2:
         it.id = _check_id(parts[1])
-        kind = {"GET": "read", "PUT": "update", "DELETE": "delete"}.get(method, "")
+        kind = {"GET": "read", "PUT": "update", "DELETE": "delete", "PATCH": "patch"}.get(method, "")
         if not kind:
-            allowed = _allowed_methods(spec.interactions & {"read", "update", "delete"})
+            allowed = _allowed_methods(spec.interactions & {"read", "update", "delete", "patch"})
             raise FhirError(405, "not-supported", f"{method[:10]} is not allowed on a resource instance",
                             headers={"Allow": ", ".join(sorted(allowed))})
     elif len(parts) == 3 and parts[2] == "_history":
@@ -165,5 +165,5 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
 
 def _allowed_methods(interactions: frozenset[str]) -> set[str]:
     mapping = {"read": "GET", "vread": "GET", "search-type": "GET", "history-instance": "GET",
-               "history-type": "GET", "create": "POST", "update": "PUT", "delete": "DELETE"}
+               "history-type": "GET", "create": "POST", "update": "PUT", "delete": "DELETE", "patch": "PATCH"}
     return {mapping[i] for i in interactions if i in mapping}

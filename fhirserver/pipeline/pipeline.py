@@ -51,6 +51,7 @@ ACCESS_NEEDS: dict[str, list[tuple[str, str, bool]]] = {
     "create": [("create", "create", True)],
     "update": [("update", "update", True), ("create", "create", False)],
     "delete": [("delete", "delete", True)],
+    "patch": [("update", "update", True)],
     "operation": [("search", "search-type", True)],
 }
 READING = {"read", "search"}
@@ -124,7 +125,7 @@ class Pipeline:
             setattr(ctx.access, name, preds)
             if name == "create":
                 ctx.access.may_create = True
-        if it.kind in ("create", "update") and ctx.prefer.get("return") != "minimal":
+        if it.kind in ("create", "update", "patch") and ctx.prefer.get("return") != "minimal":
             # what the writer could read back: a write it cannot see answers as return=minimal.
             # A client that asked for return=minimal gets no content anyway: no check needed.
             ctx.access.consent_read = consent.predicates(principal, it.resource_type, "read", rows)

@@ -5,7 +5,7 @@ of them; parse_interaction (interaction.py) names the key; the pipeline looks th
 from __future__ import annotations
 
 from .bundle import BundleHandler
-from .crud import Capabilities, Create, Delete, Read, SmartConfiguration, Update
+from .crud import Capabilities, Create, Delete, Patch, Read, SmartConfiguration, Update
 from .erase_op import Erase
 from .export_ops import ExportFile, ExportKickoff, ExportStatus
 from .handler import Handler
@@ -21,6 +21,7 @@ ROUTES: dict[str, Handler] = {
     "vread": Read(),
     "create": Create(),
     "update": Update(),
+    "patch": Patch(),
     "delete": Delete(),
     "history-instance": History(),
     "history-type": History(),
