@@ -1,6 +1,6 @@
 """date: dates, dateTimes, instants and Periods as inclusive microsecond ranges, matched with the
-FHIR prefixes; protected dates (a birth date) are stored only as keyed digests of year, month
-and day, so only equality on one of those is answered."""
+FHIR prefixes; protected dates (a birth date) are stored only as keyed digests of calendar
+buckets (protected_date.py), which answer every prefix too."""
 
 from __future__ import annotations
 
@@ -9,29 +9,29 @@ from typing import Any
 from sqlalchemy import ColumnElement, FromClause, and_, not_, or_
 
 from ...clock import now_us
-from ...fhir.errors import FhirError
 from ..params import SearchParam
 from ..values import IndexRows, date_ranges
+from . import protected_date
 from .common import Keys, checked_date, no_modifier, prefix_of
 
 
 def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+    if p.protected:
+        if isinstance(value, str) and value:
+            for prefix in {value[:4], value[:7], value[:10]}:  # equality on a year, month or day
+                out.add("string", param=p.code, kind="d", value=keys.blind.digest(p.code, "d", prefix))
+            protected_date.index(keys, out, p, value)  # every other prefix
+        return
     for low, high in date_ranges(value):
-        if p.protected:
-            if isinstance(value, str) and value:
-                for prefix in {value[:4], value[:7], value[:10]}:
-                    out.add("string", param=p.code, kind="d", value=keys.blind.digest(p.code, "d", prefix))
-        else:
-            out.add("date", param=p.code, low_us=low, high_us=high)
+        out.add("date", param=p.code, low_us=low, high_us=high)
 
 
 def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
     if p.protected:
+        no_modifier("date", modifier, key)
         prefix, text = prefix_of(value)
         if prefix != "eq" or len(text) > 10:
-            raise FhirError(400, "not-supported",
-                            f"'{p.code}' is stored only as a keyed hash: only equality on a year, "
-                            "month or day is supported", [key])
+            return protected_date.condition(keys, p, t, value, key)
         checked_date(text, key)
         return and_(t.c.kind == "d", t.c.value == keys.blind.digest(p.code, "d", text))
     no_modifier("date", modifier, key)

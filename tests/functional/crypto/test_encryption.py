@@ -356,9 +356,10 @@ def test_blind_index_search_still_works(http, admin):
     r = http.get("/fhir/Patient?family:contains=yxwv", headers=h)
     assert r.status_code == 400
     assert r.get_json()["resourceType"] == "OperationOutcome"
-    r = http.get("/fhir/Patient?birthdate=gt1930-01-01", headers=h)  # ranges on a keyed hash: refused
-    assert r.status_code == 400
-    assert r.get_json()["resourceType"] == "OperationOutcome"
+    # ranges over the keyed calendar buckets (search/types/protected_date.py)
+    assert ids("birthdate=gt1930-01-01") == {pid, other}
+    assert ids("birthdate=lt1933-03") == set() and ids("birthdate=ge1933-03") == {pid, other}
+    assert ids("birthdate=ne1933-03-18") == {pid} and ids("birthdate=sa1934") == set()
 
 
 # ----------------------------------------------------------------------------- tampering
