@@ -45,13 +45,20 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
                 {"name": p.code, "definition": p.url, "type": p.type,
                  **({"documentation": p.documentation} if p.documentation else {})}
                 for p in sorted(params.for_type(t.name).values(), key=lambda p: p.code)
-                if p.type != "composite"
             ] + [
                 {"name": "_id", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id", "type": "token"},
                 {"name": "_lastUpdated", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
                  "type": "date"},
             ],
         }
+        includes = [f"{t.name}:{p.code}" for p in sorted(params.for_type(t.name).values(), key=lambda p: p.code)
+                    if p.type == "reference"]
+        if includes:
+            entry["searchInclude"] = includes
+        rev = [f"{s.name}:{p.code}" for s in types for p in sorted(params.for_type(s.name).values(), key=lambda p: p.code)
+               if p.type == "reference" and (not p.targets or t.name in p.targets)]
+        if rev:
+            entry["searchRevInclude"] = rev
         if supported.get(t.name):
             entry["supportedProfile"] = list(supported[t.name])
         if t.operations:
