@@ -29,6 +29,7 @@ from .types.date import date_cond
 from .types.string import string_cond
 
 NEVER_DRIVES = 100
+DIGEST_MODIFIERS = ("text", "identifier", "of-type")  # answered from keyed digests in idx_string
 BROAD_CLAUSE_ROWS = 1000
 
 
@@ -125,12 +126,12 @@ class QueryCompiler:
         tables = source_of(rtype).tables
         if p.type == "composite":
             table = tables["composite"]
-        elif (p.protected and p.type == "date") or c.modifier == "text":
+        elif (p.protected and p.type == "date") or c.modifier in DIGEST_MODIFIERS:
             table = tables["string"]
         else:
             table = tables[p.type]
         t = table.alias()
-        param_code = f"{p.code}:text" if c.modifier == "text" else p.code
+        param_code = f"{p.code}:{c.modifier}" if c.modifier in DIGEST_MODIFIERS else p.code
         base = [t.c.param == param_code]
         if c.modifier == "missing":
             if c.values not in (["true"], ["false"]):

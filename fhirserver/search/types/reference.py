@@ -18,9 +18,20 @@ def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str
     if isinstance(ref, str):
         rtype, rid, url = parse_reference(ref, keys.base_url)
         out.add("reference", param=p.code, target_type=rtype, target_id=rid, url=url)
+    ident = value.get("identifier") if isinstance(value, dict) else None
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+        # `:identifier` (a logical reference, often a person's MRN): keyed digests, never in clear
+        for token in (f"{ident.get('system') or ''}|{ident['value']}", f"|{ident['value']}"):
+            out.add("string", param=f"{p.code}:identifier", kind="i", value=keys.blind.digest(p.code, "i", token))
 
 
 def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+    if modifier == "identifier":
+        system, bar, ident = value.partition("|")
+        token = f"{system}|{ident}" if bar else f"|{value}"
+        if not (ident if bar else value):
+            raise FhirError(400, "invalid", ":identifier takes [system|]value", [key])
+        return and_(t.c.kind == "i", t.c.value == keys.blind.digest(p.code, "i", token))
     rtype, rid, url = parse_reference(value, keys.base_url)
     if modifier and modifier[0].isupper():
         if rid is None and url is not None and "/" not in value:

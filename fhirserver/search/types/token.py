@@ -20,12 +20,23 @@ def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str
         if p.protected:
             code = keys.blind.digest(p.code, "t", code)
         out.add("token", param=p.code, system=system, code=code[:255] if code else code)
+    if isinstance(value, dict) and isinstance(value.get("value"), str) and isinstance(value.get("type"), dict):
+        # an Identifier with a type: `:of-type=type-system|type-code|value`, as a keyed digest
+        for coding in value["type"].get("coding", []):
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                typed = f"{coding.get('system') or ''}|{coding['code']}|{value['value']}"
+                out.add("string", param=f"{p.code}:of-type", kind="o", value=keys.blind.digest(p.code, "o", typed))
     if p.text_index:
         for text in token_texts(value):
             string.add_string(keys, out, f"{p.code}:text", text, True)
 
 
 def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str, key: str) -> ColumnElement[bool]:
+    if modifier == "of-type":
+        parts = value.split("|")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise FhirError(400, "invalid", ":of-type takes type-system|type-code|value", [key])
+        return and_(t.c.kind == "o", t.c.value == keys.blind.digest(p.code, "o", value))
     no_modifier("token", modifier, key)
     return token_cond(keys, p, t.c.system, t.c.code, value, key)
 
