@@ -159,6 +159,16 @@ def search_queries(get, rng: random.Random, n_patients: int) -> dict:  # type: i
             lambda: get(f"/Patient?identifier={quote(MRN_SYSTEM)}|MRN{rng.randrange(n_patients):08d}"),
         "Observation/$lastn?patient=X&category=vital-signs":
             lambda: get(f"/Observation/$lastn?patient={pid()}&category=vital-signs"),
+        # protected dates: equality (one digest) against ranges (a union of bucket digests)
+        "Patient?birthdate=eqYYYY-MM-DD (equality)":
+            lambda: get(f"/Patient?birthdate={rng.randint(1930, 2020)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"),
+        "Patient?birthdate=ltYYYY-MM-DD (range, ~1-2% of patients)":
+            lambda: get(f"/Patient?birthdate=lt1931-{rng.randint(2, 12):02d}-01"),
+        "Patient?birthdate=geYYYY-MM-DD&_count=10 (range, the newest)":
+            lambda: get(f"/Patient?birthdate=ge2020-{rng.randint(6, 12):02d}-01&_count=10"),
+        "Observation?patient=X&code-value-quantity=Y$gtN (composite)":
+            lambda: get(f"/Observation?patient={pid()}&code-value-quantity="
+                        f"{quote(LOINC + '|' + rng.choice(CODES)[0])}$gt10"),
     }
 
 

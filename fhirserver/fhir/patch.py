@@ -24,6 +24,7 @@ from .errors import FhirError
 from .fhirpath import UnsupportedExpression, compile_expression
 
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
 _TYPES = ("add", "insert", "delete", "replace", "move")
 
 
@@ -43,6 +44,25 @@ def apply_json_patch(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
                                            "(path not found or wrong type); nothing was changed") from None
     if not isinstance(result, dict):
         raise FhirError(422, "processing", "The patched document is not a resource")
+    return result
+
+
+def apply_merge_patch(resource: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON Merge Patch (RFC 7386, section 2 -- the whole algorithm): what clients such as fhirpy
+    send as a partial resource. `null` removes an element; objects merge; anything else replaces."""
+    def merge(target: Any, change: Any) -> Any:
+        if not isinstance(change, dict):
+            return change
+        out = dict(target) if isinstance(target, dict) else {}
+        for key, value in change.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = merge(out.get(key), value)
+        return out
+
+    result = merge(resource, patch)
+    assert isinstance(result, dict)
     return result
 
 

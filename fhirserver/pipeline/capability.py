@@ -76,7 +76,7 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
         "implementation": {"description": "fhirserver FHIR R4 API", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["json", "application/fhir+json"],
-        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
+        "patchFormat": ["application/json-patch+json", "application/fhir+json", "application/merge-patch+json"],
         "rest": [{
             "mode": "server",
             "security": {

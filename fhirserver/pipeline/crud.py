@@ -12,7 +12,7 @@ from ..clock import now_us
 from ..db.engine import read_connection
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
-from ..fhir.patch import JSON_PATCH, apply_fhirpath_patch, apply_json_patch
+from ..fhir.patch import JSON_PATCH, MERGE_PATCH, apply_fhirpath_patch, apply_json_patch, apply_merge_patch
 from ..search.sources import is_access_records
 from ..storage.codec import parse_json
 from ..storage.errors import Deleted, StorageError
@@ -210,8 +210,8 @@ class Update(Handler):
 
 
 class Patch(Update):
-    """PATCH [type]/[id]: JSON Patch (application/json-patch+json) or FHIRPath Patch (a Parameters
-    resource). The current version is read and patched before the transaction, the result is
+    """PATCH [type]/[id]: JSON Patch (application/json-patch+json), FHIRPath Patch (a Parameters
+    resource) or JSON Merge Patch (a partial resource, application/merge-patch+json or JSON). The current version is read and patched before the transaction, the result is
     validated as a PUT body is, and it is written as an update conditional on that version: a
     concurrent change makes it a 409/412 instead of a lost update. Scopes, consent and audit as
     for an update."""
@@ -225,8 +225,8 @@ class Patch(Update):
                 document: Any = parse_json(ctx.body) if ctx.body else None
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise FhirError(400, "structure", "The JSON Patch document is not valid JSON") from None
-        else:
-            document = parse_body(ctx)  # application/fhir+json: a FHIRPath Patch Parameters
+        else:  # application/fhir+json: a FHIRPath Patch Parameters, or a partial resource (merge patch)
+            document = parse_body(ctx, also=(MERGE_PATCH,))
         wanted = parse_etag(ctx.header("if-match"), "If-Match")
         with read_connection(ctx.services.engine) as conn:
             try:
@@ -242,8 +242,10 @@ class Patch(Update):
         resource = parse_json(current.body)
         if ctype == JSON_PATCH:
             patched = apply_json_patch(resource, document)
-        else:
+        elif document.get("resourceType") == "Parameters":
             patched = apply_fhirpath_patch(resource, document, ctx.services.settings.profiles_dir)
+        else:  # a partial resource: JSON Merge Patch (RFC 7386), as fhirpy and others send it
+            patched = apply_merge_patch(resource, document)
         if patched.get("resourceType") != rtype or patched.get("id") != rid:
             raise FhirError(422, "processing", "A patch may not change the resource type or id")
         ctx.services.validator.validate(patched, rtype)

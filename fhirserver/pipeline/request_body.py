@@ -24,9 +24,11 @@ def parse_etag(value: str | None, header: str) -> int | None:
     return int(m.group(1))
 
 
-def parse_body(ctx: RequestContext) -> dict[str, Any]:
+def parse_body(ctx: RequestContext, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object of the request (`also`: further media types the caller accepts)."""
     ctype = (ctx.header("content-type") or "").split(";")[0].strip().lower()
-    if ctype and ctype not in ("application/fhir+json", "application/json", "application/json+fhir", "text/json"):
+    if ctype and ctype not in ("application/fhir+json", "application/json", "application/json+fhir", "text/json",
+                               *also):
         if "xml" in ctype:
             raise FhirError(415, "not-supported", "XML request bodies are not supported; send application/fhir+json")
         raise FhirError(415, "not-supported", "Send the resource as application/fhir+json")

@@ -122,7 +122,7 @@ def test_if_match_scope_and_absent_targets(http: Any, admin: BackendClient, make
     assert http.patch("/fhir/Patient/does-not-exist", json=ops, headers={**h, "Content-Type": JSON_PATCH}).status_code == 404
     assert http.patch("/fhir/AuditEvent/x", json=ops, headers={**h, "Content-Type": JSON_PATCH}).status_code == 405
     cs = http.get("/fhir/metadata").get_json()
-    assert cs["patchFormat"] == ["application/json-patch+json", "application/fhir+json"]
+    assert cs["patchFormat"] == ["application/json-patch+json", "application/fhir+json", "application/merge-patch+json"]
     patient_entry = next(r for r in cs["rest"][0]["resource"] if r["type"] == "Patient")
     assert {"code": "patch"} in patient_entry["interaction"]
 
