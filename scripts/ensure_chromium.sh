@@ -6,10 +6,6 @@ if command -v chromium >/dev/null 2>&1; then
   exit 0
 fi
 echo "Chromium not found: installing the operating system's package" >&2
-if command -v apt-get >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
-else
-  echo "no apt-get: install Chromium (the browser tests are skipped without it)" >&2
-fi
+# shellcheck source=os_package.sh
+source "$(dirname "$0")/os_package.sh"
+install_os_package chromium || echo "no apt-get: install Chromium (the browser tests are skipped without it)" >&2

@@ -6,11 +6,9 @@ if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/de
   exit 0
 fi
 echo "PostgreSQL not found: installing the operating system's package" >&2
-if command -v apt-get >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
-else
+# shellcheck source=os_package.sh
+source "$(dirname "$0")/os_package.sh"
+install_os_package postgresql || {
   echo "no apt-get: install PostgreSQL 13+ server binaries, or set FHIRSERVER_TEST_SKIP_PG=1" >&2
   exit 1
-fi
+}
