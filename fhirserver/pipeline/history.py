@@ -22,6 +22,9 @@ from .render import output_body
 
 def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
     params = dict(ctx.interaction.params)
+    unknown = sorted(set(params) - {"_count", "_since", "_cursor", "_format", "_pretty"})
+    if unknown and ctx.prefer.get("handling") == "strict":
+        raise FhirError(400, "not-supported", f"History does not support: {', '.join(unknown)[:200]}", unknown)
     settings = ctx.services.settings
     try:
         count = min(int(params.get("_count", settings.default_page_size)), settings.history_max_page_size)

@@ -48,7 +48,11 @@ class Everything(Handler):
         head = s.repo.current(conn, "Patient", pid)
         if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
             raise FhirError(404, "not-found", f"Patient/{pid} is not known")
-        params = [(k, v) for k, v in it.params if k in ("_count", "_cursor", "_since", "_type", "_summary", "_elements")]
+        known = ("_count", "_cursor", "_since", "_type", "_summary", "_elements", "_format", "_pretty")
+        unknown = sorted({k for k, _v in it.params if k not in known})
+        if unknown and ctx.prefer.get("handling") == "strict":
+            raise FhirError(400, "not-supported", f"$everything does not support: {', '.join(unknown)[:200]}", unknown)
+        params = [(k, v) for k, v in it.params if k in known[:6]]
         types = s.types.names()
         wanted = types
         extra: list[Any] = []

@@ -87,3 +87,18 @@ def test_long_url_through_gunicorn_is_a_414_operation_outcome(tmp_path: Path) ->
         assert r.json()["resourceType"] == "OperationOutcome"
         ok = requests.get(f"{base}/fhir/Patient?name=" + "a" * 4_000, headers=h, timeout=30)
         assert ok.status_code == 200  # under the limit, past gunicorn's old 4 KiB line limit
+
+
+def test_unknown_parameters_are_refused_in_strict_mode_on_every_route(http: Any, admin: BackendClient) -> None:
+    h = admin.headers()
+    pid = http.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=h).get_json()["id"]
+    strict = {**h, "Prefer": "handling=strict"}
+    routes = ["/fhir/Patient?bogus=1", f"/fhir/Patient/{pid}/$everything?bogus=1", "/fhir/Observation/$lastn?bogus=1",
+              f"/fhir/Patient/{pid}/_history?bogus=1", "/fhir/Patient/_history?bogus=1"]
+    for path in routes:
+        _outcome(http.get(path, headers=strict), 400)
+        assert http.get(path, headers=h).status_code == 200, path  # lenient: ignored
+    _outcome(http.post("/fhir/Patient/_search", data="bogus=1", headers={
+        **strict, "Content-Type": "application/x-www-form-urlencoded"}), 400)
+    _outcome(http.get("/fhir/$export?bogus=1", headers={**h, "Prefer": "handling=strict, respond-async"}), 400)
+    _outcome(http.put("/fhir/Patient?bogus=1", json={"resourceType": "Patient"}, headers=h), 400)  # conditional: always strict
