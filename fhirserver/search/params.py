@@ -32,6 +32,7 @@ class SearchParam:
     components: tuple[tuple[str, str], ...] = ()  # (definition url, expression)
     component_types: tuple[str, ...] = ()  # parameter type of each component
     text_index: bool = False  # token: also index display/text for :text
+    identifier_index: bool = True  # reference: also index Reference.identifier for :identifier
     component_extract: tuple[Fn, ...] = ()
     documentation: str = ""
 
@@ -71,6 +72,7 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
     all_strings = bool(protected_doc.get("allStringParameters", True))
     exact_only = set(protected_doc.get("exactOnlyStrings", []))
     token_text = set(protected_doc.get("tokenText", []))
+    no_ref_identifier = set(protected_doc.get("noReferenceIdentifier", []))
     definitions = _iter_definitions(profiles_dir)
     type_by_url = {d.get("url"): d.get("type") for d in definitions}
     reg = ParamRegistry()
@@ -118,6 +120,7 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
                 component_types=component_types,
                 component_extract=component_fns,
                 text_index=f"{rtype}.{code}" in token_text,
+                identifier_index=f"{rtype}.{code}" not in no_ref_identifier,
                 targets=tuple(definition.get("target", [])),
                 components=components,
                 documentation=(definition.get("description") or "")[:500],

@@ -963,9 +963,7 @@ class Oracle:
         if p.type == "reference":
             return ref_match(values, v, modifier, p.targets)
         if p.type == "date":
-            prefix, text = split_prefix(v)
-            if p.protected and (prefix != "eq" or len(text) > 10):
-                raise OracleError
+            prefix, text = split_prefix(v)  # protected dates too: every prefix (calendar buckets)
             q = date_range(text)
             return any(date_match(r, prefix, q, self.now_us) for r in values)
         if p.type == "quantity":

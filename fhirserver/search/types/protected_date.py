@@ -3,14 +3,16 @@ in the clear (docs/consent.md, "What the database reveals").
 
 A value is indexed as keyed digests (blind indexes) of calendar buckets, never as a number:
 - `D`: the value at its own precision -- `y:1980`, `m:1980-05` or `d:1980-05-12`;
-- `P`: the buckets a finer value lies in -- `dy:1980` and `dm:1980-05` for a day, `my:1980` for a
-  month (a dateTime counts by its day).
+- `P`: the buckets a value lies in -- its decade for every precision (`dd:198` for a day, `md:198`
+  for a month, `yd:198` for a year), and `dy:1980`, `dm:1980-05` for a day, `my:1980` for a month
+  (a dateTime counts by its day).
 A search range is answered as the union of the buckets whose every member satisfies the prefix:
-whole years (one digest per precision), then whole months inside the partial years at its edges,
-then single days inside the partial months -- a bounded set (≤ 3 per year of the searchable span
-plus at most 24 months and 62 days per edge), looked up with one IN. The prefix semantics are the
+whole decades, whole years, then whole months and single days at its edges -- a bounded set
+(3 per decade of the searchable span, and per edge at most 3 x 9 years, 2 x 11 months and 30
+days), looked up with one IN. The prefix semantics are the
 same function of (low, high) as for plain dates (`date.date_cond`), evaluated per bucket here.
-Searchable span: years SPAN; an open-ended prefix (ge, gt, sa, ...) covers the span.
+Searchable span: years SPAN (1850 to next year: dates of people); an open-ended prefix (ge, gt,
+sa, ...) covers the span.
 A database reader learns which values share a bucket (equal years, months, days), as with any
 blind index, and nothing about order or distance.
 """
@@ -29,7 +31,9 @@ from ..params import SearchParam
 from ..values import IndexRows
 from .common import Keys, checked_date, prefix_of
 
-SPAN = (1800, 2200)
+# Birth and death dates of people: from 1850 to next year (a range reaching outside is clamped;
+# dates outside stay searchable by equality). Each further year costs up to 3 digests per query.
+SPAN = (1850, datetime.date.today().year + 1)
 _EPOCH = datetime.date(1970, 1, 1)
 
 
@@ -64,12 +68,13 @@ def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any) -> None:
     except ValueError:
         return
     year, month, day = value[:4], value[5:7] if len(value) >= 7 else "", value[8:10] if len(value) >= 10 else ""
+    decade = year[:3]
     if day:
-        exact, inside = f"d:{year}-{month}-{day}", [f"dy:{year}", f"dm:{year}-{month}"]
+        exact, inside = f"d:{year}-{month}-{day}", [f"dd:{decade}", f"dy:{year}", f"dm:{year}-{month}"]
     elif month:
-        exact, inside = f"m:{year}-{month}", [f"my:{year}"]
+        exact, inside = f"m:{year}-{month}", [f"md:{decade}", f"my:{year}"]
     else:
-        exact, inside = f"y:{year}", []
+        exact, inside = f"y:{year}", [f"yd:{decade}"]
     out.add("string", param=p.code, kind="D", value=keys.blind.digest(p.code, "D", exact))
     for bucket in inside:
         out.add("string", param=p.code, kind="P", value=keys.blind.digest(p.code, "P", bucket))
@@ -123,7 +128,14 @@ def buckets(prefix: str, ql: int, qh: int, margin: int = 0) -> list[tuple[str, s
     for a, b in _runs(SPAN[0] * 12, SPAN[1] * 12 + 11, lambda i: test(_bounds(i // 12, i % 12 + 1)), edge_months):
         out.extend(_cover_months(a, b))
     for a, b in _runs(SPAN[0], SPAN[1], lambda y: test(_bounds(y)), [m // 12 for m in edge_months]):
-        out.extend(("D", f"y:{y}") for y in range(a, b + 1))
+        y = a
+        while y <= b:
+            if y % 10 == 0 and y + 9 <= b:
+                out.append(("P", f"yd:{y // 10}"))
+                y += 10
+            else:
+                out.append(("D", f"y:{y}"))
+                y += 1
     return out
 
 
@@ -135,7 +147,11 @@ def _cover_days(a: int, b: int) -> list[tuple[str, str]]:
         d = datetime.date.fromordinal(o)
         year_end = datetime.date(d.year, 12, 31).toordinal()
         month_end = datetime.date(d.year, d.month, calendar.monthrange(d.year, d.month)[1]).toordinal()
-        if d.month == 1 and d.day == 1 and year_end <= b:
+        decade_end = datetime.date(d.year - d.year % 10 + 9, 12, 31).toordinal()
+        if d.year % 10 == 0 and d.month == 1 and d.day == 1 and decade_end <= b:
+            out.append(("P", f"dd:{d.year // 10}"))
+            o = decade_end + 1
+        elif d.month == 1 and d.day == 1 and year_end <= b:
             out.append(("P", f"dy:{d.year}"))
             o = year_end + 1
         elif d.day == 1 and month_end <= b:
@@ -153,7 +169,10 @@ def _cover_months(a: int, b: int) -> list[tuple[str, str]]:
     i = a
     while i <= b:
         year, month = divmod(i, 12)
-        if month == 0 and i + 11 <= b:
+        if month == 0 and year % 10 == 0 and i + 119 <= b:
+            out.append(("P", f"md:{year // 10}"))
+            i += 120
+        elif month == 0 and i + 11 <= b:
             out.append(("P", f"my:{year}"))
             i += 12
         else:
@@ -162,20 +181,12 @@ def _cover_months(a: int, b: int) -> list[tuple[str, str]]:
     return out
 
 
-_DIGESTS: dict[tuple[str, str, str], str] = {}
 
 
 def condition(keys: Keys, p: SearchParam, t: FromClause, value: str, key: str) -> ColumnElement[bool]:
     prefix, text = prefix_of(value)
     ql, qh = checked_date(text, key)
     margin = max(abs(now_us() - ql) // 10, 86_400_000_000) if prefix == "ap" else 0
-    digests = []
-    for kind, bucket in buckets(prefix, ql, qh, margin):
-        k = (p.code, kind, bucket)
-        found = _DIGESTS.get(k)
-        if found is None:
-            if len(_DIGESTS) > 200_000:
-                _DIGESTS.clear()
-            found = _DIGESTS[k] = keys.blind.digest(p.code, kind, bucket)
-        digests.append(found)
+    # keyed per deployment (the blind-index key), so never cached across apps; ~0.1 ms per query
+    digests = [keys.blind.digest(p.code, kind, bucket) for kind, bucket in buckets(prefix, ql, qh, margin)]
     return and_(t.c.kind.in_(("D", "P")), t.c.value.in_(digests or ["-"]))

@@ -18,7 +18,7 @@ def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str
     if isinstance(ref, str):
         rtype, rid, url = parse_reference(ref, keys.base_url)
         out.add("reference", param=p.code, target_type=rtype, target_id=rid, url=url)
-    ident = value.get("identifier") if isinstance(value, dict) else None
+    ident = value.get("identifier") if isinstance(value, dict) and p.identifier_index else None
     if isinstance(ident, dict) and isinstance(ident.get("value"), str):
         # `:identifier` (a logical reference, often a person's MRN): keyed digests, never in clear
         for token in (f"{ident.get('system') or ''}|{ident['value']}", f"|{ident['value']}"):

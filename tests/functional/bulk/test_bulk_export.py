@@ -61,7 +61,8 @@ def test_type_since_and_type_filter(server: Server) -> None:
     token = server.token()
     ids = seed(server, token)
     time.sleep(0.01)
-    cut = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+    now = time.time()  # one reading: seconds and milliseconds from two clocks could straddle a second
+    cut = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
     time.sleep(0.01)
     late = server.create(token, {"resourceType": "Patient", "name": [{"family": "Latecomer"}]})
     resp = server.kickoff(token, _type="Patient", _since=cut)
