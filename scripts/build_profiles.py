@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "fhir-spec"
 OUT = ROOT / "profiles"
-TYPES = ["Patient", "Observation", "QuestionnaireResponse", "Consent", "AuditEvent"]
+TYPES = list(json.loads((ROOT / "profiles" / "resource-types.json").read_text())["types"])  # the registry is the list
 
 
 def reachable(defs: dict, roots: list[str]) -> set[str]:
@@ -62,7 +62,7 @@ def main() -> None:
     }
     (OUT / "fhir-schema-subset.json").write_text(json.dumps(subset, indent=1) + "\n")
 
-    bundle = json.loads((SPEC / "search-parameters-r4.json").read_text())
+    bundle = json.loads((SPEC / "search-parameters-r4-all.json").read_text())  # every type; filtered below
     wanted = set(TYPES) | {"Resource", "DomainResource"}
     entries = []
     for entry in bundle["entry"]:

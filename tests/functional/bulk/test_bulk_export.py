@@ -78,7 +78,7 @@ def test_kickoff_errors(server: Server) -> None:
     token = server.token()
     assert server.http.get("/fhir/$export", headers=server.h(token)).status_code == 400  # no Prefer
     assert server.kickoff(token, _outputFormat="text/csv").status_code == 400
-    assert server.kickoff(token, _type="Practitioner").status_code == 400
+    assert server.kickoff(token, _type="Basic").status_code == 400  # not served
     assert server.kickoff(token, _since="yesterday").status_code == 400
     assert server.kickoff(token, _typeFilter="Observation?bogus-param=1", _type="Observation").status_code == 400
     assert server.http.get("/fhir/$export", headers=ASYNC).status_code == 401

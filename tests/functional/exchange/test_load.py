@@ -236,13 +236,13 @@ def test_synthea_style_bundle_references_become_type_id(settings, http, make_cli
     ]}
     (tmp_path / "synthea.json").write_text(dumps(bundle))
     out, _ = load(settings, tmp_path / "synthea.json")
-    assert "loaded: Observation 2, Patient 2 (total 4)" in out
-    assert "skipped (type not stored): Encounter 1" in out
+    assert "loaded: Encounter 1, Observation 2, Patient 2 (total 5)" in out  # Encounters are stored too
+    assert "skipped (type not stored): none" in out
     h = reader(make_client)
     assert get(http, h, f"Patient/{pid}")["name"][0]["family"] == "Loadtest"  # the urn:uuid became the id
     (obs,) = search(http, h, f"Observation?subject=Patient/{pid}")
     assert obs["subject"] == {"reference": f"Patient/{pid}"}
-    assert obs["encounter"] == {"reference": f"Encounter/{eid}"}  # a skipped type keeps a Type/id reference
+    assert obs["encounter"] == {"reference": f"Encounter/{eid}"}  # the urn:uuid became the Encounter's id
     assert obs["valueQuantity"]["value"] == Decimal("72.50")
     assert str(obs["valueQuantity"]["value"]) == "72.50"
     assert get(http, h, "Observation/abs-obs")["subject"] == {"reference": "Patient/abs-1"}
@@ -253,18 +253,18 @@ def test_synthea_style_bundle_references_become_type_id(settings, http, make_cli
 def test_ndjson_mixed_types_keeps_ours_and_counts_the_rest(settings, http, make_client, tmp_path: Path) -> None:
     path = write_ndjson(tmp_path / "synthea.ndjson", [
         patient("mx1"),
-        {"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"}},
+        {"resourceType": "Basic", "id": "e1", "code": {"text": "x"}},  # types this server does not store
         dumps(observation("mxo1", "Patient/mx1")),
         "",
-        {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/mx1"}},
-        {"resourceType": "Encounter", "id": "e2", "status": "finished", "class": {"code": "AMB"}},
+        {"resourceType": "Claim", "id": "c1", "patient": {"reference": "Patient/mx1"}},
+        {"resourceType": "Basic", "id": "e2", "code": {"text": "y"}},
         {"resourceType": "AuditEvent", "id": "forged", "recorded": "2024-01-01T00:00:00Z"},
         {"resourceType": "QuestionnaireResponse", "id": "qr1", "status": "completed", "subject": {"reference": "Patient/mx1"}},
         CONSENT,
     ])
     out, _ = load(settings, path)
     assert "loaded: Consent 1, Observation 1, Patient 1, QuestionnaireResponse 1 (total 4)" in out
-    assert "skipped (type not stored): AuditEvent 1, Condition 1, Encounter 2" in out
+    assert "skipped (type not stored): AuditEvent 1, Basic 2, Claim 1" in out
     assert "invalid: 0" in out
     types = stored_types(settings)
     assert {t: n for t, n in types.items() if t != "AuditEvent"} == \
@@ -410,7 +410,7 @@ def test_one_audit_event_per_file(settings, http, make_client, tmp_path: Path) -
     (src / "sub").mkdir(parents=True)
     files = [
         write_ndjson(src / "a.ndjson", [patient("au1"), dumps(observation("auo1", "Patient/au1")),
-                                        {"resourceType": "Encounter", "id": "x", "status": "finished", "class": {}}]),
+                                        {"resourceType": "Basic", "id": "x", "code": {"text": "not stored"}}]),
         write_ndjson(src / "sub" / "b.ndjson.gz", [patient("au2"), dumps(observation("auo2", "Patient/au2"))]),
         src / "c.json",
         src / "sub" / "d.json.gz",
@@ -436,7 +436,7 @@ def test_one_audit_event_per_file(settings, http, make_client, tmp_path: Path) -
         assert ev["subtype"][0]["code"] == "create"
         assert event_patients(ev) == {f"Patient/{p}" for p in expect_patients[f.name]}
         assert ev["outcome"] == ("4" if f.name == "e.json" else "0")
-    assert "skipped Encounter 1" in by_file[str(files[0])]["outcomeDesc"]
+    assert "skipped Basic 1" in by_file[str(files[0])]["outcomeDesc"]
     # the chain still verifies with the import events in it
     result = CliRunner().invoke(main, ["audit", "verify"], env=cli_env(settings))
     assert result.exit_code == 0 and result.stdout.startswith("OK:"), result.output
@@ -468,13 +468,13 @@ def test_worker_processes_store_the_same_as_in_process(settings, http, make_clie
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_load_on_postgres(settings, http, make_client, tmp_path: Path) -> None:
     pid = str(uuid.uuid4())
-    write_ndjson(tmp_path / "a.ndjson", [*cohort(3, 4), {"resourceType": "Encounter", "id": "pg-e"}])
+    write_ndjson(tmp_path / "a.ndjson", [*cohort(3, 4), {"resourceType": "Basic", "id": "pg-e"}])
     (tmp_path / "b.json").write_text(dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": f"urn:uuid:{pid}", "resource": {k: v for k, v in patient("x").items() if k != "id"}},
         {"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": observation("pg-o", f"urn:uuid:{pid}")}]}))
     out, _ = load(settings, tmp_path, "--batch", "5")
     assert "files: 2 loaded" in out and "loaded: Observation 13, Patient 4 (total 17)" in out
-    assert "skipped (type not stored): Encounter 1" in out
+    assert "skipped (type not stored): Basic 1" in out
     h = reader(make_client)
     assert get(http, h, "Observation/pg-o")["subject"] == {"reference": f"Patient/{pid}"}
     assert len(search(http, h, "Observation?subject=Patient/cp1")) == 4

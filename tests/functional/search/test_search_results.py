@@ -346,7 +346,7 @@ def test_include_iterate(env) -> None:  # type: ignore[no-untyped-def]
 # ================================================================== chaining and _has
 CHAINS = [
     ("Observation", [("subject:Patient.name", "smi")]),
-    ("Observation", [("subject.name", "mül")]),
+    ("Observation", [("subject:Patient.name", "mül")]),  # subject may also be a Location with a name: typed
     ("Observation", [("subject:Patient.family:exact", "Müller")]),
     ("Observation", [("patient.identifier", f"{MRN}|MRN0003,{MRN}|MRN0004,{MRN}|MRN0011")]),
     ("Observation", [("subject:Patient.birthdate", "1970")]),
