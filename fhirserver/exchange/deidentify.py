@@ -46,7 +46,7 @@ RESTRICTED_ZIP3 = frozenset({"036", "059", "063", "102", "203", "556", "692", "7
 REMOVED = frozenset({
     "name", "telecom", "photo", "note", "comment", "contact", "issued", "valueString", "valueMarkdown",
     "valueHumanName", "valueContactPoint", "valueAttachment", "valueUri", "valueUrl", "sourceAttachment",
-    "presentedForm", "signature", "implicitRules",
+    "presentedForm", "signature", "implicitRules", "attachment",  # DocumentReference.content: letters, scans
 })
 ADDRESSES = frozenset({"address", "valueAddress"})
 IDENTIFIERS = frozenset({"identifier", "valueIdentifier"})

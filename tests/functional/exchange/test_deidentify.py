@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,26 @@ def test_an_exports_pseudonym_key_goes_with_the_export(server: Server) -> None:
     assert f"pseudonym:export:{job}" in scopes()
     assert server.http.delete(_local(resp.headers["Content-Location"]), headers=server.h(token)).status_code == 202
     assert f"pseudonym:export:{job}" not in scopes() and f"export:{job}" not in scopes()
+
+
+def test_record_types_lose_documents_names_and_free_text() -> None:
+    """The types added with the whole US Core record go through the same generic walk: a
+    DocumentReference keeps no attachment (the letter itself), a RelatedPerson or Practitioner no
+    name, telecom or address detail, an Encounter only years."""
+    from fhirserver.exchange.deidentify import Deidentifier
+
+    deid = Deidentifier(b"k" * 32, today=date(2026, 1, 1))
+    doc = deid.apply({"resourceType": "DocumentReference", "id": "d1", "status": "current",
+                      "subject": {"reference": "Patient/p1", "display": "Ann Smith"},
+                      "content": [{"attachment": {"contentType": "application/pdf", "data": "SGVsbG8=",
+                                                  "title": "Discharge letter of Ann Smith"},
+                                   "format": {"code": "urn:ihe:iti:xds:2017:mimeTypeSufficient"}}]})
+    text = json.dumps(doc)
+    assert "SGVsbG8=" not in text and "Ann Smith" not in text and "attachment" not in text
+    rp = deid.apply({"resourceType": "RelatedPerson", "id": "r1", "patient": {"reference": "Patient/p1"},
+                     "name": [{"family": "Smith"}], "telecom": [{"value": "555"}],
+                     "address": [{"line": ["1 Main St"], "city": "Springfield", "state": "IL", "postalCode": "62704"}]})
+    assert "Smith" not in json.dumps(rp) and "555" not in json.dumps(rp) and "Main St" not in json.dumps(rp)
+    enc = deid.apply({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"},
+                      "subject": {"reference": "Patient/p1"}, "period": {"start": "2024-03-05T10:00:00Z"}})
+    assert enc["period"] == {"start": "2024"}
