@@ -44,6 +44,29 @@ def reachable(defs: dict, roots: list[str]) -> set[str]:
     return seen
 
 
+def _model_elements(rtype: str, schema_required: list[str]) -> dict[str, list[str]]:
+    """Summary and mandatory top-level elements from the fhir.resources R4B model's element
+    metadata (`summary_element_property`, `element_required`) and the R4 schema's `required`:
+    for the first types this gives exactly the StructureDefinitions' summary elements."""
+    import importlib
+
+    model = getattr(importlib.import_module(f"fhir.resources.R4B.{rtype.lower()}"), rtype)
+    summary: list[str] = []
+    mandatory: list[str] = []
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if not extra.get("element_property"):
+            continue
+        element = str(extra.get("one_of_many") or field.alias or name)
+        if extra.get("summary_element_property") and element not in summary:
+            summary.append(element)
+        required = extra.get("element_required") or extra.get("one_of_many_required") or element in schema_required
+        if required and element not in mandatory:
+            mandatory.append(element)
+    mandatory += [r for r in schema_required if r not in mandatory and r != "resourceType"]
+    return {"summary": summary, "mandatory": mandatory}
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     schema = json.loads((SPEC / "fhir.schema.json").read_text())
@@ -96,6 +119,9 @@ def main() -> None:
             if el.get("min", 0) > 0:
                 mandatory.append(name)
         elements[sd["id"]] = {"summary": summary, "mandatory": mandatory}
+    for rtype in TYPES:  # types whose StructureDefinition the shared data lacks
+        if rtype not in elements:
+            elements[rtype] = _model_elements(rtype, defs[rtype].get("required", []))
     (OUT / "summary-elements.json").write_text(json.dumps(
         {"description": "Top-level elements per type marked isSummary / min>0 in the R4 StructureDefinitions; "
                         "used for _summary and _elements. choiceElements: names of choice elements (value[x], ...) "

@@ -97,3 +97,14 @@ def test_patient_scope_reaches_only_its_own_patient(http: Any, admin: BackendCli
     h2 = scoped.headers(f"system/{rtype}.rs?patient={pid}")
     assert http.get(f"/fhir/{rtype}/{mine}", headers=h2).status_code == 200
     assert http.get(f"/fhir/{rtype}/{theirs}", headers=h2).status_code == 404
+
+
+def test_summary_of_the_record_types(http: Any, admin: BackendClient) -> None:
+    """`_summary=true` keeps the summary elements of the added types too (from the R4 model's
+    element metadata where the shared StructureDefinitions stop)."""
+    h = admin.headers()
+    pid = http.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=h).get_json()["id"]
+    body = {"resourceType": "Condition", **bodies(pid)["Condition"], "note": [{"text": "long free text"}]}
+    cid = http.post("/fhir/Condition", json=body, headers=h).get_json()["id"]
+    found = http.get(f"/fhir/Condition?_id={cid}&_summary=true", headers=h).get_json()["entry"][0]["resource"]
+    assert found["code"] == CC and found["subject"] == {"reference": f"Patient/{pid}"} and "note" not in found
