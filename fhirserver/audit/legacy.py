@@ -20,18 +20,18 @@ from sqlalchemy import Connection, delete, inspect, select, text
 
 from ..db import raw as raw_sql
 from ..db.schema import INDEX_TABLES, audit_chain, compartment, resource, resource_version
-from ..storage.codec import dump_json, parse_json
+from ..storage.codec import parse_json
 from .records import (
     _INS_RECORD,
     _INS_SUBJECT,
     _INS_TERM,
     AUDIT_KEY_SCOPE,
     CHAIN_SCOPE,
-    TERM_TABLES,
     AuditLog,
     _aad,
     redaction_mac,
     subject_rows,
+    term_set,
 )
 
 log = logging.getLogger("fhirserver.audit")
@@ -89,10 +89,7 @@ def migrate_chain(audit: AuditLog) -> int:
                 raise LegacyChainError(f"old AuditEvent content does not match its hash at seq={row.seq}")
             event = parse_json(body)
             index = audit.indexer.indexer.index("AuditEvent", event)
-            terms = sorted(((tbl, r["param"], r.get("system"), r.get("code"), r.get("kind"), r.get("value"))
-                            for tbl in TERM_TABLES for r in index.rows.get(tbl, [])),
-                           key=lambda t: tuple("" if v is None else str(v) for v in t))
-            set_id = hashlib.sha256(dump_json(terms)).hexdigest()
+            set_id, terms = term_set(index)
             raw_sql.executemany(conn, _INS_TERM, [(set_id, i, *t) for i, t in enumerate(terms)])
             detail = seal(AESGCM(key), body, _aad(row.event_id))
             rpk = raw_sql.insert_returning_pk(conn, _INS_RECORD, (row.event_id, row.recorded_us, set_id, key_id,

@@ -59,6 +59,15 @@ def subject_rows(rows: IndexRows) -> list[tuple[Any, ...]]:
                   key=lambda t: tuple("" if v is None else str(v) for v in t))
 
 
+def term_set(rows: IndexRows) -> tuple[str, list[tuple[Any, ...]]]:
+    """The interned part of an event's index rows: (set id = SHA-256 of the rows, the rows as
+    (tbl, param, system, code, kind, value) in a canonical order)."""
+    terms = sorted(((tbl, r["param"], r.get("system"), r.get("code"), r.get("kind"), r.get("value"))
+                    for tbl in TERM_TABLES for r in rows.rows.get(tbl, [])),
+                   key=lambda t: tuple("" if v is None else str(v) for v in t))
+    return hashlib.sha256(dump_json(terms)).hexdigest(), terms
+
+
 def leaf_content(record_id: str, recorded_us: int, content_hash: str) -> bytes:
     """What a Merkle leaf commits to: the record's id, time and content digest."""
     return f"fhirserver-access-record:v1:{record_id}:{recorded_us}:{content_hash}".encode()
@@ -111,12 +120,7 @@ class AuditLog:
         raw = dump_json(content)
         event = build_audit_event(rec, self.server_url, record_id)
         rows = self.indexer.index(event)
-        terms: list[tuple[Any, ...]] = []
-        for tbl in TERM_TABLES:
-            for row in rows.rows.get(tbl, []):
-                terms.append((tbl, row["param"], row.get("system"), row.get("code"), row.get("kind"), row.get("value")))
-        terms.sort(key=lambda t: tuple("" if v is None else str(v) for v in t))
-        set_id = hashlib.sha256(dump_json(terms)).hexdigest()
+        set_id, terms = term_set(rows)
         subjects = subject_rows(rows)
         key_id, key = self.repo.keys.ensure(AUDIT_KEY_SCOPE)
         detail = seal(AESGCM(key), raw, _aad(record_id))

@@ -29,7 +29,7 @@ from ..storage.codec import parse_json
 from ..storage.repository import CorruptDataError
 from .checkpoints import Checkpoint, Signer, read_file
 from .merkle import EMPTY_ROOT, CompactRange
-from .records import CHAIN_SCOPE, TERM_TABLES, AuditLog, record_leaf, redaction_mac, subject_rows
+from .records import CHAIN_SCOPE, AuditLog, record_leaf, redaction_mac, subject_rows, term_set
 
 BATCH = 2000
 
@@ -78,13 +78,11 @@ def _check_record(log: AuditLog, conn: Connection, row: Any, chain_key: bytes, t
         select(access_subject).where(access_subject.c.record_pk == row.pk)).all())
     if want_refs != got_refs:
         raise _Bad(row.seq, row.id, "the record's search references were changed")
-    want_terms = sorted((tbl, r["param"], r.get("system"), r.get("code"), r.get("kind"), r.get("value"))
-                        for tbl in TERM_TABLES for r in rows.rows.get(tbl, []))
-    if row.terms not in terms:
-        terms[row.terms] = sorted((t.tbl, t.param, t.system, t.code, t.kind, t.value) for t in conn.execute(
-            select(audit_term).where(audit_term.c.set_id == row.terms)).all())
-    if [tuple("" if v is None else v for v in t) for t in terms[row.terms]] != \
-            [tuple("" if v is None else v for v in t) for t in want_terms]:
+    set_id, want_terms = term_set(rows)
+    if row.terms not in terms:  # the stored rows of a set, in term_set's order
+        terms[row.terms] = [(t.tbl, t.param, t.system, t.code, t.kind, t.value) for t in conn.execute(
+            select(audit_term).where(audit_term.c.set_id == row.terms).order_by(audit_term.c.n)).all()]
+    if row.terms != set_id or terms[row.terms] != want_terms:
         raise _Bad(row.seq, row.id, "the record's search codes were changed")
 
 
