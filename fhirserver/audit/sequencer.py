@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, func, select, text
 
 from ..clock import now_us
 from ..db import raw as raw_sql
+from ..db.engine import read_connection
 from ..db.schema import access_record, audit_checkpoint, audit_node
 from .checkpoints import Checkpoint, Signer, publish
 from .merkle import CompactRange, PerfectHash
@@ -132,6 +133,10 @@ class Sequencer:
     def run_once(self, force_checkpoint: bool = False, checkpoint: bool = True) -> RunResult | None:
         """Sequence what is pending (all of it, in batches) and checkpoint when due (or forced;
         never when `checkpoint` is False). None when another process holds the log right now."""
+        if not force_checkpoint:
+            idle_size = self._idle(checkpoint)
+            if idle_size is not None:
+                return RunResult(0, idle_size, None)
         total = 0
         while True:
             done = self._batch(force_checkpoint, checkpoint)
@@ -143,6 +148,21 @@ class Sequencer:
                     publish(done.checkpoint, self.checkpoint_file)  # type: ignore[arg-type]
                     self.last_checkpoint_us = done.checkpoint.time_us
                 return RunResult(total, done.tree_size, done.checkpoint)
+
+    def _idle(self, allow_checkpoint: bool) -> int | None:
+        """The tree size when there is nothing to do (no record waiting, no checkpoint due), else
+        None. Read-only: an idle server's sequencer threads never take the (SQLite) write lock."""
+        with read_connection(self.engine) as conn:
+            if conn.execute(select(access_record.c.pk).where(access_record.c.seq.is_(None)).limit(1)).first():
+                return None
+            size = tree_size(conn)
+            if not allow_checkpoint:
+                return size
+            last = conn.execute(select(audit_checkpoint.c.tree_size, audit_checkpoint.c.time_us)
+                                .order_by(audit_checkpoint.c.id.desc()).limit(1)).first()
+        if last is None or (size > last.tree_size and now_us() - last.time_us >= self.checkpoint_seconds * 1e6):
+            return None
+        return size
 
     def _batch(self, force_checkpoint: bool, allow_checkpoint: bool) -> RunResult | None:
         with self.engine.begin() as conn:
