@@ -71,7 +71,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     params.max_params, params.max_values = settings.search_max_params, settings.search_max_values
     validator = Validator(settings.profiles_dir, settings.max_json_depth)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
-    writes, consent = build_consent(settings, blind)
+    writes, consent = build_consent(settings, blind, params)
     repo = Repository(keys, indexer, hooks=[writes])
     summary = elements["types"]
     return Services(

@@ -56,11 +56,10 @@ from ..db.schema import (
 )
 from ..fhir.errors import FhirError
 from ..search.sources import source_of
+from .elements import ConsentElements
 from .labels import SensitiveCodes
 from .rules import ACTOR_PARAM, canonical_actor
 
-# the clinical date of each type (dataPeriod is matched against it)
-CLINICAL_DATE_PARAMS = ("date", "authored")
 NOT_FILTERED_TYPES = frozenset({"AuditEvent"})  # the audit trail is governed by scopes only
 DEFAULT_OPT_OUT = ("TREAT", "HPAYMT", "HOPERAT")
 BREAK_GLASS_PURPOSE = "ETREAT"
@@ -136,8 +135,10 @@ class Decision:
 
 class ConsentEngine:
     def __init__(self, codes: SensitiveCodes, digest: Callable[[str], str],
-                 opt_out_purposes: tuple[str, ...] = DEFAULT_OPT_OUT) -> None:
+                 opt_out_purposes: tuple[str, ...] = DEFAULT_OPT_OUT,
+                 elements: ConsentElements | None = None) -> None:
         self.codes = codes
+        self.elements = elements or ConsentElements()
         self.digest = digest
         self.opt_out = frozenset(opt_out_purposes)
         # the audit-basis query without its conditions (building its aliases per call cost ~0.7 ms)
@@ -272,21 +273,24 @@ class ConsentEngine:
         item = consent_criterion.alias()
         tok, ref, dat = idx_token.alias(), idx_reference.alias(), idx_date.alias()
         kind = item.c.kind
-        token = [tok.c.resource_pk == row.c.pk, tok.c.param == case((kind == "code", "code"), else_="_security"),
-                 tok.c.code == item.c.value]
+        el = self.elements
+        code = [tok.c.resource_pk == row.c.pk, el.param_of("codes", tok.c.param, row.c.type), tok.c.code == item.c.value]
+        label = [tok.c.resource_pk == row.c.pk, tok.c.param == "_security", tok.c.code == item.c.value]
         one = or_(
             and_(kind == "purpose", item.c.value == purpose),
             and_(kind == "actor", _one_of(item.c.value, actors)),
             and_(kind == "class", item.c.value == row.c.type),
             and_(kind == "data", item.c.system == row.c.type, item.c.value == row.c.id),
             # split on the system, so that a criterion with one is a single seek in ix_token_code
-            and_(_one_of(kind, ("code", "label")), or_(
-                and_(item.c.system.is_(None), _exists([tok], *token)),
-                _exists([tok], *token, tok.c.system == item.c.system))),
-            and_(kind == "code", _exists([ref], ref.c.resource_pk == row.c.pk, ref.c.param == "questionnaire",
+            and_(kind == "label", or_(and_(item.c.system.is_(None), _exists([tok], *label)),
+                                      _exists([tok], *label, tok.c.system == item.c.system))),
+            and_(kind == "code", or_(and_(item.c.system.is_(None), _exists([tok], *code)),
+                                     _exists([tok], *code, tok.c.system == item.c.system))),
+            and_(kind == "code", _exists([ref], ref.c.resource_pk == row.c.pk,
+                                         el.param_of("canonicals", ref.c.param, row.c.type),
                                          ref.c.url == item.c.value)),
             and_(kind == "period", _exists([dat], dat.c.resource_pk == row.c.pk,
-                                           _one_of(dat.c.param, CLINICAL_DATE_PARAMS),
+                                           el.param_of("dates", dat.c.param, row.c.type),
                                            dat.c.low_us >= item.c.low_us, dat.c.high_us <= item.c.high_us)),
         )
         matched = (select(func.count(item.c.grp.distinct())).select_from(item)

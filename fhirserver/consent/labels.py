@@ -1,9 +1,12 @@
-"""Sensitive-data labelling on write (issue 6, rule 4).
+"""Sensitive-data labelling on write (issue 6, rule 4; issue 14 for every record type).
 
-Observations whose `code` has a coding in a configured sensitive list, and QuestionnaireResponses
-of configured questionnaires, get the category's `meta.security` label (v3-ActCode: HIV, PSY, SUD,
-GDIS, SEX, STD, ...) plus the confidentiality label R (v3-Confidentiality). Labels the sender set
-are kept; labels are only ever added (raised), never removed or lowered. The lists are data:
+A resource with a coding in a configured sensitive list -- in the elements that
+`profiles/consent-elements.json` names for its type (an Observation's code, a Condition's code, a
+MedicationRequest's medication, ...) -- or a QuestionnaireResponse of a configured questionnaire,
+gets the category's `meta.security` label (v3-ActCode: HIV, PSY, SUD, SEX, STD, ...) plus the
+confidentiality label R (v3-Confidentiality). A list entry is a code, or a `prefix` of codes in a
+hierarchical system (ICD-10-CM `F10` covers F10.10, F10.20, ...). Labels the sender set are kept;
+labels are only ever added (raised), never removed or lowered. The lists are data:
 `profiles/sensitive-codes.json` and any `profiles/sensitive-codes-*.json`.
 """
 
@@ -14,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .elements import ConsentElements
 
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
@@ -26,6 +31,7 @@ class SensitiveCodes:
     label_system: str = ACT_CODE
     confidentiality: tuple[str, str] = (CONFIDENTIALITY, "R")
     by_code: dict[tuple[str, str], str] = field(default_factory=dict)  # (system, code) -> label
+    by_prefix: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # system -> [(prefix, label)]
     by_questionnaire: dict[str, str] = field(default_factory=dict)  # canonical URL -> label
     labels: dict[str, str] = field(default_factory=dict)  # label code -> display
 
@@ -48,35 +54,40 @@ def load_sensitive_codes(profiles_dir: Path) -> SensitiveCodes:
             label = cat["label"]
             out.labels[label] = cat.get("display", label)
             for coding in cat.get("codes", []):
-                out.by_code[(coding["system"], coding["code"])] = label
+                if "prefix" in coding:
+                    out.by_prefix.setdefault(coding["system"], []).append((coding["prefix"], label))
+                else:
+                    out.by_code[(coding["system"], coding["code"])] = label
             for url in cat.get("questionnaires", []):
                 out.by_questionnaire[url.split("|")[0]] = label
     return out
 
 
 class Labeller:
-    def __init__(self, codes: SensitiveCodes) -> None:
+    def __init__(self, codes: SensitiveCodes, elements: ConsentElements) -> None:
         self.codes = codes
+        self.elements = elements
+
+    def label_of(self, system: str, code: str) -> str | None:
+        label = self.codes.by_code.get((system, code))
+        if label is None:
+            label = next((lb for prefix, lb in self.codes.by_prefix.get(system, ()) if code.startswith(prefix)), None)
+        return label
 
     def labels_for(self, rtype: str, body: dict[str, Any]) -> list[str]:
         found: list[str] = []
-        if rtype == "Observation":
-            concepts = [body.get("code")]
-            concepts += [c.get("code") for c in body.get("component", []) if isinstance(c, dict)]
-            for concept in concepts:
-                if not isinstance(concept, dict):
-                    continue
-                for coding in concept.get("coding", []):
-                    if isinstance(coding, dict):
-                        label = self.codes.by_code.get((str(coding.get("system")), str(coding.get("code"))))
-                        if label and label not in found:
-                            found.append(label)
-        elif rtype == "QuestionnaireResponse":
-            q = body.get("questionnaire")
-            if isinstance(q, str):
-                label = self.codes.by_questionnaire.get(q.split("|")[0])
-                if label:
-                    found.append(label)
+        for concept in self.elements.concepts(rtype, body):
+            for coding in concept.get("coding") or []:
+                if isinstance(coding, dict):
+                    label = self.label_of(str(coding.get("system")), str(coding.get("code")))
+                    if label and label not in found:
+                        found.append(label)
+        canonical_element = self.elements.of(rtype).labelled_canonical
+        q = body.get(canonical_element) if canonical_element else None
+        if isinstance(q, str):
+            label = self.codes.by_questionnaire.get(q.split("|")[0])
+            if label and label not in found:
+                found.append(label)
         return found
 
     def label(self, rtype: str, body: dict[str, Any]) -> dict[str, Any]:

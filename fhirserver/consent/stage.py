@@ -47,14 +47,12 @@ class ConsentWrites:
     when a write is prepared, and a Consent's rule rows are replaced in the transaction that
     writes (or deletes) the Consent -- on every write path: REST, Bundles, imports, reindexing."""
 
-    LABELLED = ("Observation", "QuestionnaireResponse")
-
     def __init__(self, labeller: Labeller, digest: Any) -> None:
         self.labeller = labeller
         self.digest = digest
 
     def prepare(self, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.labeller.label(rtype, body) if rtype in self.LABELLED else body
+        return self.labeller.label(rtype, body)
 
     def written(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any] | None) -> None:
         if rtype == "Consent":

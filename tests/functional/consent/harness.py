@@ -23,7 +23,14 @@ LOINC = "http://loinc.org"
 ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 SCOPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]}
+SCT = "http://snomed.info/sct"
+ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 CODES = {"hr": "8867-4", "bw": "29463-7", "hiv": "7918-6", "phq": "44261-6", "bp": "85354-9"}
+# codes of the record types beyond the first four (issue 14): (system, code)
+RECORD_CODES = {"hiv-dx": (SCT, "86406008"), "htn": (SCT, "38341003"), "checkup": (SCT, "185349003"),
+                "depression": (ICD10, "F32.9"), "cbc": (LOINC, "58410-2"), "hiv-panel": (LOINC, "75622-1")}
+# the clinical types of the compartment the checks run over, with the search parameter of their code
+CLINICAL = {"Observation": "code", "Condition": "code", "Encounter": "type", "DiagnosticReport": "code"}
 _n = itertools.count()
 Key = tuple[str, str]
 
@@ -59,7 +66,42 @@ def base_data() -> list[dict[str, Any]]:
     out.append({"resourceType": "QuestionnaireResponse", "id": "pb-qr", "status": "completed",
                 "questionnaire": "http://example.org/q/intake", "subject": {"reference": "Patient/pb"},
                 "authored": "2024-07-01T10:00:00Z"})
+    out += record_data()
     return out
+
+
+def concept(key: str) -> dict[str, Any]:
+    system, code = RECORD_CODES[key]
+    return {"coding": [{"system": system, "code": code}]}
+
+
+def record_data() -> list[dict[str, Any]]:
+    """Conditions, Encounters and DiagnosticReports, some sensitive by their codes (labelled by the
+    server on write from profiles/sensitive-codes-clinical.json), one in two compartments."""
+    return [
+        {"resourceType": "Condition", "id": "pa-cond", "code": concept("hiv-dx"),
+         "subject": {"reference": "Patient/pa"}, "onsetDateTime": "2024-05-01"},
+        {"resourceType": "Condition", "id": "pb-cond", "code": concept("htn"), "subject": {"reference": "Patient/pb"},
+         "asserter": {"reference": "Patient/pa"}, "recordedDate": "2024-08-01"},
+        {"resourceType": "Encounter", "id": "pa-enc", "status": "finished", "class": {"code": "AMB"},
+         "type": [concept("checkup")], "reasonCode": [concept("depression")], "subject": {"reference": "Patient/pa"},
+         "period": {"start": "2024-02-10T09:00:00Z", "end": "2024-02-10T10:00:00Z"}},
+        {"resourceType": "Encounter", "id": "pc-enc", "status": "finished", "class": {"code": "AMB"},
+         "type": [concept("checkup")], "subject": {"reference": "Patient/pc"},
+         "period": {"start": "2024-07-15", "end": "2024-07-16"}},
+        {"resourceType": "DiagnosticReport", "id": "pa-dr", "status": "final", "code": concept("cbc"),
+         "subject": {"reference": "Patient/pa"}, "effectiveDateTime": "2024-04-01",
+         "result": [{"reference": "Observation/pa-bp"}]},
+        {"resourceType": "DiagnosticReport", "id": "pb-dr", "status": "final", "code": concept("hiv-panel"),
+         "subject": {"reference": "Patient/pb"}, "effectiveDateTime": "2024-03-01"},
+    ]
+
+
+def codes_of(res: dict[str, Any]) -> set[tuple[str | None, str]]:
+    """The (system, code) pairs a clinical resource carries in the element its CLINICAL search
+    parameter covers (an Encounter's type)."""
+    concepts: list[Any] = res.get("type", []) if res["resourceType"] == "Encounter" else [res.get("code")]
+    return {(c.get("system"), c["code"]) for cc in concepts if isinstance(cc, dict) for c in cc.get("coding", [])}
 
 
 def consent(cid: str, pid: str, provision: dict[str, Any], status: str = "active") -> dict[str, Any]:
@@ -216,7 +258,7 @@ def check_everything(srv: ConsentServer, caller: Caller) -> None:
     for key in data:
         resp = srv.get(caller, f"/fhir/{key[0]}/{key[1]}")
         assert resp.status_code == (200 if key in vis else 404), (key, resp.status_code, caller.request)
-    for t in ("Observation", "Patient", "QuestionnaireResponse", "Consent"):
+    for t in ("Patient", "QuestionnaireResponse", "Consent", *CLINICAL):
         # search, and totals
         m, _i, total = srv.all_pages(caller, f"/fhir/{t}?_count=1000")
         assert set(m) == of_type(t), (t, sorted(set(m) ^ of_type(t)), caller.request)
@@ -232,26 +274,28 @@ def check_everything(srv: ConsentServer, caller: Caller) -> None:
         ref = data[key].get("subject", {}).get("reference")
         return ("Patient", ref.split("/")[1]) if ref else None
 
-    # _include: subjects of visible observations, only when the subject is visible too
-    m, inc, _t = srv.all_pages(caller, "/fhir/Observation?_count=1000&_include=Observation:subject")
-    want_inc = {subject(k) for k in of_type("Observation")} & vis
-    assert set(m) == of_type("Observation") and set(inc) == want_inc, (sorted(inc), sorted(want_inc))
-    # _revinclude: visible observations of visible patients
-    m, inc, _t = srv.all_pages(caller, "/fhir/Patient?_count=1000&_revinclude=Observation:subject")
-    want_rev = {k for k in of_type("Observation") if subject(k) in of_type("Patient")}
-    assert set(m) == of_type("Patient") and set(inc) == want_rev, (sorted(inc), sorted(want_rev))
-    # _has: patients with a visible observation of a code (a hidden one must not reveal them)
-    for code in CODES.values():
-        m, _i, total = srv.all_pages(caller, f"/fhir/Patient?_count=1000&_has:Observation:subject:code={code}")
-        want = {subject(k) for k in of_type("Observation")
-                if any(c["code"] == code for c in data[k]["code"]["coding"])} & of_type("Patient")
-        assert set(m) == want and total == len(want), (code, sorted(m), sorted(want))
-    # chaining: observations whose (visible) subject has a gender
-    for gender in ("female", "male", "other"):
-        m, _i, _t = srv.all_pages(caller, f"/fhir/Observation?_count=1000&subject:Patient.gender={gender}")
-        want = {k for k in of_type("Observation") if subject(k) in of_type("Patient")
-                and data[subject(k)]["gender"] == gender}  # type: ignore[index]
-        assert set(m) == want, (gender, sorted(m), sorted(want))
+    for t, code_param in CLINICAL.items():
+        # _include: subjects of visible resources, only when the subject is visible too
+        m, inc, _t = srv.all_pages(caller, f"/fhir/{t}?_count=1000&_include={t}:subject")
+        want_inc = {subject(k) for k in of_type(t)} & vis
+        assert set(m) == of_type(t) and set(inc) == want_inc, (t, sorted(inc), sorted(want_inc))  # type: ignore[type-var]
+        # _revinclude: visible resources of visible patients
+        m, inc, _t = srv.all_pages(caller, f"/fhir/Patient?_count=1000&_revinclude={t}:subject")
+        want_rev = {k for k in of_type(t) if subject(k) in of_type("Patient")}
+        assert set(m) == of_type("Patient") and set(inc) == want_rev, (t, sorted(inc), sorted(want_rev))
+        # _has: patients with a visible resource of a code (a hidden one must not reveal them)
+        for key in {k for k in data if k[0] == t}:
+            for _system, code in codes_of(data[key]):
+                m, _i, total = srv.all_pages(caller, f"/fhir/Patient?_count=1000&_has:{t}:subject:{code_param}={code}")
+                want = {subject(k) for k in of_type(t) if code in {c for _s, c in codes_of(data[k])}} \
+                    & of_type("Patient")
+                assert set(m) == want and total == len(want), (t, code, sorted(m), sorted(want))  # type: ignore[type-var]
+        # chaining: resources whose (visible) subject has a gender
+        for gender in ("female", "male"):
+            m, _i, _t = srv.all_pages(caller, f"/fhir/{t}?_count=1000&subject:Patient.gender={gender}")
+            want = {k for k in of_type(t) if subject(k) in of_type("Patient")
+                    and data[subject(k)]["gender"] == gender}  # type: ignore[index]
+            assert set(m) == want, (t, gender, sorted(m), sorted(want))
     # $everything: 404 for a hidden patient; else the visible members of the compartment
     for pkey in [k for k in data if k[0] == "Patient"]:
         resp = srv.get(caller, f"/fhir/Patient/{pkey[1]}/$everything?_count=1000")

@@ -44,13 +44,30 @@ def patients_of(res: dict[str, Any]) -> set[str]:
         refs = [res.get("subject"), res.get("author")]
     elif t == "Consent":
         refs = [res.get("patient")]
+    elif t == "Condition":
+        refs = [res.get("subject"), res.get("asserter")]
+    elif t in ("Encounter", "DiagnosticReport"):
+        refs = [res.get("subject")]
     return {p for p in (ref_id(r) for r in refs) if p}
 
 
-def clinical_range(res: dict[str, Any]) -> tuple[int, int] | None:
-    value = {"Observation": res.get("effectiveDateTime"), "QuestionnaireResponse": res.get("authored"),
-             "Consent": res.get("dateTime")}.get(res["resourceType"])
-    return parse_range(value) if isinstance(value, str) else None
+def clinical_ranges(res: dict[str, Any]) -> list[tuple[int, int]]:
+    """The resource's clinical dates (a dataPeriod matches when one of them lies within it)."""
+    t = res["resourceType"]
+    if t == "Encounter" and "period" in res:
+        return [(parse_range(res["period"]["start"])[0], parse_range(res["period"]["end"])[1])]
+    keys = {"Observation": ["effectiveDateTime"], "QuestionnaireResponse": ["authored"], "Consent": ["dateTime"],
+            "Condition": ["onsetDateTime", "recordedDate"], "DiagnosticReport": ["effectiveDateTime"]}.get(t, [])
+    return [parse_range(res[k]) for k in keys if isinstance(res.get(k), str)]
+
+
+def codes(res: dict[str, Any]) -> set[tuple[str | None, str]]:
+    """The codes a `code` criterion is matched against, per type (profiles/consent-elements.json)."""
+    t = res["resourceType"]
+    concepts: list[Any] = {"Observation": [res.get("code")], "Condition": [res.get("code")],
+                           "DiagnosticReport": [res.get("code")],
+                           "Encounter": [*res.get("type", []), *res.get("reasonCode", [])]}.get(t, [])
+    return {(c.get("system"), c["code"]) for cc in concepts if isinstance(cc, dict) for c in cc.get("coding", [])}
 
 
 def _period_ok(period: dict[str, Any] | None, now: int) -> bool:
@@ -72,10 +89,9 @@ def _matches(prov: dict[str, Any], res: dict[str, Any], req: Request, now: int) 
         return False
     if "code" in prov:
         wanted = {(c.get("system"), c["code"]) for cc in prov["code"] for c in cc["coding"]}
-        have = set()
-        if res["resourceType"] == "Observation":
-            have = {(c.get("system"), c["code"]) for c in res.get("code", {}).get("coding", [])}
-        ok = bool(wanted & have)
+        have = codes(res)
+        ok = any((system is None and any(c == code for _s, c in have)) or (system, code) in have
+                 for system, code in wanted)
         if res["resourceType"] == "QuestionnaireResponse":
             ok = any(code == res.get("questionnaire") for _s, code in wanted)
         if not ok:
@@ -85,11 +101,10 @@ def _matches(prov: dict[str, Any], res: dict[str, Any], req: Request, now: int) 
         if not any((lb.get("system"), lb["code"]) in labels for lb in prov["securityLabel"]):
             return False
     if "dataPeriod" in prov:
-        rng = clinical_range(res)
         dp = prov["dataPeriod"]
         low = parse_range(dp["start"])[0] if "start" in dp else -(2**62)
         high = parse_range(dp["end"])[1] if "end" in dp else 2**62
-        if rng is None or not (rng[0] >= low and rng[1] <= high):
+        if not any(rng[0] >= low and rng[1] <= high for rng in clinical_ranges(res)):
             return False
     if "data" in prov:
         me = f"{res['resourceType']}/{res['id']}"

@@ -248,6 +248,58 @@ def test_questionnaire_response_of_a_sensitive_questionnaire_is_labelled(srv: Co
         not srv.data[("QuestionnaireResponse", "pb-qr")]["meta"].get("security")
 
 
+SCT, ICD10, RXNORM = "http://snomed.info/sct", "http://hl7.org/fhir/sid/icd-10-cm", \
+    "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def cc(system: str, code: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code}]}
+
+
+SUBJECT = {"subject": {"reference": "Patient/pa"}}
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    # diagnoses: ICD-10-CM categories by prefix, SNOMED CT concepts by code
+    ({"resourceType": "Condition", "code": cc(ICD10, "F10.20"), **SUBJECT}, {"SUD"}),
+    ({"resourceType": "Condition", "code": cc(ICD10, "F17.210"), **SUBJECT}, set()),  # nicotine: not listed
+    ({"resourceType": "Condition", "code": cc(ICD10, "F32.9"), **SUBJECT}, {"PSY"}),
+    ({"resourceType": "Condition", "code": cc(ICD10, "B20"), **SUBJECT}, {"HIV"}),
+    ({"resourceType": "Condition", "code": cc(SCT, "86406008"), **SUBJECT}, {"HIV"}),
+    ({"resourceType": "Condition", "code": cc(SCT, "38341003"), **SUBJECT}, set()),  # hypertension
+    ({"resourceType": "Condition", "code": cc("urn:other", "F10.20"), **SUBJECT}, set()),  # the system counts
+    # medications, procedures, reports, allergies, encounter reasons
+    ({"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+      "medicationCodeableConcept": cc(RXNORM, "1819"), **SUBJECT}, {"SUD"}),
+    ({"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+      "medicationCodeableConcept": cc(RXNORM, "197361"), "reasonCode": [cc(SCT, "35489007")], **SUBJECT}, {"PSY"}),
+    ({"resourceType": "Procedure", "status": "completed", "code": cc(SCT, "714812005"), **SUBJECT}, {"SEX"}),
+    ({"resourceType": "DiagnosticReport", "status": "final", "code": cc("http://loinc.org", "58410-2"),
+      "conclusionCode": [cc(SCT, "76272004")], **SUBJECT}, {"STD"}),
+    ({"resourceType": "AllergyIntolerance", "code": cc(SCT, "66590003"), "patient": {"reference": "Patient/pa"}},
+     {"SUD"}),
+    ({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, "reasonCode": [cc(ICD10, "Z30.011")],
+      **SUBJECT}, {"SEX"}),
+    ({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, **SUBJECT}, set()),
+])
+def test_sensitivity_labels_of_record_types(srv: ConsentServer, body: dict[str, Any], expected: set[str]) -> None:
+    """The record types are labelled on write from the same lists (profiles/sensitive-codes*.json),
+    in the elements profiles/consent-elements.json names; a labelled one is hidden without an
+    explicit permit (here: from a plain TREAT client), an unlabelled one is not."""
+    resp = srv.http.post(f"/fhir/{body['resourceType']}", json=body, headers=srv.admin)
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    stored = resp.get_json()
+    labels = {s["code"] for s in stored.get("meta", {}).get("security", []) if s["system"] == ACT}
+    assert labels == expected
+    confidential = {s["code"] for s in stored.get("meta", {}).get("security", []) if s["code"] == "R"}
+    assert confidential == ({"R"} if expected else set())
+    url = f"/fhir/{body['resourceType']}/{stored['id']}"
+    try:
+        assert srv.get(srv.backend(), url).status_code == (404 if expected else 200)
+    finally:
+        srv.http.delete(url, headers=srv.admin)
+
+
 # ------------------------------------------------------------------ minors
 def test_minor_consent_must_come_from_a_guardian(srv: ConsentServer) -> None:
     engine, keys = srv.svc.engine, srv.svc.keys

@@ -10,14 +10,28 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from .harness import ACT, ACT_REASON, CODES, LOINC, Caller, ConsentServer, consent, expected, start
+from .harness import (
+    ACT,
+    ACT_REASON,
+    CLINICAL,
+    CODES,
+    LOINC,
+    RECORD_CODES,
+    Caller,
+    ConsentServer,
+    consent,
+    expected,
+    start,
+)
 
 PATIENTS = ["pa", "pb", "pc", "pd"]
 SLOTS = [(p, k) for p in PATIENTS for k in range(2)]
 PURPOSES = ["TREAT", "HRESCH", "HPAYMT", "PUBHLTH"]
-TYPES = ["Patient", "Observation", "QuestionnaireResponse"]
+TYPES = ["Patient", "QuestionnaireResponse", *CLINICAL]
 PERIODS = [{"start": "2024-01-01", "end": "2024-06-30"}, {"start": "2024-07-01"}, {"end": "2024-03-31"}]
-INSTANCES = ["Observation/pa-hr", "Observation/pb-hiv", "Patient/pc", "QuestionnaireResponse/pb-qr"]
+INSTANCES = ["Observation/pa-hr", "Observation/pb-hiv", "Patient/pc", "QuestionnaireResponse/pb-qr", "Condition/pb-cond",
+             "Encounter/pa-enc"]
+ALL_CODES = [(LOINC, c) for c in CODES.values()] + list(RECORD_CODES.values())
 
 
 def subset(options: list[Any]) -> st.SearchStrategy[list[Any]]:
@@ -29,8 +43,8 @@ def criteria() -> st.SearchStrategy[dict[str, Any]]:
         "purpose": subset(PURPOSES).map(lambda xs: [{"system": ACT_REASON, "code": x} for x in xs]),
         "class": subset(TYPES).map(lambda xs: [{"system": "http://hl7.org/fhir/resource-types", "code": x}
                                                for x in xs]),
-        "code": subset(list(CODES.values())).map(lambda xs: [{"coding": [{"system": LOINC, "code": x}]} for x in xs]),
-        "securityLabel": subset(["HIV", "PSY"]).map(lambda xs: [{"system": ACT, "code": x} for x in xs]),
+        "code": subset(ALL_CODES).map(lambda xs: [{"coding": [{"system": s, "code": c}]} for s, c in xs]),
+        "securityLabel": subset(["HIV", "PSY", "SUD"]).map(lambda xs: [{"system": ACT, "code": x} for x in xs]),
         "dataPeriod": st.sampled_from(PERIODS),
         "data": subset(INSTANCES).map(lambda xs: [{"meaning": "instance", "reference": {"reference": x}}
                                                   for x in xs]),

@@ -11,7 +11,20 @@ from typing import Any
 
 import pytest
 
-from .harness import ACT, ACT_REASON, CODES, LOINC, Caller, ConsentServer, check_everything, consent, start
+from .harness import (
+    ACT,
+    ACT_REASON,
+    CODES,
+    ICD10,
+    LOINC,
+    RECORD_CODES,
+    SCT,
+    Caller,
+    ConsentServer,
+    check_everything,
+    consent,
+    start,
+)
 
 P = "Patient"
 TREAT, HRESCH, HPAYMT, HOPERAT, HMARKT, PUBHLTH = "TREAT", "HRESCH", "HPAYMT", "HOPERAT", "HMARKT", "PUBHLTH"
@@ -151,6 +164,30 @@ SCENARIOS: list[tuple[str, list[tuple[str, dict[str, Any], str]], Caller_]] = [
      user("Practitioner/dr-1", "patient/*.rs", patient="pc")),
     ("actor-and-purpose", [("pa", deny(actor=actor("Organization/org-x"), purpose=purpose(HPAYMT)), "active")],
      backend(organization="Organization/org-x", purposes=[HPAYMT])),
+    # the record types beyond the first four (issue 14): criteria per profiles/consent-elements.json
+    ("deny-class-condition", [("pb", deny(**{"class": klass("Condition")}), "active")], backend()),
+    ("deny-class-encounter-report", [("pa", deny(**{"class": klass("Encounter", "DiagnosticReport")}), "active")],
+     backend()),
+    ("deny-condition-code", [("pb", deny(code=code(RECORD_CODES["htn"][1], system=SCT)), "active")], backend()),
+    ("deny-condition-code-any-system", [("pa", deny(code=[{"coding": [{"code": RECORD_CODES["htn"][1]}]}]),
+                                         "active")], backend()),
+    ("deny-encounter-type", [("pc", deny(code=code(RECORD_CODES["checkup"][1], system=SCT)), "active")], backend()),
+    ("deny-report-code", [("pa", deny(code=code(RECORD_CODES["cbc"][1])), "active")], backend()),
+    ("deny-data-period-records", [("pa", deny(dataPeriod={"start": "2024-02-01", "end": "2024-04-30"}), "active")],
+     backend()),
+    ("deny-data-period-encounter", [("pc", deny(dataPeriod={"start": "2024-07-01", "end": "2024-07-31"}), "active")],
+     backend()),
+    ("deny-data-period-recorded-condition", [("pb", deny(dataPeriod={"start": "2024-08-01"}), "active")], backend()),
+    ("deny-data-condition-instance", [("pb", deny(data=data("Condition/pb-cond")), "active")], backend()),
+    ("asserter-compartment-deny", [("pa", deny(**{"class": klass("Condition")}), "active")], backend()),
+    ("sensitive-condition-permit-code", [("pa", permit(code=code(RECORD_CODES["hiv-dx"][1], system=SCT)), "active")],
+     backend()),
+    ("sensitive-encounter-permit-psy", [("pa", permit(securityLabel=label("PSY")), "active")], backend()),
+    ("sensitive-encounter-permit-reason", [("pa", permit(code=code("F32.9", system=ICD10)), "active")], backend()),
+    ("sensitive-report-permit-hiv-research", [("pb", permit(purpose=purpose(HRESCH), securityLabel=label("HIV")),
+                                               "active")], backend(purposes=[HRESCH])),
+    ("research-permit-reports-only", [("pa", permit(purpose=purpose(HRESCH), **{"class": klass("DiagnosticReport")}),
+                                       "active")], backend(purposes=[HRESCH])),
 ]
 
 
@@ -187,7 +224,7 @@ def test_scenario(srv: ConsentServer, name: str, consents: list[tuple[str, dict[
         srv.clear_consents(bodies)
 
 
-PG_SCENARIOS = ["deny-with-nested-permit-treat", "sensitive-permit-label", "deny-data-period", "permit-research",
+PG_SCENARIOS = ["deny-data-period-records", "sensitive-encounter-permit-reason", "deny-with-nested-permit-treat", "sensitive-permit-label", "deny-data-period", "permit-research",
                 "patient-self", "deny-overrides-permit", "deny-questionnaire-code", "deny-actor-org-match"]
 
 
