@@ -67,6 +67,36 @@ def _model_elements(rtype: str, schema_required: list[str]) -> dict[str, list[st
     return {"summary": summary, "mandatory": mandatory}
 
 
+def _model_choices(rtype: str) -> set[str]:
+    """Names of the choice elements (onset[x], occurrence[x], dose[x], ...) anywhere in the type,
+    from the fhir.resources R4B models (`one_of_many`), walking into backbone elements and data
+    types: FHIRPath navigation of search expressions must expand them (onset -> onsetDateTime)."""
+    import importlib
+    import typing
+
+    seen: set[type] = set()
+    names: set[str] = set()
+
+    def walk(model: type) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for field in model.model_fields.values():  # type: ignore[attr-defined]
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("one_of_many"):
+                names.add(str(extra["one_of_many"]))
+            stack = [field.annotation]
+            while stack:
+                ann = stack.pop()
+                klass = getattr(ann, "get_model_klass", None)
+                if klass is not None:
+                    walk(klass())
+                stack.extend(typing.get_args(ann))
+
+    walk(getattr(importlib.import_module(f"fhir.resources.R4B.{rtype.lower()}"), rtype))
+    return names
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     schema = json.loads((SPEC / "fhir.schema.json").read_text())
@@ -122,6 +152,7 @@ def main() -> None:
     for rtype in TYPES:  # types whose StructureDefinition the shared data lacks
         if rtype not in elements:
             elements[rtype] = _model_elements(rtype, defs[rtype].get("required", []))
+            choices |= _model_choices(rtype)
     (OUT / "summary-elements.json").write_text(json.dumps(
         {"description": "Top-level elements per type marked isSummary / min>0 in the R4 StructureDefinitions; "
                         "used for _summary and _elements. choiceElements: names of choice elements (value[x], ...) "

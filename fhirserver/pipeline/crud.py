@@ -23,6 +23,7 @@ from .capability import capability_statement, smart_configuration
 from .context import RequestContext, Result
 from .errors import fhir_error
 from .handler import Handler
+from .questionnaires import check_before_write
 from .render import render_resource, resource_headers, write_result
 from .request_body import MAX_VERSION, parse_body, parse_etag, validated
 
@@ -123,6 +124,7 @@ class Create(Handler):
                 record_touch(ctx, conn, existing)
                 ctx.record.outcome_desc = "conditional create matched an existing resource"
                 return write_result(ctx, existing, 200)
+        check_before_write(ctx.services, conn, prepared.body)
         stored = ctx.services.repo.create(conn, prepared, fresh_id=True)
         if not visible(conn, stored.pk, ctx.access.create):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
@@ -198,6 +200,7 @@ class Update(Handler):
         if (head is None or head.deleted) and not ctx.access.may_create:
             # update-as-create needs create permission too
             raise FhirError(403, "forbidden", "The access token does not permit creating resources of this type")
+        check_before_write(ctx.services, conn, prepared.body)
         stored, created = repo.update(conn, prepared, if_match)
         check = ctx.access.create if created else ctx.access.update
         if not visible(conn, stored.pk, check):

@@ -20,6 +20,7 @@ from sqlalchemy import Connection
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from .context import RequestContext, Result
 from .handler import Handler
+from .questionnaires import questionnaire_issues
 from .request_body import parse_body
 
 MODES = ("create", "update", "delete")
@@ -73,6 +74,13 @@ class Validate(Handler):
                 issues.extend(validator.validate(resource, rtype, profiles=[profile] if known else []))
             except FhirError as err:
                 issues.extend(err.issues)
+            if rtype == "QuestionnaireResponse" and not issues:
+                found_issues, found = questionnaire_issues(ctx.services, conn, resource)
+                issues.extend(found_issues)
+                if not found and isinstance(resource.get("questionnaire"), str):
+                    issues.append(Issue("informational", "The Questionnaire this response names is not stored on "
+                                        "this server: the answers were not checked against it",
+                                        severity="information", expression=["QuestionnaireResponse.questionnaire"]))
             if mode == "update" and (not it.id or resource.get("id") != it.id):
                 issues.append(Issue("invalid", "mode=update needs [type]/[id]/$validate and the same id in the "
                                                "resource", expression=[f"{rtype}.id"]))

@@ -177,6 +177,8 @@ SCENARIOS: list[tuple[str, list[tuple[str, dict[str, Any], str]], Caller_]] = [
      backend()),
     ("deny-data-period-encounter", [("pc", deny(dataPeriod={"start": "2024-07-01", "end": "2024-07-31"}), "active")],
      backend()),
+    ("deny-data-period-condition-onset", [("pa", deny(dataPeriod={"start": "2024-05-01", "end": "2024-05-31"}),
+                                          "active")], backend()),
     ("deny-data-period-recorded-condition", [("pb", deny(dataPeriod={"start": "2024-08-01"}), "active")], backend()),
     ("deny-data-condition-instance", [("pb", deny(data=data("Condition/pb-cond")), "active")], backend()),
     ("asserter-compartment-deny", [("pa", deny(**{"class": klass("Condition")}), "active")], backend()),
