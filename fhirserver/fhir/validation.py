@@ -65,7 +65,7 @@ class Validator:
         with _LOCK:
             if key not in _COMPILED:
                 if key[0] not in _DEFINITIONS:
-                    _DEFINITIONS[key[0]] = json.loads(self._schema_file.read_text())["definitions"]
+                    _DEFINITIONS[key[0]] = _ascii_classes(json.loads(self._schema_file.read_text())["definitions"])
                 definitions = _DEFINITIONS[key[0]]
                 if type_name not in definitions:
                     _COMPILED[key] = None
@@ -158,6 +158,37 @@ class Validator:
             message = f"{_expression(root, path)}: value has an invalid format"
         return FhirError(400, "value" if exc.rule in ("type", "enum", "pattern") else "structure",
                          _clean_message(message), [_expression(root, path)])
+
+
+_ASCII_NON_SPACE = "\\x00-\\x08\\x0e-\\x1f\\x21-\\U0010ffff"  # \\S in ASCII: all but [ \\t\\n\\v\\f\\r]
+
+
+def _ascii_pattern(pattern: str) -> str:
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            pair = pattern[i:i + 2]
+            out.append(_ASCII_NON_SPACE if pair == "\\S" and in_class else pair)
+            i += 2
+            continue
+        in_class = True if ch == "[" else False if ch == "]" else in_class
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _ascii_classes(node: Any) -> Any:
+    """The string pattern `[ \\r\\n\\t\\S]+` with `\\S` read as in ASCII: Python's Unicode `\\S`
+    refuses a non-breaking space (U+00A0) in text, which FHIR's rule for strings (about control
+    characters) allows and HL7's own examples contain (DiagnosticReport/gingival-mass). A bare
+    `\\S` (code, id: no whitespace at all) keeps its Unicode meaning."""
+    if isinstance(node, dict):
+        return {k: (_ascii_pattern(v) if k == "pattern" and isinstance(v, str) else _ascii_classes(v))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_ascii_classes(v) for v in node]
+    return node
 
 
 def _clean_message(text: str) -> str:
