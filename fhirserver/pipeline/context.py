@@ -34,6 +34,7 @@ class Access:
     delete: Predicates = field(default_factory=_deny)
     may_create: bool = False  # an update may create (update-as-create needs create permission)
     consent_read: Predicates = field(default_factory=_deny)  # what a writer could read back
+    provenance: Predicates = field(default_factory=_deny)  # an X-Provenance the writer sends
 
 
 @dataclass
@@ -58,6 +59,7 @@ class RequestContext:
     prefer: dict[str, str] = field(default_factory=dict)
     pipeline: Any = None  # the Pipeline running this request (a Bundle runs its entries through it)
     assigned_id: str | None = None  # a create's id fixed in advance (transaction urn:uuid resolution)
+    provenance: list[PreparedWrite] = field(default_factory=list)  # written with the resource (provenance.py)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

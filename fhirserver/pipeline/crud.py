@@ -23,6 +23,7 @@ from .capability import capability_statement, smart_configuration
 from .context import RequestContext, Result
 from .errors import fhir_error
 from .handler import Handler
+from .provenance import prepare_provenance, write_provenance
 from .questionnaires import check_before_write
 from .render import render_resource, resource_headers, write_result
 from .request_body import MAX_VERSION, parse_body, parse_etag, validated
@@ -102,6 +103,7 @@ class Create(Handler):
         body = validated(ctx)
         body.pop("id", None)  # the server assigns ids on create
         ctx.write = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body, ctx.assigned_id)
+        prepare_provenance(ctx, amended=False)
 
     def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
         if ctx.interaction.conditional:
@@ -130,6 +132,7 @@ class Create(Handler):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
                                               "(outside the permitted compartment or scope restriction)")
         record_touch(ctx, conn, stored, prepared.index.patients)
+        write_provenance(ctx, conn, stored, None)
         if not visible(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201)
@@ -140,7 +143,7 @@ AMENDMENT_TAG = {"system": "http://fhirserver.dev/CodeSystem/record-origin", "co
 PATIENT_OWNED = {"Patient", "Consent", "QuestionnaireResponse"}  # the patient's own statements
 
 
-def flag_patient_amendment(ctx: RequestContext, body: dict[str, Any]) -> None:
+def flag_patient_amendment(ctx: RequestContext, body: dict[str, Any]) -> bool:
     """A patient (or guardian) correcting a clinical record does not silently overwrite the
     clinician's data: the new version carries a `patient-amended` tag, the prior version stays in
     history, and the AuditEvent names the user. Their own demographics, Consents and answers are
@@ -151,13 +154,15 @@ def flag_patient_amendment(ctx: RequestContext, body: dict[str, Any]) -> None:
         meta = body.setdefault("meta", {})
         tags = [t for t in meta.get("tag", []) if t.get("code") != AMENDMENT_TAG["code"]]
         meta["tag"] = [*tags, dict(AMENDMENT_TAG)]
+        return True
+    return False
 
 
 class Update(Handler):
     def prepare(self, ctx: RequestContext) -> None:
         it = ctx.interaction
         body = validated(ctx)
-        flag_patient_amendment(ctx, body)
+        amended = flag_patient_amendment(ctx, body)
         rtype = it.resource_type or ""
         if it.conditional:
             with read_connection(ctx.services.engine) as conn:
@@ -174,6 +179,7 @@ class Update(Handler):
             rid = target or body.get("id") or str(uuid.uuid4())
             ctx.interaction.id = rid
             ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, rid), matches[:1]
+            prepare_provenance(ctx, amended)
             return
         if "id" not in body:
             raise FhirError(400, "required", "The resource must contain an id matching the URL", [f"{rtype}.id"])
@@ -181,6 +187,7 @@ class Update(Handler):
             raise FhirError(400, "invalid", f"Resource id '{str(body['id'])[:64]}' does not match the URL id '{it.id}'",
                             [f"{rtype}.id"])
         ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, it.id), None
+        prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         # ctx.plan: the conditional update's match, re-checked in the transaction
@@ -207,6 +214,7 @@ class Update(Handler):
             raise FhirError(403, "forbidden", "The access token does not permit this resource content "
                                               "(outside the permitted compartment or scope restriction)")
         record_touch(ctx, conn, stored, prepared.index.patients)
+        write_provenance(ctx, conn, stored, None if head is None or head.deleted else head.version)
         if not visible(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201 if created else 200)
@@ -252,8 +260,9 @@ class Patch(Update):
         if patched.get("resourceType") != rtype or patched.get("id") != rid:
             raise FhirError(422, "processing", "A patch may not change the resource type or id")
         ctx.services.validator.validate(patched, rtype)
-        flag_patient_amendment(ctx, patched)
+        amended = flag_patient_amendment(ctx, patched)
         ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, patched, rid), current.version
+        prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         return self.write(ctx, conn, None, ctx.plan)

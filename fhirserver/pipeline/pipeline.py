@@ -125,6 +125,9 @@ class Pipeline:
             setattr(ctx.access, name, preds)
             if name == "create":
                 ctx.access.may_create = True
+        if it.kind in ("create", "update", "patch") and ctx.header("x-provenance"):
+            # an X-Provenance is a Provenance the writer creates: it needs a scope for that (403)
+            ctx.access.provenance = self.authorizer.predicates(principal, "Provenance", "create")
         if it.kind in ("create", "update", "patch") and ctx.prefer.get("return") != "minimal":
             # what the writer could read back: a write it cannot see answers as return=minimal.
             # A client that asked for return=minimal gets no content anyway: no check needed.

@@ -151,12 +151,16 @@ class Repository:
             hook.written(conn, pk, rtype, body)
 
     # ---- phase 1: outside the transaction ----
-    def prepare(self, rtype: str, body: dict[str, Any], rid: str | None = None) -> PreparedWrite:
+    def prepare(self, rtype: str, body: dict[str, Any], rid: str | None = None,
+                also_patients: Sequence[str] = ()) -> PreparedWrite:
+        """`also_patients`: compartments the resource joins besides its own references (a
+        Provenance the server writes about a patient's resource is part of that patient's record)."""
         for hook in self.hooks:
             body = hook.prepare(rtype, body)
         body = copy.copy(body)
         body["id"] = rid or body.get("id") or new_id()
         index = self.indexer.index(rtype, body)
+        index.patients = [*index.patients, *(p for p in also_patients if p not in index.patients)]
         key_id, key = self.keys.ensure(key_scope_for(rtype, index.patients))
         return PreparedWrite(rtype, body["id"], body, index, key_id, key)
 

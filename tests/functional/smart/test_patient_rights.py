@@ -60,10 +60,25 @@ def test_patient_correction_of_clinical_data_is_a_flagged_amendment(smart: Any) 
     found = smart.http.get("/fhir/Observation", query_string={"_tag": f"{AMENDMENT_TAG['system']}|patient-amended"},
                            headers=smart.admin.headers()).get_json()
     assert [e["resource"]["id"] for e in found.get("entry", [])] == [obs]
+    # ... and by its Provenance: the patient as author, the clinician's version as the revised entity
+    provs = smart.http.get("/fhir/Provenance", query_string={"target": f"Observation/{obs}"},
+                           headers=smart.admin.headers()).get_json().get("entry", [])
+    assert len(provs) == 1
+    prov = provs[0]["resource"]
+    assert prov["target"] == [{"reference": f"Observation/{obs}/_history/2"}]
+    assert prov["entity"] == [{"role": "revision", "what": {"reference": f"Observation/{obs}/_history/1"}}]
+    assert prov["agent"][0]["who"] == {"reference": f"Patient/{pid}"}
+    assert prov["activity"]["coding"][0]["code"] == "UPDATE"
+    # it is part of the patient's record (their compartment): $everything, erasure and consents cover it
+    everything = smart.http.get(f"/fhir/Patient/{pid}/$everything", headers=smart.admin.headers()).get_json()
+    assert f"Provenance/{prov['id']}" in {f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                                          for e in everything["entry"]}
     # a backend (clinical) update is not flagged
     clinician = dict(original, status="amended")
     again = smart.http.put(f"/fhir/Observation/{obs}", json=clinician, headers=smart.admin.headers())
     assert again.status_code == 200 and "tag" not in again.get_json()["meta"]
+    assert len(smart.http.get("/fhir/Provenance", query_string={"target": f"Observation/{obs}"},
+                              headers=smart.admin.headers()).get_json().get("entry", [])) == 1
 
 
 def test_erasure_closes_the_patients_account_and_revokes_their_tokens(smart: Any, make_client: Any) -> None:
