@@ -87,6 +87,9 @@ def load_param_registry(profiles_dir: Path, type_names: list[str]) -> ParamRegis
                 continue
             expression = definition.get("expression", "")
             ptype = definition["type"]
+            if ptype == "special":  # Location.near (geo distance): no index for it, so not declared
+                reg.skipped.append(f"{rtype}.{code}: special parameters are not supported")
+                continue
             extract = None
             component_fns: tuple[Fn, ...] = ()
             if ptype == "composite" and expression:

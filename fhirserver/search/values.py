@@ -99,6 +99,13 @@ def date_ranges(value: Any) -> list[tuple[int, int]]:
             low = parse_range(value["start"])[0] if isinstance(value.get("start"), str) else MIN_US
             high = parse_range(value["end"])[1] if isinstance(value.get("end"), str) else MAX_US
             return [(low, high)]
+        if isinstance(value, dict) and ("event" in value or "repeat" in value):  # Timing
+            # only the outer limits count (FHIR search, date: "the specified scheduling details are
+            # ignored"): from the first event or bounds start to the last event or bounds end
+            bounds = (value.get("repeat") or {}).get("boundsPeriod") if isinstance(value.get("repeat"), dict) else None
+            parts = [r for e in value.get("event") or [] for r in date_ranges(e)]
+            parts += date_ranges(bounds) if isinstance(bounds, dict) else []
+            return [(min(lo for lo, _h in parts), max(hi for _l, hi in parts))] if parts else []
     except ValueError:
         return []
     return []

@@ -138,6 +138,14 @@ def test_smart_configuration_lists_everything(smart: Smart) -> None:
                   "introspection_endpoint", "revocation_endpoint"):
         assert conf.get(field), field
     assert conf["code_challenge_methods_supported"] == ["S256"]
+    # every served type (the registry, issue 14) in every context, and nothing that is not served
+    served = smart.svc.types.names()
+    for rtype in served:
+        for context in ("patient", "user", "system"):
+            assert {f"{context}/{rtype}.rs", f"{context}/{rtype}.cruds"} <= set(conf["scopes_supported"]), rtype
+    named = {s.split("/", 1)[1].split(".", 1)[0] for s in conf["scopes_supported"]
+             if s.startswith(("patient/", "user/", "system/"))}
+    assert named == {*served, "*"}
     for cap in ("launch-ehr", "launch-standalone", "client-public", "client-confidential-symmetric",
                 "client-confidential-asymmetric", "context-ehr-patient", "context-standalone-patient",
                 "permission-offline", "permission-patient", "permission-user", "permission-v1", "permission-v2",
