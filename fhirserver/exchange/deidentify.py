@@ -3,12 +3,13 @@
 The walk is generic over the JSON tree, driven by element names, so contained resources and
 extensions (e.g. `patient-birthPlace.valueAddress`) get the same treatment as top-level elements:
 
-- names, telecom, photos and attachments, narrative, notes, free-text strings and the `display`
-  of references are removed (free text may name anyone; Safe Harbor cannot vouch for it);
+- names, telecom, photos and attachments (a required one keeps only its content type), narrative,
+  notes, free-text strings and the `display` of references are removed (free text may name anyone; Safe Harbor cannot vouch for it);
 - addresses keep only state and country, and the first three ZIP digits (`000` for the
   three-digit zones with fewer than 20,000 people);
-- every date and dateTime is reduced to its year; instants (`issued`, `meta.lastUpdated`) are
-  removed because FHIR does not allow a year-only instant; a birth date more than 89 years ago
+- every date and dateTime is reduced to its year; instants (`issued`, `meta.lastUpdated`,
+  `DocumentReference.date`) are removed because FHIR does not allow a year-only instant, and a
+  required one (`Provenance.recorded`) becomes the first instant of its year; a birth date more than 89 years ago
   is removed and replaced by a flag extension (Safe Harbor's "90 or older"), and a Quantity in
   years above 89 (an age) becomes ">= 90";
 - resource ids, references and identifier values become keyed pseudonyms (HMAC-SHA-256), so
@@ -46,10 +47,25 @@ RESTRICTED_ZIP3 = frozenset({"036", "059", "063", "102", "203", "556", "692", "7
 REMOVED = frozenset({
     "name", "telecom", "photo", "note", "comment", "contact", "issued", "valueString", "valueMarkdown",
     "valueHumanName", "valueContactPoint", "valueAttachment", "valueUri", "valueUrl", "sourceAttachment",
-    "presentedForm", "signature", "implicitRules", "attachment",  # DocumentReference.content: letters, scans
+    "presentedForm", "signature", "implicitRules", "alias",  # Location/Organization.alias: other names
 })
+# free-text string elements, replaced by "redacted" (some are required: PractitionerRole
+# .notAvailable.description); a CodeableConcept of the same name (Goal.description) is kept
+FREE_TEXT = frozenset({"description", "conclusion", "patientInstruction", "summary", "mitigation", "rationale",
+                       "outcomeString"})
+# required Attachments (DocumentReference.content.attachment: letters, scans) keep only their kind
+ATTACHMENTS = frozenset({"attachment"})
+# top-level elements of type instant (R4 schema) besides `issued`: None = removed, else kept as
+# the first instant of the year (the element is required)
+INSTANTS: dict[str, str | None] = {"DocumentReference.date": None, "Provenance.recorded": "year-start",
+                                   "AuditEvent.recorded": "year-start"}
 ADDRESSES = frozenset({"address", "valueAddress"})
-IDENTIFIERS = frozenset({"identifier", "valueIdentifier"})
+# elements of type Identifier in the served types (R4 schema): all pseudonymized
+IDENTIFIERS = frozenset({"identifier", "valueIdentifier", "accessionIdentifier", "groupIdentifier",
+                         "masterIdentifier", "preAdmissionIdentifier", "requisition"})
+TEXTS = frozenset({"text", "display"})  # the kept texts of concepts and codings
+EMBEDDED_DATE_RE = re.compile(r"\b((?:18|19|20)\d{2})-(?:0[1-9]|1[0-2])(?:-(?:0[1-9]|[12]\d|3[01]))?"
+                              r"(?:T[0-9:.]+(?:Z|[+-]\d{2}:\d{2})?)?(?![\d-])")
 DATE_RE = re.compile(r"^(\d{4})(-\d{2}(-\d{2}(T[0-9:.]+(Z|[+-]\d{2}:\d{2})?)?)?)?$")
 REF_RE = re.compile(r"^(?:.*/)?([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 
@@ -96,6 +112,9 @@ class Deidentifier:
                 continue
             if key == "contained":
                 out[key] = [self._resource(c, contained=True) for c in value if isinstance(c, dict)]
+            elif f"{rtype}.{key}" in INSTANTS:
+                if INSTANTS[f"{rtype}.{key}"] and isinstance(value, str) and value[:4].isdigit():
+                    out[key] = f"{value[:4]}-01-01T00:00:00Z"
             elif key == "birthDate" and isinstance(value, str):
                 if value[:4].isdigit() and self._year - int(value[:4]) > 89:
                     out.setdefault("extension", []).append({"url": AGE_90_PLUS, "valueBoolean": True})
@@ -113,10 +132,15 @@ class Deidentifier:
     def _element(self, key: str, value: Any) -> Any:
         if key in REMOVED or key.startswith("_"):
             return None  # `_x` primitive extensions can carry the removed text too
+        if key in FREE_TEXT and isinstance(value, str):
+            return "redacted"
         if isinstance(value, list):
             items = [self._element(key, v) for v in value]
             items = [v for v in items if v is not None]
             return items or None
+        if key in ATTACHMENTS and isinstance(value, dict):
+            kept = {k: value[k] for k in ("contentType", "language") if isinstance(value.get(k), str)}
+            return kept or {"contentType": "application/octet-stream"}
         if key in ADDRESSES and isinstance(value, dict):
             return self._address(value)
         if key in IDENTIFIERS and isinstance(value, dict):
@@ -126,7 +150,7 @@ class Deidentifier:
                 return self._resource(value)
             return self._complex(value)
         if isinstance(value, str):
-            return _year_only(value)
+            return _scrub_dates(value) if key in TEXTS else _year_only(value)
         return value
 
     def _complex(self, node: dict[str, Any]) -> dict[str, Any] | None:
@@ -146,7 +170,9 @@ class Deidentifier:
         if "url" in node and "extension" not in out and not any(k.startswith("value") for k in out):
             return None  # an extension whose value was removed is no longer valid FHIR
         if is_reference and set(out) <= {"type"}:
-            return None
+            # a reference by display only ("Dr. Smith"): kept as a redacted one, since the element
+            # may be required (Encounter.location.location) and the reader learns it existed
+            return {**out, "display": "redacted"}
         return out or None
 
     def _reference(self, ref: str) -> str:
@@ -186,6 +212,11 @@ def _is_age_over_89(quantity: dict[str, Any]) -> bool:
     unit = str(quantity.get("code") or quantity.get("unit") or "").strip().lower()
     value = quantity.get("value")
     return unit in YEARS and isinstance(value, (int, float)) and value > 89
+
+
+def _scrub_dates(text: str) -> str:
+    """Dates written inside a concept's text ("ROS 5 days - 2013-04-10") reduced to their year."""
+    return EMBEDDED_DATE_RE.sub(lambda m: m.group(1), text)
 
 
 def _year_only(value: str) -> str:
