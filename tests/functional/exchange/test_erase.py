@@ -6,6 +6,7 @@ detecting tampering), and every denial path audited."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,47 @@ def test_erasure_on_postgres(settings: Any) -> None:
         assert verify_audit(srv.svc).ok
     finally:
         app.extensions["fhirserver"].engine.dispose()
+
+
+def test_erasure_removes_the_patients_resources_of_every_type(server: Server) -> None:
+    """Every type in the patient compartment (the R4 CompartmentDefinition, issue 14) goes, each
+    under the patient's shredded key; directory data (Practitioner, Organization, ...) and another
+    patient's resources of the same types stay."""
+    from tests.functional.pipeline.test_record_types import bodies
+
+    admin = client_token(server, "admin", "system/*.cruds", admin=True, consent_exempt=True)
+    types = server.svc.types
+    pid = server.create(admin, {"resourceType": "Patient", "name": [{"family": SECRET_NAME}]})
+    other = server.create(admin, {"resourceType": "Patient", "name": [{"family": "Keepmeonly"}]})
+    mine: dict[str, str] = {}
+    theirs: dict[str, str] = {}
+    for owner, made in ((pid, mine), (other, theirs)):
+        for rtype, body in bodies(owner).items():
+            made[rtype] = server.create(admin, {"resourceType": rtype, **body})
+    in_compartment = {t.name for t in types if t.compartment_params} - {"Patient", "AuditEvent"}
+    # all but the first four (the test above) and MolecularSequence (its HL7 examples: test_examples.py)
+    assert in_compartment - set(mine) == {"Observation", "QuestionnaireResponse", "Consent", "MolecularSequence"}
+    # a Provenance the server writes about one of them joins the compartment too
+    cond = mine["Condition"]
+    prov = {"resourceType": "Provenance", "recorded": "2024-01-01T00:00:00Z",
+            "agent": [{"who": {"reference": "Practitioner/x"}}]}
+    resp = server.http.put(f"/fhir/Condition/{cond}", headers={**server.h(admin), "X-Provenance": json.dumps(prov)},
+                           json={"resourceType": "Condition", "id": cond, **bodies(pid)["Condition"]})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+
+    erased = {t: i for t, i in mine.items() if t in in_compartment}
+    resp = erase(server, admin, pid)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    # the patient, one resource per compartment type (bodies() has a Provenance too) and the X-Provenance
+    n = 1 + len(erased) + 1
+    assert f"{n} resources" in resp.get_json()["issue"][0]["diagnostics"], resp.get_json()
+    for rtype, rid in erased.items():
+        assert server.http.get(f"/fhir/{rtype}/{rid}", headers=server.h(admin)).status_code == 410, rtype
+        assert server.http.get(f"/fhir/{rtype}/{theirs[rtype]}", headers=server.h(admin)).status_code == 200, rtype
+        found = server.http.get(f"/fhir/{rtype}", query_string={"_id": rid}, headers=server.h(admin)).get_json()
+        assert found["total"] == 0, rtype
+    for rtype in set(mine) - in_compartment:  # directory data: no patient's, so not erased
+        assert server.http.get(f"/fhir/{rtype}/{mine[rtype]}", headers=server.h(admin)).status_code == 200, rtype
+    with raw(server) as cx:
+        assert cx.execute("SELECT count(*) FROM compartment WHERE patient_id=?", (pid,)).fetchone()[0] == 0
+        assert cx.execute("SELECT count(*) FROM data_key WHERE scope=?", (f"patient:{pid}",)).fetchone()[0] == 0
