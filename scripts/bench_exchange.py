@@ -4,6 +4,8 @@ and audit on. Prints figures; it asserts only that the work was done.
 
     python scripts/bench_exchange.py                 # 100,000 resources (the issue's size)
     python scripts/bench_exchange.py --resources 20000 --transactions 20
+    python scripts/bench_exchange.py --carebundle 1100   # ~50,000 US Core resources of 8 types
+                                                         # (carebundle, test extras), the whole record
 """
 
 from __future__ import annotations
@@ -95,17 +97,32 @@ def export(server: BenchServer, **params: str) -> tuple[int, float]:
         time.sleep(0.25)
 
 
+def carebundle_input(folder: Path, patients: int) -> int:
+    """carebundle's NDJSON (one file per type, ids minted, references rewritten); returns resources."""
+    tool = Path(sys.executable).parent / "carebundle"
+    subprocess.run([str(tool), "generate", "--profile", "mixed", "--count", str(patients), "--sex", "mixed",
+                    "--format", "ndjson", "--out", str(folder)], check=True, capture_output=True)
+    counts = {p.stem: sum(1 for _ in p.open()) for p in sorted(folder.glob("*.ndjson"))}
+    print("input    carebundle mixed profile:", ", ".join(f"{t} {n}" for t, n in counts.items()))
+    return sum(counts.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--resources", type=int, default=100_000, help="resources to import and export")
     ap.add_argument("--observations", type=int, default=20, help="Observations per Patient")
     ap.add_argument("--transactions", type=int, default=30, help="100-entry transactions to time")
     ap.add_argument("--entries", type=int, default=100)
+    ap.add_argument("--carebundle", type=int, default=0, metavar="PATIENTS",
+                    help="import carebundle's mixed-profile US Core data for this many patients instead")
     args = ap.parse_args()
 
     server = BenchServer(workers=2, threads=4)
     folder = Path(tempfile.mkdtemp(prefix="fhirbench-input-"))  # not in the data dir: load skips that
-    written = write_input(folder, args.resources, args.observations)
+    if args.carebundle:
+        written = carebundle_input(folder, args.carebundle)
+    else:
+        written = write_input(folder, args.resources, args.observations)
     server.cli("db", "upgrade")
     t0 = time.perf_counter()
     summary = subprocess.run([sys.executable, "-m", "fhirserver", "load", str(folder), "--quiet"], env=server.env,
