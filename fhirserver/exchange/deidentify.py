@@ -57,6 +57,7 @@ FREE_TEXT = frozenset({"description", "conclusion", "patientInstruction", "summa
 ATTACHMENTS = frozenset({"attachment"})
 # top-level elements of type instant (R4 schema) besides `issued`: None = removed, else kept as
 # the first instant of the year (the element is required)
+TYPE_REMOVED = frozenset({"Binary.data"})  # a document's bytes: free text, scans, letters
 INSTANTS: dict[str, str | None] = {"DocumentReference.date": None, "Provenance.recorded": "year-start",
                                    "AuditEvent.recorded": "year-start"}
 ADDRESSES = frozenset({"address", "valueAddress"})
@@ -112,6 +113,8 @@ class Deidentifier:
                 continue
             if key == "contained":
                 out[key] = [self._resource(c, contained=True) for c in value if isinstance(c, dict)]
+            elif f"{rtype}.{key}" in TYPE_REMOVED:
+                continue
             elif f"{rtype}.{key}" in INSTANTS:
                 if INSTANTS[f"{rtype}.{key}"] and isinstance(value, str) and value[:4].isdigit():
                     out[key] = f"{value[:4]}-01-01T00:00:00Z"

@@ -34,6 +34,7 @@ class ResourceType:
     operations: tuple[tuple[str, str, str], ...] = ()  # (name, level, definition url)
     read_access: ReadAccess = ReadAccess()
     store: str = "resources"  # where its rows live: "resources" or "access-records" (search/sources.py)
+    compartment_via: tuple[str, ...] = ()  # references whose targets' compartments it joins (Binary)
 
     def supports(self, interaction: str) -> bool:
         return interaction in self.interactions
@@ -81,6 +82,7 @@ def load_type_registry(profiles_dir: Path) -> TypeRegistry:
             operations=tuple((o["name"], o["level"], o.get("definition", "")) for o in entry.get("operations", [])),
             read_access=_read_access(entry.get("readAccess") or {}),
             store=str(entry.get("store", "resources")),
+            compartment_via=tuple(str(e) for e in entry.get("compartmentVia", [])),
         )
     system = {o["name"]: (o.get("definition", ""), frozenset(o.get("methods", ["GET", "POST"])))
               for o in spec.get("systemOperations", [])}

@@ -5,7 +5,7 @@ Each entry becomes a request of its own that goes through the same stages as any
 `Pipeline.execute_entry`: execution and its own AuditEvent), all inside the Bundle's one
 database transaction.
 
-- transaction: all or nothing. `urn:uuid:` fullUrls of created entries get their server ids
+- transaction: all or nothing. `urn:uuid:` (and absolute) fullUrls of created entries get their server ids
   before anything is prepared, and every reference to them is rewritten; entries run in FHIR's
   order (DELETE, POST, PUT/PATCH, GET); the first failing entry fails the whole Bundle with its
   status (e.g. 403 for a denied entry), and nothing is stored.
@@ -85,6 +85,14 @@ class BundleHandler(Handler):
                     assigned[e.index] = new_id()
                     rtype = urlsplit(e.url).path.strip("/")
                     mapping[full] = f"{rtype}/{assigned[e.index]}"
+                elif e.method == "POST" and isinstance(full, str) and full.startswith(("http://", "https://")):
+                    # an absolute fullUrl (.../Patient/a2, HL7's XDS example): references to it, full or
+                    # in the relative form Patient/a2, name the resource this entry creates
+                    rtype = urlsplit(e.url).path.strip("/")
+                    tail = "/".join(urlsplit(full).path.rstrip("/").split("/")[-2:])
+                    if tail.split("/")[0] == rtype:
+                        assigned[e.index] = new_id()
+                        mapping[full] = mapping[tail] = f"{rtype}/{assigned[e.index]}"
             for e in entries:
                 dangling = unresolved_urns(e.raw.get("resource"), mapping)
                 if dangling:

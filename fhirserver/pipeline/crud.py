@@ -20,6 +20,7 @@ from ..storage.repository import Stored
 from ..storage.visibility import id_of, visible
 from .access import record_touch, search_matches, version_visible
 from .capability import capability_statement, smart_configuration
+from .compartment_links import linked_patients
 from .context import RequestContext, Result
 from .errors import fhir_error
 from .handler import Handler
@@ -102,7 +103,8 @@ class Create(Handler):
     def prepare(self, ctx: RequestContext) -> None:
         body = validated(ctx)
         body.pop("id", None)  # the server assigns ids on create
-        ctx.write = ctx.services.repo.prepare(ctx.interaction.resource_type or "", body, ctx.assigned_id)
+        rtype = ctx.interaction.resource_type or ""
+        ctx.write = ctx.services.repo.prepare(rtype, body, ctx.assigned_id, linked_patients(ctx, rtype, body))
         prepare_provenance(ctx, amended=False)
 
     def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
@@ -117,7 +119,10 @@ class Create(Handler):
         prepared = ctx.write
         assert prepared is not None
         if ctx.interaction.conditional:
-            query = parse_qsl(ctx.header("if-none-exist") or "", keep_blank_values=True)
+            condition = ctx.header("if-none-exist") or ""
+            if condition.startswith(f"{prepared.type}?"):  # "Patient?identifier=..." as HL7's XDS example sends it
+                condition = condition[len(prepared.type) + 1:]
+            query = parse_qsl(condition, keep_blank_values=True)
             matches = search_matches(ctx, conn, prepared.type, query)
             if len(matches) > 1:
                 raise FhirError(412, "duplicate", "If-None-Exist matched more than one resource")
@@ -178,7 +183,8 @@ class Update(Handler):
                                 ["id"])
             rid = target or body.get("id") or str(uuid.uuid4())
             ctx.interaction.id = rid
-            ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, rid), matches[:1]
+            ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, rid, linked_patients(ctx, rtype, body)), \
+                matches[:1]
             prepare_provenance(ctx, amended)
             return
         if "id" not in body:
@@ -186,7 +192,7 @@ class Update(Handler):
         if body["id"] != it.id:
             raise FhirError(400, "invalid", f"Resource id '{str(body['id'])[:64]}' does not match the URL id '{it.id}'",
                             [f"{rtype}.id"])
-        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, it.id), None
+        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, it.id, linked_patients(ctx, rtype, body)), None
         prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
@@ -261,7 +267,8 @@ class Patch(Update):
             raise FhirError(422, "processing", "A patch may not change the resource type or id")
         ctx.services.validator.validate(patched, rtype)
         amended = flag_patient_amendment(ctx, patched)
-        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, patched, rid), current.version
+        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, patched, rid, linked_patients(ctx, rtype, patched)), \
+            current.version
         prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:

@@ -145,7 +145,7 @@ def _all(node: Any, name: str) -> list[Any]:
 
 @pytest.mark.skipif(not EXAMPLES.is_dir(), reason="../shared/fhir-examples not present")
 def test_no_identifier_survives_on_any_hl7_example(server: Server) -> None:
-    writer = client_token(server, "loader", consent_exempt=True)
+    writer = client_token(server, "loader", "system/*.cruds system/Binary.cruds", consent_exempt=True)
     originals = []
     invalid = {"Questionnaire-qs1.json", "Questionnaire-zika-virus-exposure-assessment.json"}  # test_examples.py
     for path in [*example_files(), *(p for p in sorted(RECORD_EXAMPLES.glob("*.json")) if p.name not in invalid)]:
@@ -153,11 +153,12 @@ def test_no_identifier_survives_on_any_hl7_example(server: Server) -> None:
         resp = server.http.put(f"/fhir/{res['resourceType']}/{res['id']}", json=res, headers=server.h(writer))
         assert resp.status_code in (200, 201), (path.name, resp.get_data(as_text=True))
         originals.append(res)
-    reader = client_token(server, "exporter", "system/*.rs", consent_exempt=True)
+    reader = client_token(server, "exporter", "system/*.rs system/Binary.rs", consent_exempt=True)
     files = export(server, reader)
     by_type = {t: sum(1 for r in originals if r["resourceType"] == t) for t in {r["resourceType"] for r in originals}}
     assert {t: len(v) for t, v in files.items()} == by_type  # every example exported, none dropped
     assert_deidentified(originals, files, server.svc)
+    assert files["Binary"] and not [b for b in files["Binary"] if "data" in b]  # a document's bytes never leave
     # clinical content stays: the codes and quantities of every Observation are all there
     def clinical(obs: dict[str, Any]) -> str:
         return json.dumps([obs.get("code"), obs.get("valueQuantity"), obs.get("component")], sort_keys=True)

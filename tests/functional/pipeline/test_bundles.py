@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -150,17 +151,17 @@ def test_batch_answers_entry_by_entry(http, admin) -> None:  # type: ignore[no-u
 # the HL7 transaction examples: which commit, and why the others fail whole
 TRANSACTION_OUTCOMES = {
     "Bundle-hla-1.json": None,  # DiagnosticReport, MolecularSequence x11, Observation x10: committed
-    "Bundle-xds.json": "Resource type 'Binary' is not supported",  # docs/profiles.md: Binary is not served
+    "Bundle-xds.json": None,  # DocumentReference, Patient, Practitioner x2, Binary: committed
     "Bundle-bundle-transaction.json": "Resource type 'ValueSet' is not supported",  # POST ValueSet/$lookup
 }
 
 
 @pytest.mark.skipif(not (EXAMPLES / "bundles").is_dir(), reason="shared examples not present")
-def test_official_transaction_examples(http, admin) -> None:  # type: ignore[no-untyped-def]
-    """hla-1 commits, every urn:uuid reference rewritten to the stored Type/id; the two naming a type
-    or operation this server does not serve fail whole (nothing stored), and as batches their
-    other entries answer one by one."""
-    h = admin.headers()
+def test_official_transaction_examples(http, make_client) -> None:  # type: ignore[no-untyped-def]
+    """hla-1 and xds commit, every internal reference rewritten to the stored Type/id; the one
+    calling an operation this server does not serve (ValueSet/$lookup) fails whole (nothing
+    stored), and as a batch its other entries answer one by one. (Binary needs a scope naming it.)"""
+    h = make_client("system/*.cruds system/Binary.cruds").headers("system/*.cruds system/Binary.cruds")
     served = set(http.application.extensions["fhirserver"].types.names())
     assert {p.name for p in (EXAMPLES / "bundles").glob("*.json")} == set(TRANSACTION_OUTCOMES)
 
@@ -180,10 +181,12 @@ def test_official_transaction_examples(http, admin) -> None:  # type: ignore[no-
             stored = [http.get("/fhir/" + e["response"]["location"].split("/_history")[0].split("/fhir/")[-1],
                                headers=h).get_json() for e in answer["entry"]]
             assert len(stored) == len(bundle["entry"])
-            assert not [r for r in stored if "urn:uuid:" in json.dumps(r)]  # internal references resolved
-            report = next(r for r in stored if r["resourceType"] == "DiagnosticReport")
+            assert not [r for r in stored if '"reference": "urn:uuid:' in json.dumps(r)]  # internal references resolved
             ids = {f"{r['resourceType']}/{r['id']}" for r in stored}
-            assert {ref["reference"] for ref in report["result"]} <= ids
+            report = next(r for r in stored if r["resourceType"] in ("DiagnosticReport", "DocumentReference"))
+            internal = [ref for ref in re.findall(r'"reference": "([^"]+)"', json.dumps(report))
+                        if ref.split("/")[0] in {i.split("/")[0] for i in ids} and ref in ids]
+            assert internal, report  # the report points at resources stored by the same transaction
             continue
         assert resp.status_code == 404 and failure in resp.get_data(as_text=True), resp.get_data(as_text=True)
         assert {t: count(http, h, t) for t in before} == before, name  # nothing stored

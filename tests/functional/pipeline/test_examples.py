@@ -44,9 +44,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     app = fresh_app(settings)
     svc = app.extensions["fhirserver"]
     key = generate_key()
-    rec = register_backend_client(svc.engine, "examples test client", "system/*.cruds", jwks=public_jwks(key))
+    scope = "system/*.cruds system/Binary.cruds"  # Binary needs a scope naming it
+    rec = register_backend_client(svc.engine, "examples test client", scope, jwks=public_jwks(key))
     http = app.test_client()
-    resp = http.post("/auth/token", data=token_request_form(key, rec.client_id, settings.token_url, "system/*.cruds"))
+    resp = http.post("/auth/token", data=token_request_form(key, rec.client_id, settings.token_url, scope))
     assert resp.status_code == 200, resp.get_data(as_text=True)
     headers = {"Authorization": f"Bearer {resp.get_json()['access_token']}"}
     yield http, headers

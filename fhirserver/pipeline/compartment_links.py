@@ -1,0 +1,48 @@
+"""Compartments a resource joins through a reference (`compartmentVia` in the registry).
+
+Binary and Provenance are outside the R4 Patient CompartmentDefinition, yet a Binary holding a
+patient's letter, or a Provenance about a patient's Observation, is part of that patient's record.
+A type lists the reference elements (Binary: `securityContext`; Provenance: `target`) whose stored
+targets' compartments it joins when it is written, so the patient's scopes, consents,
+`$everything` and erasure cover it. A target that is not stored (yet) adds nothing: the resource
+then belongs to no patient (and Binary stays readable with a scope naming Binary only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, select
+
+from ..db.engine import read_connection
+from ..db.schema import compartment, resource
+from .context import RequestContext
+
+
+def _references(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    return [str(v["reference"]) for v in items if isinstance(v, dict) and isinstance(v.get("reference"), str)]
+
+
+def linked_patients(ctx: RequestContext, rtype: str, body: dict[str, Any]) -> list[str]:
+    spec = ctx.services.types.get(rtype)
+    refs = [r for element in (spec.compartment_via if spec else ()) for r in _references(body.get(element))]
+    found: list[str] = []
+    targets: list[tuple[str, str]] = []
+    for ref in refs:
+        parts = ref.split("/_history")[0].split("/")
+        if len(parts) != 2 or not parts[0].isalpha():
+            continue  # absolute, contained (#) or malformed: nothing stored here to follow
+        if parts[0] == "Patient":
+            found.append(parts[1])
+        else:
+            targets.append((parts[0], parts[1]))
+    if targets:
+        with read_connection(ctx.services.engine) as conn:
+            for target_type, target_id in targets[:20]:
+                rows = conn.execute(select(compartment.c.patient_id).join(
+                    resource, resource.c.pk == compartment.c.resource_pk).where(and_(
+                        resource.c.type == target_type, resource.c.id == target_id,
+                        resource.c.deleted.is_(False)))).scalars()
+                found.extend(rows)
+    return list(dict.fromkeys(found))
