@@ -191,6 +191,15 @@ def occurs(value: str, raw: bytes, masked: bytes) -> bool:
     return needle in (masked if len(value) < 8 else raw)
 
 
+def context(values: list[str], raw: bytes) -> list[bytes]:
+    """The bytes around each leaked value (which table or page it sits in), for the failure message."""
+    out = []
+    for v in values[:5]:
+        i = raw.find(v.encode())
+        out.append(raw[max(0, i - 120):i + 60] if i >= 0 else b"(only in the masked form)")
+    return out
+
+
 def mask_random_runs(raw: bytes) -> bytes:
     raw = _HEX_RUN.sub(lambda m: b"\x00" * len(m.group()), raw)
     return _B64_RUN.sub(lambda m: b"\x00" * len(m.group()), raw)
@@ -309,17 +318,17 @@ def test_no_identifying_plaintext_in_database_file(http, admin, settings):
     assert b"MRN-98765" not in raw and b"98765-UNIQUE" not in raw and b"1933-03-17" not in raw
 
     leaks = sorted(v for v in identifying if occurs(v, raw, masked))
-    assert not leaks, f"identifying values stored in clear: {leaks}"
+    assert not leaks, f"identifying values stored in clear: {leaks} {context(leaks, raw)}"
 
     free_checked = {v for v in free_text if v.lower() not in clear}
     assert len(free_checked) >= 20, free_checked
     leaks = sorted(v for v in free_checked if occurs(v, raw, masked))
-    assert not leaks, f"free-text values stored in clear: {leaks}"
+    assert not leaks, f"free-text values stored in clear: {leaks} {context(leaks, raw)}"
 
     words_checked = {w for w in words if w.lower() not in clear}
     assert len(words_checked) >= 200, len(words_checked)
     leaks = sorted(w for w in words_checked if occurs(w, raw, masked))
-    assert not leaks, f"narrative (text.div) words stored in clear: {leaks}"
+    assert not leaks, f"narrative (text.div) words stored in clear: {leaks} {context(leaks, raw)}"
     assert len(identifying) >= 80, len(identifying)
 
 
