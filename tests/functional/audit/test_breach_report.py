@@ -1,0 +1,88 @@
+"""`fhirserver audit report` (issue 15, breach report): after a scripted incident, the report for
+the compromised client lists exactly the patients it read, searched or changed -- not those
+another client touched, not those outside the time window -- with counts per action; the same
+for a user by sign-in name; CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from typing import Any
+
+from click.testing import CliRunner
+
+from fhirserver.auth.tokens import issue_token
+from fhirserver.cli import main
+from fhirserver.clock import now_us
+from fhirserver.fhir.dates import instant_text
+from fhirserver.users.registry import create_user
+from tests.conftest import BackendClient
+from tests.functional.exchange.test_load import cli_env
+
+
+def report(settings: Any, *args: str) -> str:
+    result = CliRunner().invoke(main, ["audit", "report", *args], env=cli_env(settings))
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result.stdout
+
+
+def rows(text: str) -> dict[str, dict[str, str]]:
+    return {r["patient"]: r for r in csv.DictReader(io.StringIO(text))}
+
+
+def test_the_report_lists_exactly_the_patients_the_account_touched(http: Any, admin: BackendClient,
+                                                                   make_client: Any, settings: Any, app: Any) -> None:
+    h = admin.headers()
+    pids = [http.post("/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": f"Breach{i}"}]},
+                      headers=h).get_json()["id"] for i in range(6)]
+    obs = [http.post("/fhir/Observation", headers=h, json={
+        "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{p}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}}).get_json()["id"] for p in pids]
+    thief = make_client("system/Patient.rs system/Observation.rus", default_scope="system/Patient.rs system/Observation.rus")
+    other = make_client("system/Patient.rs", default_scope="system/Patient.rs")
+    t = thief.headers()
+    assert http.get(f"/fhir/Patient/{pids[0]}", headers=t).status_code == 200  # before the window
+    time.sleep(0.01)
+    window = now_us()
+    assert http.get(f"/fhir/Patient/{pids[1]}", headers=t).status_code == 200
+    assert http.get("/fhir/Observation", query_string={"patient": pids[2]}, headers=t).status_code == 200
+    for _ in range(2):
+        assert http.get(f"/fhir/Observation/{obs[3]}", headers=t).status_code == 200
+    body = http.get(f"/fhir/Observation/{obs[1]}", headers=t).get_json()
+    assert http.put(f"/fhir/Observation/{obs[1]}", json=dict(body, status="amended"), headers=t).status_code == 200
+    assert http.post("/fhir/Patient", json={"resourceType": "Patient"}, headers=t).status_code == 403  # denied
+    assert http.get(f"/fhir/Patient/{pids[4]}", headers=other.headers()).status_code == 200  # another client
+
+    everything = rows(report(settings, "--client", thief.client_id))
+    assert set(everything) == {f"Patient/{p}" for p in pids[:4]}
+    since = rows(report(settings, "--client", thief.client_id, "--since", instant_text(window)))
+    assert set(since) == {f"Patient/{p}" for p in pids[1:4]}
+    p1, p2, p3 = (since[f"Patient/{p}"] for p in pids[1:4])
+    assert (p1["R"], p1["U"]) == ("2", "1")  # read the patient and the observation, then changed it
+    assert p2["E"] == "1" and p2["R"] == "0"  # a search
+    assert p3["R"] == "2"
+    assert p1["first"] <= p1["last"] and p1["first"] >= instant_text(window)[:19]
+    assert set(rows(report(settings, "--client", other.client_id))) == {f"Patient/{pids[4]}"}
+    # nothing after the incident's end
+    assert rows(report(settings, "--client", thief.client_id, "--until", "2000-01-01")) == {}
+    as_json = json.loads(report(settings, "--client", thief.client_id, "--format", "json"))
+    assert as_json["account"] == f"Device/{thief.client_id}"
+    assert {p["patient"] for p in as_json["patients"]} == set(everything)
+
+    # a user, by sign-in name: the accesses made with their tokens, through any app
+    svc = app.extensions["fhirserver"]
+    create_user(svc.engine, svc.keys, "dr.breach", "a long enough passphrase 1", "Practitioner/dr-breach")
+    with svc.engine.begin() as conn:
+        token, _exp = issue_token(conn, thief.client_id, "user/Patient.rs", 3600, {"fhirUser": "Practitioner/dr-breach"})
+    assert http.get(f"/fhir/Patient/{pids[5]}", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert set(rows(report(settings, "--user", "dr.breach"))) == {f"Patient/{pids[5]}"}
+
+
+def test_the_report_needs_exactly_one_account(settings: Any, app: Any) -> None:
+    for args in ([], ["--client", "a", "--user", "b"]):
+        result = CliRunner().invoke(main, ["audit", "report", *args], env=cli_env(settings))
+        assert result.exit_code == 2 and "exactly one account" in result.output
+    result = CliRunner().invoke(main, ["audit", "report", "--user", "nobody"], env=cli_env(settings))
+    assert result.exit_code == 1 and "no user" in result.output
