@@ -19,10 +19,8 @@ from typing import Any
 
 import pytest
 
-from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
-from fhirserver.auth.clients import register_backend_client
 from tests.conftest import BASE, EXAMPLES, example_files, make_settings
-from tests.support.apps import fresh_app
+from tests.support.apps import app_with_client
 
 TYPES = ("Patient", "Observation", "QuestionnaireResponse", "Consent")
 FILES: list[Path] = [p for t in TYPES for p in example_files(f"{t}-")]
@@ -40,16 +38,10 @@ def _skip_without_examples() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     _skip_without_examples()
-    settings = make_settings(tmp_path_factory.mktemp("examples"))
-    app = fresh_app(settings)
+    # Binary needs a scope naming it
+    app, http, headers = app_with_client(make_settings(tmp_path_factory.mktemp("examples")),
+                                         "system/*.cruds system/Binary.cruds", "examples test client")
     svc = app.extensions["fhirserver"]
-    key = generate_key()
-    scope = "system/*.cruds system/Binary.cruds"  # Binary needs a scope naming it
-    rec = register_backend_client(svc.engine, "examples test client", scope, jwks=public_jwks(key))
-    http = app.test_client()
-    resp = http.post("/auth/token", data=token_request_form(key, rec.client_id, settings.token_url, scope))
-    assert resp.status_code == 200, resp.get_data(as_text=True)
-    headers = {"Authorization": f"Bearer {resp.get_json()['access_token']}"}
     yield http, headers
     svc.engine.dispose()
 

@@ -11,24 +11,15 @@ from typing import Any
 
 import pytest
 
-from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
-from fhirserver.auth.clients import register_backend_client
 from tests.conftest import make_settings
-from tests.support.apps import fresh_app
+from tests.support.apps import app_with_client
 
 JSON = {"Content-Type": "application/fhir+json"}
 
 
 def _server(settings):  # type: ignore[no-untyped-def]
     """An app with its own registered backend client; returns (app, test client, auth headers)."""
-    app = fresh_app(settings)
-    svc = app.extensions["fhirserver"]
-    key = generate_key()
-    rec = register_backend_client(svc.engine, "validation test client", "system/*.cruds", jwks=public_jwks(key))
-    client = app.test_client()
-    resp = client.post("/auth/token", data=token_request_form(key, rec.client_id, settings.token_url, "system/*.cruds"))
-    assert resp.status_code == 200, resp.get_data(as_text=True)
-    return app, client, {"Authorization": f"Bearer {resp.get_json()['access_token']}"}
+    return app_with_client(settings, name="validation test client")
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 
-from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
-from fhirserver.auth.clients import register_backend_client
 from tests.conftest import make_settings
-from tests.support.apps import fresh_app
+from tests.support.apps import app_with_client
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "us-core.md"
 SCT, LOINC = "http://snomed.info/sct", "http://loinc.org"
@@ -131,14 +129,8 @@ def test_the_documented_table_is_the_tested_table() -> None:
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One server for the module (the rows only read): the app, a client's headers, and the ids of
     patient 0's resources (fixed ids for the referenced ones, server ids for the rest)."""
-    settings = make_settings(tmp_path_factory.mktemp("us-core"))
-    app = fresh_app(settings)
+    app, http, h = app_with_client(make_settings(tmp_path_factory.mktemp("us-core")), name="us core test client")
     svc = app.extensions["fhirserver"]
-    key = generate_key()
-    rec = register_backend_client(svc.engine, "us core test client", "system/*.cruds", jwks=public_jwks(key))
-    http = app.test_client()
-    resp = http.post("/auth/token", data=token_request_form(key, rec.client_id, settings.token_url, "system/*.cruds"))
-    h = {"Authorization": f"Bearer {resp.get_json()['access_token']}"}
     fixed = {"Patient": "up{}", "Medication": "um{}", "Practitioner": "upr{}"}
     ids: dict[str, str] = {}
     for i in (0, 1):
