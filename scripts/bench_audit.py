@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--data-dir", help="keep the data here (default: a temporary directory)")
     args = ap.parse_args()
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhirbench-audit-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
     settings = load_settings(data_dir=str(data_dir), base_url="http://127.0.0.1/fhir", audit_sequencer=False)
     upgrade(settings.effective_database_url)
     svc = build_services(settings)
