@@ -11,7 +11,6 @@ import functools
 import http.server
 import shutil
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.functional.smart.conftest import PASSWORD, seed_live
+from tests.support.npm import node_modules
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCRIPT_DIR = Path(__file__).resolve().parents[3] / "scripts" / "interop-js"
@@ -45,11 +45,7 @@ FHIR.oauth2.ready()
 
 @pytest.fixture(scope="module")
 def fhirclient_js() -> Path:
-    if not (SCRIPT_DIR / "node_modules" / "fhirclient").is_dir():
-        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--legacy-peer-deps"],
-                              cwd=SCRIPT_DIR, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"npm ci failed:\n{proc.stdout}\n{proc.stderr}"
-    return SCRIPT_DIR / "node_modules" / "fhirclient" / "build" / "fhir-client.js"
+    return node_modules() / "fhirclient" / "build" / "fhir-client.js"
 
 
 @pytest.fixture

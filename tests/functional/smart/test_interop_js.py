@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.functional.smart.conftest import PASSWORD, seed_live
+from tests.support.npm import node_modules as installed_node_modules
 
 SCRIPT_DIR = Path(__file__).resolve().parents[3] / "scripts" / "interop-js"
 pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")), reason="node/npm not installed")
@@ -21,11 +22,7 @@ pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm"
 
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
-    if not (SCRIPT_DIR / "node_modules" / "fhirclient").is_dir():
-        proc = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--legacy-peer-deps"], cwd=SCRIPT_DIR,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"npm ci failed:\n{proc.stdout}\n{proc.stderr}"
-    return SCRIPT_DIR / "node_modules"
+    return installed_node_modules()
 
 
 def test_npm_fhirclient_standalone_patient_launch(live: tuple[str, Any], node_modules: Path) -> None:
