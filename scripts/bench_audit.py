@@ -47,7 +47,8 @@ def records(n: int, start_us: int, seconds: int, seed: int = 3):  # type: ignore
             recorded_us=start_us + i * seconds * 1_000_000 // max(n, 1), status=status,
             client_id=client, client_name=client, user=f"Practitioner/u{rng.randint(0, 499)}",
             resources=[f"{rtype}/{patients[0]}-o/_history/1"] if status == 200 else [],
-            target=f"{rtype}/{patients[0]}-o", patients=patients, resource_type=rtype, purpose=["TREAT"])
+            target=f"Observation/{patients[0]}-o" if rtype == "Observation" else None, patients=patients,
+            resource_type=rtype, purpose=["TREAT"])
 
 
 def write(svc, n: int, batch: int) -> float:  # type: ignore[no-untyped-def]
