@@ -16,6 +16,8 @@ from sqlalchemy import and_, select
 
 from ..db.engine import read_connection
 from ..db.schema import compartment, resource
+from ..search.values import parse_reference
+from ..storage.repository import PreparedWrite
 from .context import RequestContext
 
 
@@ -25,18 +27,20 @@ def _references(value: Any) -> list[str]:
 
 
 def linked_patients(ctx: RequestContext, rtype: str, body: dict[str, Any]) -> list[str]:
+    """The patients whose compartments a `rtype` body joins through its `compartmentVia` references."""
     spec = ctx.services.types.get(rtype)
     refs = [r for element in (spec.compartment_via if spec else ()) for r in _references(body.get(element))]
     found: list[str] = []
     targets: list[tuple[str, str]] = []
     for ref in refs:
-        parts = ref.split("/_history")[0].split("/")
-        if len(parts) != 2 or not parts[0].isalpha():
-            continue  # absolute, contained (#) or malformed: nothing stored here to follow
-        if parts[0] == "Patient":
-            found.append(parts[1])
+        # parsed as the indexer parses references (this server's full URLs, _history, contained #)
+        target_type, target_id, _url = parse_reference(ref, ctx.services.settings.fhir_base)
+        if target_type is None or target_id is None:
+            continue  # contained, another server's or malformed: nothing stored here to follow
+        if target_type == "Patient":
+            found.append(target_id)
         else:
-            targets.append((parts[0], parts[1]))
+            targets.append((target_type, target_id))
     if targets:
         with read_connection(ctx.services.engine) as conn:
             for target_type, target_id in targets[:20]:
@@ -46,3 +50,8 @@ def linked_patients(ctx: RequestContext, rtype: str, body: dict[str, Any]) -> li
                         resource.c.deleted.is_(False)))).scalars()
                 found.extend(rows)
     return list(dict.fromkeys(found))
+
+
+def prepare_write(ctx: RequestContext, rtype: str, body: dict[str, Any], rid: str | None) -> PreparedWrite:
+    """`repo.prepare` of a REST write, with the compartments its references make it join."""
+    return ctx.services.repo.prepare(rtype, body, rid, linked_patients(ctx, rtype, body))

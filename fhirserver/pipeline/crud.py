@@ -20,7 +20,7 @@ from ..storage.repository import Stored
 from ..storage.visibility import id_of, visible
 from .access import record_touch, search_matches, version_visible
 from .capability import capability_statement, smart_configuration
-from .compartment_links import linked_patients
+from .compartment_links import prepare_write
 from .context import RequestContext, Result
 from .errors import fhir_error
 from .handler import Handler
@@ -104,7 +104,7 @@ class Create(Handler):
         body = validated(ctx)
         body.pop("id", None)  # the server assigns ids on create
         rtype = ctx.interaction.resource_type or ""
-        ctx.write = ctx.services.repo.prepare(rtype, body, ctx.assigned_id, linked_patients(ctx, rtype, body))
+        ctx.write = prepare_write(ctx, rtype, body, ctx.assigned_id)
         prepare_provenance(ctx, amended=False)
 
     def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
@@ -183,8 +183,7 @@ class Update(Handler):
                                 ["id"])
             rid = target or body.get("id") or str(uuid.uuid4())
             ctx.interaction.id = rid
-            ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, rid, linked_patients(ctx, rtype, body)), \
-                matches[:1]
+            ctx.write, ctx.plan = prepare_write(ctx, rtype, body, rid), matches[:1]
             prepare_provenance(ctx, amended)
             return
         if "id" not in body:
@@ -192,7 +191,7 @@ class Update(Handler):
         if body["id"] != it.id:
             raise FhirError(400, "invalid", f"Resource id '{str(body['id'])[:64]}' does not match the URL id '{it.id}'",
                             [f"{rtype}.id"])
-        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, body, it.id, linked_patients(ctx, rtype, body)), None
+        ctx.write, ctx.plan = prepare_write(ctx, rtype, body, it.id), None
         prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
@@ -267,8 +266,7 @@ class Patch(Update):
             raise FhirError(422, "processing", "A patch may not change the resource type or id")
         ctx.services.validator.validate(patched, rtype)
         amended = flag_patient_amendment(ctx, patched)
-        ctx.write, ctx.plan = ctx.services.repo.prepare(rtype, patched, rid, linked_patients(ctx, rtype, patched)), \
-            current.version
+        ctx.write, ctx.plan = prepare_write(ctx, rtype, patched, rid), current.version
         prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:

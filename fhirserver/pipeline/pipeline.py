@@ -35,6 +35,7 @@ from .errors import fhir_error
 from .handler import Handler
 from .interaction import Interaction, negotiate_format, parse_interaction
 from .principal import Principal
+from .provenance import wanted as provenance_wanted
 from .routes import handler_for
 
 log = logging.getLogger("fhirserver.pipeline")
@@ -125,7 +126,7 @@ class Pipeline:
             setattr(ctx.access, name, preds)
             if name == "create":
                 ctx.access.may_create = True
-        if it.kind in ("create", "update", "patch") and ctx.header("x-provenance"):
+        if it.kind in ("create", "update", "patch") and provenance_wanted(ctx):
             # an X-Provenance is a Provenance the writer creates: it needs a scope for that (403)
             ctx.access.provenance = self.authorizer.predicates(principal, "Provenance", "create")
         if it.kind in ("create", "update", "patch") and ctx.prefer.get("return") != "minimal":
