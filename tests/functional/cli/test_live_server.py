@@ -92,6 +92,10 @@ class LiveServer:
             headers["Authorization"] = f"Bearer {token}"
         if path.startswith("/fhir") or path.startswith("/auth"):
             self.audited_requests += 1
+        # a fresh connection per request: a kept-alive one the server closes as idle just as the
+        # next request goes out is reset under load (a CI run lost a request that way), and these
+        # tests count every request
+        headers.setdefault("Connection", "close")
         return self.http.request(method, f"{self.root_url}{path}", headers=headers, timeout=30, **kw)
 
     def get(self, path: str, token: str | None = None, **kw: Any) -> requests.Response:
