@@ -70,6 +70,11 @@ class Settings:
     consent_minor_age: int = 14  # younger patients' privacy Consents must come from a guardian
     denial_burst_threshold: int = 20  # denied requests per client per minute that raise an alert (0: off)
     denial_burst_suspend: bool = False  # also disable the client on a burst
+    # ---- cross-border transfer (docs/consent.md): the deployment's jurisdiction (ISO 3166 code or
+    # a union such as EU; empty: the rule is off). A client registered with another jurisdiction sees
+    # a patient's data only where the patient's Consent permits that transfer.
+    jurisdiction: str = ""
+    cross_border_deidentified: bool = False  # de-identified exports leave without a per-patient permit
     # ---- bulk export and background work (docs/exchange.md)
     export_expiry_seconds: int = 3600
     export_file_max_resources: int = 10_000
@@ -87,6 +92,11 @@ class Settings:
         """Server root URL (base URL without the trailing /fhir)."""
         base = self.base_url.rstrip("/")
         return base[: -len("/fhir")] if base.endswith("/fhir") else base
+
+    @property
+    def home_jurisdiction(self) -> str:
+        """The deployment's jurisdiction code, normalized ("" when the cross-border rule is off)."""
+        return self.jurisdiction.strip().upper()
 
     @property
     def fhir_base(self) -> str:

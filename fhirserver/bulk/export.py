@@ -64,6 +64,7 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
     from ..pipeline.pipeline import Pipeline
 
     principal = principal_from(job.principal)
+    principal.consent = svc.consent.export_decision(principal, bool(job.spec.get("deidentify")))
     access = Pipeline(svc).access_fn(principal)
     settings = svc.settings
     per_file = settings.export_file_max_resources

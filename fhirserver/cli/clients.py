@@ -41,6 +41,9 @@ def client() -> None:
               help="May read AuditEvents (with an explicit system/AuditEvent.rs scope; purpose HOPERAT by default).")
 @click.option("--audit-query-values", "audit_query_values", is_flag=True,
               help="An auditor that also sees the values inside audited queries and details (redacted otherwise).")
+@click.option("--jurisdiction", "jurisdiction", metavar="CODE",
+              help="Where the client's operator is (ISO 3166 code or EU); outside the deployment's jurisdiction, "
+                   "it sees a patient's data only with the patient's consent to that transfer (default: domestic).")
 @click.option("--stable-pseudonyms", "stable_pseudonyms", is_flag=True,
               help="De-identified exports reuse one pseudonym key for this client (linkable across its exports).")
 @click.pass_context
@@ -60,6 +63,11 @@ def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_u
     except (ValueError, UnicodeDecodeError) as exc:
         raise click.ClickException(f"the JWKS file is not valid JSON: {exc}") from exc
     settings: dict[str, object] = {k: v for k, v in extra_settings.items() if v not in (None, (), False)}
+    if isinstance(settings.get("jurisdiction"), str):
+        place = str(settings["jurisdiction"]).strip().upper()
+        if not place.isascii() or not place.isalpha() or not 2 <= len(place) <= 3:
+            raise click.ClickException("--jurisdiction takes an ISO 3166 alpha-2/alpha-3 code or EU")
+        settings["jurisdiction"] = place
     if settings.get("audit_query_values") and not settings.get("auditor"):
         raise click.ClickException("--audit-query-values needs --auditor")
     if settings.get("auditor") and ctx.get_parameter_source("purposes") == click.core.ParameterSource.DEFAULT:
@@ -100,7 +108,8 @@ def client_list(ctx: click.Context, as_json: bool) -> None:
     rows = list_clients(svc.engine)
     if as_json:
         click.echo(json.dumps([{"client_id": r.client_id, "name": r.name, "kind": r.kind, "scopes": r.scopes,
-                                "organization": r.organization, "disabled": r.disabled} for r in rows], indent=1))
+                                "organization": r.organization, "disabled": r.disabled,
+                                "jurisdiction": (r.settings or {}).get("jurisdiction")} for r in rows], indent=1))
         return
     for r in rows:
         click.echo(f"{r.client_id}\t{r.name}\t{r.kind}\t{'disabled' if r.disabled else 'enabled'}\t{r.scopes}")

@@ -23,7 +23,7 @@ def build_consent(settings: Any, blind: Any, params: Any = None) -> tuple[Consen
     digest = actor_digest(blind)
     opt_out = tuple(p.strip() for p in str(getattr(settings, "consent_opt_out_purposes", "TREAT,HPAYMT,HOPERAT"))
                     .split(",") if p.strip())
-    engine = ConsentEngine(codes, digest, opt_out, elements)
+    engine = ConsentEngine(codes, digest, opt_out, elements, str(getattr(settings, "home_jurisdiction", "")))
     return ConsentWrites(Labeller(codes, elements), digest), ConsentStage(engine, settings)
 
 

@@ -17,6 +17,11 @@ group has a matching value) and none of its nested provisions matches. Then:
 where an explicit permit is one whose provision (or a parent) names a code or a securityLabel.
 The patient themself and linked guardian/proxy users see their own compartment unfiltered;
 consent-exempt clients and break-the-glass requests are not filtered (and are audited/alerted).
+
+Cross-border transfer: a client registered with a jurisdiction other than the deployment's sees a
+row in a patient's compartment only when a permit of that patient with the client's jurisdiction as
+recipient (`rules.RECIPIENT_JURISDICTION`) decides for it -- ANDed to everything above, for every
+mode but break-the-glass, and for the patient's own compartment too.
 """
 
 from __future__ import annotations
@@ -63,7 +68,6 @@ from .rules import ACTOR_PARAM, canonical_actor
 NOT_FILTERED_TYPES = frozenset({"AuditEvent"})  # the audit trail is governed by scopes only
 DEFAULT_OPT_OUT = ("TREAT", "HPAYMT", "HOPERAT")
 BREAK_GLASS_PURPOSE = "ETREAT"
-POLICY_SYSTEM = "urn:fhirserver:consent-policy"
 
 
 class now_micros(FunctionElement[int]):  # noqa: N801 - an SQL function
@@ -131,13 +135,16 @@ class Decision:
     own_patients: list[str] = field(default_factory=list)  # unfiltered compartments (self, guardian, proxy)
     now_us: int = 0
     any_rules: bool = True  # False: the rule table was empty when the request started (fast path)
+    jurisdiction: str = ""  # the client's jurisdiction ("" when the rule is off)
+    transfer: bool = False  # the client is outside the deployment's jurisdiction
 
 
 class ConsentEngine:
     def __init__(self, codes: SensitiveCodes, digest: Callable[[str], str],
                  opt_out_purposes: tuple[str, ...] = DEFAULT_OPT_OUT,
-                 elements: ConsentElements | None = None) -> None:
+                 elements: ConsentElements | None = None, jurisdiction: str = "") -> None:
         self.codes = codes
+        self.home = jurisdiction
         self.elements = elements or ConsentElements()
         self.digest = digest
         self.opt_out = frozenset(opt_out_purposes)
@@ -182,7 +189,9 @@ class ConsentEngine:
             own.append(user.split("/", 1)[1])
         if user:
             own.extend(principal.linked_patients)
-        return Decision(purpose, mode, reason[:500] or None, [self.digest(a) for a in actors], own, now_us())
+        place = str(settings.get("jurisdiction") or self.home).upper() if self.home else ""
+        return Decision(purpose, mode, reason[:500] or None, [self.digest(a) for a in actors], own, now_us(),
+                        jurisdiction=place, transfer=place != self.home)
 
     def decision_of(self, principal: Any) -> Decision:
         """The request's decision (attached by the pipeline), or the client's defaults for a
@@ -202,14 +211,31 @@ class ConsentEngine:
             # resource it touched (multi-patient events stay with the privacy office)
             comp = source.compartment.alias()
             return [~_exists([comp], comp.c.resource_pk == res.c.pk, comp.c.patient_id.not_in(d.own_patients))]
-        if d.mode != "filter" or resource_type in NOT_FILTERED_TYPES:
+        if resource_type in NOT_FILTERED_TYPES:
             return []
+        preds = [self.transfer_permitted(res, d)] if d.transfer and d.mode != "break-glass" else []
+        if d.mode != "filter":
+            return preds
         pred = self.visible(res, d)
         if d.own_patients:
             comp = compartment.alias()
             own = res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(d.own_patients)))
             pred = or_(own, pred)
-        return [pred]
+        return [pred, *preds]
+
+    def transfer_permitted(self, res: FromClause, d: Decision) -> ColumnElement[bool]:
+        """The row is in no patient's compartment, or every patient whose compartment holds it has
+        a permit for the client's jurisdiction that decides for it (purpose, actor, data...)."""
+        return _Deferred(self._transfer_sql, [res], _request_params(d))
+
+    def _transfer_sql(self, tables: Sequence[FromClause], params: Sequence[BindParameter[Any]],
+                      shape: tuple[Any, ...]) -> ColumnElement[bool]:
+        (res,), (purpose, place, *actors) = tables, params
+        comp, rule, where = compartment.alias(), consent_rule.alias(), consent_criterion.alias()
+        permit = _exists([rule, where], rule.c.patient_id == comp.c.patient_id, rule.c.effect == "permit",
+                         where.c.rule_pk == rule.c.pk, where.c.kind == "jurisdiction", where.c.value == place,
+                         *self._deciding(rule, res, purpose, place, actors))
+        return ~_exists([comp], comp.c.resource_pk == res.c.pk, ~permit)
 
     def visible(self, res: FromClause, d: Decision) -> ColumnElement[bool]:
         """One correlated score per row: the strongest deciding rule (4 deny, 2 explicit permit,
@@ -230,12 +256,12 @@ class ConsentEngine:
 
     def _visible_sql(self, tables: Sequence[FromClause], params: Sequence[BindParameter[Any]],
                      shape: tuple[Any, ...]) -> ColumnElement[bool]:
-        (res,), (purpose, *actors), (opt_out, labels) = tables, params, shape
+        (res,), (purpose, place, *actors), (opt_out, labels) = tables, params, shape
         comp, rule = compartment.alias(), consent_rule.alias()
         value = case((rule.c.effect == "deny", 4), (rule.c.explicit.is_(True), 2), else_=1)
         score = func.coalesce(
             select(func.max(value)).select_from(comp.join(rule, rule.c.patient_id == comp.c.patient_id))
-            .where(comp.c.resource_pk == res.c.pk, *self._deciding(rule, res, purpose, actors))
+            .where(comp.c.resource_pk == res.c.pk, *self._deciding(rule, res, purpose, place, actors))
             .correlate_except(comp, rule).scalar_subquery(), 0)
         sensitive = self._sensitive(res, labels)
         # CASE <score> WHEN ...: SQLite evaluates a correlated sub-query at every mention, so the
@@ -257,15 +283,17 @@ class ConsentEngine:
         now = now_micros()
         return and_(rule.c.start_us <= now, rule.c.end_us >= now)
 
-    def _deciding(self, rule: Any, row: FromClause, purpose: Any, actors: Sequence[Any]) -> list[ColumnElement[bool]]:
+    def _deciding(self, rule: Any, row: FromClause, purpose: Any, place: Any,
+                  actors: Sequence[Any]) -> list[ColumnElement[bool]]:
         """`rule` decides for `row`: it has an effect, is in force, matches, and none of its
         nested provisions (exceptions) in force matches."""
         child = consent_rule.alias()
-        return [rule.c.effect != "none", self._in_force(rule), self._matches(rule, row, purpose, actors),
+        return [rule.c.effect != "none", self._in_force(rule), self._matches(rule, row, purpose, place, actors),
                 ~_exists([child], child.c.parent_pk == rule.c.pk, self._in_force(child),
-                         self._matches(child, row, purpose, actors))]
+                         self._matches(child, row, purpose, place, actors))]
 
-    def _matches(self, rule: Any, row: FromClause, purpose: Any, actors: Sequence[Any]) -> ColumnElement[bool]:
+    def _matches(self, rule: Any, row: FromClause, purpose: Any, place: Any,
+                 actors: Sequence[Any]) -> ColumnElement[bool]:
         """Every criterion group of `rule` has a value matching `row` and the request: the number
         of distinct groups with a matching value equals the rule's group count. Row-independent
         kinds are tested first; the index probes are EXISTS terms of the same OR, so a criterion
@@ -278,6 +306,7 @@ class ConsentEngine:
         label = [tok.c.resource_pk == row.c.pk, tok.c.param == "_security", tok.c.code == item.c.value]
         one = or_(
             and_(kind == "purpose", item.c.value == purpose),
+            and_(kind == "jurisdiction", item.c.value == place),
             and_(kind == "actor", _one_of(item.c.value, actors)),
             and_(kind == "class", item.c.value == row.c.type),
             and_(kind == "data", item.c.system == row.c.type, item.c.value == row.c.id),
@@ -300,8 +329,8 @@ class ConsentEngine:
 
     def _deciding_sql(self, tables: Sequence[FromClause], params: Sequence[BindParameter[Any]],
                       shape: tuple[Any, ...]) -> ColumnElement[bool]:
-        (rule, row), (purpose, *actors) = tables, params
-        return and_(*self._deciding(rule, row, purpose, actors))
+        (rule, row), (purpose, place, *actors) = tables, params
+        return and_(*self._deciding(rule, row, purpose, place, actors))
 
     # ------------------------------------------------------------------ the audit basis
     def deciding_consents(self, conn: Connection, pks: list[int], d: Decision, effect: str) -> list[str]:
@@ -330,8 +359,9 @@ def _exists(tables: list[Any], *conds: ColumnElement[bool]) -> ColumnElement[boo
 
 
 def _request_params(d: Decision) -> list[BindParameter[Any]]:
-    """The request's purpose and actor digests as bound parameters (values vary per request)."""
-    return [literal(d.purpose), *(literal(a) for a in d.actors)]
+    """The request's purpose, jurisdiction and actor digests as bound parameters (values vary
+    per request)."""
+    return [literal(d.purpose), literal(d.jurisdiction), *(literal(a) for a in d.actors)]
 
 
 def _one_of(col: ColumnElement[Any], values: Any) -> ColumnElement[bool]:
@@ -346,26 +376,3 @@ def actor_digest(blind: Any) -> Callable[[str], str]:
         return blind.digest(ACTOR_PARAM, "r", ref)
 
     return digest
-
-
-def policy_entity(purpose: str, description: str) -> dict[str, Any]:
-    return {
-        "what": {"identifier": {"system": POLICY_SYSTEM, "value": f"default-policy:{purpose}"}},
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2",
-                 "display": "System Object"},
-        "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "13",
-                 "display": "Security Resource"},
-        "description": description,
-    }
-
-
-def consent_entity(consent_id: str, description: str) -> dict[str, Any]:
-    return {
-        "what": {"reference": f"Consent/{consent_id}"},
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2",
-                 "display": "System Object"},
-        "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "13",
-                 "display": "Security Resource"},
-        "description": description,
-    }
-

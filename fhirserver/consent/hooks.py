@@ -10,6 +10,9 @@ real one (docs/consent.md):
 - `predicates(principal, type, interaction, table)`: SQL predicates over `table` (the resource
   table or an alias) ANDed into every read and search, so hidden rows never count toward totals,
   pages, includes, chains or `_has`;
+- `explain_hidden(ctx, conn, pk, type)`: a read found a row its predicates hide; may raise a more
+  specific refusal than the caller's 404 (403 for a refused cross-border transfer);
+- `export_decision(principal, deidentified)`: the decision an export job applies when it runs;
 - `check_write(ctx)`: after a write was prepared (e.g. 422 for a minor's Consent without a guardian);
 - `annotate(ctx, conn)`: after a reading handler ran, before its audit record is built;
 - `finish(ctx, conn)`: inside the audit transaction, also for failed requests (alerts).
@@ -45,6 +48,10 @@ class ConsentHook(Protocol):
     def predicates(self, principal: Any, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]: ...
 
+    def explain_hidden(self, ctx: StageContext, conn: Connection, pk: int, rtype: str) -> None: ...
+
+    def export_decision(self, principal: Any, deidentified: bool) -> Any: ...
+
     def check_write(self, ctx: StageContext) -> None: ...
 
     def annotate(self, ctx: StageContext, conn: Connection) -> None: ...
@@ -61,6 +68,12 @@ class NoConsentFiltering:
     def predicates(self, principal: Any, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]:
         return []
+
+    def explain_hidden(self, ctx: StageContext, conn: Connection, pk: int, rtype: str) -> None:
+        return None
+
+    def export_decision(self, principal: Any, deidentified: bool) -> Any:
+        return None
 
     def check_write(self, ctx: StageContext) -> None:
         return None

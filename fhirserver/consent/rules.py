@@ -24,8 +24,11 @@ from ..db.schema import consent_criterion, consent_rule
 from ..fhir.dates import MAX_US, MIN_US, parse_range
 from ..search.values import parse_reference
 
-KINDS = ("actor", "purpose", "class", "code", "label", "data", "period")
+KINDS = ("actor", "purpose", "class", "code", "label", "data", "period", "jurisdiction")
 PRIVACY_SCOPE = "patient-privacy"
+# A provision's recipient jurisdiction (PIPL art. 38-39 separate consent to a cross-border
+# transfer): valueCode, an ISO 3166 country code or a union such as EU (docs/consent.md).
+RECIPIENT_JURISDICTION = "https://fhirserver.dev/fhir/StructureDefinition/recipient-jurisdiction"
 ACTOR_PARAM = "consent-actor"
 
 
@@ -130,6 +133,11 @@ def flatten(body: dict[str, Any], digest: Callable[[str], str]) -> list[Rule]:
             add("label", [Criterion(0, "label", c.get("system"), c["code"]) for c in prov["securityLabel"]
                           if isinstance(c, dict) and isinstance(c.get("code"), str)])
             explicit = True
+        places = [e.get("valueCode") for e in prov.get("extension") or []
+                  if isinstance(e, dict) and e.get("url") == RECIPIENT_JURISDICTION]
+        if places:
+            add("jurisdiction", [Criterion(0, "jurisdiction", None, p.strip().upper()) for p in places
+                                 if isinstance(p, str) and p.strip()])
         if prov.get("dataPeriod"):
             dp = _period(prov["dataPeriod"])
             add("period", [Criterion(0, "period", None, None, dp[0], dp[1])] if dp else [])

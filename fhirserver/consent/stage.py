@@ -15,6 +15,7 @@ same transaction as the Consent's own write.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 from typing import Any
 
@@ -26,15 +27,19 @@ from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import app_user, resource, user_patient_link
 from ..fhir.errors import FhirError
+from ..search.sources import source_of
 from ..storage.codec import parse_json
+from ..storage.visibility import visible
 from .alerts import note_denial, raise_alert
-from .engine import ConsentEngine, Decision, consent_entity, policy_entity
+from .engine import ConsentEngine, Decision
+from .entities import consent_entity, policy_entity
 from .hooks import NoConsentFiltering, StageContext
 from .labels import Labeller
 from .rules import PRIVACY_SCOPE, materialize
 
 READING = {"read", "vread", "history-instance", "history-type", "search-type", "operation"}
 DETAIL_SYSTEM = "urn:fhirserver:consent"
+TRANSFER_REFUSED = "Cross-border transfer refused"
 
 
 def _entity_detail(entity: dict[str, Any], kind: str, value: str) -> dict[str, Any]:
@@ -90,8 +95,32 @@ class ConsentStage(NoConsentFiltering):
             rec.extra_entities.append(policy_entity(
                 decision.purpose, f"default policy for purpose {decision.purpose}: {default}; data with a "
                                   "sensitivity label needs a consent that permits it explicitly"))
+        if decision.transfer and decision.mode != "break-glass":
+            rec.extra_entities.append(policy_entity(
+                "cross-border", f"cross-border transfer to {decision.jurisdiction}: only data of patients whose "
+                                f"consent permits it"))
         return decision
 
+    def explain_hidden(self, ctx: StageContext, conn: Connection, pk: int, rtype: str) -> None:
+        """A read found row `pk` hidden: 403 when the cross-border rule is what hides it (the
+        client is told why, and the privacy office gets an alert), else the caller's 404."""
+        decision: Decision | None = getattr(ctx.principal, "consent", None)
+        if decision is None or not decision.transfer or decision.mode == "break-glass":
+            return
+        res = source_of(rtype).res
+        if visible(conn, pk, [self.engine.transfer_permitted(res, decision)], rtype):
+            return
+        raise FhirError(403, "forbidden", f"{TRANSFER_REFUSED}: this client is registered in "
+                                          f"{decision.jurisdiction}, the data is held in {self.engine.home}, and "
+                                          "the patient's consent does not permit this transfer")
+
+    def export_decision(self, principal: Any, deidentified: bool) -> Decision | None:
+        """The decision an export job applies: its caller's defaults, without the cross-border
+        rule for a de-identified export when the deployment allows those abroad."""
+        decision = self.engine.decide(principal, {})
+        if deidentified and getattr(self.settings, "cross_border_deidentified", False):
+            decision.transfer = False
+        return decision
 
     def predicates(self, principal: Any, resource_type: str, interaction: str, res: Any) -> list[Any]:
         return self.engine.predicates(principal, resource_type, interaction, res)
@@ -148,8 +177,7 @@ class ConsentStage(NoConsentFiltering):
         if not pks:
             return
         if decision.mode == "break-glass":
-            filtering = Decision(decision.purpose, "filter", None, decision.actors, decision.own_patients,
-                                 decision.now_us)
+            filtering = replace(decision, mode="filter", reason=None)
             for cid in self.engine.deciding_consents(conn, pks, filtering, "deny"):
                 ctx.record.extra_entities.append(consent_entity(cid, "denied; overridden by break-the-glass"))
             return
@@ -168,6 +196,10 @@ class ConsentStage(NoConsentFiltering):
                          "target": rec.target or rec.resource_type, "patients": rec.patients[:50],
                          "overridden_consents": [e["what"]["reference"] for e in rec.extra_entities
                                                  if e.get("what", {}).get("reference", "").startswith("Consent/")]})
+        if decision is not None and rec.status == 403 and rec.outcome_desc.startswith(TRANSFER_REFUSED):
+            raise_alert(conn, "cross-border", rec.client_id, rec.request_id,
+                        {"jurisdiction": decision.jurisdiction, "interaction": rec.interaction,
+                         "target": rec.target or rec.resource_type, "patients": rec.patients[:50]})
         if not rec.client_id or rec.status not in (403, 404):
             return
         if rec.status == 404:

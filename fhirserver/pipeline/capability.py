@@ -25,8 +25,10 @@ def smart_oauth_extension(root: str) -> dict[str, Any]:
 
 
 def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: str, root: str,
-                         software_date: str, profiles: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-    """`profiles`: shipped profile URLs by type (Validator.profiles.urls_by_type())."""
+                         software_date: str, profiles: Mapping[str, Sequence[str]] | None = None,
+                         jurisdiction: str = "") -> dict[str, Any]:
+    """`profiles`: shipped profile URLs by type (Validator.profiles.urls_by_type()); `jurisdiction`:
+    the deployment's, when the cross-border rule is on."""
     supported = profiles or {}
     resources = []
     for t in types:
@@ -66,7 +68,7 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
         if t.server_written:
             entry["documentation"] = "Written only by the server: one AuditEvent per interaction."
         resources.append(entry)
-    return {
+    statement = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": software_date,
@@ -84,7 +86,12 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                          "code": "SMART-on-FHIR"}]}],
                 "description": "OAuth 2.0 bearer tokens per SMART App Launch / Backend Services; "
-                               "see .well-known/smart-configuration.",
+                               "see .well-known/smart-configuration." + (
+                                   f" Data is held in jurisdiction {jurisdiction}: a client registered in another "
+                                   "jurisdiction receives a patient's data only where the patient's Consent permits "
+                                   "that transfer (a permit provision with the purpose and the extension "
+                                   "https://fhirserver.dev/fhir/StructureDefinition/recipient-jurisdiction); "
+                                   "other reads are refused with 403." if jurisdiction else ""),
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
@@ -93,6 +100,9 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
                           if definition.startswith("http://hl7.org/fhir/uv/bulkdata/OperationDefinition")],
         }],
     }
+    if jurisdiction:
+        statement["jurisdiction"] = [{"coding": [{"system": "urn:iso:std:iso:3166", "code": jurisdiction}]}]
+    return statement
 
 
 DEIDENTIFY_EXTENSION = "http://fhirserver.dev/StructureDefinition/export-deidentify"

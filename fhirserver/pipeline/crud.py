@@ -36,7 +36,7 @@ class Capabilities(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
         cs = capability_statement(s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE,
-                                  profiles=s.validator.profiles.urls_by_type())
+                                  profiles=s.validator.profiles.urls_by_type(), jurisdiction=s.settings.home_jurisdiction)
         return Result(200, cs)
 
 
@@ -76,6 +76,7 @@ class Read(Handler):
                 raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known") from None
             raise
         if not visible(conn, stored.pk, ctx.access.read):
+            ctx.services.consent.explain_hidden(ctx, conn, stored.pk, it.resource_type)
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
         if version is not None and ctx.access.read and not version_visible(ctx, conn, stored):
             raise FhirError(404, "not-found", f"{it.resource_type}/{it.id}/_history/{version} is not known")

@@ -107,6 +107,8 @@ class ExportKickoff(Handler):
         if spec["level"] == "instance":
             head = svc.repo.current(conn, "Patient", it.id or "")
             if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
+                if head is not None and not head.deleted:
+                    svc.consent.explain_hidden(ctx, conn, head.pk, "Patient")
                 raise FhirError(404, "not-found", f"Patient/{it.id} is not known")
             ctx.record.patients = [it.id or ""]
         principal = ctx.principal

@@ -47,6 +47,8 @@ class Everything(Handler):
         pid = it.id or ""
         head = s.repo.current(conn, "Patient", pid)
         if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
+            if head is not None and not head.deleted:
+                s.consent.explain_hidden(ctx, conn, head.pk, "Patient")
             raise FhirError(404, "not-found", f"Patient/{pid} is not known")
         known = ("_count", "_cursor", "_since", "_type", "_summary", "_elements", "_format", "_pretty")
         unknown = sorted({k for k, _v in it.params if k not in known})

@@ -139,9 +139,9 @@ class ConsentServer:
 
     def backend(self, purposes: list[str] | None = None, organization: str | None = None,
                 exempt: bool = False, break_glass: bool = False, scope: str = "system/*.rs",
-                header: str | None = None, reason: str | None = None) -> Caller:
+                header: str | None = None, reason: str | None = None, jurisdiction: str | None = None) -> Caller:
         key = generate_key("ES384")
-        settings: dict[str, Any] = {}
+        settings: dict[str, Any] = {"jurisdiction": jurisdiction} if jurisdiction else {}
         if purposes is not None:
             settings["purposes"] = purposes
         if exempt:
@@ -305,8 +305,8 @@ def check_everything(srv: ConsentServer, caller: Caller) -> None:
         assert set(m) == want, (pkey, sorted(set(m) ^ want))
 
 
-def start(tmp: Path, database_url: str = "") -> ConsentServer:
-    settings = make_settings(tmp, database_url)
+def start(tmp: Path, database_url: str = "", **settings_kw: Any) -> ConsentServer:
+    settings = make_settings(tmp, database_url, **settings_kw)
     app = fresh_app(settings)
     svc = app.extensions["fhirserver"]
     http = app.test_client()
