@@ -26,6 +26,8 @@ from ..db.schema import access_record, audit_checkpoint, audit_node
 from .checkpoints import Checkpoint, Signer, publish
 from .merkle import CompactRange, PerfectHash
 from .records import record_leaf
+from .rollup import BATCH as ROLLUP_BATCH
+from .rollup import roll_up, watermark
 
 log = logging.getLogger("fhirserver.audit")
 BATCH = 5000
@@ -112,6 +114,7 @@ class RunResult:
     sequenced: int
     tree_size: int
     checkpoint: Checkpoint | None
+    rolled_up: int = 0
 
 
 class Sequencer:
@@ -143,7 +146,7 @@ class Sequencer:
             if done is None:
                 return None
             total += done.sequenced
-            if done.checkpoint is not None or done.sequenced < BATCH:
+            if done.checkpoint is not None or (done.sequenced < BATCH and done.rolled_up < ROLLUP_BATCH):
                 if done.checkpoint is not None:
                     publish(done.checkpoint, self.checkpoint_file)  # type: ignore[arg-type]
                     self.last_checkpoint_us = done.checkpoint.time_us
@@ -156,6 +159,8 @@ class Sequencer:
             if conn.execute(select(access_record.c.pk).where(access_record.c.seq.is_(None)).limit(1)).first():
                 return None
             size = tree_size(conn)
+            if watermark(conn) < size:
+                return None  # records still to roll up
             if not allow_checkpoint:
                 return size
             last = conn.execute(select(audit_checkpoint.c.tree_size, audit_checkpoint.c.time_us)
@@ -185,6 +190,7 @@ class Sequencer:
                 raw_sql.executemany(conn, _SET_SEQ, updates)
                 raw_sql.executemany(conn, _INS_NODE, cr.completed)
                 size = cr.size
+            rolled = roll_up(conn, size)  # the records just sequenced (or a batch of older ones)
             last = conn.execute(select(audit_checkpoint.c.tree_size, audit_checkpoint.c.time_us)
                                 .order_by(audit_checkpoint.c.id.desc()).limit(1)).first()
             now = now_us()
@@ -192,12 +198,12 @@ class Sequencer:
             checkpoint = None
             if last is not None:
                 self.last_checkpoint_us = max(self.last_checkpoint_us, last.time_us)
-            if force_checkpoint or (allow_checkpoint and due and len(rows) < BATCH):
+            if force_checkpoint or (allow_checkpoint and due and len(rows) < BATCH and rolled < ROLLUP_BATCH):
                 root = (cr or frontier(conn, size)).root()
                 checkpoint = self.signer.sign(size, root, now)
                 conn.execute(audit_checkpoint.insert().values(
                     tree_size=size, root=root, time_us=now, key_id=checkpoint.key_id, signature=checkpoint.signature))
-            return RunResult(len(rows), size, checkpoint)
+            return RunResult(len(rows), size, checkpoint, rolled)
 
     # ---- the background thread of a server process
     def start(self, interval: float) -> None:

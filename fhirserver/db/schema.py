@@ -348,6 +348,59 @@ audit_checkpoint = Table(
     Index("ix_audit_checkpoint_size", "tree_size"),
 )
 
+# ---- privacy operations (migration 0010) ----
+# Per (agent, hour, patient, action, outcome): how many access records, first and last time. Kept
+# by the sequencer for every sequenced record below the `rollup_seq` watermark (audit/rollup.py);
+# breach reports and snooping detection read it instead of the records.
+access_hourly = Table(
+    "access_hourly",
+    metadata,
+    Column("agent_type", String(64), primary_key=True),
+    Column("agent_id", String(255), primary_key=True),
+    Column("hour_us", BigInteger, primary_key=True, autoincrement=False),
+    Column("patient_id", String(255), primary_key=True),
+    Column("action", String(1), primary_key=True),
+    Column("outcome", String(2), primary_key=True),
+    Column("n", BigInteger, nullable=False),
+    Column("first_us", BigInteger, nullable=False),
+    Column("last_us", BigInteger, nullable=False),
+    Index("ix_access_hourly_hour", "hour_us"),
+    Index("ix_access_hourly_patient", "patient_id", "hour_us"),
+)
+
+# Named values of the audit log: `rollup_seq` (records below it are in access_hourly) and
+# `horizon` (records below it were dropped by retention; `mac` authorizes it with the chain key).
+audit_state = Table(
+    "audit_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+    Column("detail", Text, nullable=True),
+    Column("mac", String(64), nullable=True),
+)
+
+# The graded penalty in force for a client (`client`, client_id) or a user (`user`, username).
+account_penalty = Table(
+    "account_penalty",
+    metadata,
+    Column("subject_kind", String(8), primary_key=True),
+    Column("subject_id", String(255), primary_key=True),
+    Column("level", String(16), nullable=False),  # warn | limit | suspend
+    Column("since_us", BigInteger, nullable=False),
+    Column("reason", Text, nullable=True),
+)
+
+# Scheduled privacy jobs: one row per (job, period) claimed by the process that runs it.
+job_run = Table(
+    "job_run",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("period", String(64), primary_key=True),
+    Column("started_us", BigInteger, nullable=False),
+    Column("finished_us", BigInteger, nullable=True),
+    Column("progress", Text, nullable=True),
+)
+
 # ---- users (SMART App Launch) ----
 # People who sign in at the authorization endpoint. The password is stored only as an Argon2id
 # hash; the TOTP secret only sealed (AES-256-GCM) under the `users` data key with the username as

@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 
 from ..audit.records import redact
+from ..audit.rollup import rename_patient as rename_in_rollup
 from ..clock import now_us
 from ..consent.rules import clear as clear_consent_rules
 from ..db.schema import (
@@ -116,6 +117,7 @@ def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: s
     _redact_alerts(conn, patient_id, pseudonym)
     svc.keys.destroy(conn, scope)
     report.exports = _cancel_exports(conn, patient_id)
+    rename_in_rollup(conn, patient_id, pseudonym)
     rewrite = _Rewriter(patient_id, pseudonym)
     for pk in sorted(audit_pks):
         if redact(svc.audit, conn, pk, lambda content: _redact_record(content, rewrite, patient_id, pseudonym)):

@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from fhirserver.auth.tokens import issue_token
@@ -86,3 +87,55 @@ def test_the_report_needs_exactly_one_account(settings: Any, app: Any) -> None:
         assert result.exit_code == 2 and "exactly one account" in result.output
     result = CliRunner().invoke(main, ["audit", "report", "--user", "nobody"], env=cli_env(settings))
     assert result.exit_code == 1 and "no user" in result.output
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_the_hourly_roll_up_gives_the_same_report_as_the_records(app: Any, settings: Any) -> None:
+    """Records appended through the real path over the last five hours: the report is the same
+    before the sequencer rolled them up (records only), after (whole hours from the roll-up, edges
+    from the records), and for windows that cut hours in half."""
+    from sqlalchemy import func, select
+
+    from fhirserver.audit.events import AuditRecord
+    from fhirserver.audit.report import touched_patients
+    from fhirserver.audit.rollup import HOUR_US, watermark
+    from fhirserver.db.schema import access_hourly, access_record
+
+    svc = app.extensions["fhirserver"]
+    start = (now_us() // HOUR_US - 5) * HOUR_US
+    script = [  # (minutes after start, client, interaction, status, patients)
+        (5, "roll-a", "read", 200, ["r1"]), (30, "roll-a", "search-type", 200, ["r1", "r2"]),
+        (65, "roll-a", "update", 200, ["r2"]), (95, "roll-b", "read", 200, ["r3"]),
+        (130, "roll-a", "read", 403, ["r4"]), (190, "roll-a", "read", 200, ["r1"]),
+        (250, "roll-a", "read", 200, ["r5"]), (299, "roll-a", "search-type", 200, ["r5", "r1"]),
+    ]
+    with svc.engine.begin() as conn:
+        for n, (minute, client, interaction, status, patients) in enumerate(script):
+            svc.audit.append(conn, AuditRecord(
+                interaction=interaction, request_id=f"roll{n}", network_address="10.0.0.9",
+                recorded_us=start + minute * 60_000_000, status=status, client_id=client, client_name=client,
+                resources=[f"Patient/{patients[0]}/_history/1"] if status == 200 else [],
+                patients=patients, resource_type="Patient", purpose=["TREAT"]))
+
+    windows = [(start, start + 6 * HOUR_US), (start + 20 * 60_000_000, start + 200 * 60_000_000),
+               (start + HOUR_US, start + 3 * HOUR_US), (start + 31 * 60_000_000, start + 35 * 60_000_000)]
+
+    def reports() -> list[list[dict[str, Any]]]:
+        with svc.engine.connect() as conn:
+            return [[r.to_json() for r in touched_patients(conn, "Device/roll-a", lo, hi)] for lo, hi in windows]
+
+    before = reports()
+    svc.sequencer.run_once(checkpoint=False)
+    with svc.engine.connect() as conn:
+        rolled = conn.execute(select(func.sum(access_hourly.c.n)).where(access_hourly.c.agent_id == "roll-a")).scalar()
+        assert watermark(conn) == conn.execute(select(func.count()).select_from(access_record)).scalar()
+    assert rolled == 9  # per (record, patient) pair of roll-a's 7 records: 1 + 2 + 1 + 1 + 1 + 1 + 2
+    assert reports() == before
+    whole = {r["patient"]: r for r in before[0]}
+    assert set(whole) == {"Patient/r1", "Patient/r2", "Patient/r4", "Patient/r5"}
+    assert (whole["Patient/r1"]["R"], whole["Patient/r1"]["E"]) == (2, 2)
+    assert (whole["Patient/r2"]["E"], whole["Patient/r2"]["U"]) == (1, 1)
+    assert whole["Patient/r4"]["denied"] == 1 and whole["Patient/r4"]["R"] == 0
+    assert whole["Patient/r1"]["first"] == instant_text(start + 5 * 60_000_000)
+    assert {r["patient"] for r in before[1]} == {"Patient/r1", "Patient/r2", "Patient/r4"}
+    assert {r["patient"] for r in before[3]} == set()
