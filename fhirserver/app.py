@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import threading
 from typing import Any
@@ -112,13 +113,16 @@ def _make_auth_blueprint() -> Blueprint:
             resp = server.handle_error_response(None, err)
         try:
             body = resp.get_json(silent=True) or {}
-            audit_token_request(svc, resp.status_code, body)
+            rec = audit_token_request(svc, resp.status_code, body)
         except Exception:
             logging.getLogger("fhirserver.auth").exception("could not audit a token request")
             revoke_issued(svc, body)  # fail closed: no token without its audit record
             failed = jsonify(error="server_error", error_description="audit unavailable")
             failed.status_code = 500
             return failed
+        warning = svc.penalties.warning(rec.client_id, rec.user) if rec.client_id else None
+        if warning:  # an account under a privacy penalty is told so with every token (docs/operations.md)
+            resp.set_data(json.dumps({**body, "fhirserver_warning": warning}))
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["Pragma"] = "no-cache"
         return resp
@@ -155,6 +159,10 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     if settings.audit_sequencer:
         svc.sequencer.start(settings.audit_sequence_seconds)
         atexit.register(svc.sequencer.stop)  # sequence the rest and sign a checkpoint on the way out
+    if settings.privacy_jobs:
+        from .schedule import PrivacyJobs
+
+        PrivacyJobs(svc).start()
     app.extensions["fhirserver.oauth"] = build_authorization_server(app, svc.engine, settings, svc.types.names())
 
     app.add_url_rule("/fhir", "fhir_base", _fhir_view, methods=METHODS)

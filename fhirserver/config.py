@@ -75,6 +75,22 @@ class Settings:
     # a patient's data only where the patient's Consent permits that transfer.
     jurisdiction: str = ""
     cross_border_deidentified: bool = False  # de-identified exports leave without a per-patient permit
+    # ---- privacy operations (docs/operations.md): snooping detection over each finished day
+    privacy_jobs: bool = True  # run snooping detection and retention on schedule in this process
+    snoop_baseline_days: int = 28  # the days a user's day is compared with
+    snoop_volume_min_patients: int = 30  # distinct patients in an hour below which volume never alerts
+    snoop_volume_factor: float = 3.0  # ... above this many times the user's own 95th percentile hour
+    snoop_peer_factor: float = 5.0  # ... and this many times the median busy hour of their peers
+    snoop_offhours_share: float = 0.02  # an hour of day holding less of the user's baseline is unusual
+    snoop_offhours_min_days: int = 10  # active baseline days needed before off-hours is judged
+    snoop_vip_labels: str = ("http://terminology.hl7.org/CodeSystem/v3-ActCode|CEL,"
+                             "http://terminology.hl7.org/CodeSystem/v3-ActCode|EMP")
+    snoop_break_glass_per_day: int = 3  # break-the-glass requests per account per day that alert
+    snoop_app_patients_per_hour: int = 200  # distinct patients an interactive app may read in an hour
+    penalty_policy: str = "warn:2,limit:6,suspend:10"  # alert points -> level (docs/operations.md)
+    penalty_window_days: int = 30  # alerts older than this no longer count
+    penalty_rate: str = "30/minute"  # what a limited account may do
+    rate_limit_storage: str = "memory://"  # limits storage URI (redis://... shares it between processes)
     # ---- bulk export and background work (docs/exchange.md)
     export_expiry_seconds: int = 3600
     export_file_max_resources: int = 10_000

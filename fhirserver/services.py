@@ -21,6 +21,7 @@ from .db.engine import make_engine
 from .fhir.fhirpath import set_choice_elements
 from .fhir.registry import TypeRegistry, load_type_registry
 from .fhir.validation import Validator
+from .oversight.penalties import Penalties
 from .search.compiler import QueryCompiler
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
@@ -44,6 +45,7 @@ class Services:
     compiler: QueryCompiler
     consent: ConsentHook
     sequencer: Sequencer
+    penalties: Penalties
     summary_elements: dict[str, Any] = field(default_factory=dict)
 
     def load(self, conn: Connection, rtype: str, pks: list[int]) -> list[Stored]:
@@ -74,10 +76,11 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     writes, consent = build_consent(settings, blind, params)
     repo = Repository(keys, indexer, hooks=[writes])
     summary = elements["types"]
+    audit = AuditLog(repo, settings.fhir_base)
     return Services(
         settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
         params=params, validator=validator, indexer=indexer, repo=repo,
-        audit=AuditLog(repo, settings.fhir_base), compiler=QueryCompiler(blind, settings.fhir_base, params),
+        audit=audit, penalties=Penalties(engine, settings, audit.append), compiler=QueryCompiler(blind, settings.fhir_base, params),
         consent=consent, summary_elements=summary,
         sequencer=Sequencer(engine, Signer(settings.signing_key_path, may_create=not _holds_checkpoints(engine)),
                             settings.checkpoint_path, settings.audit_checkpoint_seconds),

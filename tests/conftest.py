@@ -79,6 +79,7 @@ def raw_db(settings: Settings) -> Iterator[sqlite3.Connection]:
 
 def make_settings(tmp_path: Path, database_url: str = "", **kw: Any) -> Settings:
     kw.setdefault("audit_sequencer", False)  # tests sequence explicitly (audit verify, $proof)
+    kw.setdefault("privacy_jobs", False)  # tests run snooping and retention explicitly
     return load_settings(data_dir=str(tmp_path / "data"), base_url=BASE, database_url=database_url or None, **kw)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, select, text, update
 
-from ..db.schema import access_hourly, audit_state
+from ..db.schema import access_agent_hour, access_hourly, audit_state
 
 HOUR_US = 3_600_000_000
 WATERMARK = "rollup_seq"
@@ -70,8 +70,9 @@ def roll_up(conn: Connection, tree_size: int) -> int:
 def rename_patient(conn: Connection, patient_id: str, pseudonym: str) -> None:
     """An erased patient appears in the roll-up under the pseudonym that replaced them in the records."""
     conn.execute(update(access_hourly).where(access_hourly.c.patient_id == patient_id).values(patient_id=pseudonym))
-    conn.execute(update(access_hourly).where(access_hourly.c.agent_type == "Patient",
-                                             access_hourly.c.agent_id == patient_id).values(agent_id=pseudonym))
+    for table in (access_hourly, access_agent_hour):
+        conn.execute(update(table).where(table.c.agent_type == "Patient", table.c.agent_id == patient_id)
+                     .values(agent_id=pseudonym))
 
 
 def hour_floor(us: int) -> int:

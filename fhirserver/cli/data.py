@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..consent.alerts import KINDS as ALERT_KINDS
 from ..db.engine import read_connection
 from .root import _services, _settings, main
 
@@ -139,7 +140,7 @@ def alerts() -> None:
 
 
 @alerts.command("list")
-@click.option("--kind", type=click.Choice(["break-glass", "consent-exempt", "denial-burst", "client-suspended"]))
+@click.option("--kind", type=click.Choice(list(ALERT_KINDS)))
 @click.option("--client", "client_id", help="Only alerts about this client_id.")
 @click.option("--limit", default=100, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)

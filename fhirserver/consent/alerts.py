@@ -16,7 +16,7 @@ from ..db.engine import read_connection
 from ..db.schema import access_denial, client, consent_alert
 from ..fhir.dates import instant_text
 
-KINDS = ("break-glass", "consent-exempt", "denial-burst", "client-suspended", "cross-border")
+KINDS = ("break-glass", "consent-exempt", "denial-burst", "client-suspended", "cross-border", "snooping", "penalty")
 WINDOW_US = 60_000_000
 
 

@@ -193,6 +193,7 @@ class ConsentStage(NoConsentFiltering):
             raise_alert(conn, "break-glass" if decision.mode == "break-glass" else "consent-exempt",
                         rec.client_id, rec.request_id,
                         {"purpose": decision.purpose, "reason": decision.reason, "interaction": rec.interaction,
+                         "user": rec.user,
                          "target": rec.target or rec.resource_type, "patients": rec.patients[:50],
                          "overridden_consents": [e["what"]["reference"] for e in rec.extra_entities
                                                  if e.get("what", {}).get("reference", "").startswith("Consent/")]})

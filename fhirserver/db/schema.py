@@ -368,6 +368,19 @@ access_hourly = Table(
     Index("ix_access_hourly_patient", "patient_id", "hour_us"),
 )
 
+# Per agent and hour: distinct patients and accesses (successful), computed by snooping detection
+# for each day it examines; the baselines it compares a day with (oversight/snooping.py).
+access_agent_hour = Table(
+    "access_agent_hour",
+    metadata,
+    Column("agent_type", String(64), primary_key=True),
+    Column("agent_id", String(255), primary_key=True),
+    Column("hour_us", BigInteger, primary_key=True, autoincrement=False),
+    Column("patients", Integer, nullable=False),
+    Column("accesses", BigInteger, nullable=False),
+    Index("ix_access_agent_hour_hour", "hour_us"),
+)
+
 # Named values of the audit log: `rollup_seq` (records below it are in access_hourly) and
 # `horizon` (records below it were dropped by retention; `mac` authorizes it with the chain key).
 audit_state = Table(

@@ -97,6 +97,10 @@ class Pipeline:
         ctx.record.client_id = info.client_id
         ctx.record.client_name = info.client_name
         ctx.record.user = ctx.principal.fhir_user
+        wait = self.services.penalties.retry_after(info.client_id, ctx.principal.fhir_user)
+        if wait is not None:  # a penalty (docs/operations.md): audited like any refusal
+            raise FhirError(429, "throttled", "This account is rate-limited after privacy alerts about its access; "
+                                              f"retry after {wait} s", headers={"Retry-After": str(wait)})
 
     # ---- stage 2 + 3: authorize (scopes, compartment) and consent
     def authorize(self, ctx: RequestContext) -> None:
@@ -262,6 +266,8 @@ class Pipeline:
         try:
             with self.services.engine.begin() as conn:
                 self.services.consent.finish(ctx, conn)  # deny basis of a hidden read, denial bursts
+                if rec.client_id and status in (403, 404):  # its alerts may raise the client's penalty
+                    self.services.penalties.assess(conn, "client", rec.client_id)
                 self.services.audit.append(conn, rec)
         except Exception:
             log.exception("request %s: could not write the AuditEvent for a failed request", rec.request_id)

@@ -17,8 +17,9 @@ from ..services import Services
 from ..storage.codec import parse_json
 
 
-def audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> None:
-    """Record every token request (issued or refused) as an AuditEvent (DICOM 110114)."""
+def audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> AuditRecord:
+    """Record every token request (issued or refused) as an AuditEvent (DICOM 110114); returns
+    the record (its client and user name whom an issued token is for)."""
     rec = AuditRecord(interaction="login", request_id=request.headers.get("X-Request-Id", "")[:64] or "token",
                       network_address=request.remote_addr or "", recorded_us=now_us(), status=status)
     rec.type_code = ("http://dicom.nema.org/resources/ontology/DCM", "110114", "User Authentication")
@@ -53,6 +54,7 @@ def audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> Non
             f" (claimed client {str(claimed)[:64]})" if claimed else "")
     with svc.engine.begin() as conn:
         svc.audit.append(conn, rec)
+    return rec
 
 
 def revoke_issued(svc: Services, body: dict[str, Any]) -> None:

@@ -301,7 +301,7 @@ def test_client_register_list_disable_enable(tmp_path: Path) -> None:
     assert listing == [f"{cid}\tLab interface\tbackend\tenabled\tsystem/Patient.rs"]
     assert list_json(data) == [{"client_id": cid, "name": "Lab interface", "kind": "backend",
                                 "scopes": "system/Patient.rs", "organization": "Organization/1",
-                                "disabled": False}]
+                                "disabled": False, "jurisdiction": None}]
 
     assert ok(cli("client", "disable", cid, data_dir=data)).strip() == f"disabled {cid}"
     assert ok(cli("client", "list", data_dir=data)).split("\t")[3] == "disabled"

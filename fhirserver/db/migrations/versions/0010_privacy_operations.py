@@ -3,6 +3,8 @@
 - access_hourly: per (agent, hour, patient, action, outcome) the number of access records and
   their first/last time, kept by the audit sequencer (breach reports and snooping detection read
   it instead of millions of records);
+- access_agent_hour: per agent and hour, distinct patients and accesses (the baselines of
+  snooping detection, computed once per day);
 - audit_state: named values of the audit log (the roll-up's watermark, the retention horizon);
 - account_penalty: the graded penalty in force for a client or a user (warn, limit, suspend);
 - job_run: scheduled privacy jobs (snooping detection per day, retention runs), so that two
@@ -40,6 +42,15 @@ def upgrade() -> None:
     op.create_index("ix_access_hourly_hour", "access_hourly", ["hour_us"])
     op.create_index("ix_access_hourly_patient", "access_hourly", ["patient_id", "hour_us"])
     op.create_table(
+        "access_agent_hour",
+        sa.Column("agent_type", sa.String(64), primary_key=True),
+        sa.Column("agent_id", sa.String(255), primary_key=True),
+        sa.Column("hour_us", sa.BigInteger(), primary_key=True, autoincrement=False),
+        sa.Column("patients", sa.Integer(), nullable=False),
+        sa.Column("accesses", sa.BigInteger(), nullable=False),
+    )
+    op.create_index("ix_access_agent_hour_hour", "access_agent_hour", ["hour_us"])
+    op.create_table(
         "audit_state",
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("value", sa.BigInteger(), nullable=False),
@@ -65,5 +76,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("job_run", "account_penalty", "audit_state", "access_hourly"):
+    for table in ("job_run", "account_penalty", "audit_state", "access_agent_hour", "access_hourly"):
         op.drop_table(table)

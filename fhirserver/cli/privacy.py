@@ -1,0 +1,95 @@
+"""Privacy operations on the command line (docs/operations.md): `audit snoop`, `penalties list`,
+`client reinstate`, `user reinstate`, `retention plan|run`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .clients import client
+from .data import audit
+from .root import _services, _settings, main
+from .users import user
+
+
+@audit.command("snoop")
+@click.option("--day", help="The UTC day to examine, YYYY-MM-DD (default: yesterday).")
+@click.option("--force", is_flag=True, help="Run again a day that was already examined (alerts are raised again).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit_snoop(ctx: click.Context, day: str | None, force: bool, as_json: bool) -> None:
+    """Snooping detection over one finished day: prints the findings, raises their alerts and
+    applies the penalty policy (the server does this by itself an hour after each day ends)."""
+    from ..clock import now_us
+    from ..fhir.dates import parse_range
+    from ..oversight.snooping import DAY_US, NotReady
+    from ..schedule import run_snooping
+
+    svc = _services(_settings(ctx))
+    try:
+        day_us = parse_range(day)[0] if day else (now_us() // DAY_US - 1) * DAY_US
+    except ValueError as exc:
+        raise click.UsageError(f"--day: {exc}") from None
+    svc.sequencer.run_once(checkpoint=False)  # sequence and roll up what is pending
+    try:
+        findings = run_snooping(svc, day_us, force)
+    except NotReady as exc:
+        raise click.ClickException(str(exc)) from None
+    if findings is None:
+        raise click.ClickException("that day was examined already (or is being examined); --force runs it again")
+    if as_json:
+        click.echo(json.dumps([f.to_json() for f in findings], indent=1))
+        return
+    for f in findings:
+        click.echo(f"{f.severity}\t{f.rule}\t{f.account}\t{json.dumps(f.evidence)[:300]}")
+    click.echo(f"{len(findings)} finding(s)")
+
+
+@main.group()
+def penalties() -> None:
+    """Graded penalties in force (warn, limit, suspend)."""
+
+
+@penalties.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def penalties_list(ctx: click.Context, as_json: bool) -> None:
+    rows = _services(_settings(ctx)).penalties.listing()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r['kind']}\t{r['account']}\t{r['level']}\t{r['since']}\t{r['reason']}")
+
+
+def _reinstate(ctx: click.Context, kind: str, subject: str) -> None:
+    svc = _services(_settings(ctx))
+    with svc.engine.begin() as conn:
+        previous = svc.penalties.reinstate(conn, kind, subject, "fhirserver CLI")
+    click.echo(f"{kind} {subject}: {previous} lifted")
+
+
+@client.command("reinstate")
+@click.argument("client_id")
+@click.pass_context
+def client_reinstate(ctx: click.Context, client_id: str) -> None:
+    """Lift a client's penalty (and enable it again if it was suspended)."""
+    from ..auth.clients import get_client
+
+    if get_client(_services(_settings(ctx)).engine, client_id) is None:
+        raise click.ClickException(f"no client {client_id!r}")
+    _reinstate(ctx, "client", client_id)
+
+
+@user.command("reinstate")
+@click.argument("username")
+@click.pass_context
+def user_reinstate(ctx: click.Context, username: str) -> None:
+    """Lift the penalty of the person behind a user account (by their fhirUser), and enable them."""
+    from ..users.registry import get_user
+
+    record = get_user(_services(_settings(ctx)).engine, username)
+    if record is None:
+        raise click.ClickException(f"no user {username!r}")
+    _reinstate(ctx, "user", record.fhir_user)
