@@ -87,6 +87,8 @@ class Settings:
                              "http://terminology.hl7.org/CodeSystem/v3-ActCode|EMP")
     snoop_break_glass_per_day: int = 3  # break-the-glass requests per account per day that alert
     snoop_app_patients_per_hour: int = 200  # distinct patients an interactive app may read in an hour
+    retention_policy: str = ""  # e.g. "Observation=10y:erase,Consent[purpose=HMARKT]=2y:erase" (docs/operations.md)
+    audit_retention_days: int = 2192  # access records: 6 years (HIPAA documentation), dropped by whole months
     penalty_policy: str = "warn:2,limit:6,suspend:10"  # alert points -> level (docs/operations.md)
     penalty_window_days: int = 30  # alerts older than this no longer count
     penalty_rate: str = "30/minute"  # what a limited account may do

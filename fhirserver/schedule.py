@@ -93,7 +93,7 @@ class PrivacyJobs:
 
     def __init__(self, svc: Services, tasks: list[Callable[[Services], Any]] | None = None) -> None:
         self.svc = svc
-        self.tasks = tasks if tasks is not None else [snoop_due]
+        self.tasks = tasks if tasks is not None else [snoop_due, retention_due]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -122,3 +122,19 @@ def snoop_due(svc: Services) -> None:
             run_snooping(svc, day)
         except NotReady as exc:
             log.info("snooping of %s postponed: %s", day_label(day), exc)
+
+
+def retention_due(svc: Services) -> None:
+    """Once a day: the retention policies (docs/operations.md)."""
+    from .exchange.retention import parse_policies, run
+
+    policies = parse_policies(svc.settings.retention_policy, svc.types, svc.params)
+    if not policies:
+        return
+    period = day_label(now_us())
+    with svc.engine.begin() as conn:
+        if not claim(conn, "retention", period):
+            return
+    results = run(svc, policies)
+    with svc.engine.begin() as conn:
+        finish(conn, "retention", period, "; ".join(f"{r.policy}: {r.done}" for r in results))

@@ -93,3 +93,55 @@ def user_reinstate(ctx: click.Context, username: str) -> None:
     if record is None:
         raise click.ClickException(f"no user {username!r}")
     _reinstate(ctx, "user", record.fhir_user)
+
+
+@main.group()
+def retention() -> None:
+    """Retention policies (retention_policy): what is due, and applying them."""
+
+
+def _policies(ctx: click.Context):  # type: ignore[no-untyped-def]
+    from ..exchange.retention import PolicyError, parse_policies
+    from ..fhir.errors import FhirError
+
+    svc = _services(_settings(ctx))
+    try:
+        policies = parse_policies(svc.settings.retention_policy, svc.types, svc.params)
+    except (PolicyError, FhirError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not policies:
+        raise click.ClickException("no retention_policy is configured")
+    return svc, policies
+
+
+@retention.command("plan")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retention_plan(ctx: click.Context, as_json: bool) -> None:
+    """Dry run: per policy, how many resources are due now, and some of them."""
+    from ..exchange.retention import plan
+
+    svc, policies = _policies(ctx)
+    results = plan(svc, policies)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+        return
+    for r in results:
+        click.echo(f"{r.policy}\t{r.due} due\t{' '.join(r.sample)}")
+
+
+@retention.command("run")
+@click.option("--limit", type=click.IntRange(1), help="Stop after this many resources (resume with another run).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retention_run(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+    """Apply the policies now (each batch audited); safe to interrupt and run again."""
+    from ..exchange.retention import run
+
+    svc, policies = _policies(ctx)
+    results = run(svc, policies, limit=limit)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+        return
+    for r in results:
+        click.echo(f"{r.policy}\t{r.done} done")
