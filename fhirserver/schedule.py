@@ -124,17 +124,30 @@ def snoop_due(svc: Services) -> None:
             log.info("snooping of %s postponed: %s", day_label(day), exc)
 
 
+def drop_expired_access_records(svc: Services) -> Any:
+    """Access-record retention (`audit_retention_days`), under the sequencer's hold on the log."""
+    from .audit.retention import drop_before
+
+    days = svc.settings.audit_retention_days
+    if days <= 0:
+        return None
+    svc.sequencer.run_once(checkpoint=False)
+    with svc.engine.begin() as conn:
+        if not svc.sequencer.hold(conn):
+            return None
+        return drop_before(svc.audit, conn, now_us() - days * DAY_US)
+
+
 def retention_due(svc: Services) -> None:
-    """Once a day: the retention policies (docs/operations.md)."""
+    """Once a day: the retention policies and the access records' own (docs/operations.md)."""
     from .exchange.retention import parse_policies, run
 
-    policies = parse_policies(svc.settings.retention_policy, svc.types, svc.params)
-    if not policies:
-        return
     period = day_label(now_us())
     with svc.engine.begin() as conn:
         if not claim(conn, "retention", period):
             return
-    results = run(svc, policies)
+    results = run(svc, parse_policies(svc.settings.retention_policy, svc.types, svc.params))
+    dropped = drop_expired_access_records(svc)
     with svc.engine.begin() as conn:
-        finish(conn, "retention", period, "; ".join(f"{r.policy}: {r.done}" for r in results))
+        finish(conn, "retention", period, "; ".join(f"{r.policy}: {r.done}" for r in results)
+               + (f"; access records below {dropped.horizon} dropped" if dropped else ""))

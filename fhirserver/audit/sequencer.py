@@ -128,6 +128,10 @@ class Sequencer:
         self.last_checkpoint_us = 0  # for the checkpoint-age metric
         self._partitions_checked_us = 0
 
+    def hold(self, conn: Connection) -> bool:
+        """Take the log for this transaction (False: another process holds it right now)."""
+        return self._locked(conn)
+
     def _locked(self, conn: Connection) -> bool:
         if conn.dialect.name == "postgresql":
             return bool(conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LOCK_ID}).scalar())

@@ -11,7 +11,8 @@ One pass over the records in tree order:
   signature, and none claims more records than the database holds (newest records removed, or
   the database rolled back to a backup).
 Records not yet sequenced are checked the same way, except for their place in the tree (the
-sequencer runs first, so there are normally none).
+sequencer runs first, so there are normally none). After retention dropped a prefix of the log
+(audit/retention.py), the check starts at its authenticated horizon from the stored tree.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from ..storage.repository import CorruptDataError
 from .checkpoints import Checkpoint, Signer, read_file
 from .merkle import EMPTY_ROOT, CompactRange
 from .records import CHAIN_SCOPE, AuditLog, record_leaf, redaction_mac, subject_rows, term_set
+from .retention import read_horizon
+from .sequencer import frontier
 
 BATCH = 2000
 
@@ -42,6 +45,7 @@ class VerifyResult:
     checkpoints: int = 0
     file_checkpoints: int = 0
     pending: int = 0
+    dropped: int = 0  # positions below the retention horizon (audit/retention.py)
     first_bad_seq: int | None = None
     first_bad_event: str | None = None
     reason: str = ""
@@ -108,12 +112,23 @@ def verify_log(log: AuditLog, signer: Signer, checkpoint_file: Any) -> VerifyRes
                 if len(roots) > 1:
                     raise _Bad(None, None, f"two signed checkpoints of size {size} disagree (the log was forked)")
             stored_nodes = {(r.level, r.idx): r.hash for r in conn.execute(select(audit_node)).all()}
-            last_pk = -1
+            try:
+                start = read_horizon(conn, chain_key)
+            except ValueError as exc:
+                raise _Bad(None, None, str(exc)) from None
+            if start:  # records below the horizon were dropped by retention: start from the stored tree
+                cr = frontier(conn, start)
+                result.dropped = start
+                before = sum(1 for cp in db_cps + file_cps if cp.tree_size < start)
+                if before:
+                    result.warnings.append(f"{before} checkpoint(s) cover only records dropped by retention "
+                                           f"(positions below {start}): their signatures were checked, their roots not")
+            last_pk = start - 1
             terms: dict[str, list[Any]] = {}
             ck = {s: next(iter(r)) for s, r in by_size.items()}
 
             def check_size() -> None:
-                if cr.size in ck and ck[cr.size] != cr.root():
+                if cr.size in ck and cr.size >= start and ck[cr.size] != cr.root():
                     raise _Bad(cr.size - 1, None, f"the first {cr.size} records do not match the signed checkpoint "
                                                   "of that size (records changed, removed or reordered)")
 

@@ -177,7 +177,8 @@ def audit_verify(ctx: click.Context) -> None:
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if result.ok:
-        click.echo(f"OK: {result.checked} audit records verified; tree root {result.root}; "
+        dropped = f" (the first {result.dropped} dropped by retention)" if result.dropped else ""
+        click.echo(f"OK: {result.checked} audit records verified{dropped}; tree root {result.root}; "
                    f"{result.checkpoints} checkpoints in the database and {result.file_checkpoints} in the file verified")
         return
     click.echo(f"FAILED after {result.checked} good records: first bad record seq={result.first_bad_seq} "

@@ -109,8 +109,6 @@ def _policies(ctx: click.Context):  # type: ignore[no-untyped-def]
         policies = parse_policies(svc.settings.retention_policy, svc.types, svc.params)
     except (PolicyError, FhirError) as exc:
         raise click.ClickException(str(exc)) from None
-    if not policies:
-        raise click.ClickException("no retention_policy is configured")
     return svc, policies
 
 
@@ -137,11 +135,17 @@ def retention_plan(ctx: click.Context, as_json: bool) -> None:
 def retention_run(ctx: click.Context, limit: int | None, as_json: bool) -> None:
     """Apply the policies now (each batch audited); safe to interrupt and run again."""
     from ..exchange.retention import run
+    from ..schedule import drop_expired_access_records
 
     svc, policies = _policies(ctx)
     results = run(svc, policies, limit=limit)
+    dropped = drop_expired_access_records(svc)
+    audit = {"horizon": dropped.horizon, "records": dropped.records, "partitions": dropped.partitions} \
+        if dropped else None
     if as_json:
-        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+        click.echo(json.dumps({"policies": [r.to_json() for r in results], "access_records": audit}, indent=1))
         return
     for r in results:
         click.echo(f"{r.policy}\t{r.done} done")
+    click.echo(f"access records: {dropped.records} older than {svc.settings.audit_retention_days} days dropped"
+               if dropped else "access records: none due")
