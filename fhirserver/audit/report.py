@@ -8,6 +8,9 @@ An account is a client (`Device/<client_id>`, the agent every access record name
 U update, D delete, E search/operation/export) and the first and last time. Denied attempts
 touched no data and are counted apart, per patient too. An erased patient appears under the
 pseudonym that replaced their id in the audit trail.
+
+The same counts the other way round -- per patient, every account that touched their data
+(`accessors`) -- are the list a patient (or the privacy office notifying them) is shown.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, union_all
+from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, union_all
 
 from ..db.schema import access_hourly, access_record, access_subject, audit_state, audit_term
 from .rollup import WATERMARK, hour_ceil, hour_floor
@@ -24,65 +27,96 @@ ACTIONS = ("R", "C", "U", "D", "E")
 
 
 @dataclass
-class PatientTouched:
-    patient: str
+class Touch:
+    """One side's accesses to or by the other: `who` is a patient id (report by account) or an
+    agent reference `Type/id` (report by patient)."""
+
+    who: str
     actions: dict[str, int] = field(default_factory=dict)  # action code -> successful accesses
     denied: int = 0
     first_us: int = 0
     last_us: int = 0
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def patient(self) -> str:
+        return self.who
+
+    def to_json(self, key: str = "patient") -> dict[str, Any]:
         from ..fhir.dates import instant_text
 
-        return {"patient": f"Patient/{self.patient}", **{a: self.actions.get(a, 0) for a in ACTIONS},
+        who = f"Patient/{self.who}" if key == "patient" else self.who
+        return {key: who, **{a: self.actions.get(a, 0) for a in ACTIONS},
                 "denied": self.denied, "first": instant_text(self.first_us), "last": instant_text(self.last_us)}
 
 
-def touched_patients(conn: Connection, agent: str, since_us: int, until_us: int) -> list[PatientTouched]:
+PatientTouched = Touch
+
+
+def touched_patients(conn: Connection, agent: str, since_us: int, until_us: int) -> list[Touch]:
     """The patients `agent` (`Type/id`) accessed in [since_us, until_us), most accessed first."""
     agent_type, _sep, agent_id = agent.partition("/")
+    return _touches(conn, since_us, until_us, agent=(agent_type, agent_id))
+
+
+def accessors(conn: Connection, patient_id: str, since_us: int, until_us: int) -> list[Touch]:
+    """Every agent (client `Device/<id>`, user `Practitioner/7`, ...) that accessed the patient's
+    data in [since_us, until_us), most accesses first."""
+    return _touches(conn, since_us, until_us, patient=patient_id)
+
+
+def _touches(conn: Connection, since_us: int, until_us: int, agent: tuple[str, str] | None = None,
+             patient: str | None = None) -> list[Touch]:
     whole_lo, whole_hi = hour_ceil(since_us), hour_floor(until_us)
     h = access_hourly
-    rolled = (select(h.c.patient_id, h.c.action, h.c.outcome, h.c.n, h.c.first_us, h.c.last_us)
-              .where(h.c.agent_type == agent_type, h.c.agent_id == agent_id,
-                     h.c.hour_us >= whole_lo, h.c.hour_us < whole_hi))
     who, pat, act, out = access_subject.alias(), access_subject.alias(), audit_term.alias(), audit_term.alias()
+    key_rolled: ColumnElement[str]
+    key_loose: ColumnElement[str]
+    if agent is not None:
+        key_rolled, key_loose = h.c.patient_id, pat.c.target_id
+        fix_rolled = [h.c.agent_type == agent[0], h.c.agent_id == agent[1]]
+        fix_loose = [who.c.target_type == agent[0], who.c.target_id == agent[1]]
+    else:
+        key_rolled = h.c.agent_type.concat("/").concat(h.c.agent_id)
+        key_loose = who.c.target_type.concat("/").concat(who.c.target_id)
+        fix_rolled, fix_loose = [h.c.patient_id == patient], [pat.c.target_id == patient]
+    rolled = (select(key_rolled, h.c.action, h.c.outcome, h.c.n, h.c.first_us, h.c.last_us)
+              .where(*fix_rolled, h.c.hour_us >= whole_lo, h.c.hour_us < whole_hi))
     mark = select(func.coalesce(func.max(audit_state.c.value), 0)).where(
         audit_state.c.name == WATERMARK).scalar_subquery()
     loose = (
-        select(pat.c.target_id, act.c.code, out.c.code, func.count(access_record.c.pk.distinct()),
+        select(key_loose, act.c.code, out.c.code, func.count(access_record.c.pk.distinct()),
                func.min(access_record.c.recorded_us), func.max(access_record.c.recorded_us))
         .select_from(who)
         .join(access_record, access_record.c.pk == who.c.record_pk)
         .join(pat, and_(pat.c.record_pk == who.c.record_pk, pat.c.param == "patient", pat.c.target_type == "Patient"))
         .join(act, and_(act.c.set_id == access_record.c.terms, act.c.tbl == "token", act.c.param == "action"))
         .join(out, and_(out.c.set_id == access_record.c.terms, out.c.tbl == "token", out.c.param == "outcome"))
-        .where(who.c.param == "agent", who.c.target_id == agent_id, who.c.target_type == agent_type,
-               who.c.recorded_us >= since_us, who.c.recorded_us < until_us,
-               or_(who.c.recorded_us < whole_lo, who.c.recorded_us >= whole_hi, access_record.c.seq.is_(None),
-                   access_record.c.seq >= mark))
-        .group_by(pat.c.target_id, act.c.code, out.c.code)
+        .where(who.c.param == "agent", who.c.target_id.is_not(None), *fix_loose,
+               access_record.c.recorded_us >= since_us, access_record.c.recorded_us < until_us,
+               or_(access_record.c.recorded_us < whole_lo, access_record.c.recorded_us >= whole_hi,
+                   access_record.c.seq.is_(None), access_record.c.seq >= mark))
+        .group_by(key_loose, act.c.code, out.c.code)
     )
     groups: dict[tuple[str, str, str], list[int]] = {}
-    for patient, action, outcome, count, first, last in conn.execute(union_all(rolled, loose)).all():
-        g = groups.get((patient, action, outcome))
-        groups[(patient, action, outcome)] = [count, first, last] if g is None else \
+    for key, action, outcome, count, first, last in conn.execute(union_all(rolled, loose)).all():
+        g = groups.get((key, action, outcome))
+        groups[(key, action, outcome)] = [count, first, last] if g is None else \
             [g[0] + count, min(g[1], first), max(g[2], last)]
-    found: dict[str, PatientTouched] = {}
+    found: dict[str, Touch] = {}
     denied_times: dict[str, tuple[int, int]] = {}
-    for (patient, action, outcome), (count, first, last) in groups.items():
-        row = found.setdefault(patient, PatientTouched(patient))
+    for (key, action, outcome), (count, first, last) in groups.items():
+        row = found.setdefault(key, Touch(key))
         if outcome == "0":
             row.actions[action] = row.actions.get(action, 0) + count
             row.first_us = first if not row.first_us else min(row.first_us, first)
             row.last_us = max(row.last_us, last)
         else:
             row.denied += count
-            low, high = denied_times.get(patient, (first, last))
-            denied_times[patient] = (min(low, first), max(high, last))
-    for patient, row in found.items():
+            low, high = denied_times.get(key, (first, last))
+            denied_times[key] = (min(low, first), max(high, last))
+    for key, row in found.items():
         if not row.actions:  # denied only: the times of the denials
-            row.first_us, row.last_us = denied_times[patient]
-    touched = sorted((r for r in found.values() if r.actions), key=lambda r: (-sum(r.actions.values()), r.patient))
-    denied_only = sorted((r for r in found.values() if not r.actions), key=lambda r: (-r.denied, r.patient))
+            row.first_us, row.last_us = denied_times[key]
+    touched = sorted((r for r in found.values() if r.actions), key=lambda r: (-sum(r.actions.values()), r.who))
+    denied_only = sorted((r for r in found.values() if not r.actions), key=lambda r: (-r.denied, r.who))
     return touched + denied_only

@@ -189,49 +189,59 @@ def audit_verify(ctx: click.Context) -> None:
 @audit.command("report")
 @click.option("--client", "client_id", help="The client (OAuth client id) whose accesses to report.")
 @click.option("--user", "username", help="The user (sign-in name) whose accesses to report.")
+@click.option("--patient", "patient", help="The patient (Patient/ID or ID): every account that accessed their data.")
 @click.option("--since", default="1970", show_default=True, help="From this date or dateTime (inclusive).")
 @click.option("--until", default=None, help="Up to this date or dateTime (inclusive; default: now).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.pass_context
-def audit_report(ctx: click.Context, client_id: str | None, username: str | None, since: str, until: str | None,
-                 fmt: str) -> None:
+def audit_report(ctx: click.Context, client_id: str | None, username: str | None, patient: str | None, since: str,
+                 until: str | None, fmt: str) -> None:
     """Breach report: every patient whose data the account read, searched, exported or changed,
     with counts per action (R C U D E), denied attempts and the first and last access, from the
-    access records' index (docs/operations.md, incident response)."""
+    access records' index (docs/operations.md, incident response). With --patient, the other way
+    round: every account that touched that patient's data (what to tell the patient)."""
     import csv
 
     from sqlalchemy import select
 
-    from ..audit.report import ACTIONS, touched_patients
+    from ..audit.report import ACTIONS, accessors, touched_patients
     from ..clock import now_us
     from ..db.engine import read_connection
     from ..db.schema import app_user
     from ..fhir.dates import parse_range
 
-    if (client_id is None) == (username is None):
-        raise click.UsageError("name exactly one account: --client ID or --user NAME")
+    if sum(x is not None for x in (client_id, username, patient)) != 1:
+        raise click.UsageError("name exactly one account (--client ID or --user NAME) or one --patient ID")
     try:
         since_us = parse_range(since)[0]
         until_us = parse_range(until)[1] + 1 if until else now_us() + 1
     except ValueError as exc:
         raise click.UsageError(f"--since/--until: {exc}") from None
     svc = _services(_settings(ctx))
+    key = "patient"
     with read_connection(svc.engine) as conn:
-        if username is not None:
-            agent = conn.execute(select(app_user.c.fhir_user).where(app_user.c.username == username)).scalar()
-            if agent is None:
+        if patient is not None:
+            subject = f"Patient/{patient.removeprefix('Patient/')}"
+            rows, key = accessors(conn, subject.split("/", 1)[1], since_us, until_us), "account"
+        elif username is not None:
+            found = conn.execute(select(app_user.c.fhir_user).where(app_user.c.username == username)).scalar()
+            if found is None:
                 raise click.ClickException(f"no user {username!r}")
+            subject = str(found)
+            rows = touched_patients(conn, subject, since_us, until_us)
         else:
-            agent = f"Device/{client_id}"
-        rows = touched_patients(conn, agent, since_us, until_us)
+            subject = f"Device/{client_id}"
+            rows = touched_patients(conn, subject, since_us, until_us)
     if fmt == "json":
-        click.echo(json.dumps({"account": agent, "patients": [r.to_json() for r in rows]}, indent=2))
+        listed = [r.to_json(key) for r in rows]
+        out = {"patient": subject, "accounts": listed} if key == "account" else {"account": subject, "patients": listed}
+        click.echo(json.dumps(out, indent=2))
         return
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(["patient", *ACTIONS, "denied", "first", "last"])
+    writer.writerow([key, *ACTIONS, "denied", "first", "last"])
     for r in rows:
-        j = r.to_json()
-        writer.writerow([j["patient"], *(j[a] for a in ACTIONS), j["denied"], j["first"], j["last"]])
+        j = r.to_json(key)
+        writer.writerow([j[key], *(j[a] for a in ACTIONS), j["denied"], j["first"], j["last"]])
 
 
 @audit.command("checkpoint")

@@ -80,11 +80,22 @@ def test_the_report_lists_exactly_the_patients_the_account_touched(http: Any, ad
     assert http.get(f"/fhir/Patient/{pids[5]}", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert set(rows(report(settings, "--user", "dr.breach"))) == {f"Patient/{pids[5]}"}
 
+    # per patient: every account that touched their data (what the patient is told)
+    by_patient = json.loads(report(settings, "--patient", f"Patient/{pids[1]}", "--format", "json"))
+    assert by_patient["patient"] == f"Patient/{pids[1]}"
+    accounts = {a["account"]: a for a in by_patient["accounts"]}
+    assert f"Device/{thief.client_id}" in accounts and f"Device/{other.client_id}" not in accounts
+    assert (accounts[f"Device/{thief.client_id}"]["R"], accounts[f"Device/{thief.client_id}"]["U"]) == (2, 1)
+    listed = csv.DictReader(io.StringIO(report(settings, "--patient", pids[5])))
+    assert {r["account"] for r in listed} >= {"Practitioner/dr-breach", f"Device/{thief.client_id}"}
+
 
 def test_the_report_needs_exactly_one_account(settings: Any, app: Any) -> None:
     for args in ([], ["--client", "a", "--user", "b"]):
         result = CliRunner().invoke(main, ["audit", "report", *args], env=cli_env(settings))
         assert result.exit_code == 2 and "exactly one account" in result.output
+    result = CliRunner().invoke(main, ["audit", "report", "--client", "a", "--patient", "b"], env=cli_env(settings))
+    assert result.exit_code == 2
     result = CliRunner().invoke(main, ["audit", "report", "--user", "nobody"], env=cli_env(settings))
     assert result.exit_code == 1 and "no user" in result.output
 
