@@ -9,6 +9,7 @@ each step an alert and an AuditEvent."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ class Clinic:
         self.n = 0
         self.today = now_us() // DAY_US * DAY_US
         self.day = self.today - DAY_US  # the examined day: yesterday
+        self.pending: list[AuditRecord] = []
+        self.viewer = ""  # the interactive app's client id
+
+    @property
+    def day_text(self) -> str:
+        return day_text(self.day)
 
     def access(self, when: int, patients: list[str], user: str | None = None, client: str = "ehr",
                interaction: str = "read", status: int = 200) -> None:
@@ -61,8 +68,6 @@ class Clinic:
         self.pending = []
         self.svc.sequencer.run_once(checkpoint=False)
 
-    pending: list[AuditRecord] = []
-
 
 def normal_day(c: Clinic, day: int) -> None:
     """Each doctor 09:00-17:00, three of their own 20 patients an hour."""
@@ -72,9 +77,12 @@ def normal_day(c: Clinic, day: int) -> None:
                 c.access(day + hour * HOUR_US + (d * 7 + k) * 60_000_000, [f"{doc}-p{(hour * 3 + k) % 20}"], doc)
 
 
-@pytest.fixture(scope="module")
-def clinic(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path_factory.mktemp("snooping"), snoop_baseline_days=14,
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def clinic(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    url = ""
+    if request.param == "postgres":  # production runs on PostgreSQL: the same rules, the same SQL
+        url = request.getfixturevalue("postgres").create_database(f"snoop_{os.getpid()}")
+    settings = make_settings(tmp_path_factory.mktemp("snooping"), url, snoop_baseline_days=14,
                              snoop_app_patients_per_hour=50, penalty_policy="warn:2,limit:4,suspend:8",
                              penalty_rate="3/minute")
     app = fresh_app(settings)
@@ -99,7 +107,7 @@ def clinic(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
         assert resp.status_code in (200, 201), resp.get_data(as_text=True)
     app_rec, _secret = register_app_client(svc.engine, "patient viewer", "user/*.rs", ["https://viewer.example/cb"],
                                            "none")
-    c.viewer = app_rec.client_id  # type: ignore[attr-defined]
+    c.viewer = app_rec.client_id
     for d in range(DAYS, 0, -1):
         normal_day(c, c.today - d * DAY_US)
     day = c.day
@@ -111,7 +119,7 @@ def clinic(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     c.access(day + 12 * HOUR_US + 1, ["fam1"], "doc4")  # same family name and home address
     c.access(day + 12 * HOUR_US + 2, ["fam2"], "doc4")  # same name, another address: quiet
     for i in range(60):  # an interactive app walking through 60 patients in an hour
-        c.access(day + 20 * HOUR_US + i * 1000, [f"v{i}"], client=c.viewer)  # type: ignore[attr-defined]
+        c.access(day + 20 * HOUR_US + i * 1000, [f"v{i}"], client=c.viewer)
     c.write()
     original = alerts_module.now_us
     for k in range(4):  # four break-the-glass requests by one client (alerts as the consent stage raises them)
@@ -145,7 +153,7 @@ def test_each_rule_fires_on_its_scripted_incident(clinic: Clinic) -> None:
     findings = run_snooping(clinic.svc, clinic.day)
     assert findings is not None
     got = {(f.rule, f.account) for f in findings}
-    viewer = clinic.viewer  # type: ignore[attr-defined]
+    viewer = clinic.viewer
     assert got == {("volume", "Practitioner/doc1"), ("off-hours", "Practitioner/doc2"), ("vip", "Practitioner/doc2"),
                    ("family", "Practitioner/doc4"), ("break-glass", "Device/er-desk"), ("app-bulk", f"Device/{viewer}")}
     by_rule = {f.rule: f for f in findings}
@@ -180,7 +188,7 @@ def test_a_day_that_is_not_over_or_not_rolled_up_is_refused(clinic: Clinic) -> N
 
 def test_penalties_escalate_and_lift(clinic: Clinic, tmp_path: Path) -> None:
     svc = clinic.svc
-    viewer = clinic.viewer  # type: ignore[attr-defined]
+    viewer = clinic.viewer
     # the snooping run above gave the viewer app a high finding (4 points: limit) and doc1 a medium (warn)
     run_snooping(svc, clinic.day)  # a no-op after the rules test; the same findings when run alone
     listing = {(p["kind"], p["account"]): p["level"] for p in svc.penalties.listing()}
@@ -276,6 +284,3 @@ def day_text(day_us: int) -> str:
     from fhirserver.fhir.dates import instant_text
 
     return instant_text(day_us)[:10]
-
-
-Clinic.day_text = property(lambda self: day_text(self.day))  # type: ignore[attr-defined]
