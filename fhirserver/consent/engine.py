@@ -206,11 +206,11 @@ class ConsentEngine:
         source = source_of(resource_type)
         res = source.res if res is None else res
         if resource_type == "AuditEvent" and d.own_patients:
-            # transparency: a patient (or guardian) sees the AuditEvents about their own data --
-            # and only those that involve no one else, since an event names every patient and
-            # resource it touched (multi-patient events stay with the privacy office)
+            # transparency: a patient (or guardian) sees every AuditEvent about their own data,
+            # also those that touched several patients at once -- each rendered as its
+            # per-patient projection (audit/projection.py), never naming anyone else
             comp = source.compartment.alias()
-            return [~_exists([comp], comp.c.resource_pk == res.c.pk, comp.c.patient_id.not_in(d.own_patients))]
+            return [_exists([comp], comp.c.resource_pk == res.c.pk, comp.c.patient_id.in_(d.own_patients))]
         if resource_type in NOT_FILTERED_TYPES:
             return []
         preds = [self.transfer_permitted(res, d)] if d.transfer and d.mode != "break-glass" else []

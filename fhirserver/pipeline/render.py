@@ -8,15 +8,17 @@ from urllib.parse import urlencode
 
 from sqlalchemy import Connection
 
+from ..audit.projection import project
 from ..audit.redact import redact_body
 from ..clock import now_us
+from ..db.engine import read_connection
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.subsetting import apply_subsetting
 from ..search.model import ParsedSearch, SearchPage
 from ..storage.codec import dump_json, fragment, parse_json
 from ..storage.repository import Stored
-from ..storage.visibility import patients_of
+from ..storage.visibility import compartments_of, patients_of
 from .context import RequestContext, Result
 
 
@@ -36,11 +38,19 @@ def _http_date(us: int) -> str:
 
 def output_body(ctx: RequestContext, stored: Stored) -> bytes:
     """The stored JSON as this caller may see it: AuditEvents have the values of other requests'
-    queries and details redacted unless the caller is an auditor permitted to see them."""
+    queries and details redacted unless the caller is an auditor permitted to see them, and a
+    patient (or guardian) sees the per-patient projection of each (audit/projection.py)."""
     assert stored.body is not None
-    if stored.type == "AuditEvent" and not (ctx.principal is not None and ctx.principal.sees_audit_values):
-        return redact_body(stored.body)
-    return stored.body
+    if stored.type != "AuditEvent":
+        return stored.body
+    principal = ctx.principal
+    body = stored.body if principal is not None and principal.sees_audit_values else redact_body(stored.body)
+    decision = getattr(principal, "consent", None) if principal is not None else None
+    if principal is not None and principal.reads_own_records and decision is not None and decision.own_patients:
+        with read_connection(ctx.services.engine) as conn:
+            event = project(parse_json(body), decision.own_patients, lambda refs: compartments_of(conn, refs))
+        body = dump_json(event)
+    return body
 
 
 def render_resource(ctx: RequestContext, stored: Stored) -> bytes | dict[str, Any]:

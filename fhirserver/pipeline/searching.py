@@ -29,10 +29,40 @@ class Search(Handler):
         rtype = it.resource_type or ""
         strict = ctx.prefer.get("handling") == "strict"
         parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
+        if rtype == "AuditEvent":
+            check_own_audit_query(ctx, parsed)
         page = run_search(conn, parsed, s.compiler, ctx.access.search, ctx.access_fn)
         matches = s.load(conn, rtype, page.pks)
         included = resolve_includes(conn, s.load, s.types.names(), ctx.access_fn, parsed.includes, matches)
         return searchset(ctx, conn, rtype, parsed, page, included, matches)
+
+
+OWN_AUDIT_PARAMS = frozenset({"date", "action", "outcome", "type", "subtype", "agent", "patient", "_lastUpdated"})
+
+
+def check_own_audit_query(ctx: RequestContext, parsed: Any) -> None:
+    """A patient (or guardian) searching the AuditEvents about them sees each event's per-patient
+    projection; the search itself must not probe what the projection hides (whether another
+    patient, or another patient's resource, was part of an access). So it may name only its own
+    patients and accessors that are not other patients, and no chains, `_has` or includes."""
+    principal = ctx.principal
+    decision = getattr(principal, "consent", None)
+    if principal is None or not principal.reads_own_records or decision is None:
+        return
+    own = set(decision.own_patients)
+    if parsed.includes:
+        raise FhirError(400, "not-supported", "_include/_revinclude are not available on your own audit trail")
+    for clause in parsed.clauses:
+        if clause.code not in OWN_AUDIT_PARAMS or clause.chain or clause.has:
+            raise FhirError(400, "not-supported", f"'{clause.code}' is not available on your own audit trail; "
+                                                  f"use {', '.join(sorted(OWN_AUDIT_PARAMS))}", [clause.code])
+        for value in clause.values if clause.code in ("patient", "agent") else []:
+            rtype, _s, rid = value.rpartition("/")
+            if clause.code == "patient" and rid not in own or \
+                    clause.code == "agent" and rtype.endswith(("Patient", "RelatedPerson")) and rid not in own and \
+                    f"{rtype.rsplit('/', 1)[-1]}/{rid}" != principal.fhir_user:
+                raise FhirError(403, "forbidden", "You may search only the accesses to your own records",
+                                [clause.code])
 
 
 class Everything(Handler):

@@ -42,3 +42,17 @@ def in_compartment(pid: str, res: FromClause = resource) -> ColumnElement[bool]:
 def id_of(conn: Connection, pk: int) -> str:
     """The logical id of the resource row `pk`."""
     return str(conn.execute(select(resource.c.id).where(resource.c.pk == pk)).scalar_one())
+
+
+def compartments_of(conn: Connection, refs: Sequence[str]) -> dict[str, set[str]]:
+    """`Type/id` -> the patient ids whose compartments hold that (current) resource."""
+    pairs = {tuple(r.split("/", 1)) for r in refs if "/" in r}
+    if not pairs:
+        return {}
+    cond = or_(*[and_(resource.c.type == t, resource.c.id == i) for t, i in pairs])
+    out: dict[str, set[str]] = {}
+    for rtype, rid, pid in conn.execute(select(resource.c.type, resource.c.id, compartment.c.patient_id)
+                                        .join(compartment, compartment.c.resource_pk == resource.c.pk)
+                                        .where(cond)).all():
+        out.setdefault(f"{rtype}/{rid}", set()).add(pid)
+    return out

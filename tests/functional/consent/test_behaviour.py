@@ -353,9 +353,43 @@ def test_patient_sees_audit_events_about_their_own_data_only(srv: ConsentServer)
                                                          for a in event["agent"])
     assert any("Observation/pa-bw" in r for ev in events for r in entity_refs(ev) if r)
     assert not any(ref and ref.startswith("Observation/pb-bw") for ev in events for ref in entity_refs(ev))
-    other = srv.http.get("/fhir/AuditEvent?patient=Patient/pb", headers=me.headers)
-    assert other.status_code == 200 and not [e for e in other.get_json().get("entry", [])
-                                              if e["search"]["mode"] == "match"]
+    # the search cannot probe what the projection hides: other patients, their resources, chains
+    for probe, status in (("patient=Patient/pb", 403), ("patient=pb", 403), ("agent=Patient/pb", 403),
+                          ("entity=Observation/pb-bw", 400), ("patient:Patient.gender=male", 400),
+                          ("_include=AuditEvent:patient", 400), ("_has:Consent:patient:status=active", 400)):
+        resp = srv.http.get(f"/fhir/AuditEvent?{probe}", headers=me.headers)
+        assert resp.status_code == status, (probe, resp.get_data(as_text=True))
+        assert resp.get_json()["resourceType"] == "OperationOutcome"
+    assert srv.http.get("/fhir/AuditEvent?patient=Patient/pa&date=ge2020", headers=me.headers).status_code == 200
+
+
+def test_patient_sees_multi_patient_accesses_projected_to_themselves(srv: ConsentServer) -> None:
+    """A clinician's search across patients is in each patient's list, showing only that patient."""
+    treat = srv.backend()
+    search = srv.http.get("/fhir/Observation?code=8867-4&_count=100", headers=treat.headers)
+    assert search.status_code == 200
+    names = {e["resource"]["subject"]["reference"] for e in search.get_json()["entry"]}
+    assert {"Patient/pa", "Patient/pb"} <= names
+    auditor = srv.audit_reader()
+    full = srv.bundle(srv.backend(), "/fhir/Patient?_count=1")  # (another access, to be sure of ordering)
+    assert full
+    for pid, other in (("pa", "pb"), ("pb", "pa")):
+        me = srv.user(f"Patient/{pid}", "patient/AuditEvent.rs", patient=pid)
+        body = srv.bundle(me, f"/fhir/AuditEvent?agent=Device/{treat.client_id}&_count=100")
+        events = [e["resource"] for e in body["entry"] if e["search"]["mode"] == "match"]
+        assert len(events) == 1, events  # the clinician's one search, seen by both
+        event = events[0]
+        text = json.dumps(event)
+        assert f"Patient/{other}" not in text and f"{other}-hr" not in text
+        assert f"Observation/{pid}-hr" in text
+        mine = [e for e in event["entity"] if e.get("what", {}).get("reference") == f"Patient/{pid}"]
+        assert len(mine) == 1 and "others are not shown" in mine[0]["description"]
+        assert event["agent"][0]["who"]["display"]  # the app's registered name is shown
+        # a single read of the event is the same projection; the auditor sees it whole
+        read = srv.http.get(f"/fhir/AuditEvent/{event['id']}", headers=me.headers).get_json()
+        assert f"Patient/{other}" not in json.dumps(read)
+    whole = srv.http.get(f"/fhir/AuditEvent/{event['id']}", headers=auditor).get_json()
+    assert {"Patient/pa", "Patient/pb"} <= entity_refs(whole)
 
 
 # ------------------------------------------------------------------ denial bursts
