@@ -174,6 +174,10 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
 
     api.register_blueprint(alerts_blp)
     install_smart(app)
+    if settings.portal:
+        from .portal import install as install_portal
+
+        install_portal(app, svc)
 
     @app.errorhandler(405)
     def _method_not_routed(exc: Exception) -> Any:

@@ -64,6 +64,7 @@ class Settings:
     registration_token: str = ""
     registration_max_scopes: str = DEFAULT_REGISTRATION_SCOPES
     demo_app: bool = False  # serve the demo SMART app at /demo-app/
+    portal: bool = False  # serve the patient privacy portal at /portal/ (docs/portal.md; on in demo mode)
     # ---- consent engine (docs/consent.md): purposes that permit unless a consent denies
     # (opt-out); every other purpose denies unless a consent permits (opt-in)
     consent_opt_out_purposes: str = "TREAT,HPAYMT,HOPERAT"

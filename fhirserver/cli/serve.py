@@ -46,7 +46,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, 
         loaded = load_demo(svc)
         key_path = ensure_demo_client(svc)
         passwords = ensure_demo_smart(svc)
-        settings = replace(settings, demo_app=True)  # the gunicorn workers serve /demo-app/
+        settings = replace(settings, demo_app=True, portal=True)  # the gunicorn workers serve /demo-app/, /portal/
         _print_demo(settings, DEMO_CLIENT_ID, key_path, loaded)
         _print_demo_smart(settings, passwords)
     svc.engine.dispose()
@@ -96,6 +96,7 @@ def _print_demo_smart(settings: Settings, passwords: dict[str, str]) -> None:
     root = settings.public_root
     click.echo(f"""SMART App Launch (open in a browser):
   Demo app      : {root}/demo-app/   (public client demo-smart-app, PKCE S256)
+  Patient portal: {root}/portal/     (sign in as alice or guardian-chen: record, accesses, sharing, download)
   Demo users    : {', '.join(passwords)}
                   passwords are generated at first start and kept only in (mode 0600):
                   cat {settings.data_dir / 'demo-users.txt'}

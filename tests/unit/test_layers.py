@@ -24,7 +24,7 @@ LAYERS: list[list[str]] = [
     ["exchange"],
     ["pipeline"],
     ["bulk"],
-    ["smart", "admin_api", "admin_alerts"],
+    ["smart", "admin_api", "admin_alerts", "portal"],
     ["demo", "startup", "health", "backup", "cors", "security_headers", "schedule"],
     ["app", "wsgi"],
     ["cli", "__main__"],

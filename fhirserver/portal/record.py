@@ -1,0 +1,175 @@
+"""What the "My record" and "Who accessed my data" pages show, computed from FHIR resources the
+portal read through the API: demographics, latest results, trends drawn as inline SVG (no script,
+so the pages keep a CSP without `unsafe-inline`), questionnaire answers, and access rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+CHART_W, CHART_H, PAD = 320, 120, 8
+
+
+def text_of(concept: Any) -> str:
+    if not isinstance(concept, dict):
+        return ""
+    if concept.get("text"):
+        return str(concept["text"])
+    for c in concept.get("coding", []) or []:
+        if c.get("display") or c.get("code"):
+            return str(c.get("display") or c.get("code"))
+    return ""
+
+
+def name_of(patient: dict[str, Any]) -> str:
+    for n in patient.get("name", []) or []:
+        if n.get("text"):
+            return str(n["text"])
+        parts = [*(n.get("given") or []), n.get("family") or ""]
+        if any(parts):
+            return " ".join(p for p in parts if p)
+    return "(no name on record)"
+
+
+@dataclass
+class Series:
+    code: str
+    label: str
+    unit: str
+    points: list[tuple[str, float]] = field(default_factory=list)  # (date, value), oldest first
+
+    def svg_points(self) -> str:
+        """The polyline of the trend chart, scaled into the chart box."""
+        values = [v for _d, v in self.points]
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        n = len(values)
+        xs = [PAD + i * (CHART_W - 2 * PAD) / max(n - 1, 1) for i in range(n)]
+        ys = [CHART_H - PAD - (v - low) * (CHART_H - 2 * PAD) / span for v in values]
+        return " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
+
+    @property
+    def low(self) -> float:
+        return min(v for _d, v in self.points)
+
+    @property
+    def high(self) -> float:
+        return max(v for _d, v in self.points)
+
+
+def _when(obs: dict[str, Any]) -> str:
+    for key in ("effectiveDateTime", "issued"):
+        if isinstance(obs.get(key), str):
+            return str(obs[key])
+    period = obs.get("effectivePeriod") or {}
+    return str(period.get("start") or "")
+
+
+def _numeric(obs: dict[str, Any]) -> list[tuple[str, str, float, str]]:
+    """(code, label, value, unit) of the Observation and of each numeric component."""
+    out = []
+    for item, label_from in ((obs, obs), *((c, c) for c in obs.get("component", []) or [])):
+        q = item.get("valueQuantity")
+        if isinstance(q, dict) and isinstance(q.get("value"), (int, float)):
+            coding: dict[str, Any] = next(iter((item.get("code") or {}).get("coding", []) or [{}]), {})
+            out.append((f"{coding.get('system', '')}|{coding.get('code', '')}", text_of(label_from.get("code")),
+                        float(q["value"]), str(q.get("unit") or q.get("code") or "")))
+    return out
+
+
+@dataclass
+class Record:
+    patient: dict[str, Any]
+    latest: list[dict[str, Any]]
+    trends: list[Series]
+    answers: list[dict[str, Any]]
+    lists: dict[str, list[str]]
+
+
+LISTED = {"Condition": "Problems", "AllergyIntolerance": "Allergies", "MedicationRequest": "Medications",
+          "Immunization": "Immunizations"}
+
+
+def build_record(resources: list[dict[str, Any]]) -> Record:
+    patient = next((r for r in resources if r.get("resourceType") == "Patient"), {})
+    series: dict[str, Series] = {}
+    latest: dict[str, dict[str, Any]] = {}
+    lists: dict[str, list[str]] = defaultdict(list)
+    answers = []
+    for r in resources:
+        rtype = r.get("resourceType")
+        if rtype == "Observation":
+            when = _when(r)
+            key = text_of(r.get("code"))
+            shown = ", ".join(f"{v:g} {u}".strip() for _c, _l, v, u in _numeric(r)) or text_of(r.get("valueCodeableConcept")) \
+                or str(r.get("valueString") or "")
+            if key and (key not in latest or when > latest[key]["when"]):
+                latest[key] = {"name": key, "when": when[:10], "value": shown,
+                               "category": text_of(next(iter(r.get("category", []) or []), {}))}
+            for code, label, value, unit in _numeric(r):
+                series.setdefault(code, Series(code, label, unit)).points.append((when, value))
+        elif rtype == "QuestionnaireResponse":
+            items = [i for i in r.get("item", []) or [] if isinstance(i, dict)]
+            answers.append({"questionnaire": str(r.get("questionnaire") or "questionnaire").rsplit("/", 1)[-1],
+                            "authored": str(r.get("authored") or "")[:10], "status": r.get("status", ""),
+                            "items": [(i.get("text") or i.get("linkId"), ", ".join(
+                                _answer(a) for a in i.get("answer", []) or [])) for i in items]})
+        elif rtype in LISTED:
+            name = text_of(r.get("code") or r.get("medicationCodeableConcept") or r.get("vaccineCode"))
+            if name:
+                lists[LISTED[rtype]].append(name)
+    trends = []
+    for s in series.values():
+        s.points.sort()
+        if len(s.points) >= 2:
+            trends.append(s)
+    return Record(patient, sorted(latest.values(), key=lambda x: x["name"]),
+                  sorted(trends, key=lambda s: s.label), answers, dict(lists))
+
+
+def _answer(a: dict[str, Any]) -> str:
+    for key, value in a.items():
+        if key.startswith("value"):
+            if isinstance(value, dict):
+                return text_of(value) or str(value.get("value", value.get("display", "")))
+            return str(value)
+    return ""
+
+
+PURPOSE_WORDS = {"TREAT": "treatment", "ETREAT": "emergency treatment", "HPAYMT": "payment",
+                 "HOPERAT": "running the service", "HRESCH": "research", "HMARKT": "marketing",
+                 "PUBHLTH": "public health"}
+
+
+def access_rows(events: list[dict[str, Any]], me: str = "") -> list[dict[str, Any]]:
+    """One row per AuditEvent (already projected to the reader by the server), in plain words;
+    `me` is the reader's own reference (shown as "you")."""
+    rows = []
+    for e in events:
+        agents = e.get("agent", []) or []
+        app = next((a.get("who", {}).get("display") for a in agents
+                    if str(a.get("who", {}).get("reference", "")).startswith("Device/")), None)
+        user = next((a.get("who", {}).get("reference") or a.get("who", {}).get("display") for a in agents
+                     if a.get("requestor") and not str(a.get("who", {}).get("reference", "")).startswith("Device/")
+                     and a.get("who", {}).get("display") != "unauthenticated client"), None)
+        entities = e.get("entity", []) or []
+        kinds: dict[str, int] = defaultdict(int)
+        for x in entities:
+            ref = str(x.get("what", {}).get("reference", ""))
+            if ref and (x.get("role") or {}).get("code") == "4":  # a domain resource touched
+                kinds[ref.split("/", 1)[0]] += 1
+        note = next((x.get("description") for x in entities if "others are not shown" in str(x.get("description"))), "")
+        glass = next((x for x in entities if x.get("what", {}).get("identifier", {}).get("value") == "break-the-glass"),
+                     None)
+        reason = next((d.get("valueString") for d in (glass or {}).get("detail", []) or []
+                       if d.get("type") == "break-glass-reason"), None)
+        subtype: dict[str, Any] = next(iter(e.get("subtype", []) or []), {})
+        rows.append({
+            "when": str(e.get("recorded", ""))[:19].replace("T", " "), "app": app or "this server",
+            "user": "you" if user and user == me else user, "action": subtype.get("display") or subtype.get("code") or e.get("action", ""),
+            "what": ", ".join(f"{n} {t}" for t, n in sorted(kinds.items())) or "—", "note": note,
+            "purpose": ", ".join(PURPOSE_WORDS.get(text_of(p), text_of(p)) for p in e.get("purposeOfEvent", []) or []),
+            "allowed": e.get("outcome") == "0", "break_glass": glass is not None, "reason": reason,
+        })
+    return rows

@@ -1,0 +1,200 @@
+"""The portal's pages (docs/portal.md lists each with the FHIR interactions it uses).
+
+Server-rendered HTML with no script at all; every state-changing form is a POST carrying the
+session's CSRF token. A page that needs a sign-in sends the visitor to the landing page."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+
+from ..consent.labels import load_sensitive_codes
+from .api import Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in
+from .record import access_rows, build_record, name_of
+from .sharing import apply_current, choices, consent_body
+
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _page(template: str, api: Api | None = None, **kw: Any) -> str:
+    state = session.get("portal") or {}
+    return render_template(f"portal/{template}", csrf=csrf_token(), signed_in=api is not None,
+                           warning=state.get("warning"), **kw)
+
+
+def _choices(api: Api) -> list[Any]:
+    svc = current_app.extensions["fhirserver"]
+    codes = load_sensitive_codes(svc.settings.profiles_dir)
+    opt_out = frozenset(p.strip() for p in svc.settings.consent_opt_out_purposes.split(",") if p.strip())
+    categories = [(codes.label_system, c, d) for c, d in sorted(codes.labels.items())]
+    consents = api.all_pages("Consent", patient=api.patient, _count="100")
+    return apply_current(choices(opt_out, categories), consents)
+
+
+def make_portal_blueprint() -> Blueprint:
+    bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates", static_folder="static")
+
+    def need() -> Api:
+        api = Api.current()
+        if api is None:
+            abort(redirect(url_for("portal.landing")))
+        return api
+
+    def posted() -> None:
+        if not csrf_ok(request.form.get("csrf")):
+            abort(Response("The form expired or did not come from this site (CSRF check failed). Go back and try "
+                           "again.", status=400, mimetype="text/plain"))
+
+    @bp.errorhandler(SignedOut)
+    def signed_out(_exc: SignedOut) -> Any:
+        session.pop("portal", None)
+        return redirect(url_for("portal.landing", error="Your sign-in has ended. Please sign in again."))
+
+    @bp.get("/")
+    def landing() -> Any:
+        if Api.current() is not None:
+            return redirect(url_for("portal.record"))
+        return _page("landing.html", error=request.args.get("error"))
+
+    @bp.get("/login")
+    def login() -> Any:
+        return redirect(begin_sign_in())
+
+    @bp.get("/callback")
+    def callback() -> Any:
+        if request.args.get("error"):
+            return redirect(url_for("portal.landing", error="The sign-in was cancelled or refused."))
+        problem = finish_sign_in(request.args.get("code", ""), request.args.get("state", ""))
+        if problem:
+            return redirect(url_for("portal.landing", error=problem))
+        return redirect(url_for("portal.record"))
+
+    @bp.get("/record")
+    def record() -> Any:
+        api = need()
+        everything = api.all_pages(f"Patient/{api.patient}/$everything", _count="200")
+        if not everything:
+            abort(404)
+        rec = build_record(everything)
+        return _page("record.html", api, rec=rec, name=name_of(rec.patient))
+
+    @bp.get("/access")
+    def access() -> Any:
+        api = need()
+        pairs = [("patient", f"Patient/{api.patient}"), ("_sort", "-date"), ("_count", "20")]
+        since, until = request.args.get("from", ""), request.args.get("to", "")
+        accessor = request.args.get("accessor", "").strip()
+        if DATE.match(since):
+            pairs.append(("date", f"ge{since}"))
+        if DATE.match(until):
+            pairs.append(("date", f"le{until}"))
+        if re.fullmatch(r"(Device|Practitioner|PractitionerRole|Organization)/[A-Za-z0-9\-._]{1,64}", accessor):
+            pairs.append(("agent", accessor))
+        if request.args.get("cursor"):
+            pairs.append(("_cursor", request.args["cursor"][:500]))
+        reply = api.get("AuditEvent", pairs)
+        if reply.status != 200:
+            abort(502)
+        events = [e["resource"] for e in reply.body.get("entry", []) if e.get("search", {}).get("mode") == "match"]
+        nxt = next((lk["url"] for lk in reply.body.get("link", []) if lk.get("relation") == "next"), None)
+        cursor = dict(parse_qsl(urlsplit(nxt).query)).get("_cursor") if nxt else None
+        return _page("access.html", api, rows=access_rows(events, str((session.get("portal") or {}).get("fhir_user") or f"Patient/{api.patient}")), since=since, until=until, accessor=accessor,
+                     cursor=cursor, total=reply.body.get("total"))
+
+    @bp.get("/sharing")
+    def sharing() -> Any:
+        api = need()
+        return _page("sharing.html", api, choices=_choices(api), done=request.args.get("done"))
+
+    @bp.post("/sharing")
+    def review() -> Any:
+        api = need()
+        posted()
+        changes = []
+        for c in _choices(api):
+            wanted = request.form.get(c.key)
+            until = request.form.get(f"{c.key}-until", "")
+            until = until if DATE.match(until) else ""
+            if wanted not in ("allow", "deny"):
+                continue
+            allowed = wanted == "allow"
+            if allowed != c.allowed or (allowed and until != c.until):
+                changes.append({"key": c.key, "title": c.title, "allowed": allowed, "until": until,
+                                "effect": c.effect(allowed, until)})
+        return _page("review.html", api, changes=changes)
+
+    @bp.post("/sharing/save")
+    def save() -> Any:
+        api = need()
+        posted()
+        current = {c.key: c for c in _choices(api)}
+        for key in request.form.getlist("key"):
+            choice = current.get(key)
+            if choice is None:
+                continue
+            allowed = request.form.get(f"{key}-allowed") == "allow"
+            until = request.form.get(f"{key}-until", "")
+            body = consent_body(choice, api.patient, allowed, until if DATE.match(until) else "")
+            reply = api.put(f"Consent/{choice.consent_id}", body) if choice.consent_id else api.post("Consent", body)
+            if reply.status not in (200, 201):
+                return _page("sharing.html", api, choices=_choices(api), done=None,
+                             error=f"Your choice for {choice.title} could not be saved ({_diagnostics(reply.body)}).")
+        return redirect(url_for("portal.sharing", done="saved"))
+
+    @bp.post("/sharing/withdraw")
+    def withdraw() -> Any:
+        api = need()
+        posted()
+        choice = next((c for c in _choices(api) if c.key == request.form.get("key") and c.consent_id), None)
+        if choice is None:
+            abort(404)
+        current_body = api.get(f"Consent/{choice.consent_id}").body
+        reply = api.put(f"Consent/{choice.consent_id}", {**current_body, "status": "inactive"})
+        if reply.status != 200:
+            abort(502)
+        return redirect(url_for("portal.sharing", done="withdrawn"))
+
+    @bp.get("/download")
+    def download() -> Any:
+        return _page("download.html", need())
+
+    @bp.get("/download/record.json")
+    def download_json() -> Any:
+        api = need()
+        entries = api.all_pages(f"Patient/{api.patient}/$everything", limit=1000, _count="500")
+        bundle = {"resourceType": "Bundle", "type": "collection",
+                  "entry": [{"fullUrl": f"{current_app.extensions['fhirserver'].settings.fhir_base}/"
+                                        f"{r['resourceType']}/{r['id']}", "resource": r} for r in entries]}
+        return Response(json.dumps(bundle, indent=1), mimetype="application/fhir+json",
+                        headers={"Content-Disposition": 'attachment; filename="my-health-record.json"'})
+
+    @bp.post("/logout")
+    def logout() -> Any:
+        posted()
+        api = Api.current()
+        if api is not None:
+            api.revoke()
+        session.pop("portal", None)
+        session.pop("portal_csrf", None)
+        return redirect(url_for("portal.landing"))
+
+    return bp
+
+
+def _diagnostics(body: dict[str, Any]) -> str:
+    issue: dict[str, Any] = next(iter(body.get("issue", []) or []), {})
+    return str(issue.get("diagnostics", "error"))[:200]

@@ -1,0 +1,123 @@
+"""The portal without a browser (Flask test client): it signs in through /auth/authorize like
+any SMART app, every data access goes through the audited FHIR API as the portal's client, every
+form needs the CSRF token, the session cookie is Secure behind TLS, pages need a sign-in, and
+signing out revokes the token."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from fhirserver.users.registry import create_user
+from tests.conftest import BackendClient, make_settings
+from tests.functional.smart.browser import Browser, redirect_params
+from tests.functional.smart.conftest import PASSWORD
+
+
+@pytest.fixture
+def settings(tmp_path: Any, db_url: str):  # type: ignore[no-untyped-def]
+    return make_settings(tmp_path, db_url, portal=True, proxy_hops=1)
+
+
+@pytest.fixture
+def patient(http: Any, admin: BackendClient, app: Any) -> str:
+    h = admin.headers()
+    pid = http.post("/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": "Portal", "given": ["Pia"]}]},
+                    headers=h).get_json()["id"]
+    http.post("/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": "Other"}]}, headers=h)
+    for value in (70, 74, 71):
+        assert http.post("/fhir/Observation", headers=h, json={
+            "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
+            "effectiveDateTime": f"2025-0{value - 69}-01", "valueQuantity": {"value": value, "unit": "/min"}}
+        ).status_code == 201
+    svc = app.extensions["fhirserver"]
+    create_user(svc.engine, svc.keys, "pia", PASSWORD, f"Patient/{pid}")
+    return str(pid)
+
+
+def sign_in(http: Any) -> None:
+    start = http.get("/portal/login")
+    assert start.status_code == 302
+    browser = Browser(http)
+    page = browser.open(dict(redirect_params(start.headers["Location"])))
+    page = browser.login("pia", PASSWORD)
+    page = browser.approve()
+    assert page.status == 302, page.html
+    callback = urlsplit(page.location or "")
+    assert callback.path == "/portal/callback"
+    done = http.get(f"{callback.path}?{callback.query}")
+    assert done.status_code == 302 and done.headers["Location"].endswith("/portal/record"), done.get_data(as_text=True)
+
+
+def test_pages_need_a_sign_in(http: Any, patient: str) -> None:
+    for path in ("/portal/record", "/portal/access", "/portal/sharing", "/portal/download",
+                 "/portal/download/record.json"):
+        resp = http.get(path)
+        assert resp.status_code == 302 and resp.headers["Location"].endswith("/portal/"), path
+
+
+def test_signed_in_pages_use_the_audited_api_and_show_only_the_patient(http: Any, patient: str, app: Any,
+                                                                       make_client: Any) -> None:
+    sign_in(http)
+    record = http.get("/portal/record")
+    html = record.get_data(as_text=True)
+    assert record.status_code == 200 and "Pia Portal" in html and "Other" not in html
+    assert "<polyline" in html and "3 values" in html  # the heart-rate trend
+    assert "script" not in html.lower()  # no script at all: the CSP needs no exception
+    assert "unsafe-inline" not in record.headers["Content-Security-Policy"]
+    auditor = make_client("system/AuditEvent.rs", default_scope="system/AuditEvent.rs",
+                          settings={"auditor": True, "purposes": ["HOPERAT"]})
+    events = http.get("/fhir/AuditEvent?agent=Device/fhirserver-portal&_count=50", headers=auditor.headers()).get_json()
+    subtypes = {e["resource"]["subtype"][0]["code"] for e in events.get("entry", [])}
+    assert "$everything" in subtypes or "operation" in subtypes, subtypes  # it read through the FHIR API
+
+
+def test_every_form_needs_the_csrf_token(http: Any, patient: str) -> None:
+    sign_in(http)
+    for path, form in (("/portal/sharing", {"purpose-HRESCH": "allow"}),
+                       ("/portal/sharing/save", {"key": "purpose-HRESCH", "purpose-HRESCH-allowed": "allow"}),
+                       ("/portal/sharing/withdraw", {"key": "purpose-HRESCH"}), ("/portal/logout", {})):
+        for token in (None, "forged"):
+            data = dict(form, **({"csrf": token} if token else {}))
+            resp = http.post(path, data=data)
+            assert resp.status_code == 400 and "CSRF" in resp.get_data(as_text=True), (path, token)
+    assert http.get("/portal/record").status_code == 200  # still signed in: nothing was changed
+
+
+def test_sharing_writes_consents_through_the_api_and_withdrawal_is_one_post(http: Any, patient: str,
+                                                                            admin: BackendClient) -> None:
+    sign_in(http)
+    page = http.get("/portal/sharing").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    review = http.post("/portal/sharing", data={"csrf": csrf, "purpose-HRESCH": "allow", "purpose-HRESCH-until": "2030-01-01"})
+    assert "Researchers (only de-identified data) will receive your data until 2030-01-01." in review.get_data(as_text=True)
+    saved = http.post("/portal/sharing/save", data={"csrf": csrf, "key": "purpose-HRESCH",
+                                                    "purpose-HRESCH-allowed": "allow", "purpose-HRESCH-until": "2030-01-01"})
+    assert saved.status_code == 302
+    consents = http.get(f"/fhir/Consent?patient={patient}", headers=admin.headers()).get_json()["entry"]
+    body = consents[0]["resource"]
+    assert body["status"] == "active" and body["provision"]["type"] == "permit"
+    assert body["provision"]["purpose"][0]["code"] == "HRESCH" and body["provision"]["period"]["end"] == "2030-01-01"
+    assert http.post("/portal/sharing/withdraw", data={"csrf": csrf, "key": "purpose-HRESCH"}).status_code == 302
+    again = http.get(f"/fhir/Consent/{body['id']}", headers=admin.headers()).get_json()
+    assert again["status"] == "inactive"
+
+
+def test_the_session_cookie_is_secure_behind_tls_and_sign_out_revokes(http: Any, patient: str) -> None:
+    resp = http.get("/portal/login", headers={"X-Forwarded-Proto": "https"})
+    cookie = resp.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    plain = http.get("/portal/login").headers["Set-Cookie"]
+    assert "Secure" not in plain and "HttpOnly" in plain
+    sign_in(http)
+    saved = {c.key: c.value for c in http._cookies.values()}  # noqa: SLF001 - the browser's copy of the cookie
+    page = http.get("/portal/record").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert http.post("/portal/logout", data={"csrf": csrf}).status_code == 302
+    for name, value in saved.items():  # replay the cookie from before signing out: the token is dead
+        http.set_cookie(name, value)
+    stale = http.get("/portal/record")
+    assert stale.status_code == 302 and "sign-in has ended" in stale.headers["Location"].replace("+", " ")
