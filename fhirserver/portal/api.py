@@ -25,8 +25,9 @@ from flask import current_app, session
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 
 CLIENT_ID = "fhirserver-portal"
-SCOPES = ("openid fhirUser launch/patient patient/*.rs patient/Consent.cruds patient/AuditEvent.rs "
-          "patient/Patient.rs")
+# user-level scopes: a guardian's token reaches every child linked to them (the portal switches
+# between them), a patient's only themselves; launch/patient picks the one shown first
+SCOPES = "openid fhirUser launch/patient user/*.rs user/Consent.cruds user/AuditEvent.rs"
 KEY_SCOPE = "portal-session"
 _AAD = b"fhirserver-portal-token"
 
@@ -70,7 +71,30 @@ def finish_sign_in(code: str, state: str) -> str | None:
                          "expires": time.time() + int(token.get("expires_in", 300)),
                          "warning": token.get("fhirserver_warning")}
     session["portal_csrf"] = secrets.token_urlsafe(24)
+    api = Api.current()
+    if api is None:
+        return "The sign-in did not complete. Please sign in again."
+    # whose records this user may see: themselves and the children linked to them as guardian
+    people = api.all_pages("Patient", _count="50", _elements="name")
+    session["portal"] = {**session["portal"], "patients": [[p["id"], _name(p)] for p in people]}
     return None
+
+
+def _name(patient: dict[str, Any]) -> str:
+    for n in patient.get("name", []) or []:
+        parts = [*(n.get("given") or []), n.get("family") or ""]
+        if any(parts):
+            return " ".join(p for p in parts if p)
+    return str(patient.get("id"))
+
+
+def switch(patient: str) -> bool:
+    """Show another of the user's patients (a guardian's child); False if it is not one of them."""
+    state = session.get("portal") or {}
+    if patient not in [p[0] for p in state.get("patients", [])]:
+        return False
+    session["portal"] = {**state, "patient": patient}
+    return True
 
 
 class SignedOut(Exception):
@@ -164,6 +188,7 @@ def ensure_client(svc: Any) -> None:
     existing = get_client(svc.engine, CLIENT_ID)
     if existing is None:
         register_app_client(svc.engine, "Patient privacy portal", SCOPES, [callback], "none", client_id=CLIENT_ID)
-    elif existing.redirect_uris != [callback]:
+    elif existing.redirect_uris != [callback] or existing.scopes != SCOPES:
         with svc.engine.begin() as conn:
-            conn.execute(update(client).where(client.c.client_id == CLIENT_ID).values(redirect_uris=json.dumps([callback])))
+            conn.execute(update(client).where(client.c.client_id == CLIENT_ID).values(
+                redirect_uris=json.dumps([callback]), scopes=SCOPES))

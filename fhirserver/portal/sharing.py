@@ -56,7 +56,8 @@ def choices(opt_out: frozenset[str], categories: list[tuple[str, str, str]]) -> 
     """Every choice with the server's default; `categories`: (system, label code, display)."""
     out = [Choice(f"purpose-{code}", title, who, code in opt_out, code) for code, title, who in PURPOSES]
     for system, code, display in categories:
-        title = display.replace(" information sensitivity", "").replace("disorder", "").strip().capitalize()
+        title = " ".join(display.replace(" information sensitivity", "").replace("disorder", "").split())
+        title = title[:1].upper() + title[1:]
         out.append(Choice(f"label-{code}", f"{title} information", "Doctors and nurses treating you", False,
                           "TREAT", (system, code)))
     return out

@@ -23,7 +23,7 @@ from flask import (
 )
 
 from ..consent.labels import load_sensitive_codes
-from .api import Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in
+from .api import Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in, switch
 from .record import access_rows, build_record, name_of
 from .sharing import apply_current, choices, consent_body
 
@@ -33,7 +33,8 @@ DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 def _page(template: str, api: Api | None = None, **kw: Any) -> str:
     state = session.get("portal") or {}
     return render_template(f"portal/{template}", csrf=csrf_token(), signed_in=api is not None,
-                           warning=state.get("warning"), **kw)
+                           warning=state.get("warning"), people=state.get("patients", []),
+                           current=state.get("patient"), **kw)
 
 
 def _choices(api: Api) -> list[Any]:
@@ -168,6 +169,14 @@ def make_portal_blueprint() -> Blueprint:
             abort(502)
         return redirect(url_for("portal.sharing", done="withdrawn"))
 
+    @bp.post("/switch")
+    def switch_patient() -> Any:
+        need()
+        posted()
+        if not switch(request.form.get("patient", "")):
+            abort(404)
+        return redirect(url_for("portal.record"))
+
     @bp.get("/download")
     def download() -> Any:
         return _page("download.html", need())
@@ -188,8 +197,10 @@ def make_portal_blueprint() -> Blueprint:
         api = Api.current()
         if api is not None:
             api.revoke()
-        session.pop("portal", None)
-        session.pop("portal_csrf", None)
+        # also the sign-in at the authorization server (the same cookie): on a shared device the
+        # next person must sign in as themselves
+        for key in ("portal", "portal_csrf", "login", "mfa", "authz"):
+            session.pop(key, None)
         return redirect(url_for("portal.landing"))
 
     return bp

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from sqlalchemy import create_engine, select
 
 from fhirserver.db.schema import access_token
 from tests.functional.cli.test_live_server import LiveServer
+from tests.support.cli import CLI
+from tests.support.live import server_env
+from tests.support.npm import node_modules
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="chromium not installed (scripts/ensure_chromium.sh)")
@@ -72,14 +76,7 @@ def test_the_demo_patient_uses_her_rights(demo: LiveServer, tmp_path_factory: py
             page = context.new_page()
             page.goto(f"{demo.root_url}/portal/")
             page.screenshot(path=str(shots / "0-landing.png"), full_page=True)
-            page.click("#sign-in")
-            page.wait_for_selector("#username", timeout=30_000)  # the server's own sign-in page
-            page.fill("#username", "alice")
-            page.fill("#password", password(demo, "alice"))
-            page.click("button[type=submit]")
-            page.wait_for_selector("button[name=approve]", timeout=30_000)
-            page.click("button[name=approve]")
-            page.wait_for_selector("#patient-name", timeout=30_000)
+            sign_in(page, demo.root_url, "alice", password(demo, "alice"))  # the server's own sign-in pages
             assert "Alice" in (page.text_content("#patient-name") or "")
             assert page.locator("svg.chart polyline").count() >= 1  # a trend chart of repeated vitals
             assert "Heart rate" in (page.text_content("#trends ~ figure, main") or "")
@@ -145,6 +142,98 @@ def test_the_demo_patient_uses_her_rights(demo: LiveServer, tmp_path_factory: py
         revoked = conn.execute(select(access_token.c.revoked).where(access_token.c.client_id == "fhirserver-portal")).all()
     engine.dispose()
     assert revoked and all(r.revoked for r in revoked)  # signing out revoked the portal's token
+
+
+def sign_in(page: Any, root: str, username: str, pw: str, patient: str | None = None) -> None:
+    page.goto(f"{root}/portal/")
+    page.click("#sign-in")
+    page.wait_for_selector("#username", timeout=30_000)
+    page.fill("#username", username)
+    page.fill("#password", pw)
+    page.click("button[type=submit]")
+    page.wait_for_selector("button[name=approve]", timeout=30_000)
+    if patient is not None:
+        page.check(f"input[name=patient][value='{patient}']")
+    page.click("button[name=approve]")
+    page.wait_for_selector("#patient-name", timeout=30_000)
+
+
+def test_a_guardian_switches_child_and_the_minor_sees_the_guardians_choice(
+        demo: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from playwright.sync_api import sync_playwright
+
+    shots = tmp_path_factory.mktemp("portal-guardian-screenshots")
+    print(f"portal guardian screenshots: {shots}")
+    assert demo.cli("user", "link", "guardian-chen", "--patient", "Patient/demo-bob",
+                    "--relationship", "proxy").returncode == 0
+    chloe_pw = "chloe's own long passphrase 7"
+    added = subprocess.run([*CLI, "user", "add", "--username", "chloe", "--fhir-user", "Patient/demo-chloe"],
+                           input=chloe_pw + "\n", env=server_env(demo.root, demo.data_dir), cwd=demo.root,
+                           capture_output=True, text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_context().new_page()
+            sign_in(page, demo.root_url, "guardian-chen", password(demo, "guardian-chen"), patient="demo-chloe")
+            assert "Chloe" in (page.text_content("#patient-name") or "")
+            options = page.locator("#patient option").all_text_contents()
+            assert len(options) == 2 and any("Chloe" in o for o in options)
+            page.screenshot(path=str(shots / "1-guardian-chloe.png"), full_page=True)
+            page.select_option("#patient", "demo-bob")
+            page.click("#switch")
+            page.wait_for_selector("#patient-name")
+            assert "Chloe" not in (page.text_content("#patient-name") or "")
+            page.screenshot(path=str(shots / "2-guardian-switched.png"), full_page=True)
+            # switch back and make a choice for the minor
+            page.select_option("#patient", "demo-chloe")
+            page.click("#switch")
+            page.wait_for_selector("#patient-name")
+            page.goto(f"{demo.root_url}/portal/sharing")
+            page.check("#purpose-HPAYMT-deny")
+            page.click("#review")
+            page.click("#save")
+            page.wait_for_selector("#done")
+            page.click("button:has-text('Sign out')")
+            page.wait_for_selector("#sign-in")
+            # the minor's own account sees what her guardian set
+            sign_in(page, demo.root_url, "chloe", chloe_pw)
+            assert "Chloe" in (page.text_content("#patient-name") or "")
+            assert page.locator("#patient").count() == 0  # only herself: no switcher
+            page.goto(f"{demo.root_url}/portal/sharing")
+            assert (page.text_content("#choice-purpose-HPAYMT .state") or "") == "not allowed"
+            page.screenshot(path=str(shots / "3-minor-sharing.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_the_pages_pass_an_accessibility_check(demo: LiveServer) -> None:
+    """axe-core (npm, installed by the project's own package.json) finds no serious violation."""
+    from playwright.sync_api import sync_playwright
+
+    axe = node_modules() / "axe-core" / "axe.min.js"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            context = browser.new_context(bypass_csp=True)  # lets the checker's script in; the pages have none
+            page = context.new_page()
+            page.goto(f"{demo.root_url}/portal/")
+            problems = {"landing": _axe(page, axe)}
+            sign_in(page, demo.root_url, "alice", password(demo, "alice"))
+            for name in ("record", "access", "sharing", "download"):
+                page.goto(f"{demo.root_url}/portal/{name}")
+                problems[name] = _axe(page, axe)
+        finally:
+            browser.close()
+    assert problems == {name: [] for name in problems}, problems
+
+
+def _axe(page: Any, axe: Path) -> list[str]:
+    page.add_script_tag(path=str(axe))
+    result = page.evaluate("async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+                           ".filter(v => v.impact === 'serious' || v.impact === 'critical')"
+                           ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '))")
+    return list(result)
 
 
 def assert_alices(resource: dict[str, Any]) -> None:
