@@ -12,6 +12,7 @@ from .handler import Handler
 from .history import History
 from .proof_op import Proof
 from .searching import Everything, LastN, Search
+from .summary_op import Summary
 from .validate_op import Validate
 
 ROUTES: dict[str, Handler] = {
@@ -29,6 +30,7 @@ ROUTES: dict[str, Handler] = {
     "bundle": BundleHandler(),  # batch / transaction at POST [base]
     "$everything": Everything(),
     "$lastn": LastN(),
+    "$summary": Summary(),
     "$validate": Validate(),
     "$erase": Erase(),
     "$proof": Proof(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -23,6 +24,7 @@ from flask import (
 )
 
 from ..consent.labels import load_sensitive_codes
+from ..pipeline.summary_op import describe
 from .api import Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in, switch
 from .record import access_rows, build_record, name_of
 from .sharing import apply_current, choices, consent_body
@@ -176,6 +178,35 @@ def make_portal_blueprint() -> Blueprint:
         if not switch(request.form.get("patient", "")):
             abort(404)
         return redirect(url_for("portal.record"))
+
+    def summary_page(api: Api, for_pdf: bool = False) -> str:
+        reply = api.get(f"Patient/{api.patient}/$summary")
+        if reply.status != 200:
+            abort(404)
+        resources = [e["resource"] for e in reply.body.get("entry", [])]
+        composition = resources[0]
+        by_ref = {f"{r['resourceType']}/{r['id']}": r for r in resources[1:]}
+        sections = [{"title": s["title"], "items": [describe(by_ref[e["reference"]]) for e in s.get("entry", [])
+                                                     if e["reference"] in by_ref]}
+                    for s in composition.get("section", [])]
+        rec = build_record(resources[1:])
+        html = _page("summary.html", None if for_pdf else api, name=name_of(rec.patient), patient=rec.patient,
+                     sections=sections, trends=rec.trends, made=str(composition.get("date", ""))[:10], pdf=for_pdf)
+        return html
+
+    @bp.get("/summary")
+    def summary() -> Any:
+        return summary_page(need())
+
+    @bp.get("/summary.pdf")
+    def summary_pdf() -> Any:
+        from weasyprint import CSS, HTML
+
+        page = summary_page(need(), for_pdf=True)
+        css = CSS(filename=str(Path(bp.static_folder or "") / "portal.css"))
+        pdf = HTML(string=page).write_pdf(stylesheets=[css])  # the page links nothing: nothing is fetched
+        return Response(pdf, mimetype="application/pdf",
+                        headers={"Content-Disposition": 'attachment; filename="health-summary.pdf"'})
 
     @bp.get("/download")
     def download() -> Any:

@@ -9,6 +9,7 @@ saved into a temporary folder named in the test output."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from pypdf import PdfReader
 from sqlalchemy import create_engine, select
 
 from fhirserver.db.schema import access_token
@@ -117,6 +119,18 @@ def test_the_demo_patient_uses_her_rights(demo: LiveServer, tmp_path_factory: py
             assert bundle["resourceType"] == "Bundle" and len(bundle["entry"]) > 5
             for entry in bundle["entry"]:
                 assert_alices(entry["resource"])
+
+            # the printable health summary, as a page and as a PDF holding her name
+            page.click("#summary")
+            page.wait_for_selector("#patient-name")
+            assert "Alice" in (page.text_content("#patient-name") or "") and "Vital signs" in page.content()
+            page.screenshot(path=str(shots / "6-summary.png"), full_page=True)
+            with page.expect_download() as info:
+                page.click("#summary-pdf")
+            pdf = Path(info.value.path()).read_bytes()
+            assert pdf.startswith(b"%PDF") and len(pdf) > 2000
+            text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+            assert "Alice Anders" in text and "Vital signs" in text and "demo-bob" not in text
 
             # a crafted URL naming another patient shows nothing of theirs
             page.goto(f"{demo.root_url}/portal/record?patient=demo-bob")

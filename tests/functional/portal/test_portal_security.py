@@ -30,6 +30,8 @@ def patient(http: Any, admin: BackendClient, app: Any) -> str:
     for value in (70, 74, 71):
         assert http.post("/fhir/Observation", headers=h, json={
             "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": "vital-signs"}]}],
             "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
             "effectiveDateTime": f"2025-0{value - 69}-01", "valueQuantity": {"value": value, "unit": "/min"}}
         ).status_code == 201
@@ -121,3 +123,18 @@ def test_the_session_cookie_is_secure_behind_tls_and_sign_out_revokes(http: Any,
         http.set_cookie(name, value)
     stale = http.get("/portal/record")
     assert stale.status_code == 302 and "sign-in has ended" in stale.headers["Location"].replace("+", " ")
+
+
+def test_the_health_summary_prints_and_downloads_as_pdf(http: Any, patient: str) -> None:
+    from io import BytesIO
+
+    from pypdf import PdfReader
+
+    sign_in(http)
+    page = http.get("/portal/summary")
+    assert page.status_code == 200 and "Pia Portal" in page.get_data(as_text=True)
+    pdf = http.get("/portal/summary.pdf")
+    assert pdf.status_code == 200, pdf.get_data(as_text=True)[:2000]
+    assert pdf.mimetype == "application/pdf" and "attachment" in pdf.headers["Content-Disposition"]
+    text = "".join(p.extract_text() for p in PdfReader(BytesIO(pdf.get_data())).pages)
+    assert "Pia Portal" in text and "Heart rate" in text and "Other" not in text
