@@ -200,8 +200,11 @@ def make_portal_blueprint() -> Blueprint:
 
     @bp.get("/summary.pdf")
     def summary_pdf() -> Any:
-        from weasyprint import CSS, HTML
-
+        try:
+            from weasyprint import CSS, HTML
+        except (ImportError, OSError):  # the system's Pango is missing (scripts/ensure_pango.sh)
+            return Response("The PDF summary is not available on this server; print the summary page instead.",
+                            status=503, mimetype="text/plain")
         page = summary_page(need(), for_pdf=True)
         css = CSS(filename=str(Path(bp.static_folder or "") / "portal.css"))
         pdf = HTML(string=page).write_pdf(stylesheets=[css])  # the page links nothing: nothing is fetched
