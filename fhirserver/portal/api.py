@@ -27,7 +27,9 @@ from ..crypto.cipher import DecryptionError, open_sealed, seal
 CLIENT_ID = "fhirserver-portal"
 # user-level scopes: a guardian's token reaches every child linked to them (the portal switches
 # between them), a patient's only themselves; launch/patient picks the one shown first
-SCOPES = "openid fhirUser launch/patient user/*.rs user/Consent.cruds user/AuditEvent.rs"
+AMENDABLE = ("Observation", "Condition", "AllergyIntolerance", "Immunization", "MedicationRequest", "Procedure")
+SCOPES = ("openid fhirUser launch/patient user/*.rs user/Consent.cruds user/AuditEvent.rs user/Patient.u "
+          + " ".join(f"user/{t}.u" for t in AMENDABLE))
 KEY_SCOPE = "portal-session"
 _AAD = b"fhirserver-portal-token"
 

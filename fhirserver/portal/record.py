@@ -173,3 +173,44 @@ def access_rows(events: list[dict[str, Any]], me: str = "") -> list[dict[str, An
             "allowed": e.get("outcome") == "0", "break_glass": glass is not None, "reason": reason,
         })
     return rows
+
+
+def details_of(patient: dict[str, Any]) -> dict[str, str]:
+    """The editable demographic fields (first name, phone, address)."""
+    name: dict[str, Any] = next(iter(patient.get("name", []) or []), {})
+    address: dict[str, Any] = next(iter(patient.get("address", []) or []), {})
+    phone = next((t.get("value") for t in patient.get("telecom", []) or [] if t.get("system") == "phone"), "")
+    return {"given": " ".join(name.get("given", []) or []), "family": str(name.get("family") or ""),
+            "phone": str(phone or ""), "line": ", ".join(address.get("line", []) or []),
+            "city": str(address.get("city") or ""), "postal": str(address.get("postalCode") or "")}
+
+
+def with_details(patient: dict[str, Any], form: Any) -> dict[str, Any]:
+    """The Patient with the form's corrections (other fields and further names/addresses kept)."""
+    body = dict(patient)
+    body.pop("meta", None)
+    value = {k: str(form.get(k, "")).strip()[:200] for k in ("given", "family", "phone", "line", "city", "postal")}
+    names = list(body.get("name", []) or [{}])
+    first = {k: v for k, v in dict(names[0]).items() if k not in ("given", "family", "text")}
+    if value["given"]:
+        first["given"] = value["given"].split()
+    if value["family"]:
+        first["family"] = value["family"]
+    body["name"] = [first, *names[1:]] if first else names[1:]
+    telecom = [t for t in body.get("telecom", []) or [] if t.get("system") != "phone"]
+    if value["phone"]:
+        telecom.insert(0, {"system": "phone", "value": value["phone"]})
+    body["telecom"] = telecom
+    addresses = list(body.get("address", []) or [{}])
+    home = {k: v for k, v in dict(addresses[0]).items() if k not in ("line", "city", "postalCode", "text")}
+    if value["line"]:
+        home["line"] = [value["line"]]
+    if value["city"]:
+        home["city"] = value["city"]
+    if value["postal"]:
+        home["postalCode"] = value["postal"]
+    body["address"] = [home, *addresses[1:]] if home else addresses[1:]
+    for key in ("name", "telecom", "address"):
+        if not body[key]:
+            body.pop(key)
+    return body

@@ -23,10 +23,12 @@ from flask import (
     url_for,
 )
 
+from ..clock import now_us
 from ..consent.labels import load_sensitive_codes
+from ..fhir.dates import instant_text
 from ..pipeline.summary_op import describe
-from .api import Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in, switch
-from .record import access_rows, build_record, name_of
+from .api import AMENDABLE, Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in, switch
+from .record import access_rows, build_record, details_of, name_of, with_details
 from .sharing import apply_current, choices, consent_body
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -210,6 +212,42 @@ def make_portal_blueprint() -> Blueprint:
         pdf = HTML(string=page).write_pdf(stylesheets=[css])  # the page links nothing: nothing is fetched
         return Response(pdf, mimetype="application/pdf",
                         headers={"Content-Disposition": 'attachment; filename="health-summary.pdf"'})
+
+    @bp.get("/corrections")
+    def corrections() -> Any:
+        api = need()
+        patient = api.get(f"Patient/{api.patient}").body
+        everything = api.all_pages(f"Patient/{api.patient}/$everything", _count="200")
+        entries = [(f"{r['resourceType']}/{r['id']}", describe(r)) for r in everything if r["resourceType"] in AMENDABLE]
+        return _page("corrections.html", api, details=details_of(patient), entries=entries,
+                     done=request.args.get("done"))
+
+    @bp.post("/corrections/details")
+    def correct_details() -> Any:
+        api = need()
+        posted()
+        patient = api.get(f"Patient/{api.patient}").body
+        reply = api.put(f"Patient/{api.patient}", with_details(patient, request.form))
+        if reply.status != 200:
+            return _page("corrections.html", api, details=details_of(patient), entries=[],
+                         error=f"Your details could not be saved ({_diagnostics(reply.body)}).")
+        return redirect(url_for("portal.corrections", done="Your details are saved."))
+
+    @bp.post("/corrections/flag")
+    def flag_entry() -> Any:
+        api = need()
+        posted()
+        ref, note = request.form.get("entry", ""), request.form.get("note", "").strip()[:1000]
+        if ref.split("/", 1)[0] not in AMENDABLE or not note:
+            abort(400)
+        body = api.get(ref).body  # 404 unless it is one of the user's records
+        if body.get("resourceType") != ref.split("/", 1)[0]:
+            abort(404)
+        body["note"] = [*body.get("note", []), {"text": f"Patient reports: {note}", "time": instant_text(now_us())}]
+        reply = api.put(ref, body)
+        if reply.status != 200:
+            abort(502)
+        return redirect(url_for("portal.corrections", done="Your note was added; your care team will review it."))
 
     @bp.get("/download")
     def download() -> Any:

@@ -138,3 +138,31 @@ def test_the_health_summary_prints_and_downloads_as_pdf(http: Any, patient: str)
     assert pdf.mimetype == "application/pdf" and "attachment" in pdf.headers["Content-Disposition"]
     text = "".join(p.extract_text() for p in PdfReader(BytesIO(pdf.get_data())).pages)
     assert "Pia Portal" in text and "Heart rate" in text and "Other" not in text
+
+
+def test_corrections_go_through_the_api_as_amendments(http: Any, patient: str, admin: BackendClient) -> None:
+    sign_in(http)
+    page = http.get("/portal/corrections").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert 'value="Pia"' in page and "Heart rate" in page
+    saved = http.post("/portal/corrections/details", data={"csrf": csrf, "given": "Pia Maria", "family": "Portal",
+                                                           "phone": "+1 555 0100", "line": "1 Elm Road", "city": "Oslo",
+                                                           "postal": "0150"})
+    assert saved.status_code == 302, saved.get_data(as_text=True)
+    body = http.get(f"/fhir/Patient/{patient}", headers=admin.headers()).get_json()
+    assert body["name"][0]["given"] == ["Pia", "Maria"] and body["address"][0]["city"] == "Oslo"
+    assert body["telecom"][0]["value"] == "+1 555 0100" and body["meta"]["versionId"] == "2"
+    obs = http.get(f"/fhir/Observation?patient={patient}", headers=admin.headers()).get_json()["entry"][0]["resource"]
+    flagged = http.post("/portal/corrections/flag", data={"csrf": csrf, "entry": f"Observation/{obs['id']}",
+                                                          "note": "I was not there that day"})
+    assert flagged.status_code == 302
+    after = http.get(f"/fhir/Observation/{obs['id']}", headers=admin.headers()).get_json()
+    assert after["note"][-1]["text"] == "Patient reports: I was not there that day"
+    assert any(t.get("code") == "patient-amended" for t in after["meta"].get("tag", []))  # for the care team
+    # an entry that is not the user's: 404 from the API, nothing changed
+    other = http.post("/fhir/Observation", headers=admin.headers(), json={
+        "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": "Patient/someone-else"}}).get_json()["id"]
+    refused = http.post("/portal/corrections/flag", data={"csrf": csrf, "entry": f"Observation/{other}", "note": "x"})
+    assert refused.status_code in (404, 502)
+    assert "note" not in http.get(f"/fhir/Observation/{other}", headers=admin.headers()).get_json()
