@@ -164,6 +164,15 @@ class Api:
             reply = self.get(parts.path.split("/fhir/", 1)[1], parse_qsl(parts.query))
         return entries
 
+    def account(self, method: str, path: str = "", body: dict[str, Any] | None = None) -> Reply:
+        """The user's own account (/auth/account): two-step sign-in, password, authorizations."""
+        resp = current_app.test_client().open(f"/auth/account{path}", method=method, json=body,
+                                              headers={"Authorization": f"Bearer {self.token}"})
+        if resp.status_code in (401, 403):
+            raise SignedOut()
+        data = resp.get_json(silent=True)
+        return Reply(resp.status_code, data if isinstance(data, dict) else {})
+
     def revoke(self) -> None:
         current_app.test_client().post("/auth/revoke", data={"token": self.token, "client_id": CLIENT_ID})
 
@@ -188,9 +197,11 @@ def ensure_client(svc: Any) -> None:
 
     callback = f"{svc.settings.public_root}/portal/callback"
     existing = get_client(svc.engine, CLIENT_ID)
+    settings = {"account_manager": True, "token_endpoint_auth_method": "none"}  # may call /auth/account
     if existing is None:
-        register_app_client(svc.engine, "Patient privacy portal", SCOPES, [callback], "none", client_id=CLIENT_ID)
-    elif existing.redirect_uris != [callback] or existing.scopes != SCOPES:
+        register_app_client(svc.engine, "Patient privacy portal", SCOPES, [callback], "none", client_id=CLIENT_ID,
+                            settings={"account_manager": True})
+    elif existing.redirect_uris != [callback] or existing.scopes != SCOPES or existing.settings != settings:
         with svc.engine.begin() as conn:
             conn.execute(update(client).where(client.c.client_id == CLIENT_ID).values(
-                redirect_uris=json.dumps([callback]), scopes=SCOPES))
+                redirect_uris=json.dumps([callback]), scopes=SCOPES, settings=json.dumps(settings)))

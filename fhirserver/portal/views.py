@@ -249,6 +249,49 @@ def make_portal_blueprint() -> Blueprint:
             abort(502)
         return redirect(url_for("portal.corrections", done="Your note was added; your care team will review it."))
 
+    @bp.get("/security")
+    def security() -> Any:
+        api = need()
+        return _page("security.html", api, account=api.account("GET").body, setup=None, done=request.args.get("done"))
+
+    @bp.post("/security/totp")
+    def totp_start() -> Any:
+        api = need()
+        posted()
+        setup = api.account("POST", "/totp").body
+        return _page("security.html", api, account=api.account("GET").body, setup=setup)
+
+    @bp.post("/security/totp/confirm")
+    def totp_confirm() -> Any:
+        api = need()
+        posted()
+        reply = api.account("POST", "/totp/confirm", {"secret": request.form.get("secret", ""),
+                                                      "code": request.form.get("code", "")})
+        if reply.status != 200:
+            return _page("security.html", api, account=api.account("GET").body, setup=None,
+                         error=reply.body.get("error_description", "Two-step sign-in was not turned on."))
+        return redirect(url_for("portal.security", done="Two-step sign-in is on."))
+
+    @bp.post("/security/password")
+    def change_password() -> Any:
+        api = need()
+        posted()
+        reply = api.account("POST", "/password", {"current": request.form.get("current", ""),
+                                                  "new": request.form.get("new", "")})
+        if reply.status != 200:
+            return _page("security.html", api, account=api.account("GET").body, setup=None,
+                         error=reply.body.get("error_description", "The password was not changed."))
+        return redirect(url_for("portal.security", done="Your password is changed."))
+
+    @bp.post("/security/revoke")
+    def revoke_app() -> Any:
+        api = need()
+        posted()
+        reply = api.account("POST", f"/authorizations/{request.form.get('id', '')[:64]}/revoke")
+        if reply.status != 200:
+            abort(404)
+        return redirect(url_for("portal.security", done="The app's access is revoked."))
+
     @bp.get("/download")
     def download() -> Any:
         return _page("download.html", need())

@@ -58,6 +58,9 @@ def install(app: Flask) -> None:
                       SESSION_COOKIE_SECURE=svc.settings.public_root.startswith("https://"))
     signing_key(svc.settings.data_dir)  # generate at start, not on the first login
     app.register_blueprint(make_smart_blueprint())
+    from .account import make_account_blueprint
+
+    app.register_blueprint(make_account_blueprint())
     from ..admin_api import api_of
     from .admin import launch_blp, register_blp
 

@@ -234,7 +234,7 @@ def test_the_pages_pass_an_accessibility_check(demo: LiveServer) -> None:
             page.goto(f"{demo.root_url}/portal/")
             problems = {"landing": _axe(page, axe)}
             sign_in(page, demo.root_url, "alice", password(demo, "alice"))
-            for name in ("record", "access", "sharing", "download"):
+            for name in ("record", "access", "sharing", "corrections", "download", "summary", "security"):
                 page.goto(f"{demo.root_url}/portal/{name}")
                 problems[name] = _axe(page, axe)
         finally:
@@ -257,3 +257,52 @@ def assert_alices(resource: dict[str, Any]) -> None:
         assert resource["id"] == ALICE
     else:
         assert f"Patient/{ALICE}" in text
+
+
+def test_two_step_sign_in_enrolment_then_sign_in_with_a_code(demo: LiveServer,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    import time
+
+    import pyotp
+    from playwright.sync_api import sync_playwright
+
+    shots = tmp_path_factory.mktemp("portal-security-screenshots")
+    print(f"portal security screenshots: {shots}")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_context().new_page()
+            sign_in(page, demo.root_url, "alice", password(demo, "alice"))
+            page.goto(f"{demo.root_url}/portal/security")
+            assert "Off" in (page.text_content("#totp-state") or "")
+            page.click("#totp-start")
+            assert page.locator(".qr svg").count() == 1  # the QR code, drawn by the server
+            secret = (page.text_content("#totp-secret") or "").strip()
+            page.screenshot(path=str(shots / "1-totp-setup.png"), full_page=True)
+            page.fill("#code", "000000" if pyotp.TOTP(secret).now() != "000000" else "111111")
+            page.click("#totp-confirm")
+            assert "does not match" in (page.text_content("#error") or "")  # a wrong code keeps it off
+            page.click("#totp-start")
+            secret = (page.text_content("#totp-secret") or "").strip()
+            page.fill("#code", pyotp.TOTP(secret).now())
+            page.click("#totp-confirm")
+            page.wait_for_selector("#done")
+            assert "On" in (page.text_content("#totp-state") or "")
+            assert "Patient privacy portal" in (page.text_content("#authorizations") or "")
+            page.screenshot(path=str(shots / "2-security.png"), full_page=True)
+            page.click("button:has-text('Sign out')")
+            page.wait_for_selector("#sign-in")
+            # signing in now asks for a code (the next one: the code used to enrol cannot be replayed)
+            page.click("#sign-in")
+            page.fill("#username", "alice")
+            page.fill("#password", password(demo, "alice"))
+            page.click("button[type=submit]")
+            page.wait_for_selector("#totp", timeout=30_000)
+            page.fill("#totp", pyotp.TOTP(secret).at(time.time() + 30))
+            page.click("button[type=submit]")
+            page.wait_for_selector("button[name=approve]", timeout=30_000)
+            page.click("button[name=approve]")
+            page.wait_for_selector("#patient-name", timeout=30_000)
+            assert "Alice" in (page.text_content("#patient-name") or "")
+        finally:
+            browser.close()

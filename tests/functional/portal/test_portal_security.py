@@ -166,3 +166,47 @@ def test_corrections_go_through_the_api_as_amendments(http: Any, patient: str, a
     refused = http.post("/portal/corrections/flag", data={"csrf": csrf, "entry": f"Observation/{other}", "note": "x"})
     assert refused.status_code in (404, 502)
     assert "note" not in http.get(f"/fhir/Observation/{other}", headers=admin.headers()).get_json()
+
+
+def test_the_account_api_serves_only_the_portal_and_changes_are_audited(http: Any, patient: str, app: Any,
+                                                                        make_client: Any) -> None:
+    from fhirserver.auth.tokens import issue_token
+    from fhirserver.users.registry import get_user
+
+    svc = app.extensions["fhirserver"]
+    # an ordinary app the user approved may read their data, never change how they sign in
+    other_app = make_client("user/*.rs", default_scope="user/*.rs")
+    with svc.engine.begin() as conn:
+        token, _exp = issue_token(conn, other_app.client_id, "user/*.rs", 600, {"fhirUser": f"Patient/{patient}"})
+    for method, path in (("GET", ""), ("POST", "/totp"), ("POST", "/password")):
+        resp = http.open(f"/auth/account{path}", method=method, json={"current": PASSWORD, "new": "x" * 20},
+                         headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 403, (path, resp.get_data(as_text=True))
+    assert http.get("/auth/account").status_code == 403  # no token at all
+    sign_in(http)
+    page = http.get("/portal/security").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert "Patient privacy portal" in page and "Off" in page
+    wrong = http.post("/portal/security/password", data={"csrf": csrf, "current": "not it", "new": "x" * 20})
+    assert "current password is not right" in wrong.get_data(as_text=True)
+    weak = http.post("/portal/security/password", data={"csrf": csrf, "current": PASSWORD, "new": "password1234"})
+    assert "too weak" in weak.get_data(as_text=True) or "at least" in weak.get_data(as_text=True)
+    new = "cobalt-meadow-quartz-51 river"
+    changed = http.post("/portal/security/password", data={"csrf": csrf, "current": PASSWORD, "new": new})
+    assert changed.status_code == 302
+    from fhirserver.users.login import verify_login
+
+    assert get_user(svc.engine, "pia") is not None
+    assert verify_login(svc.engine, "pia", new).ok and not verify_login(svc.engine, "pia", PASSWORD).ok
+    # the portal's own authorization is listed; revoking it ends the session
+    family = page.split('name="id" value="', 1)[1].split('"', 1)[0]
+    assert http.post("/portal/security/revoke", data={"csrf": csrf, "id": "not-mine"}).status_code == 404
+    assert http.post("/portal/security/revoke", data={"csrf": csrf, "id": family}).status_code == 302
+    assert http.get("/portal/record").status_code == 302
+    auditor = make_client("system/AuditEvent.rs", default_scope="system/AuditEvent.rs",
+                          settings={"auditor": True, "purposes": ["HOPERAT"]})
+    events = http.get("/fhir/AuditEvent?subtype=password-change,authorization-revoke&_count=20",
+                      headers=auditor.headers()).get_json()
+    outcomes = sorted((e["resource"]["subtype"][0]["code"], e["resource"]["outcome"]) for e in events["entry"])
+    assert outcomes == [("authorization-revoke", "0"), ("password-change", "0"), ("password-change", "4"),
+                        ("password-change", "4")]

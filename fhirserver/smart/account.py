@@ -1,0 +1,114 @@
+"""`/auth/account`: a signed-in user's own account, as JSON, for the patient portal (and any
+client registered as an account manager): two-step sign-in enrolment, password change, and the
+apps the user authorized. Only a user token of a client registered with the `account_manager`
+setting may call it -- an ordinary app a user approved can read their data, never change how they
+sign in. Every change is audited; a refused attempt too."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+from sqlalchemy import select
+
+from ..audit.events import AuditRecord
+from ..auth.tokens import lookup_token
+from ..clock import now_us
+from ..db.engine import read_connection
+from ..db.schema import app_user
+from ..users import account
+from ..users.registry import UserError
+
+
+def _qr_svg(uri: str) -> str:
+    import segno
+
+    out = io.BytesIO()
+    segno.make(uri, error="m").save(out, kind="svg", scale=4, xmldecl=False, svgns=True, title="Setup QR code")
+    return out.getvalue().decode()
+
+
+def make_account_blueprint() -> Blueprint:
+    bp = Blueprint("account", __name__, url_prefix="/auth/account")
+
+    def caller() -> tuple[Any, str, str]:
+        svc = current_app.extensions["fhirserver"]
+        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+        info, _reason = lookup_token(svc.engine, token.strip()) if scheme.lower() == "bearer" else (None, "")
+        fhir_user = (info.context.get("fhirUser") if info else None) or ""
+        if info is None or not info.client_settings.get("account_manager") or not fhir_user:
+            raise PermissionError
+        with read_connection(svc.engine) as conn:
+            username = conn.execute(select(app_user.c.username).where(app_user.c.fhir_user == fhir_user,
+                                                                      app_user.c.disabled.is_(False))).scalar()
+        if username is None:
+            raise PermissionError
+        return info, str(username), fhir_user
+
+    def audited(code: str, status: int, info: Any, user: str, desc: str) -> None:
+        svc = current_app.extensions["fhirserver"]
+        rec = AuditRecord(interaction="update", request_id=request.headers.get("X-Request-Id", "")[:64] or "account",
+                          network_address=request.remote_addr or "", recorded_us=now_us(), status=status,
+                          client_id=info.client_id, client_name=info.client_name, user=user, outcome_desc=desc)
+        rec.subtype_code = ("urn:fhirserver:account", code, code)
+        rec.target = user
+        with svc.engine.begin() as conn:
+            svc.audit.append(conn, rec)
+
+    @bp.errorhandler(PermissionError)
+    def forbidden(_exc: PermissionError) -> Any:
+        return jsonify(error="forbidden", error_description="a user token of an account-manager client is needed"), 403
+
+    @bp.get("")
+    def overview() -> Any:
+        _info, username, fhir_user = caller()
+        svc = current_app.extensions["fhirserver"]
+        from ..users.registry import get_user
+
+        record = get_user(svc.engine, username)
+        assert record is not None
+        return jsonify(username=username, fhirUser=fhir_user, totp=record.totp,
+                       authorizations=account.authorizations(svc.engine, username))
+
+    @bp.post("/totp")
+    def totp_start() -> Any:
+        _info, username, _fu = caller()
+        setup = account.start_totp(username, current_app.extensions["fhirserver"].settings.totp_issuer)
+        return jsonify(**setup, qr_svg=_qr_svg(setup["uri"]))
+
+    @bp.post("/totp/confirm")
+    def totp_confirm() -> Any:
+        info, username, fhir_user = caller()
+        body = request.get_json(silent=True) or {}
+        svc = current_app.extensions["fhirserver"]
+        try:
+            account.confirm_totp(svc.engine, svc.keys, username, str(body.get("secret", "")), str(body.get("code", "")))
+        except UserError as exc:
+            audited("totp-enrol", 400, info, fhir_user, f"two-step sign-in not enabled: {exc}")
+            return jsonify(error="invalid_request", error_description=str(exc)), 400
+        audited("totp-enrol", 200, info, fhir_user, "two-step sign-in enabled by the user")
+        return jsonify(totp=True)
+
+    @bp.post("/password")
+    def password() -> Any:
+        info, username, fhir_user = caller()
+        body = request.get_json(silent=True) or {}
+        svc = current_app.extensions["fhirserver"]
+        try:
+            account.change_password(svc.engine, username, str(body.get("current", "")), str(body.get("new", "")))
+        except UserError as exc:
+            audited("password-change", 400, info, fhir_user, f"password not changed: {exc}")
+            return jsonify(error="invalid_request", error_description=str(exc)), 400
+        audited("password-change", 200, info, fhir_user, "password changed by the user")
+        return jsonify(changed=True)
+
+    @bp.post("/authorizations/<family_id>/revoke")
+    def revoke(family_id: str) -> Any:
+        info, username, fhir_user = caller()
+        if not account.revoke_authorization(current_app.extensions["fhirserver"].engine, username, family_id[:64]):
+            return jsonify(error="not_found"), 404
+        audited("authorization-revoke", 200, info, fhir_user, f"authorization {family_id[:64]} revoked by the user")
+        return jsonify(revoked=True)
+
+    return bp

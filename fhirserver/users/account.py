@@ -1,0 +1,82 @@
+"""A signed-in user managing their own account (the portal's security settings): two-step sign-in
+(TOTP) enrolment, password change, and the apps they authorized. Administrators have the CLI
+(`fhirserver user reset-mfa|disable`); this is the user's own, proving who they are again where
+it matters (the current password to change it; a valid code before a TOTP secret is kept)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+
+from ..auth.grants import revoke_family
+from ..crypto.datakeys import DataKeyStore
+from ..db.engine import read_connection, transaction
+from ..db.schema import access_token, app_user, client, grant_family
+from ..fhir.dates import instant_text
+from .passwords import WeakPasswordError, check_strength, hash_password, verify_password
+from .registry import UserError, _require
+from .totp import check_code, new_secret, provisioning_uri, seal_secret
+
+
+def start_totp(username: str, issuer: str) -> dict[str, str]:
+    """A new secret and its otpauth:// URI; nothing is stored until `confirm_totp`."""
+    secret = new_secret()
+    return {"secret": secret, "uri": provisioning_uri(secret, username, issuer)}
+
+
+def confirm_totp(engine: Engine, keys: DataKeyStore, username: str, secret: str, code: str) -> None:
+    """Keep the secret once the user proved their authenticator produces its codes."""
+    record = _require(engine, username)
+    if not re.fullmatch(r"[A-Z2-7]{16,64}", secret or ""):
+        raise UserError("the setup key is not valid; start again")
+    accepted = check_code(secret, code, time.time(), None)
+    if accepted.step is None:
+        raise UserError("the code does not match; check the clock of your phone and try again")
+    key_id, sealed = seal_secret(keys, record.username, secret)
+    with transaction(engine) as conn:  # the code just shown cannot be used again to sign in
+        conn.execute(update(app_user).where(app_user.c.id == record.id)
+                     .values(totp_key_id=key_id, totp_secret=sealed, totp_last_step=accepted.step))
+
+
+def change_password(engine: Engine, username: str, current: str, new: str) -> None:
+    record = _require(engine, username)
+    with read_connection(engine) as conn:
+        stored = conn.execute(select(app_user.c.password_hash).where(app_user.c.id == record.id)).scalar_one()
+    if not verify_password(stored, current):
+        raise UserError("the current password is not right")
+    try:
+        check_strength(new, user_inputs=[record.username, record.fhir_user.split("/", 1)[1]])
+    except WeakPasswordError as exc:
+        raise UserError(str(exc)) from exc
+    with transaction(engine) as conn:
+        conn.execute(update(app_user).where(app_user.c.id == record.id).values(password_hash=hash_password(new)))
+
+
+def authorizations(engine: Engine, username: str) -> list[dict[str, Any]]:
+    """The apps the user authorized that still hold access (newest first)."""
+    record = _require(engine, username)
+    with read_connection(engine) as conn:
+        rows = conn.execute(select(grant_family.c.family_id, grant_family.c.created_us, client.c.name)
+                            .join(client, client.c.client_id == grant_family.c.client_id)
+                            .where(grant_family.c.user_id == record.id, grant_family.c.revoked.is_(False))
+                            .order_by(grant_family.c.created_us.desc())).all()
+        out = []
+        for r in rows:
+            scope = conn.execute(select(access_token.c.scope).where(access_token.c.family_id == r.family_id)
+                                 .order_by(access_token.c.issued_us.desc()).limit(1)).scalar()
+            out.append({"id": r.family_id, "app": r.name, "since": instant_text(r.created_us), "scope": scope or ""})
+    return out
+
+
+def revoke_authorization(engine: Engine, username: str, family_id: str) -> bool:
+    """Revoke one of the user's own authorizations (False: not theirs, or unknown)."""
+    record = _require(engine, username)
+    with transaction(engine) as conn:
+        owner = conn.execute(select(grant_family.c.user_id).where(grant_family.c.family_id == family_id)).scalar()
+        if owner != record.id:
+            return False
+        revoke_family(conn, family_id)
+    return True
