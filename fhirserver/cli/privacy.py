@@ -149,3 +149,54 @@ def retention_run(ctx: click.Context, limit: int | None, as_json: bool) -> None:
         click.echo(f"{r.policy}\t{r.done} done")
     click.echo(f"access records: {dropped.records} older than {svc.settings.audit_retention_days} days dropped"
                if dropped else "access records: none due")
+
+
+@main.group()
+def erasure() -> None:
+    """Erasure requests patients filed (Patient/[id]/$erasure-request): list, approve, refuse."""
+
+
+@erasure.command("list")
+@click.option("--status", type=click.Choice(["pending", "approved", "refused"]))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def erasure_list(ctx: click.Context, status: str | None, as_json: bool) -> None:
+    from ..exchange.erasure_requests import requests_of
+
+    svc = _services(_settings(ctx))
+    with svc.engine.connect() as conn:
+        rows = requests_of(svc, conn, status=status)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=1))
+        return
+    for r in rows:
+        click.echo(f"{r.id}\tPatient/{r.patient}\t{r.status}\t{r.created}\t{r.requested_by}\t{r.reason[:80]}")
+
+
+def _decide(ctx: click.Context, request_id: str, approve: bool, note: str) -> None:
+    from ..exchange.erasure_requests import RequestError, decide
+
+    svc = _services(_settings(ctx))
+    try:
+        done, report = decide(svc, request_id, approve, "fhirserver CLI", note)
+    except RequestError as exc:
+        raise click.ClickException(str(exc)) from None
+    extra = f"; {report.resources} resources erased, now Patient/{report.pseudonym}" if report else ""
+    click.echo(f"{done.id} {done.status}{extra}")
+
+
+@erasure.command("approve")
+@click.argument("request_id")
+@click.option("--note", default="", help="What the patient is told.")
+@click.pass_context
+def erasure_approve(ctx: click.Context, request_id: str, note: str) -> None:
+    """Approve: the patient is erased at once, as with $erase (crypto-shredding)."""
+    _decide(ctx, request_id, True, note)
+
+
+@erasure.command("refuse")
+@click.argument("request_id")
+@click.option("--note", required=True, help="Why (the patient sees it), e.g. a legal duty to keep the record.")
+@click.pass_context
+def erasure_refuse(ctx: click.Context, request_id: str, note: str) -> None:
+    _decide(ctx, request_id, False, note)

@@ -414,6 +414,27 @@ job_run = Table(
     Column("progress", Text, nullable=True),
 )
 
+# Erasure requests (migration 0011): a patient or guardian asks (Patient/[id]/$erasure-request),
+# an administrator approves -- running the erasure -- or refuses (`fhirserver erasure ...`). The
+# free-text reason is sealed under the `erasure-requests` data key; an erasure renames the patient
+# here to their pseudonym, as everywhere else.
+erasure_request = Table(
+    "erasure_request",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("patient_id", String(255), nullable=False),
+    Column("requested_by", String(255), nullable=False),  # the fhirUser who asked
+    Column("key_id", Integer, nullable=False),
+    Column("reason", LargeBinary, nullable=True),
+    Column("status", String(16), nullable=False),  # pending | approved | refused
+    Column("created_us", BigInteger, nullable=False),
+    Column("decided_us", BigInteger, nullable=True),
+    Column("decided_by", String(255), nullable=True),
+    Column("note", Text, nullable=True),  # the administrator's answer, shown to the patient
+    Index("ix_erasure_request_patient", "patient_id", "created_us"),
+    Index("ix_erasure_request_status", "status", "created_us"),
+)
+
 # ---- users (SMART App Launch) ----
 # People who sign in at the authorization endpoint. The password is stored only as an Argon2id
 # hash; the TOTP secret only sealed (AES-256-GCM) under the `users` data key with the username as

@@ -40,6 +40,7 @@ from ..db.schema import (
     compartment,
     consent_alert,
     data_key,
+    erasure_request,
     export_job,
     import_patient,
     launch_context,
@@ -118,6 +119,9 @@ def erase_patient(svc: Services, conn: Connection, patient_id: str, pseudonym: s
     svc.keys.destroy(conn, scope)
     report.exports = _cancel_exports(conn, patient_id)
     rename_in_rollup(conn, patient_id, pseudonym)
+    conn.execute(erasure_request.update().where(erasure_request.c.patient_id == patient_id).values(patient_id=pseudonym))
+    conn.execute(erasure_request.update().where(erasure_request.c.requested_by == f"Patient/{patient_id}")
+                 .values(requested_by=f"Patient/{pseudonym}"))
     rewrite = _Rewriter(patient_id, pseudonym)
     for pk in sorted(audit_pks):
         if redact(svc.audit, conn, pk, lambda content: _redact_record(content, rewrite, patient_id, pseudonym)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .bundle import BundleHandler
 from .crud import Capabilities, Create, Delete, Patch, Read, SmartConfiguration, Update
 from .erase_op import Erase
+from .erasure_request_op import ErasureRequestOp
 from .export_ops import ExportFile, ExportKickoff, ExportStatus
 from .handler import Handler
 from .history import History
@@ -33,6 +34,7 @@ ROUTES: dict[str, Handler] = {
     "$summary": Summary(),
     "$validate": Validate(),
     "$erase": Erase(),
+    "$erasure-request": ErasureRequestOp(),
     "$proof": Proof(),
     "$export": ExportKickoff(),
     "$export-poll-status": ExportStatus(),

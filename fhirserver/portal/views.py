@@ -292,6 +292,27 @@ def make_portal_blueprint() -> Blueprint:
             abort(404)
         return redirect(url_for("portal.security", done="The app's access is revoked."))
 
+    @bp.get("/erasure")
+    def erasure() -> Any:
+        api = need()
+        reply = api.get(f"Patient/{api.patient}/$erasure-request")
+        requests = [{p["name"]: p["valueString"] for p in part["part"]} for part in reply.body.get("parameter", [])]
+        return _page("erasure.html", api, requests=requests, done=request.args.get("done"),
+                     pending=any(r.get("status") == "pending" for r in requests))
+
+    @bp.post("/erasure")
+    def erasure_request() -> Any:
+        api = need()
+        posted()
+        if request.form.get("understood") != "yes":
+            abort(400)
+        body = {"resourceType": "Parameters", "parameter": [{"name": "reason",
+                                                            "valueString": request.form.get("reason", "")[:2000]}]}
+        reply = api.post(f"Patient/{api.patient}/$erasure-request", body)
+        if reply.status != 201:
+            abort(409 if reply.status == 409 else 502)
+        return redirect(url_for("portal.erasure", done="Your request is filed. You will see the decision here."))
+
     @bp.get("/download")
     def download() -> Any:
         return _page("download.html", need())

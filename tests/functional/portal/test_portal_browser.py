@@ -234,7 +234,7 @@ def test_the_pages_pass_an_accessibility_check(demo: LiveServer) -> None:
             page.goto(f"{demo.root_url}/portal/")
             problems = {"landing": _axe(page, axe)}
             sign_in(page, demo.root_url, "alice", password(demo, "alice"))
-            for name in ("record", "access", "sharing", "corrections", "download", "summary", "security"):
+            for name in ("record", "access", "sharing", "corrections", "download", "summary", "security", "erasure"):
                 page.goto(f"{demo.root_url}/portal/{name}")
                 problems[name] = _axe(page, axe)
         finally:

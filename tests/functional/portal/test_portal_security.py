@@ -210,3 +210,43 @@ def test_the_account_api_serves_only_the_portal_and_changes_are_audited(http: An
     outcomes = sorted((e["resource"]["subtype"][0]["code"], e["resource"]["outcome"]) for e in events["entry"])
     assert outcomes == [("authorization-revoke", "0"), ("password-change", "0"), ("password-change", "4"),
                         ("password-change", "4")]
+
+
+def test_an_erasure_request_is_filed_decided_by_an_administrator_and_seen(http: Any, patient: str, app: Any,
+                                                                          settings: Any, admin: BackendClient) -> None:
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from fhirserver.cli import main
+    from tests.functional.exchange.test_load import cli_env
+
+    # only the patient (or a linked user) may ask; an administrator's client is refused
+    assert http.post(f"/fhir/Patient/{patient}/$erasure-request", json={"resourceType": "Parameters"},
+                     headers=admin.headers()).status_code == 403
+    sign_in(http)
+    page = http.get("/portal/erasure").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert "No requests." in page
+    assert http.post("/portal/erasure", data={"csrf": csrf, "reason": "moving away"}).status_code == 400  # unconfirmed
+    assert http.post("/portal/erasure", data={"csrf": csrf, "reason": "moving away", "understood": "yes"}).status_code == 302
+    assert "pending" in http.get("/portal/erasure").get_data(as_text=True)
+    assert http.post("/portal/erasure", data={"csrf": csrf, "understood": "yes"}).status_code == 409  # one at a time
+    env = cli_env(settings)
+    listed = CliRunner().invoke(main, ["erasure", "list", "--status", "pending", "--json"], env=env)
+    rows = _json.loads(listed.stdout)
+    assert [r["patient"] for r in rows] == [patient] and rows[0]["reason"] == "moving away"
+    refused = CliRunner().invoke(main, ["erasure", "refuse", rows[0]["id"], "--note", "kept 10 years by law"], env=env)
+    assert refused.exit_code == 0, refused.output
+    page = http.get("/portal/erasure").get_data(as_text=True)
+    assert "refused" in page and "kept 10 years by law" in page
+    # asked again, approved: the patient is erased (the portal session ends with them)
+    assert http.post("/portal/erasure", data={"csrf": csrf, "understood": "yes"}).status_code == 302
+    pending = _json.loads(CliRunner().invoke(main, ["erasure", "list", "--status", "pending", "--json"], env=env).stdout)
+    approved = CliRunner().invoke(main, ["erasure", "approve", pending[0]["id"]], env=env)
+    assert approved.exit_code == 0 and "approved" in approved.stdout and "erased" in approved.stdout
+    assert http.get(f"/fhir/Patient/{patient}", headers=admin.headers()).status_code == 410
+    again = CliRunner().invoke(main, ["erasure", "approve", pending[0]["id"]], env=env)
+    assert again.exit_code == 1 and "approved already" in again.output
+    everything = _json.loads(CliRunner().invoke(main, ["erasure", "list", "--json"], env=env).stdout)
+    assert all(r["patient"] != patient for r in everything)  # renamed to the pseudonym
