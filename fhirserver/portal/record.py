@@ -4,6 +4,7 @@ so the pages keep a CSP without `unsafe-inline`), questionnaire answers, and acc
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,8 @@ def access_rows(events: list[dict[str, Any]], me: str = "") -> list[dict[str, An
             if ref and (x.get("role") or {}).get("code") == "4":  # a domain resource touched
                 kinds[ref.split("/", 1)[0]] += 1
         note = next((x.get("description") for x in entities if "others are not shown" in str(x.get("description"))), "")
+        count = re.search(r"involved (\d+)", str(note or ""))
+        involved = int(count.group(1)) if count else 0
         glass = next((x for x in entities if x.get("what", {}).get("identifier", {}).get("value") == "break-the-glass"),
                      None)
         reason = next((d.get("valueString") for d in (glass or {}).get("detail", []) or []
@@ -168,7 +171,7 @@ def access_rows(events: list[dict[str, Any]], me: str = "") -> list[dict[str, An
         rows.append({
             "when": str(e.get("recorded", ""))[:19].replace("T", " "), "app": app or "this server",
             "user": "you" if user and user == me else user, "action": subtype.get("display") or subtype.get("code") or e.get("action", ""),
-            "what": ", ".join(f"{n} {t}" for t, n in sorted(kinds.items())) or "—", "note": note,
+            "what": ", ".join(f"{n} {t}" for t, n in sorted(kinds.items())) or "—", "note": note, "involved": involved,
             "purpose": ", ".join(PURPOSE_WORDS.get(text_of(p), text_of(p)) for p in e.get("purposeOfEvent", []) or []),
             "allowed": e.get("outcome") == "0", "break_glass": glass is not None, "reason": reason,
         })

@@ -34,12 +34,16 @@ class Choice:
     until: str = ""
     consent_id: str | None = None
 
-    def effect(self, allowed: bool, until: str = "") -> str:
-        limit = f" until {until}" if allowed and until else ""
-        return f"{self.who} will {'receive' if allowed else 'no longer receive'} {self._what()}{limit}."
-
-    def _what(self) -> str:
-        return "this information" if self.label else "your data"
+    def effect(self, allowed: bool, until: str = "", _: Any = None) -> str:
+        """The change in words ("Researchers ... will receive your data until 2030-01-01.");
+        `_` translates (the portal's gettext), English without it."""
+        tr = _ or (lambda text, **kw: text % kw if kw else text)
+        who, what = tr(self.who), tr("this information" if self.label else "your data")
+        if not allowed:
+            return str(tr("%(who)s will no longer receive %(what)s.", who=who, what=what))
+        if until:
+            return str(tr("%(who)s will receive %(what)s until %(date)s.", who=who, what=what, date=until))
+        return str(tr("%(who)s will receive %(what)s.", who=who, what=what))
 
 
 PURPOSES = [

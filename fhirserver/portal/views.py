@@ -27,16 +27,20 @@ from ..clock import now_us
 from ..consent.labels import load_sensitive_codes
 from ..fhir.dates import instant_text
 from ..pipeline.summary_op import describe
+from . import i18n
 from .api import AMENDABLE, Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in, switch
+from .i18n import gettext as _
 from .record import access_rows, build_record, details_of, name_of, with_details
 from .sharing import apply_current, choices, consent_body
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+CSRF_FAILED = "The form expired or did not come from this site (CSRF check failed). Go back and try again."
 
 
 def _page(template: str, api: Api | None = None, **kw: Any) -> str:
     state = session.get("portal") or {}
-    return render_template(f"portal/{template}", csrf=csrf_token(), signed_in=api is not None,
+    return render_template(f"portal/{template}", csrf=csrf_token(), signed_in=api is not None, _=_,
+                           lang=i18n.current(), languages=i18n.LANGUAGES,
                            warning=state.get("warning"), people=state.get("patients", []),
                            current=state.get("patient"), **kw)
 
@@ -61,13 +65,12 @@ def make_portal_blueprint() -> Blueprint:
 
     def posted() -> None:
         if not csrf_ok(request.form.get("csrf")):
-            abort(Response("The form expired or did not come from this site (CSRF check failed). Go back and try "
-                           "again.", status=400, mimetype="text/plain"))
+            abort(Response(_(CSRF_FAILED), status=400, mimetype="text/plain"))
 
     @bp.errorhandler(SignedOut)
     def signed_out(_exc: SignedOut) -> Any:
         session.pop("portal", None)
-        return redirect(url_for("portal.landing", error="Your sign-in has ended. Please sign in again."))
+        return redirect(url_for("portal.landing", error=_("Your sign-in has ended. Please sign in again.")))
 
     @bp.get("/")
     def landing() -> Any:
@@ -82,10 +85,10 @@ def make_portal_blueprint() -> Blueprint:
     @bp.get("/callback")
     def callback() -> Any:
         if request.args.get("error"):
-            return redirect(url_for("portal.landing", error="The sign-in was cancelled or refused."))
+            return redirect(url_for("portal.landing", error=_("The sign-in was cancelled or refused.")))
         problem = finish_sign_in(request.args.get("code", ""), request.args.get("state", ""))
         if problem:
-            return redirect(url_for("portal.landing", error=problem))
+            return redirect(url_for("portal.landing", error=_(problem)))
         return redirect(url_for("portal.record"))
 
     @bp.get("/record")
@@ -139,7 +142,7 @@ def make_portal_blueprint() -> Blueprint:
             allowed = wanted == "allow"
             if allowed != c.allowed or (allowed and until != c.until):
                 changes.append({"key": c.key, "title": c.title, "allowed": allowed, "until": until,
-                                "effect": c.effect(allowed, until)})
+                                "effect": c.effect(allowed, until, _)})
         return _page("review.html", api, changes=changes)
 
     @bp.post("/sharing/save")
@@ -157,7 +160,8 @@ def make_portal_blueprint() -> Blueprint:
             reply = api.put(f"Consent/{choice.consent_id}", body) if choice.consent_id else api.post("Consent", body)
             if reply.status not in (200, 201):
                 return _page("sharing.html", api, choices=_choices(api), done=None,
-                             error=f"Your choice for {choice.title} could not be saved ({_diagnostics(reply.body)}).")
+                             error=_("Your choice for %(title)s could not be saved (%(why)s).", title=_(choice.title),
+                                     why=_diagnostics(reply.body)))
         return redirect(url_for("portal.sharing", done="saved"))
 
     @bp.post("/sharing/withdraw")
@@ -205,7 +209,7 @@ def make_portal_blueprint() -> Blueprint:
         try:
             from weasyprint import CSS, HTML
         except (ImportError, OSError):  # the system's Pango is missing (scripts/ensure_pango.sh)
-            return Response("The PDF summary is not available on this server; print the summary page instead.",
+            return Response(_("The PDF summary is not available on this server; print the summary page instead."),
                             status=503, mimetype="text/plain")
         page = summary_page(need(), for_pdf=True)
         css = CSS(filename=str(Path(bp.static_folder or "") / "portal.css"))
@@ -230,8 +234,8 @@ def make_portal_blueprint() -> Blueprint:
         reply = api.put(f"Patient/{api.patient}", with_details(patient, request.form))
         if reply.status != 200:
             return _page("corrections.html", api, details=details_of(patient), entries=[],
-                         error=f"Your details could not be saved ({_diagnostics(reply.body)}).")
-        return redirect(url_for("portal.corrections", done="Your details are saved."))
+                         error=_("Your details could not be saved (%(why)s).", why=_diagnostics(reply.body)))
+        return redirect(url_for("portal.corrections", done=_("Your details are saved.")))
 
     @bp.post("/corrections/flag")
     def flag_entry() -> Any:
@@ -247,7 +251,7 @@ def make_portal_blueprint() -> Blueprint:
         reply = api.put(ref, body)
         if reply.status != 200:
             abort(502)
-        return redirect(url_for("portal.corrections", done="Your note was added; your care team will review it."))
+        return redirect(url_for("portal.corrections", done=_("Your note was added; your care team will review it.")))
 
     @bp.get("/security")
     def security() -> Any:
@@ -269,8 +273,8 @@ def make_portal_blueprint() -> Blueprint:
                                                       "code": request.form.get("code", "")})
         if reply.status != 200:
             return _page("security.html", api, account=api.account("GET").body, setup=None,
-                         error=reply.body.get("error_description", "Two-step sign-in was not turned on."))
-        return redirect(url_for("portal.security", done="Two-step sign-in is on."))
+                         error=_(reply.body.get("error_description", "Two-step sign-in was not turned on.")))
+        return redirect(url_for("portal.security", done=_("Two-step sign-in is on.")))
 
     @bp.post("/security/password")
     def change_password() -> Any:
@@ -280,8 +284,8 @@ def make_portal_blueprint() -> Blueprint:
                                                   "new": request.form.get("new", "")})
         if reply.status != 200:
             return _page("security.html", api, account=api.account("GET").body, setup=None,
-                         error=reply.body.get("error_description", "The password was not changed."))
-        return redirect(url_for("portal.security", done="Your password is changed."))
+                         error=_(reply.body.get("error_description", "The password was not changed.")))
+        return redirect(url_for("portal.security", done=_("Your password is changed.")))
 
     @bp.post("/security/revoke")
     def revoke_app() -> Any:
@@ -290,7 +294,7 @@ def make_portal_blueprint() -> Blueprint:
         reply = api.account("POST", f"/authorizations/{request.form.get('id', '')[:64]}/revoke")
         if reply.status != 200:
             abort(404)
-        return redirect(url_for("portal.security", done="The app's access is revoked."))
+        return redirect(url_for("portal.security", done=_("The app's access is revoked.")))
 
     @bp.get("/erasure")
     def erasure() -> Any:
@@ -311,7 +315,7 @@ def make_portal_blueprint() -> Blueprint:
         reply = api.post(f"Patient/{api.patient}/$erasure-request", body)
         if reply.status != 201:
             abort(409 if reply.status == 409 else 502)
-        return redirect(url_for("portal.erasure", done="Your request is filed. You will see the decision here."))
+        return redirect(url_for("portal.erasure", done=_("Your request is filed. You will see the decision here.")))
 
     @bp.get("/download")
     def download() -> Any:
