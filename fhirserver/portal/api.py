@@ -127,6 +127,13 @@ class Api:
             return None
         return cls(token, str(state["patient"]))
 
+    def raw(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        """A GET whose answer is not a JSON resource (export status, NDJSON files): the response."""
+        resp = current_app.test_client().get(path, headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
+        if resp.status_code == 401:
+            raise SignedOut()
+        return resp
+
     def _call(self, method: str, path: str, body: Any = None, pairs: list[tuple[str, str]] | None = None) -> Reply:
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/fhir+json"}
         url = f"/fhir/{path}" + (f"?{urlencode(pairs)}" if pairs else "")

@@ -319,7 +319,47 @@ def make_portal_blueprint() -> Blueprint:
 
     @bp.get("/download")
     def download() -> Any:
-        return _page("download.html", need())
+        api = need()
+        job = session.get("portal_export")
+        export: dict[str, Any] | None = None
+        if job and job.get("patient") == api.patient:
+            status = api.raw(job["status"], {"Accept": "application/json"})
+            if status.status_code == 202:
+                export = {"state": "running", "progress": status.headers.get("X-Progress", "")}
+            elif status.status_code == 200:
+                files = (status.get_json(silent=True) or {}).get("output", [])
+                export = {"state": "done", "files": [{"n": i, "type": f.get("type"), "count": f.get("count")}
+                                                    for i, f in enumerate(files)]}
+                session["portal_export"] = {**job, "files": [urlsplit(f["url"]).path + "?" + urlsplit(f["url"]).query
+                                                             for f in files]}
+            else:
+                export = {"state": "failed"}
+        return _page("download.html", api, export=export)
+
+    @bp.post("/download/ndjson")
+    def ndjson_start() -> Any:
+        api = need()
+        posted()
+        resp = api.raw(f"/fhir/Patient/{api.patient}/$export", {"Prefer": "respond-async",
+                                                                 "Accept": "application/fhir+json"})
+        if resp.status_code != 202:
+            abort(502)
+        where = urlsplit(resp.headers["Content-Location"])
+        session["portal_export"] = {"patient": api.patient, "status": f"{where.path}?{where.query}"}
+        return redirect(url_for("portal.download"))
+
+    @bp.get("/download/ndjson/<int:n>")
+    def ndjson_file(n: int) -> Any:
+        api = need()
+        job = session.get("portal_export") or {}
+        files = job.get("files", []) if job.get("patient") == api.patient else []
+        if not 0 <= n < len(files):
+            abort(404)
+        resp = api.raw(files[n], {"Accept": "application/fhir+ndjson"})
+        if resp.status_code != 200:
+            abort(404)
+        return Response(resp.get_data(), mimetype="application/fhir+ndjson",
+                        headers={"Content-Disposition": f'attachment; filename="my-record-{n + 1}.ndjson"'})
 
     @bp.get("/download/record.json")
     def download_json() -> Any:

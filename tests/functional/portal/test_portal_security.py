@@ -250,3 +250,31 @@ def test_an_erasure_request_is_filed_decided_by_an_administrator_and_seen(http: 
     assert again.exit_code == 1 and "approved already" in again.output
     everything = _json.loads(CliRunner().invoke(main, ["erasure", "list", "--json"], env=env).stdout)
     assert all(r["patient"] != patient for r in everything)  # renamed to the pseudonym
+
+
+def test_ndjson_download_through_the_patient_level_export(http: Any, patient: str) -> None:
+    import json as _json
+    import time
+
+    sign_in(http)
+    page = http.get("/portal/download").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert http.post("/portal/download/ndjson", data={"csrf": csrf}).status_code == 302
+    deadline = time.monotonic() + 30
+    while 'id="export-files"' not in page:
+        assert time.monotonic() < deadline, page
+        time.sleep(0.2)
+        page = http.get("/portal/download").get_data(as_text=True)
+    links = [p.split('"', 1)[0] for p in page.split('href="/portal/download/ndjson/')[1:]]
+    assert links
+    seen = set()
+    for n in links:
+        resp = http.get(f"/portal/download/ndjson/{n}")
+        assert resp.status_code == 200 and resp.mimetype == "application/fhir+ndjson"
+        for line in resp.get_data(as_text=True).splitlines():
+            res = _json.loads(line)
+            seen.add(res["resourceType"])
+            assert res["id"] == patient if res["resourceType"] == "Patient" else \
+                res["subject"]["reference"] == f"Patient/{patient}"
+    assert {"Patient", "Observation"} <= seen
+    assert http.get("/portal/download/ndjson/99").status_code == 404
