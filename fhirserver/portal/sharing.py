@@ -104,3 +104,27 @@ def consent_body(choice: Choice, patient: str, allowed: bool, until: str = "") -
     if choice.consent_id:
         body["id"] = choice.consent_id
     return body
+
+
+def org_block_body(patient: str, org_ref: str) -> dict[str, Any]:
+    """"Do not share with Organization X": a deny for every request of that organization's clients."""
+    return {
+        "resourceType": "Consent", "status": "active", "scope": SCOPE, "category": CATEGORY,
+        "meta": {"tag": [{"system": TAG_SYSTEM, "code": f"org-{org_ref.split('/', 1)[1]}"}]},
+        "patient": {"reference": f"Patient/{patient}"}, "dateTime": instant_text(now_us()),
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]},
+        "provision": {"type": "deny", "period": {"start": instant_text(now_us())[:10]}, "actor": [{
+            "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                 "code": "IRCP", "display": "information recipient"}]},
+            "reference": {"reference": org_ref}}]},
+    }
+
+
+def blocked(consents: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The organizations the patient blocked (active portal Consents tagged org-<id>)."""
+    out = []
+    for c in consents:
+        tag = next((t.get("code") for t in c.get("meta", {}).get("tag", []) or [] if t.get("system") == TAG_SYSTEM), "")
+        if c.get("status") == "active" and str(tag).startswith("org-"):
+            out.append({"key": str(tag), "org": f"Organization/{str(tag)[4:]}", "consent": str(c.get("id"))})
+    return out

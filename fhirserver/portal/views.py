@@ -31,7 +31,7 @@ from . import i18n
 from .api import AMENDABLE, Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in, switch
 from .i18n import gettext as _
 from .record import access_rows, build_record, details_of, name_of, with_details
-from .sharing import apply_current, choices, consent_body
+from .sharing import apply_current, blocked, choices, consent_body, org_block_body
 
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 CSRF_FAILED = "The form expired or did not come from this site (CSRF check failed). Go back and try again."
@@ -45,13 +45,37 @@ def _page(template: str, api: Api | None = None, **kw: Any) -> str:
                            current=state.get("patient"), **kw)
 
 
-def _choices(api: Api) -> list[Any]:
+def _consents(api: Api) -> list[dict[str, Any]]:
+    return api.all_pages("Consent", patient=api.patient, _count="100")
+
+
+def _choices(api: Api, consents: list[dict[str, Any]] | None = None) -> list[Any]:
     svc = current_app.extensions["fhirserver"]
     codes = load_sensitive_codes(svc.settings.profiles_dir)
     opt_out = frozenset(p.strip() for p in svc.settings.consent_opt_out_purposes.split(",") if p.strip())
     categories = [(codes.label_system, c, d) for c, d in sorted(codes.labels.items())]
-    consents = api.all_pages("Consent", patient=api.patient, _count="100")
-    return apply_current(choices(opt_out, categories), consents)
+    return apply_current(choices(opt_out, categories), consents if consents is not None else _consents(api))
+
+
+def _organizations(api: Api) -> dict[str, str]:
+    """Organizations the user may choose to block -- those their record names (a patient's token
+    does not reach the organization directory): `Organization/id` -> name (the reference's
+    display, else the id)."""
+    found: dict[str, str] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            ref = node.get("reference")
+            if isinstance(ref, str) and re.fullmatch(r"Organization/[A-Za-z0-9\-.]{1,64}", ref):
+                found[ref] = str(node.get("display") or found.get(ref) or ref.split("/", 1)[1])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(api.all_pages(f"Patient/{api.patient}/$everything", _count="200"))
+    return found
 
 
 def make_portal_blueprint() -> Blueprint:
@@ -126,7 +150,11 @@ def make_portal_blueprint() -> Blueprint:
     @bp.get("/sharing")
     def sharing() -> Any:
         api = need()
-        return _page("sharing.html", api, choices=_choices(api), done=request.args.get("done"))
+        consents = _consents(api)
+        orgs = _organizations(api)
+        blocks = [{**b, "name": orgs.get(b["org"], b["org"])} for b in blocked(consents)]
+        return _page("sharing.html", api, choices=_choices(api, consents), done=request.args.get("done"),
+                     orgs={k: v for k, v in orgs.items() if k not in {b["org"] for b in blocks}}, blocks=blocks)
 
     @bp.post("/sharing")
     def review() -> Any:
@@ -143,6 +171,13 @@ def make_portal_blueprint() -> Blueprint:
             if allowed != c.allowed or (allowed and until != c.until):
                 changes.append({"key": c.key, "title": c.title, "allowed": allowed, "until": until,
                                 "effect": c.effect(allowed, until, _)})
+        org = request.form.get("block", "")
+        if org:
+            name = _organizations(api).get(org)
+            if name is None:
+                abort(404)
+            changes.append({"key": f"org-{org.split('/', 1)[1]}", "title": name, "allowed": False, "until": "",
+                            "effect": _("%(who)s will no longer receive %(what)s.", who=name, what=_("your data"))})
         return _page("review.html", api, changes=changes)
 
     @bp.post("/sharing/save")
@@ -151,6 +186,11 @@ def make_portal_blueprint() -> Blueprint:
         posted()
         current = {c.key: c for c in _choices(api)}
         for key in request.form.getlist("key"):
+            if key.startswith("org-") and request.form.get(f"{key}-allowed") == "deny":
+                reply = api.post("Consent", org_block_body(api.patient, f"Organization/{key[4:]}"))
+                if reply.status != 201:
+                    abort(502)
+                continue
             choice = current.get(key)
             if choice is None:
                 continue
@@ -168,11 +208,14 @@ def make_portal_blueprint() -> Blueprint:
     def withdraw() -> Any:
         api = need()
         posted()
-        choice = next((c for c in _choices(api) if c.key == request.form.get("key") and c.consent_id), None)
-        if choice is None:
+        consents = _consents(api)
+        key = request.form.get("key", "")
+        consent_id = next((b["consent"] for b in blocked(consents) if b["key"] == key), None) if key.startswith("org-") \
+            else next((c.consent_id for c in _choices(api, consents) if c.key == key and c.consent_id), None)
+        if consent_id is None:
             abort(404)
-        current_body = api.get(f"Consent/{choice.consent_id}").body
-        reply = api.put(f"Consent/{choice.consent_id}", {**current_body, "status": "inactive"})
+        current_body = api.get(f"Consent/{consent_id}").body
+        reply = api.put(f"Consent/{consent_id}", {**current_body, "status": "inactive"})
         if reply.status != 200:
             abort(502)
         return redirect(url_for("portal.sharing", done="withdrawn"))

@@ -278,3 +278,32 @@ def test_ndjson_download_through_the_patient_level_export(http: Any, patient: st
                 res["subject"]["reference"] == f"Patient/{patient}"
     assert {"Patient", "Observation"} <= seen
     assert http.get("/portal/download/ndjson/99").status_code == 404
+
+
+def test_blocking_an_organization_stops_its_clients_and_unblocking_restores(http: Any, patient: str,
+                                                                            admin: BackendClient,
+                                                                            make_client: Any) -> None:
+    org = http.post("/fhir/Organization", json={"resourceType": "Organization", "name": "Acme Clinic"},
+                    headers=admin.headers()).get_json()["id"]
+    acme = make_client("system/Patient.rs", default_scope="system/Patient.rs", organization=f"Organization/{org}")
+    # the organization is named in her record (it performed a test): the portal offers to block it
+    assert http.post("/fhir/Observation", headers=admin.headers(), json={
+        "resourceType": "Observation", "status": "final", "code": {"text": "lipids"},
+        "subject": {"reference": f"Patient/{patient}"},
+        "performer": [{"reference": f"Organization/{org}", "display": "Acme Clinic"}]}).status_code == 201
+    assert http.get(f"/fhir/Patient/{patient}", headers=acme.headers()).status_code == 200
+    sign_in(http)
+    page = http.get("/portal/sharing").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert "Acme Clinic" in page
+    review = http.post("/portal/sharing", data={"csrf": csrf, "block": f"Organization/{org}"}).get_data(as_text=True)
+    assert "Acme Clinic will no longer receive your data." in review
+    assert http.post("/portal/sharing", data={"csrf": csrf, "block": "Organization/nope"}).status_code == 404
+    saved = http.post("/portal/sharing/save", data={"csrf": csrf, "key": f"org-{org}", f"org-{org}-allowed": "deny"})
+    assert saved.status_code == 302
+    assert http.get(f"/fhir/Patient/{patient}", headers=acme.headers()).status_code == 404  # its next request
+    assert http.get(f"/fhir/Patient/{patient}", headers=admin.headers()).status_code == 200  # others unaffected
+    page = http.get("/portal/sharing").get_data(as_text=True)
+    assert "Blocked: Acme Clinic" in page
+    assert http.post("/portal/sharing/withdraw", data={"csrf": csrf, "key": f"org-{org}"}).status_code == 302
+    assert http.get(f"/fhir/Patient/{patient}", headers=acme.headers()).status_code == 200
