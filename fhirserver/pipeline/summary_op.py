@@ -17,6 +17,7 @@ from sqlalchemy import Connection, and_, select
 
 from ..clock import now_us
 from ..db.schema import idx_token, resource
+from ..fhir.concepts import concept_text
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
 from ..storage.codec import dump_json, parse_json
@@ -39,19 +40,9 @@ SECTIONS = [
 ]
 
 
-def _text(concept: Any) -> str:
-    if isinstance(concept, dict):
-        if concept.get("text"):
-            return str(concept["text"])
-        for c in concept.get("coding", []) or []:
-            if c.get("display") or c.get("code"):
-                return str(c.get("display") or c.get("code"))
-    return ""
-
-
 def describe(res: dict[str, Any]) -> str:
     """One line of a section's narrative."""
-    what = _text(res.get("code") or res.get("medicationCodeableConcept") or res.get("vaccineCode")) or res["resourceType"]
+    what = concept_text(res.get("code") or res.get("medicationCodeableConcept") or res.get("vaccineCode")) or res["resourceType"]
     q = res.get("valueQuantity")
     value = f": {q.get('value')} {q.get('unit', '')}".rstrip() if isinstance(q, dict) else ""
     when = str(res.get("effectiveDateTime") or res.get("onsetDateTime") or res.get("occurrenceDateTime")

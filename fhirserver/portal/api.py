@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flask import current_app, session
 
 from ..crypto.cipher import DecryptionError, open_sealed, seal
+from .record import name_of
 
 CLIENT_ID = "fhirserver-portal"
 # user-level scopes: a guardian's token reaches every child linked to them (the portal switches
@@ -78,16 +79,8 @@ def finish_sign_in(code: str, state: str) -> str | None:
         return "The sign-in did not complete. Please sign in again."
     # whose records this user may see: themselves and the children linked to them as guardian
     people = api.all_pages("Patient", _count="50", _elements="name")
-    session["portal"] = {**session["portal"], "patients": [[p["id"], _name(p)] for p in people]}
+    session["portal"] = {**session["portal"], "patients": [[p["id"], name_of(p)] for p in people]}
     return None
-
-
-def _name(patient: dict[str, Any]) -> str:
-    for n in patient.get("name", []) or []:
-        parts = [*(n.get("given") or []), n.get("family") or ""]
-        if any(parts):
-            return " ".join(p for p in parts if p)
-    return str(patient.get("id"))
 
 
 def switch(patient: str) -> bool:

@@ -9,18 +9,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..fhir.concepts import concept_text
+
 CHART_W, CHART_H, PAD = 320, 120, 8
-
-
-def text_of(concept: Any) -> str:
-    if not isinstance(concept, dict):
-        return ""
-    if concept.get("text"):
-        return str(concept["text"])
-    for c in concept.get("coding", []) or []:
-        if c.get("display") or c.get("code"):
-            return str(c.get("display") or c.get("code"))
-    return ""
 
 
 def name_of(patient: dict[str, Any]) -> str:
@@ -74,7 +65,7 @@ def _numeric(obs: dict[str, Any]) -> list[tuple[str, str, float, str]]:
         q = item.get("valueQuantity")
         if isinstance(q, dict) and isinstance(q.get("value"), (int, float)):
             coding: dict[str, Any] = next(iter((item.get("code") or {}).get("coding", []) or [{}]), {})
-            out.append((f"{coding.get('system', '')}|{coding.get('code', '')}", text_of(label_from.get("code")),
+            out.append((f"{coding.get('system', '')}|{coding.get('code', '')}", concept_text(label_from.get("code")),
                         float(q["value"]), str(q.get("unit") or q.get("code") or "")))
     return out
 
@@ -102,12 +93,12 @@ def build_record(resources: list[dict[str, Any]]) -> Record:
         rtype = r.get("resourceType")
         if rtype == "Observation":
             when = _when(r)
-            key = text_of(r.get("code"))
-            shown = ", ".join(f"{v:g} {u}".strip() for _c, _l, v, u in _numeric(r)) or text_of(r.get("valueCodeableConcept")) \
+            key = concept_text(r.get("code"))
+            shown = ", ".join(f"{v:g} {u}".strip() for _c, _l, v, u in _numeric(r)) or concept_text(r.get("valueCodeableConcept")) \
                 or str(r.get("valueString") or "")
             if key and (key not in latest or when > latest[key]["when"]):
                 latest[key] = {"name": key, "when": when[:10], "value": shown,
-                               "category": text_of(next(iter(r.get("category", []) or []), {}))}
+                               "category": concept_text(next(iter(r.get("category", []) or []), {}))}
             for code, label, value, unit in _numeric(r):
                 series.setdefault(code, Series(code, label, unit)).points.append((when, value))
         elif rtype == "QuestionnaireResponse":
@@ -117,7 +108,7 @@ def build_record(resources: list[dict[str, Any]]) -> Record:
                             "items": [(i.get("text") or i.get("linkId"), ", ".join(
                                 _answer(a) for a in i.get("answer", []) or [])) for i in items]})
         elif rtype in LISTED:
-            name = text_of(r.get("code") or r.get("medicationCodeableConcept") or r.get("vaccineCode"))
+            name = concept_text(r.get("code") or r.get("medicationCodeableConcept") or r.get("vaccineCode"))
             if name:
                 lists[LISTED[rtype]].append(name)
     trends = []
@@ -133,7 +124,7 @@ def _answer(a: dict[str, Any]) -> str:
     for key, value in a.items():
         if key.startswith("value"):
             if isinstance(value, dict):
-                return text_of(value) or str(value.get("value", value.get("display", "")))
+                return concept_text(value) or str(value.get("value", value.get("display", "")))
             return str(value)
     return ""
 
@@ -172,7 +163,7 @@ def access_rows(events: list[dict[str, Any]], me: str = "") -> list[dict[str, An
             "when": str(e.get("recorded", ""))[:19].replace("T", " "), "app": app or "this server",
             "user": "you" if user and user == me else user, "action": subtype.get("display") or subtype.get("code") or e.get("action", ""),
             "what": ", ".join(f"{n} {t}" for t, n in sorted(kinds.items())) or "—", "note": note, "involved": involved,
-            "purpose": ", ".join(PURPOSE_WORDS.get(text_of(p), text_of(p)) for p in e.get("purposeOfEvent", []) or []),
+            "purpose": ", ".join(PURPOSE_WORDS.get(concept_text(p), concept_text(p)) for p in e.get("purposeOfEvent", []) or []),
             "allowed": e.get("outcome") == "0", "break_glass": glass is not None, "reason": reason,
         })
     return rows

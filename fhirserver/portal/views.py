@@ -308,27 +308,26 @@ def make_portal_blueprint() -> Blueprint:
         setup = api.account("POST", "/totp").body
         return _page("security.html", api, account=api.account("GET").body, setup=setup)
 
-    @bp.post("/security/totp/confirm")
-    def totp_confirm() -> Any:
+    def account_change(path: str, body: dict[str, str], done: str, failed: str) -> Any:
         api = need()
         posted()
-        reply = api.account("POST", "/totp/confirm", {"secret": request.form.get("secret", ""),
-                                                      "code": request.form.get("code", "")})
+        reply = api.account("POST", path, body)
         if reply.status != 200:
             return _page("security.html", api, account=api.account("GET").body, setup=None,
-                         error=_(reply.body.get("error_description", "Two-step sign-in was not turned on.")))
-        return redirect(url_for("portal.security", done=_("Two-step sign-in is on.")))
+                         error=_(reply.body.get("error_description", failed)))
+        return redirect(url_for("portal.security", done=_(done)))
+
+    @bp.post("/security/totp/confirm")
+    def totp_confirm() -> Any:
+        return account_change("/totp/confirm", {"secret": request.form.get("secret", ""),
+                                                "code": request.form.get("code", "")},
+                              "Two-step sign-in is on.", "Two-step sign-in was not turned on.")
 
     @bp.post("/security/password")
     def change_password() -> Any:
-        api = need()
-        posted()
-        reply = api.account("POST", "/password", {"current": request.form.get("current", ""),
-                                                  "new": request.form.get("new", "")})
-        if reply.status != 200:
-            return _page("security.html", api, account=api.account("GET").body, setup=None,
-                         error=_(reply.body.get("error_description", "The password was not changed.")))
-        return redirect(url_for("portal.security", done=_("Your password is changed.")))
+        return account_change("/password", {"current": request.form.get("current", ""),
+                                             "new": request.form.get("new", "")},
+                              "Your password is changed.", "The password was not changed.")
 
     @bp.post("/security/revoke")
     def revoke_app() -> Any:
