@@ -77,16 +77,21 @@ def test_signed_in_pages_use_the_audited_api_and_show_only_the_patient(http: Any
     assert "$everything" in subtypes or "operation" in subtypes, subtypes  # it read through the FHIR API
 
 
-def test_every_form_needs_the_csrf_token(http: Any, patient: str) -> None:
+def test_every_form_needs_the_csrf_token(http: Any, patient: str, app: Any) -> None:
     sign_in(http)
-    for path, form in (("/portal/sharing", {"purpose-HRESCH": "allow"}),
-                       ("/portal/sharing/save", {"key": "purpose-HRESCH", "purpose-HRESCH-allowed": "allow"}),
-                       ("/portal/sharing/withdraw", {"key": "purpose-HRESCH"}), ("/portal/logout", {})):
+    posts = sorted(r.rule for r in app.url_map.iter_rules() if r.rule.startswith("/portal/") and "POST" in r.methods)
+    assert len(posts) >= 12, posts  # every state-changing form of the portal
+    for path in posts:
         for token in (None, "forged"):
-            data = dict(form, **({"csrf": token} if token else {}))
-            resp = http.post(path, data=data)
+            resp = http.post(path, data={"key": "purpose-HRESCH", "patient": patient, "understood": "yes",
+                                         **({"csrf": token} if token else {})})
             assert resp.status_code == 400 and "CSRF" in resp.get_data(as_text=True), (path, token)
     assert http.get("/portal/record").status_code == 200  # still signed in: nothing was changed
+    # the switcher accepts only the user's own patients: another id is a 404, as in the API
+    page = http.get("/portal/record").get_data(as_text=True)
+    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert http.post("/portal/switch", data={"csrf": csrf, "patient": "someone-else"}).status_code == 404
+    assert "Pia Portal" in http.get("/portal/record").get_data(as_text=True)
 
 
 def test_sharing_writes_consents_through_the_api_and_withdrawal_is_one_post(http: Any, patient: str,
