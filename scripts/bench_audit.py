@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--batch", type=int, default=5_000)
     ap.add_argument("--data-dir", help="keep the data here (default: a temporary directory)")
+    ap.add_argument("--reuse", action="store_true", help="the data dir already holds the records: do not write more")
     args = ap.parse_args()
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhirbench-audit-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -130,9 +131,10 @@ def main() -> None:
     upgrade(settings.effective_database_url)
     svc = build_services(settings)
     warm_keys(svc)
-    seconds = write(svc, args.records, args.batch)
-    print(f"wrote {args.records:,} access records in {seconds:.0f} s: {args.records / seconds:,.0f}/s "
-          f"[AuditLog.prepare + append: build, index, encrypt, commit per {args.batch:,}; SQLite]")
+    if not args.reuse:
+        seconds = write(svc, args.records, args.batch)
+        print(f"wrote {args.records:,} access records in {seconds:.0f} s: {args.records / seconds:,.0f}/s "
+              f"[AuditLog.prepare + append: build, index, encrypt, commit per {args.batch:,}; SQLite]")
     seconds = sequence(svc)
     print(f"sequenced {args.records:,} records in {seconds:.0f} s: {args.records / seconds:,.0f}/s "
           "[Merkle tree + hourly roll-up, batches of 5,000]")

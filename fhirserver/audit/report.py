@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, union_all
+from sqlalchemy import ColumnElement, Connection, and_, case, func, or_, select, union_all
 
 from ..db.schema import access_hourly, access_record, access_subject, audit_state, audit_term
 from .rollup import WATERMARK, hour_ceil, hour_floor
@@ -71,28 +71,44 @@ def _touches(conn: Connection, since_us: int, until_us: int, agent: tuple[str, s
     who, pat, act, out = access_subject.alias(), access_subject.alias(), audit_term.alias(), audit_term.alias()
     key_rolled: ColumnElement[str]
     key_loose: ColumnElement[str]
-    if agent is not None:
+    if agent is not None:  # driven by the account's own subject rows
         key_rolled, key_loose = h.c.patient_id, pat.c.target_id
         fix_rolled = [h.c.agent_type == agent[0], h.c.agent_id == agent[1]]
-        fix_loose = [who.c.target_type == agent[0], who.c.target_id == agent[1]]
-    else:
+        driver, other = who, pat
+        fix_loose = [who.c.param == "agent", who.c.target_id == agent[1], who.c.target_type == agent[0],
+                     pat.c.param.concat("") == "patient", pat.c.target_type == "Patient"]
+    else:  # driven by the patient's subject rows
         key_rolled = h.c.agent_type.concat("/").concat(h.c.agent_id)
         key_loose = who.c.target_type.concat("/").concat(who.c.target_id)
-        fix_rolled, fix_loose = [h.c.patient_id == patient], [pat.c.target_id == patient]
+        fix_rolled = [h.c.patient_id == patient]
+        driver, other = pat, who
+        fix_loose = [pat.c.param == "patient", pat.c.target_id == patient, pat.c.target_type == "Patient",
+                     who.c.param.concat("") == "agent", who.c.target_id.is_not(None)]
     rolled = (select(key_rolled, h.c.action, h.c.outcome, h.c.n, h.c.first_us, h.c.last_us)
               .where(*fix_rolled, h.c.hour_us >= whole_lo, h.c.hour_us < whole_hi))
     mark = select(func.coalesce(func.max(audit_state.c.value), 0)).where(
         audit_state.c.name == WATERMARK).scalar_subquery()
+    # the records the roll-up does not hold yet are the newest: from the oldest of them on
+    never = 2**62
+    unsequenced = func.coalesce(select(func.min(access_record.c.recorded_us))
+                                .where(access_record.c.seq.is_(None)).scalar_subquery(), never)
+    unrolled = func.coalesce(select(func.min(access_record.c.recorded_us))
+                             .where(access_record.c.seq >= mark).scalar_subquery(), never)
+    pending_from = case((unsequenced < unrolled, unsequenced), else_=unrolled)
+    t = driver.c.recorded_us
+    in_window = or_(and_(t >= since_us, t < min(whole_lo, until_us)), and_(t >= max(whole_hi, since_us), t < until_us),
+                    and_(t >= since_us, t < until_us, t >= pending_from))  # index ranges of the driver rows
     loose = (
         select(key_loose, act.c.code, out.c.code, func.count(access_record.c.pk.distinct()),
                func.min(access_record.c.recorded_us), func.max(access_record.c.recorded_us))
-        .select_from(who)
-        .join(access_record, access_record.c.pk == who.c.record_pk)
-        .join(pat, and_(pat.c.record_pk == who.c.record_pk, pat.c.param == "patient", pat.c.target_type == "Patient"))
-        .join(act, and_(act.c.set_id == access_record.c.terms, act.c.tbl == "token", act.c.param == "action"))
-        .join(out, and_(out.c.set_id == access_record.c.terms, out.c.tbl == "token", out.c.param == "outcome"))
-        .where(who.c.param == "agent", who.c.target_id.is_not(None), *fix_loose,
-               access_record.c.recorded_us >= since_us, access_record.c.recorded_us < until_us,
+        .select_from(driver)
+        .join(access_record, access_record.c.pk == driver.c.record_pk)
+        .join(other, other.c.record_pk == driver.c.record_pk)
+        .join(act, and_(act.c.set_id == access_record.c.terms, act.c.tbl.concat("") == "token",
+                        act.c.param.concat("") == "action"))
+        .join(out, and_(out.c.set_id == access_record.c.terms, out.c.tbl.concat("") == "token",
+                        out.c.param.concat("") == "outcome"))
+        .where(*fix_loose, in_window,
                or_(access_record.c.recorded_us < whole_lo, access_record.c.recorded_us >= whole_hi,
                    access_record.c.seq.is_(None), access_record.c.seq >= mark))
         .group_by(key_loose, act.c.code, out.c.code)

@@ -301,7 +301,7 @@ access_subject = Table(
     Column("target_type", String(64), nullable=True),
     Column("target_id", String(255), nullable=True),
     Column("url", String(1024), nullable=True),
-    Index("ix_subject_target", "param", "target_id", "target_type", "record_pk"),
+    Index("ix_subject_target", "param", "target_id", "target_type", "recorded_us", "record_pk"),
     Index("ix_subject_record", "record_pk"),
 )
 
