@@ -89,10 +89,11 @@ def _touches(conn: Connection, since_us: int, until_us: int, agent: tuple[str, s
     mark = select(func.coalesce(func.max(audit_state.c.value), 0)).where(
         audit_state.c.name == WATERMARK).scalar_subquery()
     # the records the roll-up does not hold yet are the newest: from the oldest of them on
+    # (`+ 0`: found through the seq indexes, not by walking the time index from its start)
     never = 2**62
-    unsequenced = func.coalesce(select(func.min(access_record.c.recorded_us))
+    unsequenced = func.coalesce(select(func.min(access_record.c.recorded_us + 0))
                                 .where(access_record.c.seq.is_(None)).scalar_subquery(), never)
-    unrolled = func.coalesce(select(func.min(access_record.c.recorded_us))
+    unrolled = func.coalesce(select(func.min(access_record.c.recorded_us + 0))
                              .where(access_record.c.seq >= mark).scalar_subquery(), never)
     pending_from = case((unsequenced < unrolled, unsequenced), else_=unrolled)
     t = driver.c.recorded_us
