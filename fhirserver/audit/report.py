@@ -114,11 +114,11 @@ def _touches(conn: Connection, since_us: int, until_us: int, agent: tuple[str, s
                    access_record.c.seq.is_(None), access_record.c.seq >= mark))
         .group_by(key_loose, act.c.code, out.c.code)
     )
-    groups: dict[tuple[str, str, str], list[int]] = {}
-    for key, action, outcome, count, first, last in conn.execute(union_all(rolled, loose)).all():
-        g = groups.get((key, action, outcome))
-        groups[(key, action, outcome)] = [count, first, last] if g is None else \
-            [g[0] + count, min(g[1], first), max(g[2], last)]
+    both = union_all(rolled, loose).subquery()
+    k, a, o, n, f, last_ = both.c
+    summed = select(k, a, o, func.sum(n), func.min(f), func.max(last_)).group_by(k, a, o)  # in the database
+    groups = {(key, action, outcome): (int(count), int(first), int(last))
+              for key, action, outcome, count, first, last in conn.execute(summed).all()}
     found: dict[str, Touch] = {}
     denied_times: dict[str, tuple[int, int]] = {}
     for (key, action, outcome), (count, first, last) in groups.items():
