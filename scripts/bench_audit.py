@@ -140,8 +140,9 @@ def main() -> None:
             conn.exec_driver_sql("DELETE FROM job_run")
             conn.exec_driver_sql("DELETE FROM access_agent_hour")
     seconds = sequence(svc)
-    print(f"sequenced {args.records:,} records in {seconds:.0f} s: {args.records / seconds:,.0f}/s "
-          "[Merkle tree + hourly roll-up, batches of 5,000]")
+    if not args.reuse:
+        print(f"sequenced {args.records:,} records in {seconds:.0f} s: {args.records / seconds:,.0f}/s "
+              "[Merkle tree + hourly roll-up, batches of 5,000]")
     with svc.engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
     now = now_us()
