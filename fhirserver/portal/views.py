@@ -5,44 +5,27 @@ session's CSRF token. A page that needs a sign-in sends the visitor to the landi
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from flask import (
     Blueprint,
-    Response,
     abort,
     current_app,
     redirect,
-    render_template,
     request,
     session,
     url_for,
 )
 
-from ..clock import now_us
 from ..consent.labels import load_sensitive_codes
-from ..fhir.dates import instant_text
-from ..pipeline.summary_op import describe
-from . import i18n
-from .api import AMENDABLE, Api, SignedOut, begin_sign_in, csrf_ok, csrf_token, finish_sign_in, switch
+from . import account_pages, rights
+from .api import Api, SignedOut, begin_sign_in, finish_sign_in, switch
 from .i18n import gettext as _
-from .record import access_rows, build_record, details_of, name_of, with_details
+from .pages import DATE, diagnostics, need, page, posted
+from .record import access_rows, build_record, name_of
 from .sharing import apply_current, blocked, choices, consent_body, org_block_body
-
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-CSRF_FAILED = "The form expired or did not come from this site (CSRF check failed). Go back and try again."
-
-
-def _page(template: str, api: Api | None = None, **kw: Any) -> str:
-    state = session.get("portal") or {}
-    return render_template(f"portal/{template}", csrf=csrf_token(), signed_in=api is not None, _=_,
-                           lang=i18n.current(), languages=i18n.LANGUAGES,
-                           warning=state.get("warning"), people=state.get("patients", []),
-                           current=state.get("patient"), **kw)
 
 
 def _consents(api: Api) -> list[dict[str, Any]]:
@@ -81,16 +64,6 @@ def _organizations(api: Api) -> dict[str, str]:
 def make_portal_blueprint() -> Blueprint:
     bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates", static_folder="static")
 
-    def need() -> Api:
-        api = Api.current()
-        if api is None:
-            abort(redirect(url_for("portal.landing")))
-        return api
-
-    def posted() -> None:
-        if not csrf_ok(request.form.get("csrf")):
-            abort(Response(_(CSRF_FAILED), status=400, mimetype="text/plain"))
-
     @bp.errorhandler(SignedOut)
     def signed_out(_exc: SignedOut) -> Any:
         session.pop("portal", None)
@@ -100,7 +73,7 @@ def make_portal_blueprint() -> Blueprint:
     def landing() -> Any:
         if Api.current() is not None:
             return redirect(url_for("portal.record"))
-        return _page("landing.html", error=request.args.get("error"))
+        return page("landing.html", error=request.args.get("error"))
 
     @bp.get("/login")
     def login() -> Any:
@@ -122,7 +95,7 @@ def make_portal_blueprint() -> Blueprint:
         if not everything:
             abort(404)
         rec = build_record(everything)
-        return _page("record.html", api, rec=rec, name=name_of(rec.patient))
+        return page("record.html", api, rec=rec, name=name_of(rec.patient))
 
     @bp.get("/access")
     def access() -> Any:
@@ -144,7 +117,7 @@ def make_portal_blueprint() -> Blueprint:
         events = [e["resource"] for e in reply.body.get("entry", []) if e.get("search", {}).get("mode") == "match"]
         nxt = next((lk["url"] for lk in reply.body.get("link", []) if lk.get("relation") == "next"), None)
         cursor = dict(parse_qsl(urlsplit(nxt).query)).get("_cursor") if nxt else None
-        return _page("access.html", api, rows=access_rows(events, str((session.get("portal") or {}).get("fhir_user") or f"Patient/{api.patient}")), since=since, until=until, accessor=accessor,
+        return page("access.html", api, rows=access_rows(events, str((session.get("portal") or {}).get("fhir_user") or f"Patient/{api.patient}")), since=since, until=until, accessor=accessor,
                      cursor=cursor, total=reply.body.get("total"))
 
     @bp.get("/sharing")
@@ -153,7 +126,7 @@ def make_portal_blueprint() -> Blueprint:
         consents = _consents(api)
         orgs = _organizations(api)
         blocks = [{**b, "name": orgs.get(b["org"], b["org"])} for b in blocked(consents)]
-        return _page("sharing.html", api, choices=_choices(api, consents), done=request.args.get("done"),
+        return page("sharing.html", api, choices=_choices(api, consents), done=request.args.get("done"),
                      orgs={k: v for k, v in orgs.items() if k not in {b["org"] for b in blocks}}, blocks=blocks)
 
     @bp.post("/sharing")
@@ -178,7 +151,7 @@ def make_portal_blueprint() -> Blueprint:
                 abort(404)
             changes.append({"key": f"org-{org.split('/', 1)[1]}", "title": name, "allowed": False, "until": "",
                             "effect": _("%(who)s will no longer receive %(what)s.", who=name, what=_("your data"))})
-        return _page("review.html", api, changes=changes)
+        return page("review.html", api, changes=changes)
 
     @bp.post("/sharing/save")
     def save() -> Any:
@@ -199,9 +172,9 @@ def make_portal_blueprint() -> Blueprint:
             body = consent_body(choice, api.patient, allowed, until if DATE.match(until) else "")
             reply = api.put(f"Consent/{choice.consent_id}", body) if choice.consent_id else api.post("Consent", body)
             if reply.status not in (200, 201):
-                return _page("sharing.html", api, choices=_choices(api), done=None,
+                return page("sharing.html", api, choices=_choices(api), done=None,
                              error=_("Your choice for %(title)s could not be saved (%(why)s).", title=_(choice.title),
-                                     why=_diagnostics(reply.body)))
+                                     why=diagnostics(reply.body)))
         return redirect(url_for("portal.sharing", done="saved"))
 
     @bp.post("/sharing/withdraw")
@@ -228,191 +201,6 @@ def make_portal_blueprint() -> Blueprint:
             abort(404)
         return redirect(url_for("portal.record"))
 
-    def summary_page(api: Api, for_pdf: bool = False) -> str:
-        reply = api.get(f"Patient/{api.patient}/$summary")
-        if reply.status != 200:
-            abort(404)
-        resources = [e["resource"] for e in reply.body.get("entry", [])]
-        composition = resources[0]
-        by_ref = {f"{r['resourceType']}/{r['id']}": r for r in resources[1:]}
-        sections = [{"title": s["title"], "items": [describe(by_ref[e["reference"]]) for e in s.get("entry", [])
-                                                     if e["reference"] in by_ref]}
-                    for s in composition.get("section", [])]
-        rec = build_record(resources[1:])
-        html = _page("summary.html", None if for_pdf else api, name=name_of(rec.patient), patient=rec.patient,
-                     sections=sections, trends=rec.trends, made=str(composition.get("date", ""))[:10], pdf=for_pdf)
-        return html
-
-    @bp.get("/summary")
-    def summary() -> Any:
-        return summary_page(need())
-
-    @bp.get("/summary.pdf")
-    def summary_pdf() -> Any:
-        try:
-            from weasyprint import CSS, HTML
-        except (ImportError, OSError):  # the system's Pango is missing (scripts/ensure_pango.sh)
-            return Response(_("The PDF summary is not available on this server; print the summary page instead."),
-                            status=503, mimetype="text/plain")
-        page = summary_page(need(), for_pdf=True)
-        css = CSS(filename=str(Path(bp.static_folder or "") / "portal.css"))
-        pdf = HTML(string=page).write_pdf(stylesheets=[css])  # the page links nothing: nothing is fetched
-        return Response(pdf, mimetype="application/pdf",
-                        headers={"Content-Disposition": 'attachment; filename="health-summary.pdf"'})
-
-    @bp.get("/corrections")
-    def corrections() -> Any:
-        api = need()
-        patient = api.get(f"Patient/{api.patient}").body
-        everything = api.all_pages(f"Patient/{api.patient}/$everything", _count="200")
-        entries = [(f"{r['resourceType']}/{r['id']}", describe(r)) for r in everything if r["resourceType"] in AMENDABLE]
-        return _page("corrections.html", api, details=details_of(patient), entries=entries,
-                     done=request.args.get("done"))
-
-    @bp.post("/corrections/details")
-    def correct_details() -> Any:
-        api = need()
-        posted()
-        patient = api.get(f"Patient/{api.patient}").body
-        reply = api.put(f"Patient/{api.patient}", with_details(patient, request.form))
-        if reply.status != 200:
-            return _page("corrections.html", api, details=details_of(patient), entries=[],
-                         error=_("Your details could not be saved (%(why)s).", why=_diagnostics(reply.body)))
-        return redirect(url_for("portal.corrections", done=_("Your details are saved.")))
-
-    @bp.post("/corrections/flag")
-    def flag_entry() -> Any:
-        api = need()
-        posted()
-        ref, note = request.form.get("entry", ""), request.form.get("note", "").strip()[:1000]
-        if ref.split("/", 1)[0] not in AMENDABLE or not note:
-            abort(400)
-        body = api.get(ref).body  # 404 unless it is one of the user's records
-        if body.get("resourceType") != ref.split("/", 1)[0]:
-            abort(404)
-        body["note"] = [*body.get("note", []), {"text": f"Patient reports: {note}", "time": instant_text(now_us())}]
-        reply = api.put(ref, body)
-        if reply.status != 200:
-            abort(502)
-        return redirect(url_for("portal.corrections", done=_("Your note was added; your care team will review it.")))
-
-    @bp.get("/security")
-    def security() -> Any:
-        api = need()
-        return _page("security.html", api, account=api.account("GET").body, setup=None, done=request.args.get("done"))
-
-    @bp.post("/security/totp")
-    def totp_start() -> Any:
-        api = need()
-        posted()
-        setup = api.account("POST", "/totp").body
-        return _page("security.html", api, account=api.account("GET").body, setup=setup)
-
-    def account_change(path: str, body: dict[str, str], done: str, failed: str) -> Any:
-        api = need()
-        posted()
-        reply = api.account("POST", path, body)
-        if reply.status != 200:
-            return _page("security.html", api, account=api.account("GET").body, setup=None,
-                         error=_(reply.body.get("error_description", failed)))
-        return redirect(url_for("portal.security", done=_(done)))
-
-    @bp.post("/security/totp/confirm")
-    def totp_confirm() -> Any:
-        return account_change("/totp/confirm", {"secret": request.form.get("secret", ""),
-                                                "code": request.form.get("code", "")},
-                              "Two-step sign-in is on.", "Two-step sign-in was not turned on.")
-
-    @bp.post("/security/password")
-    def change_password() -> Any:
-        return account_change("/password", {"current": request.form.get("current", ""),
-                                             "new": request.form.get("new", "")},
-                              "Your password is changed.", "The password was not changed.")
-
-    @bp.post("/security/revoke")
-    def revoke_app() -> Any:
-        api = need()
-        posted()
-        reply = api.account("POST", f"/authorizations/{request.form.get('id', '')[:64]}/revoke")
-        if reply.status != 200:
-            abort(404)
-        return redirect(url_for("portal.security", done=_("The app's access is revoked.")))
-
-    @bp.get("/erasure")
-    def erasure() -> Any:
-        api = need()
-        reply = api.get(f"Patient/{api.patient}/$erasure-request")
-        requests = [{p["name"]: p["valueString"] for p in part["part"]} for part in reply.body.get("parameter", [])]
-        return _page("erasure.html", api, requests=requests, done=request.args.get("done"),
-                     pending=any(r.get("status") == "pending" for r in requests))
-
-    @bp.post("/erasure")
-    def erasure_request() -> Any:
-        api = need()
-        posted()
-        if request.form.get("understood") != "yes":
-            abort(400)
-        body = {"resourceType": "Parameters", "parameter": [{"name": "reason",
-                                                            "valueString": request.form.get("reason", "")[:2000]}]}
-        reply = api.post(f"Patient/{api.patient}/$erasure-request", body)
-        if reply.status != 201:
-            abort(409 if reply.status == 409 else 502)
-        return redirect(url_for("portal.erasure", done=_("Your request is filed. You will see the decision here.")))
-
-    @bp.get("/download")
-    def download() -> Any:
-        api = need()
-        job = session.get("portal_export")
-        export: dict[str, Any] | None = None
-        if job and job.get("patient") == api.patient:
-            status = api.raw(job["status"], {"Accept": "application/json"})
-            if status.status_code == 202:
-                export = {"state": "running", "progress": status.headers.get("X-Progress", "")}
-            elif status.status_code == 200:
-                files = (status.get_json(silent=True) or {}).get("output", [])
-                export = {"state": "done", "files": [{"n": i, "type": f.get("type"), "count": f.get("count")}
-                                                    for i, f in enumerate(files)]}
-                session["portal_export"] = {**job, "files": [urlsplit(f["url"]).path + "?" + urlsplit(f["url"]).query
-                                                             for f in files]}
-            else:
-                export = {"state": "failed"}
-        return _page("download.html", api, export=export)
-
-    @bp.post("/download/ndjson")
-    def ndjson_start() -> Any:
-        api = need()
-        posted()
-        resp = api.raw(f"/fhir/Patient/{api.patient}/$export", {"Prefer": "respond-async",
-                                                                 "Accept": "application/fhir+json"})
-        if resp.status_code != 202:
-            abort(502)
-        where = urlsplit(resp.headers["Content-Location"])
-        session["portal_export"] = {"patient": api.patient, "status": f"{where.path}?{where.query}"}
-        return redirect(url_for("portal.download"))
-
-    @bp.get("/download/ndjson/<int:n>")
-    def ndjson_file(n: int) -> Any:
-        api = need()
-        job = session.get("portal_export") or {}
-        files = job.get("files", []) if job.get("patient") == api.patient else []
-        if not 0 <= n < len(files):
-            abort(404)
-        resp = api.raw(files[n], {"Accept": "application/fhir+ndjson"})
-        if resp.status_code != 200:
-            abort(404)
-        return Response(resp.get_data(), mimetype="application/fhir+ndjson",
-                        headers={"Content-Disposition": f'attachment; filename="my-record-{n + 1}.ndjson"'})
-
-    @bp.get("/download/record.json")
-    def download_json() -> Any:
-        api = need()
-        entries = api.all_pages(f"Patient/{api.patient}/$everything", limit=1000, _count="500")
-        bundle = {"resourceType": "Bundle", "type": "collection",
-                  "entry": [{"fullUrl": f"{current_app.extensions['fhirserver'].settings.fhir_base}/"
-                                        f"{r['resourceType']}/{r['id']}", "resource": r} for r in entries]}
-        return Response(json.dumps(bundle, indent=1), mimetype="application/fhir+json",
-                        headers={"Content-Disposition": 'attachment; filename="my-health-record.json"'})
-
     @bp.post("/logout")
     def logout() -> Any:
         posted()
@@ -425,9 +213,6 @@ def make_portal_blueprint() -> Blueprint:
             session.pop(key, None)
         return redirect(url_for("portal.landing"))
 
+    rights.add_routes(bp)
+    account_pages.add_routes(bp)
     return bp
-
-
-def _diagnostics(body: dict[str, Any]) -> str:
-    issue: dict[str, Any] = next(iter(body.get("issue", []) or []), {})
-    return str(issue.get("diagnostics", "error"))[:200]

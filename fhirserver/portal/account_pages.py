@@ -1,0 +1,55 @@
+"""The portal's security settings: two-step sign-in, password, authorized apps -- through the
+user's own account API (/auth/account)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, abort, redirect, request, url_for
+
+from .i18n import gettext as _
+from .pages import need, page, posted
+
+
+def add_routes(bp: Blueprint) -> None:
+    @bp.get("/security")
+    def security() -> Any:
+        api = need()
+        return page("security.html", api, account=api.account("GET").body, setup=None, done=request.args.get("done"))
+
+    @bp.post("/security/totp")
+    def totp_start() -> Any:
+        api = need()
+        posted()
+        setup = api.account("POST", "/totp").body
+        return page("security.html", api, account=api.account("GET").body, setup=setup)
+
+    def account_change(path: str, body: dict[str, str], done: str, failed: str) -> Any:
+        api = need()
+        posted()
+        reply = api.account("POST", path, body)
+        if reply.status != 200:
+            return page("security.html", api, account=api.account("GET").body, setup=None,
+                         error=_(reply.body.get("error_description", failed)))
+        return redirect(url_for("portal.security", done=_(done)))
+
+    @bp.post("/security/totp/confirm")
+    def totp_confirm() -> Any:
+        return account_change("/totp/confirm", {"secret": request.form.get("secret", ""),
+                                                "code": request.form.get("code", "")},
+                              "Two-step sign-in is on.", "Two-step sign-in was not turned on.")
+
+    @bp.post("/security/password")
+    def change_password() -> Any:
+        return account_change("/password", {"current": request.form.get("current", ""),
+                                             "new": request.form.get("new", "")},
+                              "Your password is changed.", "The password was not changed.")
+
+    @bp.post("/security/revoke")
+    def revoke_app() -> Any:
+        api = need()
+        posted()
+        reply = api.account("POST", f"/authorizations/{request.form.get('id', '')[:64]}/revoke")
+        if reply.status != 200:
+            abort(404)
+        return redirect(url_for("portal.security", done=_("The app's access is revoked.")))
