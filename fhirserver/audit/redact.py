@@ -38,8 +38,9 @@ def redact_query(query: str) -> str:
     return prefix + sep + urlencode(kept, safe=",:|")
 
 
-def redact_event(event: dict[str, Any]) -> dict[str, Any]:
-    """The event with query values and entity details redacted (in place; returned)."""
+def redact_event(event: dict[str, Any], keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The event with query values and entity details redacted (in place; returned); details of
+    the types in `keep` stay (a patient reading why someone broke the glass on their record)."""
     changed = False
     for entity in event.get("entity") or []:
         if not isinstance(entity, dict):
@@ -53,7 +54,7 @@ def redact_event(event: dict[str, Any]) -> dict[str, Any]:
             entity["query"] = base64.b64encode(redact_query(text).encode()).decode()
             changed = True
         for detail in entity.get("detail") or []:
-            if not isinstance(detail, dict) or detail.get("type") in SAFE_DETAIL_TYPES:
+            if not isinstance(detail, dict) or detail.get("type") in SAFE_DETAIL_TYPES | keep:
                 continue
             for key in [k for k in detail if k.startswith("value")]:
                 detail.pop(key)
@@ -65,8 +66,8 @@ def redact_event(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def redact_body(body: bytes) -> bytes:
+def redact_body(body: bytes, keep: frozenset[str] = frozenset()) -> bytes:
     """`redact_event` over a stored AuditEvent's JSON; bodies with nothing to redact are returned as-is."""
     if b'"query"' not in body and b'"detail"' not in body:
         return body
-    return dump_json(redact_event(parse_json(body)))
+    return dump_json(redact_event(parse_json(body), keep))

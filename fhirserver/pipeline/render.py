@@ -36,6 +36,9 @@ def _http_date(us: int) -> str:
     return formatdate(us / 1_000_000, usegmt=True)
 
 
+OWN_READER_DETAILS = frozenset({"break-glass-reason"})
+
+
 def output_body(ctx: RequestContext, stored: Stored) -> bytes:
     """The stored JSON as this caller may see it: AuditEvents have the values of other requests'
     queries and details redacted unless the caller is an auditor permitted to see them, and a
@@ -44,9 +47,13 @@ def output_body(ctx: RequestContext, stored: Stored) -> bytes:
     if stored.type != "AuditEvent":
         return stored.body
     principal = ctx.principal
-    body = stored.body if principal is not None and principal.sees_audit_values else redact_body(stored.body)
     decision = getattr(principal, "consent", None) if principal is not None else None
-    if principal is not None and principal.reads_own_records and decision is not None and decision.own_patients:
+    own = principal is not None and principal.reads_own_records and decision is not None and bool(decision.own_patients)
+    if principal is not None and principal.sees_audit_values:
+        body = stored.body
+    else:  # a patient is told why someone broke the glass on their record; other values stay redacted
+        body = redact_body(stored.body, OWN_READER_DETAILS if own else frozenset())
+    if own and decision is not None:
         with read_connection(ctx.services.engine) as conn:
             event = project(parse_json(body), decision.own_patients, lambda refs: compartments_of(conn, refs))
         body = dump_json(event)

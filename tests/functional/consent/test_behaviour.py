@@ -392,6 +392,26 @@ def test_patient_sees_multi_patient_accesses_projected_to_themselves(srv: Consen
     assert {"Patient/pa", "Patient/pb"} <= entity_refs(whole)
 
 
+def test_a_patient_is_told_why_someone_broke_the_glass(srv: ConsentServer) -> None:
+    er = srv.backend(break_glass=True, header="ETREAT", reason="unconscious in the emergency room")
+    assert srv.get(er, "/fhir/Patient/pc").status_code == 200
+    me = srv.user("Patient/pc", "patient/AuditEvent.rs", patient="pc")
+    body = srv.bundle(me, f"/fhir/AuditEvent?agent=Device/{er.client_id}")
+    event = body["entry"][0]["resource"]
+    reasons = [d.get("valueString") for e in event["entity"] for d in e.get("detail", [])
+               if d.get("type") == "break-glass-reason"]
+    assert reasons == ["unconscious in the emergency room"]
+    # an auditor without the query-values permission still sees it redacted
+    key = generate_key("ES384")
+    rec = register_backend_client(srv.svc.engine, "plain auditor", "system/AuditEvent.rs", jwks=public_jwks(key),
+                                  settings={"auditor": True, "purposes": ["HOPERAT"]})
+    token = srv.http.post("/auth/token", data=token_request_form(key, rec.client_id, srv.token_url,
+                                                                 "system/AuditEvent.rs")).get_json()["access_token"]
+    event = srv.http.get(f"/fhir/AuditEvent/{event['id']}", headers={"Authorization": f"Bearer {token}"}).get_json()
+    assert [d.get("valueString") for e in event["entity"] for d in e.get("detail", [])
+            if d.get("type") == "break-glass-reason"] == ["redacted"]
+
+
 # ------------------------------------------------------------------ denial bursts
 def test_denial_burst_raises_an_alert_and_suspends_the_client(tmp_path: Any) -> None:
     from fhirserver.app import create_app
