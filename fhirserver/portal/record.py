@@ -129,6 +129,11 @@ def _answer(a: dict[str, Any]) -> str:
     return ""
 
 
+ACTION_WORDS = {"read": "opened", "vread": "opened an earlier version", "search-type": "searched",
+                "search-system": "searched", "history-instance": "looked at the history",
+                "history-type": "looked at the history", "operation": "opened the record", "create": "added",
+                "update": "changed", "patch": "changed", "delete": "deleted", "110122": "signed in",
+                "authorize": "was allowed by you", "110123": "signed out"}
 PURPOSE_WORDS = {"TREAT": "treatment", "ETREAT": "emergency treatment", "HPAYMT": "payment",
                  "HOPERAT": "running the service", "HRESCH": "research", "HMARKT": "marketing",
                  "PUBHLTH": "public health"}
@@ -161,7 +166,7 @@ def access_rows(events: list[dict[str, Any]], me: str = "") -> list[dict[str, An
         subtype: dict[str, Any] = next(iter(e.get("subtype", []) or []), {})
         rows.append({
             "when": str(e.get("recorded", ""))[:19].replace("T", " "), "app": app or "this server",
-            "user": "you" if user and user == me else user, "action": subtype.get("display") or subtype.get("code") or e.get("action", ""),
+            "user": "you" if user and user == me else user, "action": ACTION_WORDS.get(str(subtype.get("code")), str(subtype.get("display") or subtype.get("code") or "")),
             "what": ", ".join(f"{n} {t}" for t, n in sorted(kinds.items())) or "—", "note": note, "involved": involved,
             "purpose": ", ".join(PURPOSE_WORDS.get(concept_text(p), concept_text(p)) for p in e.get("purposeOfEvent", []) or []),
             "allowed": e.get("outcome") == "0", "break_glass": glass is not None, "reason": reason,
