@@ -7,29 +7,40 @@ from typing import Any
 
 from flask import Blueprint, abort, redirect, request, url_for
 
+from ..smart.describe import describe_scope
+from .api import Api
 from .i18n import gettext as _
 from .pages import need, page, posted
+
+
+def _account(api: Api) -> dict[str, Any]:
+    """The user's account with each authorization's access in words (as the approval page says it)."""
+    body = api.account("GET").body
+    for a in body.get("authorizations", []):
+        said = [describe_scope(s) for s in str(a.get("scope", "")).split()]
+        a["described"] = list(dict.fromkeys(_(s) for s in said))
+    return body
 
 
 def add_routes(bp: Blueprint) -> None:
     @bp.get("/security")
     def security() -> Any:
         api = need()
-        return page("security.html", api, account=api.account("GET").body, setup=None, done=request.args.get("done"))
+        return page("security.html", api, account=_account(api), setup=None, done=request.args.get("done"))
 
     @bp.post("/security/totp")
     def totp_start() -> Any:
         api = need()
         posted()
         setup = api.account("POST", "/totp").body
-        return page("security.html", api, account=api.account("GET").body, setup=setup)
+        return page("security.html", api, account=_account(api), setup=setup)
 
     def account_change(path: str, body: dict[str, str], done: str, failed: str) -> Any:
         api = need()
         posted()
         reply = api.account("POST", path, body)
         if reply.status != 200:
-            return page("security.html", api, account=api.account("GET").body, setup=None,
+            return page("security.html", api, account=_account(api), setup=None,
                          error=_(reply.body.get("error_description", failed)))
         return redirect(url_for("portal.security", done=_(done)))
 

@@ -9,12 +9,13 @@ import re
 import time
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, or_, select, update
 
 from ..auth.grants import revoke_family
+from ..clock import now_us
 from ..crypto.datakeys import DataKeyStore
 from ..db.engine import read_connection, transaction
-from ..db.schema import access_token, app_user, client, grant_family
+from ..db.schema import access_token, app_user, client, grant_family, refresh_token
 from ..fhir.dates import instant_text
 from .passwords import WeakPasswordError, check_strength, hash_password, verify_password
 from .registry import UserError, _require
@@ -59,9 +60,17 @@ def authorizations(engine: Engine, username: str) -> list[dict[str, Any]]:
     """The apps the user authorized that still hold access (newest first)."""
     record = _require(engine, username)
     with read_connection(engine) as conn:
+        now = now_us()  # an authorization still holds access while a token of it is alive
+        live_access = select(access_token.c.token_hash).where(
+            access_token.c.family_id == grant_family.c.family_id, access_token.c.revoked.is_(False),
+            access_token.c.expires_us > now).exists()
+        live_refresh = select(refresh_token.c.token_hash).where(
+            refresh_token.c.family_id == grant_family.c.family_id, refresh_token.c.revoked.is_(False),
+            refresh_token.c.rotated.is_(False), refresh_token.c.expires_us > now).exists()
         rows = conn.execute(select(grant_family.c.family_id, grant_family.c.created_us, client.c.name)
                             .join(client, client.c.client_id == grant_family.c.client_id)
-                            .where(grant_family.c.user_id == record.id, grant_family.c.revoked.is_(False))
+                            .where(grant_family.c.user_id == record.id, grant_family.c.revoked.is_(False),
+                                   or_(live_access, live_refresh))
                             .order_by(grant_family.c.created_us.desc())).all()
         out = []
         for r in rows:
