@@ -3,6 +3,8 @@ matches, and what a request touched (for its audit record)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Connection
 
 from ..fhir.errors import FhirError
@@ -12,6 +14,18 @@ from ..storage.codec import parse_json
 from ..storage.repository import Stored
 from ..storage.visibility import patients_of, visible
 from .context import RequestContext
+
+
+def patient_or_404(ctx: RequestContext, conn: Connection, pid: str, preds: list[Any]) -> Any:
+    """The current Patient `pid` if `preds` let the caller see it (the head row); else 403 when
+    the cross-border rule is what hides it, 404 otherwise -- absent or hidden look the same."""
+    s = ctx.services
+    head = s.repo.current(conn, "Patient", pid)
+    if head is None or head.deleted or not visible(conn, head.pk, preds):
+        if head is not None and not head.deleted:
+            s.consent.explain_hidden(ctx, conn, head.pk, "Patient")
+        raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+    return head
 
 
 def version_visible(ctx: RequestContext, conn: Connection, stored: Stored) -> bool:

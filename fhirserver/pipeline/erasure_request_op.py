@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 
 from ..exchange.erasure_requests import KEY_SCOPE, RequestError, file_request, requests_of
 from ..fhir.errors import FhirError
-from ..storage.visibility import visible
+from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .request_body import parse_body
@@ -48,9 +48,7 @@ class ErasureRequestOp(Handler):
         it = ctx.interaction
         s = ctx.services
         pid = it.id or ""
-        head = s.repo.current(conn, "Patient", pid)
-        if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
-            raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+        patient_or_404(ctx, conn, pid, ctx.access.search)
         ctx.record.patients = [pid]
         ctx.record.target = f"Patient/{pid}"
         if it.method == "GET":

@@ -25,7 +25,7 @@ from ..fhir.errors import FhirError
 from ..search.parser import parse_search
 from ..services import Services
 from ..storage import export_jobs as jobs
-from ..storage.visibility import visible
+from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .principal import principal_snapshot
@@ -105,11 +105,7 @@ class ExportKickoff(Handler):
         svc = ctx.services
         spec = ctx.plan
         if spec["level"] == "instance":
-            head = svc.repo.current(conn, "Patient", it.id or "")
-            if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
-                if head is not None and not head.deleted:
-                    svc.consent.explain_hidden(ctx, conn, head.pk, "Patient")
-                raise FhirError(404, "not-found", f"Patient/{it.id} is not known")
+            patient_or_404(ctx, conn, it.id or "", ctx.access.search)
             ctx.record.patients = [it.id or ""]
         principal = ctx.principal
         assert principal is not None

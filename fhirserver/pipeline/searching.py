@@ -14,7 +14,8 @@ from ..search.lastn import lastn_pks
 from ..search.model import SearchPage
 from ..search.parser import parse_search
 from ..storage.includes import resolve_includes
-from ..storage.visibility import in_compartment, visible
+from ..storage.visibility import in_compartment
+from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .render import searchset
@@ -75,11 +76,7 @@ class Everything(Handler):
         it = ctx.interaction
         s = ctx.services
         pid = it.id or ""
-        head = s.repo.current(conn, "Patient", pid)
-        if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
-            if head is not None and not head.deleted:
-                s.consent.explain_hidden(ctx, conn, head.pk, "Patient")
-            raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+        patient_or_404(ctx, conn, pid, ctx.access.search)
         known = ("_count", "_cursor", "_since", "_type", "_summary", "_elements", "_format", "_pretty")
         unknown = sorted({k for k, _v in it.params if k not in known})
         if unknown and ctx.prefer.get("handling") == "strict":

@@ -19,9 +19,9 @@ from ..clock import now_us
 from ..db.schema import idx_token, resource
 from ..fhir.concepts import concept_text
 from ..fhir.dates import instant_text
-from ..fhir.errors import FhirError
 from ..storage.codec import dump_json, parse_json
-from ..storage.visibility import in_compartment, visible
+from ..storage.visibility import in_compartment
+from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .render import output_body
@@ -56,11 +56,7 @@ class Summary(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
         pid = ctx.interaction.id or ""
-        head = s.repo.current(conn, "Patient", pid)
-        if head is None or head.deleted or not visible(conn, head.pk, ctx.access.search):
-            if head is not None and not head.deleted:
-                s.consent.explain_hidden(ctx, conn, head.pk, "Patient")
-            raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+        patient_or_404(ctx, conn, pid, ctx.access.search)
         base = s.settings.fhir_base
         patient = s.repo.read(conn, "Patient", pid)
         sections, included = [], {}

@@ -77,31 +77,29 @@ def make_account_blueprint() -> Blueprint:
         setup = account.start_totp(username, current_app.extensions["fhirserver"].settings.totp_issuer)
         return jsonify(**setup, qr_svg=_qr_svg(setup["uri"]))
 
-    @bp.post("/totp/confirm")
-    def totp_confirm() -> Any:
+    def change(code: str, apply: Any, done: str, refused: str, answer: dict[str, Any]) -> Any:
+        """Run one account change for the caller; audited whether it succeeds or is refused."""
         info, username, fhir_user = caller()
         body = request.get_json(silent=True) or {}
-        svc = current_app.extensions["fhirserver"]
         try:
-            account.confirm_totp(svc.engine, svc.keys, username, str(body.get("secret", "")), str(body.get("code", "")))
+            apply(current_app.extensions["fhirserver"], username, body)
         except UserError as exc:
-            audited("totp-enrol", 400, info, fhir_user, f"two-step sign-in not enabled: {exc}")
+            audited(code, 400, info, fhir_user, f"{refused}: {exc}")
             return jsonify(error="invalid_request", error_description=str(exc)), 400
-        audited("totp-enrol", 200, info, fhir_user, "two-step sign-in enabled by the user")
-        return jsonify(totp=True)
+        audited(code, 200, info, fhir_user, done)
+        return jsonify(**answer)
+
+    @bp.post("/totp/confirm")
+    def totp_confirm() -> Any:
+        return change("totp-enrol", lambda svc, user, b: account.confirm_totp(
+            svc.engine, svc.keys, user, str(b.get("secret", "")), str(b.get("code", ""))),
+            "two-step sign-in enabled by the user", "two-step sign-in not enabled", {"totp": True})
 
     @bp.post("/password")
     def password() -> Any:
-        info, username, fhir_user = caller()
-        body = request.get_json(silent=True) or {}
-        svc = current_app.extensions["fhirserver"]
-        try:
-            account.change_password(svc.engine, username, str(body.get("current", "")), str(body.get("new", "")))
-        except UserError as exc:
-            audited("password-change", 400, info, fhir_user, f"password not changed: {exc}")
-            return jsonify(error="invalid_request", error_description=str(exc)), 400
-        audited("password-change", 200, info, fhir_user, "password changed by the user")
-        return jsonify(changed=True)
+        return change("password-change", lambda svc, user, b: account.change_password(
+            svc.engine, user, str(b.get("current", "")), str(b.get("new", ""))),
+            "password changed by the user", "password not changed", {"changed": True})
 
     @bp.post("/authorizations/<family_id>/revoke")
     def revoke(family_id: str) -> Any:
