@@ -68,7 +68,7 @@ class History(Handler):
         for _vpk, st in page:
             entry: dict[str, Any] = {"fullUrl": f"{base}/{st.type}/{st.id}"}
             if st.body is not None:
-                entry["resource"] = fragment(output_body(ctx, st))
+                entry["resource"] = fragment(output_body(ctx, st, conn))
             entry["request"] = {"method": st.method,
                                 "url": st.type if st.method == "POST" else f"{st.type}/{st.id}"}
             entry["response"] = {"status": {"POST": "201", "PUT": "200", "DELETE": "204"}.get(st.method, "200"),

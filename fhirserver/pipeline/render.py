@@ -39,7 +39,7 @@ def _http_date(us: int) -> str:
 OWN_READER_DETAILS = frozenset({"break-glass-reason"})
 
 
-def output_body(ctx: RequestContext, stored: Stored) -> bytes:
+def output_body(ctx: RequestContext, stored: Stored, conn: Connection | None = None) -> bytes:
     """The stored JSON as this caller may see it: AuditEvents have the values of other requests'
     queries and details redacted unless the caller is an auditor permitted to see them, and a
     patient (or guardian) sees the per-patient projection of each (audit/projection.py)."""
@@ -54,8 +54,12 @@ def output_body(ctx: RequestContext, stored: Stored) -> bytes:
     else:  # a patient is told why someone broke the glass on their record; other values stay redacted
         body = redact_body(stored.body, OWN_READER_DETAILS if own else frozenset())
     if own and decision is not None:
-        with read_connection(ctx.services.engine) as conn:
+        if conn is not None:  # the request's own connection (a searchset renders many events)
             event = project(parse_json(body), decision.own_patients, lambda refs: compartments_of(conn, refs))
+        else:
+            with read_connection(ctx.services.engine) as own_conn:
+                event = project(parse_json(body), decision.own_patients,
+                                lambda refs: compartments_of(own_conn, refs))
         body = dump_json(event)
     return body
 
@@ -104,7 +108,7 @@ def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSe
     entries: list[dict[str, Any]] = []
     for mode, group in (("match", stored), ("include", included)):
         for st in group:
-            body = output_body(ctx, st)
+            body = output_body(ctx, st, conn)
             res: Any = (apply_subsetting(parse_json(body), parsed.summary, parsed.elements, s.summary_elements)
                         if subset and mode == "match" else fragment(body))
             entries.append({"fullUrl": f"{base}/{st.type}/{st.id}", "resource": res, "search": {"mode": mode}})
