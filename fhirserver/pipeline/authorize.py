@@ -96,6 +96,19 @@ class Authorizer:
             raise FhirError(403, "forbidden", f"{rtype} may not be read for purpose of use '{purpose}' "
                                               f"(allowed: {', '.join(sorted(purposes))})")
 
+    def compartments(self, principal: Principal, rtype: str, interaction: str) -> list[str] | None:
+        """The patients whose records the caller's scopes for `interaction` on `rtype` confine it
+        to; None when one of them is not confined to a compartment."""
+        spec = self.types.get(rtype)
+        explicit = bool(spec is not None and spec.read_access and spec.read_access.explicit_scope)
+        out: list[str] = []
+        for scope in principal.scopes.for_interaction(rtype, interaction, explicit_only=explicit):
+            patients = self._patients_for(principal, scope)
+            if patients is None:
+                return None
+            out.extend(p for p in patients if p not in out)
+        return out
+
     def predicates(self, principal: Principal, rtype: str, interaction: str,
                    res: FromClause | None = None) -> list[ColumnElement[bool]]:
         """Raise 403 if no scope allows the interaction; else the row predicates (over `res`,

@@ -99,9 +99,17 @@ class BundleHandler(Handler):
                     raise FhirError(400, "invalid", f"{e.where()}: the reference {dangling[0][:80]} names no entry "
                                                     "created in this transaction (no POST entry has it as fullUrl)",
                                     [f"Bundle.entry[{e.index}].resource"])
+        # the Patients this transaction writes (POST with an assigned id, PUT by id): entries of
+        # theirs count as present for the others' compartment check, whatever the entry order
+        creates = frozenset(
+            assigned[e.index] if e.method == "POST" else urlsplit(e.url).path.strip("/").split("/")[1]
+            for e in entries if kind == "transaction" and urlsplit(e.url).path.strip("/").split("/")[0] == "Patient"
+            and ((e.method == "POST" and e.index in assigned)
+                 or (e.method == "PUT" and len(urlsplit(e.url).path.strip("/").split("/")) == 2)))
         for e in entries:
             try:
                 e.ctx = self._entry_context(ctx, e, mapping, assigned.get(e.index))
+                e.ctx.bundle_patients = creates
                 e.handler = ctx.pipeline.prepare_entry(e.ctx)
             except FhirError as err:
                 if kind == "transaction":

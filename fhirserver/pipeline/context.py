@@ -33,8 +33,10 @@ class Access:
     update: Predicates = field(default_factory=_deny)
     delete: Predicates = field(default_factory=_deny)
     may_create: bool = False  # an update may create (update-as-create needs create permission)
-    consent_read: Predicates = field(default_factory=_deny)  # what a writer could read back
+    consent_read: Predicates = field(default_factory=_deny)  # a writer's consent view of the type's rows
     provenance: Predicates = field(default_factory=_deny)  # an X-Provenance the writer sends
+    patient_rows: Predicates = field(default_factory=_deny)  # the Patient rows a writer's consent lets it see
+    patient_ids: list[str] | None = field(default_factory=list)  # the scopes' compartments (None: not confined)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class RequestContext:
     pipeline: Any = None  # the Pipeline running this request (a Bundle runs its entries through it)
     assigned_id: str | None = None  # a create's id fixed in advance (transaction urn:uuid resolution)
     provenance: list[PreparedWrite] = field(default_factory=list)  # written with the resource (provenance.py)
+    bundle_patients: frozenset[str] = frozenset()  # Patients a transaction creates in its other entries
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

@@ -18,7 +18,7 @@ from ..storage.codec import parse_json
 from ..storage.errors import Deleted, StorageError
 from ..storage.repository import Stored
 from ..storage.visibility import id_of, visible
-from .access import record_touch, search_matches, version_visible
+from .access import check_compartments, record_touch, search_matches, version_visible, write_target
 from .capability import capability_statement, smart_configuration
 from .compartment_links import prepare_write
 from .context import RequestContext, Result
@@ -133,6 +133,7 @@ class Create(Handler):
                 ctx.record.outcome_desc = "conditional create matched an existing resource"
                 return write_result(ctx, existing, 200)
         check_before_write(ctx.services, conn, prepared.body)
+        check_compartments(ctx, conn, prepared)
         stored = ctx.services.repo.create(conn, prepared, fresh_id=True)
         if not visible(conn, stored.pk, ctx.access.create):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
@@ -207,13 +208,16 @@ class Update(Handler):
             now = search_matches(ctx, conn, prepared.type, ctx.interaction.params)
             if now != expected:
                 raise FhirError(412, "conflict", "The resources matching the condition changed; retry")
-        head = repo.current(conn, prepared.type, prepared.id)
-        if head is not None and not head.deleted and not visible(conn, head.pk, ctx.access.update):
-            raise FhirError(403, "forbidden", "The access token does not permit updating this resource")
+        try:
+            head = write_target(ctx, conn, prepared.type, prepared.id, ctx.access.update)
+        except FhirError as hidden:
+            if hidden.status == 404 and not ctx.access.may_create:
+                raise _no_create() from None  # what an absent id answers this caller
+            raise
         if (head is None or head.deleted) and not ctx.access.may_create:
-            # update-as-create needs create permission too
-            raise FhirError(403, "forbidden", "The access token does not permit creating resources of this type")
+            raise _no_create()  # update-as-create needs create permission too
         check_before_write(ctx.services, conn, prepared.body)
+        check_compartments(ctx, conn, prepared)
         stored, created = repo.update(conn, prepared, if_match)
         check = ctx.access.create if created else ctx.access.update
         if not visible(conn, stored.pk, check):
@@ -246,12 +250,14 @@ class Patch(Update):
             document = parse_body(ctx, also=(MERGE_PATCH,))
         wanted = parse_etag(ctx.header("if-match"), "If-Match")
         with read_connection(ctx.services.engine) as conn:
+            # the current version, as the caller may both read and update it (hidden = absent)
+            head = write_target(ctx, conn, rtype, rid, [*ctx.access.read, *ctx.access.update])
+            if head is None or (head.deleted and not visible(conn, head.pk, ctx.access.read)):
+                raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
             try:
                 current = ctx.services.repo.read(conn, rtype, rid)
-            except StorageError as err:  # 404 unknown, 410 deleted
+            except StorageError as err:  # 410 deleted
                 raise fhir_error(err) from None
-            if not visible(conn, current.pk, ctx.access.update):
-                raise FhirError(403, "forbidden", "The access token does not permit updating this resource")
         if wanted is not None and wanted != current.version:
             raise FhirError(412, "conflict", f"If-Match names version {wanted}; the current version is "
                                              f"{current.version}")
@@ -287,8 +293,11 @@ class Delete(Handler):
                 return Result(204)
             it.id = id_of(conn, matches[0])
         assert it.id
-        head = repo.current(conn, rtype, it.id)
-        if head is not None and not visible(conn, head.pk, ctx.access.delete):
+        try:
+            write_target(ctx, conn, rtype, it.id, ctx.access.delete)
+        except FhirError as hidden:
+            if hidden.status != 404:
+                raise  # a refused cross-border transfer: the read's 403
             # indistinguishable from deleting something that does not exist (which is a 204)
             ctx.record.outcome_desc = "target not visible to this client: nothing deleted"
             return Result(204)
@@ -300,3 +309,7 @@ class Delete(Handler):
 
 
 _START_DATE = instant_text(now_us())[:10]
+
+
+def _no_create() -> FhirError:
+    return FhirError(403, "forbidden", "The access token does not permit creating resources of this type")

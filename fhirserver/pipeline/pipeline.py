@@ -52,10 +52,12 @@ ACCESS_NEEDS: dict[str, list[tuple[str, str, bool]]] = {
     "create": [("create", "create", True)],
     "update": [("update", "update", True), ("create", "create", False)],
     "delete": [("delete", "delete", True)],
-    "patch": [("update", "update", True)],
+    # a patch reads the current version (its `test` ops, its result): it needs read as well as update
+    "patch": [("update", "update", True), ("read", "read", True)],
     "operation": [("search", "search-type", True)],
 }
 READING = {"read", "search"}
+WRITING = frozenset({"create", "update", "patch", "delete"})
 
 
 def _parse_prefer(value: str | None) -> dict[str, str]:
@@ -133,10 +135,15 @@ class Pipeline:
         if it.kind in ("create", "update", "patch") and provenance_wanted(ctx):
             # an X-Provenance is a Provenance the writer creates: it needs a scope for that (403)
             ctx.access.provenance = self.authorizer.predicates(principal, "Provenance", "create")
-        if it.kind in ("create", "update", "patch") and ctx.prefer.get("return") != "minimal":
-            # what the writer could read back: a write it cannot see answers as return=minimal.
-            # A client that asked for return=minimal gets no content anyway: no check needed.
+        if it.kind in WRITING:
+            # a write sees the resources it changes as a read would (consent, labels, cross-border):
+            # a row the caller may not read is refused as the read refuses it (pipeline/access.py)
             ctx.access.consent_read = consent.predicates(principal, it.resource_type, "read", rows)
+        if it.kind in ("create", "update", "patch"):
+            # ...and adds to no patient's record the caller may not see
+            ctx.access.patient_rows = consent.predicates(principal, "Patient", "read", source_of("Patient").res)
+            ctx.access.patient_ids = self.authorizer.compartments(
+                principal, it.resource_type, "update" if it.kind == "patch" else it.kind)
         ctx.access_fn = self.access_fn(principal)
 
     def access_fn(self, principal: Principal) -> AccessFn:
