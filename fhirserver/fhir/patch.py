@@ -19,6 +19,7 @@ from typing import Any
 
 import jsonpatch
 import jsonpointer
+import orjson
 
 from .errors import FhirError
 from .fhirpath import UnsupportedExpression, compile_expression
@@ -28,23 +29,71 @@ MERGE_PATCH = "application/merge-patch+json"
 _TYPES = ("add", "insert", "delete", "replace", "move")
 
 
+MAX_OPERATIONS = 1000  # operations in one patch document (JSON Patch or FHIRPath Patch)
+MAX_COPIED_BYTES = 256 << 10  # what JSON Patch `copy` ops may add in all (serialized JSON)
+
+
+def _too_costly(message: str) -> FhirError:
+    return FhirError(413, "too-costly", message)
+
+
 def apply_json_patch(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
+    """Apply `ops` to `resource` (changed in place: the caller passes a fresh copy), one operation
+    at a time so that the work stays bounded: at most MAX_OPERATIONS operations, and `copy`
+    operations add at most MAX_COPIED_BYTES in all -- a copy is the only operation that adds more
+    than the patch document itself holds, and 20 copies of a copy would otherwise double the
+    document 20 times. Each copy is measured (serialized) before it is made, and made as an `add`
+    of that serialized value read back (RFC 6902 4.5: the same result), never by a deep copy."""
     if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
         raise FhirError(400, "structure", "A JSON Patch document is an array of operation objects")
+    if len(ops) > MAX_OPERATIONS:
+        raise _too_costly(f"A patch may have at most {MAX_OPERATIONS} operations")
     try:
-        patch = jsonpatch.JsonPatch(ops)
+        jsonpatch.JsonPatch(ops)  # the whole document is well-formed before anything is applied
     except (jsonpatch.InvalidJsonPatch, TypeError) as exc:
         raise FhirError(400, "structure", f"Invalid JSON Patch: {str(exc)[:120]}") from None
+    copied = 0
+    result: Any = resource
     try:
-        result = patch.apply(resource)
+        for op in ops:
+            if op.get("op") == "copy":
+                blob = orjson.dumps(jsonpointer.resolve_pointer(result, op.get("from")))
+                copied += len(blob)
+                if copied > MAX_COPIED_BYTES:
+                    raise _too_costly(f"JSON Patch copy operations may add at most {MAX_COPIED_BYTES} bytes")
+                result = _add(result, op.get("path"), orjson.loads(blob))
+                continue
+            result = jsonpatch.JsonPatch([op]).apply(result, in_place=True)
     except jsonpatch.JsonPatchTestFailed:
         raise FhirError(422, "processing", "A JSON Patch 'test' operation failed; nothing was changed") from None
-    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, TypeError, KeyError, IndexError):
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, TypeError, KeyError, IndexError,
+            orjson.JSONEncodeError):
         raise FhirError(422, "processing", "A JSON Patch operation does not apply to this resource "
                                            "(path not found or wrong type); nothing was changed") from None
     if not isinstance(result, dict):
         raise FhirError(422, "processing", "The patched document is not a resource")
     return result
+
+
+def _add(doc: Any, path: Any, value: Any) -> Any:
+    """RFC 6902 `add` of a value the caller made fresh (jsonpatch's own add deep-copies it again:
+    the cost a copy bomb relies on)."""
+    pointer = jsonpointer.JsonPointer(path)
+    if not pointer.parts:
+        return value
+    parent, part = pointer.to_last(doc)
+    if isinstance(parent, list):
+        if part == "-":
+            parent.append(value)
+        elif isinstance(part, int) and part <= len(parent):
+            parent.insert(part, value)
+        else:
+            raise IndexError(path)
+    elif isinstance(parent, dict):
+        parent[part] = value
+    else:
+        raise TypeError(path)
+    return doc
 
 
 def apply_merge_patch(resource: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -204,6 +253,8 @@ def _prune(node: Any) -> Any:
 def apply_fhirpath_patch(resource: dict[str, Any], params: dict[str, Any], profiles_dir: Path) -> dict[str, Any]:
     if params.get("resourceType") != "Parameters" or not isinstance(params.get("parameter"), list):
         raise _bad("A FHIRPath Patch is a Parameters resource of 'operation' parameters", 400)
+    if len(params["parameter"]) > MAX_OPERATIONS:
+        raise _too_costly(f"A patch may have at most {MAX_OPERATIONS} operations")
     doc = copy.deepcopy(resource)
     rtype = doc["resourceType"]
     for op in params["parameter"]:

@@ -138,3 +138,48 @@ def test_patch_is_audited_as_an_update(http: Any, admin: BackendClient, auditor:
     event = next(e["resource"] for e in events if any(
         x.get("what", {}).get("identifier", {}).get("value") == request_id for x in e["resource"]["entity"]))
     assert event["action"] == "U" and event["subtype"][0]["code"] == "patch"
+
+
+# ------------------------------------------------------------------ bounded work (issue 29, item 4)
+def amplification(copies: int = 21) -> list[dict[str, Any]]:
+    """The red team's body: one note, then `copies` copies of the note array into itself (each
+    doubles the document: 2**21 notes from 1.2 kB)."""
+    return [{"op": "add", "path": "/note", "value": [{"text": "C"}]},
+            *[{"op": "copy", "from": "/note", "path": "/note/-"} for _ in range(copies)]]
+
+
+def test_copy_amplification_is_refused_before_the_work(http: Any, admin: BackendClient) -> None:
+    h = {**admin.headers(), "Content-Type": JSON_PATCH}
+    p = _patient(http, admin.headers())
+    r = http.patch(f"/fhir/Patient/{p['id']}", json=amplification(), headers=h)
+    assert r.status_code == 413, r.get_data(as_text=True)
+    assert r.get_json()["issue"][0]["code"] == "too-costly"
+    assert http.get(f"/fhir/Patient/{p['id']}", headers=admin.headers()).get_json()["meta"]["versionId"] == "1"
+    # as many operations as a patch may hold: refused before any is applied
+    many = [{"op": "test", "path": "/id", "value": p["id"]}] * 1001
+    r = http.patch(f"/fhir/Patient/{p['id']}", json=many, headers=h)
+    assert r.status_code == 413
+    fhirpath = _fhirpath(*[_op("replace", "Patient.gender", valueCode="male")] * 1001)
+    r = http.patch(f"/fhir/Patient/{p['id']}", json=fhirpath, headers={**admin.headers(),
+                                                                        "Content-Type": "application/fhir+json"})
+    assert r.status_code == 413
+
+
+def test_a_modest_copy_still_works(http: Any, admin: BackendClient) -> None:
+    """Copies are made as adds of the copied value: the result is RFC 6902's, the copy independent."""
+    h = {**admin.headers(), "Content-Type": JSON_PATCH}
+    p = _patient(http, admin.headers())
+    obs = {"resourceType": "Observation", "status": "final", "code": {"text": "note test"},
+           "subject": {"reference": f"Patient/{p['id']}"}}
+    oid = http.post("/fhir/Observation", json=obs, headers=admin.headers()).get_json()["id"]
+    ops = [{"op": "add", "path": "/note", "value": [{"text": "C"}]},
+           *[{"op": "copy", "from": "/note/0", "path": "/note/-"}] * 3,
+           {"op": "replace", "path": "/note/0/text", "value": "first"}]
+    r = http.patch(f"/fhir/Observation/{oid}", json=ops, headers=h)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert [n["text"] for n in r.get_json()["note"]] == ["first", "C", "C", "C"]
+    ops = [{"op": "copy", "from": "/name/0", "path": "/name/-"}, {"op": "replace", "path": "/name/1/family", "value": "Copy"}]
+    r = http.patch(f"/fhir/Patient/{p['id']}", json=ops, headers=h)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    body = http.get(f"/fhir/Patient/{p['id']}", headers=admin.headers()).get_json()
+    assert [n["family"] for n in body["name"]] == ["Patchy", "Copy"]
