@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from ..clock import now_us
 from ..db.engine import read_connection
-from ..db.schema import access_denial, client, consent_alert
+from ..db.schema import access_denial, app_user, client, consent_alert
 from ..fhir.dates import instant_text
 
 KINDS = ("break-glass", "consent-exempt", "denial-burst", "client-suspended", "cross-border", "snooping", "penalty")
@@ -55,31 +55,55 @@ def list_alerts(engine: Engine, kind: str | None = None, client_id: str | None =
                   json.loads(r.detail) if r.detail else {}) for r in rows]
 
 
-def note_denial(conn: Connection, client_id: str, request_id: str, threshold: int,
+def account_of(client_id: str, user: str | None) -> tuple[str, str]:
+    """Whom a request's denials count against: the signed-in person of a user-level token (an app
+    many people use is not to blame for one of them), else the client."""
+    return ("user", user) if user else ("client", client_id)
+
+
+def note_denial(conn: Connection, client_id: str, user: str | None, request_id: str, threshold: int,
                 suspend: bool) -> str | None:
-    """Count one denied request; returns "burst" or "suspended" when this one crossed the threshold."""
+    """Count one denied request against its account (`account_of`); returns "burst" or
+    "suspended" when this one crossed the threshold within a minute. A burst is an alert naming
+    the account; with `suspend`, the person's accounts (a user) or a backend client are disabled
+    and their tokens revoked -- an app that people sign in to is shared, so its suspension is left
+    to an operator (the alert says so)."""
+    kind, subject = account_of(client_id, user)
+    account = f"{kind}:{subject}"
     now = now_us()
     conn.execute(delete(access_denial).where(access_denial.c.at_us < now - WINDOW_US))
-    conn.execute(insert(access_denial).values(client_id=client_id, at_us=now))
+    conn.execute(insert(access_denial).values(client_id=client_id, account=account, at_us=now))
     if threshold <= 0:
         return None
     recent = conn.execute(select(func.count()).select_from(access_denial).where(
-        access_denial.c.client_id == client_id, access_denial.c.at_us >= now - WINDOW_US)).scalar_one()
+        access_denial.c.account == account, access_denial.c.at_us >= now - WINDOW_US)).scalar_one()
     if recent < threshold:
         return None
-    already = conn.execute(select(consent_alert.c.id).where(
+    earlier = select(consent_alert.c.detail).where(
         consent_alert.c.client_id == client_id, consent_alert.c.kind == "denial-burst",
-        consent_alert.c.created_us >= now - WINDOW_US).limit(1)).first()
-    if already is not None:
+        consent_alert.c.created_us >= now - WINDOW_US)
+    if any(json.loads(d or "{}").get("account") == subject for d in conn.execute(earlier).scalars()):
         return None
-    raise_alert(conn, "denial-burst", client_id, request_id,
-                {"denied_requests": recent, "window_seconds": WINDOW_US // 1_000_000, "threshold": threshold})
-    if not suspend:
+    detail: dict[str, Any] = {"denied_requests": recent, "window_seconds": WINDOW_US // 1_000_000,
+                              "threshold": threshold, "account": subject, "account_kind": kind}
+    shared = kind == "client" and conn.execute(select(client.c.kind).where(client.c.client_id == client_id)).scalar() == "app"
+    if suspend and shared:
+        detail["operator_needed"] = "suspend: the app is shared by its users (fhirserver client disable)"
+    raise_alert(conn, "denial-burst", client_id, request_id, detail)
+    if not suspend or shared:
         return "burst"
+    reason = f"{recent} denied requests within {WINDOW_US // 1_000_000} s (threshold {threshold})"
+    if kind == "user":
+        from ..auth.grants import revoke_user_families
+
+        for uid in conn.execute(select(app_user.c.id).where(app_user.c.fhir_user == subject)).scalars().all():
+            conn.execute(update(app_user).where(app_user.c.id == uid).values(disabled=True))
+            revoke_user_families(conn, uid)
+        raise_alert(conn, "client-suspended", client_id, request_id, {"reason": reason, "user": subject})
+        return "suspended"
     from ..auth.tokens import revoke_client_tokens
 
     conn.execute(update(client).where(client.c.client_id == client_id).values(disabled=True))
     revoke_client_tokens(conn, client_id)
-    raise_alert(conn, "client-suspended", client_id, request_id,
-                {"reason": f"{recent} denied requests within {WINDOW_US // 1_000_000} s (threshold {threshold})"})
+    raise_alert(conn, "client-suspended", client_id, request_id, {"reason": reason})
     return "suspended"

@@ -30,7 +30,7 @@ from ..fhir.errors import FhirError
 from ..search.sources import source_of
 from ..storage.codec import parse_json
 from ..storage.visibility import visible
-from .alerts import note_denial, raise_alert
+from .alerts import account_of, note_denial, raise_alert
 from .engine import ConsentEngine, Decision
 from .entities import consent_entity, policy_entity
 from .hooks import NoConsentFiltering, StageContext
@@ -40,6 +40,8 @@ from .rules import PRIVACY_SCOPE, materialize
 READING = {"read", "vread", "history-instance", "history-type", "search-type", "operation"}
 DETAIL_SYSTEM = "urn:fhirserver:consent"
 TRANSFER_REFUSED = "Cross-border transfer refused"
+# interactions whose 404 on an existing target means "hidden": a denial (writes see as reads do)
+HIDING_404 = frozenset({"read", "vread", "update", "patch", "history-instance"})
 
 
 def _entity_detail(entity: dict[str, Any], kind: str, value: str) -> dict[str, Any]:
@@ -198,13 +200,15 @@ class ConsentStage(NoConsentFiltering):
                          "overridden_consents": [e["what"]["reference"] for e in rec.extra_entities
                                                  if e.get("what", {}).get("reference", "").startswith("Consent/")]})
         if decision is not None and rec.status == 403 and rec.outcome_desc.startswith(TRANSFER_REFUSED):
+            kind, subject = account_of(rec.client_id or "", rec.user)
             raise_alert(conn, "cross-border", rec.client_id, rec.request_id,
                         {"jurisdiction": decision.jurisdiction, "interaction": rec.interaction,
-                         "target": rec.target or rec.resource_type, "patients": rec.patients[:50]})
+                         "target": rec.target or rec.resource_type, "patients": rec.patients[:50],
+                         "account": subject, "account_kind": kind})
         if not rec.client_id or rec.status not in (403, 404):
             return
         if rec.status == 404:
-            if decision is None or decision.mode != "filter" or rec.interaction not in ("read", "vread") \
+            if decision is None or decision.mode != "filter" or rec.interaction not in HIDING_404 \
                     or not rec.target:
                 return
             pks = _pks(conn, [rec.target])
@@ -216,13 +220,15 @@ class ConsentStage(NoConsentFiltering):
             if denied:
                 metrics.consent_denial(rec.resource_type)
             rec.outcome_desc = (rec.outcome_desc + " (hidden by consent)").strip()
-        outcome = note_denial(conn, rec.client_id, rec.request_id, self.burst_threshold, self.burst_suspend)
+        outcome = note_denial(conn, rec.client_id, rec.user, rec.request_id, self.burst_threshold, self.burst_suspend)
         if outcome == "suspended":
+            who = f"user {rec.user}" if rec.user else f"client {rec.client_id}"
             suspended = AuditRecord(interaction="update", request_id=rec.request_id, network_address="localhost",
                                     recorded_us=now_us(), status=200,
-                                    outcome_desc=f"client {rec.client_id} suspended after a burst of denied requests")
-            suspended.subtype_code = ("urn:fhirserver:admin", "client-suspend", "Client suspended")
-            suspended.target = f"Device/{rec.client_id}"
+                                    outcome_desc=f"{who} suspended after a burst of denied requests")
+            suspended.subtype_code = ("urn:fhirserver:admin", "client-suspend", "Client suspended") if not rec.user \
+                else ("urn:fhirserver:admin", "user-suspend", "User suspended")
+            suspended.target = rec.user or f"Device/{rec.client_id}"
             ctx.services.audit.append(conn, suspended)
 
 

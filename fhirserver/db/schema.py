@@ -450,6 +450,10 @@ app_user = Table(
     Column("totp_key_id", Integer, ForeignKey("data_key.id"), nullable=True),
     Column("totp_secret", LargeBinary, nullable=True),  # nonce || ciphertext; NULL = no second factor
     Column("totp_last_step", BigInteger, nullable=True),  # last accepted 30 s step (replay guard)
+    # an enrolment the server issued (POST /auth/account/totp), kept until confirmed or expired
+    Column("totp_pending_key_id", Integer, nullable=True),
+    Column("totp_pending_secret", LargeBinary, nullable=True),
+    Column("totp_pending_until_us", BigInteger, nullable=True),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("failed_logins", Integer, nullable=False, default=0),  # consecutive failures
     Column("locked_until_us", BigInteger, nullable=True),
@@ -586,7 +590,10 @@ access_denial = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("client_id", String(64), nullable=False),
     Column("at_us", BigInteger, nullable=False),
+    # whom the denial counts against: user:<fhirUser> for a user-level token, client:<id> otherwise
+    Column("account", String(255), nullable=True),
     Index("ix_access_denial_client", "client_id", "at_us"),
+    Index("ix_access_denial_account", "account", "at_us"),
 )
 
 

@@ -39,6 +39,7 @@ from ..db.schema import access_token, account_penalty, app_user, client, consent
 LEVELS = ("none", "warn", "limit", "suspend")
 WEIGHTS = {"low": 1, "medium": 2, "high": 4}
 KIND_WEIGHTS = {"denial-burst": 2, "cross-border": 2}
+APP_USERS = 3  # distinct users whose denials make an app's own points
 CACHE_SECONDS = 2.0
 
 
@@ -109,23 +110,39 @@ class Penalties:
 
     # ---------------------------------------------------------------- escalating
     def points(self, conn: Connection, kind: str, subject: str, since_us: int) -> int:
+        """The weights of the alerts about the account since `since_us`. Denial bursts and refused
+        transfers are the account's whose request it was (`consent.alerts.account_of`): a user's
+        count against the user, and against the app they used only once APP_USERS or more of its
+        users drew such alerts (then the app itself is what misbehaves)."""
         stmt = select(consent_alert.c.kind, consent_alert.c.client_id, consent_alert.c.detail).where(
             consent_alert.c.created_us >= since_us, consent_alert.c.kind.in_(["snooping", *KIND_WEIGHTS]))
         if kind == "client":
             stmt = stmt.where(consent_alert.c.client_id == subject)
         total = 0
+        users: dict[str, int] = {}
         for row in conn.execute(stmt).all():
             detail = json.loads(row.detail or "{}")
             if row.kind == "snooping":
                 account = detail.get("account")
                 if account == (f"Device/{subject}" if kind == "client" else subject):
                     total += WEIGHTS.get(detail.get("severity", "low"), 1)
+                continue
+            weight = KIND_WEIGHTS[row.kind]
+            by_user = detail.get("account_kind") == "user"
+            if kind == "user" and by_user and detail.get("account") == subject:
+                total += weight
+            elif kind == "client" and by_user:
+                users[str(detail.get("account"))] = users.get(str(detail.get("account")), 0) + weight
             elif kind == "client":
-                total += KIND_WEIGHTS[row.kind]
+                total += weight
+        if len(users) >= APP_USERS:
+            total += sum(users.values())
         return total
 
     def assess(self, conn: Connection, kind: str, subject: str) -> Change | None:
-        """Recompute the account's level from its alerts; apply a rise. None when unchanged."""
+        """Recompute the account's level from its alerts; apply a rise. None when unchanged. An
+        app people sign in to is shared: it rises to `limit` at most on its own, and an alert asks
+        an operator for the suspension the points call for (`fhirserver client disable`)."""
         row = conn.execute(select(account_penalty).where(account_penalty.c.subject_kind == kind,
                                                          account_penalty.c.subject_id == subject)).first()
         current = row.level if row is not None else "none"
@@ -135,6 +152,12 @@ class Penalties:
         for threshold, name in self.policy:
             if points >= threshold:
                 level = name
+        if level == "suspend" and kind == "client" and _shared_app(conn, subject):
+            if not _operator_asked(conn, subject, reset_us):
+                raise_alert(conn, "penalty", subject, None,
+                            {"account": subject, "kind": kind, "level": "limit", "points": points,
+                             "operator_needed": "suspend: the app is shared by its users (fhirserver client disable)"})
+            level = "limit"
         if LEVELS.index(level) <= LEVELS.index(current):
             return None
         self._set(conn, kind, subject, level, f"{points} alert points (policy {self.policy})", row is not None)
@@ -185,6 +208,18 @@ class Penalties:
 
         return [{"kind": r.subject_kind, "account": r.subject_id, "level": r.level, "since": instant_text(r.since_us),
                  "reason": r.reason} for r in rows]
+
+
+def _shared_app(conn: Connection, client_id: str) -> bool:
+    """A SMART app (kind `app`): people sign in to it, so it is shared by all of them."""
+    return conn.execute(select(client.c.kind).where(client.c.client_id == client_id)).scalar() == "app"
+
+
+def _operator_asked(conn: Connection, client_id: str, since_us: int) -> bool:
+    rows = conn.execute(select(consent_alert.c.detail).where(
+        consent_alert.c.kind == "penalty", consent_alert.c.client_id == client_id,
+        consent_alert.c.created_us >= since_us)).scalars()
+    return any("operator_needed" in json.loads(d or "{}") for d in rows)
 
 
 def suspend(conn: Connection, kind: str, subject: str) -> None:

@@ -22,6 +22,7 @@ from .. import logs, metrics
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
 from ..clock import now_us
+from ..consent.alerts import account_of
 from ..db.engine import read_connection
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..search.model import AccessFn
@@ -273,8 +274,10 @@ class Pipeline:
         try:
             with self.services.engine.begin() as conn:
                 self.services.consent.finish(ctx, conn)  # deny basis of a hidden read, denial bursts
-                if rec.client_id and status in (403, 404):  # its alerts may raise the client's penalty
-                    self.services.penalties.assess(conn, "client", rec.client_id)
+                if rec.client_id and status in (403, 404):  # its alerts may raise the account's penalty
+                    self.services.penalties.assess(conn, *account_of(rec.client_id, rec.user))
+                    if rec.user:  # ...and the app's, once many of its users misbehave
+                        self.services.penalties.assess(conn, "client", rec.client_id)
                 self.services.audit.append(conn, rec)
         except Exception:
             log.exception("request %s: could not write the AuditEvent for a failed request", rec.request_id)
