@@ -32,8 +32,11 @@ def add_routes(bp: Blueprint) -> None:
     def totp_start() -> Any:
         api = need()
         posted()
-        setup = api.account("POST", "/totp").body
-        return page("security.html", api, account=_account(api), setup=setup)
+        reply = api.account("POST", "/totp", {"current_code": request.form.get("current_code", "")})
+        if reply.status != 200:
+            return page("security.html", api, account=_account(api), setup=None,
+                         error=_(reply.body.get("error_description", "Two-step sign-in was not set up.")))
+        return page("security.html", api, account=_account(api), setup=reply.body)
 
     def account_change(path: str, body: dict[str, str], done: str, failed: str) -> Any:
         api = need()
@@ -46,8 +49,7 @@ def add_routes(bp: Blueprint) -> None:
 
     @bp.post("/security/totp/confirm")
     def totp_confirm() -> Any:
-        return account_change("/totp/confirm", {"secret": request.form.get("secret", ""),
-                                                "code": request.form.get("code", "")},
+        return account_change("/totp/confirm", {"code": request.form.get("code", "")},
                               "Two-step sign-in is on.", "Two-step sign-in was not turned on.")
 
     @bp.post("/security/password")

@@ -4,6 +4,7 @@ so the pages keep a CSP without `unsafe-inline`), questionnaire answers, and acc
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -185,31 +186,44 @@ def details_of(patient: dict[str, Any]) -> dict[str, str]:
 
 
 def with_details(patient: dict[str, Any], form: Any) -> dict[str, Any]:
-    """The Patient with the form's corrections (other fields and further names/addresses kept)."""
-    body = dict(patient)
-    body.pop("meta", None)
-    value = {k: str(form.get(k, "")).strip()[:200] for k in ("given", "family", "phone", "line", "city", "postal")}
-    names = list(body.get("name", []) or [{}])
-    first = {k: v for k, v in dict(names[0]).items() if k not in ("given", "family", "text")}
-    if value["given"]:
-        first["given"] = value["given"].split()
-    if value["family"]:
-        first["family"] = value["family"]
-    body["name"] = [first, *names[1:]] if first else names[1:]
-    telecom = [t for t in body.get("telecom", []) or [] if t.get("system") != "phone"]
-    if value["phone"]:
-        telecom.insert(0, {"system": "phone", "value": value["phone"]})
-    body["telecom"] = telecom
-    addresses = list(body.get("address", []) or [{}])
-    home = {k: v for k, v in dict(addresses[0]).items() if k not in ("line", "city", "postalCode", "text")}
-    if value["line"]:
-        home["line"] = [value["line"]]
-    if value["city"]:
-        home["city"] = value["city"]
-    if value["postal"]:
-        home["postalCode"] = value["postal"]
-    body["address"] = [home, *addresses[1:]] if home else addresses[1:]
-    for key in ("name", "telecom", "address"):
-        if not body[key]:
-            body.pop(key)
+    """The Patient with the form's corrections. A field left empty, or sent back as shown, leaves
+    its element as it is; a correction changes only what the form shows (the first name's given
+    and family names, the first phone number, the first address's line, city and postal code) and
+    drops nothing else -- other names, phones, addresses and their parts stay. A name's or an
+    address's `text`, when there is one, is composed again from the corrected parts."""
+    body = copy.deepcopy({k: v for k, v in patient.items() if k != "meta"})
+    shown = details_of(patient)
+    value = {k: str(form.get(k, "")).strip()[:200] for k in shown}
+    new = {k: v for k, v in value.items() if v and v != shown[k]}
+    if "given" in new or "family" in new:
+        names = list(body.get("name") or [{}])
+        first = dict(names[0])
+        if "given" in new:
+            first["given"] = new["given"].split()
+        if "family" in new:
+            first["family"] = new["family"]
+        if "text" in first:
+            first["text"] = " ".join([*first.get("given", []), str(first.get("family", ""))]).strip()
+        body["name"] = [first, *names[1:]]
+    if "phone" in new:
+        telecom = list(body.get("telecom") or [])
+        at = next((i for i, t in enumerate(telecom) if isinstance(t, dict) and t.get("system") == "phone"), None)
+        if at is None:
+            telecom.insert(0, {"system": "phone", "value": new["phone"]})
+        else:
+            telecom[at] = {**telecom[at], "value": new["phone"]}
+        body["telecom"] = telecom
+    if {"line", "city", "postal"} & new.keys():
+        addresses = list(body.get("address") or [{}])
+        home = dict(addresses[0])
+        if "line" in new:
+            home["line"] = [new["line"]]
+        if "city" in new:
+            home["city"] = new["city"]
+        if "postal" in new:
+            home["postalCode"] = new["postal"]
+        if "text" in home:
+            parts = [*home.get("line", []), *(str(home[k]) for k in ("city", "postalCode") if home.get(k))]
+            home["text"] = ", ".join(parts)
+        body["address"] = [home, *addresses[1:]]
     return body

@@ -4,6 +4,7 @@ erasure requests and downloads (docs/portal.md)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +18,8 @@ from .api import AMENDABLE, Api
 from .i18n import gettext as _
 from .pages import diagnostics, need, page, posted
 from .record import build_record, details_of, name_of, with_details
+
+ENTRY = re.compile(r"[A-Za-z]{1,64}/[A-Za-z0-9\-.]{1,64}")
 
 
 def add_routes(bp: Blueprint) -> None:
@@ -66,7 +69,10 @@ def add_routes(bp: Blueprint) -> None:
         api = need()
         posted()
         patient = api.get(f"Patient/{api.patient}").body
-        reply = api.put(f"Patient/{api.patient}", with_details(patient, request.form))
+        corrected = with_details(patient, request.form)
+        if corrected == {k: v for k, v in patient.items() if k != "meta"}:
+            return redirect(url_for("portal.corrections", done=_("Nothing was changed.")))
+        reply = api.put(f"Patient/{api.patient}", corrected)
         if reply.status != 200:
             return page("corrections.html", api, details=details_of(patient), entries=[],
                          error=_("Your details could not be saved (%(why)s).", why=diagnostics(reply.body)))
@@ -77,7 +83,8 @@ def add_routes(bp: Blueprint) -> None:
         api = need()
         posted()
         ref, note = request.form.get("entry", ""), request.form.get("note", "").strip()[:1000]
-        if ref.split("/", 1)[0] not in AMENDABLE or not note:
+        # an entry is `Type/id` of an amendable type -- no version, query or path beyond it
+        if not ENTRY.fullmatch(ref) or ref.split("/", 1)[0] not in AMENDABLE or not note:
             abort(400)
         body = api.get(ref).body  # 404 unless it is one of the user's records
         if body.get("resourceType") != ref.split("/", 1)[0]:
@@ -85,7 +92,7 @@ def add_routes(bp: Blueprint) -> None:
         body["note"] = [*body.get("note", []), {"text": f"Patient reports: {note}", "time": instant_text(now_us())}]
         reply = api.put(ref, body)
         if reply.status != 200:
-            abort(502)
+            abort(502 if reply.status >= 500 else 400)
         return redirect(url_for("portal.corrections", done=_("Your note was added; your care team will review it.")))
 
     @bp.get("/erasure")

@@ -158,15 +158,22 @@ def make_portal_blueprint() -> Blueprint:
         api = need()
         posted()
         current = {c.key: c for c in _choices(api)}
-        for key in request.form.getlist("key"):
-            if key.startswith("org-") and request.form.get(f"{key}-allowed") == "deny":
+        keys = request.form.getlist("key")
+        # only the choices the pages offer: the purposes and categories, and the organizations the
+        # record names -- anything else is refused before a Consent is written
+        offered = {f"org-{ref.split('/', 1)[1]}" for ref in _organizations(api)} if any(
+            k.startswith("org-") for k in keys) else set()
+        if any(k not in current and k not in offered for k in keys):
+            abort(400)
+        for key in keys:
+            if key in offered:
+                if request.form.get(f"{key}-allowed") != "deny":
+                    abort(400)
                 reply = api.post("Consent", org_block_body(api.patient, f"Organization/{key[4:]}"))
                 if reply.status != 201:
                     abort(502)
                 continue
-            choice = current.get(key)
-            if choice is None:
-                continue
+            choice = current[key]
             allowed = request.form.get(f"{key}-allowed") == "allow"
             until = request.form.get(f"{key}-until", "")
             body = consent_body(choice, api.patient, allowed, until if DATE.match(until) else "")

@@ -73,8 +73,17 @@ def make_account_blueprint() -> Blueprint:
 
     @bp.post("/totp")
     def totp_start() -> Any:
-        _info, username, _fu = caller()
-        setup = account.start_totp(username, current_app.extensions["fhirserver"].settings.totp_issuer)
+        """A new setup key; while two-step sign-in is on, `current_code` (from the authenticator
+        in use) is needed to replace it. Refusals are audited."""
+        info, username, fhir_user = caller()
+        svc = current_app.extensions["fhirserver"]
+        body = request.get_json(silent=True) or {}
+        try:
+            setup = account.start_totp(svc.engine, svc.keys, username, svc.settings.totp_issuer,
+                                       str(body.get("current_code", "")))
+        except UserError as exc:
+            audited("totp-start", 400, info, fhir_user, f"two-step sign-in setup refused: {exc}")
+            return jsonify(error="invalid_request", error_description=str(exc)), 400
         return jsonify(**setup, qr_svg=_qr_svg(setup["uri"]))
 
     def change(code: str, apply: Any, done: str, refused: str, answer: dict[str, Any]) -> Any:
@@ -92,7 +101,7 @@ def make_account_blueprint() -> Blueprint:
     @bp.post("/totp/confirm")
     def totp_confirm() -> Any:
         return change("totp-enrol", lambda svc, user, b: account.confirm_totp(
-            svc.engine, svc.keys, user, str(b.get("secret", "")), str(b.get("code", ""))),
+            svc.engine, svc.keys, user, str(b.get("code", ""))),
             "two-step sign-in enabled by the user", "two-step sign-in not enabled", {"totp": True})
 
     @bp.post("/password")

@@ -5,7 +5,6 @@ it matters (the current password to change it; a valid code before a TOTP secret
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -19,27 +18,60 @@ from ..db.schema import access_token, app_user, client, grant_family, refresh_to
 from ..fhir.dates import instant_text
 from .passwords import WeakPasswordError, check_strength, hash_password, verify_password
 from .registry import UserError, _require
-from .totp import check_code, new_secret, provisioning_uri, seal_secret
+from .totp import check_code, new_secret, open_secret, provisioning_uri, seal_secret
+
+ENROL_SECONDS = 600  # how long an issued setup key waits for its first code
 
 
-def start_totp(username: str, issuer: str) -> dict[str, str]:
-    """A new secret and its otpauth:// URI; nothing is stored until `confirm_totp`."""
-    secret = new_secret()
-    return {"secret": secret, "uri": provisioning_uri(secret, username, issuer)}
-
-
-def confirm_totp(engine: Engine, keys: DataKeyStore, username: str, secret: str, code: str) -> None:
-    """Keep the secret once the user proved their authenticator produces its codes."""
+def start_totp(engine: Engine, keys: DataKeyStore, username: str, issuer: str, current_code: str = "") -> dict[str, str]:
+    """Issue a new secret (sealed, held server-side for ENROL_SECONDS) and its otpauth:// URI.
+    Replacing a second factor that is on needs a code from it (consumed): a hijacked session must
+    not swap the authenticator for its own."""
     record = _require(engine, username)
-    if not re.fullmatch(r"[A-Z2-7]{16,64}", secret or ""):
-        raise UserError("the setup key is not valid; start again")
+    if record.totp:
+        _prove_current(engine, keys, record.id, record.username, current_code)
+    secret = new_secret()
+    key_id, sealed = seal_secret(keys, record.username, secret)
+    with transaction(engine) as conn:
+        conn.execute(update(app_user).where(app_user.c.id == record.id).values(
+            totp_pending_key_id=key_id, totp_pending_secret=sealed,
+            totp_pending_until_us=now_us() + ENROL_SECONDS * 1_000_000))
+    return {"secret": secret, "uri": provisioning_uri(secret, record.username, issuer)}
+
+
+def _prove_current(engine: Engine, keys: DataKeyStore, uid: int, username: str, code: str) -> None:
+    with read_connection(engine) as conn:
+        row = conn.execute(select(app_user.c.totp_key_id, app_user.c.totp_secret, app_user.c.totp_last_step)
+                           .where(app_user.c.id == uid)).one()
+        secret = open_secret(keys, row.totp_key_id, row.totp_secret, username, conn)
+    accepted = check_code(secret, code, time.time(), row.totp_last_step)
+    if accepted.step is None:
+        raise UserError("a code from the authenticator you use now is needed to replace it")
+    with transaction(engine) as conn:  # single use, like a sign-in code
+        conn.execute(update(app_user).where(app_user.c.id == uid).values(totp_last_step=accepted.step))
+
+
+def confirm_totp(engine: Engine, keys: DataKeyStore, username: str, code: str) -> None:
+    """Keep the secret `start_totp` issued -- never one the client names -- once the user proved
+    their authenticator produces its codes. The pending secret is used up: a second confirmation
+    (the same code again, or a race) finds none."""
+    record = _require(engine, username)
+    with read_connection(engine) as conn:
+        row = conn.execute(select(app_user.c.totp_pending_key_id, app_user.c.totp_pending_secret,
+                                  app_user.c.totp_pending_until_us).where(app_user.c.id == record.id)).one()
+        if row.totp_pending_secret is None or (row.totp_pending_until_us or 0) < now_us():
+            raise UserError("no two-step sign-in setup is waiting; start again")
+        secret = open_secret(keys, row.totp_pending_key_id, row.totp_pending_secret, record.username, conn)
     accepted = check_code(secret, code, time.time(), None)
     if accepted.step is None:
         raise UserError("the code does not match; check the clock of your phone and try again")
-    key_id, sealed = seal_secret(keys, record.username, secret)
     with transaction(engine) as conn:  # the code just shown cannot be used again to sign in
-        conn.execute(update(app_user).where(app_user.c.id == record.id)
-                     .values(totp_key_id=key_id, totp_secret=sealed, totp_last_step=accepted.step))
+        done = conn.execute(update(app_user).where(
+            app_user.c.id == record.id, app_user.c.totp_pending_secret == row.totp_pending_secret).values(
+            totp_key_id=row.totp_pending_key_id, totp_secret=row.totp_pending_secret, totp_last_step=accepted.step,
+            totp_pending_key_id=None, totp_pending_secret=None, totp_pending_until_us=None))
+        if done.rowcount != 1:
+            raise UserError("no two-step sign-in setup is waiting; start again")
 
 
 def change_password(engine: Engine, username: str, current: str, new: str) -> None:
