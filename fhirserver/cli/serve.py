@@ -49,6 +49,10 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, threads: int, 
         settings = replace(settings, demo_app=True, portal=True)  # the gunicorn workers serve /demo-app/, /portal/
         _print_demo(settings, DEMO_CLIENT_ID, key_path, loaded)
         _print_demo_smart(settings, passwords)
+    if settings.portal:  # registered once, here, before the workers start (each would race to insert it)
+        from ..portal import ensure_client
+
+        ensure_client(svc)
     svc.engine.dispose()
 
     from ..wsgi import run_gunicorn

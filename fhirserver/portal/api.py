@@ -191,6 +191,7 @@ def ensure_client(svc: Any) -> None:
     """Register the portal as a public SMART app of this server (once), with this deployment's
     callback URL (kept current if the public URL changed)."""
     from sqlalchemy import update
+    from sqlalchemy.exc import IntegrityError
 
     from ..auth.clients import get_client, register_app_client
     from ..db.schema import client
@@ -199,8 +200,12 @@ def ensure_client(svc: Any) -> None:
     existing = get_client(svc.engine, CLIENT_ID)
     settings = {"account_manager": True, "token_endpoint_auth_method": "none"}  # may call /auth/account
     if existing is None:
-        register_app_client(svc.engine, "Patient privacy portal", SCOPES, [callback], "none", client_id=CLIENT_ID,
-                            settings={"account_manager": True})
+        try:
+            register_app_client(svc.engine, "Patient privacy portal", SCOPES, [callback], "none", client_id=CLIENT_ID,
+                                settings={"account_manager": True})
+        except IntegrityError:  # another process (a gunicorn worker starting beside this one) was first
+            if get_client(svc.engine, CLIENT_ID) is None:
+                raise
     elif existing.redirect_uris != [callback] or existing.scopes != SCOPES or existing.settings != settings:
         with svc.engine.begin() as conn:
             conn.execute(update(client).where(client.c.client_id == CLIENT_ID).values(

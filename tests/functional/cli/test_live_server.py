@@ -351,3 +351,33 @@ def test_serve_with_config_without_base_url_advertises_its_own_port(tmp_path: Pa
         stop_server(proc)
     assert smart["token_endpoint"] == f"http://127.0.0.1:{port}/auth/token"
     assert cap["implementation"]["url"] == f"http://127.0.0.1:{port}/fhir"
+
+
+def test_a_first_demo_start_with_several_workers_comes_up(tmp_path: Path) -> None:
+    """Issue 29, item 10: every worker used to register the portal's client on a fresh data dir, and
+    a loser of that race took the server down (UNIQUE constraint failed). Three fresh demo servers
+    with four workers each, started at once: each comes up, and each of its workers serves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(n: int) -> tuple[str, set[int]]:
+        root = tmp_path / f"s{n}"
+        root.mkdir()
+        port = free_port()
+        log = root / "serve.log"
+        proc = start_server(["serve", "--demo", "--port", str(port), "--workers", "4", "--threads", "1"],
+                            server_env(root, root / "data"), root, log, port)
+        try:
+            # every worker boots and stays: gunicorn restarts none of them, so the log has exactly 4 boots
+            pids: set[int] = set()
+            for _ in range(40):
+                requests.get(f"http://127.0.0.1:{port}/portal/", timeout=30).raise_for_status()
+            pids = {int(p) for p in re.findall(r"Booting worker with pid: (\d+)", log.read_text())}
+            return log.read_text(), pids
+        finally:
+            stop_server(proc)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(one, range(3)))
+    for text, pids in results:
+        assert "IntegrityError" not in text and "Worker failed to boot" not in text, text[-2000:]
+        assert len(pids) == 4, text[-2000:]
