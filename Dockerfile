@@ -9,6 +9,11 @@ RUN pip install --no-cache-dir --upgrade pip build \
 
 # Runtime stage: no compilers, non-root user, data in a volume.
 FROM python:3.11-slim
+# Pango for the portal's PDF health summary (WeasyPrint) and Noto Sans CJK for its Chinese pages
+# (scripts/ensure_pango.sh installs the same on a test machine)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libpangoft2-1.0-0 fonts-noto-cjk \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin fhir \
  && mkdir -p /data /app \
  && chown fhir /data

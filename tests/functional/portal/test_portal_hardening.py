@@ -160,3 +160,21 @@ def test_sharing_keys_are_the_offered_choices(http: Any, patient: str, admin: Ba
     assert resp.status_code == 400
     consents = http.get(f"/fhir/Consent?patient={patient}", headers=admin.headers()).get_json()
     assert consents["total"] == 0  # not even the valid choice sent with it
+
+
+# ------------------------------------------------------------------ the PDF in Chinese (operations)
+def test_the_chinese_health_summary_pdf_carries_its_headings(http: Any, patient: str) -> None:
+    """With Pango and a CJK font (scripts/ensure_pango.sh, the Dockerfile), a zh-CN summary prints
+    its Chinese headings: read back from the PDF's text, not empty boxes."""
+    from io import BytesIO
+
+    from pypdf import PdfReader
+
+    sign_in(http)
+    assert http.get("/portal/summary?lang=zh-CN").status_code == 200  # the choice is kept for the session
+    pdf = http.get("/portal/summary.pdf")
+    assert pdf.status_code == 200, pdf.get_data(as_text=True)[:500]
+    text = "".join(p.extract_text() for p in PdfReader(BytesIO(pdf.get_data())).pages)
+    for heading in ("健康摘要", "患者", "姓名", "出生日期", "趋势"):
+        assert heading in text, (heading, text[:400])
+    assert "Pia Portal" in text
