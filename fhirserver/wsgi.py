@@ -10,6 +10,7 @@ import shutil
 from typing import Any
 
 from .config import Settings, load_settings
+from .logs import gunicorn_logger
 
 
 def app() -> Any:
@@ -35,6 +36,7 @@ def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads
             self.cfg.set("threads", threads)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", "-")
+            self.cfg.set("logger_class", gunicorn_logger())  # tracebacks without their messages
             # the URL path only: query strings carry search values (names, birth dates, identifiers)
             self.cfg.set("access_log_format", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss')
             self.cfg.set("timeout", 120)

@@ -37,3 +37,5 @@ def test_no_name_identifier_or_birth_date_reaches_the_log(tmp_path: Path) -> Non
     assert {entry["request_id"] for entry in access} >= set(ids)
     assert all({"method", "interaction", "status", "duration_ms", "client_id"} <= set(entry) for entry in access)
     assert any(entry["status"] == 400 and entry["interaction"] == "create" for entry in access)
+    # gunicorn's own error log is JSON through the same formatter (its tracebacks lose their messages)
+    assert any(entry.get("logger") == "gunicorn.error" and "Booting worker" in entry["message"] for entry in lines)
