@@ -16,7 +16,8 @@ from ..db.engine import read_connection
 from ..db.schema import access_denial, app_user, client, consent_alert
 from ..fhir.dates import instant_text
 
-KINDS = ("break-glass", "consent-exempt", "denial-burst", "client-suspended", "cross-border", "snooping", "penalty")
+KINDS = ("break-glass", "consent-exempt", "denial-burst", "client-suspended", "cross-border", "snooping", "penalty",
+         "auth-failure-burst")
 WINDOW_US = 60_000_000
 
 
@@ -107,3 +108,44 @@ def note_denial(conn: Connection, client_id: str, user: str | None, request_id: 
     revoke_client_tokens(conn, client_id)
     raise_alert(conn, "client-suspended", client_id, request_id, {"reason": reason})
     return "suspended"
+
+
+def note_auth_failure(conn: Connection, endpoint: str, claimed: str | None, known: bool, address: str,
+                      request_id: str, threshold: int) -> bool:
+    """Count one refused client authentication at an OAuth endpoint (token, introspection,
+    revocation) under the client id it claimed and under the caller's address; True when this one
+    made either cross `threshold` within a minute, which raises one `auth-failure-burst` alert
+    per counter and minute. The claimed client may be the victim of someone forging its id, so the
+    alert names it without counting against it (no penalty points)."""
+    now = now_us()
+    counters = [f"auth-address:{address[:200]}"]
+    if claimed:
+        counters.append(f"auth-client:{claimed[:200]}")
+    client_id = claimed[:64] if claimed and known else ""
+    conn.execute(delete(access_denial).where(access_denial.c.at_us < now - WINDOW_US))
+    for account in counters:
+        conn.execute(insert(access_denial).values(client_id=client_id, account=account, at_us=now))
+    if threshold <= 0:
+        return False
+    raised = False
+    for account in counters:
+        recent = conn.execute(select(func.count()).select_from(access_denial).where(
+            access_denial.c.account == account, access_denial.c.at_us >= now - WINDOW_US)).scalar_one()
+        if recent < threshold:
+            continue
+        earlier = conn.execute(select(consent_alert.c.detail).where(
+            consent_alert.c.kind == "auth-failure-burst", consent_alert.c.created_us >= now - WINDOW_US)).scalars()
+        key = account.split(":", 1)
+        if any(_counter_of(json.loads(d or "{}")) == (key[0], key[1]) for d in earlier):
+            continue  # one alert per counter and minute
+        raise_alert(conn, "auth-failure-burst", client_id or None, request_id,
+                    {"endpoint": endpoint, "counted_by": account.split(":", 1)[0], "claimed_client": claimed,
+                     "claimed_client_registered": known, "address": address, "failures": recent,
+                     "window_seconds": WINDOW_US // 1_000_000})
+        raised = True
+    return raised
+
+
+def _counter_of(detail: dict[str, Any]) -> tuple[str, str]:
+    kind = str(detail.get("counted_by", ""))
+    return kind, str(detail.get("claimed_client") if kind == "auth-client" else detail.get("address"))[:200]

@@ -8,11 +8,14 @@ from typing import Any
 
 from flask import request
 from joserfc import jws
+from sqlalchemy import select
 
 from ..audit.events import AuditRecord
 from ..auth.tokens import token_hash
 from ..clock import now_us
+from ..consent.alerts import note_auth_failure
 from ..db.engine import read_connection
+from ..db.schema import client
 from ..services import Services
 from ..storage.codec import parse_json
 
@@ -26,9 +29,7 @@ def audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> Aud
     rec.subtype_code = ("http://dicom.nema.org/resources/ontology/DCM", "110122", "Login")
     token = body.get("access_token")
     if token:
-        from sqlalchemy import select
-
-        from ..db.schema import access_token, client
+        from ..db.schema import access_token
 
         with read_connection(svc.engine) as conn:
             row = conn.execute(select(client.c.client_id, client.c.name).join(
@@ -53,6 +54,12 @@ def audit_token_request(svc: Services, status: int, body: dict[str, Any]) -> Aud
         rec.outcome_desc = f"token refused: {body.get('error', 'error')}" + (
             f" (claimed client {str(claimed)[:64]})" if claimed else "")
     with svc.engine.begin() as conn:
+        if not token and body.get("error") == "invalid_client":  # failed client authentication: bursts alert
+            claim = str(claimed)[:64] if claimed else None
+            known = claim is not None and conn.execute(
+                select(client.c.client_id).where(client.c.client_id == claim)).first() is not None
+            note_auth_failure(conn, "token", claim, known, rec.network_address, rec.request_id,
+                              svc.settings.denial_burst_threshold)
         svc.audit.append(conn, rec)
     return rec
 

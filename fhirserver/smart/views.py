@@ -324,12 +324,18 @@ def _endpoint_view(name: str) -> Any:
             info, _reason = lookup_token(svc.engine, auth.token)  # a resource server's own token
             claimed = info.client_id if info else None
         record = get_client(svc.engine, claimed) if isinstance(claimed, str) and len(claimed) <= 64 else None
+        refused: tuple[str | None, bool] | None = None
         if resp.status_code == 200:
             desc = (f"token introspected: active={body.get('active')}" if name == "introspection"
                     else "token revoked (or already unknown)")
         else:
             desc = f"{name} refused: {body.get('error', 'error')}"
-        audit_oauth(svc, name, resp.status_code, record, None, desc)
+            if body.get("error") in ("invalid_client", "unauthorized_client"):
+                # failed client authentication: the claimed id is not who asked (it may be forged)
+                claim = str(claimed)[:64] if claimed else None
+                desc += f" (claimed client {claim}, not authenticated)" if claim else ""
+                refused, record = (claim, record is not None), None
+        audit_oauth(svc, name, resp.status_code, record, None, desc, refused)
         resp.headers["Cache-Control"] = "no-store"
         return resp
 
