@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
+from .access import Access, AccessGate
 from .audit.checkpoints import Signer
 from .audit.legacy import migrate_chain
 from .audit.records import CHAIN_SCOPE, AuditLog
@@ -25,8 +26,8 @@ from .oversight.penalties import Penalties
 from .search.compiler import QueryCompiler
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
-from .search.sources import is_access_records, use_stores
-from .storage.repository import Repository, Stored
+from .search.sources import use_stores
+from .storage.repository import Repository
 
 
 @dataclass
@@ -48,11 +49,9 @@ class Services:
     penalties: Penalties
     summary_elements: dict[str, Any] = field(default_factory=dict)
 
-    def load(self, conn: Connection, rtype: str, pks: list[int]) -> list[Stored]:
-        """Current versions of rows `pks` of `rtype`'s store, in order ("*": resource rows)."""
-        if is_access_records(rtype):
-            return self.audit.load(conn, pks)
-        return self.repo.load_current(conn, pks)
+    def gate(self, access: Access) -> AccessGate:
+        """The access gate bound to `access`: how a request (or an export job) reads rows."""
+        return AccessGate(access, self.repo, self.audit, self.compiler, self.params, self.types.names())
 
 
 def build_services(settings: Settings, engine: Engine | None = None) -> Services:

@@ -64,29 +64,6 @@ def inclusion_path(index: int, size: int, perfect: PerfectHash) -> list[str]:
     return path
 
 
-def root_from_path(index: int, size: int, leaf: str, path: list[str]) -> str:
-    """The root an inclusion path leads to (RFC 9162 2.1.3.2), or raises ValueError."""
-    if not 0 <= index < size:
-        raise ValueError("leaf index outside the tree")
-    fn, sn, r = index, size - 1, leaf
-    for p in path:
-        if sn == 0:
-            raise ValueError("inclusion path too long")
-        if fn & 1 or fn == sn:
-            r = node_hash(p, r)
-            if not fn & 1:
-                while fn and not fn & 1:
-                    fn >>= 1
-                    sn >>= 1
-        else:
-            r = node_hash(r, p)
-        fn >>= 1
-        sn >>= 1
-    if sn != 0:
-        raise ValueError("inclusion path too short")
-    return r
-
-
 class CompactRange:
     """The perfect subtrees covering leaves [0, size): append leaves, ask for the root."""
 

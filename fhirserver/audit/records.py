@@ -30,6 +30,7 @@ from sqlalchemy import Connection, select
 from .. import metrics
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.keyring import KeyError_
+from ..db import guard
 from ..db import raw as raw_sql
 from ..db.schema import access_record, access_subject
 from ..fhir.dates import instant_text
@@ -172,6 +173,7 @@ class AuditLog:
 
     def load(self, conn: Connection, pks: list[int]) -> list[Stored]:
         """Rendered AuditEvents of the given record pks, in the given order."""
+        guard.check("AuditLog.load")
         if not pks:
             return []
         rows = conn.execute(select(access_record.c.pk, access_record.c.id, access_record.c.recorded_us,
@@ -182,11 +184,13 @@ class AuditLog:
 
     def read_content(self, conn: Connection, record_id: str) -> bytes | None:
         """The decrypted record (the JSON its content hash covers)."""
+        guard.check("AuditLog.read_content")
         row = conn.execute(select(access_record.c.id, access_record.c.key_id, access_record.c.detail)
                            .where(access_record.c.id == record_id)).first()
         return None if row is None else self.decrypt(row.id, row.key_id, row.detail, conn)
 
     def read(self, conn: Connection, record_id: str) -> Stored | None:
+        guard.check("AuditLog.read")
         row = conn.execute(select(access_record.c.pk, access_record.c.id, access_record.c.recorded_us,
                                   access_record.c.key_id, access_record.c.detail)
                            .where(access_record.c.id == record_id)).first()

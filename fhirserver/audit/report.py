@@ -49,9 +49,6 @@ class Touch:
                 "denied": self.denied, "first": instant_text(self.first_us), "last": instant_text(self.last_us)}
 
 
-PatientTouched = Touch
-
-
 def touched_patients(conn: Connection, agent: str, since_us: int, until_us: int) -> list[Touch]:
     """The patients `agent` (`Type/id`) accessed in [since_us, until_us), most accessed first."""
     agent_type, _sep, agent_id = agent.partition("/")

@@ -12,51 +12,18 @@ import logging
 import threading
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select
-
+from ..access import Access
 from ..audit.events import AuditRecord
 from ..audit.redact import redact_body
 from ..clock import now_us
 from ..db.engine import read_connection
 from ..pipeline.principal import principal_from
-from ..search.parser import parse_search
-from ..search.sources import source_of
 from ..services import Services
 from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
-from ..storage.visibility import patients_of
 
 log = logging.getLogger("fhirserver.bulk")
 BATCH = 500
-
-
-def _conditions(svc: Services, job: jobs.Job, rtype: str, access: Any) -> list[ColumnElement[bool]] | None:
-    source = source_of(rtype)
-    res = source.res
-    preds = access(rtype, res)
-    if preds is None:
-        return None
-    spec = job.spec
-    conds: list[ColumnElement[bool]] = [res.c.type == rtype, res.c.deleted.is_(False), *preds]
-    if spec.get("since_us") is not None:
-        conds.append(res.c.last_updated_us >= spec["since_us"])
-    if spec["level"] in ("patient", "instance"):
-        comp = source.compartment.alias()
-        if spec["level"] == "instance":
-            pid = spec["patient"]
-            member = or_(and_(res.c.type == "Patient", res.c.id == pid),
-                         res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid)))
-        else:
-            member = or_(res.c.type == "Patient", res.c.pk.in_(select(comp.c.resource_pk)))
-        conds.append(member)
-    filters = spec.get("type_filters", {}).get(rtype)
-    if filters:
-        alternatives = []
-        for params in filters:
-            parsed = parse_search(svc.params, rtype, [tuple(p) for p in params], 1, 1, strict=True)
-            alternatives.append(and_(*svc.compiler.where(parsed, res, access)))
-        conds.append(or_(*alternatives))
-    return conds
 
 
 def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None) -> str:
@@ -65,7 +32,9 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
 
     principal = principal_from(job.principal)
     principal.consent = svc.consent.export_decision(principal, bool(job.spec.get("deidentify")))
-    access = Pipeline(svc).access_fn(principal)
+    # the job's caller bound to a gate, as a search of theirs would be (per type: scopes, consent)
+    transfer, refusal = svc.consent.transfer_rule(principal)
+    gate = svc.gate(Access(others=Pipeline(svc).access_fn(principal), transfer=transfer, transfer_refusal=refusal))
     settings = svc.settings
     per_file = settings.export_file_max_resources
     keep = settings.export_expiry_seconds
@@ -75,20 +44,14 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
     patients: set[str] = set()
     try:
         for n, rtype in enumerate(job.spec["types"], 1):
-            conds = _conditions(svc, job, rtype, access)
-            if conds is None:
-                continue
             lines: list[bytes] = []
             file_no, last_pk = 0, 0
             while True:
                 if stop is not None and stop.is_set():
                     return "interrupted"  # requeued by the next server (stale heartbeat)
                 with read_connection(svc.engine) as conn:
-                    res = source_of(rtype).res
-                    pks = conn.execute(select(res.c.pk).where(*conds, res.c.pk > last_pk)
-                                       .order_by(res.c.pk).limit(BATCH)).scalars().all()
-                    stored = svc.load(conn, rtype, list(pks))
-                    patients.update(patients_of(conn, stored))
+                    stored = gate.export_batch(conn, rtype, job.spec, last_pk, BATCH)
+                patients.update(p for st in stored for p in st.patients)
                 for item in stored:
                     body = item.body or b"{}"
                     if rtype == "AuditEvent" and not principal.sees_audit_values:
@@ -105,9 +68,9 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
                         lines = []
                 if rtype == "Patient":
                     patients.update(i.id for i in stored)
-                if not pks:
+                if not stored:
                     break
-                last_pk = pks[-1]
+                last_pk = stored[-1].pk
                 if not jobs.heartbeat(svc.engine, job.id, f"exporting {rtype} ({n} of {len(job.spec['types'])} types)"):
                     return "cancelled"
             if lines:

@@ -341,9 +341,6 @@ class ConsentEngine:
         deciding = _Deferred(self._deciding_sql, [rule, row], _request_params(d))
         return [r[0] for r in conn.execute(stmt.where(row.c.pk.in_(pks), rule.c.effect == effect, deciding)).all()]
 
-    def count_rules(self, conn: Connection) -> int:
-        return conn.execute(select(func.count()).select_from(consent_rule)).scalar_one()
-
     @staticmethod
     def rules_exist(conn: Connection) -> bool:
         return conn.execute(_ANY_RULE).first() is not None

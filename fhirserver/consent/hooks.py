@@ -10,8 +10,9 @@ real one (docs/consent.md):
 - `predicates(principal, type, interaction, table)`: SQL predicates over `table` (the resource
   table or an alias) ANDed into every read and search, so hidden rows never count toward totals,
   pages, includes, chains or `_has`;
-- `explain_hidden(ctx, conn, pk, type)`: a read found a row its predicates hide; may raise a more
-  specific refusal than the caller's 404 (403 for a refused cross-border transfer);
+- `transfer_rule(principal)`: the cross-border rule's predicate (a function of the table) and the
+  403 text of a row it hides, when the rule applies to this caller; the access gate evaluates it
+  with the row (access/gate.py);
 - `export_decision(principal, deidentified)`: the decision an export job applies when it runs;
 - `check_write(ctx)`: after a write was prepared (e.g. 422 for a minor's Consent without a guardian);
 - `annotate(ctx, conn)`: after a reading handler ran, before its audit record is built;
@@ -23,6 +24,7 @@ package (dependencies run one way), so the stage names only what it reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Connection, FromClause
@@ -48,7 +50,7 @@ class ConsentHook(Protocol):
     def predicates(self, principal: Any, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]: ...
 
-    def explain_hidden(self, ctx: StageContext, conn: Connection, pk: int, rtype: str) -> None: ...
+    def transfer_rule(self, principal: Any) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]: ...
 
     def export_decision(self, principal: Any, deidentified: bool) -> Any: ...
 
@@ -69,8 +71,8 @@ class NoConsentFiltering:
                    res: FromClause) -> list[ColumnElement[bool]]:
         return []
 
-    def explain_hidden(self, ctx: StageContext, conn: Connection, pk: int, rtype: str) -> None:
-        return None
+    def transfer_rule(self, principal: Any) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]:
+        return None, ""
 
     def export_decision(self, principal: Any, deidentified: bool) -> Any:
         return None

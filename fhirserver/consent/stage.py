@@ -15,21 +15,21 @@ same transaction as the Consent's own write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import ColumnElement, Connection, FromClause, and_, or_, select
 
 from .. import metrics
 from ..audit.events import AuditRecord
 from ..clock import now_us
+from ..db import guard
 from ..db.engine import read_connection
 from ..db.schema import app_user, resource, user_patient_link
 from ..fhir.errors import FhirError
-from ..search.sources import source_of
 from ..storage.codec import parse_json
-from ..storage.visibility import visible
 from .alerts import account_of, note_denial, raise_alert
 from .engine import ConsentEngine, Decision
 from .entities import consent_entity, policy_entity
@@ -103,18 +103,17 @@ class ConsentStage(NoConsentFiltering):
                                 f"consent permits it"))
         return decision
 
-    def explain_hidden(self, ctx: StageContext, conn: Connection, pk: int, rtype: str) -> None:
-        """A read found row `pk` hidden: 403 when the cross-border rule is what hides it (the
-        client is told why, and the privacy office gets an alert), else the caller's 404."""
-        decision: Decision | None = getattr(ctx.principal, "consent", None)
+    def transfer_rule(self, principal: Any) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]:
+        """The cross-border rule for this caller: its predicate over a table and the read's 403
+        text for a row it hides (the client is told why; the privacy office gets an alert), or
+        (None, "") where it does not apply (a domestic client, break-the-glass)."""
+        decision: Decision | None = getattr(principal, "consent", None)
         if decision is None or not decision.transfer or decision.mode == "break-glass":
-            return
-        res = source_of(rtype).res
-        if visible(conn, pk, [self.engine.transfer_permitted(res, decision)], rtype):
-            return
-        raise FhirError(403, "forbidden", f"{TRANSFER_REFUSED}: this client is registered in "
-                                          f"{decision.jurisdiction}, the data is held in {self.engine.home}, and "
-                                          "the patient's consent does not permit this transfer")
+            return None, ""
+        engine = self.engine
+        return (lambda res: engine.transfer_permitted(res, decision),
+                f"{TRANSFER_REFUSED}: this client is registered in {decision.jurisdiction}, the data is held in "
+                f"{engine.home}, and the patient's consent does not permit this transfer")
 
     def export_decision(self, principal: Any, deidentified: bool) -> Decision | None:
         """The decision an export job applies: its caller's defaults, without the cross-border
@@ -145,7 +144,7 @@ class ConsentStage(NoConsentFiltering):
         if decision.mode == "exempt":
             return  # the consent-management back office records (paper) consents on people's behalf
         services = ctx.services
-        with read_connection(services.engine) as conn:
+        with read_connection(services.engine) as conn, guard.system_path("consent-minors"):  # the age rule
             head = services.repo.current(conn, "Patient", pid)
             if head is None or head.deleted:
                 return

@@ -36,8 +36,8 @@ from ..search.executor import run_search
 from ..search.parser import parse_search
 from ..services import Services
 from ..storage.codec import parse_json
+from ..storage.compartments import patients_of
 from ..storage.repository import key_scope_for
-from ..storage.visibility import patients_of
 from .deidentify import Deidentifier
 from .erase import already_erased, erase_patient, pseudonym_for
 

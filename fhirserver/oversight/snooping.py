@@ -48,7 +48,6 @@ from ..fhir.dates import instant_text
 
 DAY_US = 24 * HOUR_US
 STAFF = ("Practitioner", "PractitionerRole")
-RULES = ("volume", "off-hours", "vip", "family", "break-glass", "app-bulk")
 SAMPLE = 20  # patients named in an alert's evidence
 
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, select
-
 from ..db.engine import read_connection
-from ..db.schema import compartment, resource
 from ..search.values import parse_reference
 from ..storage.repository import PreparedWrite
 from .context import RequestContext
@@ -43,12 +40,9 @@ def linked_patients(ctx: RequestContext, rtype: str, body: dict[str, Any]) -> li
             targets.append((target_type, target_id))
     if targets:
         with read_connection(ctx.services.engine) as conn:
-            for target_type, target_id in targets[:20]:
-                rows = conn.execute(select(compartment.c.patient_id).join(
-                    resource, resource.c.pk == compartment.c.resource_pk).where(and_(
-                        resource.c.type == target_type, resource.c.id == target_id,
-                        resource.c.deleted.is_(False)))).scalars()
-                found.extend(rows)
+            held = ctx.gate.compartments_of(conn, [f"{t}/{i}" for t, i in targets[:20]], live_only=True)
+        for target_type, target_id in targets[:20]:
+            found.extend(sorted(held.get(f"{target_type}/{target_id}", ())))
     return list(dict.fromkeys(found))
 
 

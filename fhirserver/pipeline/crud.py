@@ -13,12 +13,10 @@ from ..db.engine import read_connection
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
 from ..fhir.patch import JSON_PATCH, MERGE_PATCH, apply_fhirpath_patch, apply_json_patch, apply_merge_patch
-from ..search.sources import is_access_records
 from ..storage.codec import parse_json
-from ..storage.errors import Deleted, StorageError
+from ..storage.errors import NotFound, StorageError
 from ..storage.repository import Stored
-from ..storage.visibility import id_of, visible
-from .access import check_compartments, record_touch, search_matches, version_visible, write_target
+from .access import record_touch, search_matches
 from .capability import capability_statement, smart_configuration
 from .compartment_links import prepare_write
 from .context import RequestContext, Result
@@ -66,32 +64,10 @@ class Read(Handler):
             if not text.isascii() or not text.isdigit() or int(text) > MAX_VERSION:
                 raise FhirError(404, "not-found", "Unknown version")
             version = int(text)
-        if is_access_records(it.resource_type):
-            return self._read_record(ctx, conn, version)
-        try:
-            stored = ctx.services.repo.read(conn, it.resource_type, it.id, version)
-        except Deleted:
-            head = ctx.services.repo.current(conn, it.resource_type, it.id)
-            if head is not None and not visible(conn, head.pk, ctx.access.read):
-                raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known") from None
-            raise
-        if not visible(conn, stored.pk, ctx.access.read):
-            ctx.services.consent.explain_hidden(ctx, conn, stored.pk, it.resource_type)
-            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
-        if version is not None and ctx.access.read and not version_visible(ctx, conn, stored):
-            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id}/_history/{version} is not known")
-        return self._answer(ctx, conn, stored)
+        return self._answer(ctx, ctx.gate.read(conn, it.resource_type, it.id, version))
 
-    def _read_record(self, ctx: RequestContext, conn: Connection, version: int | None) -> Result:
-        """An access record, rendered as its AuditEvent (one version: records never change)."""
-        it = ctx.interaction
-        stored = ctx.services.audit.read(conn, it.id or "")
-        if stored is None or version not in (None, 1) or not visible(conn, stored.pk, ctx.access.read, it.resource_type):
-            raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} is not known")
-        return self._answer(ctx, conn, stored)
-
-    def _answer(self, ctx: RequestContext, conn: Connection, stored: Stored) -> Result:
-        record_touch(ctx, conn, stored)
+    def _answer(self, ctx: RequestContext, stored: Stored) -> Result:
+        record_touch(ctx, stored)
         headers = resource_headers(stored, ctx.services.settings.fhir_base)
         if_none_match = (ctx.header("if-none-match") or "").strip()
         if if_none_match and (if_none_match == "*" or stored.version in
@@ -128,19 +104,20 @@ class Create(Handler):
             if len(matches) > 1:
                 raise FhirError(412, "duplicate", "If-None-Exist matched more than one resource")
             if matches:
-                existing = ctx.services.repo.load_current(conn, matches)[0]
-                record_touch(ctx, conn, existing)
+                existing = ctx.gate.load(conn, prepared.type, [matches[0][0]])[0]
+                record_touch(ctx, existing)
                 ctx.record.outcome_desc = "conditional create matched an existing resource"
                 return write_result(ctx, existing, 200)
         check_before_write(ctx.services, conn, prepared.body)
-        check_compartments(ctx, conn, prepared)
+        gate = ctx.gate
+        gate.check_compartments(conn, prepared, ctx.bundle_patients)
         stored = ctx.services.repo.create(conn, prepared, fresh_id=True)
-        if not visible(conn, stored.pk, ctx.access.create):
+        if not gate.holds(conn, stored.pk, ctx.access.create):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
                                               "(outside the permitted compartment or scope restriction)")
-        record_touch(ctx, conn, stored, prepared.index.patients)
+        record_touch(ctx, stored, prepared.index.patients)
         write_provenance(ctx, conn, stored, None)
-        if not visible(conn, stored.pk, ctx.access.consent_read):
+        if not gate.holds(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201)
 
@@ -176,10 +153,7 @@ class Update(Handler):
                 matches = search_matches(ctx, conn, rtype, it.params)
             if len(matches) > 1:
                 raise FhirError(412, "multiple-matches", "The conditional update matched more than one resource")
-            target = None
-            if matches:
-                with read_connection(ctx.services.engine) as conn:
-                    target = id_of(conn, matches[0])
+            target = matches[0][1] if matches else None
             if target and body.get("id") not in (None, target):
                 raise FhirError(400, "invalid", "Resource id does not match the resource found by the condition",
                                 ["id"])
@@ -208,24 +182,25 @@ class Update(Handler):
             now = search_matches(ctx, conn, prepared.type, ctx.interaction.params)
             if now != expected:
                 raise FhirError(412, "conflict", "The resources matching the condition changed; retry")
+        gate = ctx.gate
         try:
-            head = write_target(ctx, conn, prepared.type, prepared.id, ctx.access.update)
-        except FhirError as hidden:
-            if hidden.status == 404 and not ctx.access.may_create:
+            head = gate.write_target(conn, prepared.type, prepared.id, ctx.access.update)
+        except NotFound:
+            if not ctx.access.may_create:
                 raise _no_create() from None  # what an absent id answers this caller
             raise
         if (head is None or head.deleted) and not ctx.access.may_create:
             raise _no_create()  # update-as-create needs create permission too
         check_before_write(ctx.services, conn, prepared.body)
-        check_compartments(ctx, conn, prepared)
+        gate.check_compartments(conn, prepared, ctx.bundle_patients)
         stored, created = repo.update(conn, prepared, if_match)
         check = ctx.access.create if created else ctx.access.update
-        if not visible(conn, stored.pk, check):
+        if not gate.holds(conn, stored.pk, check):
             raise FhirError(403, "forbidden", "The access token does not permit this resource content "
                                               "(outside the permitted compartment or scope restriction)")
-        record_touch(ctx, conn, stored, prepared.index.patients)
+        record_touch(ctx, stored, prepared.index.patients)
         write_provenance(ctx, conn, stored, None if head is None or head.deleted else head.version)
-        if not visible(conn, stored.pk, ctx.access.consent_read):
+        if not gate.holds(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
         return write_result(ctx, stored, 201 if created else 200)
 
@@ -251,12 +226,10 @@ class Patch(Update):
         wanted = parse_etag(ctx.header("if-match"), "If-Match")
         with read_connection(ctx.services.engine) as conn:
             # the current version, as the caller may both read and update it (hidden = absent)
-            head = write_target(ctx, conn, rtype, rid, [*ctx.access.read, *ctx.access.update])
-            if head is None or (head.deleted and not visible(conn, head.pk, ctx.access.read)):
-                raise FhirError(404, "not-found", f"{rtype}/{rid} is not known")
             try:
-                current = ctx.services.repo.read(conn, rtype, rid)
-            except StorageError as err:  # 410 deleted
+                current = ctx.gate.read(conn, rtype, rid, preds=[*ctx.access.read, *ctx.access.update,
+                                                                 *ctx.access.consent_read])
+            except StorageError as err:  # 404 unknown or hidden, 410 deleted, 403 a refused transfer
                 raise fhir_error(err) from None
         if wanted is not None and wanted != current.version:
             raise FhirError(412, "conflict", f"If-Match names version {wanted}; the current version is "
@@ -291,20 +264,18 @@ class Delete(Handler):
                 raise FhirError(412, "multiple-matches", "The conditional delete matched more than one resource")
             if not matches:
                 return Result(204)
-            it.id = id_of(conn, matches[0])
+            it.id = matches[0][1]
         assert it.id
         try:
-            write_target(ctx, conn, rtype, it.id, ctx.access.delete)
-        except FhirError as hidden:
-            if hidden.status != 404:
-                raise  # a refused cross-border transfer: the read's 403
+            ctx.gate.write_target(conn, rtype, it.id, ctx.access.delete)
+        except NotFound:
             # indistinguishable from deleting something that does not exist (which is a 204)
             ctx.record.outcome_desc = "target not visible to this client: nothing deleted"
             return Result(204)
         stored = repo.delete(conn, rtype, it.id, parse_etag(ctx.header("if-match"), "If-Match"))
         if stored is None:
             return Result(204)
-        record_touch(ctx, conn, stored)
+        record_touch(ctx, stored, list(ctx.gate.compartments_by_pk(conn, [stored.pk]).get(stored.pk, ())))
         return Result(204, None, {"ETag": stored.etag})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
+from ..db import guard
 from ..exchange.erase import already_erased, erase_patient, pseudonym_for
 from ..fhir.errors import FhirError
 from .context import RequestContext, Result
@@ -30,13 +31,14 @@ class Erase(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         pid = ctx.interaction.id or ""
         svc = ctx.services
-        head = svc.repo.current(conn, "Patient", pid, lock=True)
-        if head is None:
-            raise FhirError(404, "not-found", f"Patient/{pid} is not known")
-        if already_erased(conn, head.deleted, pid):
-            raise FhirError(410, "deleted", "This patient has already been erased")
-        pseudonym: str = ctx.plan
-        report = erase_patient(svc, conn, pid, pseudonym)
+        with guard.system_path("$erase"):  # erasure acts on every row of the patient, whoever can see it
+            head = svc.repo.current(conn, "Patient", pid, lock=True)
+            if head is None:
+                raise FhirError(404, "not-found", f"Patient/{pid} is not known")
+            if already_erased(conn, head.deleted, pid):
+                raise FhirError(410, "deleted", "This patient has already been erased")
+            pseudonym: str = ctx.plan
+            report = erase_patient(svc, conn, pid, pseudonym)
         record = ctx.record
         record.target = f"Patient/{pseudonym}"
         record.patients = [pseudonym]

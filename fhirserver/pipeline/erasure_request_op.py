@@ -15,7 +15,6 @@ from sqlalchemy import Connection
 
 from ..exchange.erasure_requests import KEY_SCOPE, RequestError, file_request, requests_of
 from ..fhir.errors import FhirError
-from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .request_body import parse_body
@@ -48,7 +47,7 @@ class ErasureRequestOp(Handler):
         it = ctx.interaction
         s = ctx.services
         pid = it.id or ""
-        patient_or_404(ctx, conn, pid, ctx.access.search)
+        ctx.gate.patient(conn, pid)
         ctx.record.patients = [pid]
         ctx.record.target = f"Patient/{pid}"
         if it.method == "GET":

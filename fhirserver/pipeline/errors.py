@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from ..fhir.errors import FhirError
-from ..storage.errors import AlreadyExists, Deleted, NotFound, StorageError, VersionConflict
+from ..storage.errors import AlreadyExists, Deleted, NotFound, StorageError, TransferRefused, VersionConflict
 
 STATUS: dict[type[StorageError], tuple[int, str]] = {
     NotFound: (404, "not-found"),
     Deleted: (410, "deleted"),
     AlreadyExists: (409, "duplicate"),
     VersionConflict: (412, "conflict"),
+    TransferRefused: (403, "forbidden"),
 }
 
 

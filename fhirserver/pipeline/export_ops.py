@@ -19,13 +19,12 @@ from urllib.parse import parse_qsl, urlencode
 from sqlalchemy import Connection
 
 from ..clock import now_us
-from ..db.schema import resource
 from ..fhir.dates import instant_text, parse_range
 from ..fhir.errors import FhirError
 from ..search.parser import parse_search
+from ..search.sources import source_of
 from ..services import Services
 from ..storage import export_jobs as jobs
-from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .principal import principal_snapshot
@@ -74,7 +73,8 @@ class ExportKickoff(Handler):
         candidates = requested or [t for t in all_types if t not in PATIENT_TYPES_EXCLUDED]
         if level != "system":
             candidates = [t for t in candidates if t not in PATIENT_TYPES_EXCLUDED]
-        permitted = [t for t in candidates if ctx.access_fn(t, resource) is not None]
+        permitted = [t for t in candidates if ctx.access.others is not None
+                     and ctx.access.others(t, source_of(t).res) is not None]
         if requested and len(permitted) < len(set(requested)):
             denied = sorted(set(requested) - set(permitted))
             raise FhirError(403, "forbidden", f"The access token does not permit exporting {', '.join(denied)}")
@@ -105,7 +105,7 @@ class ExportKickoff(Handler):
         svc = ctx.services
         spec = ctx.plan
         if spec["level"] == "instance":
-            patient_or_404(ctx, conn, it.id or "", ctx.access.search)
+            ctx.gate.patient(conn, it.id or "")
             ctx.record.patients = [it.id or ""]
         principal = ctx.principal
         assert principal is not None

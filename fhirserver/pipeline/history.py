@@ -13,8 +13,6 @@ from ..fhir.dates import instant_text, parse_range
 from ..fhir.errors import FhirError
 from ..search.cursor import decode_cursor, encode_cursor
 from ..storage.codec import dump_json, fragment
-from ..storage.visibility import patients_of, visible
-from .access import version_visible
 from .context import RequestContext, Result
 from .handler import Handler
 from .render import output_body
@@ -50,19 +48,8 @@ class History(Handler):
         it = ctx.interaction
         rtype = it.resource_type or ""
         count, since, cursor = _history_params(ctx)
-        repo = ctx.services.repo
-        if it.kind == "history-instance":
-            head = repo.current(conn, rtype, it.id or "")
-            if head is None or not visible(conn, head.pk, ctx.access.read):
-                raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
-            rows = repo.history(conn, rtype, head.pk, since, count + 1, cursor)
-        else:
-            rows = repo.history(conn, rtype, None, since, count + 1, cursor, access=ctx.access.read)
-        page = raw_page = rows[:count]
-        if ctx.access.read:
-            # Restricted access (compartment, granular scope, consent): earlier versions may not
-            # have matched; check each against the same predicates.
-            page = [(v, st) for v, st in page if version_visible(ctx, conn, st)]
+        page, after = ctx.gate.history(conn, rtype, it.id if it.kind == "history-instance" else None, since, count,
+                                       cursor)
         base = ctx.services.settings.fhir_base
         entries = []
         for _vpk, st in page:
@@ -75,12 +62,12 @@ class History(Handler):
                                  "etag": st.etag, "lastModified": instant_text(st.last_updated_us)}
             entries.append(entry)
             ctx.record.resources.append(f"{st.type}/{st.id}/_history/{st.version}")
-        ctx.record.patients = patients_of(conn, [st for _v, st in page])
+        ctx.record.patients = sorted({p for _v, st in page for p in st.patients})
         path = f"{base}/{rtype}/{it.id}/_history" if it.kind == "history-instance" else f"{base}/{rtype}/_history"
         keep = [(k, v) for k, v in it.params if k != "_cursor"]
         links = [{"relation": "self", "url": path + ("?" + urlencode(it.params) if it.params else "")}]
-        if len(rows) > count:
-            links.append({"relation": "next", "url": path + "?" + urlencode(keep + [("_cursor", encode_cursor(True, [], raw_page[-1][0]))])})
+        if after is not None:
+            links.append({"relation": "next", "url": path + "?" + urlencode(keep + [("_cursor", encode_cursor(True, [], after))])})
         bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "meta": {"lastUpdated": instant_text(now_us())},
                   "type": "history", "link": links, "entry": entries}
         return Result(200, dump_json(bundle))

@@ -19,10 +19,12 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, FromClause
 
 from .. import logs, metrics
+from ..access import Access
 from ..audit.events import AuditRecord
 from ..auth.tokens import lookup_token
 from ..clock import now_us
 from ..consent.alerts import account_of
+from ..db import guard
 from ..db.engine import read_connection
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..search.model import AccessFn
@@ -114,8 +116,8 @@ class Pipeline:
         decision = consent.begin(ctx)  # purpose of use, break-the-glass, exemption (403 before any data)
         if decision is not None:  # this request's caller: the token's principal plus the decision
             principal = ctx.principal = replace(principal, consent=decision, purpose=[decision.purpose])
-        if it.resource_type is None:  # a system-level operation ($export): access per type via access_fn
-            ctx.access_fn = self.access_fn(principal)
+        if it.resource_type is None:  # a system-level operation ($export): access per type via `others`
+            self._bind(ctx, principal)
             return
         rows = source_of(it.resource_type).res  # the type's own rows (search/sources.py)
         needs = list(ACCESS_NEEDS.get(it.kind, []))
@@ -145,7 +147,13 @@ class Pipeline:
             ctx.access.patient_rows = consent.predicates(principal, "Patient", "read", source_of("Patient").res)
             ctx.access.patient_ids = self.authorizer.compartments(
                 principal, it.resource_type, "update" if it.kind == "patch" else it.kind)
-        ctx.access_fn = self.access_fn(principal)
+        self._bind(ctx, principal)
+
+    def _bind(self, ctx: RequestContext, principal: Principal) -> None:
+        """Complete the request's Access (other types, the cross-border rule) and bind its gate."""
+        ctx.access.others = self.access_fn(principal)
+        ctx.access.transfer, ctx.access.transfer_refusal = self.services.consent.transfer_rule(principal)
+        ctx.bound = self.services.gate(ctx.access)
 
     def access_fn(self, principal: Principal) -> AccessFn:
         """Row predicates for reading other types (chains, _has, includes): None = not permitted."""
@@ -181,7 +189,15 @@ class Pipeline:
         request_id = client_rid if REQUEST_ID_RE.match(client_rid) else str(uuid.uuid4())
         record = AuditRecord(interaction="unknown", request_id=request_id, network_address=remote_addr,
                              recorded_us=now_us())
-        ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body, pipeline=self)
+        ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body, pipeline=self,
+                             bound=self.services.gate(Access()))
+        with guard.request_scope():  # from here on, stored rows are read through ctx.gate only
+            return self._serve(ctx, request_id, record, lower, method, path, query, form, body_too_large,
+                               url_too_long)
+
+    def _serve(self, ctx: RequestContext, request_id: str, record: AuditRecord, lower: dict[str, str], method: str,
+               path: str, query: str, form: list[tuple[str, str]] | None, body_too_large: bool,
+               url_too_long: bool) -> tuple[Result, str, AuditRecord]:
         try:
             if url_too_long:
                 raise FhirError(414, "too-costly", f"The request URL exceeds the limit of "

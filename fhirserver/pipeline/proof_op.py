@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import Connection
 
 from ..audit.proof import covering_checkpoint, prove, sequenced
+from ..db import guard
 from ..db.engine import read_connection
 from ..fhir.errors import FhirError
-from ..storage.visibility import visible
 from .access import record_touch
 from .context import RequestContext, Result
 from .handler import Handler
@@ -33,17 +33,15 @@ class Proof(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
         svc = ctx.services
-        stored = svc.audit.read(conn, it.id or "")
-        if stored is None or not visible(conn, stored.pk, ctx.access.search, "AuditEvent"):
-            raise FhirError(404, "not-found", f"AuditEvent/{it.id} is not known")
-        record_touch(ctx, conn, stored)
+        stored = ctx.gate.record(conn, it.id or "", ctx.access.search)
+        record_touch(ctx, stored)
         seq = sequenced(conn, stored.id)
         if seq is None or covering_checkpoint(conn, seq) is None:
             done = svc.sequencer.run_once(force_checkpoint=True)
             if done is None:
                 raise FhirError(503, "transient", "The audit log is being sequenced by another instance; retry",
                                 headers={"Retry-After": "1"})
-        with read_connection(svc.engine) as fresh:
+        with read_connection(svc.engine) as fresh, guard.system_path("$proof"):  # the record the gate let through
             proof = prove(fresh, stored.id)
             raw = svc.audit.read_content(fresh, stored.id) if ctx.principal and ctx.principal.sees_audit_values else None
         if proof is None:

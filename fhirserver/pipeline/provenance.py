@@ -23,7 +23,6 @@ from ..clock import now_us
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
 from ..storage.repository import Stored
-from ..storage.visibility import visible
 from .context import RequestContext
 
 HEADER = "x-provenance"
@@ -84,6 +83,6 @@ def write_provenance(ctx: RequestContext, conn: Connection, stored: Stored, prev
             if not prepared.body["entity"]:
                 del prepared.body["entity"]
         written = ctx.services.repo.create(conn, prepared, fresh_id=True)
-        if not amendment and not visible(conn, written.pk, ctx.access.provenance):
+        if not amendment and not ctx.gate.holds(conn, written.pk, ctx.access.provenance):
             raise FhirError(403, "forbidden", "The access token does not permit creating this Provenance")
         ctx.record.resources.append(f"Provenance/{written.id}/_history/{written.version}")

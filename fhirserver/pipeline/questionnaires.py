@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from ..db import guard
 from ..fhir.errors import FhirError, Issue
 from ..fhir.questionnaire import check_response
 from ..search.executor import run_search
@@ -31,8 +32,9 @@ def stored_questionnaire(services: Any, conn: Connection, canonical: str) -> dic
     except FhirError:
         return None  # not a usable url: nothing stored can match
     parsed.total = "none"
-    page = run_search(conn, parsed, services.compiler, [])
-    bodies = [parse_json(s.body) for s in services.repo.load_current(conn, page.pks) if s.body]
+    with guard.system_path("questionnaire-check"):  # a form's structure, read to check answers (never returned)
+        page = run_search(conn, parsed, services.compiler, [])
+        bodies = [parse_json(s.body) for s in services.repo.load_current(conn, page.pks) if s.body]
     if not bodies:
         return None
     # several versions under one url: an active one first, then the latest written

@@ -18,7 +18,6 @@ from ..fhir.subsetting import apply_subsetting
 from ..search.model import ParsedSearch, SearchPage
 from ..storage.codec import dump_json, fragment, parse_json
 from ..storage.repository import Stored
-from ..storage.visibility import compartments_of, patients_of
 from .context import RequestContext, Result
 
 
@@ -54,12 +53,13 @@ def output_body(ctx: RequestContext, stored: Stored, conn: Connection | None = N
     else:  # a patient is told why someone broke the glass on their record; other values stay redacted
         body = redact_body(stored.body, OWN_READER_DETAILS if own else frozenset())
     if own and decision is not None:
+        gate = ctx.gate
         if conn is not None:  # the request's own connection (a searchset renders many events)
-            event = project(parse_json(body), decision.own_patients, lambda refs: compartments_of(conn, refs))
+            event = project(parse_json(body), decision.own_patients, lambda refs: gate.compartments_of(conn, refs))
         else:
             with read_connection(ctx.services.engine) as own_conn:
                 event = project(parse_json(body), decision.own_patients,
-                                lambda refs: compartments_of(own_conn, refs))
+                                lambda refs: gate.compartments_of(own_conn, refs))
         body = dump_json(event)
     return body
 
@@ -94,14 +94,14 @@ def write_result(ctx: RequestContext, stored: Stored, status: int) -> Result:
 
 
 def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSearch, page: SearchPage,
-              included: list[Stored] | None = None, matches: list[Stored] | None = None) -> Result:
-    """A searchset Bundle for one page, with self/first/next/previous links; audits what it returns."""
+              stored: list[Stored], included: list[Stored] | None = None) -> Result:
+    """A searchset Bundle for one page (its rows, as the access gate returned them), with
+    self/first/next/previous links; audits what it returns."""
     s = ctx.services
-    stored = matches if matches is not None else s.load(conn, parsed.resource_type, page.pks)
     included = included or []
     everything = stored + included
     ctx.record.query = ctx.interaction.query_string
-    ctx.record.patients = patients_of(conn, everything)
+    ctx.record.patients = sorted({p for st in everything for p in st.patients})
     ctx.record.resources = [f"{st.type}/{st.id}/_history/{st.version}" for st in everything]
     base = s.settings.fhir_base
     subset = parsed.summary not in (None, "false") or bool(parsed.elements)

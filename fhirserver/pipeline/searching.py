@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, and_, false, or_
+from sqlalchemy import Connection
 
-from ..db.schema import resource
 from ..fhir.dates import parse_range
 from ..fhir.errors import FhirError
-from ..search.executor import run_search
-from ..search.lastn import lastn_pks
 from ..search.model import SearchPage
 from ..search.parser import parse_search
-from ..storage.includes import resolve_includes
-from ..storage.visibility import in_compartment
-from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .render import searchset
@@ -32,10 +26,9 @@ class Search(Handler):
         parsed = parse_search(s.params, rtype, it.params, s.settings.default_page_size, s.settings.max_page_size, strict)
         if rtype == "AuditEvent":
             check_own_audit_query(ctx, parsed)
-        page = run_search(conn, parsed, s.compiler, ctx.access.search, ctx.access_fn)
-        matches = s.load(conn, rtype, page.pks)
-        included = resolve_includes(conn, s.load, s.types.names(), ctx.access_fn, parsed.includes, matches)
-        return searchset(ctx, conn, rtype, parsed, page, included, matches)
+        page, matches = ctx.gate.search(conn, parsed)
+        included = ctx.gate.includes(conn, parsed.includes, matches)
+        return searchset(ctx, conn, rtype, parsed, page, matches, included)
 
 
 OWN_AUDIT_PARAMS = frozenset({"date", "action", "outcome", "type", "subtype", "agent", "patient", "_lastUpdated"})
@@ -76,7 +69,7 @@ class Everything(Handler):
         it = ctx.interaction
         s = ctx.services
         pid = it.id or ""
-        patient_or_404(ctx, conn, pid, ctx.access.search)
+        ctx.gate.patient(conn, pid)
         known = ("_count", "_cursor", "_since", "_type", "_summary", "_elements", "_format", "_pretty")
         unknown = sorted({k for k, _v in it.params if k not in known})
         if unknown and ctx.prefer.get("handling") == "strict":
@@ -84,7 +77,7 @@ class Everything(Handler):
         params = [(k, v) for k, v in it.params if k in known[:6]]
         types = s.types.names()
         wanted = types
-        extra: list[Any] = []
+        since_us = None
         passthrough = []
         for k, v in params:
             if k == "_type":
@@ -94,23 +87,15 @@ class Everything(Handler):
                     raise FhirError(400, "not-supported", f"_type: unsupported type(s) {', '.join(unknown)}", ["_type"])
             elif k == "_since":
                 try:
-                    extra.append(resource.c.last_updated_us >= parse_range(v)[0])
+                    since_us = parse_range(v)[0]
                 except ValueError:
                     raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
             else:
                 passthrough.append((k, v))
-        allowed = []
-        for t in wanted:
-            if t == "AuditEvent":
-                continue  # the audit trail about a patient is not part of their record
-            preds = ctx.access_fn(t, resource)
-            if preds is not None:
-                allowed.append(and_(resource.c.type == t, *preds))
-        extra.extend([in_compartment(pid), or_(*allowed) if allowed else false()])
         parsed = parse_search(s.params, "*", passthrough, s.settings.default_page_size, s.settings.max_page_size, False)
         parsed.echo += [(k, v) for k, v in params if k in ("_type", "_since")]
-        page = run_search(conn, parsed, s.compiler, [], ctx.access_fn, extra)
-        return searchset(ctx, conn, f"Patient/{pid}/$everything", parsed, page)
+        page, rows = ctx.gate.everything(conn, pid, parsed, wanted, since_us)
+        return searchset(ctx, conn, f"Patient/{pid}/$everything", parsed, page, rows)
 
 
 class LastN(Handler):
@@ -132,7 +117,7 @@ class LastN(Handler):
         max_n = min(max_n, s.settings.max_page_size)  # more per code could never fit in one page
         strict = ctx.prefer.get("handling") == "strict"
         parsed = parse_search(s.params, "Observation", params, s.settings.max_page_size, s.settings.max_page_size, strict)
-        pks = lastn_pks(conn, parsed, s.compiler, ctx.access_fn, max_n, s.settings.max_page_size)
+        rows = ctx.gate.lastn(conn, parsed, max_n, s.settings.max_page_size)
         parsed.echo.append(("max", str(max_n)))
-        page = SearchPage(pks, len(pks), None, None)
-        return searchset(ctx, conn, "Observation/$lastn", parsed, page)
+        page = SearchPage([st.pk for st in rows], len(rows), None, None)
+        return searchset(ctx, conn, "Observation/$lastn", parsed, page, rows)

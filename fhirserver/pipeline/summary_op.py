@@ -13,15 +13,12 @@ import html
 import uuid
 from typing import Any
 
-from sqlalchemy import Connection, and_, select
+from sqlalchemy import Connection
 
 from ..clock import now_us
-from ..db.schema import idx_token, resource
 from ..fhir.concepts import concept_text
 from ..fhir.dates import instant_text
 from ..storage.codec import dump_json, parse_json
-from ..storage.visibility import in_compartment
-from .access import patient_or_404
 from .context import RequestContext, Result
 from .handler import Handler
 from .render import output_body
@@ -56,9 +53,8 @@ class Summary(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         s = ctx.services
         pid = ctx.interaction.id or ""
-        patient_or_404(ctx, conn, pid, ctx.access.search)
+        patient = ctx.gate.patient(conn, pid)
         base = s.settings.fhir_base
-        patient = s.repo.read(conn, "Patient", pid)
         sections, included = [], {}
         for title, code, types, category, required in SECTIONS:
             found = self._section(ctx, conn, pid, types, category)
@@ -100,18 +96,8 @@ class Summary(Handler):
         out: list[dict[str, Any]] = []
         for rtype in types:
             if rtype not in ctx.services.types.names():
-                continue
-            preds = ctx.access_fn(rtype, resource)
-            if preds is None:
-                continue  # no scope for this type: the section stays empty
-            stmt = (select(resource.c.pk).where(resource.c.type == rtype, resource.c.deleted.is_(False),
-                                                in_compartment(pid), *preds)
-                    .order_by(resource.c.last_updated_us.desc()).limit(PER_SECTION))
-            if category is not None:
-                tok = idx_token.alias()
-                stmt = stmt.where(select(tok.c.resource_pk).where(and_(
-                    tok.c.resource_pk == resource.c.pk, tok.c.param == "category", tok.c.code == category,
-                    tok.c.system == CATEGORY)).exists())
-            pks = list(conn.execute(stmt).scalars())
-            out += [parse_json(output_body(ctx, st)) for st in ctx.services.repo.load_current(conn, pks)]
+                continue  # no scope for a type: the gate finds nothing, the section stays empty
+            rows = ctx.gate.newest(conn, pid, rtype, (CATEGORY, category) if category is not None else None,
+                                   PER_SECTION)
+            out += [parse_json(output_body(ctx, st)) for st in rows]
         return out

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..storage.errors import Deleted, NotFound
 from .context import RequestContext, Result
 from .handler import Handler
 from .questionnaires import questionnaire_issues
@@ -85,9 +86,10 @@ class Validate(Handler):
                 issues.append(Issue("invalid", "mode=update needs [type]/[id]/$validate and the same id in the "
                                                "resource", expression=[f"{rtype}.id"]))
         if mode == "delete":
-            head = ctx.services.repo.current(conn, rtype, it.id) if it.id else None
-            if head is None or head.deleted:
-                raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known")
+            try:  # what the caller may see: a hidden resource is as unknown as an absent one
+                ctx.gate.read(conn, rtype, it.id or "", preds=ctx.access.search)
+            except (NotFound, Deleted):
+                raise FhirError(404, "not-found", f"{rtype}/{it.id} is not known") from None
         if profile and not known:
             issues.append(Issue("not-supported", f"Profile {profile[:200]} is not known to this server; the "
                                                  "resource was validated against the base FHIR R4 definitions only"))

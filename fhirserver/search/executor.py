@@ -16,6 +16,7 @@ from sqlalchemy import (
     select,
 )
 
+from ..db import guard
 from .compiler import BROAD_CLAUSE_ROWS, QueryCompiler
 from .cursor import encode_cursor
 from .model import AccessFn, ParsedSearch, SearchPage
@@ -46,7 +47,9 @@ def run_search(
     extra: Sequence[ColumnElement[bool]] = (),
     res: FromClause | None = None,
 ) -> SearchPage:
-    """Run the search: exact total (unless _total=none) and one keyset page."""
+    """Run the search: exact total (unless _total=none) and one keyset page. Inside a request
+    only the access gate runs it (db/guard.py): `access` is what makes it the caller's."""
+    guard.check("run_search")
     res = source_of(parsed.resource_type).res if res is None else res
     where, driver = compiler.compile(parsed, res, access_fn)
     if driver is not None and driver.probe is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, false, func, select
 
+from ..db import guard
 from ..db.schema import idx_date, idx_token, resource
 from .compiler import QueryCompiler
 from .model import AccessFn, ParsedSearch
@@ -12,6 +13,7 @@ from .model import AccessFn, ParsedSearch
 
 def lastn_pks(conn: Connection, parsed: ParsedSearch, compiler: QueryCompiler, access_fn: AccessFn, max_n: int,
               limit: int) -> list[int]:
+    guard.check("lastn_pks")
     r = resource.alias()
     access = access_fn("Observation", r)
     conds = [r.c.type == "Observation", r.c.deleted.is_(False), *compiler.where(parsed, r, access_fn),

@@ -25,3 +25,7 @@ class AlreadyExists(StorageError):
 
 class VersionConflict(StorageError):
     """An If-Match precondition does not hold (wrong version, or no resource to match)."""
+
+
+class TransferRefused(StorageError):
+    """The row exists and the cross-border rule hides it from this caller (the read's 403)."""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Connection, FromClause, and_, or_, select
 
+from ..db import guard
 from ..db.schema import resource
 from ..search.model import AccessFn, Include
 from ..search.sources import source_of
@@ -60,6 +61,7 @@ def _include_targets(conn: Connection, types: list[str], access: AccessFn, inc: 
 
 def resolve_includes(conn: Connection, load: Loader, types: list[str], access: AccessFn, includes: list[Include],
                      matches: list[Stored]) -> list[Stored]:
+    guard.check("resolve_includes")
     if not includes:
         return []
     seen = {(source_of(st.type).store, st.pk) for st in matches}

@@ -24,12 +24,13 @@ from ..clock import now_us
 from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.datakeys import DataKeyStore
 from ..crypto.keyring import KeyError_
+from ..db import guard
 from ..db import raw as raw_sql
 from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.dates import instant_text
 from ..search.indexer import Indexer
 from ..search.values import IndexRows
-from .codec import dump_json, parse_json
+from .codec import dump_json
 from .errors import AlreadyExists, Deleted, NotFound, VersionConflict
 from .write_hooks import WriteHook
 
@@ -48,6 +49,7 @@ class Stored:
     method: str
     body: bytes | None  # serialized JSON, meta included; None for deletions
     pk: int = 0
+    patients: tuple[str, ...] = ()  # the compartments holding it (filled by the access gate, for the audit)
 
     @property
     def etag(self) -> str:
@@ -172,6 +174,12 @@ class Repository:
 
     # ---- reads ----
     def current(self, conn: Connection, rtype: str, rid: str, lock: bool = False) -> Head | None:
+        """The `resource` row of rtype/rid, unfiltered: outside a request, or inside the access
+        gate or a named system path (db/guard.py)."""
+        guard.check("Repository.current")
+        return self._head(conn, rtype, rid, lock)
+
+    def _head(self, conn: Connection, rtype: str, rid: str, lock: bool = False) -> Head | None:
         sql = _RAW_SEL_CURRENT if not lock or conn.dialect.name == "sqlite" else _RAW_SEL_CURRENT + " FOR UPDATE"
         row = raw_sql.fetchone(conn, sql, (rtype, rid))
         return None if row is None else Head(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
@@ -192,6 +200,7 @@ class Repository:
 
     def read(self, conn: Connection, rtype: str, rid: str, version: int | None = None) -> Stored:
         """Current or given version. Raises NotFound (unknown) or Deleted."""
+        guard.check("Repository.read")
         if version is None:
             row = raw_sql.fetchone(conn, _RAW_READ, (rtype, rid))
         else:
@@ -208,6 +217,14 @@ class Repository:
             raise Deleted(f"{rtype}/{rid} has been deleted", etag=stored.etag)
         return stored
 
+    def open_row(self, rtype: str, rid: str, row: Any, conn: Connection) -> Stored:
+        """A version row the caller fetched (`pk`, `version`, `last_updated_us`, `deleted`,
+        `method`, `key_id`, `body`), decrypted: for the access gate's own statements."""
+        guard.check("Repository.open_row")
+        return Stored(type=rtype, id=rid, version=row.version, last_updated_us=row.last_updated_us,
+                      deleted=bool(row.deleted), method=row.method,
+                      body=self.decrypt(rtype, rid, row.version, row.key_id, row.body, conn), pk=row.pk)
+
     def _stored(self, rtype: str, rid: str, row: Any, conn: Connection) -> Stored:
         return Stored(
             type=rtype, id=rid, version=row.version, last_updated_us=row.last_updated_us,
@@ -217,6 +234,7 @@ class Repository:
 
     def load_current(self, conn: Connection, pks: list[int]) -> list[Stored]:
         """Current versions of the given resource pks, in the given order."""
+        guard.check("Repository.load_current")
         if not pks:
             return []
         rows = conn.execute(
@@ -233,6 +251,7 @@ class Repository:
                 access: Sequence[ColumnElement[bool]] = ()) -> list[tuple[int, Stored]]:
         """Versions newest first, keyset-paged by version pk. Returns (version pk, Stored).
         `resource_pk` limits to one resource (instance history)."""
+        guard.check("Repository.history")
         stmt = (
             select(resource.c.id.label("rid"), resource_version.c.pk.label("vpk"), *_VERSION_COLS)
             .join(resource, resource.c.pk == resource_version.c.resource_pk)
@@ -251,11 +270,6 @@ class Repository:
         return [(r.vpk, self._stored(r.type, r.rid, r, conn)) for r in conn.execute(stmt).all()]
 
     # ---- phase 2: writes inside the transaction ----
-    def seal_first_version(self, p: PreparedWrite, when_us: int) -> None:
-        """Serialize and encrypt version 1 ahead of the transaction (new server-assigned ids)."""
-        raw, blob = self._seal_version(p, 1, when_us)
-        p.sealed = (1, when_us, raw, blob)
-
     def _seal_version(self, p: PreparedWrite, version: int, when_us: int) -> tuple[bytes, bytes]:
         if p.sealed is not None and p.sealed[:2] == (version, when_us):
             return p.sealed[2], p.sealed[3]
@@ -290,7 +304,7 @@ class Repository:
                fresh_id: bool = False) -> Stored:
         """Insert version 1. `fresh_id`: the id is a new UUID, so skip the existence check."""
         when_us = when_us or now_us()
-        if not fresh_id and self.current(conn, p.type, p.id) is not None:
+        if not fresh_id and self._head(conn, p.type, p.id) is not None:
             raise AlreadyExists(f"{p.type}/{p.id} already exists")
         raw, blob = self._seal_version(p, 1, when_us)
         pk = raw_sql.insert_returning_pk(conn, _RAW_INS_RESOURCE, (p.type, p.id, 1, when_us, False))
@@ -334,7 +348,7 @@ class Repository:
 
     def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
         """Update (or create with the client's id). Returns (stored, created)."""
-        head = self.current(conn, p.type, p.id, lock=True)
+        head = self._head(conn, p.type, p.id, lock=True)
         if head is None:
             if if_match is not None:
                 raise VersionConflict(f"{p.type}/{p.id} does not exist (If-Match given)")
@@ -363,17 +377,9 @@ class Repository:
         conn.execute(_UPD_RESOURCE, {"rpk": pk, "version": version, "last_updated_us": when_us, "deleted": True})
         raw_sql.execute(conn, _RAW_INS_VERSION, (pk, rtype, version, when_us, "DELETE", True, None, None)).close()
 
-    def reseal(self, conn: Connection, pk: int, rtype: str, rid: str, version: int, key_id: int, raw: bytes) -> None:
-        """Replace the stored body of one version in place (same key, same associated data) and
-        reindex it when it is the current version. Used to pseudonymize AuditEvents on erasure."""
-        blob = seal(AESGCM(self.keys.by_id(key_id, conn)), raw, _aad(rtype, rid, version))
-        conn.execute(update(resource_version).where(resource_version.c.resource_pk == pk,
-                                                    resource_version.c.version == version).values(body=blob))
-        self.reindex(conn, pk, rtype, parse_json(raw))
-
     def delete(self, conn: Connection, rtype: str, rid: str, if_match: int | None = None) -> Stored | None:
         """Logical delete: a new version without body. None if nothing to delete."""
-        head = self.current(conn, rtype, rid, lock=True)
+        head = self._head(conn, rtype, rid, lock=True)
         if head is None:
             if if_match is not None:
                 raise VersionConflict(f"{rtype}/{rid} does not exist (If-Match given)")

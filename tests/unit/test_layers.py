@@ -16,6 +16,7 @@ LAYERS: list[list[str]] = [
     ["search"],
     ["storage"],
     ["audit"],
+    ["access"],
     ["auth"],
     ["consent"],
     ["oversight"],
@@ -96,3 +97,12 @@ def test_modules_stay_small_unless_their_docstring_says_why() -> None:
         if text.count("\n") > 400 and "400 lines" not in doc:
             long.append(f"{path.relative_to(PACKAGE.parent)}: {text.count(chr(10))} lines")
     assert not long, "\n".join(long)
+
+
+def test_handlers_name_no_table() -> None:
+    """The pipeline's handlers reach stored rows only through the access gate (`access/`): no
+    module of `pipeline/` imports the table definitions, so none can write its own SELECT."""
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: imports {target}"
+             for path in sorted((PACKAGE / "pipeline").rglob("*.py"))
+             for line, target in imports(path) if target.startswith("fhirserver.db.schema")]
+    assert not found, "\n".join(found)

@@ -36,7 +36,6 @@ def _write_old_chain(svc: Any, n: int) -> list[tuple[str, bytes]]:
                               client_name="Legacy app", resources=[f"Patient/p{seq}/_history/1"], patients=[f"p{seq}"])
             event = build_audit_event(rec, svc.settings.fhir_base)
             prepared = svc.repo.prepare_indexed("AuditEvent", event, indexer.index(event))
-            svc.repo.seal_first_version(prepared, when)
             stored = svc.repo.create(conn, prepared, when_us=when, fresh_id=True)
             content = hashlib.sha256(stored.body).hexdigest()
             link = _old_link(key, prev, seq, stored.id, when, content)
