@@ -48,6 +48,9 @@ class Services:
     sequencer: Sequencer
     penalties: Penalties
     summary_elements: dict[str, Any] = field(default_factory=dict)
+    # answers derived from the registries alone (the CapabilityStatement's bytes): built on first
+    # use; the registries are fixed for the life of a Services, so nothing here goes stale
+    derived: dict[str, Any] = field(default_factory=dict)
 
     def gate(self, access: Access) -> AccessGate:
         """The access gate bound to `access`: how a request (or an export job) reads rows."""

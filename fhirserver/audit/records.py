@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -51,6 +51,9 @@ _INS_SUBJECT = ("INSERT INTO access_subject (record_pk, recorded_us, param, targ
                 "VALUES (?, ?, ?, ?, ?, ?)")
 _INS_TERM = ("INSERT INTO audit_term (set_id, n, tbl, param, system, code, kind, value) "
              "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 
 def subject_rows(rows: IndexRows) -> list[tuple[Any, ...]]:
@@ -105,19 +108,20 @@ class AuditLog:
 
     # ------------------------------------------------------------------ writing
     def prepare(self, rec: AuditRecord) -> PreparedRecord:
-        """Build, index and encrypt ahead of the transaction (call outside any transaction: a
-        term set not seen before is written and committed on its own connection first)."""
-        p = self.build(rec)
-        if p.terms not in self._known_sets:
-            with self.repo.keys.engine.begin() as conn:
-                raw_sql.executemany(conn, _INS_TERM, p.term_rows)
-            self._known_sets.add(p.terms)
-        return p
+        """Build, index and encrypt ahead of the transaction (no database access: a term set not
+        seen before is written by `append`, in the record's own transaction)."""
+        return self.build(rec)
+
+    def committed(self, p: PreparedRecord) -> None:
+        """`p`'s transaction committed: its term set is stored, later appends skip it."""
+        self._known_sets.add(p.terms)
 
     def build(self, rec: AuditRecord) -> PreparedRecord:
         """Build, index and encrypt one record: no database access."""
         record_id = str(uuid.uuid4())
-        content = {"v": RECORD_VERSION, "id": record_id, "site": self.server_url, **asdict(rec)}
+        # shallow (dataclasses.asdict deep-copies every list): the dict is serialized at once
+        content = {"v": RECORD_VERSION, "id": record_id, "site": self.server_url,
+                   **{f: getattr(rec, f) for f in _RECORD_FIELDS}}
         raw = dump_json(content)
         event = build_audit_event(rec, self.server_url, record_id)
         rows = self.indexer.index(event)

@@ -43,6 +43,10 @@ class StageContext(Protocol):
     interaction: Any  # pipeline.interaction.Interaction
     services: Any  # services.Services (a layer above)
 
+    def reading(self) -> Connection:
+        """The request's read transaction (authentication, consent state and a read's data)."""
+        ...
+
 
 class ConsentHook(Protocol):
     def begin(self, ctx: StageContext) -> Any: ...

@@ -26,7 +26,6 @@ from .. import metrics
 from ..audit.events import AuditRecord
 from ..clock import now_us
 from ..db import guard
-from ..db.engine import read_connection
 from ..db.schema import app_user, resource, user_patient_link
 from ..fhir.errors import FhirError
 from ..storage.codec import parse_json
@@ -78,8 +77,7 @@ class ConsentStage(NoConsentFiltering):
     def begin(self, ctx: StageContext) -> Decision:
         decision = self.engine.decide(ctx.principal, ctx.headers)
         if decision.mode == "filter":
-            with read_connection(ctx.services.engine) as conn:
-                decision.any_rules = self.engine.rules_exist(conn)
+            decision.any_rules = self.engine.rules_exist(ctx.reading())
         rec: AuditRecord = ctx.record
         rec.purpose = [decision.purpose]
         if decision.mode == "exempt":
@@ -144,7 +142,8 @@ class ConsentStage(NoConsentFiltering):
         if decision.mode == "exempt":
             return  # the consent-management back office records (paper) consents on people's behalf
         services = ctx.services
-        with read_connection(services.engine) as conn, guard.system_path("consent-minors"):  # the age rule
+        conn = ctx.reading()
+        with guard.system_path("consent-minors"):  # the age rule
             head = services.repo.current(conn, "Patient", pid)
             if head is None or head.deleted:
                 return

@@ -141,3 +141,24 @@ def transaction(engine: Engine) -> Iterator[Connection]:
     """One database transaction: committed on success, rolled back on any exception."""
     with engine.begin() as conn:
         yield conn
+
+
+class Snapshot:
+    """A request's one read transaction: authentication, the consent stage's state and a read's
+    data come from the same connection and snapshot (opened on first use). Closed before the
+    request's write transaction opens and when the request ends, so a request holds at most one
+    pooled connection at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+
+    def connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = read_connection(self.engine)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()

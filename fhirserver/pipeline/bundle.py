@@ -143,7 +143,8 @@ class BundleHandler(Handler):
                           recorded_us=now_us(), client_id=ctx.record.client_id, client_name=ctx.record.client_name,
                           user=ctx.record.user)
         sub = RequestContext(ctx.services, ctx.interaction, rec, headers, body, principal=ctx.principal,
-                             prefer=dict(ctx.prefer), pipeline=ctx.pipeline, assigned_id=assigned_id)
+                             prefer=dict(ctx.prefer), pipeline=ctx.pipeline, assigned_id=assigned_id,
+                             snapshot=ctx.snapshot)
         sub.interaction = parse_interaction(e.method, path, _rewrite_query(parts.query, mapping), None,
                                             ctx.services.types, "if-none-exist" in headers)
         if sub.interaction.kind == "bundle":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..db.engine import read_connection
 from ..search.values import parse_reference
 from ..storage.repository import PreparedWrite
 from .context import RequestContext
@@ -39,8 +38,7 @@ def linked_patients(ctx: RequestContext, rtype: str, body: dict[str, Any]) -> li
         else:
             targets.append((target_type, target_id))
     if targets:
-        with read_connection(ctx.services.engine) as conn:
-            held = ctx.gate.compartments_of(conn, [f"{t}/{i}" for t, i in targets[:20]], live_only=True)
+        held = ctx.gate.compartments_of(ctx.reading(), [f"{t}/{i}" for t, i in targets[:20]], live_only=True)
         for target_type, target_id in targets[:20]:
             found.extend(sorted(held.get(f"{target_type}/{target_id}", ())))
     return list(dict.fromkeys(found))

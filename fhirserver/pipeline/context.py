@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Connection
+
 from ..access import Access, AccessGate
 from ..audit.events import AuditRecord
+from ..db.engine import Snapshot
 from ..services import Services
 from ..storage.repository import PreparedWrite
 from .interaction import Interaction
@@ -37,9 +40,21 @@ class RequestContext:
     assigned_id: str | None = None  # a create's id fixed in advance (transaction urn:uuid resolution)
     provenance: list[PreparedWrite] = field(default_factory=list)  # written with the resource (provenance.py)
     bundle_patients: frozenset[str] = frozenset()  # Patients a transaction creates in its other entries
+    snapshot: Snapshot | None = None  # the request's read transaction (a Bundle's entries share it)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
+
+    def reading(self) -> Connection:
+        """The request's read connection (db/engine.Snapshot), opened on first use."""
+        if self.snapshot is None:
+            self.snapshot = Snapshot(self.services.engine)
+        return self.snapshot.connection()
+
+    def release_reading(self) -> None:
+        """End the read transaction (before the write transaction opens; at the request's end)."""
+        if self.snapshot is not None:
+            self.snapshot.close()
 
     @property
     def gate(self) -> AccessGate:

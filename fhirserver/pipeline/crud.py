@@ -9,11 +9,10 @@ from urllib.parse import parse_qsl
 from sqlalchemy import Connection
 
 from ..clock import now_us
-from ..db.engine import read_connection
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
 from ..fhir.patch import JSON_PATCH, MERGE_PATCH, apply_fhirpath_patch, apply_json_patch, apply_merge_patch
-from ..storage.codec import parse_json
+from ..storage.codec import dump_json, parse_json
 from ..storage.errors import NotFound, StorageError
 from ..storage.repository import Stored
 from .access import record_touch, search_matches
@@ -32,10 +31,14 @@ class Capabilities(Handler):
     reads_only = True
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        """Built and serialized once per Services (its registries do not change while it lives)."""
         s = ctx.services
-        cs = capability_statement(s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE,
-                                  profiles=s.validator.profiles.urls_by_type(), jurisdiction=s.settings.home_jurisdiction)
-        return Result(200, cs)
+        body = s.derived.get("capability-statement")
+        if body is None:
+            body = s.derived["capability-statement"] = dump_json(capability_statement(
+                s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE,
+                profiles=s.validator.profiles.urls_by_type(), jurisdiction=s.settings.home_jurisdiction))
+        return Result(200, body)
 
 
 class SmartConfiguration(Handler):
@@ -149,8 +152,7 @@ class Update(Handler):
         amended = flag_patient_amendment(ctx, body)
         rtype = it.resource_type or ""
         if it.conditional:
-            with read_connection(ctx.services.engine) as conn:
-                matches = search_matches(ctx, conn, rtype, it.params)
+            matches = search_matches(ctx, ctx.reading(), rtype, it.params)
             if len(matches) > 1:
                 raise FhirError(412, "multiple-matches", "The conditional update matched more than one resource")
             target = matches[0][1] if matches else None
@@ -224,13 +226,12 @@ class Patch(Update):
         else:  # application/fhir+json: a FHIRPath Patch Parameters, or a partial resource (merge patch)
             document = parse_body(ctx, also=(MERGE_PATCH,))
         wanted = parse_etag(ctx.header("if-match"), "If-Match")
-        with read_connection(ctx.services.engine) as conn:
-            # the current version, as the caller may both read and update it (hidden = absent)
-            try:
-                current = ctx.gate.read(conn, rtype, rid, preds=[*ctx.access.read, *ctx.access.update,
-                                                                 *ctx.access.consent_read])
-            except StorageError as err:  # 404 unknown or hidden, 410 deleted, 403 a refused transfer
-                raise fhir_error(err) from None
+        # the current version, as the caller may both read and update it (hidden = absent)
+        try:
+            current = ctx.gate.read(ctx.reading(), rtype, rid, preds=[*ctx.access.read, *ctx.access.update,
+                                                                      *ctx.access.consent_read])
+        except StorageError as err:  # 404 unknown or hidden, 410 deleted, 403 a refused transfer
+            raise fhir_error(err) from None
         if wanted is not None and wanted != current.version:
             raise FhirError(412, "conflict", f"If-Match names version {wanted}; the current version is "
                                              f"{current.version}")

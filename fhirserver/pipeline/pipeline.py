@@ -25,7 +25,7 @@ from ..auth.tokens import lookup_token
 from ..clock import now_us
 from ..consent.alerts import account_of
 from ..db import guard
-from ..db.engine import read_connection
+from ..db.engine import Snapshot
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..search.model import AccessFn
 from ..search.sources import source_of
@@ -93,7 +93,7 @@ class Pipeline:
         if scheme.lower() != "bearer" or not token.strip():
             raise FhirError(401, "login", "An access token is required (Authorization: Bearer ...)",
                             headers={"WWW-Authenticate": 'Bearer realm="fhirserver"'})
-        info, reason = lookup_token(self.services.engine, token.strip())
+        info, reason = lookup_token(ctx.reading(), token.strip())
         if info is None:
             raise FhirError(401, "login", f"The access token is not valid ({reason})",
                             headers={"WWW-Authenticate": f'Bearer realm="fhirserver", error="invalid_token", '
@@ -191,9 +191,13 @@ class Pipeline:
                              recorded_us=now_us())
         ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body, pipeline=self,
                              bound=self.services.gate(Access()))
-        with guard.request_scope():  # from here on, stored rows are read through ctx.gate only
-            return self._serve(ctx, request_id, record, lower, method, path, query, form, body_too_large,
-                               url_too_long)
+        ctx.snapshot = Snapshot(self.services.engine)
+        try:
+            with guard.request_scope():  # from here on, stored rows are read through ctx.gate only
+                return self._serve(ctx, request_id, record, lower, method, path, query, form, body_too_large,
+                                   url_too_long)
+        finally:
+            ctx.release_reading()
 
     def _serve(self, ctx: RequestContext, request_id: str, record: AuditRecord, lower: dict[str, str], method: str,
                path: str, query: str, form: list[tuple[str, str]] | None, body_too_large: bool,
@@ -222,21 +226,26 @@ class Pipeline:
                 # Read in a plain transaction, then append the (already built and encrypted)
                 # AuditEvent in a short write transaction; the response leaves only after it
                 # committed, so a read is never served without its audit record.
-                with read_connection(self.services.engine) as conn:
-                    result = run_handler(handler, ctx, conn)
-                    self.services.consent.annotate(ctx, conn)  # the Consents that decided, for the audit
+                conn = ctx.reading()  # the snapshot authentication and consent read from
+                result = run_handler(handler, ctx, conn)
+                self.services.consent.annotate(ctx, conn)  # the Consents that decided, for the audit
+                ctx.release_reading()
                 record.status = result.status
                 prepared = audit.prepare(record)
                 with self.services.engine.begin() as conn:
                     self.services.consent.finish(ctx, conn)  # alerts (break-the-glass, exempt access)
                     audit.append(conn, record, prepared)
+                audit.committed(prepared)
             else:
                 expected = handler.expected_audit(ctx)
                 speculative = audit.prepare(replace(record, **expected)) if expected else None
+                ctx.release_reading()
                 with self.services.engine.begin() as conn:
                     result = self._execute(ctx, handler, conn)
                     matched = expected and all(getattr(record, k) == v for k, v in expected.items())
                     audit.append(conn, record, speculative if matched else None)
+                if speculative is not None and matched:
+                    audit.committed(speculative)
             return result, request_id, record
         except FhirError as err:
             return self._fail(ctx, err.status, err.issues, err.headers, err), request_id, record
@@ -287,6 +296,7 @@ class Pipeline:
         rec = ctx.record
         rec.status = status
         rec.outcome_desc = issues[0].diagnostics if issues else ""
+        ctx.release_reading()
         try:
             with self.services.engine.begin() as conn:
                 self.services.consent.finish(ctx, conn)  # deny basis of a hidden read, denial bursts

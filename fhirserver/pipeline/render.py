@@ -11,7 +11,6 @@ from sqlalchemy import Connection
 from ..audit.projection import project
 from ..audit.redact import redact_body
 from ..clock import now_us
-from ..db.engine import read_connection
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.subsetting import apply_subsetting
@@ -57,9 +56,8 @@ def output_body(ctx: RequestContext, stored: Stored, conn: Connection | None = N
         if conn is not None:  # the request's own connection (a searchset renders many events)
             event = project(parse_json(body), decision.own_patients, lambda refs: gate.compartments_of(conn, refs))
         else:
-            with read_connection(ctx.services.engine) as own_conn:
-                event = project(parse_json(body), decision.own_patients,
-                                lambda refs: gate.compartments_of(own_conn, refs))
+            own_conn = ctx.reading()
+            event = project(parse_json(body), decision.own_patients, lambda refs: gate.compartments_of(own_conn, refs))
         body = dump_json(event)
     return body
 
