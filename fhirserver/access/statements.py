@@ -3,6 +3,7 @@ every row, the patients whose compartments hold it (what the row's access record
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,13 +46,19 @@ def split_patients(text: str | None) -> tuple[str, ...]:
 def read_row(dialect: str, preds: Predicates, transfer: ColumnElement[bool] | None, versioned: bool) -> Select[Any]:
     """One resource by type and id (`:t`, `:id`; `:v` when `versioned`), the current or given
     version joined, with `shown` (the predicates hold for the row), `transfer_ok` (the
-    cross-border rule lets it through) and `patients`."""
+    cross-border rule lets it through) and `patients`. The part that does not depend on the
+    caller is built once per dialect and version flag; the caller's flags are added to it."""
+    return _read_base(dialect, versioned).add_columns(
+        flag(preds).label("shown"), flag([transfer] if transfer is not None else []).label("transfer_ok"))
+
+
+@functools.cache
+def _read_base(dialect: str, versioned: bool) -> Select[Any]:
     version = bindparam("v") if versioned else resource.c.version
     joined = resource.outerjoin(resource_version, and_(resource_version.c.resource_pk == resource.c.pk,
                                                        resource_version.c.version == version))
     return (select(resource.c.pk, resource.c.version.label("current"), resource.c.deleted.label("head_deleted"),
                    *[resource_version.c[c] for c in VERSION_COLUMNS],
-                   flag(preds).label("shown"), flag([transfer] if transfer is not None else []).label("transfer_ok"),
                    patient_list(dialect, compartment, resource.c.pk).label("patients"))
             .select_from(joined).where(resource.c.type == bindparam("t"), resource.c.id == bindparam("id")))
 
