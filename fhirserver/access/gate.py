@@ -132,7 +132,7 @@ class AccessGate:
             stored = self.audit.read(conn, rid)
         if stored is None or version not in (None, 1) or not self.holds(conn, stored.pk, preds, "AuditEvent"):
             raise NotFound(f"AuditEvent/{rid} is not known")
-        stored.patients = self._record_patients(conn, [stored.pk]).get(stored.pk, ())
+        stored.patients = self.compartments_by_pk(conn, "AuditEvent", [stored.pk]).get(stored.pk, ())
         return stored
 
     def patient(self, conn: Connection, pid: str, preds: Predicates | None = None) -> Stored:
@@ -197,7 +197,7 @@ class AccessGate:
         if is_access_records(rtype):
             with guard.bound():
                 records = self.audit.load(conn, pks)
-            patients = self._record_patients(conn, pks)
+            patients = self.compartments_by_pk(conn, rtype, pks)
             for st in records:
                 st.patients = patients.get(st.pk, ())
             return records
@@ -208,13 +208,6 @@ class AccessGate:
                 stored.patients = sql.split_patients(row.patients)
                 by_pk[row.pk] = stored
         return [by_pk[pk] for pk in pks if pk in by_pk]
-
-    def _record_patients(self, conn: Connection, pks: list[int]) -> dict[int, tuple[str, ...]]:
-        comp = source_of("AuditEvent").compartment
-        out: dict[int, set[str]] = {}
-        for pk, pid in conn.execute(select(comp.c.resource_pk, comp.c.patient_id).where(comp.c.resource_pk.in_(pks))):
-            out.setdefault(pk, set()).add(pid)
-        return {pk: tuple(sorted(v)) for pk, v in out.items()}
 
     def search(self, conn: Connection, parsed: ParsedSearch, preds: Predicates | None = None,
                extra: Sequence[ColumnElement[bool]] = ()) -> tuple[SearchPage, list[Stored]]:
@@ -298,15 +291,16 @@ class AccessGate:
         page = rows[:count]
         if preds:  # earlier versions may not have matched the predicates: each is checked
             page = [(v, st) for v, st in page if self._version_visible(conn, st, preds)]
-        comps = self.compartments_by_pk(conn, sorted({st.pk for _v, st in page}))
+        comps = self.compartments_by_pk(conn, rtype, sorted({st.pk for _v, st in page}))
         for _v, st in page:
             st.patients = comps.get(st.pk, ())
         return page, after
 
-    def compartments_by_pk(self, conn: Connection, pks: list[int]) -> dict[int, tuple[str, ...]]:
+    def compartments_by_pk(self, conn: Connection, rtype: str, pks: list[int]) -> dict[int, tuple[str, ...]]:
+        """pk -> the patients whose compartments hold that `rtype` row (access records have their own)."""
         if not pks:
             return {}
-        comp = source_of("Patient").compartment
+        comp = source_of(rtype).compartment
         out: dict[int, set[str]] = {}
         for pk, pid in conn.execute(select(comp.c.resource_pk, comp.c.patient_id).where(comp.c.resource_pk.in_(pks))):
             out.setdefault(pk, set()).add(pid)

@@ -1,9 +1,7 @@
 """What a request touched, for its access record (the rows come from the access gate with their
-patients), and the conditional interactions' matches."""
+patients)."""
 
 from __future__ import annotations
-
-from sqlalchemy import Connection
 
 from ..storage.repository import Stored
 from .context import RequestContext
@@ -14,9 +12,3 @@ def record_touch(ctx: RequestContext, stored: Stored, patients: list[str] | None
     the row) for the audit."""
     ctx.record.resources.append(f"{stored.type}/{stored.id}/_history/{stored.version}")
     ctx.record.patients = patients if patients is not None else list(stored.patients)
-
-
-def search_matches(ctx: RequestContext, conn: Connection, rtype: str, query: list[tuple[str, str]],
-                   limit: int = 2) -> list[tuple[int, str]]:
-    """(pk, id) of the resources a conditional interaction's query matches (visible ones only)."""
-    return ctx.gate.matches(conn, rtype, query, limit)

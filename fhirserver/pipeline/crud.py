@@ -15,7 +15,7 @@ from ..fhir.patch import JSON_PATCH, MERGE_PATCH, apply_fhirpath_patch, apply_js
 from ..storage.codec import dump_json, parse_json
 from ..storage.errors import NotFound, StorageError
 from ..storage.repository import Stored
-from .access import record_touch, search_matches
+from .access import record_touch
 from .capability import capability_statement, smart_configuration
 from .compartment_links import prepare_write
 from .context import RequestContext, Result
@@ -103,7 +103,7 @@ class Create(Handler):
             if condition.startswith(f"{prepared.type}?"):  # "Patient?identifier=..." as HL7's XDS example sends it
                 condition = condition[len(prepared.type) + 1:]
             query = parse_qsl(condition, keep_blank_values=True)
-            matches = search_matches(ctx, conn, prepared.type, query)
+            matches = ctx.gate.matches(conn, prepared.type, query)
             if len(matches) > 1:
                 raise FhirError(412, "duplicate", "If-None-Exist matched more than one resource")
             if matches:
@@ -152,7 +152,7 @@ class Update(Handler):
         amended = flag_patient_amendment(ctx, body)
         rtype = it.resource_type or ""
         if it.conditional:
-            matches = search_matches(ctx, ctx.reading(), rtype, it.params)
+            matches = ctx.gate.matches(ctx.reading(), rtype, it.params)
             if len(matches) > 1:
                 raise FhirError(412, "multiple-matches", "The conditional update matched more than one resource")
             target = matches[0][1] if matches else None
@@ -181,7 +181,7 @@ class Update(Handler):
         assert prepared is not None
         repo = ctx.services.repo
         if expected is not None:
-            now = search_matches(ctx, conn, prepared.type, ctx.interaction.params)
+            now = ctx.gate.matches(conn, prepared.type, ctx.interaction.params)
             if now != expected:
                 raise FhirError(412, "conflict", "The resources matching the condition changed; retry")
         gate = ctx.gate
@@ -260,7 +260,7 @@ class Delete(Handler):
         rtype = it.resource_type or ""
         repo = ctx.services.repo
         if it.conditional:
-            matches = search_matches(ctx, conn, rtype, it.params)
+            matches = ctx.gate.matches(conn, rtype, it.params)
             if len(matches) > 1:
                 raise FhirError(412, "multiple-matches", "The conditional delete matched more than one resource")
             if not matches:
@@ -276,7 +276,7 @@ class Delete(Handler):
         stored = repo.delete(conn, rtype, it.id, parse_etag(ctx.header("if-match"), "If-Match"))
         if stored is None:
             return Result(204)
-        record_touch(ctx, stored, list(ctx.gate.compartments_by_pk(conn, [stored.pk]).get(stored.pk, ())))
+        record_touch(ctx, stored, list(ctx.gate.compartments_by_pk(conn, rtype, [stored.pk]).get(stored.pk, ())))
         return Result(204, None, {"ETag": stored.etag})
 
 
