@@ -8,8 +8,6 @@ call is audited by the endpoint's own business function, not here.
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Flask, current_app, request
 from flask_smorest import Api, abort
 
@@ -53,5 +51,6 @@ def require_admin() -> TokenInfo:
     return info
 
 
-def api_of(app: Any) -> Api:
-    return app.extensions[API_EXTENSION]
+def api_of(app: Flask) -> Api:
+    api: Api = app.extensions[API_EXTENSION]
+    return api

@@ -10,7 +10,8 @@ from typing import Any
 
 from authlib.oauth2 import OAuth2Error
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .admin_api import build_api
 from .bulk.worker import start_worker
@@ -26,7 +27,7 @@ from .logs import configure as configure_logs
 from .metrics import install as install_metrics
 from .pipeline.pipeline import Pipeline
 from .security_headers import install as install_security_headers
-from .services import Services, build_services, warm_keys
+from .services import Services, build_services, current_services, warm_keys
 from .smart.install import install as install_smart
 from .smart.secrets_store import SIGNING_KEY_FILE
 from .smart.server import build_authorization_server
@@ -37,8 +38,6 @@ FHIR_JSON = "application/fhir+json; charset=utf-8"
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
-def services() -> Services:
-    return current_app.extensions["fhirserver"]
 
 
 DRAIN_FACTOR = 4  # an oversized chunked body is read and dropped up to this many times the limit
@@ -105,8 +104,9 @@ def _make_auth_blueprint() -> Blueprint:
 
     @bp.post("/token")
     def token() -> Response:
-        svc = services()
+        svc = current_services()
         server = current_app.extensions["fhirserver.oauth"]
+        resp: Response
         try:
             resp = server.create_token_response()
         except OAuth2Error as err:  # raised before Authlib's own handling, e.g. insecure_transport
@@ -180,7 +180,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
         install_portal(app, svc)
 
     @app.errorhandler(405)
-    def _method_not_routed(exc: Exception) -> Any:
+    def _method_not_routed(exc: HTTPException) -> ResponseReturnValue:
         # Methods Flask does not route (TRACE, PROPFIND, ...) still get the FHIR pipeline's
         # 405 OperationOutcome and an AuditEvent.
         if request.path == "/fhir" or request.path.startswith("/fhir/"):

@@ -147,15 +147,15 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(name: str, value: object) -> object:
     kind = {f.name: f.type for f in fields(Settings)}[name]
     try:
         if kind == "Path":
-            return Path(value)
+            return value if isinstance(value, Path) else Path(str(value))
         if kind == "int":
-            return int(value)
+            return int(value) if isinstance(value, (int, float)) else int(str(value))
         if kind == "float":
-            return float(value)
+            return float(value) if isinstance(value, (int, float)) else float(str(value))
         if kind == "bool":
             return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
     except (TypeError, ValueError):
@@ -163,7 +163,7 @@ def _coerce(name: str, value: Any) -> Any:
     return value if isinstance(value, str) else str(value)
 
 
-def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: object) -> Settings:
     """Build Settings from an optional TOML file, the environment, then explicit overrides."""
     values: dict[str, Any] = {}
     known = {f.name for f in fields(Settings)}

@@ -95,7 +95,7 @@ def install(app: Flask, db_gauges: DbGauges) -> None:
         _m()  # every series exists (at zero) from the first scrape
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
             data = generate_latest(registry)
         else:
             data = generate_latest(REGISTRY)

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from .audit.events import AuditRecord
+from .audit.retention import Dropped
 from .clock import now_us
 from .consent.alerts import raise_alert
 from .db.schema import job_run
@@ -124,7 +125,7 @@ def snoop_due(svc: Services) -> None:
             log.info("snooping of %s postponed: %s", day_label(day), exc)
 
 
-def drop_expired_access_records(svc: Services) -> Any:
+def drop_expired_access_records(svc: Services) -> Dropped | None:
     """Access-record retention (`audit_retention_days`), under the sequencer's hold on the log."""
     from .audit.retention import drop_before
 

@@ -75,15 +75,15 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     params.max_params, params.max_values = settings.search_max_params, settings.search_max_values
     validator = Validator(settings.profiles_dir, settings.max_json_depth)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
-    writes, consent = build_consent(settings, blind, params)
-    repo = Repository(keys, indexer, hooks=[writes])
+    consent = build_consent(settings, blind, params)
+    repo = Repository(keys, indexer, hooks=[consent.writes])
     summary = elements["types"]
     audit = AuditLog(repo, settings.fhir_base)
     return Services(
         settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
         params=params, validator=validator, indexer=indexer, repo=repo,
         audit=audit, penalties=Penalties(engine, settings, audit.append), compiler=QueryCompiler(blind, settings.fhir_base, params),
-        consent=consent, summary_elements=summary,
+        consent=consent.stage(repo, audit), summary_elements=summary,
         sequencer=Sequencer(engine, Signer(settings.signing_key_path, may_create=not _holds_checkpoints(engine)),
                             settings.checkpoint_path, settings.audit_checkpoint_seconds),
     )
@@ -132,3 +132,11 @@ def warm_keys(services: Services) -> None:
     for scope in ("audit", "shared", BLIND_SCOPE, CHAIN_SCOPE):
         services.keys.ensure(scope)
     migrate_chain(services.audit)  # AuditEvents of the old hash chain, once (audit/legacy.py)
+
+
+def current_services() -> Services:
+    """The Services the running Flask app was built with (`create_app` stores them)."""
+    from flask import current_app
+
+    svc: Services = current_app.extensions["fhirserver"]
+    return svc

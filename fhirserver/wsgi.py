@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 from .config import Settings, load_settings
 from .logs import gunicorn_logger
 
 
-def app() -> Any:
+def app() -> Flask:
     from .app import create_app
 
     return create_app(load_settings(), migrate=False)
@@ -47,7 +50,7 @@ def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads
                 # one server per data dir: no shared per-user control socket between instances
                 self.cfg.set("control_socket_disable", True)
 
-        def load(self) -> Any:
+        def load(self) -> Flask:
             import sys
 
             from .app import create_app

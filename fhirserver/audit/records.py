@@ -32,6 +32,7 @@ from ..crypto.cipher import DecryptionError, open_sealed, seal
 from ..crypto.keyring import KeyError_
 from ..db import guard
 from ..db import raw as raw_sql
+from ..db.rows import AnyRow
 from ..db.schema import access_record, access_subject
 from ..fhir.dates import instant_text
 from ..search.values import IndexRows
@@ -170,7 +171,7 @@ class AuditLog:
         ordered.update(event)
         return dump_json(ordered)
 
-    def _stored(self, row: Any, conn: Connection) -> Stored:
+    def _stored(self, row: AnyRow, conn: Connection) -> Stored:
         body = self.render(self.decrypt(row.id, row.key_id, row.detail, conn), row.recorded_us)
         return Stored(type="AuditEvent", id=row.id, version=1, last_updated_us=row.recorded_us, deleted=False,
                       method="POST", body=body, pk=row.pk)

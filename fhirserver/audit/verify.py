@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, select
 
 from ..db.engine import read_connection
+from ..db.rows import AnyRow
 from ..db.schema import access_record, access_subject, audit_checkpoint, audit_node, audit_term
 from ..storage.codec import parse_json
 from ..storage.repository import CorruptDataError
@@ -58,7 +60,7 @@ class _Bad(Exception):
         self.seq, self.event, self.reason = seq, event, reason
 
 
-def _check_record(log: AuditLog, conn: Connection, row: Any, chain_key: bytes, terms: dict[str, list[Any]]) -> None:
+def _check_record(log: AuditLog, conn: Connection, row: AnyRow, chain_key: bytes, terms: dict[str, list[Any]]) -> None:
     try:
         raw = log.decrypt(row.id, row.key_id, row.detail, conn)
     except CorruptDataError:
@@ -90,7 +92,7 @@ def _check_record(log: AuditLog, conn: Connection, row: Any, chain_key: bytes, t
         raise _Bad(row.seq, row.id, "the record's search codes were changed")
 
 
-def verify_log(log: AuditLog, signer: Signer, checkpoint_file: Any) -> VerifyResult:
+def verify_log(log: AuditLog, signer: Signer, checkpoint_file: Path) -> VerifyResult:
     engine = log.repo.keys.engine
     chain_key = log.repo.keys.ensure(CHAIN_SCOPE)[1]
     file_cps, unreadable = read_file(checkpoint_file)

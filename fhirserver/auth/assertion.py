@@ -44,7 +44,7 @@ def load_private_key(path: Path) -> ECKey | RSAKey:
 
 
 def client_assertion(key: ECKey | RSAKey, client_id: str, token_url: str, lifetime_s: int = 240,
-                     **overrides: Any) -> str:
+                     **overrides: object) -> str:
     now = int(time.time())
     claims = {"iss": client_id, "sub": client_id, "aud": token_url, "exp": now + lifetime_s,
               "iat": now, "jti": uuid.uuid4().hex}

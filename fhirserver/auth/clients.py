@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Engine, insert, select, update
 
 from ..db.engine import read_connection, transaction
+from ..db.rows import AnyRow
 from ..db.schema import client as client_table
 from .scopes import invalid_scopes
 
@@ -51,7 +52,7 @@ class ClientRecord:
         return bool(self.secret_hash) and hmac.compare_digest(self.secret_hash or "", hash_secret(secret))
 
     @classmethod
-    def from_row(cls, row: Any) -> ClientRecord:
+    def from_row(cls, row: AnyRow) -> ClientRecord:
         return cls(
             client_id=row.client_id, name=row.name, kind=row.kind, scopes=row.scopes,
             jwks=json.loads(row.jwks) if row.jwks else None, jwks_uri=row.jwks_uri,

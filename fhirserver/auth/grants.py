@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
@@ -24,6 +24,12 @@ from .tokens import token_hash
 
 REFRESH_SCOPES = ("offline_access", "online_access")
 
+
+
+class ClientWithId(Protocol):
+    """An OAuth client as Authlib passes it (smart.server.OAuthClient)."""
+
+    def get_client_id(self) -> str: ...
 
 @dataclass
 class GrantContext:
@@ -110,8 +116,8 @@ class StoredToken:
     def get_scope(self) -> str:
         return self.scope
 
-    def check_client(self, client: Any) -> bool:
-        return bool(client) and client.get_client_id() == self.client_id
+    def check_client(self, client: ClientWithId | None) -> bool:
+        return client is not None and client.get_client_id() == self.client_id
 
     def is_expired(self) -> bool:
         return self.expires_us <= now_us()
@@ -283,4 +289,5 @@ def claim_launch(engine: Engine, launch: str, client_id: str) -> dict[str, Any] 
         if row is None or row.client_id != client_id or row.used or row.expires_us <= now_us():
             return None
         conn.execute(update(launch_context).where(launch_context.c.launch_hash == h).values(used=True))
-    return json.loads(row.context)
+    context: dict[str, Any] = json.loads(row.context)
+    return context

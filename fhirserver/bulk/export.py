@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..access import Access
 from ..audit.events import AuditRecord
 from ..audit.redact import redact_body
+from ..auth.principal import principal_from
 from ..clock import now_us
 from ..db.engine import read_connection
-from ..pipeline.principal import principal_from
 from ..services import Services
 from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
@@ -89,7 +90,7 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
     return "complete"
 
 
-def _deidentifier(svc: Services, job: jobs.Job) -> Any:
+def _deidentifier(svc: Services, job: jobs.Job) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
     """Safe Harbor transform with this export's pseudonym key (created before any transaction)."""
     if not job.spec.get("deidentify"):
         return None

@@ -47,7 +47,7 @@ def client() -> None:
 @click.option("--stable-pseudonyms", "stable_pseudonyms", is_flag=True,
               help="De-identified exports reuse one pseudonym key for this client (linkable across its exports).")
 @click.pass_context
-def client_register(ctx: click.Context, name: str, jwks_file: str | None, jwks_url: str | None, scopes: str,
+def client_register(ctx: click.Context, /, name: str, jwks_file: str | None, jwks_url: str | None, scopes: str,
                     organization: str | None, client_id: str | None, redirect_uris: tuple[str, ...],
                     launch_url: str | None, public: bool, with_secret: bool, admin: bool, introspect_any: bool,
                     **extra_settings: object) -> None:

@@ -11,7 +11,7 @@ import click
 from ..config import Settings, SettingsError, load_settings
 
 
-def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+def _settings(ctx: click.Context, **overrides: object) -> Settings:
     try:
         return load_settings(ctx.obj.get("config"), **overrides)
     except SettingsError as exc:
@@ -42,7 +42,7 @@ def add_enable_disable(group: click.Group, argument: str, change: Callable[[Any,
     """`disable ARG` and `enable ARG` on `group`; `change(services, value, disabled)` applies it
     (raising click.ClickException when it cannot) and returns the name to print."""
     for disabled, help_text in ((True, disable_help), (False, enable_help)):
-        def command(ctx: click.Context, disabled: bool = disabled, **kw: str) -> None:
+        def command(ctx: click.Context, /, disabled: bool = disabled, **kw: str) -> None:
             label = change(_services(_settings(ctx)), kw[argument], disabled)
             click.echo(f"{'disabled' if disabled else 'enabled'} {label}")
 

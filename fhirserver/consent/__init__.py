@@ -8,23 +8,40 @@ write hook. May import: auth, audit, storage, search, fhir, crypto, db, clock, c
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
+from ..audit.records import AuditLog
+from ..config import Settings
+from ..crypto.blind_index import BlindIndexer
+from ..search.params import ParamRegistry
+from ..storage.repository import Repository
 from .elements import load_consent_elements
 from .engine import ConsentEngine, actor_digest
 from .labels import Labeller, load_sensitive_codes
 from .stage import ConsentStage, ConsentWrites
 
 
-def build_consent(settings: Any, blind: Any, params: Any = None) -> tuple[ConsentWrites, ConsentStage]:
-    """The repository write hook (labelling + rule materialization) and the pipeline stage."""
+@dataclass
+class Consent:
+    """The consent package built from settings: the repository's write hook (labelling and rule
+    materialization), which the repository needs first, and the engine the stage runs on."""
+
+    settings: Settings
+    engine: ConsentEngine
+    writes: ConsentWrites
+
+    def stage(self, repo: Repository, audit: AuditLog) -> ConsentStage:
+        """The pipeline's stage over the repository that carries `writes` and the audit log."""
+        return ConsentStage(self.engine, self.settings, repo, audit)
+
+
+def build_consent(settings: Settings, blind: BlindIndexer, params: ParamRegistry | None = None) -> Consent:
     codes = load_sensitive_codes(settings.profiles_dir)
     elements = load_consent_elements(settings.profiles_dir, params)
     digest = actor_digest(blind)
-    opt_out = tuple(p.strip() for p in str(getattr(settings, "consent_opt_out_purposes", "TREAT,HPAYMT,HOPERAT"))
-                    .split(",") if p.strip())
-    engine = ConsentEngine(codes, digest, opt_out, elements, str(getattr(settings, "home_jurisdiction", "")))
-    return ConsentWrites(Labeller(codes, elements), digest), ConsentStage(engine, settings)
+    opt_out = tuple(p.strip() for p in settings.consent_opt_out_purposes.split(",") if p.strip())
+    engine = ConsentEngine(codes, digest, opt_out, elements, settings.home_jurisdiction)
+    return Consent(settings, engine, ConsentWrites(Labeller(codes, elements), digest))
 
 
-__all__ = ["ConsentEngine", "ConsentStage", "ConsentWrites", "build_consent"]
+__all__ = ["Consent", "ConsentEngine", "ConsentStage", "ConsentWrites", "build_consent"]

@@ -67,7 +67,7 @@ class ConsentElements:
             yield from _walk(body, path.split("."))
 
 
-def _walk(node: Any, steps: list[str]) -> Iterator[dict[str, Any]]:
+def _walk(node: object, steps: list[str]) -> Iterator[dict[str, Any]]:
     if isinstance(node, list):
         for item in node:
             yield from _walk(item, steps)

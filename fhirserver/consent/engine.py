@@ -26,8 +26,7 @@ mode but break-the-glass, and for the patient's own compartment too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -46,10 +45,13 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import BindParameter, ClauseElement, FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
+from ..auth.principal import Decision, Principal
 from ..clock import now_us
+from ..crypto.blind_index import BlindIndexer
 from ..db.schema import (
     compartment,
     consent_criterion,
@@ -79,12 +81,12 @@ class now_micros(FunctionElement[int]):  # noqa: N801 - an SQL function
 
 
 @compiles(now_micros, "sqlite")
-def _now_sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+def _now_sqlite(element: ClauseElement, compiler: SQLCompiler, **kw: object) -> str:
     return "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
 
 
 @compiles(now_micros)
-def _now_default(element: Any, compiler: Any, **kw: Any) -> str:
+def _now_default(element: ClauseElement, compiler: SQLCompiler, **kw: object) -> str:
     return "CAST(EXTRACT(EPOCH FROM now()) * 1000000 AS BIGINT)"
 
 
@@ -119,24 +121,9 @@ class _Deferred(ColumnElement[bool]):
 
 
 @compiles(_Deferred)
-def _compile_deferred(element: _Deferred, compiler: Any, **kw: Any) -> str:
+def _compile_deferred(element: _Deferred, compiler: SQLCompiler, **kw: Any) -> str:
     tree = element.build(element.tables, element.bound, element.shape[1:])
     return str(compiler.process(tree, **kw))
-
-
-@dataclass
-class Decision:
-    """What the consent stage decided for one request (kept on the Principal)."""
-
-    purpose: str
-    mode: str = "filter"  # filter | exempt | break-glass
-    reason: str | None = None
-    actors: list[str] = field(default_factory=list)  # keyed digests of the requester's references
-    own_patients: list[str] = field(default_factory=list)  # unfiltered compartments (self, guardian, proxy)
-    now_us: int = 0
-    any_rules: bool = True  # False: the rule table was empty when the request started (fast path)
-    jurisdiction: str = ""  # the client's jurisdiction ("" when the rule is off)
-    transfer: bool = False  # the client is outside the deployment's jurisdiction
 
 
 class ConsentEngine:
@@ -155,7 +142,7 @@ class ConsentEngine:
         self._consents = (select(cres.c.id).distinct().select_from(joined).order_by(cres.c.id).limit(100), row, rule)
 
     # ------------------------------------------------------------------ who is asking, for what
-    def decide(self, principal: Any, headers: dict[str, str]) -> Decision:
+    def decide(self, principal: Principal, headers: dict[str, str]) -> Decision:
         settings = principal.client_settings or {}
         purposes = [p for p in settings.get("purposes") or ["TREAT"] if isinstance(p, str)]
         asked = (headers.get("x-purpose-of-use") or "").strip()
@@ -193,14 +180,14 @@ class ConsentEngine:
         return Decision(purpose, mode, reason[:500] or None, [self.digest(a) for a in actors], own, now_us(),
                         jurisdiction=place, transfer=place != self.home)
 
-    def decision_of(self, principal: Any) -> Decision:
+    def decision_of(self, principal: Principal) -> Decision:
         """The request's decision (attached by the pipeline), or the client's defaults for a
         principal outside a request (an export job re-applying its caller's rules)."""
-        decision = getattr(principal, "consent", None)
+        decision = principal.consent
         return decision if decision is not None else self.decide(principal, {})
 
     # ------------------------------------------------------------------ the predicates
-    def predicates(self, principal: Any, resource_type: str, interaction: str,
+    def predicates(self, principal: Principal, resource_type: str, interaction: str,
                    res: FromClause | None = None) -> list[ColumnElement[bool]]:
         d = self.decision_of(principal)
         source = source_of(resource_type)
@@ -279,12 +266,12 @@ class ConsentEngine:
             if systems else false()
         return _exists([tok], tok.c.param == "_security", labelled, tok.c.resource_pk == res.c.pk)
 
-    def _in_force(self, rule: Any) -> ColumnElement[bool]:
+    def _in_force(self, rule: FromClause) -> ColumnElement[bool]:
         now = now_micros()
         return and_(rule.c.start_us <= now, rule.c.end_us >= now)
 
-    def _deciding(self, rule: Any, row: FromClause, purpose: Any, place: Any,
-                  actors: Sequence[Any]) -> list[ColumnElement[bool]]:
+    def _deciding(self, rule: FromClause, row: FromClause, purpose: BindParameter[Any], place: BindParameter[Any],
+                  actors: Sequence[BindParameter[Any]]) -> list[ColumnElement[bool]]:
         """`rule` decides for `row`: it has an effect, is in force, matches, and none of its
         nested provisions (exceptions) in force matches."""
         child = consent_rule.alias()
@@ -292,8 +279,8 @@ class ConsentEngine:
                 ~_exists([child], child.c.parent_pk == rule.c.pk, self._in_force(child),
                          self._matches(child, row, purpose, place, actors))]
 
-    def _matches(self, rule: Any, row: FromClause, purpose: Any, place: Any,
-                 actors: Sequence[Any]) -> ColumnElement[bool]:
+    def _matches(self, rule: FromClause, row: FromClause, purpose: BindParameter[Any], place: BindParameter[Any],
+                 actors: Sequence[BindParameter[Any]]) -> ColumnElement[bool]:
         """Every criterion group of `rule` has a value matching `row` and the request: the number
         of distinct groups with a matching value equals the rule's group count. Row-independent
         kinds are tested first; the index probes are EXISTS terms of the same OR, so a criterion
@@ -361,14 +348,14 @@ def _request_params(d: Decision) -> list[BindParameter[Any]]:
     return [literal(d.purpose), literal(d.jurisdiction), *(literal(a) for a in d.actors)]
 
 
-def _one_of(col: ColumnElement[Any], values: Any) -> ColumnElement[bool]:
+def _one_of(col: ColumnElement[Any], values: Iterable[object]) -> ColumnElement[bool]:
     """`col IN (?, ?, ...)` with one bound parameter per value: an expanding IN (the default for
     a list) is re-rendered into the statement's text at every execution."""
     items = [v if isinstance(v, ClauseElement) else literal(v) for v in values]
     return col.in_(items) if items else false()
 
 
-def actor_digest(blind: Any) -> Callable[[str], str]:
+def actor_digest(blind: BlindIndexer) -> Callable[[str], str]:
     def digest(ref: str) -> str:
         return blind.digest(ACTOR_PARAM, "r", ref)
 

@@ -25,23 +25,25 @@ package (dependencies run one way), so the stage names only what it reads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy import ColumnElement, Connection, FromClause
 
 from ..audit.events import AuditRecord
+from ..auth.principal import Decision, Principal
+from ..fhir.interaction import Interaction
 from ..storage.repository import PreparedWrite
 
 
 class StageContext(Protocol):
-    """What the consent stage reads of a request (pipeline.context.RequestContext satisfies it)."""
+    """What the consent stage reads of a request (pipeline.context.RequestContext satisfies it);
+    the stage's own services (engine, repository, audit log) are its constructor's."""
 
     headers: dict[str, str]
     record: AuditRecord
     write: PreparedWrite | None  # the resource a create or update will store
-    principal: Any  # pipeline.principal.Principal (a layer above)
-    interaction: Any  # pipeline.interaction.Interaction
-    services: Any  # services.Services (a layer above)
+    principal: Principal | None
+    interaction: Interaction
 
     def reading(self) -> Connection:
         """The request's read transaction (authentication, consent state and a read's data)."""
@@ -49,14 +51,14 @@ class StageContext(Protocol):
 
 
 class ConsentHook(Protocol):
-    def begin(self, ctx: StageContext) -> Any: ...
+    def begin(self, ctx: StageContext) -> Decision | None: ...
 
-    def predicates(self, principal: Any, resource_type: str, interaction: str,
+    def predicates(self, principal: Principal, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]: ...
 
-    def transfer_rule(self, principal: Any) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]: ...
+    def transfer_rule(self, principal: Principal) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]: ...
 
-    def export_decision(self, principal: Any, deidentified: bool) -> Any: ...
+    def export_decision(self, principal: Principal, deidentified: bool) -> Decision | None: ...
 
     def check_write(self, ctx: StageContext) -> None: ...
 
@@ -68,17 +70,17 @@ class ConsentHook(Protocol):
 class NoConsentFiltering:
     """Every stage a no-op: nothing is hidden, nothing is recorded beyond the audit record."""
 
-    def begin(self, ctx: StageContext) -> Any:
+    def begin(self, ctx: StageContext) -> Decision | None:
         return None
 
-    def predicates(self, principal: Any, resource_type: str, interaction: str,
+    def predicates(self, principal: Principal, resource_type: str, interaction: str,
                    res: FromClause) -> list[ColumnElement[bool]]:
         return []
 
-    def transfer_rule(self, principal: Any) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]:
+    def transfer_rule(self, principal: Principal) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]:
         return None, ""
 
-    def export_decision(self, principal: Any, deidentified: bool) -> Any:
+    def export_decision(self, principal: Principal, deidentified: bool) -> Decision | None:
         return None
 
     def check_write(self, ctx: StageContext) -> None:

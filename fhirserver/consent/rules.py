@@ -55,7 +55,7 @@ class Rule:
     explicit: bool
 
 
-def _period(value: Any) -> tuple[int, int] | None:
+def _period(value: object) -> tuple[int, int] | None:
     if not isinstance(value, dict):
         return None
     try:
@@ -66,7 +66,7 @@ def _period(value: Any) -> tuple[int, int] | None:
     return low, high
 
 
-def _codings(value: Any) -> list[dict[str, Any]]:
+def _codings(value: object) -> list[dict[str, Any]]:
     if isinstance(value, dict):
         if "coding" in value:
             return [c for c in value.get("coding", []) if isinstance(c, dict)]

@@ -24,13 +24,17 @@ from sqlalchemy import ColumnElement, Connection, FromClause, and_, or_, select
 
 from .. import metrics
 from ..audit.events import AuditRecord
+from ..audit.records import AuditLog
+from ..auth.principal import Decision, Principal
 from ..clock import now_us
+from ..config import Settings
 from ..db import guard
 from ..db.schema import app_user, resource, user_patient_link
 from ..fhir.errors import FhirError
 from ..storage.codec import parse_json
+from ..storage.repository import Repository
 from .alerts import account_of, note_denial, raise_alert
-from .engine import ConsentEngine, Decision
+from .engine import ConsentEngine
 from .entities import consent_entity, policy_entity
 from .hooks import NoConsentFiltering, StageContext
 from .labels import Labeller
@@ -53,7 +57,7 @@ class ConsentWrites:
     when a write is prepared, and a Consent's rule rows are replaced in the transaction that
     writes (or deletes) the Consent -- on every write path: REST, Bundles, imports, reindexing."""
 
-    def __init__(self, labeller: Labeller, digest: Any) -> None:
+    def __init__(self, labeller: Labeller, digest: Callable[[str], str]) -> None:
         self.labeller = labeller
         self.digest = digest
 
@@ -66,15 +70,18 @@ class ConsentWrites:
 
 
 class ConsentStage(NoConsentFiltering):
-    def __init__(self, engine: ConsentEngine, settings: Any) -> None:
+    def __init__(self, engine: ConsentEngine, settings: Settings, repo: Repository, audit: AuditLog) -> None:
         self.engine = engine
-        self.settings = settings
-        self.minor_age = int(getattr(settings, "consent_minor_age", 14))
-        self.burst_threshold = int(getattr(settings, "denial_burst_threshold", 20))
-        self.burst_suspend = bool(getattr(settings, "denial_burst_suspend", False))
+        self.repo, self.audit = repo, audit  # the minors' rule reads the patient; a burst suspension is audited
+        self.minor_age = settings.consent_minor_age
+        self.burst_threshold = settings.denial_burst_threshold
+        self.burst_suspend = settings.denial_burst_suspend
+        self.deidentified_abroad = settings.cross_border_deidentified
 
     # ---- stage entry
-    def begin(self, ctx: StageContext) -> Decision:
+    def begin(self, ctx: StageContext) -> Decision | None:
+        if ctx.principal is None:
+            return None  # a public interaction (metadata, smart-configuration): nothing to decide
         decision = self.engine.decide(ctx.principal, ctx.headers)
         if decision.mode == "filter":
             decision.any_rules = self.engine.rules_exist(ctx.reading())
@@ -101,11 +108,11 @@ class ConsentStage(NoConsentFiltering):
                                 f"consent permits it"))
         return decision
 
-    def transfer_rule(self, principal: Any) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]:
+    def transfer_rule(self, principal: Principal) -> tuple[Callable[[FromClause], ColumnElement[bool]] | None, str]:
         """The cross-border rule for this caller: its predicate over a table and the read's 403
         text for a row it hides (the client is told why; the privacy office gets an alert), or
         (None, "") where it does not apply (a domestic client, break-the-glass)."""
-        decision: Decision | None = getattr(principal, "consent", None)
+        decision: Decision | None = principal.consent
         if decision is None or not decision.transfer or decision.mode == "break-glass":
             return None, ""
         engine = self.engine
@@ -113,15 +120,16 @@ class ConsentStage(NoConsentFiltering):
                 f"{TRANSFER_REFUSED}: this client is registered in {decision.jurisdiction}, the data is held in "
                 f"{engine.home}, and the patient's consent does not permit this transfer")
 
-    def export_decision(self, principal: Any, deidentified: bool) -> Decision | None:
+    def export_decision(self, principal: Principal, deidentified: bool) -> Decision | None:
         """The decision an export job applies: its caller's defaults, without the cross-border
         rule for a de-identified export when the deployment allows those abroad."""
         decision = self.engine.decide(principal, {})
-        if deidentified and getattr(self.settings, "cross_border_deidentified", False):
+        if deidentified and self.deidentified_abroad:
             decision.transfer = False
         return decision
 
-    def predicates(self, principal: Any, resource_type: str, interaction: str, res: Any) -> list[Any]:
+    def predicates(self, principal: Principal, resource_type: str, interaction: str,
+                   res: FromClause) -> list[ColumnElement[bool]]:
         return self.engine.predicates(principal, resource_type, interaction, res)
 
     # ---- minors (rule 7)
@@ -138,20 +146,19 @@ class ConsentStage(NoConsentFiltering):
         if not ref.startswith("Patient/"):
             return
         pid = ref.split("/", 1)[1]
-        decision: Decision = self.engine.decision_of(ctx.principal)
-        if decision.mode == "exempt":
+        principal = ctx.principal
+        if principal is not None and self.engine.decision_of(principal).mode == "exempt":
             return  # the consent-management back office records (paper) consents on people's behalf
-        services = ctx.services
         conn = ctx.reading()
         with guard.system_path("consent-minors"):  # the age rule
-            head = services.repo.current(conn, "Patient", pid)
+            head = self.repo.current(conn, "Patient", pid)
             if head is None or head.deleted:
                 return
-            patient = parse_json(services.repo.read(conn, "Patient", pid).body or b"{}")
+            patient = parse_json(self.repo.read(conn, "Patient", pid).body or b"{}")
             age = _age(patient.get("birthDate"))
             if age is None or age >= self.minor_age:
                 return
-            user = ctx.principal.fhir_user or ""
+            user = (principal.fhir_user if principal else None) or ""
             guardian = bool(user) and conn.execute(
                 select(user_patient_link.c.user_id)
                 .join(app_user, app_user.c.id == user_patient_link.c.user_id)
@@ -169,7 +176,7 @@ class ConsentStage(NoConsentFiltering):
         principal = ctx.principal
         if principal is None or ctx.interaction.kind not in READING:
             return
-        decision: Decision | None = getattr(principal, "consent", None)
+        decision: Decision | None = principal.consent
         if decision is None or decision.mode == "exempt" or not decision.any_rules:
             return  # no Consent existed: the default policy (already recorded) decided
         refs = [r.split("/_history")[0] for r in ctx.record.resources]
@@ -188,7 +195,7 @@ class ConsentStage(NoConsentFiltering):
     def finish(self, ctx: StageContext, conn: Connection) -> None:
         rec: AuditRecord = ctx.record
         principal = ctx.principal
-        decision: Decision | None = getattr(principal, "consent", None) if principal else None
+        decision: Decision | None = principal.consent if principal else None
         if decision is not None and rec.status < 400 and decision.mode in ("exempt", "break-glass"):
             raise_alert(conn, "break-glass" if decision.mode == "break-glass" else "consent-exempt",
                         rec.client_id, rec.request_id,
@@ -227,7 +234,7 @@ class ConsentStage(NoConsentFiltering):
             suspended.subtype_code = ("urn:fhirserver:admin", "client-suspend", "Client suspended") if not rec.user \
                 else ("urn:fhirserver:admin", "user-suspend", "User suspended")
             suspended.target = rec.user or f"Device/{rec.client_id}"
-            ctx.services.audit.append(conn, suspended)
+            self.audit.append(conn, suspended)
 
 
 def _pks(conn: Connection, refs: list[str]) -> list[int]:
@@ -242,7 +249,7 @@ def _pks(conn: Connection, refs: list[str]) -> list[int]:
     return [r[0] for r in conn.execute(select(resource.c.pk).where(or_(*conds))).all()]
 
 
-def _age(birth: Any) -> int | None:
+def _age(birth: object) -> int | None:
     if not isinstance(birth, str) or len(birth) < 4:
         return None
     try:

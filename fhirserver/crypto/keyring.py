@@ -102,7 +102,7 @@ class MasterKeyRing:
         self._keys, self._active = keys, doc["active"]
         self._mtime = self._file.stat().st_mtime
 
-    def _write(self, doc: dict) -> None:
+    def _write(self, doc: dict[str, object]) -> None:
         tmp = self._file.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -20,10 +20,11 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry
 
 READONLY = "fhirserver_readonly"
 
@@ -50,7 +51,7 @@ def _sqlite_engine(url: str, background_checkpoint: bool) -> Engine:
     lock_path = f"{database}.writelock" if database and database != ":memory:" else None
 
     @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, record: Any) -> None:
+    def _connect(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
@@ -71,7 +72,7 @@ def _sqlite_engine(url: str, background_checkpoint: bool) -> Engine:
             record.info["lock_fd"] = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
 
     @event.listens_for(engine, "close")
-    def _close(dbapi_conn: Any, record: Any) -> None:
+    def _close(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         fd = record.info.pop("lock_fd", None)
         if fd is not None:
             os.close(fd)
@@ -88,7 +89,7 @@ def _sqlite_engine(url: str, background_checkpoint: bool) -> Engine:
             info["locked"] = True
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    def _release(dbapi_conn: Any, record: Any, *_args: Any) -> None:
+    def _release(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, *_args: object) -> None:
         if record.info.pop("locked", False):
             fcntl.flock(record.info["lock_fd"], fcntl.LOCK_UN)
 

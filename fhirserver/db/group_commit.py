@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -34,7 +34,7 @@ class _Group:
         self.pending = 1  # members that have not finished their body
         self.size = 1
         self.succeeded = 0  # members whose body completed (nothing to commit when 0)
-        self.cm: Any = None
+        self.cm: AbstractContextManager[Connection] | None = None
         self.conn: Connection | None = None
         self.error: BaseException | None = None
 

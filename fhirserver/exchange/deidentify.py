@@ -30,7 +30,10 @@ import hmac
 import re
 from datetime import date
 from hashlib import sha256
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..services import Services
 
 PSEUDONYM_SYSTEM = "urn:fhirserver:pseudonym"
 AGE_90_PLUS = "http://fhirserver.dev/StructureDefinition/deidentified-age-90-or-older"
@@ -79,7 +82,7 @@ class Deidentifier:
         self._year = (today or date.today()).year
 
     @classmethod
-    def for_export(cls, svc: Any, job_id: str, client_id: str) -> Deidentifier:
+    def for_export(cls, svc: Services, job_id: str, client_id: str) -> Deidentifier:
         """The export's own key, or the client's when it is registered with stable pseudonyms."""
         from ..auth.clients import get_client
 
@@ -132,7 +135,7 @@ class Deidentifier:
                         out[key] = kept
         return out
 
-    def _element(self, key: str, value: Any) -> Any:
+    def _element(self, key: str, value: object) -> Any:
         if key in REMOVED or key.startswith("_"):
             return None  # `_x` primitive extensions can carry the removed text too
         if key in FREE_TEXT and isinstance(value, str):

@@ -219,7 +219,7 @@ class _Rewriter:
         return self._param.sub(lambda m: f"{m.group(1)}{self._pseudonym}", text)
 
 
-def _replace(node: Any, rewrite: _Rewriter, key: str = "") -> Any:
+def _replace(node: object, rewrite: _Rewriter, key: str = "") -> Any:
     if isinstance(node, dict):
         return {k: _replace(v, rewrite, k) for k, v in node.items()}
     if isinstance(node, list):

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, select, update
 from ..audit.events import AuditRecord
 from ..clock import now_us
 from ..crypto.cipher import open_sealed, seal
+from ..db.rows import AnyRow
 from ..db.schema import erasure_request
 from ..fhir.dates import instant_text
 from ..services import Services
@@ -50,7 +51,7 @@ def _aad(request_id: str) -> bytes:
     return f"erasure-request/{request_id}".encode()
 
 
-def _load(svc: Services, conn: Connection, row: Any) -> ErasureRequest:
+def _load(svc: Services, conn: Connection, row: AnyRow) -> ErasureRequest:
     reason = ""
     if row.reason is not None:
         reason = open_sealed(AESGCM(svc.keys.by_id(row.key_id, conn)), row.reason, _aad(row.id)).decode()

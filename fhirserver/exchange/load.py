@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import (
     Connection,
@@ -61,6 +61,9 @@ from .sources import discover, file_sha256, iter_items
 from .statistics import analyze
 
 MIN_PARALLEL_BYTES = 4 << 20  # below this, starting worker processes costs more than they save
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 Echo = Callable[[str], None]
@@ -244,7 +247,7 @@ class _Run:
     batch: int
     pool: ProcessPoolExecutor | None
     workers: int
-    bar: Any
+    bar: tqdm[NoReturn]  # progress in bytes (shown on a terminal only)
     say: Echo
     report: LoadReport
     on_batch: BatchHook | None

@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 from ..config import Settings
+from ..crypto.datakeys import DataKeyStore
 from ..fhir.errors import FhirError
 from ..services import Services
 from ..storage.codec import DuplicateKeyError, parse_json
@@ -81,7 +82,7 @@ class _DeferredKeys:
     writer assigns them before its transaction instead (`_commit`). Other keys (the blind-index
     key of the indexer, the shared key) come from the real store."""
 
-    def __init__(self, keys: Any) -> None:
+    def __init__(self, keys: DataKeyStore) -> None:
         self._keys = keys
 
     def ensure(self, scope: str) -> tuple[int, bytes]:

@@ -32,12 +32,14 @@ from ..audit.events import AuditRecord
 from ..clock import now_us
 from ..db.schema import resource_version
 from ..fhir.dates import instant_text
+from ..fhir.registry import TypeRegistry
 from ..search.executor import run_search
+from ..search.params import ParamRegistry
 from ..search.parser import parse_search
 from ..services import Services
 from ..storage.codec import parse_json
 from ..storage.compartments import patients_of
-from ..storage.repository import key_scope_for
+from ..storage.repository import Stored, key_scope_for
 from .deidentify import Deidentifier
 from .erase import already_erased, erase_patient, pseudonym_for
 
@@ -63,7 +65,7 @@ class Policy:
         return now - self.days * DAY_US
 
 
-def parse_policies(text: str, types: Any = None, params: Any = None) -> list[Policy]:
+def parse_policies(text: str, types: TypeRegistry | None = None, params: ParamRegistry | None = None) -> list[Policy]:
     """Policies from the setting; with the registries, unknown types and searches are errors."""
     out = []
     for part in (p.strip() for p in text.split(",")):
@@ -179,7 +181,9 @@ def _batch(svc: Services, p: Policy, size: int) -> int:
         return len(stored)
 
 
-def _deidentify(svc: Services, conn: Connection, st: Any, key: bytes) -> None:
+def _deidentify(svc: Services, conn: Connection, st: Stored, key: bytes) -> None:
+    if st.body is None:
+        return  # a deleted version holds nothing to de-identify
     body = Deidentifier(key).apply(parse_json(st.body))
     body["id"] = st.id
     meta = body.setdefault("meta", {})

@@ -81,9 +81,10 @@ def _read_lines(path: Path) -> Iterator[tuple[bytes, int]]:
 
 
 def _read_json(path: Path) -> Any:
-    opener: Any = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        return parse_json(fh.read())
+    if path.name.lower().endswith(".gz"):
+        with gzip.open(path, "rb") as packed:
+            return parse_json(packed.read())
+    return parse_json(path.read_bytes())
 
 
 def derived_id(sha: str, index: int) -> str:
@@ -104,7 +105,7 @@ def _id_from_full_url(full_url: str, rtype: str) -> str | None:
     return None
 
 
-def bundle_items(doc: Any, sha: str, size: int, kept: frozenset[str]) -> list[Item]:
+def bundle_items(doc: object, sha: str, size: int, kept: frozenset[str]) -> list[Item]:
     """A Bundle of any type: its entries' resources with ids assigned where missing (the
     urn:uuid of the fullUrl, else the id of an absolute fullUrl, else a derived id) and references
     to other entries' fullUrls rewritten to Type/id. A single resource: one item."""

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
 
-
-def concept_text(concept: Any) -> str:
+def concept_text(concept: object) -> str:
     """`text`, else the first coding's display, else its code ("" for anything else)."""
     if not isinstance(concept, dict):
         return ""

@@ -135,7 +135,7 @@ def child_nodes(nodes: list[Node], name: str) -> list[Node]:
     return _child(nodes, name, name in _CHOICES)
 
 
-def resolves_to(value: Any, type_name: str) -> bool:
+def resolves_to(value: object, type_name: str) -> bool:
     """Whether one node passes `where(resolve() is type_name)`."""
     found = _resolve([(value, None)])
     return bool(found) and all(_type_matches(t, type_name) for _, t in found)

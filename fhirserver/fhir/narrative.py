@@ -48,7 +48,7 @@ def _fail(path: str, why: str, key: str = "txt-1") -> FhirError:
     return FhirError(400, "invariant", f"{key}: the narrative {why}", [path])
 
 
-def check_div(div: Any, path: str) -> None:
+def check_div(div: object, path: str) -> None:
     """Raise FhirError(400) unless `div` satisfies txt-1 and txt-2."""
     if not isinstance(div, str):
         raise _fail(path, "must be an XHTML string")

@@ -37,7 +37,7 @@ def _too_costly(message: str) -> FhirError:
     return FhirError(413, "too-costly", message)
 
 
-def apply_json_patch(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
+def apply_json_patch(resource: dict[str, Any], ops: object) -> dict[str, Any]:
     """Apply `ops` to `resource` (changed in place: the caller passes a fresh copy), one operation
     at a time so that the work stays bounded: at most MAX_OPERATIONS operations, and `copy`
     operations add at most MAX_COPIED_BYTES in all -- a copy is the only operation that adds more
@@ -75,7 +75,7 @@ def apply_json_patch(resource: dict[str, Any], ops: Any) -> dict[str, Any]:
     return result
 
 
-def _add(doc: Any, path: Any, value: Any) -> Any:
+def _add(doc: object, path: str, value: object) -> Any:
     """RFC 6902 `add` of a value the caller made fresh (jsonpatch's own add deep-copies it again:
     the cost a copy bomb relies on)."""
     pointer = jsonpointer.JsonPointer(path)
@@ -99,7 +99,7 @@ def _add(doc: Any, path: Any, value: Any) -> Any:
 def apply_merge_patch(resource: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """JSON Merge Patch (RFC 7386, section 2 -- the whole algorithm): what clients such as fhirpy
     send as a partial resource. `null` removes an element; objects merge; anything else replaces."""
-    def merge(target: Any, change: Any) -> Any:
+    def merge(target: object, change: object) -> Any:
         if not isinstance(change, dict):
             return change
         out = dict(target) if isinstance(target, dict) else {}
@@ -163,7 +163,7 @@ def _repeats(schema: dict[str, Any], rtype: str, path: str, name: str) -> bool:
         if prop is None:
             raise _bad(f"'{step}' is not an element here")
         if step == name:
-            return prop.get("type") == "array"
+            return bool(prop.get("type") == "array")
         ref = (prop.get("items") or prop).get("$ref", "")
         defn = schema.get(ref.rsplit("/", 1)[-1], {})
     return False
@@ -211,7 +211,7 @@ def _locate(resource: dict[str, Any], path: str) -> list[tuple[Any, Any]]:
     targets = [t for t in _eval(resource, path) if isinstance(t, (dict, list))]
     found: list[tuple[Any, Any]] = []
 
-    def walk(node: Any) -> None:
+    def walk(node: object) -> None:
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for key, child in items:
             if any(child is t for t in targets):
@@ -235,13 +235,13 @@ def _list_at(resource: dict[str, Any], path: str) -> list[Any]:
     return value
 
 
-def _index(value: Any, upper: int, what: str) -> int:
+def _index(value: object, upper: int, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= upper:
         raise _bad(f"{what} must be an integer from 0 to {upper}")
     return value
 
 
-def _prune(node: Any) -> Any:
+def _prune(node: object) -> Any:
     """Drop empty arrays and objects left behind by deletes (FHIR JSON allows neither)."""
     if isinstance(node, dict):
         return {k: p for k, v in node.items() if (p := _prune(v)) not in ([], {}) and p is not None}

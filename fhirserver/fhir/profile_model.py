@@ -55,8 +55,8 @@ class Element:
     steps: tuple[Step, ...]
     min: int | None = None
     max: int | None = None  # None: unbounded or not constrained
-    fixed: Any = None
-    pattern: Any = None
+    fixed: object = None  # a JSON value (fixed[x])
+    pattern: object = None  # a JSON value (pattern[x])
     has_fixed: bool = False
     has_pattern: bool = False
     choice_types: tuple[str, ...] = ()  # allowed type codes of a choice element (`dateTime`, `Period`)
@@ -214,7 +214,7 @@ def _compile_invariant(expression: str) -> Test:
 
 
 def _combine(word: str, tests: list[Test]) -> Test:
-    def run(value: Any) -> bool | None:
+    def run(value: object) -> bool | None:
         results = [t(value) for t in tests]
         if word == "and":
             return False if False in results else (None if None in results else True)

@@ -43,7 +43,7 @@ from .profile_model import CORE, Element, Node, Profile, ProfileError, Step, _lo
 log = logging.getLogger(__name__)
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(a: object, b: object) -> bool:
     numbers = (int, float, Decimal)
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
         return Decimal(str(a)) == Decimal(str(b))
@@ -54,7 +54,7 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _contains(instance: Any, pattern: Any) -> bool:
+def _contains(instance: object, pattern: object) -> bool:
     """FHIR pattern[x]: every element of the pattern is in the instance; each pattern array item
     is matched by some instance item."""
     if isinstance(pattern, dict):
@@ -221,7 +221,7 @@ _LOCK = threading.Lock()
 
 
 def _member_test(checks: list[tuple[tuple[Step, ...], Element]]) -> Callable[[Any], bool]:
-    def member(item: Any) -> bool:
+    def member(item: object) -> bool:
         for rel, target in checks:
             values: list[Node] = [(item, "")]
             for step in rel:
@@ -245,7 +245,7 @@ def _select(profile: Profile, nodes: list[Node], steps: Sequence[Step],
     return nodes
 
 
-def _summary(value: Any) -> str:
+def _summary(value: object) -> str:
     text = json.dumps(value, separators=(",", ":"))
     return text if len(text) <= 200 else text[:197] + "..."
 
@@ -280,7 +280,7 @@ def _check_profile(profile: Profile, resource: dict[str, Any], root: str,
     return issues
 
 
-def _check_value(el: Element, value: Any, at: str, of: str, resource: dict[str, Any],
+def _check_value(el: Element, value: object, at: str, of: str, resource: dict[str, Any],
                  target_type: Callable[[str], str | None]) -> list[Issue]:
     issues: list[Issue] = []
     if el.choice_types:

@@ -48,10 +48,10 @@ class _Checker:
     def error(self, text: str, path: str, code: str = "business-rule") -> None:
         self.issues.append(Issue(code, text, expression=[path]))
 
-    def items(self, q_items: Any, r_items: Any, path: str) -> None:
-        by_link = {str(q.get("linkId")): q for q in q_items or [] if isinstance(q, dict)}
+    def items(self, q_items: object, r_items: object, path: str) -> None:
+        by_link = {str(q.get("linkId")): q for q in _items(q_items) if isinstance(q, dict)}
         seen: set[str] = set()
-        for i, item in enumerate(r_items or []):
+        for i, item in enumerate(_items(r_items)):
             if not isinstance(item, dict):
                 continue
             here, link = f"{path}.item[{i}]", str(item.get("linkId"))
@@ -139,7 +139,7 @@ class _Checker:
         return False
 
 
-def _ordered(v: Any) -> Any:
+def _ordered(v: object) -> Any:
     if isinstance(v, bool):
         return None
     if isinstance(v, int | float):
@@ -166,8 +166,13 @@ def _codes(vs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
         stack.extend(c.get("contains") or [])
 
 
-def _walk_response(items: Any, path: str) -> Iterator[tuple[dict[str, Any], str]]:
-    for i, item in enumerate(items or []):
+def _items(value: object) -> list[object]:
+    """An `item` array as stored (anything else, e.g. a missing one, has no items)."""
+    return value if isinstance(value, list) else []
+
+
+def _walk_response(items: object, path: str) -> Iterator[tuple[dict[str, Any], str]]:
+    for i, item in enumerate(_items(items)):
         if not isinstance(item, dict):
             continue
         here = f"{path}.item[{i}]"

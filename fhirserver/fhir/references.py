@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def rewrite_references(value: Any, mapping: dict[str, str]) -> Any:
+def rewrite_references(value: object, mapping: dict[str, str]) -> Any:
     """A copy of `value` in which every `reference` found in `mapping` (a Bundle entry's fullUrl,
     e.g. `urn:uuid:...`) is replaced by its target (`Type/id`); the input is not modified."""
     if isinstance(value, dict):
@@ -16,7 +16,7 @@ def rewrite_references(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
-def unresolved_urns(value: Any, mapping: dict[str, str]) -> list[str]:
+def unresolved_urns(value: object, mapping: dict[str, str]) -> list[str]:
     """`urn:uuid:` references in `value` that `mapping` does not resolve (FHIR requires every such
     reference in a transaction to name an entry's fullUrl)."""
     found: list[str] = []

@@ -14,6 +14,7 @@ narrative; it is accepted (and its XHTML is checked like any other, see narrativ
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .errors import FhirError
@@ -21,14 +22,14 @@ from .errors import FhirError
 DEFAULT_MAX_DEPTH = 64
 
 
-def json_depth(value: Any, limit: int) -> int:
+def json_depth(value: object, limit: int) -> int:
     """Container nesting depth of `value`, counting objects and arrays; stops past `limit`."""
     deepest = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
         if isinstance(node, dict):
-            children: Any = node.values()
+            children: Iterable[object] = node.values()
         elif isinstance(node, list):
             children = node
         else:
@@ -46,7 +47,7 @@ def _too_deep(limit: int, what: str = "The resource") -> FhirError:
                                         f"(the server's max_json_depth)")
 
 
-def check_depth(value: Any, limit: int, what: str = "The resource") -> None:
+def check_depth(value: object, limit: int, what: str = "The resource") -> None:
     if json_depth(value, limit) > limit:
         raise _too_deep(limit, what)
 
@@ -55,7 +56,7 @@ def _invariant(key: str, human: str, path: str) -> FhirError:
     return FhirError(400, "invariant", f"{key}: {human}", [path])
 
 
-def _check_extension(item: Any, path: str) -> None:
+def _check_extension(item: object, path: str) -> None:
     if not isinstance(item, dict):
         return
     nested = bool(item.get("extension"))

@@ -82,7 +82,7 @@ class Validator:
         for name in type_names:
             self._schema_for(name)
 
-    def validate(self, body: Any, expected_type: str | None = None, root: str | None = None,
+    def validate(self, body: object, expected_type: str | None = None, root: str | None = None,
                  profiles: Sequence[str] = ()) -> list[Issue]:
         """Raise FhirError(400) describing the first problems found, or FhirError(422) when the
         resource breaks a known profile it claims (or one of `profiles`, for $validate). Returns
@@ -107,7 +107,7 @@ class Validator:
         if schema_fn is not None:
             try:
                 schema_fn(body)
-            except fastjsonschema.JsonSchemaException as exc:
+            except fastjsonschema.JsonSchemaValueException as exc:
                 raise self._schema_error(root, exc) from None
             for i, contained in enumerate(body.get("contained") or []):
                 if isinstance(contained, dict) and isinstance(contained.get("resourceType"), str):
@@ -142,8 +142,8 @@ class Validator:
         return issues
 
     @staticmethod
-    def _schema_error(root: str, exc: Any) -> FhirError:
-        """`exc` is a fastjsonschema JsonSchemaException (its attributes are not in its stubs)."""
+    def _schema_error(root: str, exc: fastjsonschema.JsonSchemaValueException) -> FhirError:
+        """The 422 for a value the compiled R4 JSON schema refused."""
         path = list(exc.path[1:]) if exc.path else []
         if exc.rule == "additionalProperties" and isinstance(exc.value, dict):
             allowed = set((exc.definition or {}).get("properties", {}))
@@ -178,7 +178,7 @@ def _ascii_pattern(pattern: str) -> str:
     return "".join(out)
 
 
-def _ascii_classes(node: Any) -> Any:
+def _ascii_classes(node: object) -> Any:
     """The string pattern `[ \\r\\n\\t\\S]+` with `\\S` read as in ASCII: Python's Unicode `\\S`
     refuses a non-breaking space (U+00A0) in text, which FHIR's rule for strings (about control
     characters) allows and HL7's own examples contain (DiagnosticReport/gingival-mass). A bare

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, select, update
 from ..audit.events import AuditRecord
 from ..auth.tokens import revoke_client_tokens
 from ..clock import now_us
+from ..config import Settings
 from ..consent.alerts import raise_alert
 from ..db.engine import read_connection
 from ..db.schema import access_token, account_penalty, app_user, client, consent_alert
@@ -63,7 +64,7 @@ class Change:
 
 
 class Penalties:
-    def __init__(self, engine: Engine, settings: Any, audit_append: Callable[[Connection, AuditRecord], Any]) -> None:
+    def __init__(self, engine: Engine, settings: Settings, audit_append: Callable[[Connection, AuditRecord], object]) -> None:
         self.engine = engine
         self.policy = parse_policy(settings.penalty_policy)
         self.window_us = int(settings.penalty_window_days) * 86_400_000_000

@@ -29,7 +29,9 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, func, insert, literal, or_, select
 
 from ..audit.rollup import HOUR_US, WATERMARK
-from ..crypto.blind_index import normalize
+from ..config import Settings
+from ..crypto.blind_index import BlindIndexer, normalize
+from ..db.rows import AnySelect
 from ..db.schema import (
     access_agent_hour,
     access_hourly,
@@ -45,6 +47,7 @@ from ..db.schema import (
     resource,
 )
 from ..fhir.dates import instant_text
+from ..storage.repository import Repository
 
 DAY_US = 24 * HOUR_US
 STAFF = ("Practitioner", "PractitionerRole")
@@ -79,7 +82,7 @@ class SnoopRules:
     app_patients_per_hour: int = 200
 
     @classmethod
-    def from_settings(cls, s: Any) -> SnoopRules:
+    def from_settings(cls, s: Settings) -> SnoopRules:
         labels = tuple(tuple(p.strip().rsplit("|", 1)) for p in str(s.snoop_vip_labels).split(",") if "|" in p)
         return cls(s.snoop_baseline_days, s.snoop_volume_min_patients, s.snoop_volume_factor, s.snoop_peer_factor,
                    s.snoop_offhours_share, s.snoop_offhours_min_days, labels,  # type: ignore[arg-type]
@@ -185,7 +188,7 @@ def off_hours(conn: Connection, day_us: int, r: SnoopRules, today: dict[str, lis
     return found
 
 
-def _touched_patients(day_us: int) -> Any:
+def _touched_patients(day_us: int) -> AnySelect:
     h = access_hourly
     return (select(h.c.agent_type, h.c.agent_id, h.c.patient_id, func.sum(h.c.n).label("n"),
                    func.min(h.c.first_us).label("first"), func.max(h.c.last_us).label("last"), resource.c.pk)
@@ -218,7 +221,7 @@ def vip(conn: Connection, day_us: int, r: SnoopRules) -> list[Finding]:
     return _per_account("vip", "medium", rows, {"labels": [f"{s}|{c}" for s, c in r.vip_labels]})
 
 
-def family(conn: Connection, day_us: int, repo: Any, blind: Any) -> list[Finding]:
+def family(conn: Connection, day_us: int, repo: Repository, blind: BlindIndexer) -> list[Finding]:
     """Staff who opened a patient sharing their family name and an address line: the staff
     member's own Practitioner resource is read (one decryption per person), the patient side is
     matched on the keyed digests the search index already holds."""
@@ -292,7 +295,7 @@ def app_bulk(conn: Connection, day_us: int, r: SnoopRules, apps: dict[str, list[
     return found
 
 
-def detect(conn: Connection, day_us: int, rules: SnoopRules, repo: Any, blind: Any) -> list[Finding]:
+def detect(conn: Connection, day_us: int, rules: SnoopRules, repo: Repository, blind: BlindIndexer) -> list[Finding]:
     """Every rule over the day [day_us, day_us + 24 h) (UTC); the day must be over and rolled up."""
     from ..clock import now_us
 

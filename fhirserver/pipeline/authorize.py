@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy import ColumnElement, FromClause, and_, false, or_, select
 
+from ..auth.principal import Principal
 from ..auth.scopes import ResourceScope
 from ..fhir.errors import FhirError
 from ..fhir.registry import TypeRegistry
@@ -19,7 +20,6 @@ from ..search.compiler import QueryCompiler
 from ..search.params import ParamRegistry
 from ..search.parser import parse_search
 from ..search.sources import source_of
-from .principal import Principal
 
 _MAX_RESTRICTIONS = 1024  # distinct (scope query, type) pairs kept compiled
 

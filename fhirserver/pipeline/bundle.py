@@ -15,6 +15,7 @@ database transaction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,12 +25,12 @@ from sqlalchemy import Connection
 from ..audit.events import AuditRecord
 from ..clock import now_us
 from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..fhir.interaction import parse_interaction
 from ..fhir.references import rewrite_references, unresolved_urns
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import new_id
 from .context import RequestContext, Result
 from .handler import Handler
-from .interaction import parse_interaction
 from .request_body import parse_body
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -45,12 +46,18 @@ class Entry:
         self.url = str(request.get("url", ""))
         self.request = request
         self.ctx: RequestContext | None = None
-        self.handler: Any = None
+        self.handler: Handler | None = None
         self.error: FhirError | None = None
         self.result: Result | None = None
 
     def where(self) -> str:
         return f"entry {self.index} ({self.method} {self.url[:80]})"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    kind: str  # batch | transaction
+    entries: list[Entry]  # each prepared (or failed, in a batch) before the transaction
 
 
 class BundleHandler(Handler):
@@ -110,12 +117,12 @@ class BundleHandler(Handler):
             try:
                 e.ctx = self._entry_context(ctx, e, mapping, assigned.get(e.index))
                 e.ctx.bundle_patients = creates
-                e.handler = ctx.pipeline.prepare_entry(e.ctx)
+                e.handler = ctx.runner.prepare_entry(e.ctx)
             except FhirError as err:
                 if kind == "transaction":
                     raise _entry_error(e, err) from None
                 e.error = err
-        ctx.plan = (kind, entries)
+        ctx.plan = _Plan(kind, entries)
         ctx.record.outcome_desc = f"{kind} of {len(entries)} entries"
 
     def _entry_context(self, ctx: RequestContext, e: Entry, mapping: dict[str, str],
@@ -156,11 +163,12 @@ class BundleHandler(Handler):
         return sub
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        kind, entries = ctx.plan
-        pipeline = ctx.pipeline
+        plan = ctx.plan_as(_Plan)
+        kind, entries = plan.kind, plan.entries
+        pipeline = ctx.runner
         if kind == "transaction":
             for e in sorted(entries, key=lambda x: (ORDER[x.method], x.index)):
-                assert e.ctx is not None
+                assert e.ctx is not None and e.handler is not None
                 try:
                     e.result = pipeline.execute_entry(e.ctx, e.handler, conn)
                 except FhirError as err:
@@ -171,7 +179,7 @@ class BundleHandler(Handler):
                     if e.ctx is not None:
                         pipeline.audit_entry_failure(e.ctx, conn, e.error.status, e.error.issues)
                     continue
-                assert e.ctx is not None
+                assert e.ctx is not None and e.handler is not None
                 savepoint = conn.begin_nested()
                 try:
                     e.result = pipeline.execute_entry(e.ctx, e.handler, conn)

@@ -17,7 +17,7 @@ from ..storage.repository import PreparedWrite
 from .context import RequestContext
 
 
-def _references(value: Any) -> list[str]:
+def _references(value: object) -> list[str]:
     items = value if isinstance(value, list) else [value]
     return [str(v["reference"]) for v in items if isinstance(v, dict) and isinstance(v.get("reference"), str)]
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import Connection
 
 from ..access import Access, AccessGate
 from ..audit.events import AuditRecord
+from ..auth.principal import Principal
 from ..db.engine import Snapshot
+from ..fhir.interaction import Interaction
 from ..services import Services
 from ..storage.repository import PreparedWrite
-from .interaction import Interaction
-from .principal import Principal
+
+if TYPE_CHECKING:
+    from ..fhir.errors import Issue
+    from .handler import Handler
+
+P = TypeVar("P")
 
 
 @dataclass
@@ -21,6 +27,17 @@ class Result:
     status: int
     body: bytes | dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class EntryRunner(Protocol):
+    """What a Bundle asks of the pipeline that runs it: each entry passes the same stages as a
+    request (authorize, prepare; execute and audit inside the Bundle's transaction)."""
+
+    def prepare_entry(self, ctx: RequestContext) -> Handler: ...
+
+    def execute_entry(self, ctx: RequestContext, handler: Handler, conn: Connection) -> Result: ...
+
+    def audit_entry_failure(self, ctx: RequestContext, conn: Connection, status: int, issues: list[Issue]) -> None: ...
 
 
 @dataclass
@@ -34,13 +51,26 @@ class RequestContext:
     access: Access = field(default_factory=Access)  # what the authorize and consent stages granted
     bound: AccessGate | None = None  # set by the authorize stage; read it as `gate`
     write: PreparedWrite | None = None  # the resource a create or update will store (prepared)
-    plan: Any = None  # a handler's own plan from prepare() for execute(); each handler types its own
+    plan: object = None  # a handler's own plan from prepare() for execute(), read with plan_as
     prefer: dict[str, str] = field(default_factory=dict)
-    pipeline: Any = None  # the Pipeline running this request (a Bundle runs its entries through it)
+    pipeline: EntryRunner | None = None  # the pipeline running this request (a Bundle runs its entries through it)
     assigned_id: str | None = None  # a create's id fixed in advance (transaction urn:uuid resolution)
     provenance: list[PreparedWrite] = field(default_factory=list)  # written with the resource (provenance.py)
     bundle_patients: frozenset[str] = frozenset()  # Patients a transaction creates in its other entries
     snapshot: Snapshot | None = None  # the request's read transaction (a Bundle's entries share it)
+
+    def plan_as(self, kind: type[P]) -> P:
+        """The plan this request's handler made in prepare(), as the type it made."""
+        if not isinstance(self.plan, kind):
+            raise TypeError(f"the handler's plan is a {type(self.plan).__name__}, not a {kind.__name__}")
+        return self.plan
+
+    @property
+    def runner(self) -> EntryRunner:
+        """The pipeline running this request, for a Bundle's entries."""
+        if self.pipeline is None:
+            raise RuntimeError("this request context has no pipeline")
+        return self.pipeline
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -145,6 +146,15 @@ def flag_patient_amendment(ctx: RequestContext, body: dict[str, Any]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Expected:
+    """What an update expects to find in its transaction: a conditional update's match (pk, id),
+    re-checked there, and a patch's base version (a concurrent change is a 412, not a lost update)."""
+
+    matches: list[tuple[int, str]] | None
+    version: int | None = None
+
+
 class Update(Handler):
     def prepare(self, ctx: RequestContext) -> None:
         it = ctx.interaction
@@ -161,7 +171,7 @@ class Update(Handler):
                                 ["id"])
             rid = target or body.get("id") or str(uuid.uuid4())
             ctx.interaction.id = rid
-            ctx.write, ctx.plan = prepare_write(ctx, rtype, body, rid), matches[:1]
+            ctx.write, ctx.plan = prepare_write(ctx, rtype, body, rid), _Expected(matches[:1])
             prepare_provenance(ctx, amended)
             return
         if "id" not in body:
@@ -169,14 +179,15 @@ class Update(Handler):
         if body["id"] != it.id:
             raise FhirError(400, "invalid", f"Resource id '{str(body['id'])[:64]}' does not match the URL id '{it.id}'",
                             [f"{rtype}.id"])
-        ctx.write, ctx.plan = prepare_write(ctx, rtype, body, it.id), None
+        ctx.write, ctx.plan = prepare_write(ctx, rtype, body, it.id), _Expected(None)
         prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        # ctx.plan: the conditional update's match, re-checked in the transaction
-        return self.write(ctx, conn, ctx.plan, parse_etag(ctx.header("if-match"), "If-Match"))
+        # the conditional update's match, re-checked in the transaction
+        return self.write(ctx, conn, ctx.plan_as(_Expected).matches, parse_etag(ctx.header("if-match"), "If-Match"))
 
-    def write(self, ctx: RequestContext, conn: Connection, expected: Any, if_match: int | None) -> Result:
+    def write(self, ctx: RequestContext, conn: Connection, expected: list[tuple[int, str]] | None,
+              if_match: int | None) -> Result:
         prepared = ctx.write
         assert prepared is not None
         repo = ctx.services.repo
@@ -247,11 +258,11 @@ class Patch(Update):
             raise FhirError(422, "processing", "A patch may not change the resource type or id")
         ctx.services.validator.validate(patched, rtype)
         amended = flag_patient_amendment(ctx, patched)
-        ctx.write, ctx.plan = prepare_write(ctx, rtype, patched, rid), current.version
+        ctx.write, ctx.plan = prepare_write(ctx, rtype, patched, rid), _Expected(None, current.version)
         prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        return self.write(ctx, conn, None, ctx.plan)
+        return self.write(ctx, conn, None, ctx.plan_as(_Expected).version)
 
 
 class Delete(Handler):

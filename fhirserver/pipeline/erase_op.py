@@ -8,25 +8,31 @@ the pseudonym, like the earlier events it pseudonymizes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import Connection
 
 from ..db import guard
 from ..exchange.erase import already_erased, erase_patient, pseudonym_for
 from ..fhir.errors import FhirError
 from .context import RequestContext, Result
-from .handler import Handler
+from .handler import Handler, Need
+
+
+@dataclass(frozen=True)
+class _Plan:
+    pseudonym: str  # the patient's pseudonym; its key is made before the transaction
 
 
 class Erase(Handler):
+    needs = (Need("delete", "delete"),)  # delete permission on Patient (403 without)
+    role = "admin-backend"
+
     def prepare(self, ctx: RequestContext) -> None:
         it = ctx.interaction
-        principal = ctx.principal
         if it.method != "POST":
             raise FhirError(405, "not-supported", "Use POST for $erase", headers={"Allow": "POST"})
-        if principal is None or not principal.client_settings.get("admin") or principal.fhir_user or principal.patient:
-            raise FhirError(403, "forbidden", "$erase is reserved to administrator backend clients")
-        ctx.pipeline.authorizer.predicates(principal, "Patient", "delete")  # 403 without Patient delete
-        ctx.plan = pseudonym_for(ctx.services, it.id or "")  # creates its key before the transaction
+        ctx.plan = _Plan(pseudonym_for(ctx.services, it.id or ""))
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         pid = ctx.interaction.id or ""
@@ -37,7 +43,7 @@ class Erase(Handler):
                 raise FhirError(404, "not-found", f"Patient/{pid} is not known")
             if already_erased(conn, head.deleted, pid):
                 raise FhirError(410, "deleted", "This patient has already been erased")
-            pseudonym: str = ctx.plan
+            pseudonym = ctx.plan_as(_Plan).pseudonym
             report = erase_patient(svc, conn, pid, pseudonym)
         record = ctx.record
         record.target = f"Patient/{pseudonym}"

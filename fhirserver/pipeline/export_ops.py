@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import Connection
 
+from ..auth.principal import principal_snapshot
 from ..clock import now_us
 from ..fhir.dates import instant_text, parse_range
 from ..fhir.errors import FhirError
@@ -27,7 +28,6 @@ from ..services import Services
 from ..storage import export_jobs as jobs
 from .context import RequestContext, Result
 from .handler import Handler
-from .principal import principal_snapshot
 
 NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 PATIENT_TYPES_EXCLUDED = {"AuditEvent"}  # the audit trail is not part of a record
@@ -103,7 +103,7 @@ class ExportKickoff(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
         svc = ctx.services
-        spec = ctx.plan
+        spec: dict[str, Any] = ctx.plan_as(dict)  # the job spec (stored as JSON with the job)
         if spec["level"] == "instance":
             ctx.gate.patient(conn, it.id or "")
             ctx.record.patients = [it.id or ""]

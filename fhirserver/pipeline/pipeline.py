@@ -21,12 +21,14 @@ from sqlalchemy import ColumnElement, Connection, FromClause
 from .. import logs, metrics
 from ..access import Access
 from ..audit.events import AuditRecord
+from ..auth.principal import Principal
 from ..auth.tokens import lookup_token
 from ..clock import now_us
 from ..consent.alerts import account_of
 from ..db import guard
 from ..db.engine import Snapshot
 from ..fhir.errors import FhirError, Issue, operation_outcome
+from ..fhir.interaction import Interaction, negotiate_format, parse_interaction
 from ..search.model import AccessFn
 from ..search.sources import source_of
 from ..services import Services
@@ -35,29 +37,27 @@ from ..storage.repository import CorruptDataError
 from .authorize import Authorizer
 from .context import RequestContext, Result
 from .errors import fhir_error
-from .handler import Handler
-from .interaction import Interaction, negotiate_format, parse_interaction
-from .principal import Principal
+from .handler import Handler, Need
 from .provenance import wanted as provenance_wanted
 from .routes import handler_for
 
 log = logging.getLogger("fhirserver.pipeline")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9\-_.]{8,64}$")
 
-# For each interaction: the access predicates the executor needs, keyed by the name it uses,
-# and the scope interaction each is derived from. `required` ones raise 403 when absent.
-ACCESS_NEEDS: dict[str, list[tuple[str, str, bool]]] = {
-    "read": [("read", "read", True)],
-    "vread": [("read", "vread", True)],
-    "history-instance": [("read", "history-instance", True)],
-    "history-type": [("read", "history-type", True)],
-    "search-type": [("search", "search-type", True)],
-    "create": [("create", "create", True)],
-    "update": [("update", "update", True), ("create", "create", False)],
-    "delete": [("delete", "delete", True)],
+# For each interaction kind: the access its handler needs unless the handler declares its own
+# (Handler.needs). `required` ones raise 403 when absent.
+ACCESS_NEEDS: dict[str, tuple[Need, ...]] = {
+    "read": (Need("read", "read"),),
+    "vread": (Need("read", "vread"),),
+    "history-instance": (Need("read", "history-instance"),),
+    "history-type": (Need("read", "history-type"),),
+    "search-type": (Need("search", "search-type"),),
+    "create": (Need("create", "create"),),
+    "update": (Need("update", "update"), Need("create", "create", required=False)),
+    "delete": (Need("delete", "delete"),),
     # a patch reads the current version (its `test` ops, its result): it needs read as well as update
-    "patch": [("update", "update", True), ("read", "read", True)],
-    "operation": [("search", "search-type", True)],
+    "patch": (Need("update", "update"), Need("read", "read")),
+    "operation": (Need("search", "search-type"),),
 }
 READING = {"read", "search"}
 WRITING = frozenset({"create", "update", "patch", "delete"})
@@ -71,6 +71,17 @@ def _parse_prefer(value: str | None) -> dict[str, str]:
             if key:
                 out[key.strip().lower()] = val.strip().strip('"')
     return out
+
+
+def _check_role(principal: Principal, role: str | None) -> None:
+    """The role a handler declares (Handler.role), or a 403 before anything is read."""
+    if role is None:
+        return
+    if role == "admin-backend":
+        if principal.client_settings.get("admin") and not principal.fhir_user and not principal.patient:
+            return
+        raise FhirError(403, "forbidden", "This operation is reserved to administrator backend clients")
+    raise FhirError(403, "forbidden", "This operation needs a role this server does not know")  # fail closed
 
 
 def run_handler(handler: Handler, ctx: RequestContext, conn: Connection) -> Result:
@@ -108,10 +119,11 @@ class Pipeline:
                                               f"retry after {wait} s", headers={"Retry-After": str(wait)})
 
     # ---- stage 2 + 3: authorize (scopes, compartment) and consent
-    def authorize(self, ctx: RequestContext) -> None:
+    def authorize(self, ctx: RequestContext, handler: Handler) -> None:
         it = ctx.interaction
         principal = ctx.principal
         assert principal is not None
+        _check_role(principal, handler.role)
         consent = self.services.consent
         decision = consent.begin(ctx)  # purpose of use, break-the-glass, exemption (403 before any data)
         if decision is not None:  # this request's caller: the token's principal plus the decision
@@ -120,20 +132,20 @@ class Pipeline:
             self._bind(ctx, principal)
             return
         rows = source_of(it.resource_type).res  # the type's own rows (search/sources.py)
-        needs = list(ACCESS_NEEDS.get(it.kind, []))
+        needs = handler.needs if handler.needs is not None else ACCESS_NEEDS.get(it.kind, ())
         if it.conditional:
-            needs.append(("search", "search-type", True))
-        for name, scope_interaction, required in needs:
+            needs = (*needs, Need("search", "search-type"))
+        for need in needs:
             try:
-                preds = self.authorizer.predicates(principal, it.resource_type, scope_interaction)
+                preds = self.authorizer.predicates(principal, it.resource_type, need.scope)
             except FhirError:
-                if required:
+                if need.required:
                     raise
                 continue
-            if name in READING:
-                preds = preds + consent.predicates(principal, it.resource_type, scope_interaction, rows)
-            setattr(ctx.access, name, preds)
-            if name == "create":
+            if need.field in READING:
+                preds = preds + consent.predicates(principal, it.resource_type, need.scope, rows)
+            setattr(ctx.access, need.field, preds)
+            if need.field == "create":
                 ctx.access.may_create = True
         if it.kind in ("create", "update", "patch") and provenance_wanted(ctx):
             # an X-Provenance is a Provenance the writer creates: it needs a scope for that (403)
@@ -259,34 +271,34 @@ class Pipeline:
             return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id, record
 
     # ---- stages shared by requests and by the entries of a batch/transaction Bundle
-    def _prepare(self, ctx: RequestContext, authorize: bool = True) -> Any:
-        """Authorize (scopes, compartment, consent) and prepare (outside any transaction)."""
-        if authorize:
-            self.authorize(ctx)
+    def _prepare(self, ctx: RequestContext, authorize: bool = True) -> Handler:
+        """Authorize (role, scopes, compartment, consent) and prepare (outside any transaction)."""
         handler = handler_for(ctx.interaction.kind, ctx.interaction.operation)
+        if authorize:
+            self.authorize(ctx, handler)
         handler.prepare(ctx)
         if ctx.principal is not None:
             self.services.consent.check_write(ctx)  # minors' privacy Consents (422)
         return handler
 
-    def _execute(self, ctx: RequestContext, handler: Any, conn: Any) -> Result:
+    def _execute(self, ctx: RequestContext, handler: Handler, conn: Connection) -> Result:
         result = run_handler(handler, ctx, conn)
         ctx.record.status = result.status
         self.services.consent.annotate(ctx, conn)
         self.services.consent.finish(ctx, conn)
         return result
 
-    def prepare_entry(self, ctx: RequestContext) -> Any:
+    def prepare_entry(self, ctx: RequestContext) -> Handler:
         """Authorize and prepare one Bundle entry (the Bundle request was authenticated)."""
         return self._prepare(ctx)
 
-    def execute_entry(self, ctx: RequestContext, handler: Any, conn: Any) -> Result:
+    def execute_entry(self, ctx: RequestContext, handler: Handler, conn: Connection) -> Result:
         """Execute one entry inside the Bundle's transaction and append its AuditEvent there."""
         result = self._execute(ctx, handler, conn)
         self.services.audit.append(conn, ctx.record)
         return result
 
-    def audit_entry_failure(self, ctx: RequestContext, conn: Any, status: int, issues: list[Issue]) -> None:
+    def audit_entry_failure(self, ctx: RequestContext, conn: Connection, status: int, issues: list[Issue]) -> None:
         ctx.record.status = status
         ctx.record.outcome_desc = issues[0].diagnostics if issues else ""
         self.services.audit.append(conn, ctx.record)

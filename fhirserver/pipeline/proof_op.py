@@ -23,7 +23,7 @@ from .context import RequestContext, Result
 from .handler import Handler
 
 
-def _param(name: str, value: Any, kind: str = "valueString") -> dict[str, Any]:
+def _param(name: str, value: object, kind: str = "valueString") -> dict[str, Any]:
     return {"name": name, kind: value}
 
 

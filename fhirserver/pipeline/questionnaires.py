@@ -18,12 +18,13 @@ from ..fhir.errors import FhirError, Issue
 from ..fhir.questionnaire import check_response
 from ..search.executor import run_search
 from ..search.parser import parse_search
+from ..services import Services
 from ..storage.codec import parse_json
 
 CANDIDATES = 20  # Questionnaires sharing one url (versions) considered
 
 
-def stored_questionnaire(services: Any, conn: Connection, canonical: str) -> dict[str, Any] | None:
+def stored_questionnaire(services: Services, conn: Connection, canonical: str) -> dict[str, Any] | None:
     """The stored Questionnaire `canonical` names: that version, else the newest active one."""
     url, _sep, version = canonical.partition("|")
     query = [("url", url)] + ([("version", version)] if version else [])
@@ -38,10 +39,12 @@ def stored_questionnaire(services: Any, conn: Connection, canonical: str) -> dic
     if not bodies:
         return None
     # several versions under one url: an active one first, then the latest written
-    return max(bodies, key=lambda b: (b.get("status") == "active", str(b.get("meta", {}).get("lastUpdated", ""))))
+    best: dict[str, Any] = max(bodies, key=lambda b: (b.get("status") == "active",
+                                                      str(b.get("meta", {}).get("lastUpdated", ""))))
+    return best
 
 
-def questionnaire_issues(services: Any, conn: Connection, body: dict[str, Any]) -> tuple[list[Issue], bool]:
+def questionnaire_issues(services: Services, conn: Connection, body: dict[str, Any]) -> tuple[list[Issue], bool]:
     """(violations, whether a stored Questionnaire was found) for a QuestionnaireResponse body."""
     canonical = body.get("questionnaire")
     if body.get("resourceType") != "QuestionnaireResponse" or not isinstance(canonical, str) or not canonical:
@@ -52,7 +55,7 @@ def questionnaire_issues(services: Any, conn: Connection, body: dict[str, Any]) 
     return check_response(body, questionnaire), True
 
 
-def check_before_write(services: Any, conn: Connection, body: dict[str, Any]) -> None:
+def check_before_write(services: Services, conn: Connection, body: dict[str, Any]) -> None:
     """Refuse (422, every violation listed) a QuestionnaireResponse its Questionnaire rejects."""
     issues, _found = questionnaire_issues(services, conn, body)
     if issues:

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 from sqlalchemy import Connection
 
 from ..audit.projection import project
@@ -107,7 +108,7 @@ def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSe
     for mode, group in (("match", stored), ("include", included)):
         for st in group:
             body = output_body(ctx, st, conn)
-            res: Any = (apply_subsetting(parse_json(body), parsed.summary, parsed.elements, s.summary_elements)
+            res: dict[str, Any] | orjson.Fragment = (apply_subsetting(parse_json(body), parsed.summary, parsed.elements, s.summary_elements)
                         if subset and mode == "match" else fragment(body))
             entries.append({"fullUrl": f"{base}/{st.type}/{st.id}", "resource": res, "search": {"mode": mode}})
     if parsed.ignored:

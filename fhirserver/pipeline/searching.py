@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import Connection
 
 from ..fhir.dates import parse_range
 from ..fhir.errors import FhirError
-from ..search.model import SearchPage
+from ..search.model import ParsedSearch, SearchPage
 from ..search.parser import parse_search
 from .context import RequestContext, Result
 from .handler import Handler
@@ -34,7 +32,7 @@ class Search(Handler):
 OWN_AUDIT_PARAMS = frozenset({"date", "action", "outcome", "type", "subtype", "agent", "patient", "_lastUpdated"})
 
 
-def check_own_audit_query(ctx: RequestContext, parsed: Any) -> None:
+def check_own_audit_query(ctx: RequestContext, parsed: ParsedSearch) -> None:
     """A patient (or guardian) searching the AuditEvents about them sees each event's per-patient
     projection; the search itself must not probe what the projection hides (whether another
     patient, or another patient's resource, was part of an access). So it may name only its own

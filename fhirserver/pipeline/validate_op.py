@@ -13,6 +13,7 @@ Validation problems are a 200 with error issues (the operation ran); a malformed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection
@@ -42,6 +43,13 @@ def _parameters(body: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, 
     return resource, values
 
 
+@dataclass(frozen=True)
+class _Plan:
+    resource: dict[str, Any] | None  # what to validate (None for mode=delete)
+    mode: str | None  # create | update | delete (None: no mode)
+    profile: str | None  # a canonical to validate against as well
+
+
 class Validate(Handler):
     reads_only = True
 
@@ -61,18 +69,19 @@ class Validate(Handler):
             raise FhirError(400, "invalid", f"mode must be one of {', '.join(MODES)}", ["mode"])
         if resource is None and mode != "delete":
             raise FhirError(400, "required", "$validate needs a resource (the body, or Parameters.resource)")
-        ctx.plan = (resource, mode, args.get("profile"))
+        ctx.plan = _Plan(resource, mode, args.get("profile"))
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
-        resource, mode, profile = ctx.plan
+        plan = ctx.plan_as(_Plan)
+        resource, mode, profile = plan.resource, plan.mode, plan.profile
         rtype = it.resource_type or ""
         validator = ctx.services.validator
         known = validator.profiles.resolve(profile) if profile else None
         issues: list[Issue] = []
         if resource is not None:
             try:
-                issues.extend(validator.validate(resource, rtype, profiles=[profile] if known else []))
+                issues.extend(validator.validate(resource, rtype, profiles=[profile] if known and profile else []))
             except FhirError as err:
                 issues.extend(err.issues)
             if rtype == "QuestionnaireResponse" and not issues:

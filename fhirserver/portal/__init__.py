@@ -9,16 +9,17 @@ the server's own HTTP endpoints (in process) for everything that touches data.
 
 from __future__ import annotations
 
-from typing import Any
+from flask import Flask
 
+from ..services import Services
 from .api import CLIENT_ID, ensure_client
 from .views import make_portal_blueprint
 
 
-def install(app: Any, svc: Any) -> None:
+def install(app: Flask, svc: Services) -> None:
     """Serve /portal/ (when `portal` is on, and in demo mode) and register its client."""
     ensure_client(svc)
     app.register_blueprint(make_portal_blueprint())
 
 
-__all__ = ["CLIENT_ID", "install"]
+__all__ = ["CLIENT_ID", "ensure_client", "install"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, abort, redirect, request, url_for
+from flask.typing import ResponseReturnValue
 
 from ..smart.describe import describe_scope
 from .api import Api
@@ -24,12 +25,12 @@ def _account(api: Api) -> dict[str, Any]:
 
 def add_routes(bp: Blueprint) -> None:
     @bp.get("/security")
-    def security() -> Any:
+    def security() -> ResponseReturnValue:
         api = need()
         return page("security.html", api, account=_account(api), setup=None, done=request.args.get("done"))
 
     @bp.post("/security/totp")
-    def totp_start() -> Any:
+    def totp_start() -> ResponseReturnValue:
         api = need()
         posted()
         reply = api.account("POST", "/totp", {"current_code": request.form.get("current_code", "")})
@@ -38,7 +39,7 @@ def add_routes(bp: Blueprint) -> None:
                          error=_(reply.body.get("error_description", "Two-step sign-in was not set up.")))
         return page("security.html", api, account=_account(api), setup=reply.body)
 
-    def account_change(path: str, body: dict[str, str], done: str, failed: str) -> Any:
+    def account_change(path: str, body: dict[str, str], done: str, failed: str) -> ResponseReturnValue:
         api = need()
         posted()
         reply = api.account("POST", path, body)
@@ -48,18 +49,18 @@ def add_routes(bp: Blueprint) -> None:
         return redirect(url_for("portal.security", done=_(done)))
 
     @bp.post("/security/totp/confirm")
-    def totp_confirm() -> Any:
+    def totp_confirm() -> ResponseReturnValue:
         return account_change("/totp/confirm", {"code": request.form.get("code", "")},
                               "Two-step sign-in is on.", "Two-step sign-in was not turned on.")
 
     @bp.post("/security/password")
-    def change_password() -> Any:
+    def change_password() -> ResponseReturnValue:
         return account_change("/password", {"current": request.form.get("current", ""),
                                              "new": request.form.get("new", "")},
                               "Your password is changed.", "The password was not changed.")
 
     @bp.post("/security/revoke")
-    def revoke_app() -> Any:
+    def revoke_app() -> ResponseReturnValue:
         api = need()
         posted()
         reply = api.account("POST", f"/authorizations/{request.form.get('id', '')[:64]}/revoke")

@@ -21,8 +21,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flask import current_app, session
+from werkzeug.test import TestResponse
 
 from ..crypto.cipher import DecryptionError, open_sealed, seal
+from ..services import Services, current_services
 from .record import name_of
 
 CLIENT_ID = "fhirserver-portal"
@@ -35,16 +37,12 @@ KEY_SCOPE = "portal-session"
 _AAD = b"fhirserver-portal-token"
 
 
-def _svc() -> Any:
-    return current_app.extensions["fhirserver"]
-
-
 def _cipher() -> AESGCM:
-    return AESGCM(_svc().keys.ensure(KEY_SCOPE)[1])
+    return AESGCM(current_services().keys.ensure(KEY_SCOPE)[1])
 
 
 def redirect_uri() -> str:
-    return f"{_svc().settings.public_root}/portal/callback"
+    return f"{current_services().settings.public_root}/portal/callback"
 
 
 def begin_sign_in() -> str:
@@ -53,9 +51,9 @@ def begin_sign_in() -> str:
     session["portal_pending"] = {"verifier": verifier, "state": state}
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     params = {"response_type": "code", "client_id": CLIENT_ID, "redirect_uri": redirect_uri(), "scope": SCOPES,
-              "state": state, "aud": _svc().settings.fhir_base, "code_challenge": challenge,
+              "state": state, "aud": current_services().settings.fhir_base, "code_challenge": challenge,
               "code_challenge_method": "S256"}
-    return f"{_svc().settings.public_root}/auth/authorize?{urlencode(params)}"
+    return f"{current_services().settings.public_root}/auth/authorize?{urlencode(params)}"
 
 
 def finish_sign_in(code: str, state: str) -> str | None:
@@ -120,14 +118,14 @@ class Api:
             return None
         return cls(token, str(state["patient"]))
 
-    def raw(self, path: str, headers: dict[str, str] | None = None) -> Any:
+    def raw(self, path: str, headers: dict[str, str] | None = None) -> TestResponse:
         """A GET whose answer is not a JSON resource (export status, NDJSON files): the response."""
         resp = current_app.test_client().get(path, headers={"Authorization": f"Bearer {self.token}", **(headers or {})})
         if resp.status_code == 401:
             raise SignedOut()
         return resp
 
-    def _call(self, method: str, path: str, body: Any = None, pairs: list[tuple[str, str]] | None = None) -> Reply:
+    def _call(self, method: str, path: str, body: object = None, pairs: list[tuple[str, str]] | None = None) -> Reply:
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/fhir+json"}
         url = f"/fhir/{path}" + (f"?{urlencode(pairs)}" if pairs else "")
         resp = current_app.test_client().open(url, method=method, headers=headers,
@@ -187,7 +185,7 @@ def csrf_ok(value: str | None) -> bool:
     return bool(value) and secrets.compare_digest(str(value), str(session.get("portal_csrf", "")))
 
 
-def ensure_client(svc: Any) -> None:
+def ensure_client(svc: Services) -> None:
     """Register the portal as a public SMART app of this server (once), with this deployment's
     callback URL (kept current if the public URL changed)."""
     from sqlalchemy import update

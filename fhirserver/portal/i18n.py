@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from flask import request, session
 
@@ -38,7 +37,7 @@ def current() -> str:
     return "zh-CN" if best and best.startswith("zh") else "en"
 
 
-def gettext(text: str, **values: Any) -> str:
+def gettext(text: str, **values: object) -> str:
     lang = current()
     out = catalogue(lang).get(text, text) if lang != "en" else text
     return out % values if values else out

@@ -16,7 +16,7 @@ DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 CSRF_FAILED = "The form expired or did not come from this site (CSRF check failed). Go back and try again."
 
 
-def page(template: str, api: Api | None = None, **kw: Any) -> str:
+def page(template: str, api: Api | None = None, **kw: object) -> str:
     state = session.get("portal") or {}
     return render_template(f"portal/{template}", csrf=csrf_token(), signed_in=api is not None, _=_,
                            lang=i18n.current(), languages=i18n.LANGUAGES,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +186,7 @@ def details_of(patient: dict[str, Any]) -> dict[str, str]:
             "city": str(address.get("city") or ""), "postal": str(address.get("postalCode") or "")}
 
 
-def with_details(patient: dict[str, Any], form: Any) -> dict[str, Any]:
+def with_details(patient: dict[str, Any], form: Mapping[str, str]) -> dict[str, Any]:
     """The Patient with the form's corrections. A field left empty, or sent back as shown, leaves
     its element as it is; a correction changes only what the form shows (the first name's given
     and family names, the first phone number, the first address's line, city and postal code) and

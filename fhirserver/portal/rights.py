@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, abort, current_app, redirect, request, session, url_for
+from flask.typing import ResponseReturnValue
 
 from ..clock import now_us
 from ..fhir.dates import instant_text
@@ -39,11 +40,11 @@ def add_routes(bp: Blueprint) -> None:
         return html
 
     @bp.get("/summary")
-    def summary() -> Any:
+    def summary() -> ResponseReturnValue:
         return summary_page(need())
 
     @bp.get("/summary.pdf")
-    def summary_pdf() -> Any:
+    def summary_pdf() -> ResponseReturnValue:
         try:
             from weasyprint import CSS, HTML
         except (ImportError, OSError):  # the system's Pango is missing (scripts/ensure_pango.sh)
@@ -56,7 +57,7 @@ def add_routes(bp: Blueprint) -> None:
                         headers={"Content-Disposition": 'attachment; filename="health-summary.pdf"'})
 
     @bp.get("/corrections")
-    def corrections() -> Any:
+    def corrections() -> ResponseReturnValue:
         api = need()
         patient = api.get(f"Patient/{api.patient}").body
         everything = api.all_pages(f"Patient/{api.patient}/$everything", _count="200")
@@ -65,7 +66,7 @@ def add_routes(bp: Blueprint) -> None:
                      done=request.args.get("done"))
 
     @bp.post("/corrections/details")
-    def correct_details() -> Any:
+    def correct_details() -> ResponseReturnValue:
         api = need()
         posted()
         patient = api.get(f"Patient/{api.patient}").body
@@ -79,7 +80,7 @@ def add_routes(bp: Blueprint) -> None:
         return redirect(url_for("portal.corrections", done=_("Your details are saved.")))
 
     @bp.post("/corrections/flag")
-    def flag_entry() -> Any:
+    def flag_entry() -> ResponseReturnValue:
         api = need()
         posted()
         ref, note = request.form.get("entry", ""), request.form.get("note", "").strip()[:1000]
@@ -96,7 +97,7 @@ def add_routes(bp: Blueprint) -> None:
         return redirect(url_for("portal.corrections", done=_("Your note was added; your care team will review it.")))
 
     @bp.get("/erasure")
-    def erasure() -> Any:
+    def erasure() -> ResponseReturnValue:
         api = need()
         reply = api.get(f"Patient/{api.patient}/$erasure-request")
         requests = [{p["name"]: p["valueString"] for p in part["part"]} for part in reply.body.get("parameter", [])]
@@ -104,7 +105,7 @@ def add_routes(bp: Blueprint) -> None:
                      pending=any(r.get("status") == "pending" for r in requests))
 
     @bp.post("/erasure")
-    def erasure_request() -> Any:
+    def erasure_request() -> ResponseReturnValue:
         api = need()
         posted()
         if request.form.get("understood") != "yes":
@@ -117,7 +118,7 @@ def add_routes(bp: Blueprint) -> None:
         return redirect(url_for("portal.erasure", done=_("Your request is filed. You will see the decision here.")))
 
     @bp.get("/download")
-    def download() -> Any:
+    def download() -> ResponseReturnValue:
         api = need()
         job = session.get("portal_export")
         export: dict[str, Any] | None = None
@@ -136,7 +137,7 @@ def add_routes(bp: Blueprint) -> None:
         return page("download.html", api, export=export)
 
     @bp.post("/download/ndjson")
-    def ndjson_start() -> Any:
+    def ndjson_start() -> ResponseReturnValue:
         api = need()
         posted()
         resp = api.raw(f"/fhir/Patient/{api.patient}/$export", {"Prefer": "respond-async",
@@ -148,7 +149,7 @@ def add_routes(bp: Blueprint) -> None:
         return redirect(url_for("portal.download"))
 
     @bp.get("/download/ndjson/<int:n>")
-    def ndjson_file(n: int) -> Any:
+    def ndjson_file(n: int) -> ResponseReturnValue:
         api = need()
         job = session.get("portal_export") or {}
         files = job.get("files", []) if job.get("patient") == api.patient else []
@@ -161,7 +162,7 @@ def add_routes(bp: Blueprint) -> None:
                         headers={"Content-Disposition": f'attachment; filename="my-record-{n + 1}.ndjson"'})
 
     @bp.get("/download/record.json")
-    def download_json() -> Any:
+    def download_json() -> ResponseReturnValue:
         api = need()
         entries = api.all_pages(f"Patient/{api.patient}/$everything", limit=1000, _count="500")
         bundle = {"resourceType": "Bundle", "type": "collection",

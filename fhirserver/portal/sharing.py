@@ -10,6 +10,7 @@ client (the consent engine replaces a Consent's rules in the transaction that wr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ class Choice:
     until: str = ""
     consent_id: str | None = None
 
-    def effect(self, allowed: bool, until: str = "", _: Any = None) -> str:
+    def effect(self, allowed: bool, until: str = "", _: Callable[..., str] | None = None) -> str:
         """The change in words ("Researchers ... will receive your data until 2030-01-01.");
         `_` translates (the portal's gettext), English without it."""
         tr = _ or (lambda text, **kw: text % kw if kw else text)

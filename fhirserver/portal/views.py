@@ -18,6 +18,7 @@ from flask import (
     session,
     url_for,
 )
+from flask.typing import ResponseReturnValue
 
 from ..consent.labels import load_sensitive_codes
 from . import account_pages, rights
@@ -46,7 +47,7 @@ def _organizations(api: Api) -> dict[str, str]:
     display, else the id)."""
     found: dict[str, str] = {}
 
-    def walk(node: Any) -> None:
+    def walk(node: object) -> None:
         if isinstance(node, dict):
             ref = node.get("reference")
             if isinstance(ref, str) and re.fullmatch(r"Organization/[A-Za-z0-9\-.]{1,64}", ref):
@@ -65,22 +66,22 @@ def make_portal_blueprint() -> Blueprint:
     bp = Blueprint("portal", __name__, url_prefix="/portal", template_folder="templates", static_folder="static")
 
     @bp.errorhandler(SignedOut)
-    def signed_out(_exc: SignedOut) -> Any:
+    def signed_out(_exc: SignedOut) -> ResponseReturnValue:
         session.pop("portal", None)
         return redirect(url_for("portal.landing", error=_("Your sign-in has ended. Please sign in again.")))
 
     @bp.get("/")
-    def landing() -> Any:
+    def landing() -> ResponseReturnValue:
         if Api.current() is not None:
             return redirect(url_for("portal.record"))
         return page("landing.html", error=request.args.get("error"))
 
     @bp.get("/login")
-    def login() -> Any:
+    def login() -> ResponseReturnValue:
         return redirect(begin_sign_in())
 
     @bp.get("/callback")
-    def callback() -> Any:
+    def callback() -> ResponseReturnValue:
         if request.args.get("error"):
             return redirect(url_for("portal.landing", error=_("The sign-in was cancelled or refused.")))
         problem = finish_sign_in(request.args.get("code", ""), request.args.get("state", ""))
@@ -89,7 +90,7 @@ def make_portal_blueprint() -> Blueprint:
         return redirect(url_for("portal.record"))
 
     @bp.get("/record")
-    def record() -> Any:
+    def record() -> ResponseReturnValue:
         api = need()
         everything = api.all_pages(f"Patient/{api.patient}/$everything", _count="200")
         if not everything:
@@ -98,7 +99,7 @@ def make_portal_blueprint() -> Blueprint:
         return page("record.html", api, rec=rec, name=name_of(rec.patient))
 
     @bp.get("/access")
-    def access() -> Any:
+    def access() -> ResponseReturnValue:
         api = need()
         pairs = [("patient", f"Patient/{api.patient}"), ("_sort", "-date"), ("_count", "20")]
         since, until = request.args.get("from", ""), request.args.get("to", "")
@@ -121,7 +122,7 @@ def make_portal_blueprint() -> Blueprint:
                      cursor=cursor, total=reply.body.get("total"))
 
     @bp.get("/sharing")
-    def sharing() -> Any:
+    def sharing() -> ResponseReturnValue:
         api = need()
         consents = _consents(api)
         orgs = _organizations(api)
@@ -130,7 +131,7 @@ def make_portal_blueprint() -> Blueprint:
                      orgs={k: v for k, v in orgs.items() if k not in {b["org"] for b in blocks}}, blocks=blocks)
 
     @bp.post("/sharing")
-    def review() -> Any:
+    def review() -> ResponseReturnValue:
         api = need()
         posted()
         changes = []
@@ -154,7 +155,7 @@ def make_portal_blueprint() -> Blueprint:
         return page("review.html", api, changes=changes)
 
     @bp.post("/sharing/save")
-    def save() -> Any:
+    def save() -> ResponseReturnValue:
         api = need()
         posted()
         current = {c.key: c for c in _choices(api)}
@@ -185,7 +186,7 @@ def make_portal_blueprint() -> Blueprint:
         return redirect(url_for("portal.sharing", done="saved"))
 
     @bp.post("/sharing/withdraw")
-    def withdraw() -> Any:
+    def withdraw() -> ResponseReturnValue:
         api = need()
         posted()
         consents = _consents(api)
@@ -201,7 +202,7 @@ def make_portal_blueprint() -> Blueprint:
         return redirect(url_for("portal.sharing", done="withdrawn"))
 
     @bp.post("/switch")
-    def switch_patient() -> Any:
+    def switch_patient() -> ResponseReturnValue:
         need()
         posted()
         if not switch(request.form.get("patient", "")):
@@ -209,7 +210,7 @@ def make_portal_blueprint() -> Blueprint:
         return redirect(url_for("portal.record"))
 
     @bp.post("/logout")
-    def logout() -> Any:
+    def logout() -> ResponseReturnValue:
         posted()
         api = Api.current()
         if api is not None:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     FromClause,
+    Select,
     exists,
     false,
     func,
@@ -39,10 +40,10 @@ class Term:
 
     rank: int  # lower = expected to be more selective; >= NEVER_DRIVES never drives
     build: Callable[[bool], ColumnElement[bool]]
-    probe: Any = None  # the IN form's sub-select, to measure how broad the clause is
+    probe: Select[Any] | None = None  # the IN form's sub-select, to measure how broad the clause is
 
 
-def _semi(res: FromClause, t: Any, conds: list[ColumnElement[bool]], rank: int, negate: bool = False) -> Term:
+def _semi(res: FromClause, t: FromClause, conds: list[ColumnElement[bool]], rank: int, negate: bool = False) -> Term:
     def build(drive: bool) -> ColumnElement[bool]:
         if negate:
             return ~exists().where(t.c.resource_pk == res.c.pk, *conds)
@@ -155,7 +156,7 @@ class QueryCompiler:
             rank = NEVER_DRIVES - 1  # ranges: drive only if nothing better
         return _semi(res, t, conds, rank)
 
-    def _value_cond(self, p: SearchParam, t: Any, modifier: str | None, value: str) -> ColumnElement[bool]:
+    def _value_cond(self, p: SearchParam, t: FromClause, modifier: str | None, value: str) -> ColumnElement[bool]:
         key = f"{p.code}:{modifier}" if modifier else p.code
         if modifier == "text":
             if p.type != "token" or not p.text_index:
@@ -180,7 +181,7 @@ class QueryCompiler:
             p = key.param
             assert p is not None
             t = source_of(parsed.resource_type).tables[p.type].alias()
-            sentinel: Any
+            sentinel: float | str
             if p.type == "date":
                 col, sentinel = (t.c.high_us, MIN_US) if key.descending else (t.c.low_us, MAX_US)
             elif p.type in ("number", "quantity"):

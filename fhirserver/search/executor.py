@@ -17,13 +17,14 @@ from sqlalchemy import (
 )
 
 from ..db import guard
+from ..db.rows import AnyRow
 from .compiler import BROAD_CLAUSE_ROWS, QueryCompiler
 from .cursor import encode_cursor
 from .model import AccessFn, ParsedSearch, SearchPage
 from .sources import source_of
 
 
-def _after(keys: list[tuple[Any, bool]], values: list[Any], pk_col: Any, pk: int, forward: bool) -> ColumnElement[bool]:
+def _after(keys: list[tuple[Any, bool]], values: list[Any], pk_col: ColumnElement[Any], pk: int, forward: bool) -> ColumnElement[bool]:
     """Rows strictly after (forward) or before (backward) the cursor in the sort order."""
     terms = []
     for i in range(len(keys) + 1):
@@ -88,7 +89,7 @@ def run_search(
         rows.reverse()
     pks = [r[0] for r in rows]
 
-    def cur(row: Any, fwd: bool) -> str:
+    def cur(row: AnyRow, fwd: bool) -> str:
         return encode_cursor(fwd, [row[i + 1] for i in range(len(keys))], row[0])
 
     next_cursor = prev_cursor = None

@@ -61,7 +61,7 @@ class Indexer:
         out.patients = patients
         return out
 
-    def _add(self, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+    def _add(self, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
         kind = TYPES.get(p.type)
         if kind is not None:  # `special` parameters have no index rows
             kind.index(self, out, p, value, node_type)

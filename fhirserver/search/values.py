@@ -20,11 +20,11 @@ class IndexRows:
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     patients: list[str] = field(default_factory=list)  # Patient compartments this resource is in
 
-    def add(self, table: str, **row: Any) -> None:
+    def add(self, table: str, **row: object) -> None:
         self.rows.setdefault(table, []).append(row)
 
 
-def strings_of(value: Any) -> list[str]:
+def strings_of(value: object) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
@@ -39,7 +39,7 @@ def strings_of(value: Any) -> list[str]:
     return []
 
 
-def token_pairs(value: Any) -> list[tuple[str | None, str]]:
+def token_pairs(value: object) -> list[tuple[str | None, str]]:
     """(system, code) pairs of a Coding, CodeableConcept, Identifier, ContactPoint or primitive."""
     if isinstance(value, bool):
         return [(None, "true" if value else "false")]
@@ -58,7 +58,7 @@ def token_pairs(value: Any) -> list[tuple[str | None, str]]:
     return []
 
 
-def token_texts(value: Any) -> list[str]:
+def token_texts(value: object) -> list[str]:
     """Display texts of a CodeableConcept / Coding (for token :text)."""
     if not isinstance(value, dict):
         return []
@@ -84,14 +84,14 @@ def parse_reference(ref: str, base_url: str) -> tuple[str | None, str | None, st
     return None, None, ref
 
 
-def number_of(value: Any) -> float | None:
+def number_of(value: object) -> float | None:
     """JSON numbers arrive as int or Decimal (parsed so decimal precision is kept)."""
     if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
         return float(value)
     return None
 
 
-def date_ranges(value: Any) -> list[tuple[int, int]]:
+def date_ranges(value: object) -> list[tuple[int, int]]:
     try:
         if isinstance(value, str):
             return [parse_range(value)]

@@ -7,16 +7,19 @@ sign in. Every change is audited; a refused attempt too."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
 from ..audit.events import AuditRecord
-from ..auth.tokens import lookup_token
+from ..auth.tokens import TokenInfo, lookup_token
 from ..clock import now_us
 from ..db.engine import read_connection
 from ..db.schema import app_user
+from ..services import Services
 from ..users import account
 from ..users.registry import UserError
 
@@ -32,7 +35,7 @@ def _qr_svg(uri: str) -> str:
 def make_account_blueprint() -> Blueprint:
     bp = Blueprint("account", __name__, url_prefix="/auth/account")
 
-    def caller() -> tuple[Any, str, str]:
+    def caller() -> tuple[TokenInfo, str, str]:
         svc = current_app.extensions["fhirserver"]
         scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
         info, _reason = lookup_token(svc.engine, token.strip()) if scheme.lower() == "bearer" else (None, "")
@@ -46,7 +49,7 @@ def make_account_blueprint() -> Blueprint:
             raise PermissionError
         return info, str(username), fhir_user
 
-    def audited(code: str, status: int, info: Any, user: str, desc: str) -> None:
+    def audited(code: str, status: int, info: TokenInfo, user: str, desc: str) -> None:
         svc = current_app.extensions["fhirserver"]
         rec = AuditRecord(interaction="update", request_id=request.headers.get("X-Request-Id", "")[:64] or "account",
                           network_address=request.remote_addr or "", recorded_us=now_us(), status=status,
@@ -57,11 +60,11 @@ def make_account_blueprint() -> Blueprint:
             svc.audit.append(conn, rec)
 
     @bp.errorhandler(PermissionError)
-    def forbidden(_exc: PermissionError) -> Any:
+    def forbidden(_exc: PermissionError) -> ResponseReturnValue:
         return jsonify(error="forbidden", error_description="a user token of an account-manager client is needed"), 403
 
     @bp.get("")
-    def overview() -> Any:
+    def overview() -> ResponseReturnValue:
         _info, username, fhir_user = caller()
         svc = current_app.extensions["fhirserver"]
         from ..users.registry import get_user
@@ -72,7 +75,7 @@ def make_account_blueprint() -> Blueprint:
                        authorizations=account.authorizations(svc.engine, username))
 
     @bp.post("/totp")
-    def totp_start() -> Any:
+    def totp_start() -> ResponseReturnValue:
         """A new setup key; while two-step sign-in is on, `current_code` (from the authenticator
         in use) is needed to replace it. Refusals are audited."""
         info, username, fhir_user = caller()
@@ -86,7 +89,8 @@ def make_account_blueprint() -> Blueprint:
             return jsonify(error="invalid_request", error_description=str(exc)), 400
         return jsonify(**setup, qr_svg=_qr_svg(setup["uri"]))
 
-    def change(code: str, apply: Any, done: str, refused: str, answer: dict[str, Any]) -> Any:
+    def change(code: str, apply: Callable[[Services, str, dict[str, Any]], object], done: str, refused: str,
+               answer: dict[str, Any]) -> ResponseReturnValue:
         """Run one account change for the caller; audited whether it succeeds or is refused."""
         info, username, fhir_user = caller()
         body = request.get_json(silent=True) or {}
@@ -99,19 +103,19 @@ def make_account_blueprint() -> Blueprint:
         return jsonify(**answer)
 
     @bp.post("/totp/confirm")
-    def totp_confirm() -> Any:
+    def totp_confirm() -> ResponseReturnValue:
         return change("totp-enrol", lambda svc, user, b: account.confirm_totp(
             svc.engine, svc.keys, user, str(b.get("code", ""))),
             "two-step sign-in enabled by the user", "two-step sign-in not enabled", {"totp": True})
 
     @bp.post("/password")
-    def password() -> Any:
+    def password() -> ResponseReturnValue:
         return change("password-change", lambda svc, user, b: account.change_password(
             svc.engine, user, str(b.get("current", "")), str(b.get("new", ""))),
             "password changed by the user", "password not changed", {"changed": True})
 
     @bp.post("/authorizations/<family_id>/revoke")
-    def revoke(family_id: str) -> Any:
+    def revoke(family_id: str) -> ResponseReturnValue:
         info, username, fhir_user = caller()
         if not account.revoke_authorization(current_app.extensions["fhirserver"].engine, username, family_id[:64]):
             return jsonify(error="not_found"), 404

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from flask import current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from marshmallow import Schema, fields, validate
 
 from ..admin_api import bearer_token, require_admin
 from ..auth.clients import ClientError, register_app_client
-from ..services import Services
+from ..services import current_services
 from .audit import audit_oauth
 from .launch import LaunchError, new_launch
 
@@ -59,8 +58,6 @@ class RegistrationOut(RegistrationIn):
     client_secret_expires_at = fields.Integer()
 
 
-def _svc() -> Services:
-    return current_app.extensions["fhirserver"]
 
 
 @launch_blp.route("")
@@ -71,7 +68,7 @@ class LaunchCreate(MethodView):
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """Create a single-use launch for an app, patient (and user)."""
         require_admin()
-        svc = _svc()
+        svc = current_services()
         try:
             made = new_launch(svc, body["client_id"], body["patient"], body.get("encounter"), body.get("user"))
         except LaunchError as exc:
@@ -88,7 +85,7 @@ class Register(MethodView):
         """Register a SMART app (RFC 7591), with the configured initial access token."""
         import time
 
-        svc = _svc()
+        svc = current_services()
         expected = svc.settings.registration_token
         if not svc.settings.dynamic_registration or not expected:
             abort(404, message="Dynamic registration is disabled on this server")

@@ -5,11 +5,11 @@ cannot be written the caller's response is replaced by a 500."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from flask import request
 
 from ..audit.events import DCM, AuditRecord
+from ..auth.clients import ClientRecord
 from ..clock import now_us
 from ..consent.alerts import note_auth_failure
 from ..services import Services
@@ -22,7 +22,7 @@ SUBTYPES = {
 }
 
 
-def audit_oauth(svc: Services, kind: str, status: int, client: Any, user: str | None, desc: str,
+def audit_oauth(svc: Services, kind: str, status: int, client: ClientRecord | None, user: str | None, desc: str,
                 refused_claim: tuple[str | None, bool] | None = None) -> None:
     """One AuditEvent for an OAuth-side event. `refused_claim` (client id claimed, whether it is
     registered): the caller failed client authentication -- counted for bursts (consent.alerts

@@ -13,10 +13,10 @@ import base64
 import hashlib
 import json
 import secrets
-from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, current_app, redirect, render_template, request, session
+from flask.typing import ResponseReturnValue
 
 DEMO_APP_ID = "demo-smart-app"
 DEMO_APP_SCOPES = ("openid fhirUser launch launch/patient offline_access patient/*.rs patient/*.cruds "
@@ -34,7 +34,7 @@ def make_demo_app_blueprint() -> Blueprint:
         return render_template("demo_app.html", result=None, error=None)
 
     @bp.get("/launch")
-    def launch() -> Any:
+    def launch() -> ResponseReturnValue:
         settings = current_app.extensions["fhirserver"].settings
         verifier = secrets.token_urlsafe(48)
         state = secrets.token_urlsafe(16)

@@ -10,14 +10,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidRequestError
+from authlib.integrations.flask_oauth2 import AuthorizationServer
+from authlib.oauth2.rfc6749 import InvalidGrantError, InvalidRequestError, OAuth2Request
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, RefreshTokenGrant
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oidc.core import OpenIDCode, UserInfo
+from joserfc.jwk import RSAKey
 from sqlalchemy import Engine, select
 
 from ..auth.grants import (
@@ -39,6 +41,9 @@ from ..db.engine import transaction
 from ..db.schema import app_user
 from .secrets_store import signing_key
 
+if TYPE_CHECKING:
+    from .server import OAuthClient
+
 APP_AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post", "private_key_jwt"]
 
 
@@ -54,7 +59,7 @@ class S256Only(CodeChallenge):
     SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
     DEFAULT_CODE_CHALLENGE_METHOD = "S256"
 
-    def validate_code_challenge(self, grant: Any, redirect_uri: str) -> None:
+    def validate_code_challenge(self, grant: AuthorizationCodeGrant, redirect_uri: str) -> None:
         data = grant.request.payload.data
         if not data.get("code_challenge"):
             raise InvalidRequestError("PKCE is required: send code_challenge with code_challenge_method=S256")
@@ -62,7 +67,7 @@ class S256Only(CodeChallenge):
             raise InvalidRequestError("code_challenge_method must be S256")
         super().validate_code_challenge(grant, redirect_uri)
 
-    def validate_code_verifier(self, grant: Any, result: Any) -> None:
+    def validate_code_verifier(self, grant: AuthorizationCodeGrant, result: object) -> None:
         if not grant.request.form.get("code_verifier"):
             raise InvalidRequestError("Missing 'code_verifier'")
         super().validate_code_verifier(grant, result)
@@ -72,7 +77,7 @@ def build_code_grant(engine: Engine, settings: Settings) -> type[AuthorizationCo
     class SmartAuthorizationCodeGrant(AuthorizationCodeGrant):
         TOKEN_ENDPOINT_AUTH_METHODS = APP_AUTH_METHODS
 
-        def save_authorization_code(self, code: str, request: Any) -> None:
+        def save_authorization_code(self, code: str, request: OAuth2Request) -> None:
             ctx: GrantContext = request.user
             with transaction(engine) as conn:
                 ctx.family_id = new_family(conn, request.client.get_client_id(), ctx.user_id)
@@ -81,7 +86,7 @@ def build_code_grant(engine: Engine, settings: Settings) -> type[AuthorizationCo
                           request.payload.data.get("nonce"), ctx,
                           settings.authorization_code_lifetime)
 
-        def query_authorization_code(self, code: str, client: Any) -> StoredCode | None:
+        def query_authorization_code(self, code: str, client: OAuthClient) -> StoredCode | None:
             if not isinstance(code, str) or len(code) > 200:
                 return None
             return find_code(engine, code, client.get_client_id())
@@ -132,19 +137,19 @@ class SmartOpenIDCode(OpenIDCode):
         self.settings = settings
         self.key = signing_key(settings.data_dir)
 
-    def exists_nonce(self, nonce: str, request: Any) -> bool:
+    def exists_nonce(self, nonce: str, request: OAuth2Request) -> bool:
         return nonce_used(self.engine, request.payload.client_id, nonce)
 
-    def resolve_client_private_key(self, client: Any) -> Any:
+    def resolve_client_private_key(self, client: OAuthClient) -> RSAKey:
         return self.key
 
-    def get_client_algorithm(self, client: Any) -> str:
+    def get_client_algorithm(self, client: OAuthClient) -> str:
         return "RS256"
 
-    def get_encode_header(self, client: Any) -> dict[str, Any]:
+    def get_encode_header(self, client: OAuthClient) -> dict[str, Any]:
         return {"alg": "RS256", "kid": self.key.kid}
 
-    def get_client_claims(self, client: Any) -> dict[str, Any]:
+    def get_client_claims(self, client: OAuthClient) -> dict[str, Any]:
         return {"iss": self.settings.public_root, "aud": [client.get_client_id()]}
 
     def generate_user_info(self, user: GrantContext, scope: str) -> UserInfo:
@@ -178,7 +183,7 @@ def _introspection_payload(token: StoredToken, settings: Settings) -> dict[str, 
     return body
 
 
-def _query_token(engine: Engine, token_string: Any, hint: str | None) -> StoredToken | None:
+def _query_token(engine: Engine, token_string: object, hint: str | None) -> StoredToken | None:
     if not isinstance(token_string, str) or len(token_string) > 512:
         return None
     return find_token(engine, token_string, hint)
@@ -191,7 +196,7 @@ def build_introspection(engine: Engine, settings: Settings) -> type[Introspectio
         def query_token(self, token_string: str, token_type_hint: str | None) -> StoredToken | None:
             return _query_token(engine, token_string, token_type_hint)
 
-        def check_permission(self, token: StoredToken, client: Any, request: Any) -> bool:
+        def check_permission(self, token: StoredToken, client: OAuthClient, request: OAuth2Request) -> bool:
             # A client may introspect its own tokens; a resource server registered with
             # `introspect_any` may introspect every token.
             return token.client_id == client.get_client_id() or bool(client.record.settings.get("introspect_any"))
@@ -209,14 +214,14 @@ def build_revocation(engine: Engine) -> type[RevocationEndpoint]:
         def query_token(self, token_string: str, token_type_hint: str | None) -> StoredToken | None:
             return _query_token(engine, token_string, token_type_hint)
 
-        def revoke_token(self, token: StoredToken, request: Any) -> None:
+        def revoke_token(self, token: StoredToken, request: OAuth2Request) -> None:
             with transaction(engine) as conn:
                 revoke_token(conn, token)
 
     return SmartRevocation
 
 
-def register_smart_grants(server: Any, engine: Engine, settings: Settings) -> None:
+def register_smart_grants(server: AuthorizationServer, engine: Engine, settings: Settings) -> None:
     server.register_grant(build_code_grant(engine, settings),
                           [S256Only(required=True), SmartOpenIDCode(engine, settings)])
     server.register_grant(build_refresh_grant(engine))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -21,6 +22,7 @@ from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import ClientMixin, InvalidClientError, InvalidScopeError, OAuth2Request
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
+from flask import Flask
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -100,7 +102,7 @@ class JwksCache:
         try:
             resp = requests.get(url, timeout=5, headers={"Accept": "application/json"})
             resp.raise_for_status()
-            jwks = resp.json()
+            jwks: dict[str, Any] = resp.json()
         except (requests.RequestException, ValueError) as exc:
             raise InvalidClientError(description="The client's JWKS URL could not be fetched") from exc
         with self._lock:
@@ -131,7 +133,7 @@ class SmartClientAssertion(JWTBearerClientAssertion):
         public = {"keys": [k for k in jwks.get("keys", []) if "d" not in k]}
         return KeySet.import_key_set(public)  # type: ignore[arg-type]  # a JWKS document
 
-    def process_assertion_claims(self, assertion: str, resolve_key: Any) -> Any:
+    def process_assertion_claims(self, assertion: str, resolve_key: KeySet) -> dict[str, Any]:
         try:
             token = jwt.decode(assertion, resolve_key, algorithms=ALLOWED_ASSERTION_ALGS)
         except JoseError as exc:
@@ -146,7 +148,7 @@ class SmartClientAssertion(JWTBearerClientAssertion):
         return token.claims
 
     @staticmethod
-    def _check_audience_and_client_id(claims: Any) -> None:
+    def _check_audience_and_client_id(claims: dict[str, Any]) -> None:
         """SMART Backend Services: `aud` is this server's endpoint URL alone (a string, or an array
         holding only it: RFC 7519 allows arrays, but an extra audience means the assertion was
         also meant for someone else, who could replay it here). A form `client_id`, when sent,
@@ -161,7 +163,7 @@ class SmartClientAssertion(JWTBearerClientAssertion):
         if form_client is not None and form_client != claims.get("sub"):
             raise InvalidClientError(description="client_id does not match the client assertion's issuer.")
 
-    def validate_jti(self, claims: dict[str, Any], jti: Any) -> bool:
+    def validate_jti(self, claims: dict[str, Any], jti: object) -> bool:
         if not isinstance(jti, str) or not jti or len(jti) > 255:
             return False
         now = now_us()
@@ -193,13 +195,13 @@ class SmartAuthorizationServer(AuthorizationServer):
     """Also accepts an already-built OAuth2Request: the approval page replays the authorization
     request it stored when the user first arrived, not the form the user submitted."""
 
-    def create_oauth2_request(self, request: Any) -> Any:
+    def create_oauth2_request(self, request: object) -> OAuth2Request:
         if isinstance(request, OAuth2Request):
             return request
         return super().create_oauth2_request(request)
 
 
-def build_authorization_server(app: Any, engine: Engine, settings: Settings,
+def build_authorization_server(app: Flask, engine: Engine, settings: Settings,
                                known_types: list[str]) -> AuthorizationServer:
     from ..auth.grants import REFRESH_SCOPES, GrantContext, issue_refresh
     from .oauth import register_smart_grants
@@ -208,12 +210,12 @@ def build_authorization_server(app: Any, engine: Engine, settings: Settings,
         record = get_client(engine, client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None
         return OAuthClient(record, known_types) if record else None
 
-    def save_token(token: dict[str, Any], request: Any) -> None:
+    def save_token(token: dict[str, Any], request: OAuth2Request) -> None:
         pass  # the generator stores the token (hash) itself
 
     server = SmartAuthorizationServer(app, query_client=query_client, save_token=save_token)
 
-    def generate(grant_type: str, client: OAuthClient, user: Any = None, scope: str | None = None,
+    def generate(grant_type: str, client: OAuthClient, user: GrantContext | None = None, scope: str | None = None,
                  expires_in: int | None = None, include_refresh_token: bool = True) -> dict[str, Any]:
         lifetime = settings.access_token_lifetime
         if not isinstance(user, GrantContext):  # client_credentials: the client acts for itself
@@ -246,7 +248,7 @@ def build_authorization_server(app: Any, engine: Engine, settings: Settings,
     assertion = SmartClientAssertion(engine, settings, JwksCache(settings.jwks_cache_seconds))
     server.register_client_auth_method(AUTH_METHOD, assertion)
 
-    def bearer(query: Any, request: Any) -> OAuthClient | None:
+    def bearer(query: Callable[[str], OAuthClient | None], request: OAuth2Request) -> OAuthClient | None:
         """RFC 7662 section 2.1 lets a protected resource authenticate with a bearer token: here its
         own unexpired, unrevoked backend-services access token (SMART's suggestion)."""
         header = request.headers.get("Authorization", "")

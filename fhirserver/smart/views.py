@@ -13,10 +13,12 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from authlib.oauth2 import OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Payload, OAuth2Request
+from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant
 from flask import (
     Blueprint,
     Response,
@@ -31,7 +33,7 @@ from werkzeug.datastructures import MultiDict
 from ..auth.clients import get_client
 from ..auth.grants import GrantContext, claim_launch
 from ..auth.tokens import lookup_token
-from ..services import Services
+from ..services import Services, current_services
 from ..users.login import authenticate_second_factor, authenticate_user
 from ..users.registry import UserRecord, get_user
 from .audit import audit_oauth
@@ -45,12 +47,24 @@ MFA_TTL_S = 5 * 60
 NEUTRAL_LOGIN_ERROR = "The username or password is wrong, or the account cannot sign in right now."
 
 
-def _svc() -> Services:
-    return current_app.extensions["fhirserver"]
 
 
-def _server() -> Any:
-    return current_app.extensions["fhirserver.oauth"]
+class _OAuthServer(Protocol):
+    """What the pages use of Authlib's AuthorizationServer (Authlib ships no type hints)."""
+
+    def get_consent_grant(self, request: OAuth2Request) -> AuthorizationCodeGrant: ...
+
+    def handle_error_response(self, request: OAuth2Request | None, error: OAuth2Error) -> Response: ...
+
+    def create_authorization_response(self, request: OAuth2Request, grant_user: GrantContext | None,
+                                      grant: AuthorizationCodeGrant) -> Response: ...
+
+    def create_endpoint_response(self, name: str) -> Response: ...
+
+
+def _server() -> _OAuthServer:
+    server: _OAuthServer = current_app.extensions["fhirserver.oauth"]
+    return server
 
 
 class _Payload(OAuth2Payload):
@@ -85,7 +99,7 @@ class StoredAuthorizationRequest(OAuth2Request):
 
 # ---- pages
 
-def _page(template: str, status: int = 200, **kw: Any) -> Response:
+def _page(template: str, status: int = 200, **kw: object) -> Response:
     kw.setdefault("csrf_token", _csrf())
     resp = Response(render_template(template, **kw), status=status, mimetype="text/html")
     resp.headers["Cache-Control"] = "no-store"
@@ -146,7 +160,7 @@ def _validate(stored: StoredAuthorizationRequest, launch_ctx: dict[str, Any] | N
             return None, _redirect_error(stored, err)
         return None, _error_page(f"This sign-in request is not valid: {(err.description or err.error).rstrip('.')}.")
     aud = (stored.payload.data.get("aud") or "").rstrip("/")
-    settings = _svc().settings
+    settings = current_services().settings
     if aud != settings.fhir_base:
         bad_aud = InvalidRequestError(f"'aud' must be this server's FHIR base URL ({settings.fhir_base})",
                                       redirect_uri=grant.redirect_uri)
@@ -160,7 +174,7 @@ def _validate(stored: StoredAuthorizationRequest, launch_ctx: dict[str, Any] | N
 def _start(params: list[tuple[str, str]]) -> Response:
     from authlib.oauth2.rfc6749 import InvalidRequestError
 
-    svc = _svc()
+    svc = current_services()
     stored = StoredAuthorizationRequest(params, request.url)
     grant, failure = _validate(stored, None)
     if failure is not None:
@@ -182,8 +196,8 @@ def _start(params: list[tuple[str, str]]) -> Response:
     return _show(txn, grant)
 
 
-def _show(txn: str, grant: Any, error: str = "", status: int = 200) -> Response:
-    svc = _svc()
+def _show(txn: str, grant: AuthorizationCodeGrant, error: str = "", status: int = 200) -> Response:
+    svc = current_services()
     user = _signed_in(svc)
     client = grant.client.record
     if user is None:
@@ -199,7 +213,7 @@ def _show(txn: str, grant: Any, error: str = "", status: int = 200) -> Response:
 
 
 def _continue() -> Response:
-    svc = _svc()
+    svc = current_services()
     form = request.form
     if not hmac.compare_digest(str(form.get("csrf_token", "")), str(session.get("csrf", ""))):
         return _error_page("The form expired or did not come from this server. Start the sign-in again.", 403)
@@ -255,12 +269,12 @@ def _continue() -> Response:
 
 
 def _sign_in(user_id: int | None, username: str) -> None:
-    ttl = _svc().settings.login_session_seconds
+    ttl = current_services().settings.login_session_seconds
     session["login"] = {"user_id": user_id, "username": username, "expires": time.time() + ttl}
     session["csrf"] = secrets.token_urlsafe(24)  # a new token once signed in
 
 
-def _approve(svc: Services, stored: StoredAuthorizationRequest, grant: Any, user: UserRecord,
+def _approve(svc: Services, stored: StoredAuthorizationRequest, grant: AuthorizationCodeGrant, user: UserRecord,
              launch_ctx: dict[str, Any] | None) -> Response:
     allowed = grant.request.scope.split() if grant.request.scope else []
     ticked = set(request.form.getlist("scope"))
@@ -310,9 +324,9 @@ def _repeat(stored: StoredAuthorizationRequest, launch_ctx: dict[str, Any] | Non
 
 # ---- blueprint
 
-def _endpoint_view(name: str) -> Any:
+def _endpoint_view(name: str) -> Callable[[], Response]:
     def view() -> Response:
-        svc = _svc()
+        svc = current_services()
         try:
             resp = _server().create_endpoint_response(name)
         except OAuth2Error as err:
@@ -359,7 +373,7 @@ def make_smart_blueprint() -> Blueprint:
 
     @bp.get("/jwks")
     def jwks() -> Response:
-        key = signing_key(_svc().settings.data_dir)
+        key = signing_key(current_services().settings.data_dir)
         return jsonify({"keys": [key.as_dict(private=False)]})
 
     @bp.get("/smart-style.json")

@@ -31,13 +31,13 @@ def parse_json(data: bytes | str) -> Any:
     return json.loads(data, parse_float=Decimal, object_pairs_hook=_no_duplicates)
 
 
-def _default(obj: Any) -> Any:
+def _default(obj: object) -> orjson.Fragment:
     if isinstance(obj, Decimal):
         return orjson.Fragment(str(obj))
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
-def dump_json(obj: Any) -> bytes:
+def dump_json(obj: object) -> bytes:
     return orjson.dumps(obj, default=_default)
 
 

@@ -19,7 +19,9 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from ..clock import now_us
 from ..crypto.cipher import open_sealed, seal
+from ..crypto.datakeys import DataKeyStore
 from ..db.engine import read_connection, transaction
+from ..db.rows import AnyRow
 from ..db.schema import data_key, export_file, export_job
 
 STALE_HEARTBEAT_US = 30 * 1_000_000
@@ -39,7 +41,7 @@ class Job:
     expires_us: int | None
 
     @classmethod
-    def from_row(cls, row: Any) -> Job:
+    def from_row(cls, row: AnyRow) -> Job:
         return cls(row.id, row.client_id, row.status, row.request, json.loads(row.spec), json.loads(row.principal),
                    row.progress, row.error, row.transaction_us, row.expires_us)
 
@@ -111,7 +113,7 @@ def add_file(engine: Engine, job: Job, key: tuple[int, bytes], name: str, rtype:
                                                     key_id=key_id, body=body))
 
 
-def read_file(conn: Connection, keys: Any, job_id: str, name: str) -> bytes | None:
+def read_file(conn: Connection, keys: DataKeyStore, job_id: str, name: str) -> bytes | None:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     row = conn.execute(select(export_file).where(export_file.c.job_id == job_id, export_file.c.name == name)).first()

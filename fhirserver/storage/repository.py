@@ -26,6 +26,7 @@ from ..crypto.datakeys import DataKeyStore
 from ..crypto.keyring import KeyError_
 from ..db import guard
 from ..db import raw as raw_sql
+from ..db.rows import AnyRow
 from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.dates import instant_text
 from ..search.indexer import Indexer
@@ -217,7 +218,7 @@ class Repository:
             raise Deleted(f"{rtype}/{rid} has been deleted", etag=stored.etag)
         return stored
 
-    def open_row(self, rtype: str, rid: str, row: Any, conn: Connection) -> Stored:
+    def open_row(self, rtype: str, rid: str, row: AnyRow, conn: Connection) -> Stored:
         """A version row the caller fetched (`pk`, `version`, `last_updated_us`, `deleted`,
         `method`, `key_id`, `body`), decrypted: for the access gate's own statements."""
         guard.check("Repository.open_row")
@@ -225,7 +226,7 @@ class Repository:
                       deleted=bool(row.deleted), method=row.method,
                       body=self.decrypt(rtype, rid, row.version, row.key_id, row.body, conn), pk=row.pk)
 
-    def _stored(self, rtype: str, rid: str, row: Any, conn: Connection) -> Stored:
+    def _stored(self, rtype: str, rid: str, row: AnyRow, conn: Connection) -> Stored:
         return Stored(
             type=rtype, id=rid, version=row.version, last_updated_us=row.last_updated_us,
             deleted=row.deleted, method=row.method,

@@ -36,6 +36,7 @@ from ..crypto.cipher import DecryptionError
 from ..crypto.datakeys import DataKeyStore
 from ..crypto.keyring import KeyError_
 from ..db.engine import read_connection, transaction
+from ..db.rows import AnyRow
 from ..db.schema import app_user
 from .passwords import burn, hash_password, needs_rehash, verify_password
 from .registry import UserError, normalize_username
@@ -107,7 +108,7 @@ def _precheck(engine: Engine, username: str, password: str) -> _Precheck:
     return _Precheck(name, stored, ok, new_hash)
 
 
-def _fail(conn: Connection, row: Any, reason: Reason, detail: str, policy: LoginPolicy, now: int) -> LoginResult:
+def _fail(conn: Connection, row: AnyRow, reason: Reason, detail: str, policy: LoginPolicy, now: int) -> LoginResult:
     """Count a failure; the one that reaches the limit locks the account and restarts the count."""
     failures = row.failed_logins + 1
     locked_until = None

@@ -16,12 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..clock import now_us
 from ..crypto.datakeys import DataKeyStore
 from ..db.engine import read_connection, transaction
+from ..db.rows import AnyRow
 from ..db.schema import app_user, user_patient_link
 from .passwords import WeakPasswordError, check_strength, hash_password
 from .totp import new_secret, seal_secret
@@ -63,7 +64,7 @@ class UserRecord:
     links: list[PatientLink] = field(default_factory=list)
 
     @classmethod
-    def from_row(cls, row: Any, links: list[PatientLink] | None = None) -> UserRecord:
+    def from_row(cls, row: AnyRow, links: list[PatientLink] | None = None) -> UserRecord:
         return cls(id=row.id, username=row.username, fhir_user=row.fhir_user, totp=row.totp_secret is not None,
                    disabled=row.disabled, failed_logins=row.failed_logins, locked_until_us=row.locked_until_us,
                    last_login_us=row.last_login_us, created_us=row.created_us, links=links or [])
@@ -126,7 +127,7 @@ def create_user(engine: Engine, keys: DataKeyStore, username: str, password: str
     return record, secret
 
 
-def _links(conn: Any, user_ids: list[int]) -> dict[int, list[PatientLink]]:
+def _links(conn: Connection, user_ids: list[int]) -> dict[int, list[PatientLink]]:
     out: dict[int, list[PatientLink]] = {uid: [] for uid in user_ids}
     if not user_ids:
         return out

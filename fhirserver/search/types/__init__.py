@@ -5,7 +5,7 @@ TYPES; a new type is a new module here and a line in TYPES."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy import ColumnElement, FromClause
 
@@ -16,7 +16,7 @@ from .common import Keys
 
 
 class ParamType(Protocol):
-    def index(self, keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None: ...
+    def index(self, keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None: ...
 
     def condition(self, keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, value: str,
                   key: str) -> ColumnElement[bool]: ...

@@ -38,7 +38,7 @@ def no_modifier(kind: str, modifier: str | None, key: str) -> None:
         raise FhirError(400, "not-supported", f"Modifier :{modifier} is not supported on {kind} parameters", [key])
 
 
-def number_cond(prefix: str, text: str, col: Any, key: str) -> ColumnElement[bool]:
+def number_cond(prefix: str, text: str, col: ColumnElement[Any], key: str) -> ColumnElement[bool]:
     try:
         num = Decimal(text)
     except InvalidOperation:

@@ -17,7 +17,7 @@ from .quantity import quantity_cond
 from .token import token_cond
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
     if len(p.component_extract) != 2:
         return
     node = [(value, node_type)]

@@ -15,7 +15,7 @@ from . import protected_date
 from .common import Keys, checked_date, no_modifier, prefix_of
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
     if p.protected:
         if isinstance(value, str) and value:
             for prefix in {value[:4], value[:7], value[:10]}:  # equality on a year, month or day
@@ -38,7 +38,7 @@ def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, v
     return date_cond(value, t.c.low_us, t.c.high_us, key)
 
 
-def date_cond(value: str, low: Any, high: Any, key: str) -> ColumnElement[bool]:
+def date_cond(value: str, low: ColumnElement[Any], high: ColumnElement[Any], key: str) -> ColumnElement[bool]:
     prefix, text = prefix_of(value)
     ql, qh = checked_date(text, key)
     eq = and_(low >= ql, high <= qh)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import ColumnElement, FromClause
 
 from ..params import SearchParam
@@ -12,7 +10,7 @@ from .common import Keys, no_modifier
 from .quantity import quantity_cond
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
     number = number_of(value)
     if number is not None:
         out.add("number", param=p.code, value=number)

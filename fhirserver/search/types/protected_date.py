@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
-from typing import Any
+from collections.abc import Callable
 
 from sqlalchemy import ColumnElement, FromClause, and_
 
@@ -60,7 +60,7 @@ def matches(prefix: str, ql: int, qh: int, low: int, high: int, margin: int = 0)
             "ap": low <= qh + margin and high >= ql - margin}[prefix]
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object) -> None:
     if not isinstance(value, str) or len(value) < 4:
         return
     try:
@@ -80,7 +80,7 @@ def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any) -> None:
         out.add("string", param=p.code, kind="P", value=keys.blind.digest(p.code, "P", bucket))
 
 
-def _runs(first: int, last: int, ok: Any, edges: list[int]) -> list[tuple[int, int]]:
+def _runs(first: int, last: int, ok: Callable[[int], bool], edges: list[int]) -> list[tuple[int, int]]:
     """Maximal runs [a, b] of consecutive units in [first, last] where ok(unit) holds. `ok` can
     change only next to an edge unit, so units are tested around the edges and once per gap."""
     points = sorted({first, last, *[e + d for e in edges for d in (-1, 0, 1) if first <= e + d <= last]})

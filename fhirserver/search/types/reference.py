@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import ColumnElement, FromClause, and_, false
 
 from ...fhir.errors import FhirError
@@ -13,7 +11,7 @@ from ..values import IndexRows, parse_reference
 from .common import Keys
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
     ref = value.get("reference") if isinstance(value, dict) else value if isinstance(value, str) else None
     if isinstance(ref, str):
         rtype, rid, url = parse_reference(ref, keys.base_url)

@@ -3,8 +3,6 @@ normalized value and its normalized prefixes (so starts-with and :exact work, :c
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import ColumnElement, FromClause, and_
 
 from ...crypto.blind_index import normalize
@@ -14,7 +12,7 @@ from ..values import MAX_PREFIX_CHARS, IndexRows, strings_of
 from .common import Keys
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
     for text in strings_of(value):
         add_string(keys, out, p.code, text, p.prefix_index)
 
@@ -40,7 +38,7 @@ def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, v
     return string_cond(keys, p.code, p.prefix_index, value, key, t)
 
 
-def string_cond(keys: Keys, code: str, prefixes: bool, value: str, key: str, t: Any) -> ColumnElement[bool]:
+def string_cond(keys: Keys, code: str, prefixes: bool, value: str, key: str, t: FromClause) -> ColumnElement[bool]:
     norm = normalize(value)
     if not norm:
         raise FhirError(400, "invalid", f"Empty value for '{key}'", [key])

@@ -15,7 +15,7 @@ from . import string
 from .common import Keys, no_modifier
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
     for system, code in token_pairs(value):
         if p.protected:
             code = keys.blind.digest(p.code, "t", code)
@@ -41,7 +41,7 @@ def condition(keys: Keys, p: SearchParam, t: FromClause, modifier: str | None, v
     return token_cond(keys, p, t.c.system, t.c.code, value, key)
 
 
-def token_cond(keys: Keys, p: SearchParam, system_col: Any, code_col: Any, value: str, key: str,
+def token_cond(keys: Keys, p: SearchParam, system_col: ColumnElement[Any], code_col: ColumnElement[Any], value: str, key: str,
                protected: bool | None = None) -> ColumnElement[bool]:
     system: str | None
     system, bar, code = value.partition("|")

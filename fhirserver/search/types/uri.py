@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import ColumnElement, FromClause
 
 from ...fhir.errors import FhirError
@@ -12,7 +10,7 @@ from ..values import IndexRows
 from .common import Keys
 
 
-def index(keys: Keys, out: IndexRows, p: SearchParam, value: Any, node_type: str | None) -> None:
+def index(keys: Keys, out: IndexRows, p: SearchParam, value: object, node_type: str | None) -> None:
     if isinstance(value, str):
         out.add("uri", param=p.code, value=value[:1024])
 

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from ..fhir.errors import FhirError
-from ..fhir.registry import TypeRegistry
+from .errors import FhirError
+from .registry import TypeRegistry
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "json", "*/*",

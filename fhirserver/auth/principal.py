@@ -7,8 +7,25 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..auth.scopes import ScopeSet, parse_scopes
-from ..auth.tokens import TokenInfo
+from .scopes import ScopeSet, parse_scopes
+from .tokens import TokenInfo
+
+
+@dataclass
+class Decision:
+    """Why and how the principal is asking, as the consent stage decided at the start of a request
+    (purpose of use, break-the-glass or exemption, the requester's actor digests, jurisdiction).
+    It lives beside the Principal that carries it; consent/ computes it."""
+
+    purpose: str
+    mode: str = "filter"  # filter | exempt | break-glass
+    reason: str | None = None
+    actors: list[str] = field(default_factory=list)  # keyed digests of the requester's references
+    own_patients: list[str] = field(default_factory=list)  # unfiltered compartments (self, guardian, proxy)
+    now_us: int = 0
+    any_rules: bool = True  # False: the rule table was empty when the request started (fast path)
+    jurisdiction: str = ""  # the client's jurisdiction ("" when the rule is off)
+    transfer: bool = False  # the client is outside the deployment's jurisdiction
 
 
 @dataclass
@@ -23,7 +40,7 @@ class Principal:
     linked_patients: tuple[str, ...] = ()
     purpose: list[str] = field(default_factory=lambda: ["TREAT"])
     client_settings: dict[str, Any] = field(default_factory=dict)
-    consent: Any = None  # the consent stage's Decision for this request (purpose, mode, actors)
+    consent: Decision | None = None  # the consent stage's decision for this request
 
     @property
     def reads_own_records(self) -> bool:
@@ -55,7 +72,7 @@ class Principal:
         )
 
 
-def principal_snapshot(principal: Any) -> dict[str, Any]:
+def principal_snapshot(principal: Principal) -> dict[str, Any]:
     """The caller's plain (JSON) attributes; derived state, such as a consent decision, is
     recomputed when the job runs."""
 
