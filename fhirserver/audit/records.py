@@ -22,7 +22,7 @@ import hmac
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, select
@@ -100,12 +100,44 @@ class PreparedRecord:
     content_hash: str
 
 
+class AuditSink(Protocol):
+    """Where built access records go: `write` inside the access's own transaction (fail closed:
+    the record commits with the access or neither does), `committed` after that commit."""
+
+    def write(self, conn: Connection, p: PreparedRecord) -> None: ...
+
+    def committed(self, p: PreparedRecord) -> None: ...
+
+
+class AccessRecordTable:
+    """The default sink: one `access_record` row, its `access_subject` rows, and its term set
+    interned in `audit_term` (written once per set; `committed` remembers the sets stored)."""
+
+    def __init__(self) -> None:
+        self._known_sets: set[str] = set()
+
+    def write(self, conn: Connection, p: PreparedRecord) -> None:
+        started = metrics.now()
+        if p.terms not in self._known_sets:
+            raw_sql.executemany(conn, _INS_TERM, p.term_rows)
+        pk = raw_sql.insert_returning_pk(conn, _INS_RECORD, (p.id, p.recorded_us, p.terms, p.key_id, p.detail,
+                                                             p.content_hash))
+        raw_sql.executemany(conn, _INS_SUBJECT, [(pk, p.recorded_us, *s) for s in p.subjects])
+        metrics.audit_append(metrics.now() - started)
+
+    def committed(self, p: PreparedRecord) -> None:
+        self._known_sets.add(p.terms)
+
+
 class AuditLog:
-    def __init__(self, repo: Repository, server_url: str) -> None:
+    """Access records: built once from a request's captured AuditRecord (`build`), written to
+    the sink in the access's transaction (`append`), read back and rendered as AuditEvents."""
+
+    def __init__(self, repo: Repository, server_url: str, sink: AuditSink | None = None) -> None:
         self.repo = repo
         self.server_url = server_url
         self.indexer = AuditIndexer(repo.indexer)
-        self._known_sets: set[str] = set()
+        self.sink: AuditSink = sink or AccessRecordTable()
 
     # ------------------------------------------------------------------ writing
     def prepare(self, rec: AuditRecord) -> PreparedRecord:
@@ -114,8 +146,8 @@ class AuditLog:
         return self.build(rec)
 
     def committed(self, p: PreparedRecord) -> None:
-        """`p`'s transaction committed: its term set is stored, later appends skip it."""
-        self._known_sets.add(p.terms)
+        """`p`'s transaction committed (its term set is stored: later appends skip it)."""
+        self.sink.committed(p)
 
     def build(self, rec: AuditRecord) -> PreparedRecord:
         """Build, index and encrypt one record: no database access."""
@@ -134,18 +166,13 @@ class AuditLog:
         return PreparedRecord(record_id, rec.recorded_us, set_id, term_rows, subjects, key_id, detail,
                               hashlib.sha256(raw).hexdigest())
 
-    def append(self, conn: Connection, rec: AuditRecord, prepared: PreparedRecord | None = None) -> str:
+    def append(self, conn: Connection, rec: AuditRecord, prepared: PreparedRecord | None = None) -> PreparedRecord:
         """Append the record inside `conn`'s transaction (fail closed: it commits with the
-        access or not at all). No lock beyond the rows it inserts. Returns the record id."""
+        access or not at all): `prepared` when it was built ahead from the same record, else
+        built now. No lock beyond the rows it inserts. Returns what was written."""
         p = prepared or self.build(rec)
-        started = metrics.now()
-        if p.terms not in self._known_sets:
-            raw_sql.executemany(conn, _INS_TERM, p.term_rows)
-        pk = raw_sql.insert_returning_pk(conn, _INS_RECORD, (p.id, p.recorded_us, p.terms, p.key_id, p.detail,
-                                                             p.content_hash))
-        raw_sql.executemany(conn, _INS_SUBJECT, [(pk, p.recorded_us, *s) for s in p.subjects])
-        metrics.audit_append(metrics.now() - started)
-        return p.id
+        self.sink.write(conn, p)
+        return p
 
     # ------------------------------------------------------------------ reading
     def decrypt(self, record_id: str, key_id: int, detail: bytes, conn: Connection | None = None) -> bytes:

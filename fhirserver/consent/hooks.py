@@ -29,6 +29,7 @@ from typing import Protocol
 
 from sqlalchemy import ColumnElement, Connection, FromClause
 
+from ..audit.capture import AuditCapture
 from ..audit.events import AuditRecord
 from ..auth.principal import Decision, Principal
 from ..fhir.interaction import Interaction
@@ -41,6 +42,7 @@ class StageContext(Protocol):
 
     headers: dict[str, str]
     record: AuditRecord
+    capture: AuditCapture  # what the handler touched; the stage reports its entities here
     write: PreparedWrite | None  # the resource a create or update will store
     principal: Principal | None
     interaction: Interaction

@@ -88,22 +88,23 @@ class ConsentStage(NoConsentFiltering):
         rec: AuditRecord = ctx.record
         rec.purpose = [decision.purpose]
         if decision.mode == "exempt":
-            rec.extra_entities.append(_entity_detail(policy_entity(
-                "consent-exempt", "consent-exempt client: consent rules not applied"), "consent-mode", "exempt"))
-            rec.extra_entities[-1]["what"]["identifier"]["value"] = "consent-exempt"
+            entity = _entity_detail(policy_entity("consent-exempt", "consent-exempt client: consent rules not applied"),
+                                    "consent-mode", "exempt")
+            entity["what"]["identifier"]["value"] = "consent-exempt"
+            ctx.capture.entity(entity)
         elif decision.mode == "break-glass":
             entity = policy_entity(decision.purpose, "break-the-glass: consent denies overridden")
             entity["what"]["identifier"]["value"] = "break-the-glass"
             _entity_detail(entity, "break-glass-reason", decision.reason or "")
-            rec.extra_entities.append(entity)
+            ctx.capture.entity(entity)
         else:
             default = "permit unless a consent denies (opt-out)" if decision.purpose in self.engine.opt_out \
                 else "deny unless a consent permits (opt-in)"
-            rec.extra_entities.append(policy_entity(
+            ctx.capture.entity(policy_entity(
                 decision.purpose, f"default policy for purpose {decision.purpose}: {default}; data with a "
                                   "sensitivity label needs a consent that permits it explicitly"))
         if decision.transfer and decision.mode != "break-glass":
-            rec.extra_entities.append(policy_entity(
+            ctx.capture.entity(policy_entity(
                 "cross-border", f"cross-border transfer to {decision.jurisdiction}: only data of patients whose "
                                 f"consent permits it"))
         return decision
@@ -179,17 +180,16 @@ class ConsentStage(NoConsentFiltering):
         decision: Decision | None = principal.consent
         if decision is None or decision.mode == "exempt" or not decision.any_rules:
             return  # no Consent existed: the default policy (already recorded) decided
-        refs = [r.split("/_history")[0] for r in ctx.record.resources]
-        pks = _pks(conn, refs)
+        pks = ctx.capture.pks  # the resource rows the handler returned (no lookup by reference)
         if not pks:
             return
         if decision.mode == "break-glass":
             filtering = replace(decision, mode="filter", reason=None)
             for cid in self.engine.deciding_consents(conn, pks, filtering, "deny"):
-                ctx.record.extra_entities.append(consent_entity(cid, "denied; overridden by break-the-glass"))
+                ctx.capture.entity(consent_entity(cid, "denied; overridden by break-the-glass"))
             return
         for cid in self.engine.deciding_consents(conn, pks, decision, "permit"):
-            ctx.record.extra_entities.append(consent_entity(cid, f"permitted disclosure for {decision.purpose}"))
+            ctx.capture.entity(consent_entity(cid, f"permitted disclosure for {decision.purpose}"))
 
     # ---- alerts, denial bursts (inside the audit transaction)
     def finish(self, ctx: StageContext, conn: Connection) -> None:
@@ -221,7 +221,7 @@ class ConsentStage(NoConsentFiltering):
                 return  # really absent
             denied = self.engine.deciding_consents(conn, pks, decision, "deny")
             for cid in denied:
-                rec.extra_entities.append(consent_entity(cid, "denied by consent"))
+                ctx.capture.entity(consent_entity(cid, "denied by consent"))
             if denied:
                 metrics.consent_denial(rec.resource_type)
             rec.outcome_desc = (rec.outcome_desc + " (hidden by consent)").strip()

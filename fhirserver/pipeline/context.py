@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from sqlalchemy import Connection
 
 from ..access import Access, AccessGate
+from ..audit.capture import AuditCapture
 from ..audit.events import AuditRecord
 from ..auth.principal import Principal
 from ..db.engine import Snapshot
@@ -58,6 +59,10 @@ class RequestContext:
     provenance: list[PreparedWrite] = field(default_factory=list)  # written with the resource (provenance.py)
     bundle_patients: frozenset[str] = frozenset()  # Patients a transaction creates in its other entries
     snapshot: Snapshot | None = None  # the request's read transaction (a Bundle's entries share it)
+    capture: AuditCapture = field(init=False)  # what the handler touched, for `record` (audit/capture.py)
+
+    def __post_init__(self) -> None:
+        self.capture = AuditCapture(self.record)
 
     def plan_as(self, kind: type[P]) -> P:
         """The plan this request's handler made in prepare(), as the type it made."""

@@ -16,7 +16,6 @@ from ..fhir.patch import JSON_PATCH, MERGE_PATCH, apply_fhirpath_patch, apply_js
 from ..storage.codec import dump_json, parse_json
 from ..storage.errors import NotFound, StorageError
 from ..storage.repository import Stored
-from .access import record_touch
 from .capability import capability_statement, smart_configuration
 from .compartment_links import prepare_write
 from .context import RequestContext, Result
@@ -71,7 +70,7 @@ class Read(Handler):
         return self._answer(ctx, ctx.gate.read(conn, it.resource_type, it.id, version))
 
     def _answer(self, ctx: RequestContext, stored: Stored) -> Result:
-        record_touch(ctx, stored)
+        ctx.capture.touched(stored)
         headers = resource_headers(stored, ctx.services.settings.fhir_base)
         if_none_match = (ctx.header("if-none-match") or "").strip()
         if if_none_match and (if_none_match == "*" or stored.version in
@@ -85,16 +84,10 @@ class Create(Handler):
         body = validated(ctx)
         body.pop("id", None)  # the server assigns ids on create
         rtype = ctx.interaction.resource_type or ""
-        ctx.write = prepare_write(ctx, rtype, body, ctx.assigned_id)
+        p = ctx.write = prepare_write(ctx, rtype, body, ctx.assigned_id)
         prepare_provenance(ctx, amended=False)
-
-    def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
-        if ctx.interaction.conditional:
-            return None
-        p = ctx.write
-        assert p is not None
-        return {"status": 201, "resources": [f"{p.type}/{p.id}/_history/1"], "patients": list(p.index.patients),
-                "outcome_desc": ""}
+        if not ctx.interaction.conditional:  # a conditional create may find a match instead
+            ctx.capture.expect(201, f"{p.type}/{p.id}/_history/1", p.index.patients)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         prepared = ctx.write
@@ -109,7 +102,7 @@ class Create(Handler):
                 raise FhirError(412, "duplicate", "If-None-Exist matched more than one resource")
             if matches:
                 existing = ctx.gate.load(conn, prepared.type, [matches[0][0]])[0]
-                record_touch(ctx, existing)
+                ctx.capture.touched(existing)
                 ctx.record.outcome_desc = "conditional create matched an existing resource"
                 return write_result(ctx, existing, 200)
         check_before_write(ctx.services, conn, prepared.body)
@@ -119,7 +112,7 @@ class Create(Handler):
         if not gate.holds(conn, stored.pk, ctx.access.create):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
                                               "(outside the permitted compartment or scope restriction)")
-        record_touch(ctx, stored, prepared.index.patients)
+        ctx.capture.touched(stored, prepared.index.patients)
         write_provenance(ctx, conn, stored, None)
         if not gate.holds(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
@@ -211,7 +204,7 @@ class Update(Handler):
         if not gate.holds(conn, stored.pk, check):
             raise FhirError(403, "forbidden", "The access token does not permit this resource content "
                                               "(outside the permitted compartment or scope restriction)")
-        record_touch(ctx, stored, prepared.index.patients)
+        ctx.capture.touched(stored, prepared.index.patients)
         write_provenance(ctx, conn, stored, None if head is None or head.deleted else head.version)
         if not gate.holds(conn, stored.pk, ctx.access.consent_read):
             ctx.prefer["return"] = "minimal"  # accepted, but consent does not let the writer read it back
@@ -287,7 +280,7 @@ class Delete(Handler):
         stored = repo.delete(conn, rtype, it.id, parse_etag(ctx.header("if-match"), "If-Match"))
         if stored is None:
             return Result(204)
-        record_touch(ctx, stored, list(ctx.gate.compartments_by_pk(conn, rtype, [stored.pk]).get(stored.pk, ())))
+        ctx.capture.touched(stored, list(ctx.gate.compartments_by_pk(conn, rtype, [stored.pk]).get(stored.pk, ())))
         return Result(204, None, {"ETag": stored.etag})
 
 

@@ -12,7 +12,7 @@ the audit stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from sqlalchemy import Connection
 
@@ -48,11 +48,6 @@ class Handler:
         """True when execute() only reads: it then runs without the write lock, and only the
         AuditEvent append takes it (briefly)."""
         return self.reads_only
-
-    def expected_audit(self, ctx: RequestContext) -> dict[str, Any] | None:
-        """The audit fields execute() will most likely set (None: unknown). The pipeline builds
-        and encrypts that AuditEvent before taking the write lock, and uses it if it matched."""
-        return None
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         raise NotImplementedError

@@ -61,8 +61,7 @@ class History(Handler):
             entry["response"] = {"status": {"POST": "201", "PUT": "200", "DELETE": "204"}.get(st.method, "200"),
                                  "etag": st.etag, "lastModified": instant_text(st.last_updated_us)}
             entries.append(entry)
-            ctx.record.resources.append(f"{st.type}/{st.id}/_history/{st.version}")
-        ctx.record.patients = sorted({p for _v, st in page for p in st.patients})
+        ctx.capture.disclosed([st for _v, st in page])
         path = f"{base}/{rtype}/{it.id}/_history" if it.kind == "history-instance" else f"{base}/{rtype}/_history"
         keep = [(k, v) for k, v in it.params if k != "_cursor"]
         links = [{"relation": "self", "url": path + ("?" + urlencode(it.params) if it.params else "")}]

@@ -249,15 +249,15 @@ class Pipeline:
                     audit.append(conn, record, prepared)
                 audit.committed(prepared)
             else:
-                expected = handler.expected_audit(ctx)
-                speculative = audit.prepare(replace(record, **expected)) if expected else None
+                # the record a write expects to capture, built and encrypted before the write lock
+                expected = ctx.capture.expectation()
+                ahead = audit.prepare(expected) if expected is not None else None
                 ctx.release_reading()
                 with self.services.engine.begin() as conn:
                     result = self._execute(ctx, handler, conn)
-                    matched = expected and all(getattr(record, k) == v for k, v in expected.items())
-                    audit.append(conn, record, speculative if matched else None)
-                if speculative is not None and matched:
-                    audit.committed(speculative)
+                    kept = ahead if ahead is not None and ctx.capture.as_expected() else None
+                    appended = audit.append(conn, record, kept)
+                audit.committed(appended)
             return result, request_id, record
         except FhirError as err:
             return self._fail(ctx, err.status, err.issues, err.headers, err), request_id, record

@@ -18,7 +18,6 @@ from ..audit.proof import covering_checkpoint, prove, sequenced
 from ..db import guard
 from ..db.engine import read_connection
 from ..fhir.errors import FhirError
-from .access import record_touch
 from .context import RequestContext, Result
 from .handler import Handler
 
@@ -34,7 +33,7 @@ class Proof(Handler):
         it = ctx.interaction
         svc = ctx.services
         stored = ctx.gate.record(conn, it.id or "", ctx.access.search)
-        record_touch(ctx, stored)
+        ctx.capture.touched(stored)
         seq = sequenced(conn, stored.id)
         if seq is None or covering_checkpoint(conn, seq) is None:
             done = svc.sequencer.run_once(force_checkpoint=True)

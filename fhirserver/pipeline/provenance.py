@@ -85,4 +85,4 @@ def write_provenance(ctx: RequestContext, conn: Connection, stored: Stored, prev
         written = ctx.services.repo.create(conn, prepared, fresh_id=True)
         if not amendment and not ctx.gate.holds(conn, written.pk, ctx.access.provenance):
             raise FhirError(403, "forbidden", "The access token does not permit creating this Provenance")
-        ctx.record.resources.append(f"Provenance/{written.id}/_history/{written.version}")
+        ctx.capture.also_wrote(written)

@@ -100,8 +100,7 @@ def searchset(ctx: RequestContext, conn: Connection, path: str, parsed: ParsedSe
     included = included or []
     everything = stored + included
     ctx.record.query = ctx.interaction.query_string
-    ctx.record.patients = sorted({p for st in everything for p in st.patients})
-    ctx.record.resources = [f"{st.type}/{st.id}/_history/{st.version}" for st in everything]
+    ctx.capture.disclosed(everything)
     base = s.settings.fhir_base
     subset = parsed.summary not in (None, "false") or bool(parsed.elements)
     entries: list[dict[str, Any]] = []

@@ -19,6 +19,7 @@ from ..clock import now_us
 from ..fhir.concepts import concept_text
 from ..fhir.dates import instant_text
 from ..storage.codec import dump_json, parse_json
+from ..storage.repository import Stored
 from .context import RequestContext, Result
 from .handler import Handler
 from .render import output_body
@@ -55,9 +56,11 @@ class Summary(Handler):
         pid = ctx.interaction.id or ""
         patient = ctx.gate.patient(conn, pid)
         base = s.settings.fhir_base
-        sections, included = [], {}
+        sections, included, disclosed = [], {}, [patient]
         for title, code, types, category, required in SECTIONS:
-            found = self._section(ctx, conn, pid, types, category)
+            rows = self._section(ctx, conn, pid, types, category)
+            disclosed += [st for st, _body in rows]
+            found = [body for _st, body in rows]
             section: dict[str, Any] = {"title": title, "code": {"coding": [{"system": LOINC, "code": code}]}}
             if found:
                 items = "".join(f"<li>{html.escape(describe(r))}</li>" for r in found)
@@ -84,20 +87,20 @@ class Summary(Handler):
         entries = [{"fullUrl": f"urn:uuid:{composition['id']}", "resource": composition},
                    {"fullUrl": f"{base}/Patient/{pid}", "resource": patient_body},
                    *({"fullUrl": f"{base}/{ref}", "resource": body} for ref, body in included.items())]
-        ctx.record.patients = [pid]
-        ctx.record.resources = [f"Patient/{pid}/_history/{patient.version}", *included]
+        # a resource in two sections is one disclosure
+        ctx.capture.disclosed(list({(st.type, st.id): st for st in disclosed}.values()), patients=[pid])
         bundle = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "document",
                   "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{uuid.uuid4()}"},
                   "timestamp": now, "entry": entries}
         return Result(200, dump_json(bundle))
 
     def _section(self, ctx: RequestContext, conn: Connection, pid: str, types: tuple[str, ...],
-                 category: str | None) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+                 category: str | None) -> list[tuple[Stored, dict[str, Any]]]:
+        out: list[tuple[Stored, dict[str, Any]]] = []
         for rtype in types:
             if rtype not in ctx.services.types.names():
                 continue  # no scope for a type: the gate finds nothing, the section stays empty
             rows = ctx.gate.newest(conn, pid, rtype, (CATEGORY, category) if category is not None else None,
                                    PER_SECTION)
-            out += [parse_json(output_body(ctx, st)) for st in rows]
+            out += [(st, parse_json(output_body(ctx, st))) for st in rows]
         return out
