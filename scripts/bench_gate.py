@@ -4,9 +4,13 @@ search against the same query run as raw SQL (compiled by the server's own compi
 no decryption), and server CPU per audited, encrypted create and per read.
 
 With `--baseline DIR` another checkout (e.g. `git worktree add DIR <commit>`) serves the same
-workload in the same run, the two alternating round by round. Prints figures; asserts nothing.
+workload in the same run, the two alternating round by round. With `--floor`, the floor of an
+audited, encrypted read in this stack (scripts/bench_floor_app.py: two SELECTs, an AES-GCM open
+and seal, one durable INSERT, no FHIR) is served by gunicorn with the same workers and threads on
+a copy of the database, and measured against its own `/livez` in the same rounds. Prints
+figures; asserts nothing.
 
-    .venv/bin/python scripts/bench_gate.py [--rounds 6] [--requests 150] [--baseline /tmp/oldmain]
+    .venv/bin/python scripts/bench_gate.py [--rounds 6] [--requests 150] [--baseline /tmp/oldmain] [--floor]
 """
 
 from __future__ import annotations
@@ -143,6 +147,59 @@ class Target:
         self.server.stop()
 
 
+class Floor:
+    """scripts/bench_floor_app.py under gunicorn (same workers and threads as the server) on a
+    copy of `source`'s database."""
+
+    def __init__(self, source: Target) -> None:
+        import shutil
+        import sqlite3
+        import subprocess
+
+        from benchserver import free_port
+
+        db = source.server.data_dir / "floor.sqlite3"
+        src = sqlite3.connect(source.server.data_dir / "fhirserver.sqlite3")
+        dst = sqlite3.connect(db)
+        src.backup(dst)
+        src.close()
+        dst.close()
+        self.ids = source.observations
+        self.port = free_port()
+        gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent))
+        assert gunicorn is not None
+        self.proc = subprocess.Popen(
+            [gunicorn, "-w", str(source.server.workers), "--threads", str(source.server.threads), "-b",
+             f"127.0.0.1:{self.port}", "--chdir", str(Path(__file__).resolve().parent), "bench_floor_app:app"],
+            env={**os.environ, "FLOOR_DB": str(db)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.times: dict[str, list[float]] = {"livez": [], "floor": []}
+        time.sleep(3)
+
+    def latencies(self, n: int) -> None:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        headers = {"Authorization": "Bearer " + "0" * 64}
+        for _ in range(n):
+            for kind, path in (("livez", "/livez"), ("floor", f"/floor/{random.choice(self.ids)}")):
+                t = time.perf_counter()
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                self.times[kind].append(time.perf_counter() - t)
+                assert resp.status == 200, (kind, resp.status)
+
+    def report(self) -> list[str]:
+        livez, floor = pct(self.times["livez"], 50), pct(self.times["floor"], 50)
+        return ["floor (bench_floor_app: 2 SELECTs, AES-GCM open + seal, 1 durable INSERT; no FHIR):",
+                f"  /livez      p50 {livez:6.2f} ms",
+                f"  floor read  p50 {floor:6.2f} ms  = {floor / livez:4.2f} x its livez p50"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def report(t: Target) -> list[str]:
     def p(kind: str, q: float) -> float:
         return pct(t.times[kind], q)
@@ -166,26 +223,36 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=200)
     ap.add_argument("--observations", type=int, default=10)
     ap.add_argument("--baseline", type=Path, help="another checkout, measured alternately in the same run")
+    ap.add_argument("--floor", action="store_true", help="also measure the stack's floor for an audited read")
     args = ap.parse_args()
     targets = [Target("this checkout", None)]
     if args.baseline:
         targets.append(Target(f"baseline {args.baseline}", args.baseline))
+    floor: Floor | None = None
     try:
         for t in targets:
             t.load(args.patients, args.observations)
+        if args.floor:
+            floor = Floor(targets[0])
         time.sleep(2)
         for r in range(args.rounds):
             for t in (targets if r % 2 == 0 else targets[::-1]):
                 t.latencies(args.requests)
+                if floor is not None and t is targets[0]:
+                    floor.latencies(args.requests)
                 t.raw_sql(args.requests // 3)
                 t.creates(200)
                 t.reads(400)
         print(f"{os.cpu_count()} CPUs, {args.rounds} rounds x {args.requests} sequential requests per kind")
         for t in targets:
             print("\n".join(report(t)))
+        if floor is not None:
+            print("\n".join(floor.report()))
     finally:
         for t in targets:
             t.stop()
+        if floor is not None:
+            floor.stop()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ from ..db.schema import (
     idx_token,
     resource,
 )
-from ..fhir.errors import FhirError
 from ..search.sources import source_of
 from .elements import ConsentElements
 from .labels import SensitiveCodes
@@ -126,6 +125,12 @@ def _compile_deferred(element: _Deferred, compiler: SQLCompiler, **kw: Any) -> s
     return str(compiler.process(tree, **kw))
 
 
+def registered_purposes(principal: Principal) -> list[str]:
+    """The purposes of use the client was registered for, its default first (TREAT if none)."""
+    listed = [p for p in principal.client_settings.get("purposes") or [] if isinstance(p, str)]
+    return listed or ["TREAT"]
+
+
 class ConsentEngine:
     def __init__(self, codes: SensitiveCodes, digest: Callable[[str], str],
                  opt_out_purposes: tuple[str, ...] = DEFAULT_OPT_OUT,
@@ -135,6 +140,7 @@ class ConsentEngine:
         self.elements = elements or ConsentElements()
         self.digest = digest
         self.opt_out = frozenset(opt_out_purposes)
+        self._rules_seen = False  # a Consent rule was stored at some point (rules_exist)
         # the audit-basis query without its conditions (building its aliases per call cost ~0.7 ms)
         row, comp, rule, cres = resource.alias(), compartment.alias(), consent_rule.alias(), resource.alias()
         joined = (row.join(comp, comp.c.resource_pk == row.c.pk).join(rule, rule.c.patient_id == comp.c.patient_id)
@@ -142,27 +148,14 @@ class ConsentEngine:
         self._consents = (select(cres.c.id).distinct().select_from(joined).order_by(cres.c.id).limit(100), row, rule)
 
     # ------------------------------------------------------------------ who is asking, for what
-    def decide(self, principal: Principal, headers: dict[str, str]) -> Decision:
+    def decide(self, principal: Principal, purpose: str | None = None, break_glass_reason: str = "") -> Decision:
+        """The decision for `principal` asking for `purpose` (None: its registered default;
+        ETREAT: break-the-glass, with its reason). The consent stage has checked the purpose
+        against the client's registration (consent/stage._asked_purpose)."""
         settings = principal.client_settings or {}
-        purposes = [p for p in settings.get("purposes") or ["TREAT"] if isinstance(p, str)]
-        asked = (headers.get("x-purpose-of-use") or "").strip()
-        reason = (headers.get("x-break-glass-reason") or "").strip()
-        mode = "filter"
-        if asked == BREAK_GLASS_PURPOSE:
-            if not settings.get("break_glass"):
-                raise FhirError(403, "forbidden", "X-Purpose-Of-Use ETREAT (break-the-glass) is refused: this client "
-                                                  "is not registered for break-the-glass access")
-            if not reason:
-                raise FhirError(403, "forbidden", "Break-the-glass (X-Purpose-Of-Use: ETREAT) needs a reason in the "
-                                                  "X-Break-Glass-Reason header")
-            purpose, mode = asked, "break-glass"
-        elif asked:
-            if asked not in purposes:
-                raise FhirError(403, "forbidden", f"X-Purpose-Of-Use '{asked[:40]}' is not among the purposes this "
-                                                  f"client is registered for ({', '.join(purposes)})")
-            purpose = asked
-        else:
-            purpose = purposes[0] if purposes else "TREAT"
+        purpose = purpose or registered_purposes(principal)[0]
+        reason = break_glass_reason
+        mode = "break-glass" if purpose == BREAK_GLASS_PURPOSE else "filter"
         if mode == "filter" and settings.get("consent_exempt"):
             mode = "exempt"
         actors = [f"Device/{principal.client_id}"]
@@ -184,7 +177,7 @@ class ConsentEngine:
         """The request's decision (attached by the pipeline), or the client's defaults for a
         principal outside a request (an export job re-applying its caller's rules)."""
         decision = principal.consent
-        return decision if decision is not None else self.decide(principal, {})
+        return decision if decision is not None else self.decide(principal)
 
     # ------------------------------------------------------------------ the predicates
     def predicates(self, principal: Principal, resource_type: str, interaction: str,
@@ -328,9 +321,15 @@ class ConsentEngine:
         deciding = _Deferred(self._deciding_sql, [rule, row], _request_params(d))
         return [r[0] for r in conn.execute(stmt.where(row.c.pk.in_(pks), rule.c.effect == effect, deciding)).all()]
 
-    @staticmethod
-    def rules_exist(conn: Connection) -> bool:
-        return conn.execute(_ANY_RULE).first() is not None
+    def rules_exist(self, conn: Connection) -> bool:
+        """Whether any Consent rule is stored. Once one was seen, this process answers True
+        without asking again: a stale True only sends a request down the filtering path (the
+        same answers, slower); only False is asked of the database every time, since a stale
+        False would skip a rule."""
+        if self._rules_seen:
+            return True
+        self._rules_seen = conn.execute(_ANY_RULE).first() is not None
+        return self._rules_seen
 
 
 _ANY_RULE = select(consent_rule.c.pk).limit(1)

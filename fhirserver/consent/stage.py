@@ -34,7 +34,7 @@ from ..fhir.errors import FhirError
 from ..storage.codec import parse_json
 from ..storage.repository import Repository
 from .alerts import account_of, note_denial, raise_alert
-from .engine import ConsentEngine
+from .engine import BREAK_GLASS_PURPOSE, ConsentEngine, registered_purposes
 from .entities import consent_entity, policy_entity
 from .hooks import NoConsentFiltering, StageContext
 from .labels import Labeller
@@ -82,7 +82,7 @@ class ConsentStage(NoConsentFiltering):
     def begin(self, ctx: StageContext) -> Decision | None:
         if ctx.principal is None:
             return None  # a public interaction (metadata, smart-configuration): nothing to decide
-        decision = self.engine.decide(ctx.principal, ctx.headers)
+        decision = self.engine.decide(ctx.principal, *_asked_purpose(ctx.principal, ctx.headers))
         if decision.mode == "filter":
             decision.any_rules = self.engine.rules_exist(ctx.reading())
         rec: AuditRecord = ctx.record
@@ -124,7 +124,7 @@ class ConsentStage(NoConsentFiltering):
     def export_decision(self, principal: Principal, deidentified: bool) -> Decision | None:
         """The decision an export job applies: its caller's defaults, without the cross-border
         rule for a de-identified export when the deployment allows those abroad."""
-        decision = self.engine.decide(principal, {})
+        decision = self.engine.decide(principal)
         if deidentified and self.deidentified_abroad:
             decision.transfer = False
         return decision
@@ -235,6 +235,29 @@ class ConsentStage(NoConsentFiltering):
                 else ("urn:fhirserver:admin", "user-suspend", "User suspended")
             suspended.target = rec.user or f"Device/{rec.client_id}"
             self.audit.append(conn, suspended)
+
+
+def _asked_purpose(principal: Principal, headers: dict[str, str]) -> tuple[str | None, str]:
+    """The purpose of use the request asks for (X-Purpose-Of-Use; None: the client's default)
+    and a break-the-glass reason; a purpose the client is not registered for, or break-the-glass
+    without the registration or a reason, is a 403 before any data is read."""
+    asked = (headers.get("x-purpose-of-use") or "").strip()
+    reason = (headers.get("x-break-glass-reason") or "").strip()[:500]
+    if asked == BREAK_GLASS_PURPOSE:
+        if not principal.client_settings.get("break_glass"):
+            raise FhirError(403, "forbidden", "X-Purpose-Of-Use ETREAT (break-the-glass) is refused: this client "
+                                              "is not registered for break-the-glass access")
+        if not reason:
+            raise FhirError(403, "forbidden", "Break-the-glass (X-Purpose-Of-Use: ETREAT) needs a reason in the "
+                                              "X-Break-Glass-Reason header")
+        return asked, reason
+    if asked:
+        purposes = registered_purposes(principal)
+        if asked not in purposes:
+            raise FhirError(403, "forbidden", f"X-Purpose-Of-Use '{asked[:40]}' is not among the purposes this "
+                                              f"client is registered for ({', '.join(purposes)})")
+        return asked, ""
+    return None, ""
 
 
 def _pks(conn: Connection, refs: list[str]) -> list[int]:
