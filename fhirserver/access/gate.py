@@ -224,12 +224,25 @@ class AccessGate:
 
     def matches(self, conn: Connection, rtype: str, query: list[tuple[str, str]], limit: int = 2) -> list[tuple[int, str]]:
         """(pk, id) of the resources a conditional interaction's query matches, visible ones only."""
+        return self._matching(conn, rtype, query, self.access.search, limit)
+
+    def referenced(self, conn: Connection, rtype: str, query: list[tuple[str, str]]) -> list[tuple[int, str]]:
+        """(pk, id) of up to two `rtype` resources a conditional reference's query matches, among
+        those the caller may search (a type it may not search matches nothing: the reference
+        then fails as an unmatched one does, revealing nothing)."""
+        if is_access_records(rtype):
+            return []  # access records are not reference targets
+        preds = self.others(rtype, source_of(rtype).res)
+        return [] if preds is None else self._matching(conn, rtype, query, preds, 2)
+
+    def _matching(self, conn: Connection, rtype: str, query: list[tuple[str, str]], preds: Predicates,
+                  limit: int) -> list[tuple[int, str]]:
         parsed = parse_search(self.params, rtype, query, limit, limit, strict=True)
         if not parsed.clauses:
             raise FhirError(400, "invalid", "A conditional request needs at least one search parameter")
         parsed.total = "none"
         with guard.bound():
-            pks = run_search(conn, parsed, self.compiler, self.access.search, self.others).pks
+            pks = run_search(conn, parsed, self.compiler, preds, self.others).pks
         ids = dict(conn.execute(select(resource.c.pk, resource.c.id).where(resource.c.pk.in_(pks))).all()) if pks else {}
         return [(pk, str(ids[pk])) for pk in pks]
 

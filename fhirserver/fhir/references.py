@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+# `Patient?identifier=http://hospital.example|123`: a reference by search (FHIR transaction rules)
+CONDITIONAL = re.compile(r"^([A-Z][A-Za-z]{0,63})\?(.+)$")
 
 
 def rewrite_references(value: object, mapping: dict[str, str]) -> Any:
@@ -30,4 +34,20 @@ def unresolved_urns(value: object, mapping: dict[str, str]) -> list[str]:
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return found
+
+
+def conditional_references(value: object) -> list[str]:
+    """The conditional references (`Type?search`) in `value`, each once, in document order."""
+    found: list[str] = []
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("reference")
+            if isinstance(ref, str) and CONDITIONAL.match(ref) and ref not in found:
+                found.append(ref)
+            stack.extend(reversed([v for v in node.values() if isinstance(v, (dict, list))]))
+        elif isinstance(node, list):
+            stack.extend(reversed([v for v in node if isinstance(v, (dict, list))]))
     return found

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from sqlalchemy import Connection
 
@@ -26,7 +26,7 @@ from ..audit.events import AuditRecord
 from ..clock import now_us
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.interaction import parse_interaction
-from ..fhir.references import rewrite_references, unresolved_urns
+from ..fhir.references import CONDITIONAL, conditional_references, rewrite_references, unresolved_urns
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import new_id
 from .context import RequestContext, Result
@@ -58,6 +58,7 @@ class Entry:
 class _Plan:
     kind: str  # batch | transaction
     entries: list[Entry]  # each prepared (or failed, in a batch) before the transaction
+    resolved: dict[str, list[tuple[int, str]]]  # conditional reference -> its one match (pk, id)
 
 
 class BundleHandler(Handler):
@@ -106,6 +107,7 @@ class BundleHandler(Handler):
                     raise FhirError(400, "invalid", f"{e.where()}: the reference {dangling[0][:80]} names no entry "
                                                     "created in this transaction (no POST entry has it as fullUrl)",
                                     [f"Bundle.entry[{e.index}].resource"])
+        resolved = self._conditional_references(ctx, kind, entries, mapping)
         # the Patients this transaction writes (POST with an assigned id, PUT by id): entries of
         # theirs count as present for the others' compartment check, whatever the entry order
         creates = frozenset(
@@ -114,6 +116,8 @@ class BundleHandler(Handler):
             and ((e.method == "POST" and e.index in assigned)
                  or (e.method == "PUT" and len(urlsplit(e.url).path.strip("/").split("/")) == 2)))
         for e in entries:
+            if e.error is not None:
+                continue  # a batch entry whose conditional reference did not resolve
             try:
                 e.ctx = self._entry_context(ctx, e, mapping, assigned.get(e.index))
                 e.ctx.bundle_patients = creates
@@ -122,8 +126,41 @@ class BundleHandler(Handler):
                 if kind == "transaction":
                     raise _entry_error(e, err) from None
                 e.error = err
-        ctx.plan = _Plan(kind, entries)
+        ctx.plan = _Plan(kind, entries, resolved)
         ctx.record.outcome_desc = f"{kind} of {len(entries)} entries"
+
+    def _conditional_references(self, ctx: RequestContext, kind: str, entries: list[Entry],
+                                mapping: dict[str, str]) -> dict[str, list[tuple[int, str]]]:
+        """Resolve each conditional reference (`Patient?identifier=sys|val`) of the entries'
+        resources by a search as the caller (their search access to the target type): exactly
+        one match becomes a plain reference (added to `mapping`); none or several is a 412 for
+        the entry -- the whole transaction, or that batch entry. Returns each reference's match,
+        re-checked inside the transaction (`execute`)."""
+        found: dict[str, list[tuple[int, str]]] = {}
+        types = ctx.services.types.names()
+        for e in entries:
+            for ref in conditional_references(e.raw.get("resource")):
+                try:
+                    if ref not in found:
+                        match = CONDITIONAL.match(ref)
+                        assert match is not None
+                        rtype, query = match.group(1), parse_qsl(match.group(2), keep_blank_values=True)
+                        if rtype not in types:
+                            raise FhirError(400, "not-supported", f"The conditional reference {ref[:80]} names an "
+                                                                  "unknown resource type")
+                        found[ref] = ctx.gate.referenced(ctx.reading(), rtype, query)
+                    matches = found[ref]
+                    if len(matches) != 1:
+                        raise FhirError(412, "not-found" if not matches else "multiple-matches",
+                                        f"The conditional reference {ref[:80]} matched "
+                                        f"{'no resource' if not matches else 'more than one resource'}")
+                    mapping[ref] = f"{ref.split('?', 1)[0]}/{matches[0][1]}"
+                except FhirError as err:
+                    if kind == "transaction":
+                        raise _entry_error(e, err) from None
+                    e.error = err
+                    break
+        return {ref: m for ref, m in found.items() if len(m) == 1}
 
     def _entry_context(self, ctx: RequestContext, e: Entry, mapping: dict[str, str],
                        assigned_id: str | None) -> RequestContext:
@@ -166,6 +203,13 @@ class BundleHandler(Handler):
         plan = ctx.plan_as(_Plan)
         kind, entries = plan.kind, plan.entries
         pipeline = ctx.runner
+        # a transaction's conditional references still have their one match inside the transaction
+        # (a batch keeps what its entries resolved to on the request's snapshot)
+        for ref, expected in plan.resolved.items() if kind == "transaction" else ():
+            rtype, _sep, query = ref.partition("?")
+            if ctx.gate.referenced(conn, rtype, parse_qsl(query, keep_blank_values=True)) != expected:
+                raise FhirError(412, "conflict", f"The resources matching the conditional reference {ref[:80]} "
+                                                 "changed while the Bundle was processed; retry")
         if kind == "transaction":
             for e in sorted(entries, key=lambda x: (ORDER[x.method], x.index)):
                 assert e.ctx is not None and e.handler is not None
