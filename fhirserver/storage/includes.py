@@ -15,6 +15,9 @@ from ..search.sources import source_of
 from .repository import Stored
 
 MAX_INCLUDED = 1000
+# `:iterate` follows includes level by level until a level adds nothing new (cycles end there:
+# a resource is added once); past this many levels it stops (MAX_INCLUDED caps the total too)
+MAX_ITERATE_LEVELS = 10
 Loader = Callable[[Connection, str, list[int]], list[Stored]]  # (conn, type, pks) -> current versions
 
 
@@ -66,14 +69,26 @@ def resolve_includes(conn: Connection, load: Loader, types: list[str], access: A
         return []
     seen = {(source_of(st.type).store, st.pk) for st in matches}
     included: list[Stored] = []
-    for iterate in (False, True):
-        for inc in includes:
-            if inc.iterate != iterate:
-                continue
-            sources = matches + included
-            rtype, pks = _include_targets(conn, types, access, inc, sources if iterate else matches)
-            store = source_of(rtype).store
-            new = [pk for pk in pks if (store, pk) not in seen]
-            seen.update((store, pk) for pk in new)
-            included.extend(load(conn, rtype, new))
+
+    def add(inc: Include, sources: list[Stored]) -> list[Stored]:
+        rtype, pks = _include_targets(conn, types, access, inc, sources)
+        store = source_of(rtype).store
+        new = [pk for pk in pks if (store, pk) not in seen]
+        seen.update((store, pk) for pk in new)
+        loaded = load(conn, rtype, new)
+        included.extend(loaded)
+        return loaded
+
+    for inc in includes:
+        if not inc.iterate:
+            add(inc, matches)
+    iterating = [inc for inc in includes if inc.iterate]
+    frontier = matches + included  # the first level iterates from everything so far
+    for _level in range(MAX_ITERATE_LEVELS if iterating else 0):
+        added: list[Stored] = []
+        for inc in iterating:
+            added += add(inc, frontier + added)
+        if not added or len(included) >= MAX_INCLUDED:
+            break
+        frontier = added  # the next level: what this one added
     return included[:MAX_INCLUDED]
