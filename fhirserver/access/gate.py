@@ -63,6 +63,7 @@ class Access:
     patient_rows: Predicates = field(default_factory=_deny)  # the Patient rows a writer's consent lets it see
     patient_ids: list[str] | None = field(default_factory=list)  # the scopes' compartments (None: not confined)
     others: AccessFn | None = None
+    history_types: dict[str, Predicates] = field(default_factory=dict)  # system history: the types it may read
     transfer: TransferFn | None = None
     transfer_refusal: str = ""
 
@@ -284,11 +285,14 @@ class AccessGate:
                 tok.c.system == category[0])).exists())
         return self.load(conn, rtype, list(conn.execute(stmt).scalars()))
 
-    def history(self, conn: Connection, rtype: str, rid: str | None, since_us: int | None, count: int,
+    def history(self, conn: Connection, rtype: str | None, rid: str | None, since_us: int | None, count: int,
                 cursor: int | None) -> tuple[list[tuple[int, Stored]], int | None]:
-        """A page of instance (`rid`) or type history, newest first, of versions the caller may
-        see, and the version pk the next page starts after (None: no more). Each version's
-        patients are its resource's compartments."""
+        """A page of instance (`rid`), type or system (`rtype` None: every type in
+        `access.history_types`) history, newest first, of versions the caller may see, and the
+        version pk the next page starts after (None: no more). Each version's patients are its
+        resource's compartments."""
+        if rtype is None:
+            return self._system_history(conn, since_us, count, cursor)
         preds = self.access.read
         with guard.bound():
             if rid is not None:
@@ -305,6 +309,23 @@ class AccessGate:
         if preds:  # earlier versions may not have matched the predicates: each is checked
             page = [(v, st) for v, st in page if self._version_visible(conn, st, preds)]
         comps = self.compartments_by_pk(conn, rtype, sorted({st.pk for _v, st in page}))
+        for _v, st in page:
+            st.patients = comps.get(st.pk, ())
+        return page, after
+
+    def _system_history(self, conn: Connection, since_us: int | None, count: int,
+                        cursor: int | None) -> tuple[list[tuple[int, Stored]], int | None]:
+        allowed = self.access.history_types
+        if not allowed:
+            return [], None
+        visible = or_(*[and_(resource.c.type == t, *preds) for t, preds in allowed.items()])
+        with guard.bound():
+            rows = self.repo.history(conn, None, None, since_us, count + 1, cursor, access=[visible])
+        after = rows[count - 1][0] if len(rows) > count else None
+        # an earlier version is shown only if it would have passed its type's predicates itself
+        page = [(v, st) for v, st in rows[:count]
+                if not allowed[st.type] or self._version_visible(conn, st, allowed[st.type])]
+        comps = self.compartments_by_pk(conn, "Patient", sorted({st.pk for _v, st in page}))  # one resource table
         for _v, st in page:
             st.patients = comps.get(st.pk, ())
         return page, after

@@ -75,6 +75,10 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
         if method != "GET":
             raise FhirError(405, "not-supported", "Use GET for /metadata")
         return Interaction("capabilities", method, params=params, public=True)
+    if parts == ["_history"]:
+        if method != "GET":
+            raise FhirError(405, "not-supported", "Use GET for _history", headers={"Allow": "GET"})
+        return Interaction("history-system", method, params=params)
     if parts == [".well-known", "smart-configuration"]:
         return Interaction("smart-configuration", method, params=params, public=True)
     if len(parts) == 1 and parts[0].startswith("$") and parts[0][1:] in types.system_operations:

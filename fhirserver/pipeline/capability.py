@@ -94,7 +94,7 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
                                    "other reads are refused with 403." if jurisdiction else ""),
             },
             "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
             "operation": [operation_entry(name, definition)
                           for name, (definition, _methods) in sorted(types.system_operations.items())
                           if definition.startswith("http://hl7.org/fhir/uv/bulkdata/OperationDefinition")],

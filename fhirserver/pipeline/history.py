@@ -42,11 +42,14 @@ def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
 
 class History(Handler):
     def read_only(self, ctx: RequestContext) -> bool:
-        return not ctx.access.read  # restricted access probes old versions in a savepoint
+        # restricted access probes old versions in a savepoint
+        if ctx.interaction.kind == "history-system":
+            return not any(ctx.access.history_types.values())
+        return not ctx.access.read
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
-        rtype = it.resource_type or ""
+        rtype = it.resource_type
         count, since, cursor = _history_params(ctx)
         page, after = ctx.gate.history(conn, rtype, it.id if it.kind == "history-instance" else None, since, count,
                                        cursor)
@@ -62,7 +65,8 @@ class History(Handler):
                                  "etag": st.etag, "lastModified": instant_text(st.last_updated_us)}
             entries.append(entry)
         ctx.capture.disclosed([st for _v, st in page])
-        path = f"{base}/{rtype}/{it.id}/_history" if it.kind == "history-instance" else f"{base}/{rtype}/_history"
+        path = (f"{base}/{rtype}/{it.id}/_history" if it.kind == "history-instance" else
+                f"{base}/{rtype}/_history" if rtype else f"{base}/_history")
         keep = [(k, v) for k, v in it.params if k != "_cursor"]
         links = [{"relation": "self", "url": path + ("?" + urlencode(it.params) if it.params else "")}]
         if after is not None:

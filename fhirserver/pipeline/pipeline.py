@@ -30,7 +30,7 @@ from ..db.engine import Snapshot
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.interaction import Interaction, negotiate_format, parse_interaction
 from ..search.model import AccessFn
-from ..search.sources import source_of
+from ..search.sources import is_access_records, source_of
 from ..services import Services
 from ..storage.errors import StorageError
 from ..storage.repository import CorruptDataError
@@ -129,6 +129,8 @@ class Pipeline:
         if decision is not None:  # this request's caller: the token's principal plus the decision
             principal = ctx.principal = replace(principal, consent=decision, purpose=[decision.purpose])
         if it.resource_type is None:  # a system-level operation ($export): access per type via `others`
+            if it.kind == "history-system":
+                ctx.access.history_types = self._history_access(principal)
             self._bind(ctx, principal)
             return
         rows = source_of(it.resource_type).res  # the type's own rows (search/sources.py)
@@ -160,6 +162,23 @@ class Pipeline:
             ctx.access.patient_ids = self.authorizer.compartments(
                 principal, it.resource_type, "update" if it.kind == "patch" else it.kind)
         self._bind(ctx, principal)
+
+    def _history_access(self, principal: Principal) -> dict[str, list[ColumnElement[bool]]]:
+        """System history: each type whose history the caller may read, with its predicates
+        (scopes and consent, as a type history of it would have); 403 when there is none."""
+        allowed: dict[str, list[ColumnElement[bool]]] = {}
+        for rtype in self.services.types.names():
+            if is_access_records(rtype):
+                continue  # access records have their own trail (AuditEvent search), not versions
+            source = source_of(rtype)
+            try:
+                preds = self.authorizer.predicates(principal, rtype, "history-type")
+            except FhirError:
+                continue
+            allowed[rtype] = preds + self.services.consent.predicates(principal, rtype, "history-type", source.res)
+        if not allowed:
+            raise FhirError(403, "forbidden", "The access token permits reading the history of no resource type")
+        return allowed
 
     def _bind(self, ctx: RequestContext, principal: Principal) -> None:
         """Complete the request's Access (other types, the cross-border rule) and bind its gate."""

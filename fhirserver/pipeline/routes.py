@@ -27,6 +27,7 @@ ROUTES: dict[str, Handler] = {
     "delete": Delete(),
     "history-instance": History(),
     "history-type": History(),
+    "history-system": History(),  # GET [base]/_history
     "search-type": Search(),
     "bundle": BundleHandler(),  # batch / transaction at POST [base]
     "$everything": Everything(),

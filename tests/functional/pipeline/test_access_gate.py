@@ -123,6 +123,7 @@ CASES: dict[str, tuple[Callable[[World], Any], int]] = {
     "delete": (lambda w: w.smart.http.delete(f"/fhir/Observation/{w.spare}", headers=w.h()), 204),
     "history-instance": (lambda w: w.smart.http.get(f"/fhir/Patient/{w.patient}/_history", headers=w.h()), 200),
     "history-type": (lambda w: w.smart.http.get("/fhir/Observation/_history", headers=w.h()), 200),
+    "history-system": (lambda w: w.smart.http.get("/fhir/_history", headers=w.h()), 200),
     "search-type": (lambda w: w.smart.http.get("/fhir/Observation", headers=w.h(), query_string={
         "patient": w.patient, "_include": "Observation:subject", "_revinclude": "Provenance:target"}), 200),
     "bundle": (lambda w: w.smart.http.post("/fhir", json=_bundle(w), headers=w.h()), 200),

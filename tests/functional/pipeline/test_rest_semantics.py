@@ -122,7 +122,7 @@ def test_unknown_resource_type_is_404(http, admin) -> None:  # type: ignore[no-u
 
 
 @pytest.mark.parametrize("path", ["/fhir/Patient/1/foo", "/fhir/Patient/1/_history/1/extra", "/fhir/Patient/1/2/3/4/5",
-                                  "/fhir/$unknown-op", "/fhir/Patient/$everything", "/fhir/_history"])
+                                  "/fhir/$unknown-op", "/fhir/Patient/$everything", "/fhir/_history/1"])
 def test_unknown_path_is_404(http, admin, path: str) -> None:  # type: ignore[no-untyped-def]
     outcome(http.get(path, headers=admin.headers()), 404)
 
