@@ -107,10 +107,12 @@ def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, 
             kind, it.conditional = "update", True
         elif method == "DELETE" and params:
             kind, it.conditional = "delete", True
+        elif method == "PATCH" and params and "patch" in spec.interactions:
+            kind, it.conditional = "patch", True
         else:
             allowed = _allowed_methods(spec.interactions & {"search-type", "create"})
             if spec.conditional_update:
-                allowed |= {"PUT", "DELETE"}
+                allowed |= {"PUT", "DELETE"} | ({"PATCH"} if "patch" in spec.interactions else set())
             raise FhirError(405, "not-supported", f"{method[:10]} is not allowed on /{rtype}",
                             headers={"Allow": ", ".join(sorted(allowed))})
     elif len(parts) == 2 and parts[1] == "_search":

@@ -220,7 +220,17 @@ class Patch(Update):
 
     def prepare(self, ctx: RequestContext) -> None:
         it = ctx.interaction
-        rtype, rid = it.resource_type or "", it.id or ""
+        rtype = it.resource_type or ""
+        matches = None
+        if it.conditional:  # PATCH [type]?[search]: exactly one match is patched
+            matches = ctx.gate.matches(ctx.reading(), rtype, it.params)
+            if len(matches) > 1:
+                raise FhirError(412, "multiple-matches", "The conditional patch matched more than one resource")
+            if not matches:
+                raise FhirError(404, "not-found", "The conditional patch matched no resource")
+            it.id = matches[0][1]
+            ctx.record.target = f"{rtype}/{it.id}"
+        rid = it.id or ""
         ctype = (ctx.header("content-type") or "").split(";")[0].strip().lower()
         if ctype == JSON_PATCH:
             try:
@@ -251,11 +261,13 @@ class Patch(Update):
             raise FhirError(422, "processing", "A patch may not change the resource type or id")
         ctx.services.validator.validate(patched, rtype)
         amended = flag_patient_amendment(ctx, patched)
-        ctx.write, ctx.plan = prepare_write(ctx, rtype, patched, rid), _Expected(None, current.version)
+        ctx.write, ctx.plan = prepare_write(ctx, rtype, patched, rid), _Expected(matches, current.version)
         prepare_provenance(ctx, amended)
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
-        return self.write(ctx, conn, None, ctx.plan_as(_Expected).version)
+        # a conditional patch's match is re-checked in the transaction, as a conditional update's
+        plan = ctx.plan_as(_Expected)
+        return self.write(ctx, conn, plan.matches, plan.version)
 
 
 class Delete(Handler):
