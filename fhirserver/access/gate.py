@@ -286,13 +286,13 @@ class AccessGate:
         return self.load(conn, rtype, list(conn.execute(stmt).scalars()))
 
     def history(self, conn: Connection, rtype: str | None, rid: str | None, since_us: int | None, count: int,
-                cursor: int | None) -> tuple[list[tuple[int, Stored]], int | None]:
+                cursor: int | None, at: tuple[int, int] | None = None) -> tuple[list[tuple[int, Stored]], int | None]:
         """A page of instance (`rid`), type or system (`rtype` None: every type in
         `access.history_types`) history, newest first, of versions the caller may see, and the
         version pk the next page starts after (None: no more). Each version's patients are its
         resource's compartments."""
         if rtype is None:
-            return self._system_history(conn, since_us, count, cursor)
+            return self._system_history(conn, since_us, count, cursor, at)
         preds = self.access.read
         with guard.bound():
             if rid is not None:
@@ -301,9 +301,9 @@ class AccessGate:
                     raise NotFound(f"{rtype}/{rid} is not known")
                 if not self.holds(conn, head.pk, preds):
                     raise self._refuse(conn, head.pk, rtype, f"{rtype}/{rid}")
-                rows = self.repo.history(conn, rtype, head.pk, since_us, count + 1, cursor)
+                rows = self.repo.history(conn, rtype, head.pk, since_us, count + 1, cursor, at=at)
             else:
-                rows = self.repo.history(conn, rtype, None, since_us, count + 1, cursor, access=preds)
+                rows = self.repo.history(conn, rtype, None, since_us, count + 1, cursor, access=preds, at=at)
         after = rows[count - 1][0] if len(rows) > count else None
         page = rows[:count]
         if preds:  # earlier versions may not have matched the predicates: each is checked
@@ -313,14 +313,14 @@ class AccessGate:
             st.patients = comps.get(st.pk, ())
         return page, after
 
-    def _system_history(self, conn: Connection, since_us: int | None, count: int,
-                        cursor: int | None) -> tuple[list[tuple[int, Stored]], int | None]:
+    def _system_history(self, conn: Connection, since_us: int | None, count: int, cursor: int | None,
+                        at: tuple[int, int] | None) -> tuple[list[tuple[int, Stored]], int | None]:
         allowed = self.access.history_types
         if not allowed:
             return [], None
         visible = or_(*[and_(resource.c.type == t, *preds) for t, preds in allowed.items()])
         with guard.bound():
-            rows = self.repo.history(conn, None, None, since_us, count + 1, cursor, access=[visible])
+            rows = self.repo.history(conn, None, None, since_us, count + 1, cursor, access=[visible], at=at)
         after = rows[count - 1][0] if len(rows) > count else None
         # an earlier version is shown only if it would have passed its type's predicates itself
         page = [(v, st) for v, st in rows[:count]

@@ -18,9 +18,9 @@ from .handler import Handler
 from .render import output_body
 
 
-def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
+def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None, tuple[int, int] | None]:
     params = dict(ctx.interaction.params)
-    unknown = sorted(set(params) - {"_count", "_since", "_cursor", "_format", "_pretty"})
+    unknown = sorted(set(params) - {"_count", "_since", "_at", "_cursor", "_format", "_pretty"})
     if unknown and ctx.prefer.get("handling") == "strict":
         raise FhirError(400, "not-supported", f"History does not support: {', '.join(unknown)[:200]}", unknown)
     settings = ctx.services.settings
@@ -34,10 +34,16 @@ def _history_params(ctx: RequestContext) -> tuple[int, int | None, int | None]:
             since = parse_range(params["_since"])[0]
         except ValueError:
             raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
+    at = None
+    if "_at" in params:  # the versions current at some moment of this date, day or instant
+        try:
+            at = parse_range(params["_at"])
+        except ValueError:
+            raise FhirError(400, "invalid", "_at must be a FHIR date or instant", ["_at"]) from None
     cursor = None
     if "_cursor" in params:
         cursor = decode_cursor(params["_cursor"]).pk  # the same cursor format as search, keyed on version pk
-    return max(count, 1), since, cursor
+    return max(count, 1), since, cursor, at
 
 
 class History(Handler):
@@ -50,9 +56,9 @@ class History(Handler):
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
         rtype = it.resource_type
-        count, since, cursor = _history_params(ctx)
+        count, since, cursor, at = _history_params(ctx)
         page, after = ctx.gate.history(conn, rtype, it.id if it.kind == "history-instance" else None, since, count,
-                                       cursor)
+                                       cursor, at)
         base = ctx.services.settings.fhir_base
         entries = []
         for _vpk, st in page:

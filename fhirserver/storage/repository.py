@@ -249,9 +249,10 @@ class Repository:
 
     def history(self, conn: Connection, rtype: str | None, resource_pk: int | None, since_us: int | None,
                 count: int, before_version_pk: int | None = None,
-                access: Sequence[ColumnElement[bool]] = ()) -> list[tuple[int, Stored]]:
+                access: Sequence[ColumnElement[bool]] = (), at: tuple[int, int] | None = None) -> list[tuple[int, Stored]]:
         """Versions newest first, keyset-paged by version pk. Returns (version pk, Stored).
-        `resource_pk` limits to one resource (instance history)."""
+        `resource_pk` limits to one resource (instance history); `at` (low, high) to the versions
+        current at some moment of that period (written by its end, not replaced before its start)."""
         guard.check("Repository.history")
         stmt = (
             select(resource.c.id.label("rid"), resource_version.c.pk.label("vpk"), *_VERSION_COLS)
@@ -265,6 +266,12 @@ class Repository:
             stmt = stmt.where(resource_version.c.last_updated_us >= since_us)
         if before_version_pk is not None:
             stmt = stmt.where(resource_version.c.pk < before_version_pk)
+        if at is not None:
+            later = resource_version.alias()
+            replaced_before = (select(later.c.pk).where(later.c.resource_pk == resource_version.c.resource_pk,
+                                                         later.c.version == resource_version.c.version + 1,
+                                                         later.c.last_updated_us <= at[0]).exists())
+            stmt = stmt.where(resource_version.c.last_updated_us <= at[1], ~replaced_before)
         if access:
             stmt = stmt.where(*access)
         stmt = stmt.order_by(resource_version.c.pk.desc()).limit(count)

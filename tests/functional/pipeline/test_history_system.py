@@ -76,3 +76,27 @@ def test_system_history_is_audited_with_the_patients_it_disclosed(http: Any, adm
                       headers=auditor.headers()).get_json()
     subtypes = [c.get("code") for e in events.get("entry", []) for c in e["resource"].get("subtype", [])]
     assert "history-system" in subtypes
+
+
+def test_at_gives_the_versions_current_during_that_time(http: Any, admin: BackendClient) -> None:
+    h = admin.headers()
+    body: dict[str, Any] = {"resourceType": "Patient", "name": [{"family": "Athist"}]}
+    pid = http.post("/fhir/Patient", json=body, headers=h).get_json()["id"]
+    moments = []
+    for gender in ("male", "female"):
+        time.sleep(0.05)
+        moments.append(instant_text(int(time.time() * 1_000_000)))  # between two versions
+        time.sleep(0.05)
+        assert http.put(f"/fhir/Patient/{pid}", json={**body, "id": pid, "gender": gender}, headers=h).status_code == 200
+
+    def versions(path: str, at: str) -> list[str]:
+        found = http.get(path, query_string={"_at": at, "_count": "1000"}, headers=h).get_json()
+        return [e["response"]["etag"] for e in found["entry"] if e["fullUrl"].endswith(f"/Patient/{pid}")]
+
+    for path in (f"/fhir/Patient/{pid}/_history", "/fhir/Patient/_history", "/fhir/_history"):
+        assert versions(path, moments[0]) == ['W/"1"'], path
+        assert versions(path, moments[1]) == ['W/"2"'], path
+        assert versions(path, instant_text(int(time.time() * 1_000_000) + 1_000_000)) == ['W/"3"'], path
+        assert versions(path, moments[0][:4]) == ['W/"3"', 'W/"2"', 'W/"1"'], path  # the whole year
+    bad = http.get(f"/fhir/Patient/{pid}/_history", query_string={"_at": "yesterday"}, headers=h)
+    assert bad.status_code == 400 and bad.get_json()["resourceType"] == "OperationOutcome"
