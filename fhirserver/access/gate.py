@@ -362,12 +362,12 @@ class AccessGate:
         conds: list[ColumnElement[bool]] = [res.c.type == rtype, res.c.deleted.is_(False), *preds, res.c.pk > after_pk]
         if spec.get("since_us") is not None:
             conds.append(res.c.last_updated_us >= spec["since_us"])
-        if spec["level"] in ("patient", "instance"):
+        if spec["level"] in ("patient", "instance", "group"):
             comp = source.compartment.alias()
-            if spec["level"] == "instance":
-                pid = spec["patient"]
-                conds.append(or_(and_(res.c.type == "Patient", res.c.id == pid),
-                                 res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id == pid))))
+            if spec["level"] in ("instance", "group"):  # one patient, or a Group's members
+                pids = [spec["patient"]] if spec["level"] == "instance" else list(spec["patients"])
+                conds.append(or_(and_(res.c.type == "Patient", res.c.id.in_(pids)),
+                                 res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(pids)))))
             else:
                 conds.append(or_(res.c.type == "Patient", res.c.pk.in_(select(comp.c.resource_pk))))
         filters = spec.get("type_filters", {}).get(rtype)

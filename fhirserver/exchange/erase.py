@@ -175,12 +175,15 @@ def _redact_alerts(conn: Connection, patient_id: str, pseudonym: str) -> None:
 
 
 def _cancel_exports(conn: Connection, patient_id: str) -> int:
-    """Unexpired exports that may contain the patient: every system/type-level one, and the
-    patient's own. (Job specs do not list patients; erring on the side of erasure.)"""
+    """Unexpired exports that may contain the patient: every system/type-level one, the
+    patient's own, and those of Groups listing the patient (erring on the side of erasure)."""
     rows = conn.execute(select(export_job.c.id, export_job.c.spec).where(
         export_job.c.status.in_(("queued", "running", "complete")))).all()
     specs = [(r.id, json.loads(r.spec)) for r in rows]
-    hit = [job_id for job_id, spec in specs if spec.get("level") != "instance" or spec.get("patient") == patient_id]
+    hit = [job_id for job_id, spec in specs
+           if (spec.get("level") == "instance" and spec.get("patient") == patient_id)
+           or (spec.get("level") == "group" and patient_id in spec.get("patients", []))
+           or spec.get("level") not in ("instance", "group")]
     for job_id in hit:
         jobs.cancel(conn, job_id)
         conn.execute(export_job.update().where(export_job.c.id == job_id).values(

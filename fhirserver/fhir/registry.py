@@ -77,7 +77,8 @@ def load_type_registry(profiles_dir: Path) -> TypeRegistry:
             interactions=frozenset(entry["interactions"]),
             conditional_create=entry.get("conditionalCreate", False),
             conditional_update=entry.get("conditionalUpdate", False),
-            compartment_params=comp_params.get(name, ()),
+            compartment_params=(tuple(str(c) for c in entry["compartmentParams"]) if "compartmentParams" in entry
+                                else comp_params.get(name, ())),
             server_written=entry.get("serverWritten", False),
             operations=tuple((o["name"], o["level"], o.get("definition", "")) for o in entry.get("operations", [])),
             read_access=_read_access(entry.get("readAccess") or {}),

@@ -26,7 +26,10 @@ from ..search.parser import parse_search
 from ..search.sources import source_of
 from ..services import Services
 from ..storage import export_jobs as jobs
+from ..storage.codec import parse_json
+from ..storage.errors import StorageError
 from .context import RequestContext, Result
+from .errors import fhir_error
 from .handler import Handler
 
 NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
@@ -58,7 +61,8 @@ class ExportKickoff(Handler):
         unsupported = known - {"_outputFormat", "_type", "_since", "_typeFilter", "_deidentify"}
         if unsupported and ctx.prefer.get("handling") == "strict":
             raise FhirError(400, "not-supported", f"Unsupported parameter(s): {', '.join(sorted(unsupported))}")
-        level = "system" if it.resource_type is None else ("instance" if it.id else "patient")
+        level = ("system" if it.resource_type is None else "group" if it.resource_type == "Group"
+                 else "instance" if it.id else "patient")
         principal = ctx.principal
         assert principal is not None
         if level != "instance" and "system" not in principal.scopes.contexts():
@@ -95,10 +99,12 @@ class ExportKickoff(Handler):
             raise FhirError(403, "forbidden", "Exports for research (HRESCH) must be de-identified "
                                               "(_deidentify=safe-harbor)")
         ctx.plan = {
-            "level": level, "patient": it.id, "types": permitted, "since_us": since_us,
-            "type_filters": type_filters(svc, _values(ctx, "_typeFilter"), permitted),
+            "level": level, "patient": it.id if level == "instance" else None, "types": permitted,
+            "since_us": since_us, "type_filters": type_filters(svc, _values(ctx, "_typeFilter"), permitted),
             "deidentify": bool(deidentify),
         }
+        if level == "group":
+            ctx.plan.update(group=it.id, patients=_members(ctx, it.id or ""))
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction
@@ -109,13 +115,40 @@ class ExportKickoff(Handler):
             ctx.record.patients = [it.id or ""]
         principal = ctx.principal
         assert principal is not None
+        if spec["level"] == "group":
+            ctx.record.target = f"Group/{it.id}"
         path = "$export" if spec["level"] == "system" else (
-            f"Patient/{it.id}/$export" if spec["level"] == "instance" else "Patient/$export")
+            f"Patient/{it.id}/$export" if spec["level"] == "instance" else
+            f"Group/{it.id}/$export" if spec["level"] == "group" else "Patient/$export")
         request_url = f"{svc.settings.fhir_base}/{path}" + (f"?{it.query_string}" if it.params else "")
         job_id = jobs.create_job(conn, principal.client_id, request_url, spec, principal_snapshot(principal))
         ctx.record.outcome_desc = f"export job {job_id} accepted: {', '.join(spec['types'])}"
         status_url = f"{svc.settings.fhir_base}/$export-poll-status?{urlencode({'_jobId': job_id})}"
         return Result(202, None, {"Content-Location": status_url})
+
+
+def _members(ctx: RequestContext, group_id: str) -> list[str]:
+    """The Patient ids a Group lists as current members (not `inactive`, `period` not over),
+    read as the caller may read the Group (hidden or absent: 404). The export then applies the
+    caller's scopes and each member's Consents to every resource, when the job runs."""
+    try:
+        stored = ctx.gate.read(ctx.reading(), "Group", group_id, preds=ctx.access.search)
+    except StorageError as err:
+        raise fhir_error(err) from None
+    group = parse_json(stored.body or b"{}")
+    now = now_us()
+    members: list[str] = []
+    for member in group.get("member") or []:
+        ref = str((member.get("entity") or {}).get("reference") or "") if isinstance(member, dict) else ""
+        if not ref.startswith("Patient/") or member.get("inactive"):
+            continue
+        end = (member.get("period") or {}).get("end")
+        if isinstance(end, str) and parse_range(end)[1] < now:
+            continue
+        pid = ref.split("/", 1)[1]
+        if pid and pid not in members:
+            members.append(pid)
+    return members
 
 
 def _own_job(ctx: RequestContext, conn: Connection) -> jobs.Job:

@@ -1,0 +1,101 @@
+"""Group and Group/[id]/$export (Bulk Data 2.0), through HTTP as a Bulk client does it: kick-off,
+poll, download, delete. The export holds the current members' records only, each member's
+Consents and the caller's scopes applied when the job runs; a member who withdrew consent is
+absent from the files and their counts; a Group never joins its members' compartments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BASE
+from tests.support.bulk import Server, _app, _local
+
+SCOPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    app = _app(tmp_path)
+    yield Server(app)
+    app.extensions["fhirserver"].engine.dispose()
+
+
+def _patients(srv: Server, token: str, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        pid = srv.create(token, {"resourceType": "Patient", "name": [{"family": f"Cohort{i}"}]})
+        srv.create(token, {"resourceType": "Observation", "status": "final", "code": {"text": f"obs {i}"},
+                           "subject": {"reference": f"Patient/{pid}"}})
+        ids.append(pid)
+    return ids
+
+
+def _group(srv: Server, token: str, members: list[dict[str, Any]]) -> str:
+    return srv.create(token, {"resourceType": "Group", "type": "person", "actual": True, "member": members})
+
+
+def _export(srv: Server, token: str, gid: str, **params: str) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    resp = srv.kickoff(token, path=f"Group/{gid}/$export", **params)
+    assert resp.status_code == 202, resp.get_data(as_text=True)[:300]
+    done = srv.wait(token, resp.headers["Content-Location"])
+    assert done.status_code == 200, done.get_data(as_text=True)[:300]
+    manifest = done.get_json()
+    return manifest, srv.files(token, manifest)
+
+
+def test_group_export_holds_the_current_members_records_only(server: Server) -> None:
+    token = server.token()
+    a, b, c, gone = _patients(server, token, 4)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}},
+                                 {"entity": {"reference": f"Patient/{b}"}},
+                                 {"entity": {"reference": f"Patient/{gone}"}, "inactive": True},
+                                 {"entity": {"reference": f"Patient/{c}"}, "period": {"end": "2001-01-01"}}])
+    resp = server.kickoff(token, path=f"Group/{gid}/$export")
+    status_url = resp.headers["Content-Location"]
+    manifest, files = _export(server, token, gid)
+    assert manifest["request"] == f"{BASE}/Group/{gid}/$export"
+    assert sorted(p["id"] for p in files["Patient"]) == sorted([a, b])
+    assert {o["subject"]["reference"] for o in files["Observation"]} == {f"Patient/{a}", f"Patient/{b}"}
+    assert {item["type"]: item["count"] for item in manifest["output"]} == {"Patient": 2, "Observation": 2}
+    assert "Group" not in files  # the cohort list is not part of any member's record
+    # _type narrows as for every export; DELETE cancels and removes the job
+    _m, only = _export(server, token, gid, _type="Patient")
+    assert set(only) == {"Patient"}
+    assert server.http.delete(_local(status_url), headers=server.h(token)).status_code == 202
+    assert server.http.get(_local(status_url), headers=server.h(token)).status_code == 404
+
+
+def test_a_member_who_withdrew_consent_is_absent_from_files_and_counts(server: Server) -> None:
+    token = server.token()
+    a, b = _patients(server, token, 2)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}, {"entity": {"reference": f"Patient/{b}"}}])
+    server.create(token, {"resourceType": "Consent", "status": "active", "scope": SCOPE,
+                          "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+                          "patient": {"reference": f"Patient/{b}"}, "provision": {"type": "deny"}})
+    manifest, files = _export(server, token, gid)
+    assert [p["id"] for p in files["Patient"]] == [a]
+    assert {o["subject"]["reference"] for o in files["Observation"]} == {f"Patient/{a}"}
+    assert {item["type"]: item["count"] for item in manifest["output"]} == {"Patient": 1, "Observation": 1}
+
+
+def test_group_export_needs_a_backend_client_and_a_group_it_may_read(server: Server) -> None:
+    token = server.token()
+    (a,) = _patients(server, token, 1)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}])
+    assert server.kickoff(token, path="Group/nobody/$export").status_code == 404
+    no_group = server.token("system/Patient.rs system/Observation.rs", name="nogroup")
+    denied = server.kickoff(no_group, path=f"Group/{gid}/$export")
+    assert denied.status_code == 403 and denied.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_group_is_not_in_its_members_compartments(server: Server) -> None:
+    token = server.token()
+    (a,) = _patients(server, token, 1)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}])
+    everything = server.http.get(f"/fhir/Patient/{a}/$everything", headers=server.h(token)).get_json()
+    assert f"Group/{gid}" not in {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in everything["entry"]}
+    found = server.http.get("/fhir/Group", query_string={"member": f"Patient/{a}"}, headers=server.h(token)).get_json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [gid]
