@@ -364,8 +364,8 @@ class AccessGate:
             conds.append(res.c.last_updated_us >= spec["since_us"])
         if spec["level"] in ("patient", "instance", "group"):
             comp = source.compartment.alias()
-            if spec["level"] in ("instance", "group"):  # one patient, or a Group's members
-                pids = [spec["patient"]] if spec["level"] == "instance" else list(spec["patients"])
+            pids = [spec["patient"]] if spec["level"] == "instance" else spec.get("patients")
+            if pids is not None:  # one patient, a Group's members, or the patients a kick-off named
                 conds.append(or_(and_(res.c.type == "Patient", res.c.id.in_(pids)),
                                  res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(pids)))))
             else:

@@ -19,6 +19,7 @@ from ..audit.redact import redact_body
 from ..auth.principal import principal_from
 from ..clock import now_us
 from ..db.engine import read_connection
+from ..fhir.subsetting import apply_subsetting
 from ..services import Services
 from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
@@ -45,6 +46,7 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
     patients: set[str] = set()
     try:
         for n, rtype in enumerate(job.spec["types"], 1):
+            elements = elements_for(rtype, job.spec.get("elements"))
             lines: list[bytes] = []
             file_no, last_pk = 0, 0
             while True:
@@ -57,8 +59,12 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
                     body = item.body or b"{}"
                     if rtype == "AuditEvent" and not principal.sees_audit_values:
                         body = redact_body(body)
-                    if deidentify is not None:
-                        body = dump_json(deidentify(parse_json(body)))
+                    if deidentify is not None or elements is not None:
+                        resource = parse_json(body)
+                        resource = deidentify(resource) if deidentify is not None else resource
+                        if elements is not None:  # mandatory elements kept, tagged SUBSETTED
+                            resource = apply_subsetting(resource, None, elements, svc.summary_elements)
+                        body = dump_json(resource)
                     elif b"\n" in body:
                         body = dump_json(parse_json(body))
                     lines.append(body + b"\n")
@@ -88,6 +94,15 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
            (", ".join(f"{t} {c}" for t, c in sorted(counts.items())) or "no resources") +
            ("; de-identified (safe-harbor)" if deidentify is not None else ""))
     return "complete"
+
+
+def elements_for(rtype: str, elements: list[str] | None) -> list[str] | None:
+    """The `_elements` of a kick-off that apply to `rtype`: `Type.element` for that type and bare
+    `element` for every type (Bulk Data 2.0); None when the kick-off named none."""
+    if not elements:
+        return None
+    return [e.split(".", 1)[1] if "." in e else e for e in elements
+            if "." not in e or e.split(".", 1)[0] == rtype]
 
 
 def _deidentifier(svc: Services, job: jobs.Job) -> Callable[[dict[str, Any]], dict[str, Any]] | None:

@@ -31,34 +31,80 @@ from ..storage.errors import StorageError
 from .context import RequestContext, Result
 from .errors import fhir_error
 from .handler import Handler
+from .request_body import parse_body
 
 NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 PATIENT_TYPES_EXCLUDED = {"AuditEvent"}  # the audit trail is not part of a record
 
 
-def _values(ctx: RequestContext, name: str) -> list[str]:
-    return [v for k, v in ctx.interaction.params if k == name]
+def _values(ctx: RequestContext, name: str, params: list[tuple[str, str]] | None = None) -> list[str]:
+    return [v for k, v in (ctx.interaction.params if params is None else params) if k == name]
 
 
-def _one(ctx: RequestContext, name: str) -> str | None:
-    values = _values(ctx, name)
+def _one(ctx: RequestContext, name: str, params: list[tuple[str, str]] | None = None) -> str | None:
+    values = _values(ctx, name, params)
     if len(values) > 1:
         raise FhirError(400, "invalid", f"{name} may be given once", [name])
     return values[0] if values else None
+
+
+_PARAMETER_VALUES = ("valueString", "valueCode", "valueInstant", "valueDateTime", "valueUri", "valueCanonical")
+
+
+def _kickoff_params(ctx: RequestContext) -> list[tuple[str, str]]:
+    """The kick-off's parameters: the query, and for a POST the Parameters resource in the body
+    (Bulk Data 2.0), `patient` as a reference (`Patient/[id]`)."""
+    params = list(ctx.interaction.params)
+    if ctx.interaction.method != "POST" or not ctx.body:
+        return params
+    body = parse_body(ctx)
+    if body.get("resourceType") != "Parameters":
+        raise FhirError(400, "invalid", "A POST kick-off takes a Parameters resource")
+    for i, item in enumerate(body.get("parameter") or []):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            raise FhirError(400, "invalid", "Each parameter needs a name", [f"Parameters.parameter[{i}]"])
+        if name == "patient":
+            value = (item.get("valueReference") or {}).get("reference")
+        else:
+            value = next((item[k] for k in _PARAMETER_VALUES if isinstance(item.get(k), str)), None)
+        if not isinstance(value, str):
+            raise FhirError(400, "invalid", f"Parameter '{name[:40]}' has no value this server reads",
+                            [f"Parameters.parameter[{i}]"])
+        params.append((name, value))
+    return params
+
+
+def _patients_asked(ctx: RequestContext, params: list[tuple[str, str]], level: str) -> list[str] | None:
+    """The `patient` references a Patient- or Group-level kick-off names (None: not narrowed)."""
+    refs = _values(ctx, "patient", params)
+    if not refs:
+        return None
+    if level not in ("patient", "group"):
+        raise FhirError(400, "invalid", "patient is a parameter of Patient/$export and Group/[id]/$export", ["patient"])
+    ids = []
+    for ref in refs:
+        rtype, _sep, pid = ref.partition("/")
+        if rtype != "Patient" or not pid or "/" in pid:
+            raise FhirError(400, "invalid", f"patient must reference a Patient (Patient/[id]), not '{ref[:60]}'",
+                            ["patient"])
+        ids.append(pid)
+    return ids
 
 
 class ExportKickoff(Handler):
     def prepare(self, ctx: RequestContext) -> None:
         it = ctx.interaction
         svc = ctx.services
+        params = _kickoff_params(ctx)
         if "respond-async" not in ctx.prefer:
             raise FhirError(400, "invalid", "Bulk export is asynchronous: send 'Prefer: respond-async'")
-        fmt = _one(ctx, "_outputFormat")
+        fmt = _one(ctx, "_outputFormat", params)
         # an unencoded '+' arrives as a space (application/fhir ndjson): read it as the client meant it
         if fmt is not None and fmt.replace(" ", "+") not in NDJSON_FORMATS:
             raise FhirError(400, "not-supported", "_outputFormat must be application/fhir+ndjson", ["_outputFormat"])
-        known = {k for k, _ in it.params}
-        unsupported = known - {"_outputFormat", "_type", "_since", "_typeFilter", "_deidentify"}
+        known = {k for k, _ in params}
+        unsupported = known - {"_outputFormat", "_type", "_since", "_typeFilter", "_deidentify", "_elements", "patient"}
         if unsupported and ctx.prefer.get("handling") == "strict":
             raise FhirError(400, "not-supported", f"Unsupported parameter(s): {', '.join(sorted(unsupported))}")
         level = ("system" if it.resource_type is None else "group" if it.resource_type == "Group"
@@ -70,7 +116,7 @@ class ExportKickoff(Handler):
             # one record (Patient/[id]/$export) within its compartment
             raise FhirError(403, "forbidden", "Exports across patients need system/ scopes")
         all_types = svc.types.names()
-        requested = [t.strip() for v in _values(ctx, "_type") for t in v.split(",") if t.strip()]
+        requested = [t.strip() for v in _values(ctx, "_type", params) for t in v.split(",") if t.strip()]
         unknown = [t for t in requested if t not in all_types]
         if unknown:
             raise FhirError(400, "not-supported", f"_type: unsupported type(s) {', '.join(unknown)}", ["_type"])
@@ -84,14 +130,14 @@ class ExportKickoff(Handler):
             raise FhirError(403, "forbidden", f"The access token does not permit exporting {', '.join(denied)}")
         if not permitted:
             raise FhirError(403, "forbidden", "The access token permits exporting no resource type")
-        since = _one(ctx, "_since")
+        since = _one(ctx, "_since", params)
         since_us = None
         if since is not None:
             try:
                 since_us = parse_range(since)[0]
             except ValueError:
                 raise FhirError(400, "invalid", "_since must be a FHIR instant", ["_since"]) from None
-        deidentify = _one(ctx, "_deidentify")
+        deidentify = _one(ctx, "_deidentify", params)
         if deidentify not in (None, "safe-harbor"):
             raise FhirError(400, "not-supported", "_deidentify supports only safe-harbor",
                             ["_deidentify"])
@@ -100,11 +146,18 @@ class ExportKickoff(Handler):
                                               "(_deidentify=safe-harbor)")
         ctx.plan = {
             "level": level, "patient": it.id if level == "instance" else None, "types": permitted,
-            "since_us": since_us, "type_filters": type_filters(svc, _values(ctx, "_typeFilter"), permitted),
+            "since_us": since_us, "type_filters": type_filters(svc, _values(ctx, "_typeFilter", params), permitted),
             "deidentify": bool(deidentify),
         }
+        elements = [e.strip() for v in _values(ctx, "_elements", params) for e in v.split(",") if e.strip()]
+        if elements:
+            ctx.plan["elements"] = elements
+        asked = _patients_asked(ctx, params, level)
         if level == "group":
-            ctx.plan.update(group=it.id, patients=_members(ctx, it.id or ""))
+            members = _members(ctx, it.id or "")
+            ctx.plan.update(group=it.id, patients=members if asked is None else [p for p in members if p in asked])
+        elif asked is not None:  # Patient/$export for these patients only
+            ctx.plan["patients"] = asked
 
     def execute(self, ctx: RequestContext, conn: Connection) -> Result:
         it = ctx.interaction

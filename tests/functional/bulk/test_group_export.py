@@ -99,3 +99,44 @@ def test_a_group_is_not_in_its_members_compartments(server: Server) -> None:
     assert f"Group/{gid}" not in {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in everything["entry"]}
     found = server.http.get("/fhir/Group", query_string={"member": f"Patient/{a}"}, headers=server.h(token)).get_json()
     assert [e["resource"]["id"] for e in found["entry"]] == [gid]
+
+
+def _post_kickoff(srv: Server, token: str, path: str, parameters: list[dict[str, Any]]) -> Any:
+    return srv.http.post(f"/fhir/{path}", json={"resourceType": "Parameters", "parameter": parameters},
+                         headers=srv.h(token, **{"Prefer": "respond-async", "Accept": "application/fhir+json"}))
+
+
+def test_a_post_kickoff_takes_parameters_and_patient_narrows_it(server: Server) -> None:
+    token = server.token()
+    a, b, c = _patients(server, token, 3)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}, {"entity": {"reference": f"Patient/{b}"}}])
+    resp = _post_kickoff(server, token, f"Group/{gid}/$export", [
+        {"name": "_type", "valueString": "Patient,Observation"},
+        {"name": "patient", "valueReference": {"reference": f"Patient/{b}"}},
+        {"name": "patient", "valueReference": {"reference": f"Patient/{c}"}}])  # c is no member: not exported
+    assert resp.status_code == 202, resp.get_data(as_text=True)[:300]
+    files = server.files(token, server.wait(token, resp.headers["Content-Location"]).get_json())
+    assert [p["id"] for p in files["Patient"]] == [b]
+    # Patient/$export narrowed to the named patients
+    resp = _post_kickoff(server, token, "Patient/$export", [{"name": "patient", "valueReference": {"reference": f"Patient/{c}"}}])
+    files = server.files(token, server.wait(token, resp.headers["Content-Location"]).get_json())
+    assert [p["id"] for p in files["Patient"]] == [c]
+    assert {o["subject"]["reference"] for o in files["Observation"]} == {f"Patient/{c}"}
+    # a system-level export takes no patient; a bad reference or body is a 400
+    for path, params in (("$export", [{"name": "patient", "valueReference": {"reference": f"Patient/{a}"}}]),
+                         ("Patient/$export", [{"name": "patient", "valueReference": {"reference": "Group/x"}}]),
+                         ("Patient/$export", [{"name": "_type", "valueBoolean": True}])):
+        bad = _post_kickoff(server, token, path, params)
+        assert bad.status_code == 400 and bad.get_json()["resourceType"] == "OperationOutcome", (path, params)
+
+
+def test_elements_subsets_the_exported_resources(server: Server) -> None:
+    token = server.token()
+    (a,) = _patients(server, token, 1)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}])
+    _m, files = _export(server, token, gid, _elements="Observation.code,name")
+    obs = files["Observation"][0]
+    assert "code" in obs and "subject" not in obs  # code kept (asked), subject dropped
+    assert "status" in obs  # mandatory elements are always kept
+    assert any(t.get("code") == "SUBSETTED" for t in obs["meta"].get("tag", []))
+    assert "name" in files["Patient"][0]  # a bare element applies to every type
