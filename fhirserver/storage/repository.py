@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -33,6 +32,7 @@ from ..search.indexer import Indexer
 from ..search.values import IndexRows
 from .codec import dump_json
 from .errors import AlreadyExists, Deleted, NotFound, VersionConflict
+from .index_rows import index_params, raw_insert
 from .write_hooks import WriteHook
 
 
@@ -102,37 +102,9 @@ _UPD_RESOURCE = update(resource).where(resource.c.pk == bindparam("rpk"))
 _DEL_INDEX = [delete(table).where(table.c.resource_pk == bindparam("rpk")) for table in INDEX_TABLES.values()]
 _DEL_COMPARTMENT = delete(compartment).where(compartment.c.resource_pk == bindparam("rpk"))
 
-_RAW_INSERTS: dict[str, tuple[str, list[str], Callable[[dict[str, Any]], tuple[Any, ...]]]] = {}
 _RAW_INS_RESOURCE = "INSERT INTO resource (type, id, version, last_updated_us, deleted) VALUES (?, ?, ?, ?, ?)"
 _RAW_INS_VERSION = ("INSERT INTO resource_version (resource_pk, type, version, last_updated_us, method, deleted, "
                     "key_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-def _raw_insert(kind: str) -> tuple[str, list[str], Callable[[dict[str, Any]], tuple[Any, ...]]]:
-    """INSERT text (`?` placeholders) for an index table, the columns after resource_pk, and a
-    getter of those columns (as a tuple) from a row dict."""
-    if kind not in _RAW_INSERTS:
-        table = compartment if kind == "compartment" else INDEX_TABLES[kind]
-        columns = [c.name for c in table.columns if c.name != "resource_pk"]
-        names = ", ".join(["resource_pk", *columns])
-        marks = ", ".join(["?"] * (len(columns) + 1))
-        getter = itemgetter(*columns) if len(columns) > 1 else (lambda row, c=columns[0]: (row[c],))
-        _RAW_INSERTS[kind] = (f"INSERT INTO {table.name} ({names}) VALUES ({marks})", columns, getter)
-    return _RAW_INSERTS[kind]
-
-
-def _index_params(pk: int, p: PreparedWrite) -> dict[str, list[tuple[Any, ...]]]:
-    """The INSERT parameters of one resource's index and compartment rows, by `_raw_insert` kind."""
-    out: dict[str, list[tuple[Any, ...]]] = {}
-    for kind, rows in p.index.rows.items():
-        _sql, columns, values = _raw_insert(kind)
-        try:
-            out[kind] = [(pk, *values(r)) for r in rows]
-        except KeyError:  # a row without some optional column
-            out[kind] = [(pk, *[r.get(c) for c in columns]) for r in rows]
-    if p.index.patients:
-        out["compartment"] = [(pk, pid) for pid in p.index.patients]
-    return out
 
 
 _VERSION_COLS = [resource_version.c[name] for name in
@@ -299,8 +271,8 @@ class Repository:
             for stmt in _DEL_INDEX:
                 conn.execute(stmt, {"rpk": pk})
             conn.execute(_DEL_COMPARTMENT, {"rpk": pk})
-        for kind, params in _index_params(pk, p).items():
-            raw_sql.executemany(conn, _raw_insert(kind)[0], params)
+        for kind, params in index_params(pk, p.index).items():
+            raw_sql.executemany(conn, raw_insert(kind)[0], params)
 
     def reindex(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any]) -> None:
         index = self.indexer.index(rtype, body)
@@ -346,10 +318,10 @@ class Repository:
                                                      for pk, p, blob in zip(pks, batch, sealed, strict=True)])
         rows: dict[str, list[tuple[Any, ...]]] = {}
         for pk, p in zip(pks, batch, strict=True):
-            for kind, index_rows in _index_params(pk, p).items():
+            for kind, index_rows in index_params(pk, p.index).items():
                 rows.setdefault(kind, []).extend(index_rows)
         for kind, index_rows in rows.items():
-            raw_sql.executemany(conn, _raw_insert(kind)[0], index_rows)
+            raw_sql.executemany(conn, raw_insert(kind)[0], index_rows)
         for pk, p in zip(pks, batch, strict=True):
             self._written(conn, pk, p.type, p.body)
         return pks
