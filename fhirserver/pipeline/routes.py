@@ -14,6 +14,7 @@ from .history import History
 from .proof_op import Proof
 from .searching import Everything, LastN, Search
 from .summary_op import Summary
+from .terminology_ops import Expand, Lookup, ValidateCode
 from .validate_op import Validate
 
 ROUTES: dict[str, Handler] = {
@@ -34,6 +35,9 @@ ROUTES: dict[str, Handler] = {
     "$lastn": LastN(),
     "$summary": Summary(),
     "$validate": Validate(),
+    "$lookup": Lookup(),  # CodeSystem
+    "$expand": Expand(),  # ValueSet
+    "$validate-code": ValidateCode(),  # CodeSystem and ValueSet
     "$erase": Erase(),
     "$erasure-request": ErasureRequestOp(),
     "$proof": Proof(),

@@ -46,6 +46,8 @@ class World:
     spare: str = ""
     patient_token: str = ""
     urls: dict[str, str] = field(default_factory=dict)
+    code_system: str = "http://example.org/cs/gate"
+    value_set: str = "http://example.org/vs/gate"
 
     def h(self, **extra: str) -> dict[str, str]:
         return self.admin.headers(**extra)
@@ -60,6 +62,11 @@ def world(app: Any, http: Any, admin: BackendClient, auditor: BackendClient,
     w.doomed = smart.patient("Doomed")
     w.observation = smart.observation(w.patient)
     w.spare = smart.observation(w.patient, code="29463-7")
+    for body in ({"resourceType": "CodeSystem", "url": w.code_system, "status": "active", "content": "complete",
+                  "concept": [{"code": "a", "display": "A"}]},
+                 {"resourceType": "ValueSet", "url": w.value_set, "status": "active",
+                  "compose": {"include": [{"system": w.code_system}]}}):
+        assert http.post(f"/fhir/{body['resourceType']}", json=body, headers=admin.headers()).status_code == 201
     name, _ = smart.user(f"Patient/{w.patient}")
     client_id, _ = smart.app_client(APP_SCOPES)
     w.patient_token = smart.tokens(client_id, "launch/patient patient/*.rs openid fhirUser", name,
@@ -138,6 +145,12 @@ CASES: dict[str, tuple[Callable[[World], Any], int]] = {
                                                     headers={"Authorization": f"Bearer {w.patient_token}"}), 200),
     "$proof": (lambda w: w.smart.http.get(f"/fhir/AuditEvent/{_audit_event(w)}/$proof",
                                           headers=w.auditor.headers()), 200),
+    "$lookup": (lambda w: w.smart.http.get("/fhir/CodeSystem/$lookup", query_string={
+        "system": w.code_system, "code": "a"}, headers=w.h()), 200),
+    "$expand": (lambda w: w.smart.http.get("/fhir/ValueSet/$expand", query_string={"url": w.value_set},
+                                           headers=w.h()), 200),
+    "$validate-code": (lambda w: w.smart.http.get("/fhir/ValueSet/$validate-code", query_string={
+        "url": w.value_set, "code": "a"}, headers=w.h()), 200),
     "$export": (_export_kickoff, 202),
     "$export-poll-status": (_export_status, 200),
     "$export-file": (lambda w: w.smart.http.get(w.urls["file"], headers=w.h()), 200),
