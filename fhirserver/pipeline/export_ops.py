@@ -195,9 +195,12 @@ def _members(ctx: RequestContext, group_id: str) -> list[str]:
         ref = str((member.get("entity") or {}).get("reference") or "") if isinstance(member, dict) else ""
         if not ref.startswith("Patient/") or member.get("inactive"):
             continue
-        end = (member.get("period") or {}).get("end")
-        if isinstance(end, str) and parse_range(end)[1] < now:
-            continue
+        end = (member.get("period") or {}).get("end") if isinstance(member.get("period"), dict) else None
+        try:
+            if isinstance(end, str) and parse_range(end)[1] < now:
+                continue  # the membership ended
+        except ValueError:
+            pass  # not a date (the Group was validated when written): the member counts
         pid = ref.split("/", 1)[1]
         if pid and pid not in members:
             members.append(pid)
