@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 # `Patient?identifier=http://hospital.example|123`: a reference by search (FHIR transaction rules)
@@ -20,34 +21,26 @@ def rewrite_references(value: object, mapping: dict[str, str]) -> Any:
     return value
 
 
-def unresolved_urns(value: object, mapping: dict[str, str]) -> list[str]:
-    """`urn:uuid:` references in `value` that `mapping` does not resolve (FHIR requires every such
-    reference in a transaction to name an entry's fullUrl)."""
-    found: list[str] = []
+def references(value: object) -> Iterator[str]:
+    """Every `reference` string in `value`, in document order."""
     stack = [value]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             ref = node.get("reference")
-            if isinstance(ref, str) and ref.startswith("urn:uuid:") and ref not in mapping:
-                found.append(ref)
-            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+            if isinstance(ref, str):
+                yield ref
+            stack.extend(reversed([v for v in node.values() if isinstance(v, (dict, list))]))
         elif isinstance(node, list):
-            stack.extend(v for v in node if isinstance(v, (dict, list)))
-    return found
+            stack.extend(reversed([v for v in node if isinstance(v, (dict, list))]))
+
+
+def unresolved_urns(value: object, mapping: dict[str, str]) -> list[str]:
+    """`urn:uuid:` references in `value` that `mapping` does not resolve (FHIR requires every such
+    reference in a transaction to name an entry's fullUrl)."""
+    return [ref for ref in references(value) if ref.startswith("urn:uuid:") and ref not in mapping]
 
 
 def conditional_references(value: object) -> list[str]:
     """The conditional references (`Type?search`) in `value`, each once, in document order."""
-    found: list[str] = []
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            ref = node.get("reference")
-            if isinstance(ref, str) and CONDITIONAL.match(ref) and ref not in found:
-                found.append(ref)
-            stack.extend(reversed([v for v in node.values() if isinstance(v, (dict, list))]))
-        elif isinstance(node, list):
-            stack.extend(reversed([v for v in node if isinstance(v, (dict, list))]))
-    return found
+    return list(dict.fromkeys(ref for ref in references(value) if CONDITIONAL.match(ref)))

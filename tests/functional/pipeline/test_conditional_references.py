@@ -41,11 +41,15 @@ def _create(http: Any, headers: dict[str, str], body: dict[str, Any]) -> str:
     return str(resp.get_json()["id"])
 
 
+def _fresh(http: Any, h: dict[str, str], family: str) -> tuple[str, str, str]:
+    """A new patient with its own MRN, and an Observation code no other test uses: (mrn, id, code)."""
+    mrn = uuid.uuid4().hex[:12]
+    return mrn, _create(http, h, _patient(family, mrn)), f"cr-{family.lower()}-{mrn}"
+
+
 def test_a_transaction_resolves_a_conditional_reference_to_its_one_match(http: Any, admin: BackendClient) -> None:
     h = admin.headers()
-    mrn = uuid.uuid4().hex[:12]
-    pid = _create(http, h, _patient("Condref", mrn))
-    code = "cr-" + mrn
+    mrn, pid, code = _fresh(http, h, "Condref")
     resp = _post(http, h, "transaction", [
         {"resource": _obs(f"Patient?identifier={MRN}|{mrn}", code), "request": {"method": "POST", "url": "Observation"}},
         {"fullUrl": "urn:uuid:" + str(uuid.uuid4()), "resource": _obs(f"Patient?identifier={MRN}|{mrn}", code),
@@ -106,9 +110,7 @@ def test_a_target_the_caller_may_not_search_fails_as_an_absent_one(http: Any, ad
 
 def test_a_batch_fails_only_the_entry_whose_reference_does_not_resolve(http: Any, admin: BackendClient) -> None:
     h = admin.headers()
-    mrn = uuid.uuid4().hex[:12]
-    pid = _create(http, h, _patient("Batchcr", mrn))
-    code = "cr-batch-" + mrn
+    mrn, pid, code = _fresh(http, h, "Batchcr")
     resp = _post(http, h, "batch", [
         {"resource": _obs(f"Patient?identifier={MRN}|{mrn}", code), "request": {"method": "POST", "url": "Observation"}},
         {"resource": _obs(f"Patient?identifier={MRN}|nobody-{mrn}", code), "request": {"method": "POST", "url": "Observation"}},
