@@ -183,6 +183,8 @@ class AccessGate:
         confined = self.access.patient_ids
         if confined is not None and any(p not in confined for p in wanted):
             raise unknown  # outside the token's compartments, whether that patient is stored or not
+        if not self.access.patient_rows:
+            return  # the caller's view of Patients is unrestricted: every stored one is shown
         for pk, shown in conn.execute(select(resource.c.pk, sql.flag(self.access.patient_rows)).where(
                 resource.c.type == "Patient", resource.c.id.in_(wanted), resource.c.deleted.is_(False))).all():
             if not shown:

@@ -28,6 +28,9 @@ def bodies(pid: str) -> dict[str, dict[str, Any]]:
         "DiagnosticReport": {"status": "final", "code": CC, "subject": me},
         "MedicationRequest": {"status": "active", "intent": "order", "medicationCodeableConcept": CC, "subject": me},
         "Medication": {"code": CC},
+        "MedicationDispense": {"status": "completed", "medicationCodeableConcept": CC, "subject": me},
+        "Coverage": {"status": "active", "beneficiary": me, "payor": [{"display": "Acme Insurance"}]},
+        "Group": {"type": "person", "actual": True, "member": [{"entity": me}]},  # outside the compartment
         "AllergyIntolerance": {"code": CC, "patient": me},
         "Immunization": {"status": "completed", "vaccineCode": CC, "patient": me, "occurrenceDateTime": "2024-01-02"},
         "Procedure": {"status": "completed", "code": CC, "subject": me},
