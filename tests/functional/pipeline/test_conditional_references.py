@@ -130,3 +130,26 @@ def test_malformed_conditional_references_are_refused(http: Any, admin: BackendC
             {"resource": _obs(ref, "cr-bad"), "request": {"method": "POST", "url": "Observation"}}])
         assert resp.status_code == status, (ref, resp.get_data(as_text=True)[:300])
         assert resp.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_transaction_entries_update_and_delete_conditionally(http: Any, admin: BackendClient) -> None:
+    h = admin.headers()
+    mrn, pid, _code = _fresh(http, h, "Condput")
+    gone_mrn, gone, _c = _fresh(http, h, "Conddel")
+    resp = _post(http, h, "transaction", [
+        {"resource": {**_patient("Condput", mrn), "gender": "female"},
+         "request": {"method": "PUT", "url": f"Patient?identifier={MRN}|{mrn}"}},
+        {"request": {"method": "DELETE", "url": f"Patient?identifier={MRN}|{gone_mrn}"}},
+    ])
+    assert resp.status_code == 200, resp.get_data(as_text=True)[:400]
+    assert [e["response"]["status"].split()[0] for e in resp.get_json()["entry"]] == ["200", "204"]
+    updated = http.get(f"/fhir/Patient/{pid}", headers=h).get_json()
+    assert updated["gender"] == "female" and updated["meta"]["versionId"] == "2"
+    assert http.get(f"/fhir/Patient/{gone}", headers=h).status_code == 410
+    # a conditional update matching two fails the whole transaction
+    twice = uuid.uuid4().hex[:12]
+    _create(http, h, _patient("Twiceput", twice))
+    _create(http, h, _patient("Twiceput", twice))
+    resp = _post(http, h, "transaction", [
+        {"resource": _patient("Twiceput", twice), "request": {"method": "PUT", "url": f"Patient?identifier={MRN}|{twice}"}}])
+    assert resp.status_code == 412 and resp.get_json()["resourceType"] == "OperationOutcome"
