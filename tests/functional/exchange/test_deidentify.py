@@ -94,8 +94,10 @@ def identifiers_of(res: Any) -> set[str]:
 
 def assert_deidentified(originals: list[dict[str, Any]], files: dict[str, list[dict[str, Any]]],
                         svc: Any) -> None:
-    # a Questionnaire's identifier ("phq-9") names a form, not a person: not a Safe Harbor identifier
-    secret = set().union(*(identifiers_of(r) for r in originals if r["resourceType"] != "Questionnaire"))
+    # a Questionnaire's identifier ("phq-9") names a form, not a person, and a CodeSystem's or
+    # ValueSet's identifiers and contacts name a terminology and its publisher: not Safe Harbor identifiers
+    secret = set().union(*(identifiers_of(r) for r in originals
+                           if r["resourceType"] not in ("Questionnaire", "CodeSystem", "ValueSet")))
     secret -= {r["resourceType"] for r in originals}  # a display "Patient" is generic, and in every reference
     # the text of a CodeableConcept is clinical content and kept ("Midwife" is both a role's text and
     # a contained Practitioner's family name in CarePlan/preg; Encounter/f202's reason text is also
