@@ -52,6 +52,7 @@ from sqlalchemy.sql.visitors import InternalTraversal
 from ..auth.principal import Decision, Principal
 from ..clock import now_us
 from ..crypto.blind_index import BlindIndexer
+from ..db import raw as raw_sql
 from ..db.schema import (
     compartment,
     consent_criterion,
@@ -328,11 +329,8 @@ class ConsentEngine:
         False would skip a rule."""
         if self._rules_seen:
             return True
-        self._rules_seen = conn.execute(_ANY_RULE).first() is not None
+        self._rules_seen = raw_sql.fetchone(conn, "SELECT 1 FROM consent_rule LIMIT 1") is not None
         return self._rules_seen
-
-
-_ANY_RULE = select(consent_rule.c.pk).limit(1)
 
 
 def _exists(tables: list[Any], *conds: ColumnElement[bool]) -> ColumnElement[bool]:

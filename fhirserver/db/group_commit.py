@@ -22,6 +22,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from . import raw
+
 DEFAULT_MAX_GROUP = 16
 
 
@@ -37,6 +39,21 @@ class _Group:
         self.cm: AbstractContextManager[Connection] | None = None
         self.conn: Connection | None = None
         self.error: BaseException | None = None
+
+
+@contextmanager
+def _savepoint(conn: Connection) -> Iterator[None]:
+    """A member's own savepoint, as plain SQL on the transaction's cursor: SQLAlchemy's
+    begin_nested costs two statement executions of its machinery (~0.1 ms) on every request.
+    Savepoints the body opens itself (a batch Bundle's entries) nest inside it."""
+    raw.execute(conn, "SAVEPOINT group_member").close()
+    try:
+        yield
+    except BaseException:
+        raw.execute(conn, "ROLLBACK TO SAVEPOINT group_member").close()
+        raw.execute(conn, "RELEASE SAVEPOINT group_member").close()
+        raise
+    raw.execute(conn, "RELEASE SAVEPOINT group_member").close()
 
 
 class GroupCommitEngine:
@@ -82,7 +99,7 @@ class GroupCommitEngine:
             else:
                 assert group.conn is not None
                 try:
-                    with group.conn.begin_nested():
+                    with _savepoint(group.conn):
                         yield group.conn
                 except BaseException as exc:
                     body_error = exc
