@@ -38,6 +38,9 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_url_bytes: int = 8192  # path + query string; longer is a 414 OperationOutcome (use POST _search)
     max_json_depth: int = 64  # nesting of a resource's JSON objects and arrays
+    # profiles every written resource of a type must meet, whether or not it claims them
+    # ("Observation=http://...,http://...;Patient=http://..."; each must be known: docs/profiles.md)
+    required_profiles: str = ""
     search_max_params: int = 100  # parameters of one search
     search_max_values: int = 100  # comma-separated values of one parameter
     default_page_size: int = 20

@@ -73,7 +73,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     set_choice_elements(set(elements.get("choiceElements", [])))
     params = load_param_registry(settings.profiles_dir, types.names())
     params.max_params, params.max_values = settings.search_max_params, settings.search_max_values
-    validator = Validator(settings.profiles_dir, settings.max_json_depth)
+    validator = Validator(settings.profiles_dir, settings.max_json_depth, settings.required_profiles)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
     consent = build_consent(settings, blind, params)
     repo = Repository(keys, indexer, hooks=[consent.writes])

@@ -9,7 +9,7 @@ mistake permanent and hide it).
 
 from __future__ import annotations
 
-from .config import Settings
+from .config import Settings, SettingsError
 from .services import Services
 
 
@@ -48,6 +48,8 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
             return (f"cannot write {where} ({text}). Fix: make {settings.data_dir} and the files in it "
                     "writable by the user running fhirserver")
         return f"cannot use {where} ({text.splitlines()[0][:200]}). Fix: check FHIRSERVER_DATABASE_URL and that the database is running"
+    if isinstance(exc, SettingsError):
+        return f"{exc}. Fix: correct the configuration (README, 'Configuration')"
     if isinstance(exc, PermissionError):
         return f"permission denied: {exc.filename or exc}. Fix: make {settings.data_dir} writable by the user running fhirserver"
     return None

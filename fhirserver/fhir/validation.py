@@ -29,6 +29,7 @@ import fastjsonschema
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from ..config import SettingsError
 from .errors import FhirError, Issue
 from .narrative import check_narratives
 from .profiles import ProfileRegistry
@@ -53,10 +54,27 @@ _LOCK = threading.Lock()
 
 
 class Validator:
-    def __init__(self, profiles_dir: Path, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    def __init__(self, profiles_dir: Path, max_depth: int = DEFAULT_MAX_DEPTH, required: str = "") -> None:
         self._schema_file = profiles_dir / "fhir-schema-subset.json"
         self.profiles = ProfileRegistry.load(profiles_dir)
         self.max_depth = max_depth
+        self.required = self._required(required)
+
+    def _required(self, text: str) -> dict[str, tuple[str, ...]]:
+        """The `required_profiles` setting by type. A profile this server does not know, or one
+        that constrains another type, is a configuration error (a requirement it cannot check
+        would silently let everything through)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for part in (p.strip() for p in text.split(";") if p.strip()):
+            rtype, sep, urls = part.partition("=")
+            if not sep or not rtype.strip():
+                raise SettingsError(f"required_profiles: '{part[:80]}' is not Type=url,url")
+            for url in (u.strip() for u in urls.split(",") if u.strip()):
+                profile = self.profiles.resolve(url)
+                if profile is None or profile.type != rtype.strip():
+                    raise SettingsError(f"required_profiles: {url[:120]} is not a known profile of {rtype.strip()[:40]}")
+                out[rtype.strip()] = (*out.get(rtype.strip(), ()), url)
+        return out
 
     def _schema_for(self, type_name: str):  # type: ignore[no-untyped-def]
         key = (str(self._schema_file), type_name)
@@ -128,7 +146,8 @@ class Validator:
             raise FhirError(400, issues[0].code, issues[0].diagnostics, issues=issues) from None
         except (ValueError, TypeError) as exc:
             raise FhirError(400, "structure", _clean_message(str(exc)), [root]) from None
-        return notes + self._check_profiles(body, root, profiles)
+        required = self.required.get(rtype, ()) if root == rtype else ()
+        return notes + self._check_profiles(body, root, [*profiles, *required])
 
     def _check_profiles(self, body: dict[str, Any], root: str, extra: Sequence[str]) -> list[Issue]:
         claimed = (body.get("meta") or {}).get("profile") or []

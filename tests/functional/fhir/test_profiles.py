@@ -361,3 +361,30 @@ def test_a_profile_the_evaluator_cannot_apply_fails_at_load(tmp_path: Path) -> N
     }))
     with pytest.raises(ProfileError, match="discriminator"):
         ProfileRegistry.load(tmp_path)
+
+
+# ------------------------------------------------------------------ required profiles (setting)
+def test_required_profiles_apply_to_every_write_of_the_type(tmp_path: Path) -> None:
+    """`required_profiles`: an Observation that does not meet the heart-rate profile is refused
+    although it claims nothing; one that meets it is stored; $validate reports the same."""
+    from tests.support.apps import app_with_client
+
+    _app, http, h = app_with_client(make_settings(tmp_path, required_profiles=f"Observation={SD}heartrate"),
+                                    name="required profiles client")
+    assert _post(http, h, "/fhir/Observation", _heart_rate()).status_code == 201
+    weight = _heart_rate()
+    weight["code"] = {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]}
+    refused = _post(http, h, "/fhir/Observation", weight)
+    assert refused.status_code == 422 and _errors(refused.get_json())
+    checked = _post(http, h, "/fhir/Observation/$validate", weight)
+    assert checked.status_code == 200 and _errors(checked.get_json())
+    assert _post(http, h, "/fhir/Patient", {"resourceType": "Patient"}).status_code == 201  # other types: unaffected
+
+
+def test_an_unknown_required_profile_stops_the_server_from_starting(tmp_path: Path) -> None:
+    from tests.support.cli import cli
+
+    run = cli("client", "list", data_dir=tmp_path / "data",
+              FHIRSERVER_REQUIRED_PROFILES="Observation=http://example.org/StructureDefinition/nowhere")
+    assert run.returncode != 0
+    assert "required_profiles" in run.stderr and "Fix:" in run.stderr and "Traceback" not in run.stderr
