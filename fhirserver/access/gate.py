@@ -372,6 +372,10 @@ class AccessGate:
                                  res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(pids)))))
             else:
                 conds.append(or_(res.c.type == "Patient", res.c.pk.in_(select(comp.c.resource_pk))))
+        if rtype == "Provenance" and spec.get("provenance_of") is not None:  # includeAssociatedData
+            ref = source.tables["reference"].alias()
+            conds.append(res.c.pk.in_(select(ref.c.resource_pk).where(
+                ref.c.param == "target", ref.c.target_type.in_(spec["provenance_of"]))))
         filters = spec.get("type_filters", {}).get(rtype)
         if filters:
             alternatives = []

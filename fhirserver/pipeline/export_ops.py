@@ -104,7 +104,8 @@ class ExportKickoff(Handler):
         if fmt is not None and fmt.replace(" ", "+") not in NDJSON_FORMATS:
             raise FhirError(400, "not-supported", "_outputFormat must be application/fhir+ndjson", ["_outputFormat"])
         known = {k for k, _ in params}
-        unsupported = known - {"_outputFormat", "_type", "_since", "_typeFilter", "_deidentify", "_elements", "patient"}
+        unsupported = known - {"_outputFormat", "_type", "_since", "_typeFilter", "_deidentify", "_elements", "patient",
+                               "includeAssociatedData"}
         if unsupported and ctx.prefer.get("handling") == "strict":
             raise FhirError(400, "not-supported", f"Unsupported parameter(s): {', '.join(sorted(unsupported))}")
         level = ("system" if it.resource_type is None else "group" if it.resource_type == "Group"
@@ -125,6 +126,18 @@ class ExportKickoff(Handler):
             candidates = [t for t in candidates if t not in PATIENT_TYPES_EXCLUDED]
         permitted = [t for t in candidates if ctx.access.others is not None
                      and ctx.access.others(t, source_of(t).res) is not None]
+        provenance_of: list[str] | None = None
+        associated = [a.strip() for v in _values(ctx, "includeAssociatedData", params) for a in v.split(",") if a.strip()]
+        if any(a != "RelevantProvenanceResources" for a in associated):
+            raise FhirError(400, "not-supported", "includeAssociatedData supports RelevantProvenanceResources only",
+                            ["includeAssociatedData"])
+        if associated and "Provenance" not in permitted:
+            # the Provenance of what is exported: with the caller's access to Provenance, and (being
+            # in the compartments of their targets) only that of the exported patients' resources
+            if ctx.access.others is None or ctx.access.others("Provenance", source_of("Provenance").res) is None:
+                raise FhirError(403, "forbidden", "The access token does not permit exporting Provenance")
+            provenance_of = list(permitted)  # the Provenance whose targets are of the exported types
+            permitted.append("Provenance")
         if requested and len(permitted) < len(set(requested)):
             denied = sorted(set(requested) - set(permitted))
             raise FhirError(403, "forbidden", f"The access token does not permit exporting {', '.join(denied)}")
@@ -149,6 +162,8 @@ class ExportKickoff(Handler):
             "since_us": since_us, "type_filters": type_filters(svc, _values(ctx, "_typeFilter", params), permitted),
             "deidentify": bool(deidentify),
         }
+        if provenance_of is not None:
+            ctx.plan["provenance_of"] = provenance_of
         elements = [e.strip() for v in _values(ctx, "_elements", params) for e in v.split(",") if e.strip()]
         if elements:
             ctx.plan["elements"] = elements

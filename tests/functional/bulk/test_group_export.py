@@ -140,3 +140,21 @@ def test_elements_subsets_the_exported_resources(server: Server) -> None:
     assert "status" in obs  # mandatory elements are always kept
     assert any(t.get("code") == "SUBSETTED" for t in obs["meta"].get("tag", []))
     assert "name" in files["Patient"][0]  # a bare element applies to every type
+
+
+def test_include_associated_data_adds_the_provenance_of_the_exported_types(server: Server) -> None:
+    token = server.token()
+    (a,) = _patients(server, token, 1)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}])
+    oid = server.create(token, {"resourceType": "Observation", "status": "final", "code": {"text": "with provenance"},
+                                "subject": {"reference": f"Patient/{a}"}})
+    recorded = "2024-01-02T10:00:00Z"
+    of_obs = server.create(token, {"resourceType": "Provenance", "target": [{"reference": f"Observation/{oid}"}],
+                                   "recorded": recorded, "agent": [{"who": {"display": "Lab"}}]})
+    server.create(token, {"resourceType": "Provenance", "target": [{"reference": f"Patient/{a}"}],
+                          "recorded": recorded, "agent": [{"who": {"display": "Registration"}}]})
+    _m, files = _export(server, token, gid, _type="Observation", includeAssociatedData="RelevantProvenanceResources")
+    assert set(files) == {"Observation", "Provenance"}
+    assert [p["id"] for p in files["Provenance"]] == [of_obs]  # not the Patient's: Patient is not exported
+    bad = server.kickoff(token, path=f"Group/{gid}/$export", includeAssociatedData="LatestProvenanceResources")
+    assert bad.status_code == 400 and bad.get_json()["resourceType"] == "OperationOutcome"
