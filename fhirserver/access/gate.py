@@ -294,40 +294,29 @@ class AccessGate:
         version pk the next page starts after (None: no more). Each version's patients are its
         resource's compartments."""
         if rtype is None:
-            return self._system_history(conn, since_us, count, cursor, at)
-        preds = self.access.read
+            allowed = self.access.history_types  # each readable type, with its own predicates
+            if not allowed:
+                return [], None
+            access = [or_(*[and_(resource.c.type == t, *preds) for t, preds in allowed.items()])]
+        else:
+            allowed = {rtype: self.access.read}
+            access = self.access.read
         with guard.bound():
-            if rid is not None:
+            if rtype is not None and rid is not None:
                 head = self.repo.current(conn, rtype, rid)
                 if head is None:
                     raise NotFound(f"{rtype}/{rid} is not known")
-                if not self.holds(conn, head.pk, preds):
+                if not self.holds(conn, head.pk, access):
                     raise self._refuse(conn, head.pk, rtype, f"{rtype}/{rid}")
                 rows = self.repo.history(conn, rtype, head.pk, since_us, count + 1, cursor, at=at)
             else:
-                rows = self.repo.history(conn, rtype, None, since_us, count + 1, cursor, access=preds, at=at)
+                rows = self.repo.history(conn, rtype, None, since_us, count + 1, cursor, access=access, at=at)
         after = rows[count - 1][0] if len(rows) > count else None
-        page = rows[:count]
-        if preds:  # earlier versions may not have matched the predicates: each is checked
-            page = [(v, st) for v, st in page if self._version_visible(conn, st, preds)]
-        comps = self.compartments_by_pk(conn, rtype, sorted({st.pk for _v, st in page}))
-        for _v, st in page:
-            st.patients = comps.get(st.pk, ())
-        return page, after
-
-    def _system_history(self, conn: Connection, since_us: int | None, count: int, cursor: int | None,
-                        at: tuple[int, int] | None) -> tuple[list[tuple[int, Stored]], int | None]:
-        allowed = self.access.history_types
-        if not allowed:
-            return [], None
-        visible = or_(*[and_(resource.c.type == t, *preds) for t, preds in allowed.items()])
-        with guard.bound():
-            rows = self.repo.history(conn, None, None, since_us, count + 1, cursor, access=[visible], at=at)
-        after = rows[count - 1][0] if len(rows) > count else None
-        # an earlier version is shown only if it would have passed its type's predicates itself
+        # earlier versions may not have matched the predicates: each is checked as itself
         page = [(v, st) for v, st in rows[:count]
                 if not allowed[st.type] or self._version_visible(conn, st, allowed[st.type])]
-        comps = self.compartments_by_pk(conn, "Patient", sorted({st.pk for _v, st in page}))  # one resource table
+        # system history holds resource-table rows only: any of its types names their compartments
+        comps = self.compartments_by_pk(conn, rtype or "Patient", sorted({st.pk for _v, st in page}))
         for _v, st in page:
             st.patients = comps.get(st.pk, ())
         return page, after

@@ -166,16 +166,11 @@ class Pipeline:
     def _history_access(self, principal: Principal) -> dict[str, list[ColumnElement[bool]]]:
         """System history: each type whose history the caller may read, with its predicates
         (scopes and consent, as a type history of it would have); 403 when there is none."""
-        allowed: dict[str, list[ColumnElement[bool]]] = {}
-        for rtype in self.services.types.names():
-            if is_access_records(rtype):
-                continue  # access records have their own trail (AuditEvent search), not versions
-            source = source_of(rtype)
-            try:
-                preds = self.authorizer.predicates(principal, rtype, "history-type")
-            except FhirError:
-                continue
-            allowed[rtype] = preds + self.services.consent.predicates(principal, rtype, "history-type", source.res)
+        access = self.access_fn(principal, "history-type")
+        # access records have their own trail (AuditEvent search), not versions
+        found = {rtype: access(rtype, source_of(rtype).res) for rtype in self.services.types.names()
+                 if not is_access_records(rtype)}
+        allowed = {rtype: preds for rtype, preds in found.items() if preds is not None}
         if not allowed:
             raise FhirError(403, "forbidden", "The access token permits reading the history of no resource type")
         return allowed
@@ -186,15 +181,16 @@ class Pipeline:
         ctx.access.transfer, ctx.access.transfer_refusal = self.services.consent.transfer_rule(principal)
         ctx.bound = self.services.gate(ctx.access)
 
-    def access_fn(self, principal: Principal) -> AccessFn:
-        """Row predicates for reading other types (chains, _has, includes): None = not permitted."""
+    def access_fn(self, principal: Principal, interaction: str = "search-type") -> AccessFn:
+        """Row predicates (scopes and consent) for reading other types by `interaction` (chains,
+        _has, includes by search; system history by type history): None = not permitted."""
 
         def access(rtype: str, res: FromClause) -> list[ColumnElement[bool]] | None:
             try:
-                preds = self.authorizer.predicates(principal, rtype, "search-type", res)
+                preds = self.authorizer.predicates(principal, rtype, interaction, res)
             except FhirError:
                 return None
-            return preds + self.services.consent.predicates(principal, rtype, "search-type", res)
+            return preds + self.services.consent.predicates(principal, rtype, interaction, res)
 
         return access
 
