@@ -158,3 +158,17 @@ def test_include_associated_data_adds_the_provenance_of_the_exported_types(serve
     assert [p["id"] for p in files["Provenance"]] == [of_obs]  # not the Patient's: Patient is not exported
     bad = server.kickoff(token, path=f"Group/{gid}/$export", includeAssociatedData="LatestProvenanceResources")
     assert bad.status_code == 400 and bad.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_group_the_caller_may_not_read_is_answered_as_an_absent_one(server: Server) -> None:
+    token = server.token()
+    (a,) = _patients(server, token, 1)
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}])  # type person
+    scopes = "system/Group.rs?type=animal system/Patient.rs system/Observation.rs"
+    herds_only = server.token(scopes, name="herds")
+    hidden = server.kickoff(herds_only, path=f"Group/{gid}/$export")
+    absent = server.kickoff(herds_only, path="Group/no-such-group/$export")
+    assert hidden.status_code == absent.status_code == 404
+    said = [r.get_json()["issue"][0]["diagnostics"].split(" (request id")[0] for r in (hidden, absent)]
+    assert said[0].replace(gid, "X") == said[1].replace("no-such-group", "X")  # the asked id, nothing more
+    assert a not in hidden.get_data(as_text=True)

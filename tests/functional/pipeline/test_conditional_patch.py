@@ -71,3 +71,17 @@ def test_a_transaction_entry_may_patch_conditionally(http: Any, admin: BackendCl
     assert resp.status_code == 200, resp.get_data(as_text=True)[:400]
     assert resp.get_json()["entry"][0]["response"]["status"].startswith("200")
     assert http.get(f"/fhir/Patient/{pid}", headers=h).get_json()["birthDate"] == "1970-01-02"
+
+
+def test_a_match_the_caller_may_not_read_is_answered_as_no_match(http: Any, admin: BackendClient,
+                                                                 make_client: Any) -> None:
+    mrn = uuid.uuid4().hex[:12]
+    pid = _patient(admin.headers(), http, mrn)  # no gender: outside the restricted scope below
+    males = make_client("system/Patient.rus?gender=male", default_scope="system/Patient.rus?gender=male")
+    ops = [{"op": "add", "path": "/birthDate", "value": "1999-09-09"}]
+    hidden = _patch(http, males.headers(), f"identifier={MRN}|{mrn}", ops)
+    absent = _patch(http, males.headers(), f"identifier={MRN}|nobody-{mrn}", ops)
+    assert hidden.status_code == absent.status_code == 404
+    assert hidden.get_json()["issue"][0]["code"] == absent.get_json()["issue"][0]["code"]
+    assert pid not in hidden.get_data(as_text=True)
+    assert "birthDate" not in http.get(f"/fhir/Patient/{pid}", headers=admin.headers()).get_json()
