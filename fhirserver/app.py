@@ -25,6 +25,7 @@ from .health import db_gauges
 from .health import install as install_health
 from .logs import configure as configure_logs
 from .metrics import install as install_metrics
+from .notify.dispatcher import start_dispatcher
 from .pipeline.pipeline import Pipeline
 from .security_headers import install as install_security_headers
 from .services import Services, build_services, current_services, warm_keys
@@ -156,6 +157,8 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
     if settings.bulk_worker:
         start_worker(svc)
+    if settings.subscription_dispatcher:
+        start_dispatcher(svc)
     if settings.audit_sequencer:
         svc.sequencer.start(settings.audit_sequence_seconds)
         atexit.register(svc.sequencer.stop)  # sequence the rest and sign a checkpoint on the way out

@@ -101,6 +101,14 @@ class Settings:
     export_expiry_seconds: int = 3600
     export_file_max_resources: int = 10_000
     bulk_worker: bool = True  # run export jobs in this process
+    # ---- subscriptions (docs/subscriptions.md)
+    subscription_dispatcher: bool = True  # match and deliver notifications in this process
+    subscription_poll_seconds: float = 0.2  # how often an idle dispatcher looks for work
+    subscription_timeout_seconds: float = 10.0  # one delivery attempt (connect + answer)
+    subscription_retry_hours: float = 24.0  # failed deliveries are retried this long, then status error
+    subscription_retry_max_seconds: float = 600.0  # the longest wait between two attempts
+    subscription_allow_http_loopback: bool = False  # http:// endpoints on 127.0.0.1/::1 (tests, local dev)
+    subscription_private_networks: str = ""  # CIDRs endpoints may resolve into besides public addresses
     group_commit: bool = True  # concurrent writes of one worker share a commit (SQLite)
     # ---- the audit log (docs/audit.md)
     audit_signing_key_file: str = ""  # Ed25519 checkpoint key (PEM); empty = data_dir/audit-signing-key.pem

@@ -37,6 +37,13 @@ class _Metrics:
         self.consent_denials = Counter("fhirserver_consent_denials_total", "Reads a patient's Consent denied",
                                        ["resource_type"])
         self.login_failures = Counter("fhirserver_login_failures_total", "Failed sign-ins, by reason code", ["reason"])
+        self.notifications = Counter("fhirserver_subscription_notifications_total",
+                                     "Subscription notifications, by outcome (queued: events numbered; delivered; "
+                                     "retried: a failed attempt; failed: a subscription given up; withheld: events "
+                                     "its owner may no longer see)", ["outcome"])
+        self.notification_lag = Histogram("fhirserver_subscription_lag_seconds",
+                                          "From a change's commit to its notification's acknowledgement",
+                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30, 300, 3600))
 
 
 _metrics: _Metrics | None = None
@@ -55,6 +62,15 @@ def audit_append(seconds: float) -> None:
 
 def consent_denial(resource_type: str | None) -> None:
     _m().consent_denials.labels(resource_type or "-").inc()
+
+
+def notification(outcome: str, count: int = 1) -> None:
+    if count:
+        _m().notifications.labels(outcome).inc(count)
+
+
+def notification_lag(seconds: float) -> None:
+    _m().notification_lag.observe(seconds)
 
 
 def login_failure(reason: str) -> None:

@@ -28,6 +28,7 @@ from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
 from .search.sources import use_stores
 from .storage.repository import Repository
+from .subscriptions.topics import Topics, load_topics
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Services:
     consent: ConsentHook
     sequencer: Sequencer
     penalties: Penalties
+    topics: Topics
     summary_elements: dict[str, Any] = field(default_factory=dict)
     # answers derived from the registries alone (the CapabilityStatement's bytes): built on first
     # use; the registries are fixed for the life of a Services, so nothing here goes stale
@@ -84,6 +86,8 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
         params=params, validator=validator, indexer=indexer, repo=repo,
         audit=audit, penalties=Penalties(engine, settings, audit.append), compiler=QueryCompiler(blind, settings.fhir_base, params),
         consent=consent.stage(repo, audit), summary_elements=summary,
+        topics=load_topics(settings.profiles_dir, [t.name for t in types if t.compartment_params or t.name == "Patient"],
+                           [t.name for t in types if not t.server_written and not t.owned_by_client]),
         sequencer=Sequencer(engine, Signer(settings.signing_key_path, may_create=not _holds_checkpoints(engine)),
                             settings.checkpoint_path, settings.audit_checkpoint_seconds),
     )

@@ -7,7 +7,11 @@ and returns, with each row, the patients whose compartments hold it (`Stored.pat
 access record names). A row the caller may not see is never decrypted or returned: it is absent
 (`NotFound`), or refused as the read refuses it (`TransferRefused`, the cross-border rule).
 Inside a request nothing else may read stored content (`db/guard.py`): the gate's reads run
-`bound`. The export worker binds a gate to a job's caller the same way (bulk/export.py).
+`bound`. The export worker binds a gate to a job's caller the same way (bulk/export.py), and the
+subscription dispatcher to a subscription's owner (notify/dispatcher.py).
+
+Over 400 lines as one module on purpose: it is the whole list of ways to read stored rows, and a
+reviewer checks access by reading this one file.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ..search.params import ParamRegistry
 from ..search.parser import parse_search
 from ..search.sources import is_access_records, source_of
 from ..storage.codec import parse_json
-from ..storage.errors import Deleted, NotFound, TransferRefused
+from ..storage.errors import Deleted, NotFound, StorageError, TransferRefused
 from ..storage.includes import resolve_includes
 from ..storage.repository import Head, PreparedWrite, Repository, Stored
 from . import statements as sql
@@ -320,6 +324,34 @@ class AccessGate:
         for _v, st in page:
             st.patients = comps.get(st.pk, ())
         return page, after
+
+    def event(self, conn: Connection, rtype: str, pk: int, rid: str, version: int,
+              filters: Sequence[tuple[str, str]], patients: Sequence[str]) -> Stored | None:
+        """A subscription event as its owner may see it now (notify/): the resource's current row
+        passes the owner's search access to `rtype` (scopes, consent, cross-border rule) and the
+        subscription's filters (`patients`: in one of these compartments), and the event's version
+        is one the owner may read. None otherwise: the event is withheld, never revealed."""
+        source = source_of(rtype)
+        res = source.res
+        preds = self.others(rtype, res)
+        if preds is None:
+            return None
+        conds: list[ColumnElement[bool]] = [res.c.pk == pk, res.c.type == rtype, res.c.deleted.is_(False), *preds]
+        if self.access.transfer is not None:
+            conds.append(self.access.transfer(res))
+        if patients:
+            comp = source.compartment.alias()
+            conds.append(or_(and_(res.c.type == "Patient", res.c.id.in_(list(patients))),
+                             res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(list(patients))))))
+        if filters:
+            parsed = parse_search(self.params, rtype, list(filters), 1, 1, strict=True)
+            conds.extend(self.compiler.where(parsed, res, self.others))
+        if conn.execute(select(res.c.pk).where(*conds)).first() is None:
+            return None
+        try:
+            return self.read(conn, rtype, rid, version, preds=preds)
+        except StorageError:
+            return None
 
     def compartments_by_pk(self, conn: Connection, rtype: str, pks: list[int]) -> dict[int, tuple[str, ...]]:
         """pk -> the patients whose compartments hold that `rtype` row (access records have their own)."""

@@ -654,3 +654,61 @@ import_patient = Table(
     Column("file_key", String(64), ForeignKey("import_file.key"), primary_key=True),
     Column("patient_id", String(64), primary_key=True),
 )
+
+
+# ---- subscriptions (migration 0014; docs/subscriptions.md). `change_event` is the transactional
+# outbox: one row per create/update, written in the change's own transaction while any
+# subscription exists, and deleted once the dispatcher has matched it. `subscription_state` is
+# the dispatcher's view of a Subscription (its owner's snapshot, the live status, the event
+# counter and how far delivery got); `subscription_event` the numbered events of one subscription,
+# kept for `$events` replay until they expire.
+change_event = Table(
+    "change_event",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("resource_pk", Integer, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("method", String(8), nullable=False),  # POST / PUT
+    Column("recorded_us", BigInteger, nullable=False),
+)
+
+subscription_state = Table(
+    "subscription_state",
+    metadata,
+    Column("resource_pk", Integer, ForeignKey("resource.pk"), primary_key=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("client_id", String(64), nullable=False),
+    Column("owner", String(255), nullable=False),
+    Column("principal", Text, nullable=False),  # JSON snapshot of the owner (as an export job's)
+    Column("topic", String(1024), nullable=False),
+    Column("status", String(16), nullable=False),  # requested active error off
+    Column("paused", Boolean, nullable=False, default=False),
+    Column("events_since_start", BigInteger, nullable=False, default=0),
+    Column("delivered_through", BigInteger, nullable=False, default=0),  # last acknowledged event number
+    Column("handshake_done", Boolean, nullable=False, default=False),
+    Column("withheld", BigInteger, nullable=False, default=0),  # events the owner may no longer see
+    Column("failing_since_us", BigInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_us", BigInteger, nullable=False, default=0),
+    Column("last_sent_us", BigInteger, nullable=True),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until_us", BigInteger, nullable=True),
+    Column("created_us", BigInteger, nullable=False),
+    Index("ix_subscription_due", "status", "next_attempt_us"),
+)
+
+subscription_event = Table(
+    "subscription_event",
+    metadata,
+    Column("subscription_pk", Integer, ForeignKey("subscription_state.resource_pk"), primary_key=True),
+    Column("number", BigInteger, primary_key=True),
+    Column("resource_pk", Integer, nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("recorded_us", BigInteger, nullable=False),
+)

@@ -35,6 +35,7 @@ class ResourceType:
     read_access: ReadAccess = ReadAccess()
     store: str = "resources"  # where its rows live: "resources" or "access-records" (search/sources.py)
     compartment_via: tuple[str, ...] = ()  # references whose targets' compartments it joins (Binary)
+    owned_by_client: bool = False  # rows are its writer's alone (Subscription): fhir/ownership.py
 
     def supports(self, interaction: str) -> bool:
         return interaction in self.interactions
@@ -84,6 +85,7 @@ def load_type_registry(profiles_dir: Path) -> TypeRegistry:
             read_access=_read_access(entry.get("readAccess") or {}),
             store=str(entry.get("store", "resources")),
             compartment_via=tuple(str(e) for e in entry.get("compartmentVia", [])),
+            owned_by_client=bool(entry.get("ownedByClient", False)),
         )
     system = {o["name"]: (o.get("definition", ""), frozenset(o.get("methods", ["GET", "POST"])))
               for o in spec.get("systemOperations", [])}

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, FromClause, and_, false, or_, select
 from ..auth.principal import Principal
 from ..auth.scopes import ResourceScope
 from ..fhir.errors import FhirError
+from ..fhir.ownership import owner_code, owner_query
 from ..fhir.registry import TypeRegistry
 from ..search.compiler import QueryCompiler
 from ..search.params import ParamRegistry
@@ -96,11 +97,20 @@ class Authorizer:
             raise FhirError(403, "forbidden", f"{rtype} may not be read for purpose of use '{purpose}' "
                                               f"(allowed: {', '.join(sorted(purposes))})")
 
+    def _owned(self, principal: Principal, rtype: str, res: FromClause) -> ColumnElement[bool]:
+        """A type whose rows are their writer's (fhir/ownership.py): the caller's own rows, in
+        place of a patient compartment (patient apps subscribe too)."""
+        code = owner_code(principal.client_id, principal.fhir_user, principal.patient)
+        restriction = self._restriction(owner_query(code), rtype, res)
+        return and_(*restriction) if restriction else false()
+
     def compartments(self, principal: Principal, rtype: str, interaction: str) -> list[str] | None:
         """The patients whose records the caller's scopes for `interaction` on `rtype` confine it
         to; None when one of them is not confined to a compartment."""
         spec = self.types.get(rtype)
         explicit = bool(spec is not None and spec.read_access and spec.read_access.explicit_scope)
+        if spec is not None and spec.owned_by_client:
+            return None  # owned rows are in no patient's compartment: the owner rule confines them
         out: list[str] = []
         for scope in principal.scopes.for_interaction(rtype, interaction, explicit_only=explicit):
             patients = self._patients_for(principal, scope)
@@ -124,11 +134,14 @@ class Authorizer:
                             f"The access token has no scope that permits '{interaction}' on {rtype}{hint}")
         if rule is not None and interaction in READING_INTERACTIONS:
             self._check_reader(principal, rtype, rule.client_role, rule.purposes)
+        owned = self._owned(principal, rtype, res) if spec is not None and spec.owned_by_client else None
         alternatives: list[ColumnElement[bool]] = []
         for scope in scopes:
             conds: list[ColumnElement[bool]] = []
             patients = self._patients_for(principal, scope)
-            if patients is not None:
+            if owned is not None:
+                conds.append(owned)  # the caller's own rows, whatever the scope's context
+            elif patients is not None:
                 if not patients:
                     continue
                 conds.append(compartment_predicate(rtype, patients, res))

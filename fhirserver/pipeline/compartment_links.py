@@ -15,6 +15,7 @@ from typing import Any
 from ..search.values import parse_reference
 from ..storage.repository import PreparedWrite
 from .context import RequestContext
+from .subscription_writes import admitted
 
 
 def _references(value: object) -> list[str]:
@@ -45,5 +46,7 @@ def linked_patients(ctx: RequestContext, rtype: str, body: dict[str, Any]) -> li
 
 
 def prepare_write(ctx: RequestContext, rtype: str, body: dict[str, Any], rid: str | None) -> PreparedWrite:
-    """`repo.prepare` of a REST write, with the compartments its references make it join."""
+    """`repo.prepare` of a REST write, with the compartments its references make it join (and a
+    Subscription admitted: pipeline/subscription_writes.py)."""
+    body = admitted(ctx, rtype, body)
     return ctx.services.repo.prepare(rtype, body, rid, linked_patients(ctx, rtype, body))

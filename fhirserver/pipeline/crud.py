@@ -16,6 +16,7 @@ from ..fhir.patch import JSON_PATCH, MERGE_PATCH, apply_fhirpath_patch, apply_js
 from ..storage.codec import dump_json, parse_json
 from ..storage.errors import NotFound, StorageError
 from ..storage.repository import Stored
+from . import subscription_writes
 from .capability import capability_statement, smart_configuration
 from .compartment_links import prepare_write
 from .context import RequestContext, Result
@@ -112,6 +113,7 @@ class Create(Handler):
         if not gate.holds(conn, stored.pk, ctx.access.create):
             raise FhirError(403, "forbidden", "The access token does not permit creating this resource "
                                               "(outside the permitted compartment or scope restriction)")
+        subscription_writes.written(ctx, conn, prepared.type, stored.pk, stored.id, prepared.body)
         ctx.capture.touched(stored, prepared.index.patients)
         write_provenance(ctx, conn, stored, None)
         if not gate.holds(conn, stored.pk, ctx.access.consent_read):
@@ -204,6 +206,7 @@ class Update(Handler):
         if not gate.holds(conn, stored.pk, check):
             raise FhirError(403, "forbidden", "The access token does not permit this resource content "
                                               "(outside the permitted compartment or scope restriction)")
+        subscription_writes.written(ctx, conn, prepared.type, stored.pk, stored.id, prepared.body)
         ctx.capture.touched(stored, prepared.index.patients)
         write_provenance(ctx, conn, stored, None if head is None or head.deleted else head.version)
         if not gate.holds(conn, stored.pk, ctx.access.consent_read):
@@ -292,6 +295,7 @@ class Delete(Handler):
         stored = repo.delete(conn, rtype, it.id, parse_etag(ctx.header("if-match"), "If-Match"))
         if stored is None:
             return Result(204)
+        subscription_writes.written(ctx, conn, rtype, stored.pk, stored.id, None)
         ctx.capture.touched(stored, list(ctx.gate.compartments_by_pk(conn, rtype, [stored.pk]).get(stored.pk, ())))
         return Result(204, None, {"ETag": stored.etag})
 

@@ -13,6 +13,7 @@ from .handler import Handler
 from .history import History
 from .proof_op import Proof
 from .searching import Everything, LastN, Search
+from .subscription_ops import SubscriptionEvents, SubscriptionStatus
 from .summary_op import Summary
 from .terminology_ops import Expand, Lookup, ValidateCode
 from .validate_op import Validate
@@ -41,6 +42,8 @@ ROUTES: dict[str, Handler] = {
     "$erase": Erase(),
     "$erasure-request": ErasureRequestOp(),
     "$proof": Proof(),
+    "$status": SubscriptionStatus(),  # Subscription
+    "$events": SubscriptionEvents(),  # Subscription
     "$export": ExportKickoff(),
     "$export-poll-status": ExportStatus(),
     "$export-file": ExportFile(),

@@ -30,6 +30,7 @@ from ..db.schema import INDEX_TABLES, compartment, resource, resource_version
 from ..fhir.dates import instant_text
 from ..search.indexer import Indexer
 from ..search.values import IndexRows
+from .changes import ChangeFeed
 from .codec import dump_json
 from .errors import AlreadyExists, Deleted, NotFound, VersionConflict
 from .index_rows import index_params, raw_insert
@@ -116,10 +117,12 @@ def new_id() -> str:
 
 
 class Repository:
-    def __init__(self, keys: DataKeyStore, indexer: Indexer, hooks: Sequence[WriteHook] = ()) -> None:
+    def __init__(self, keys: DataKeyStore, indexer: Indexer, hooks: Sequence[WriteHook] = (),
+                 changes: ChangeFeed | None = None) -> None:
         self.keys = keys
         self.indexer = indexer
         self.hooks = tuple(hooks)
+        self.changes = changes or ChangeFeed()  # the subscriptions' outbox (storage/changes.py)
 
     def _written(self, conn: Connection, pk: int, rtype: str, body: dict[str, Any] | None) -> None:
         for hook in self.hooks:
@@ -291,6 +294,7 @@ class Repository:
         raw_sql.execute(conn, _RAW_INS_VERSION, (pk, p.type, 1, when_us, "POST", False, p.key_id, blob)).close()
         self._write_index(conn, pk, p, replace=False)
         self._written(conn, pk, p.type, p.body)
+        self.changes.changed(conn, pk, p.type, p.id, 1, "POST", when_us)
         return Stored(p.type, p.id, 1, when_us, False, "POST", raw, pk)
 
     def create_many(self, conn: Connection, batch: Sequence[PreparedWrite], when_us: int | None = None) -> list[int]:
@@ -324,6 +328,7 @@ class Repository:
             raw_sql.executemany(conn, raw_insert(kind)[0], index_rows)
         for pk, p in zip(pks, batch, strict=True):
             self._written(conn, pk, p.type, p.body)
+            self.changes.changed(conn, pk, p.type, p.id, 1, "POST", when_us)
         return pks
 
     def update(self, conn: Connection, p: PreparedWrite, if_match: int | None = None) -> tuple[Stored, bool]:
@@ -342,6 +347,7 @@ class Repository:
         raw_sql.execute(conn, _RAW_INS_VERSION, (head.pk, p.type, version, when_us, "PUT", False, p.key_id, blob)).close()
         self._write_index(conn, head.pk, p, replace=True)
         self._written(conn, head.pk, p.type, p.body)
+        self.changes.changed(conn, head.pk, p.type, p.id, version, "PUT", when_us)
         return Stored(p.type, p.id, version, when_us, False, "PUT", raw, head.pk), head.deleted
 
     def erase(self, conn: Connection, pk: int, rtype: str) -> None:

@@ -46,6 +46,8 @@ class World:
     spare: str = ""
     patient_token: str = ""
     urls: dict[str, str] = field(default_factory=dict)
+    subscriber: BackendClient | None = None
+    subscription: str = ""
     code_system: str = "http://example.org/cs/gate"
     value_set: str = "http://example.org/vs/gate"
 
@@ -67,6 +69,14 @@ def world(app: Any, http: Any, admin: BackendClient, auditor: BackendClient,
                  {"resourceType": "ValueSet", "url": w.value_set, "status": "active",
                   "compose": {"include": [{"system": w.code_system}]}}):
         assert http.post(f"/fhir/{body['resourceType']}", json=body, headers=admin.headers()).status_code == 201
+    # a subscription that is off (an IP-literal endpoint: nothing is resolved or sent)
+    hook = "https://1.1.1.1/gate-hook"
+    w.subscriber = make_client("system/*.cruds", settings={"subscription_endpoints": [hook]})
+    sub = {"resourceType": "Subscription", "status": "off", "reason": "gate", "channel": {"type": "rest-hook", "endpoint": hook},
+           "criteria": "http://fhirserver.dev/SubscriptionTopic/new-result"}
+    made = http.post("/fhir/Subscription", json=sub, headers=w.subscriber.headers())
+    assert made.status_code == 201, made.get_data(as_text=True)
+    w.subscription = made.headers["Location"].split("/Subscription/")[1].split("/")[0]
     name, _ = smart.user(f"Patient/{w.patient}")
     client_id, _ = smart.app_client(APP_SCOPES)
     w.patient_token = smart.tokens(client_id, "launch/patient patient/*.rs openid fhirUser", name,
@@ -91,6 +101,11 @@ def _audit_event(w: World) -> str:
     found = w.smart.http.get("/fhir/AuditEvent", query_string={"_count": "1"}, headers=w.auditor.headers())
     assert found.status_code == 200
     return str(found.get_json()["entry"][0]["resource"]["id"])
+
+
+def _subscriber(w: World) -> dict[str, str]:
+    assert w.subscriber is not None
+    return w.subscriber.headers()
 
 
 def _export_kickoff(w: World) -> Any:
@@ -151,6 +166,10 @@ CASES: dict[str, tuple[Callable[[World], Any], int]] = {
                                            headers=w.h()), 200),
     "$validate-code": (lambda w: w.smart.http.get("/fhir/ValueSet/$validate-code", query_string={
         "url": w.value_set, "code": "a"}, headers=w.h()), 200),
+    "$status": (lambda w: w.smart.http.get(f"/fhir/Subscription/{w.subscription}/$status",
+                                           headers=_subscriber(w)), 200),
+    "$events": (lambda w: w.smart.http.get(f"/fhir/Subscription/{w.subscription}/$events",
+                                           headers=_subscriber(w)), 200),
     "$export": (_export_kickoff, 202),
     "$export-poll-status": (_export_status, 200),
     "$export-file": (lambda w: w.smart.http.get(w.urls["file"], headers=w.h()), 200),

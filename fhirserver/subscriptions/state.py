@@ -1,0 +1,211 @@
+"""The dispatcher's tables (db/schema.py, migration 0014): each Subscription's live state, its
+numbered events, and the change outbox. Numbering is done in the transaction that consumes the
+change, under the state row's lock, so event numbers of one subscription are unique and strictly
+increasing whichever instance numbers them; delivery progress (`delivered_through`) only grows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from ..auth.principal import Principal, principal_snapshot
+from ..clock import now_us
+from ..db.rows import AnyRow
+from ..db.schema import change_event, resource, subscription_event, subscription_state
+from ..fhir.ownership import owner_code
+
+LIVE = ("requested", "active")
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    resource_pk: int
+    type: str
+    id: str
+    version: int
+    method: str
+    recorded_us: int
+
+
+@dataclass(frozen=True)
+class Sub:
+    pk: int
+    id: str
+    client_id: str
+    principal: dict[str, Any]
+    topic: str
+    status: str
+    paused: bool
+    events_since_start: int
+    delivered_through: int
+    handshake_done: bool
+    withheld: int
+    failing_since_us: int | None
+    last_error: str | None
+    attempts: int
+    next_attempt_us: int
+    last_sent_us: int | None
+    created_us: int
+
+
+@dataclass(frozen=True)
+class Event:
+    number: int
+    resource_pk: int
+    type: str
+    id: str
+    version: int
+    method: str
+    recorded_us: int
+
+
+def _sub(row: AnyRow) -> Sub:
+    return Sub(row.resource_pk, row.id, row.client_id, json.loads(row.principal), row.topic, row.status,
+               bool(row.paused), int(row.events_since_start), int(row.delivered_through), bool(row.handshake_done),
+               int(row.withheld), row.failing_since_us, row.last_error, int(row.attempts), int(row.next_attempt_us),
+               row.last_sent_us, int(row.created_us))
+
+
+def register(conn: Connection, pk: int, rid: str, principal: Principal, topic: str, status: str) -> None:
+    """A Subscription was written (in that write's transaction): who owns it now, what it asks for.
+    A changed subscription starts over with a handshake; its event numbers continue."""
+    values = {"client_id": principal.client_id, "principal": json.dumps(principal_snapshot(principal)),
+              "owner": owner_code(principal.client_id, principal.fhir_user, principal.patient), "topic": topic,
+              "status": status, "handshake_done": False, "failing_since_us": None, "last_error": None,
+              "attempts": 0, "next_attempt_us": 0, "lease_owner": None, "lease_until_us": None}
+    res = conn.execute(update(subscription_state).where(subscription_state.c.resource_pk == pk).values(**values))
+    if res.rowcount == 0:
+        conn.execute(insert(subscription_state).values(
+            resource_pk=pk, id=rid, paused=False, events_since_start=0, delivered_through=0, withheld=0,
+            created_us=now_us(), **values))
+
+
+def retire(conn: Connection, pk: int) -> None:
+    """A Subscription was deleted: nothing more is numbered or sent for it."""
+    conn.execute(update(subscription_state).where(subscription_state.c.resource_pk == pk).values(status="off"))
+
+
+def get(conn: Connection, rid: str) -> Sub | None:
+    row = conn.execute(select(subscription_state).where(subscription_state.c.id == rid)).first()
+    return _sub(row) if row is not None else None
+
+
+def listing(conn: Connection) -> list[Sub]:
+    return [_sub(r) for r in conn.execute(select(subscription_state).order_by(subscription_state.c.created_us))]
+
+
+def live(conn: Connection) -> list[Sub]:
+    """Subscriptions that number events (requested or active, whether paused or not), whose
+    resource is not deleted."""
+    rows = conn.execute(select(subscription_state).join(resource, resource.c.pk == subscription_state.c.resource_pk)
+                        .where(subscription_state.c.status.in_(LIVE), resource.c.deleted.is_(False))
+                        .order_by(subscription_state.c.resource_pk))
+    return [_sub(r) for r in rows]
+
+
+def set_paused(conn: Connection, rid: str, paused: bool) -> bool:
+    values: dict[str, Any] = {"paused": paused}
+    if not paused:  # resumed: a subscription in error starts again from its last acknowledged event
+        values.update(attempts=0, next_attempt_us=0, failing_since_us=None)
+    res = conn.execute(update(subscription_state).where(subscription_state.c.id == rid).values(**values))
+    if not paused:
+        conn.execute(update(subscription_state).where(subscription_state.c.id == rid,
+                                                      subscription_state.c.status == "error")
+                     .values(status="requested", handshake_done=False))
+    return res.rowcount == 1
+
+
+# ---- the outbox
+def claim_changes(conn: Connection, limit: int) -> list[Change]:
+    """The oldest unconsumed changes, locked for this transaction (PostgreSQL: rows another
+    instance holds are skipped; SQLite: the write transaction is already exclusive)."""
+    stmt = select(change_event).order_by(change_event.c.seq).limit(limit)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return [Change(r.seq, r.resource_pk, r.type, r.id, r.version, r.method, r.recorded_us) for r in conn.execute(stmt)]
+
+
+def consume(conn: Connection, seqs: list[int]) -> None:
+    if seqs:
+        conn.execute(delete(change_event).where(change_event.c.seq.in_(seqs)))
+
+
+def backlog(conn: Connection) -> tuple[int, int | None]:
+    """Unconsumed changes and the oldest one's time (metrics: lag)."""
+    row = conn.execute(select(func.count(), func.min(change_event.c.recorded_us))).one()
+    return int(row[0]), row[1]
+
+
+def number(conn: Connection, sub_pk: int, change: Change) -> int:
+    """Give `change` the subscription's next event number (in the consuming transaction)."""
+    conn.execute(update(subscription_state).where(subscription_state.c.resource_pk == sub_pk)
+                 .values(events_since_start=subscription_state.c.events_since_start + 1))
+    n = int(conn.execute(select(subscription_state.c.events_since_start)
+                         .where(subscription_state.c.resource_pk == sub_pk)).scalar_one())
+    conn.execute(insert(subscription_event).values(
+        subscription_pk=sub_pk, number=n, resource_pk=change.resource_pk, type=change.type, id=change.id,
+        version=change.version, method=change.method, recorded_us=change.recorded_us))
+    return n
+
+
+# ---- delivery
+def claim_due(conn: Connection, worker: str, now: int, lease_us: int) -> Sub | None:
+    """One subscription with something to send (a handshake or events past the acknowledged
+    one) whose next attempt is due, leased to `worker` so no other instance sends for it."""
+    s = subscription_state
+    due = (s.c.status.in_(LIVE) & s.c.paused.is_(False) & (s.c.next_attempt_us <= now)
+           & ((s.c.lease_until_us.is_(None)) | (s.c.lease_until_us < now))
+           & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start)))
+    stmt = select(s.c.resource_pk).where(due).order_by(s.c.next_attempt_us).limit(1)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    pk = conn.execute(stmt).scalar()
+    if pk is None:
+        return None
+    conn.execute(update(s).where(s.c.resource_pk == pk).values(lease_owner=worker, lease_until_us=now + lease_us))
+    return _sub(conn.execute(select(s).where(s.c.resource_pk == pk)).one())
+
+
+def events_after(conn: Connection, sub_pk: int, after: int, limit: int, upto: int | None = None) -> list[Event]:
+    e = subscription_event
+    stmt = select(e).where(e.c.subscription_pk == sub_pk, e.c.number > after)
+    if upto is not None:
+        stmt = stmt.where(e.c.number <= upto)
+    return [Event(r.number, r.resource_pk, r.type, r.id, r.version, r.method, r.recorded_us)
+            for r in conn.execute(stmt.order_by(e.c.number).limit(limit))]
+
+
+def delivered(conn: Connection, sub_pk: int, worker: str, through: int | None, withheld: int, now: int) -> bool:
+    """Record success (events up to `through`, or the handshake when None); False when the lease
+    was lost meanwhile (another instance took over: it will resend, under the same numbers)."""
+    s = subscription_state
+    values: dict[str, Any] = {"attempts": 0, "failing_since_us": None, "last_error": None, "last_sent_us": now,
+                              "next_attempt_us": 0, "withheld": s.c.withheld + withheld,
+                              "lease_owner": None, "lease_until_us": None}
+    if through is None:
+        values.update(handshake_done=True, status="active")
+    else:
+        values["delivered_through"] = through
+    res = conn.execute(update(s).where(s.c.resource_pk == sub_pk, s.c.lease_owner == worker,
+                                       s.c.status.in_(LIVE)).values(**values))
+    return res.rowcount == 1
+
+
+def failed(conn: Connection, sub: Sub, worker: str, error: str, next_us: int, give_up: bool, now: int) -> None:
+    s = subscription_state
+    values: dict[str, Any] = {"attempts": sub.attempts + 1, "last_error": error[:500], "next_attempt_us": next_us,
+                              "failing_since_us": sub.failing_since_us or now, "lease_owner": None,
+                              "lease_until_us": None}
+    if give_up:
+        values["status"] = "error"
+    conn.execute(update(s).where(s.c.resource_pk == sub.pk, s.c.lease_owner == worker).values(**values))
+
+
+def release(conn: Connection, sub_pk: int, worker: str) -> None:
+    s = subscription_state
+    conn.execute(update(s).where(s.c.resource_pk == sub_pk, s.c.lease_owner == worker)
+                 .values(lease_owner=None, lease_until_us=None))

@@ -1,0 +1,265 @@
+"""Subscriptions over HTTP with a real receiving server (docs/subscriptions.md): the handshake,
+numbered notifications for each payload kind, filters, owner-only Subscriptions, privacy at
+delivery (a withdrawn Consent, scope restrictions), access records per delivery, retries while
+the receiver is down, and refused endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhirserver.config import Settings
+from tests.conftest import make_settings
+from tests.functional.consent.harness import consent
+from tests.support.receiver import Receiver, event_numbers, status_of
+
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
+NEW_RESULT = "http://fhirserver.dev/SubscriptionTopic/new-result"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+FHIR = {"Content-Type": "application/fhir+json"}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return make_settings(tmp_path, db_url, subscription_allow_http_loopback=True, subscription_poll_seconds=0.05,
+                         subscription_retry_max_seconds=0.3)
+
+
+def subscription(endpoint: str, payload: str = "id-only", filters: tuple[str, ...] = (),
+                 topic: str = NEW_RESULT, headers: tuple[str, ...] = ()) -> dict[str, Any]:
+    channel: dict[str, Any] = {"type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json",
+                               "_payload": {"extension": [{"url": f"{BACKPORT}/backport-payload-content",
+                                                           "valueCode": payload}]}}
+    if headers:
+        channel["header"] = list(headers)
+    body: dict[str, Any] = {"resourceType": "Subscription", "status": "requested", "reason": "test",
+                            "criteria": topic, "channel": channel,
+                            "meta": {"profile": [f"{BACKPORT}/backport-subscription"]}}
+    if filters:
+        body["_criteria"] = {"extension": [{"url": f"{BACKPORT}/backport-filter-criteria", "valueString": f}
+                                           for f in filters]}
+    return body
+
+
+def patient(http: Any, headers: dict[str, str], name: str) -> str:
+    resp = http.post("/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": name}]},
+                     headers={**headers, **FHIR})
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    return str(resp.get_json()["id"])
+
+
+def observation(http: Any, headers: dict[str, str], pid: str, value: float, category: str = "laboratory") -> str:
+    body = {"resourceType": "Observation", "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": category}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+            "subject": {"reference": f"Patient/{pid}"}, "valueQuantity": {"value": value, "unit": "mg/dL"}}
+    resp = http.post("/fhir/Observation", json=body, headers={**headers, **FHIR})
+    assert resp.status_code in (201, 200), resp.get_data(as_text=True)
+    return str(resp.headers["Location"].split("/Observation/")[1].split("/")[0])
+
+
+def subscribe(http: Any, headers: dict[str, str], body: dict[str, Any]) -> str:
+    resp = http.post("/fhir/Subscription", json=body, headers={**headers, **FHIR})
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    return str(resp.headers["Location"].split("/Subscription/")[1].split("/")[0])
+
+
+def test_handshake_then_numbered_id_only_notifications_for_the_filtered_patient(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    h = client.headers()
+    alice, bob = patient(http, h, "Alice"), patient(http, h, "Bob")
+    sid = subscribe(http, h, subscription(receiver.url, filters=(f"Observation?patient=Patient/{alice}",),
+                                          headers=("Authorization: Bearer receiver-secret",)))
+    handshake = receiver.wait(lambda b: len(b) >= 1)[0]
+    assert status_of(handshake)["type"] == "handshake"
+    assert status_of(handshake)["subscription"]["reference"].endswith(f"/Subscription/{sid}")
+    first = observation(http, h, alice, 1.0)
+    observation(http, h, bob, 2.0)  # another patient: not this subscription's
+    second = observation(http, h, alice, 3.0)
+    got = receiver.wait(lambda b: event_numbers(b) == [1, 2])
+    notes = [b for b in got if status_of(b)["type"] == "event-notification"]
+    foci = [e["focus"]["reference"] for b in notes for e in status_of(b)["events"]]
+    assert [f.rsplit("/", 1)[1] for f in foci] == [first, second]
+    assert all("resource" not in e for b in notes for e in b["entry"][1:])  # id-only carries no content
+    assert receiver.received[-1]["headers"]["Authorization"] == "Bearer receiver-secret"
+    assert status_of(notes[-1])["events-since-subscription-start"] == "2"
+    # the subscription and its live state, as the owner sees them
+    sub = http.get(f"/fhir/Subscription/{sid}", headers=h).get_json()
+    assert sub["status"] == "requested" and any(t["code"] for t in sub["meta"]["tag"])
+
+
+def test_full_resource_and_empty_payloads(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    h = client.headers()
+    pid = patient(http, h, "Carol")
+    subscribe(http, h, subscription(receiver.url + "/full", "full-resource", (f"Observation?patient=Patient/{pid}",)))
+    subscribe(http, h, subscription(receiver.url + "/empty", "empty", (f"Observation?patient=Patient/{pid}",)))
+    oid = observation(http, h, pid, 7.5)
+    got = receiver.wait(lambda b: len(event_numbers(b)) == 2)
+    by_path = {r["path"]: r["body"] for r in receiver.received if status_of(r["body"])["type"] == "event-notification"}
+    full, empty = by_path["/hook/full"], by_path["/hook/empty"]
+    resource = full["entry"][1]["resource"]
+    assert resource == http.get(f"/fhir/Observation/{oid}", headers=h).get_json()
+    assert len(empty["entry"]) == 1 and "focus" not in status_of(empty)["events"][0]
+    assert got
+
+
+def test_subscriptions_are_their_owners_alone(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    owner = make_client(settings={"subscription_endpoints": [receiver.url]})
+    other = make_client(settings={"subscription_endpoints": [receiver.url]})
+    sid = subscribe(http, owner.headers(), subscription(receiver.url))
+    assert http.get(f"/fhir/Subscription/{sid}", headers=owner.headers()).status_code == 200
+    assert http.get(f"/fhir/Subscription/{sid}", headers=other.headers()).status_code == 404
+    assert http.get("/fhir/Subscription", headers=other.headers()).get_json().get("total") == 0
+    found = http.get("/fhir/Subscription", headers=owner.headers()).get_json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [sid]
+    # a client-sent owner tag is replaced by the server's
+    forged = subscription(receiver.url)
+    forged["meta"]["tag"] = [{"system": "http://fhirserver.dev/CodeSystem/owner", "code": owner.client_id}]
+    forged_id = subscribe(http, other.headers(), forged)
+    assert http.get(f"/fhir/Subscription/{forged_id}", headers=owner.headers()).status_code == 404
+    changed = {**subscription(receiver.url), "id": sid}
+    assert http.put(f"/fhir/Subscription/{sid}", json=changed, headers={**other.headers(), **FHIR}).status_code in (403, 404)
+    assert http.delete(f"/fhir/Subscription/{sid}", headers=other.headers()).status_code == 204
+    assert http.get(f"/fhir/Subscription/{sid}", headers=owner.headers()).status_code == 200  # not deleted
+
+
+@pytest.mark.parametrize("endpoint,allowed,why", [
+    ("http://127.0.0.1:9/elsewhere", "http://127.0.0.1:9/hook", "not under a URL registered"),
+    ("http://192.0.2.10/hook", "http://192.0.2.10/hook", "https://"),
+    ("https://10.1.2.3/hook", "https://10.1.2.3/hook", "private, loopback or reserved"),
+    ("https://169.254.169.254/latest/meta-data", "https://169.254.169.254/", "private, loopback or reserved"),
+    ("https://127.0.0.1/hook", "https://127.0.0.1/hook", "private, loopback or reserved"),
+    ("https://[::1]/hook", "https://[::1]/hook", "private, loopback or reserved"),
+    ("https://user:pw@example.org/hook", "https://user:pw@example.org/hook", "credentials"),
+    ("ftp://example.org/hook", "ftp://example.org/hook", "https://"),
+])
+def test_endpoints_that_could_reach_inside_are_refused(http, make_client, endpoint, allowed, why) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [allowed]})
+    resp = http.post("/fhir/Subscription", json=subscription(endpoint), headers={**client.headers(), **FHIR})
+    assert resp.status_code == 422, resp.get_data(as_text=True)
+    outcome = resp.get_json()
+    assert outcome["resourceType"] == "OperationOutcome" and why in outcome["issue"][0]["diagnostics"]
+    assert http.get("/fhir/Subscription", headers=client.headers()).get_json()["total"] == 0
+
+
+def test_a_client_without_registered_endpoints_cannot_subscribe(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client()
+    resp = http.post("/fhir/Subscription", json=subscription(receiver.url), headers={**client.headers(), **FHIR})
+    assert resp.status_code == 422 and "registered for this client" in resp.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"criteria": "http://example.org/SubscriptionTopic/unknown"}, "Unknown subscription topic"),
+    ({"_criteria": {"extension": [{"url": f"{BACKPORT}/backport-filter-criteria",
+                                   "valueString": "Observation?value-quantity=5"}]}}, "does not allow filtering"),
+    ({"_criteria": {"extension": [{"url": f"{BACKPORT}/backport-filter-criteria",
+                                   "valueString": "Patient?name=x"}]}}, "does not cover"),
+    ({"channel": {"type": "email", "endpoint": "mailto:a@example.org"}}, "not supported"),
+])
+def test_bad_subscriptions_are_422_naming_the_rule(http, make_client, receiver, change, why) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    resp = http.post("/fhir/Subscription", json={**subscription(receiver.url), **change},
+                     headers={**client.headers(), **FHIR})
+    assert resp.status_code == 422, resp.get_data(as_text=True)
+    assert why in resp.get_json()["issue"][0]["diagnostics"]
+
+
+def test_a_withdrawn_consent_stops_the_next_notification(http, make_client, admin, receiver) -> None:  # type: ignore[no-untyped-def]
+    """An opt-in purpose (research): notified while the patient's Consent permits it, not after
+    the Consent is withdrawn -- also for an event numbered before the withdrawal but sent after."""
+    research = make_client(settings={"subscription_endpoints": [receiver.url], "purposes": ["HRESCH"]})
+    h = admin.headers()
+    pid = patient(http, h, "Dora")
+    permit = consent("c-dora", pid, {"type": "permit", "purpose": [{"system": ACT_REASON, "code": "HRESCH"}]})
+    assert http.put("/fhir/Consent/c-dora", json=permit, headers={**h, **FHIR}).status_code in (200, 201)
+    subscribe(http, research.headers(), subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",)))
+    receiver.wait(lambda b: len(b) >= 1)  # handshake
+    seen = observation(http, h, pid, 1.0)
+    receiver.wait(lambda b: event_numbers(b) == [1])
+    receiver.failing = True  # the next event is numbered, but its delivery waits ...
+    observation(http, h, pid, 2.0)
+    withdrawn = {**permit, "status": "inactive"}
+    assert http.put("/fhir/Consent/c-dora", json=withdrawn, headers={**h, **FHIR}).status_code == 200
+    observation(http, h, pid, 3.0)  # after the withdrawal: never numbered for this owner
+    receiver.failing = False
+    marker = patient(http, h, "Marker")  # a later event the subscription does not cover
+    assert marker
+    import time
+    time.sleep(2.0)
+    assert event_numbers(receiver.bundles()) == [1]
+    foci = [e["focus"]["reference"] for b in receiver.bundles("event-notification") for e in status_of(b)["events"]]
+    assert [f.rsplit("/", 1)[1] for f in foci] == [seen]
+
+
+def test_status_and_events_replay_for_the_owner_only(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    other = make_client(settings={"subscription_endpoints": [receiver.url]})
+    h = client.headers()
+    pid = patient(http, h, "Erin")
+    sid = subscribe(http, h, subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",)))
+    oids = [observation(http, h, pid, float(v)) for v in range(3)]
+    receiver.wait(lambda b: event_numbers(b) == [1, 2, 3])
+    status = http.get(f"/fhir/Subscription/{sid}/$status", headers=h)
+    assert status.status_code == 200, status.get_data(as_text=True)
+    params = {p["name"]: p for p in status.get_json()["entry"][0]["resource"]["parameter"]}
+    assert params["status"]["valueCode"] == "active" and params["type"]["valueCode"] == "query-status"
+    assert params["events-since-subscription-start"]["valueString"] == "3"
+    assert params["events-delivered-through"]["valueString"] == "3"
+    replay = http.get(f"/fhir/Subscription/{sid}/$events?eventsSinceNumber=2&content=full-resource", headers=h)
+    assert replay.status_code == 200, replay.get_data(as_text=True)
+    bundle = replay.get_json()
+    assert [int(e["event-number"]) for e in status_of(bundle)["events"]] == [2, 3]
+    assert [e["resource"]["id"] for e in bundle["entry"][1:]] == oids[1:]
+    for path in (f"/fhir/Subscription/{sid}/$status", f"/fhir/Subscription/{sid}/$events"):
+        denied = http.get(path, headers=other.headers())
+        assert denied.status_code == 404 and denied.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_each_delivery_is_an_access_record_naming_the_patient_and_endpoint(http, make_client, auditor, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    h = client.headers()
+    pid = patient(http, h, "Fay")
+    sid = subscribe(http, h, subscription(receiver.url, "full-resource", (f"Observation?patient=Patient/{pid}",)))
+    oid = observation(http, h, pid, 4.0)
+    receiver.wait(lambda b: event_numbers(b) == [1])
+    found = http.get(f"/fhir/AuditEvent?patient=Patient/{pid}&_count=100", headers=auditor.headers()).get_json()
+    pushes = [e["resource"] for e in found.get("entry", [])
+              if any(s.get("code") == "subscription-notification" for s in e["resource"].get("subtype", []))]
+    assert len(pushes) == 1, found
+    event = pushes[0]
+    assert receiver.url in event["outcomeDesc"]
+    refs = {e.get("what", {}).get("reference") for e in event["entity"]}
+    assert {f"Observation/{oid}/_history/1", f"Patient/{pid}", f"Subscription/{sid}"} <= refs, refs
+    assert event["agent"][0]["who"]["reference"] == f"Device/{client.client_id}"
+
+
+def test_notifications_wait_for_a_receiver_that_is_down_and_arrive_in_order(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    h = client.headers()
+    pid = patient(http, h, "Gus")
+    sid = subscribe(http, h, subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",)))
+    receiver.wait(lambda b: len(b) >= 1)
+    receiver.failing = True
+    for v in range(5):
+        observation(http, h, pid, float(v))
+    import time
+    time.sleep(1.5)  # several failed attempts
+    status = http.get(f"/fhir/Subscription/{sid}/$status", headers=h).get_json()
+    params = {p["name"]: p for p in status["entry"][0]["resource"]["parameter"]}
+    assert params["events-delivered-through"]["valueString"] == "0" and "error" in params
+    receiver.failing = False
+    got = receiver.wait(lambda b: event_numbers(b)[-1:] == [5])
+    numbers = event_numbers(got)
+    assert numbers == sorted(numbers) and set(numbers) == {1, 2, 3, 4, 5}
