@@ -44,6 +44,8 @@ def client() -> None:
 @click.option("--jurisdiction", "jurisdiction", metavar="CODE",
               help="Where the client's operator is (ISO 3166 code or EU); outside the deployment's jurisdiction, "
                    "it sees a patient's data only with the patient's consent to that transfer (default: domestic).")
+@click.option("--subscription-endpoint", "subscription_endpoints", multiple=True, metavar="URL",
+              help="A URL prefix its Subscriptions may deliver to (repeatable; https, docs/subscriptions.md).")
 @click.option("--stable-pseudonyms", "stable_pseudonyms", is_flag=True,
               help="De-identified exports reuse one pseudonym key for this client (linkable across its exports).")
 @click.pass_context
@@ -68,6 +70,11 @@ def client_register(ctx: click.Context, /, name: str, jwks_file: str | None, jwk
         if not place.isascii() or not place.isalpha() or not 2 <= len(place) <= 3:
             raise click.ClickException("--jurisdiction takes an ISO 3166 alpha-2/alpha-3 code or EU")
         settings["jurisdiction"] = place
+    endpoints = settings.get("subscription_endpoints")
+    if isinstance(endpoints, tuple):
+        if not all(str(e).startswith(("https://", "http://")) for e in endpoints):
+            raise click.ClickException("--subscription-endpoint takes https:// URLs")
+        settings["subscription_endpoints"] = list(endpoints)
     if settings.get("audit_query_values") and not settings.get("auditor"):
         raise click.ClickException("--audit-query-values needs --auditor")
     if settings.get("auditor") and ctx.get_parameter_source("purposes") == click.core.ParameterSource.DEFAULT:

@@ -24,11 +24,17 @@ def smart_oauth_extension(root: str) -> dict[str, Any]:
     }
 
 
+BACKPORT_SUBSCRIPTION = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription"
+TOPIC_EXTENSION = ("http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+                   "capabilitystatement-subscriptiontopic-canonical")
+
+
 def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: str, root: str,
                          software_date: str, profiles: Mapping[str, Sequence[str]] | None = None,
-                         jurisdiction: str = "") -> dict[str, Any]:
+                         jurisdiction: str = "", topics: Sequence[str] = ()) -> dict[str, Any]:
     """`profiles`: shipped profile URLs by type (Validator.profiles.urls_by_type()); `jurisdiction`:
-    the deployment's, when the cross-border rule is on."""
+    the deployment's, when the cross-border rule is on; `topics`: the SubscriptionTopic canonicals
+    served (advertised on Subscription, as the R4 Subscriptions Backport IG asks)."""
     supported = profiles or {}
     resources = []
     for t in types:
@@ -65,6 +71,11 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
             entry["supportedProfile"] = list(supported[t.name])
         if t.operations:
             entry["operation"] = [operation_entry(name, url) for name, _level, url in t.operations]
+        if t.name == "Subscription" and topics:
+            entry["supportedProfile"] = [*entry.get("supportedProfile", []), BACKPORT_SUBSCRIPTION]
+            entry["extension"] = [{"url": TOPIC_EXTENSION, "valueCanonical": url} for url in topics]
+            entry["documentation"] = ("Topic-based subscriptions (rest-hook); each Subscription is its owner's "
+                                      "alone. docs/subscriptions.md")
         if t.server_written:
             entry["documentation"] = "Written only by the server: one AuditEvent per interaction."
         resources.append(entry)

@@ -38,7 +38,8 @@ class Capabilities(Handler):
         if body is None:
             body = s.derived["capability-statement"] = dump_json(capability_statement(
                 s.types, s.params, s.settings.fhir_base, s.settings.public_root, _START_DATE,
-                profiles=s.validator.profiles.urls_by_type(), jurisdiction=s.settings.home_jurisdiction))
+                profiles=s.validator.profiles.urls_by_type(), jurisdiction=s.settings.home_jurisdiction,
+                topics=[t.url for t in s.topics]))
         return Result(200, body)
 
 

@@ -40,11 +40,6 @@ def _networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
 
 
-def check_networks(text: str) -> None:
-    """Raise ValueError for a malformed `subscription_private_networks` (at startup)."""
-    _networks(text)
-
-
 def allowed_by_client(url: str, prefixes: list[str]) -> bool:
     """`url` is under one of the client's registered prefixes (a whole path segment: a prefix
     `https://a.example/hook` allows `.../hook` and `.../hook/x`, not `.../hooked`)."""
