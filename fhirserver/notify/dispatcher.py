@@ -88,6 +88,9 @@ class Dispatcher:
     # ------------------------------------------------------------------ matching
     def match_once(self, limit: int = MATCH_BATCH) -> int:
         """Number one batch of changes for the subscriptions they concern; the changes consumed."""
+        with read_connection(self.svc.engine) as conn:  # idle: no write transaction (SQLite's lock)
+            if not state.has_changes(conn):
+                return 0
         with transaction(self.svc.engine) as conn:
             changes = state.claim_changes(conn, limit)
             if not changes:
@@ -148,6 +151,9 @@ class Dispatcher:
     def deliver_once(self) -> bool:
         """Serve one due subscription; False when none was due."""
         now = now_us()
+        with read_connection(self.svc.engine) as conn:  # idle: no write transaction
+            if not state.any_due(conn, now):
+                return False
         with transaction(self.svc.engine) as conn:
             sub = state.claim_due(conn, self.worker, now, LEASE_US)
         if sub is None:

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
 
 from ..auth.principal import Principal, principal_snapshot
 from ..clock import now_us
@@ -153,14 +153,26 @@ def number(conn: Connection, sub_pk: int, change: Change) -> int:
 
 
 # ---- delivery
+def has_changes(conn: Connection) -> bool:
+    return conn.execute(select(change_event.c.seq).limit(1)).first() is not None
+
+
+def _due(now: int) -> ColumnElement[bool]:
+    s = subscription_state
+    return (s.c.status.in_(LIVE) & s.c.paused.is_(False) & (s.c.next_attempt_us <= now)
+            & ((s.c.lease_until_us.is_(None)) | (s.c.lease_until_us < now))
+            & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start)))
+
+
+def any_due(conn: Connection, now: int) -> bool:
+    return conn.execute(select(subscription_state.c.resource_pk).where(_due(now)).limit(1)).first() is not None
+
+
 def claim_due(conn: Connection, worker: str, now: int, lease_us: int) -> Sub | None:
     """One subscription with something to send (a handshake or events past the acknowledged
     one) whose next attempt is due, leased to `worker` so no other instance sends for it."""
     s = subscription_state
-    due = (s.c.status.in_(LIVE) & s.c.paused.is_(False) & (s.c.next_attempt_us <= now)
-           & ((s.c.lease_until_us.is_(None)) | (s.c.lease_until_us < now))
-           & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start)))
-    stmt = select(s.c.resource_pk).where(due).order_by(s.c.next_attempt_us).limit(1)
+    stmt = select(s.c.resource_pk).where(_due(now)).order_by(s.c.next_attempt_us).limit(1)
     if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     pk = conn.execute(stmt).scalar()
