@@ -94,9 +94,14 @@ def test_metrics_count_deliveries(http, make_client, receiver) -> None:  # type:
     subscribe(http, h, subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",)))
     observation(http, h, pid, 1.0)
     receiver.wait(lambda b: event_numbers(b) == [1])
-    text = http.get("/metrics").get_data(as_text=True)
-    delivered = [line for line in text.splitlines()
-                 if line.startswith('fhirserver_subscription_notifications_total{outcome="delivered"}')]
+    deadline = time.monotonic() + 10
+    while True:  # counted once the receiver's answer is recorded, just after it arrives
+        text = http.get("/metrics").get_data(as_text=True)
+        delivered = [line for line in text.splitlines()
+                     if line.startswith('fhirserver_subscription_notifications_total{outcome="delivered"}')]
+        if delivered or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert delivered and float(delivered[0].split()[-1]) >= 1
     assert "fhirserver_subscription_lag_seconds_count" in text
 
