@@ -43,7 +43,7 @@ from ..subscriptions.endpoints import EndpointRefused, post, resolve
 from ..subscriptions.notification import Item, notification
 
 log = logging.getLogger("fhirserver.subscriptions")
-LEASE_US = 60_000_000  # a delivery round's lease; a dead instance's subscriptions move on after it
+LEASE_MARGIN_S = 5.0  # a delivery round's lease: its send's timeout twice, plus this (Dispatcher.lease_us)
 MATCH_BATCH = 200
 SEND_BATCH = 20
 FIRST_RETRY_S = 1.0
@@ -60,6 +60,9 @@ class Dispatcher:
     def __init__(self, svc: Services, worker: str | None = None) -> None:
         self.svc = svc
         self.worker = worker or uuid.uuid4().hex[:16]
+        # how long a subscription stays with this instance per round: a dead instance's
+        # subscriptions move on to another after it (and their unacknowledged events are resent)
+        self.lease_us = int((2 * svc.settings.subscription_timeout_seconds + LEASE_MARGIN_S) * 1e6)
 
     # ------------------------------------------------------------------ the owner's view
     def owner(self, sub: state.Sub) -> Owner | None:
@@ -155,7 +158,7 @@ class Dispatcher:
             if not state.any_due(conn, now):
                 return False
         with transaction(self.svc.engine) as conn:
-            sub = state.claim_due(conn, self.worker, now, LEASE_US)
+            sub = state.claim_due(conn, self.worker, now, self.lease_us)
         if sub is None:
             return False
         try:

@@ -16,6 +16,7 @@ class Receiver:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []  # {"path", "headers", "body"}
         self.failing = False
+        self.delay = 0.0  # seconds to wait before answering (a slow receiver)
         self._lock = threading.Lock()
         outer = self
 
@@ -30,6 +31,8 @@ class Receiver:
                 with outer._lock:
                     outer.received.append({"path": self.path, "headers": dict(self.headers.items()),
                                            "body": json.loads(raw)})
+                if outer.delay:
+                    time.sleep(outer.delay)
                 self.send_response(200)
                 self.end_headers()
 

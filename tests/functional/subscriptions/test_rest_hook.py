@@ -263,3 +263,25 @@ def test_notifications_wait_for_a_receiver_that_is_down_and_arrive_in_order(http
     got = receiver.wait(lambda b: event_numbers(b)[-1:] == [5])
     numbers = event_numbers(got)
     assert numbers == sorted(numbers) and set(numbers) == {1, 2, 3, 4, 5}
+
+
+def test_a_scope_limited_subscriber_is_told_only_what_its_scopes_let_it_read(http, make_client, admin, receiver) -> None:  # type: ignore[no-untyped-def]
+    """Scopes hold at delivery: a subscriber whose token reads only vital signs, subscribed to
+    every new result with no filter, is told of no laboratory result -- and gets no gap in its
+    event numbers for them."""
+    scope = "system/Observation.rs?category=vital-signs system/Subscription.crus"
+    vitals = make_client(scope, default_scope=scope, settings={"subscription_endpoints": [receiver.url]})
+    subscribe(http, vitals.headers(), subscription(receiver.url))
+    receiver.wait(lambda b: len(b) >= 1)
+    h = admin.headers()
+    pid = patient(http, h, "Ivy")
+    written = [observation(http, h, pid, float(i), "vital-signs" if i % 3 == 0 else "laboratory") for i in range(7)]
+    wanted = [oid for i, oid in enumerate(written) if i % 3 == 0]
+    got = receiver.wait(lambda b: len(event_numbers(b)) >= len(wanted))
+    import time
+    time.sleep(1.0)  # nothing more arrives
+    got = receiver.bundles()
+    assert event_numbers(got) == list(range(1, len(wanted) + 1))
+    foci = [e["focus"]["reference"].rsplit("/", 1)[1] for b in receiver.bundles("event-notification")
+            for e in status_of(b)["events"]]
+    assert foci == wanted

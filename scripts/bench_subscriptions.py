@@ -1,0 +1,163 @@
+"""Subscriptions under load (issue 26): with N active subscriptions (each for its own patient, the
+`new-result` topic, id-only, a real receiving HTTP server on loopback), paced writes of
+Observations spread over those patients; reports
+
+- write throughput with subscriptions vs a second server without any, same run, interleaved rounds
+  (the outbox row and the dispatcher's work are what subscriptions cost a writer);
+- write-to-delivery latency (the 201's arrival to the notification's arrival), p50/p95/max;
+- events delivered vs writes (nothing lost).
+
+    python scripts/bench_subscriptions.py --subscriptions 100 --rate 50 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchserver import BenchServer  # noqa: E402
+
+BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
+FHIR = {"Content-Type": "application/fhir+json"}
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}  # Observation id -> arrival time
+        self.events = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                now = time.perf_counter()
+                with lock:
+                    for p in body["entry"][0]["resource"]["parameter"]:
+                        if p["name"] == "notification-event":
+                            outer.events += 1
+                            for q in p["part"]:
+                                if q["name"] == "focus":
+                                    outer.arrived.setdefault(q["valueReference"]["reference"].rsplit("/", 1)[1], now)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def setup(server: BenchServer, receiver: Receiver, subscriptions: int) -> list[str]:
+    jwks = server.data_dir / "bench-jwks.json"
+    server.client_id = server.cli("client", "register", "--name", "subscriber", "--jwks-file", str(jwks), "--scopes",
+                                  "system/*.cruds", "--subscription-endpoint", receiver.url)
+    h = {"Authorization": f"Bearer {server.token()}", **FHIR}
+    patients = []
+    for i in range(max(subscriptions, 20)):
+        r = requests.post(f"{server.base}/Patient", json={"resourceType": "Patient", "name": [{"family": f"S{i}"}]},
+                          headers=h, timeout=30)
+        patients.append(r.json()["id"])
+    for pid in patients[:subscriptions]:
+        sub = {"resourceType": "Subscription", "status": "requested", "reason": "bench",
+               "criteria": "http://fhirserver.dev/SubscriptionTopic/new-result",
+               "_criteria": {"extension": [{"url": f"{BACKPORT}/backport-filter-criteria",
+                                            "valueString": f"Observation?patient=Patient/{pid}"}]},
+               "channel": {"type": "rest-hook", "endpoint": receiver.url, "payload": "application/fhir+json",
+                           "_payload": {"extension": [{"url": f"{BACKPORT}/backport-payload-content",
+                                                       "valueCode": "id-only"}]}}}
+        r = requests.post(f"{server.base}/Subscription", json=sub, headers=h, timeout=30)
+        r.raise_for_status()
+    return patients
+
+
+def write_round(server: BenchServer, patients: list[str], rate: float, seconds: float,
+                sent: dict[str, float] | None) -> float:
+    """Paced writes (rate per second) for `seconds`; returns achieved writes per second."""
+    h = {"Authorization": f"Bearer {server.token()}", **FHIR}
+    n = int(rate * seconds)
+    session = requests.Session()
+
+    def one(i: int) -> None:
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        body = {"resourceType": "Observation", "status": "final",
+                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                          "code": "laboratory"}]}],
+                "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+                "subject": {"reference": f"Patient/{patients[i % len(patients)]}"},
+                "valueQuantity": {"value": i, "unit": "mg/dL"}}
+        r = session.post(f"{server.base}/Observation", json=body, headers=h, timeout=60)
+        r.raise_for_status()
+        if sent is not None:
+            sent[r.json()["id"]] = time.perf_counter()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(n)))
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--subscriptions", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--database-url", default="", help="PostgreSQL for both servers' databases (two URLs, comma)")
+    args = ap.parse_args()
+    urls = args.database_url.split(",") if args.database_url else ["", ""]
+    receiver = Receiver()
+    env = {"FHIRSERVER_SUBSCRIPTION_ALLOW_HTTP_LOOPBACK": "1"}
+    with_subs = BenchServer(database_url=urls[0])
+    without = BenchServer(database_url=urls[1])
+    for s in (with_subs, without):
+        s.env.update(env)
+        s.start()
+    try:
+        patients = setup(with_subs, receiver, args.subscriptions)
+        plain = setup(without, receiver, 0)
+        time.sleep(2)  # handshakes
+        sent: dict[str, float] = {}
+        rates: dict[str, list[float]] = {"with": [], "without": []}
+        unpaced = args.rate * 20  # throughput: as fast as 16 writers go
+        for _ in range(args.rounds):
+            rates["without"].append(write_round(without, plain, unpaced, 5, None))
+            rates["with"].append(write_round(with_subs, patients, unpaced, 5, None))
+        before = receiver.events
+        write_round(with_subs, patients[:args.subscriptions], args.rate, args.seconds, sent)
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(oid in receiver.arrived for oid in sent):
+            time.sleep(0.2)
+        lat = sorted((receiver.arrived[o] - t) * 1000 for o, t in sent.items() if o in receiver.arrived)
+        p95 = lat[int(len(lat) * 0.95) - 1] if lat else float("nan")
+        print(f"subscriptions {args.subscriptions}, paced writes {args.rate:.0f}/s for {args.seconds:.0f} s "
+              f"({len(sent)} writes)")
+        print(f"delivered {len(lat)}/{len(sent)} paced writes' notifications; events received in total "
+              f"{receiver.events} ({receiver.events - before} during the paced run)")
+        print(f"write-to-delivery latency ms: p50 {statistics.median(lat):.0f}  p95 {p95:.0f}  max {lat[-1]:.0f}")
+        w, wo = statistics.median(rates["with"]), statistics.median(rates["without"])
+        print(f"unpaced write throughput (16 writers, median of {args.rounds} interleaved rounds): "
+              f"with subscriptions {w:.0f}/s, without {wo:.0f}/s -> {100 * w / wo:.0f}%")
+    finally:
+        with_subs.stop()
+        without.stop()
+
+
+if __name__ == "__main__":
+    main()
