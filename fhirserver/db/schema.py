@@ -694,6 +694,7 @@ subscription_state = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_us", BigInteger, nullable=False, default=0),
     Column("last_sent_us", BigInteger, nullable=True),
+    Column("heartbeat_us", BigInteger, nullable=False, default=0),  # backport-heartbeat-period (0: none)
     Column("lease_owner", String(64), nullable=True),
     Column("lease_until_us", BigInteger, nullable=True),
     Column("created_us", BigInteger, nullable=False),

@@ -39,7 +39,7 @@ from ..storage.codec import dump_json, parse_json
 from ..storage.errors import StorageError
 from ..subscriptions import state
 from ..subscriptions.admission import Criteria, criteria_of
-from ..subscriptions.endpoints import EndpointRefused, post, resolve
+from ..subscriptions.endpoints import EndpointRefused, Target, post, resolve
 from ..subscriptions.notification import Item, notification
 
 log = logging.getLogger("fhirserver.subscriptions")
@@ -199,9 +199,8 @@ class Dispatcher:
                     patients.update(stored.patients)
                     body = parse_json(stored.body) if crit.payload == "full-resource" and stored.body else None
                     items.append(Item(ev.number, ev.recorded_us, ev.type, ev.id, ev.version, ev.method, body))
-            if not events:
-                with transaction(self.svc.engine) as conn:
-                    state.release(conn, sub.pk, self.worker)
+            if not events:  # due for its heartbeat: a notification without events (and without data)
+                self._send(sub, crit, target, "heartbeat", [], set(), None, 0, audited=False)
                 return
             through = events[-1].number
             if not items:  # nothing the owner may still see: acknowledged without a send
@@ -210,13 +209,18 @@ class Dispatcher:
                 metrics.notification("withheld", withheld)
                 return
         kind = "event-notification" if through is not None else "handshake"
+        self._send(sub, crit, target, kind, items, patients, through, withheld, audited=True, owner=owner)
+
+    def _send(self, sub: state.Sub, crit: Criteria, target: Target, kind: str, items: list[Item], patients: set[str],
+              through: int | None, withheld: int, audited: bool, owner: Owner | None = None) -> None:
+        """Build, record (before it leaves: no record, no send) and POST one notification."""
+        settings = self.svc.settings
         status = "active" if sub.handshake_done else "requested"
-        base = settings.fhir_base
-        bundle = notification(base, sub.id, crit.topic.url if crit.topic.url.startswith("http") else sub.topic,
-                              status, kind, sub.events_since_start if through is None else max(through, 0),
-                              items, crit.payload, now_us())
+        bundle = notification(settings.fhir_base, sub.id, sub.topic, status, kind,
+                              max(sub.events_since_start, through or 0), items, crit.payload, now_us())
         payload = dump_json(bundle)
-        self._record(sub, owner, target.address, crit.endpoint, items, patients, kind)  # fail closed: before the send
+        if audited and owner is not None:
+            self._record(sub, owner, target.address, crit.endpoint, items, patients, kind)
         headers = {"Content-Type": "application/fhir+json", **dict(crit.headers)}
         try:
             code = post(target, payload, headers, settings.subscription_timeout_seconds)

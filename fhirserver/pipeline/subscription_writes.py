@@ -11,7 +11,7 @@ from sqlalchemy import Connection
 
 from ..fhir.errors import FhirError
 from ..subscriptions import state
-from ..subscriptions.admission import admit
+from ..subscriptions.admission import admit, criteria_of
 from .context import RequestContext
 
 SUBSCRIPTION = "Subscription"
@@ -35,4 +35,7 @@ def written(ctx: RequestContext, conn: Connection, rtype: str, pk: int, rid: str
         state.retire(conn, pk)
         return
     assert ctx.principal is not None
-    state.register(conn, pk, rid, ctx.principal, str(body.get("criteria", "")), str(body.get("status", "requested")))
+    s = ctx.services
+    heartbeat = criteria_of(body, s.topics, s.params).heartbeat_seconds  # admitted: it parses
+    state.register(conn, pk, rid, ctx.principal, str(body.get("criteria", "")), str(body.get("status", "requested")),
+                   heartbeat)

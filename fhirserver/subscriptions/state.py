@@ -70,13 +70,15 @@ def _sub(row: AnyRow) -> Sub:
                row.last_sent_us, int(row.created_us))
 
 
-def register(conn: Connection, pk: int, rid: str, principal: Principal, topic: str, status: str) -> None:
+def register(conn: Connection, pk: int, rid: str, principal: Principal, topic: str, status: str,
+             heartbeat_seconds: int = 0) -> None:
     """A Subscription was written (in that write's transaction): who owns it now, what it asks for.
     A changed subscription starts over with a handshake; its event numbers continue."""
     values = {"client_id": principal.client_id, "principal": json.dumps(principal_snapshot(principal)),
               "owner": owner_code(principal.client_id, principal.fhir_user, principal.patient), "topic": topic,
               "status": status, "handshake_done": False, "failing_since_us": None, "last_error": None,
-              "attempts": 0, "next_attempt_us": 0, "lease_owner": None, "lease_until_us": None}
+              "attempts": 0, "next_attempt_us": 0, "lease_owner": None, "lease_until_us": None,
+              "heartbeat_us": max(0, heartbeat_seconds) * 1_000_000}
     res = conn.execute(update(subscription_state).where(subscription_state.c.resource_pk == pk).values(**values))
     if res.rowcount == 0:
         conn.execute(insert(subscription_state).values(
@@ -158,10 +160,13 @@ def has_changes(conn: Connection) -> bool:
 
 
 def _due(now: int) -> ColumnElement[bool]:
+    """Something to send now: the handshake, events past the acknowledged one, or a heartbeat
+    (nothing sent for the subscription's heartbeat period)."""
     s = subscription_state
+    heartbeat = (s.c.heartbeat_us > 0) & (func.coalesce(s.c.last_sent_us, 0) + s.c.heartbeat_us <= now)
     return (s.c.status.in_(LIVE) & s.c.paused.is_(False) & (s.c.next_attempt_us <= now)
             & ((s.c.lease_until_us.is_(None)) | (s.c.lease_until_us < now))
-            & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start)))
+            & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start) | heartbeat))
 
 
 def any_due(conn: Connection, now: int) -> bool:

@@ -285,3 +285,18 @@ def test_a_scope_limited_subscriber_is_told_only_what_its_scopes_let_it_read(htt
     foci = [e["focus"]["reference"].rsplit("/", 1)[1] for b in receiver.bundles("event-notification")
             for e in status_of(b)["events"]]
     assert foci == wanted
+
+
+def test_heartbeats_when_nothing_happens_and_not_audited_as_disclosures(http, make_client, auditor, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    body = subscription(receiver.url)
+    body["channel"]["extension"] = [{"url": f"{BACKPORT}/backport-heartbeat-period", "valueUnsignedInt": 1}]
+    sid = subscribe(http, client.headers(), body)
+    got = receiver.wait(lambda b: len([x for x in b if status_of(x)["type"] == "heartbeat"]) >= 2, timeout=20)
+    beats = [b for b in got if status_of(b)["type"] == "heartbeat"]
+    assert all(len(b["entry"]) == 1 and not status_of(b)["events"] for b in beats)  # no data in a heartbeat
+    assert all(status_of(b)["subscription"]["reference"].endswith(f"/Subscription/{sid}") for b in beats)
+    found = http.get("/fhir/AuditEvent?_count=200", headers=auditor.headers()).get_json()
+    pushes = [e["resource"] for e in found.get("entry", [])
+              if any(s.get("code") == "subscription-notification" for s in e["resource"].get("subtype", []))]
+    assert len(pushes) == 1 and "handshake" in pushes[0]["outcomeDesc"]  # the handshake only

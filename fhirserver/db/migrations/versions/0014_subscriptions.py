@@ -46,6 +46,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_us", sa.BigInteger(), nullable=False),
         sa.Column("last_sent_us", sa.BigInteger(), nullable=True),
+        sa.Column("heartbeat_us", sa.BigInteger(), nullable=False),
         sa.Column("lease_owner", sa.String(64), nullable=True),
         sa.Column("lease_until_us", sa.BigInteger(), nullable=True),
         sa.Column("created_us", sa.BigInteger(), nullable=False),
