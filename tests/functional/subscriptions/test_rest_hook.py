@@ -300,3 +300,33 @@ def test_heartbeats_when_nothing_happens_and_not_audited_as_disclosures(http, ma
     pushes = [e["resource"] for e in found.get("entry", [])
               if any(s.get("code") == "subscription-notification" for s in e["resource"].get("subtype", []))]
     assert len(pushes) == 1 and "handshake" in pushes[0]["outcomeDesc"]  # the handshake only
+
+
+def test_a_patient_app_subscribes_to_its_own_record_only(app, http, admin, receiver) -> None:  # type: ignore[no-untyped-def]
+    from tests.functional.smart.conftest import Smart
+
+    smart = Smart(app, http, admin)
+    h = admin.headers()
+    alice, bob = patient(http, h, "Alice"), patient(http, h, "Bob")
+    client_id, _ = smart.app_client(settings={"subscription_endpoints": [receiver.url]})
+    scope = "launch/patient openid fhirUser patient/*.rs patient/Subscription.crus"
+    alice_user, _ = smart.user(f"Patient/{alice}")
+    bob_user, _ = smart.user(f"Patient/{bob}")
+    as_alice = {"Authorization": f"Bearer {smart.tokens(client_id, scope, alice_user, patient=alice)['access_token']}"}
+    other_browser = Smart(app, app.test_client(), admin)  # Bob signs in on his own device
+    as_bob = {"Authorization": f"Bearer {other_browser.tokens(client_id, scope, bob_user, patient=bob)['access_token']}"}
+    for filters in ((), (f"Observation?patient=Patient/{bob}",)):  # the whole server, or someone else
+        resp = http.post("/fhir/Subscription", json=subscription(receiver.url, filters=filters),
+                         headers={**as_alice, **FHIR})
+        assert resp.status_code == 403, resp.get_data(as_text=True)
+        assert resp.get_json()["resourceType"] == "OperationOutcome"
+    sid = subscribe(http, as_alice, subscription(receiver.url, filters=(f"Observation?patient=Patient/{alice}",)))
+    mine = observation(http, h, alice, 1.0)
+    observation(http, h, bob, 2.0)
+    receiver.wait(lambda b: event_numbers(b) == [1])
+    foci = [e["focus"]["reference"] for b in receiver.bundles("event-notification") for e in status_of(b)["events"]]
+    assert [f.rsplit("/", 1)[1] for f in foci] == [mine]
+    # the same app used by another patient sees nothing of Alice's subscription
+    assert http.get(f"/fhir/Subscription/{sid}", headers=as_bob).status_code == 404
+    assert http.get("/fhir/Subscription", headers=as_bob).get_json()["total"] == 0
+    assert http.get(f"/fhir/Subscription/{sid}", headers=as_alice).status_code == 200
