@@ -75,14 +75,19 @@ class Penalties:
         self._cache: tuple[float, dict[tuple[str, str], str]] = (0.0, {})
 
     # ---------------------------------------------------------------- reading
-    def levels(self) -> dict[tuple[str, str], str]:
-        """Levels in force (cached for CACHE_SECONDS: the table is tiny, requests are many)."""
+    def levels(self, conn: Connection | None = None) -> dict[tuple[str, str], str]:
+        """Levels in force (cached for CACHE_SECONDS: the table is tiny, requests are many). A
+        request passes its read snapshot, so a refresh opens no transaction of its own."""
         at, cached = self._cache
         if time.monotonic() - at < CACHE_SECONDS:
             return cached
-        with read_connection(self.engine) as conn:
-            rows = conn.execute(select(account_penalty.c.subject_kind, account_penalty.c.subject_id,
-                                       account_penalty.c.level).where(account_penalty.c.level != "none")).all()
+        stmt = select(account_penalty.c.subject_kind, account_penalty.c.subject_id,
+                      account_penalty.c.level).where(account_penalty.c.level != "none")
+        if conn is not None:
+            rows = conn.execute(stmt).all()
+        else:
+            with read_connection(self.engine) as own:
+                rows = own.execute(stmt).all()
         fresh = {(r.subject_kind, r.subject_id): r.level for r in rows}
         self._cache = (time.monotonic(), fresh)
         return fresh
@@ -90,9 +95,9 @@ class Penalties:
     def level_of(self, kind: str, subject: str) -> str:
         return self.levels().get((kind, subject), "none")
 
-    def retry_after(self, client_id: str, user: str | None) -> int | None:
+    def retry_after(self, client_id: str, user: str | None, conn: Connection | None = None) -> int | None:
         """None when the request may go on; else seconds until a limited account may try again."""
-        levels = self.levels()
+        levels = self.levels(conn)
         for kind, subject in (("client", client_id), ("user", user)):
             if subject and levels.get((kind, subject)) == "limit" and not self.gate.hit(self.rate, kind, subject):
                 reset = self.gate.get_window_stats(self.rate, kind, subject).reset_time

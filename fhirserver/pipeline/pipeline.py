@@ -113,7 +113,7 @@ class Pipeline:
         ctx.record.client_id = info.client_id
         ctx.record.client_name = info.client_name
         ctx.record.user = ctx.principal.fhir_user
-        wait = self.services.penalties.retry_after(info.client_id, ctx.principal.fhir_user)
+        wait = self.services.penalties.retry_after(info.client_id, ctx.principal.fhir_user, ctx.reading())
         if wait is not None:  # a penalty (docs/operations.md): audited like any refusal
             raise FhirError(429, "throttled", "This account is rate-limited after privacy alerts about its access; "
                                               f"retry after {wait} s", headers={"Retry-After": str(wait)})
