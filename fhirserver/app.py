@@ -26,6 +26,7 @@ from .health import install as install_health
 from .logs import configure as configure_logs
 from .metrics import install as install_metrics
 from .notify.dispatcher import start_dispatcher
+from .notify.websocket import install as install_websocket
 from .pipeline.pipeline import Pipeline
 from .security_headers import install as install_security_headers
 from .services import Services, build_services, current_services, warm_keys
@@ -159,6 +160,7 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
         start_worker(svc)
     if settings.subscription_dispatcher:
         start_dispatcher(svc)
+    install_websocket(app, svc)  # websocket subscriptions are served by the instance their client reaches
     if settings.audit_sequencer:
         svc.sequencer.start(settings.audit_sequence_seconds)
         atexit.register(svc.sequencer.stop)  # sequence the rest and sign a checkpoint on the way out

@@ -28,6 +28,7 @@ from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
 from .search.sources import use_stores
 from .storage.repository import Repository
+from .subscriptions.endpoints import check_networks
 from .subscriptions.topics import Topics, load_topics
 
 
@@ -64,6 +65,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
 
     from .consent import build_consent
 
+    check_networks(settings.subscription_private_networks)
     engine = engine or make_engine(settings.effective_database_url)
     ring = MasterKeyRing(settings.master_key, settings.data_dir, may_create=not _holds_data_keys(engine),
                          key_file=Path(settings.master_key_file) if settings.master_key_file else None)

@@ -683,6 +683,7 @@ subscription_state = Table(
     Column("owner", String(255), nullable=False),
     Column("principal", Text, nullable=False),  # JSON snapshot of the owner (as an export job's)
     Column("topic", String(1024), nullable=False),
+    Column("channel", String(16), nullable=False, default="rest-hook"),  # rest-hook | websocket
     Column("status", String(16), nullable=False),  # requested active error off
     Column("paused", Boolean, nullable=False, default=False),
     Column("events_since_start", BigInteger, nullable=False, default=0),
@@ -699,6 +700,15 @@ subscription_state = Table(
     Column("lease_until_us", BigInteger, nullable=True),
     Column("created_us", BigInteger, nullable=False),
     Index("ix_subscription_due", "status", "next_attempt_us"),
+)
+
+# one-time tokens of $get-ws-binding-token (only their SHA-256 is kept), valid for a minute
+subscription_ws_token = Table(
+    "subscription_ws_token",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("subscription_pk", Integer, ForeignKey("subscription_state.resource_pk"), nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
 )
 
 subscription_event = Table(

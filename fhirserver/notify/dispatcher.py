@@ -22,7 +22,7 @@ import random
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, event
 
@@ -47,6 +47,38 @@ LEASE_MARGIN_S = 5.0  # a delivery round's lease: its send's timeout twice, plus
 MATCH_BATCH = 200
 SEND_BATCH = 20
 FIRST_RETRY_S = 1.0
+
+
+class DeliveryFailed(Exception):
+    """A send did not reach the receiver (the message says why, naming no data)."""
+
+
+class Channel(Protocol):
+    """Where a notification goes: `address` and `destination` are named in the access record."""
+
+    address: str
+    destination: str
+
+    def send(self, payload: bytes) -> None: ...
+
+
+class RestHook:
+    """POST to the checked address of a rest-hook endpoint, with the subscription's headers."""
+
+    def __init__(self, target: Target, crit: Criteria, timeout: float) -> None:
+        self.target = target
+        self.address = target.address
+        self.destination = crit.endpoint
+        self.headers = {"Content-Type": "application/fhir+json", **dict(crit.headers)}
+        self.timeout = timeout
+
+    def send(self, payload: bytes) -> None:
+        try:
+            code = post(self.target, payload, self.headers, self.timeout)
+        except OSError as err:
+            raise DeliveryFailed(f"connection failed: {type(err).__name__}") from None
+        if not 200 <= code < 300:
+            raise DeliveryFailed(f"the endpoint answered HTTP {code}")
 
 
 @dataclass
@@ -169,6 +201,7 @@ class Dispatcher:
         return True
 
     def _deliver(self, sub: state.Sub) -> None:
+        """One rest-hook round: the endpoint checked again (its address pinned), then `serve`."""
         settings = self.svc.settings
         with read_connection(self.svc.engine) as conn:
             crit = self.criteria(conn, sub)
@@ -183,10 +216,17 @@ class Dispatcher:
         except EndpointRefused as err:
             self._failed(sub, f"endpoint refused: {err}")
             return
+        self.serve(sub, crit, owner, RestHook(target, crit, settings.subscription_timeout_seconds))
+
+    def serve(self, sub: state.Sub, crit: Criteria, owner: Owner, channel: Channel) -> bool:
+        """Send what a leased subscription is due -- its handshake, its next events (each re-checked
+        through the owner's gate now), or a heartbeat -- over `channel`; False when the send failed
+        (recorded: retried later)."""
         items: list[Item] = []
         withheld = 0
         patients: set[str] = set()
         through: int | None = None
+        kind = "handshake"
         if sub.handshake_done:
             with read_connection(self.svc.engine) as conn:
                 events = state.events_after(conn, sub.pk, sub.delivered_through, SEND_BATCH)
@@ -199,37 +239,23 @@ class Dispatcher:
                     patients.update(stored.patients)
                     body = parse_json(stored.body) if crit.payload == "full-resource" and stored.body else None
                     items.append(Item(ev.number, ev.recorded_us, ev.type, ev.id, ev.version, ev.method, body))
-            if not events:  # due for its heartbeat: a notification without events (and without data)
-                self._send(sub, crit, target, "heartbeat", [], set(), None, 0, audited=False)
-                return
-            through = events[-1].number
-            if not items:  # nothing the owner may still see: acknowledged without a send
+            kind = "event-notification" if events else "heartbeat"  # nothing new: due for its heartbeat
+            through = events[-1].number if events else None
+            if events and not items:  # nothing the owner may still see: acknowledged without a send
                 with transaction(self.svc.engine) as conn:
                     state.delivered(conn, sub.pk, self.worker, through, withheld, now_us())
                 metrics.notification("withheld", withheld)
-                return
-        kind = "event-notification" if through is not None else "handshake"
-        self._send(sub, crit, target, kind, items, patients, through, withheld, audited=True, owner=owner)
-
-    def _send(self, sub: state.Sub, crit: Criteria, target: Target, kind: str, items: list[Item], patients: set[str],
-              through: int | None, withheld: int, audited: bool, owner: Owner | None = None) -> None:
-        """Build, record (before it leaves: no record, no send) and POST one notification."""
-        settings = self.svc.settings
+                return True
         status = "active" if sub.handshake_done else "requested"
-        bundle = notification(settings.fhir_base, sub.id, sub.topic, status, kind,
+        bundle = notification(self.svc.settings.fhir_base, sub.id, sub.topic, status, kind,
                               max(sub.events_since_start, through or 0), items, crit.payload, now_us())
-        payload = dump_json(bundle)
-        if audited and owner is not None:
-            self._record(sub, owner, target.address, crit.endpoint, items, patients, kind)
-        headers = {"Content-Type": "application/fhir+json", **dict(crit.headers)}
+        if kind != "heartbeat":  # a heartbeat carries no data; everything else is recorded before it leaves
+            self._record(sub, owner, channel.address, channel.destination, items, patients, kind)
         try:
-            code = post(target, payload, headers, settings.subscription_timeout_seconds)
-        except OSError as err:
-            self._failed(sub, f"connection failed: {type(err).__name__}")
-            return
-        if not 200 <= code < 300:
-            self._failed(sub, f"the endpoint answered HTTP {code}")
-            return
+            channel.send(dump_json(bundle))
+        except DeliveryFailed as err:
+            self._failed(sub, str(err))
+            return False
         now = now_us()
         with transaction(self.svc.engine) as conn:
             state.delivered(conn, sub.pk, self.worker, through, withheld, now)
@@ -237,6 +263,7 @@ class Dispatcher:
         metrics.notification("withheld", withheld)
         for item in items:
             metrics.notification_lag(max(0, now - item.recorded_us) / 1e6)
+        return True
 
     def _record(self, sub: state.Sub, owner: Owner, address: str, endpoint: str, items: list[Item],
                 patients: set[str], kind: str) -> None:

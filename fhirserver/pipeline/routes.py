@@ -13,7 +13,7 @@ from .handler import Handler
 from .history import History
 from .proof_op import Proof
 from .searching import Everything, LastN, Search
-from .subscription_ops import SubscriptionEvents, SubscriptionStatus
+from .subscription_ops import BindingToken, SubscriptionEvents, SubscriptionStatus
 from .summary_op import Summary
 from .terminology_ops import Expand, Lookup, ValidateCode
 from .validate_op import Validate
@@ -44,6 +44,7 @@ ROUTES: dict[str, Handler] = {
     "$proof": Proof(),
     "$status": SubscriptionStatus(),  # Subscription
     "$events": SubscriptionEvents(),  # Subscription
+    "$get-ws-binding-token": BindingToken(),  # Subscription
     "$export": ExportKickoff(),
     "$export-poll-status": ExportStatus(),
     "$export-file": ExportFile(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from sqlalchemy import Connection
 
 from ..clock import now_us
+from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
 from ..storage.codec import parse_json
 from ..subscriptions import state
@@ -20,6 +21,8 @@ from .context import RequestContext, Result
 from .handler import Handler
 
 MAX_EVENTS = 100
+TOKEN_TTL_US = 60_000_000
+WEBSOCKET_PATH = "/subscriptions/ws"  # served by notify/websocket.py
 
 
 def _subscription(ctx: RequestContext, conn: Connection) -> tuple[state.Sub, dict[str, object]]:
@@ -81,3 +84,23 @@ class SubscriptionEvents(Handler):
         bundle = notification(s.settings.fhir_base, sub.id, str(body.get("criteria", "")), sub.status,
                               "query-event", sub.events_since_start, items, content, now_us())
         return Result(200, bundle)
+
+
+class BindingToken(Handler):
+    """Subscription/[id]/$get-ws-binding-token: a one-time token (valid a minute) the owner's
+    client sends as `bind-with-token: <token>` on the websocket to receive its notifications."""
+
+    def execute(self, ctx: RequestContext, conn: Connection) -> Result:
+        sub, _body = _subscription(ctx, conn)
+        if sub.channel != "websocket":
+            raise FhirError(422, "processing", "This subscription's channel is not a websocket")
+        now = now_us()
+        token = state.issue_token(conn, sub.pk, now, TOKEN_TTL_US)
+        root = ctx.services.settings.public_root
+        url = ("wss://" + root[len("https://"):] if root.startswith("https://") else "ws://" + root.split("://", 1)[-1])
+        return Result(200, {"resourceType": "Parameters", "parameter": [
+            {"name": "token", "valueString": token},
+            {"name": "expiration", "valueDateTime": instant_text(now + TOKEN_TTL_US)},
+            {"name": "subscription", "valueString": sub.id},
+            {"name": "websocket-url", "valueUrl": f"{url}{WEBSOCKET_PATH}"},
+        ]})

@@ -36,6 +36,6 @@ def written(ctx: RequestContext, conn: Connection, rtype: str, pk: int, rid: str
         return
     assert ctx.principal is not None
     s = ctx.services
-    heartbeat = criteria_of(body, s.topics, s.params).heartbeat_seconds  # admitted: it parses
+    crit = criteria_of(body, s.topics, s.params)  # admitted: it parses
     state.register(conn, pk, rid, ctx.principal, str(body.get("criteria", "")), str(body.get("status", "requested")),
-                   heartbeat)
+                   crit.heartbeat_seconds, crit.channel)

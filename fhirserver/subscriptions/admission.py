@@ -30,6 +30,7 @@ _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}:[ \t]?[^\r\n\x00]{0,409
 _RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection",
                      "x-fhirserver-signature", "x-fhirserver-event-number"}
 MAX_FILTERS = 10
+CHANNELS = ("rest-hook", "websocket")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Criteria:
     endpoint: str
     headers: tuple[tuple[str, str], ...]
     heartbeat_seconds: int
+    channel: str = "rest-hook"  # rest-hook | websocket
 
 
 def _ext(element: object, url: str) -> list[dict[str, Any]]:
@@ -100,11 +102,11 @@ def criteria_of(body: dict[str, Any], topics: Topics, params: ParamRegistry) -> 
     channel = body.get("channel") if isinstance(body.get("channel"), dict) else {}
     assert isinstance(channel, dict)
     kind = channel.get("type")
-    if kind != "rest-hook":
-        raise _invalid(f"Channel type '{str(kind)[:40]}' is not supported (this server delivers rest-hook)",
-                       "Subscription.channel.type")
-    endpoint = str(channel.get("endpoint") or "")
-    if not endpoint:
+    if kind not in CHANNELS:
+        raise _invalid(f"Channel type '{str(kind)[:40]}' is not supported (this server delivers "
+                       f"{' and '.join(CHANNELS)})", "Subscription.channel.type")
+    endpoint = str(channel.get("endpoint") or "") if kind == "rest-hook" else ""
+    if kind == "rest-hook" and not endpoint:
         raise _invalid("A rest-hook channel needs an endpoint", "Subscription.channel.endpoint")
     content = [str(e.get("valueCode")) for e in _ext(channel.get("_payload"), PAYLOAD_EXT)]
     payload = content[0] if content else ("id-only" if channel.get("payload") else "empty")
@@ -123,7 +125,8 @@ def criteria_of(body: dict[str, Any], topics: Topics, params: ParamRegistry) -> 
         headers.append((name, value.strip()))
     beats = [e.get("valueUnsignedInt") for e in _ext(channel, HEARTBEAT_EXT)]
     heartbeat = int(beats[0]) if beats and isinstance(beats[0], int) else 0
-    return Criteria(topic, filters, tuple(dict.fromkeys(patients)), payload, endpoint, tuple(headers), heartbeat)
+    return Criteria(topic, filters, tuple(dict.fromkeys(patients)), payload, endpoint, tuple(headers), heartbeat,
+                    str(kind))
 
 
 def admit(body: dict[str, Any], principal: Principal, topics: Topics, params: ParamRegistry,
@@ -136,8 +139,9 @@ def admit(body: dict[str, Any], principal: Principal, topics: Topics, params: Pa
         raise FhirError(403, "forbidden", "A patient-context subscription must filter by its own patient "
                                               f"(e.g. {PATIENT_FILTER}=Patient/{own[0] if own else 'id'})")
     try:
-        resolve(crit.endpoint, list(principal.client_settings.get("subscription_endpoints") or []),
-                settings.subscription_allow_http_loopback, settings.subscription_private_networks)
+        if crit.channel == "rest-hook":  # a websocket's client connects to the server instead
+            resolve(crit.endpoint, list(principal.client_settings.get("subscription_endpoints") or []),
+                    settings.subscription_allow_http_loopback, settings.subscription_private_networks)
     except EndpointRefused as err:
         raise _invalid(f"Endpoint refused: {err}", "Subscription.channel.endpoint") from None
     stored = stamp_owner(body, owner_code(principal.client_id, principal.fhir_user, principal.patient))

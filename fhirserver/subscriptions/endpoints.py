@@ -40,6 +40,19 @@ def _networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
 
 
+def check_networks(text: str) -> None:
+    """SettingsError for a malformed `subscription_private_networks` (checked when services start)."""
+    from ..config import SettingsError
+
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            if part:
+                ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            raise SettingsError(f"setting subscription_private_networks: {part!r} is not a CIDR "
+                                "such as 10.20.0.0/16") from None
+
+
 def allowed_by_client(url: str, prefixes: list[str]) -> bool:
     """`url` is under one of the client's registered prefixes (a whole path segment: a prefix
     `https://a.example/hook` allows `.../hook` and `.../hook/x`, not `.../hooked`)."""

@@ -5,7 +5,9 @@ increasing whichever instance numbers them; delivery progress (`delivered_throug
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,7 @@ from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, 
 from ..auth.principal import Principal, principal_snapshot
 from ..clock import now_us
 from ..db.rows import AnyRow
-from ..db.schema import change_event, resource, subscription_event, subscription_state
+from ..db.schema import change_event, resource, subscription_event, subscription_state, subscription_ws_token
 from ..fhir.ownership import owner_code
 
 LIVE = ("requested", "active")
@@ -38,6 +40,7 @@ class Sub:
     client_id: str
     principal: dict[str, Any]
     topic: str
+    channel: str
     status: str
     paused: bool
     events_since_start: int
@@ -64,18 +67,19 @@ class Event:
 
 
 def _sub(row: AnyRow) -> Sub:
-    return Sub(row.resource_pk, row.id, row.client_id, json.loads(row.principal), row.topic, row.status,
+    return Sub(row.resource_pk, row.id, row.client_id, json.loads(row.principal), row.topic, row.channel, row.status,
                bool(row.paused), int(row.events_since_start), int(row.delivered_through), bool(row.handshake_done),
                int(row.withheld), row.failing_since_us, row.last_error, int(row.attempts), int(row.next_attempt_us),
                row.last_sent_us, int(row.created_us))
 
 
 def register(conn: Connection, pk: int, rid: str, principal: Principal, topic: str, status: str,
-             heartbeat_seconds: int = 0) -> None:
+             heartbeat_seconds: int = 0, channel: str = "rest-hook") -> None:
     """A Subscription was written (in that write's transaction): who owns it now, what it asks for.
     A changed subscription starts over with a handshake; its event numbers continue."""
     values = {"client_id": principal.client_id, "principal": json.dumps(principal_snapshot(principal)),
               "owner": owner_code(principal.client_id, principal.fhir_user, principal.patient), "topic": topic,
+              "channel": channel,
               "status": status, "handshake_done": False, "failing_since_us": None, "last_error": None,
               "attempts": 0, "next_attempt_us": 0, "lease_owner": None, "lease_until_us": None,
               "heartbeat_us": max(0, heartbeat_seconds) * 1_000_000}
@@ -93,6 +97,11 @@ def retire(conn: Connection, pk: int) -> None:
 
 def get(conn: Connection, rid: str) -> Sub | None:
     row = conn.execute(select(subscription_state).where(subscription_state.c.id == rid)).first()
+    return _sub(row) if row is not None else None
+
+
+def get_by_pk(conn: Connection, pk: int) -> Sub | None:
+    row = conn.execute(select(subscription_state).where(subscription_state.c.resource_pk == pk)).first()
     return _sub(row) if row is not None else None
 
 
@@ -169,15 +178,21 @@ def _due(now: int) -> ColumnElement[bool]:
             & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start) | heartbeat))
 
 
-def any_due(conn: Connection, now: int) -> bool:
-    return conn.execute(select(subscription_state.c.resource_pk).where(_due(now)).limit(1)).first() is not None
-
-
-def claim_due(conn: Connection, worker: str, now: int, lease_us: int) -> Sub | None:
-    """One subscription with something to send (a handshake or events past the acknowledged
-    one) whose next attempt is due, leased to `worker` so no other instance sends for it."""
+def any_due(conn: Connection, now: int, channel: str = "rest-hook") -> bool:
     s = subscription_state
-    stmt = select(s.c.resource_pk).where(_due(now)).order_by(s.c.next_attempt_us).limit(1)
+    return conn.execute(select(s.c.resource_pk).where(_due(now), s.c.channel == channel).limit(1)).first() is not None
+
+
+def claim_due(conn: Connection, worker: str, now: int, lease_us: int, channel: str = "rest-hook",
+              pk: int | None = None) -> Sub | None:
+    """One subscription of `channel` (or subscription `pk`) with something to send (a handshake,
+    events past the acknowledged one, a heartbeat) whose next attempt is due, leased to `worker`
+    so no other instance sends for it."""
+    s = subscription_state
+    stmt = select(s.c.resource_pk).where(_due(now), s.c.channel == channel)
+    if pk is not None:
+        stmt = stmt.where(s.c.resource_pk == pk)
+    stmt = stmt.order_by(s.c.next_attempt_us).limit(1)
     if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     pk = conn.execute(stmt).scalar()
@@ -220,6 +235,31 @@ def failed(conn: Connection, sub: Sub, worker: str, error: str, next_us: int, gi
     if give_up:
         values["status"] = "error"
     conn.execute(update(s).where(s.c.resource_pk == sub.pk, s.c.lease_owner == worker).values(**values))
+
+
+def rebind(conn: Connection, sub_pk: int) -> None:
+    """A websocket client bound: a handshake on the new connection, and no waiting out an earlier
+    connection's failures."""
+    conn.execute(update(subscription_state).where(subscription_state.c.resource_pk == sub_pk).values(
+        handshake_done=False, attempts=0, next_attempt_us=0, failing_since_us=None, last_error=None))
+
+
+def issue_token(conn: Connection, sub_pk: int, now: int, ttl_us: int) -> str:
+    """A one-time websocket binding token for the subscription (only its hash is stored)."""
+    token = secrets.token_urlsafe(32)
+    conn.execute(delete(subscription_ws_token).where(subscription_ws_token.c.expires_us < now))
+    conn.execute(insert(subscription_ws_token).values(token_hash=hashlib.sha256(token.encode()).hexdigest(),
+                                                      subscription_pk=sub_pk, expires_us=now + ttl_us))
+    return token
+
+
+def redeem_token(conn: Connection, token: str, now: int) -> int | None:
+    """The subscription a binding token was issued for, once (the token is spent), if unexpired."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    t = subscription_ws_token
+    row = conn.execute(select(t.c.subscription_pk, t.c.expires_us).where(t.c.token_hash == digest)).first()
+    conn.execute(delete(t).where(t.c.token_hash == digest))
+    return int(row.subscription_pk) if row is not None and row.expires_us >= now else None
 
 
 def release(conn: Connection, sub_pk: int, worker: str) -> None:

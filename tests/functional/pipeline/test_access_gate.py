@@ -48,6 +48,7 @@ class World:
     urls: dict[str, str] = field(default_factory=dict)
     subscriber: BackendClient | None = None
     subscription: str = ""
+    websocket: str = ""
     code_system: str = "http://example.org/cs/gate"
     value_set: str = "http://example.org/vs/gate"
 
@@ -77,6 +78,9 @@ def world(app: Any, http: Any, admin: BackendClient, auditor: BackendClient,
     made = http.post("/fhir/Subscription", json=sub, headers=w.subscriber.headers())
     assert made.status_code == 201, made.get_data(as_text=True)
     w.subscription = made.headers["Location"].split("/Subscription/")[1].split("/")[0]
+    made = http.post("/fhir/Subscription", json={**sub, "channel": {"type": "websocket"}}, headers=w.subscriber.headers())
+    assert made.status_code == 201, made.get_data(as_text=True)
+    w.websocket = made.headers["Location"].split("/Subscription/")[1].split("/")[0]
     name, _ = smart.user(f"Patient/{w.patient}")
     client_id, _ = smart.app_client(APP_SCOPES)
     w.patient_token = smart.tokens(client_id, "launch/patient patient/*.rs openid fhirUser", name,
@@ -170,6 +174,8 @@ CASES: dict[str, tuple[Callable[[World], Any], int]] = {
                                            headers=_subscriber(w)), 200),
     "$events": (lambda w: w.smart.http.get(f"/fhir/Subscription/{w.subscription}/$events",
                                            headers=_subscriber(w)), 200),
+    "$get-ws-binding-token": (lambda w: w.smart.http.get(f"/fhir/Subscription/{w.websocket}/$get-ws-binding-token",
+                                                         headers=_subscriber(w)), 200),
     "$export": (_export_kickoff, 202),
     "$export-poll-status": (_export_status, 200),
     "$export-file": (lambda w: w.smart.http.get(w.urls["file"], headers=w.h()), 200),

@@ -17,9 +17,10 @@ import pytest
 from fhirserver.fhir.fhirpath import compile_expression
 from tests.conftest import REPO, BackendClient, example_files
 
-# AuditEvent: the auditors' (tests/functional/audit); Binary: only the common parameters, and a scope naming it
+# AuditEvent: the auditors' (tests/functional/audit); Binary: only the common parameters, and a scope naming it;
+# Subscription: its owner's alone, admitted only to a registered endpoint (tests/functional/subscriptions)
 SERVED = [t for t in json.loads((REPO / "profiles" / "resource-types.json").read_text())["types"]
-          if t not in ("AuditEvent", "Binary")]
+          if t not in ("AuditEvent", "Binary", "Subscription")]
 RECORD_EXAMPLES = sorted((REPO / "tests" / "fixtures" / "hl7-r4-examples").glob("*.json"))
 NO_MATCH = {"token": "urn:zz:none|zz-nomatch", "string": "Zqxjkvw", "reference": "Patient/zz-nonexistent",
             "uri": "urn:zz:none", "date": "eq1801-01-01", "quantity": "gt1000000000000", "number": "gt1000000000000",

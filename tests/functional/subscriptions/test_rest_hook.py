@@ -330,3 +330,24 @@ def test_a_patient_app_subscribes_to_its_own_record_only(app, http, admin, recei
     assert http.get(f"/fhir/Subscription/{sid}", headers=as_bob).status_code == 404
     assert http.get("/fhir/Subscription", headers=as_bob).get_json()["total"] == 0
     assert http.get(f"/fhir/Subscription/{sid}", headers=as_alice).status_code == 200
+
+
+def test_the_owner_searches_its_subscriptions_by_every_parameter(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    h = client.headers()
+    hook = subscribe(http, h, {**subscription(receiver.url + "/a"), "contact": [{"system": "email", "value": "ops@example.org"}]})
+    ws = subscribe(http, h, {**subscription(receiver.url), "channel": {"type": "websocket"}})
+    off = subscribe(http, h, {**subscription(receiver.url + "/b", topic="Observation?code=http://loinc.org|2339-0"),
+                              "status": "off"})
+    cases = {
+        f"url={receiver.url}/a": {hook},
+        "type=websocket": {ws},
+        "status=off": {off},
+        "status=requested": {hook, ws},
+        f"criteria={NEW_RESULT}": {hook, ws},
+        "payload=application/fhir%2Bjson": {hook, off},
+        "contact=ops@example.org": {hook},
+    }
+    for query, expected in cases.items():
+        found = http.get(f"/fhir/Subscription?{query}", headers=h).get_json()
+        assert {e["resource"]["id"] for e in found.get("entry", [])} == expected, query

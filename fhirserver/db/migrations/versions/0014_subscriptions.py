@@ -1,4 +1,5 @@
-"""Subscriptions (issue 26): the change outbox, each subscription's live state and its numbered events.
+"""Subscriptions (issue 26): the change outbox, each subscription's live state, its numbered events and
+the one-time websocket binding tokens.
 
 Revision ID: 0014
 Revises: 0013
@@ -35,6 +36,7 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(255), nullable=False),
         sa.Column("principal", sa.Text(), nullable=False),
         sa.Column("topic", sa.String(1024), nullable=False),
+        sa.Column("channel", sa.String(16), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("paused", sa.Boolean(), nullable=False),
         sa.Column("events_since_start", sa.BigInteger(), nullable=False),
@@ -53,6 +55,12 @@ def upgrade() -> None:
     )
     op.create_index("ix_subscription_due", "subscription_state", ["status", "next_attempt_us"])
     op.create_table(
+        "subscription_ws_token",
+        sa.Column("token_hash", sa.String(64), primary_key=True),
+        sa.Column("subscription_pk", sa.Integer(), sa.ForeignKey("subscription_state.resource_pk"), nullable=False),
+        sa.Column("expires_us", sa.BigInteger(), nullable=False),
+    )
+    op.create_table(
         "subscription_event",
         sa.Column("subscription_pk", sa.Integer(), sa.ForeignKey("subscription_state.resource_pk"),
                   primary_key=True),
@@ -68,6 +76,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("subscription_event")
+    op.drop_table("subscription_ws_token")
     op.drop_index("ix_subscription_due", table_name="subscription_state")
     op.drop_table("subscription_state")
     op.drop_table("change_event")
