@@ -26,12 +26,13 @@ from .health import install as install_health
 from .logs import configure as configure_logs
 from .metrics import install as install_metrics
 from .notify.dispatcher import start_dispatcher
+from .notify.signature import signer
 from .notify.websocket import install as install_websocket
 from .pipeline.pipeline import Pipeline
 from .security_headers import install as install_security_headers
 from .services import Services, build_services, current_services, warm_keys
 from .smart.install import install as install_smart
-from .smart.secrets_store import SIGNING_KEY_FILE
+from .smart.secrets_store import SIGNING_KEY_FILE, signing_key
 from .smart.server import build_authorization_server
 from .smart.token_audit import audit_token_request, revoke_issued
 from .storage.codec import dump_json
@@ -158,8 +159,8 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     app.extensions["fhirserver.pipeline"] = Pipeline(svc)
     if settings.bulk_worker:
         start_worker(svc)
-    if settings.subscription_dispatcher:
-        start_dispatcher(svc)
+    if settings.subscription_dispatcher:  # rest-hook bodies signed with the key published at /auth/jwks
+        start_dispatcher(svc, signer(signing_key(settings.data_dir)))
     install_websocket(app, svc)  # websocket subscriptions are served by the instance their client reaches
     if settings.audit_sequencer:
         svc.sequencer.start(settings.audit_sequence_seconds)

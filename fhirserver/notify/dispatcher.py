@@ -41,6 +41,7 @@ from ..subscriptions import state
 from ..subscriptions.admission import Criteria, criteria_of
 from ..subscriptions.endpoints import EndpointRefused, Target, post, resolve
 from ..subscriptions.notification import Item, notification
+from .signature import HEADER, Signer
 
 log = logging.getLogger("fhirserver.subscriptions")
 LEASE_MARGIN_S = 5.0  # a delivery round's lease: its send's timeout twice, plus this (Dispatcher.lease_us)
@@ -65,16 +66,18 @@ class Channel(Protocol):
 class RestHook:
     """POST to the checked address of a rest-hook endpoint, with the subscription's headers."""
 
-    def __init__(self, target: Target, crit: Criteria, timeout: float) -> None:
+    def __init__(self, target: Target, crit: Criteria, timeout: float, sign: Signer | None) -> None:
         self.target = target
         self.address = target.address
         self.destination = crit.endpoint
         self.headers = {"Content-Type": "application/fhir+json", **dict(crit.headers)}
         self.timeout = timeout
+        self.sign = sign
 
     def send(self, payload: bytes) -> None:
+        headers = {**self.headers, HEADER: self.sign(payload)} if self.sign is not None else self.headers
         try:
-            code = post(self.target, payload, self.headers, self.timeout)
+            code = post(self.target, payload, headers, self.timeout)
         except OSError as err:
             raise DeliveryFailed(f"connection failed: {type(err).__name__}") from None
         if not 200 <= code < 300:
@@ -89,9 +92,10 @@ class Owner:
 
 
 class Dispatcher:
-    def __init__(self, svc: Services, worker: str | None = None) -> None:
+    def __init__(self, svc: Services, worker: str | None = None, sign: Signer | None = None) -> None:
         self.svc = svc
         self.worker = worker or uuid.uuid4().hex[:16]
+        self.sign = sign  # rest-hook bodies are signed with the server's published key (signature.py)
         # how long a subscription stays with this instance per round: a dead instance's
         # subscriptions move on to another after it (and their unacknowledged events are resent)
         self.lease_us = int((2 * svc.settings.subscription_timeout_seconds + LEASE_MARGIN_S) * 1e6)
@@ -216,7 +220,7 @@ class Dispatcher:
         except EndpointRefused as err:
             self._failed(sub, f"endpoint refused: {err}")
             return
-        self.serve(sub, crit, owner, RestHook(target, crit, settings.subscription_timeout_seconds))
+        self.serve(sub, crit, owner, RestHook(target, crit, settings.subscription_timeout_seconds, self.sign))
 
     def serve(self, sub: state.Sub, crit: Criteria, owner: Owner, channel: Channel) -> bool:
         """Send what a leased subscription is due -- its handshake, its next events (each re-checked
@@ -303,12 +307,12 @@ class Dispatcher:
         log.warning("Subscription/%s: %s (%s)", sub.id, error, "status error" if give_up else f"retry in {wait:.1f} s")
 
 
-def start_dispatcher(svc: Services) -> threading.Thread:
+def start_dispatcher(svc: Services, sign: Signer | None = None) -> threading.Thread:
     """The dispatcher thread of this process; it stops when the engine is disposed."""
     stop = threading.Event()
     raw = getattr(svc.engine, "raw", svc.engine)
     event.listen(raw, "engine_disposed", lambda _engine: stop.set())
-    dispatcher = Dispatcher(svc)
+    dispatcher = Dispatcher(svc, sign=sign)
 
     def loop() -> None:
         while not stop.wait(svc.settings.subscription_poll_seconds):

@@ -30,7 +30,7 @@ class Receiver:
                     return
                 with outer._lock:
                     outer.received.append({"path": self.path, "headers": dict(self.headers.items()),
-                                           "body": json.loads(raw)})
+                                           "body": json.loads(raw), "raw": raw})
                 if outer.delay:
                     time.sleep(outer.delay)
                 self.send_response(200)

@@ -351,3 +351,19 @@ def test_the_owner_searches_its_subscriptions_by_every_parameter(http, make_clie
     for query, expected in cases.items():
         found = http.get(f"/fhir/Subscription?{query}", headers=h).get_json()
         assert {e["resource"]["id"] for e in found.get("entry", [])} == expected, query
+
+
+def test_notifications_are_signed_with_the_servers_published_key(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    from joserfc import jws
+    from joserfc.errors import BadSignatureError
+    from joserfc.jwk import KeySet
+
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    subscribe(http, client.headers(), subscription(receiver.url))
+    receiver.wait(lambda b: len(b) >= 1)
+    got = receiver.received[0]
+    keys = KeySet.import_key_set(http.get("/auth/jwks").get_json())  # as a receiver fetches it (jwks_uri)
+    signature = got["headers"]["X-Fhirserver-Signature"]
+    assert jws.deserialize_compact(signature, keys, payload=got["raw"]).protected["alg"] == "RS256"
+    with pytest.raises(BadSignatureError):  # one byte changed: the signature no longer holds
+        jws.deserialize_compact(signature, keys, payload=got["raw"].replace(b"handshake", b"handshakE"))
