@@ -79,7 +79,7 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     params.max_params, params.max_values = settings.search_max_params, settings.search_max_values
     validator = Validator(settings.profiles_dir, settings.max_json_depth, settings.required_profiles)
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
-    consent = build_consent(settings, blind, params)
+    consent = build_consent(settings, blind, params, frozenset(t.name for t in types if t.owned_by_client))
     repo = Repository(keys, indexer, hooks=[consent.writes])
     summary = elements["types"]
     audit = AuditLog(repo, settings.fhir_base)

@@ -5,9 +5,13 @@ Observations spread over those patients; reports
 - write throughput with subscriptions vs a second server without any, same run, interleaved rounds
   (the outbox row and the dispatcher's work are what subscriptions cost a writer);
 - write-to-delivery latency (the 201's arrival to the notification's arrival), p50/p95/max;
-- events delivered vs writes (nothing lost).
+- events delivered vs writes (nothing lost);
+- with --outage SECONDS: the receiver answers 503 for that long while writes go on, then comes
+  back; how long until everything arrived, whether each subscription's events came in order, and
+  whether any number was missing.
 
     python scripts/bench_subscriptions.py --subscriptions 100 --rate 50 --seconds 20
+    python scripts/bench_subscriptions.py --subscriptions 10 --rate 5 --seconds 30 --outage 600 --rounds 0
 """
 
 from __future__ import annotations
@@ -36,15 +40,27 @@ class Receiver:
     def __init__(self) -> None:
         self.arrived: dict[str, float] = {}  # Observation id -> arrival time
         self.events = 0
+        self.down = False
+        self.numbers: dict[str, list[int]] = {}  # subscription -> event numbers, as received
         lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if outer.down:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
                 now = time.perf_counter()
                 with lock:
-                    for p in body["entry"][0]["resource"]["parameter"]:
+                    params = body["entry"][0]["resource"]["parameter"]
+                    sub = next(p["valueReference"]["reference"] for p in params if p["name"] == "subscription")
+                    for p in params:
+                        if p["name"] == "notification-event":
+                            outer.numbers.setdefault(sub, []).extend(
+                                int(q["valueString"]) for q in p["part"] if q["name"] == "event-number")
+                    for p in params:
                         if p["name"] == "notification-event":
                             outer.events += 1
                             for q in p["part"]:
@@ -119,11 +135,22 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--database-url", default="", help="PostgreSQL for both servers' databases (two URLs, comma)")
+    ap.add_argument("--pg", action="store_true", help="a throwaway PostgreSQL with durable settings (fsync, "
+                                                       "synchronous commit) for both servers, instead of SQLite")
+    ap.add_argument("--outage", type=float, default=0.0, help="seconds the receiver is down during the paced run")
     args = ap.parse_args()
-    urls = args.database_url.split(",") if args.database_url else ["", ""]
+    pg = None
+    urls = ["", ""]
+    if args.pg:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.support.pg import ThrowawayPostgres
+
+        pg = ThrowawayPostgres()
+        pg.start(durable=True)
+        urls = [pg.create_database(f"subs_{i}_{int(time.time())}") for i in (1, 2)]
     receiver = Receiver()
     env = {"FHIRSERVER_SUBSCRIPTION_ALLOW_HTTP_LOOPBACK": "1"}
+    with_subs_retry_max = 600.0  # the default subscription_retry_max_seconds: the longest wait after an outage
     with_subs = BenchServer(database_url=urls[0])
     without = BenchServer(database_url=urls[1])
     for s in (with_subs, without):
@@ -140,23 +167,42 @@ def main() -> None:
             rates["without"].append(write_round(without, plain, unpaced, 5, None))
             rates["with"].append(write_round(with_subs, patients, unpaced, 5, None))
         before = receiver.events
+        if args.outage:
+            receiver.down = True
+            up_at = time.time() + args.outage
+            up_perf = time.perf_counter() + args.outage
+            threading.Timer(args.outage, lambda: setattr(receiver, "down", False)).start()
         write_round(with_subs, patients[:args.subscriptions], args.rate, args.seconds, sent)
-        deadline = time.time() + 120
+        if args.outage:
+            while time.time() < up_at:
+                write_round(with_subs, patients[:args.subscriptions], args.rate, min(5.0, up_at - time.time() + 0.1),
+                            sent)  # writes go on through the outage
+        deadline = time.time() + 120 + (with_subs_retry_max if args.outage else 0)
         while time.time() < deadline and not all(oid in receiver.arrived for oid in sent):
             time.sleep(0.2)
         lat = sorted((receiver.arrived[o] - t) * 1000 for o, t in sent.items() if o in receiver.arrived)
         p95 = lat[int(len(lat) * 0.95) - 1] if lat else float("nan")
-        print(f"subscriptions {args.subscriptions}, paced writes {args.rate:.0f}/s for {args.seconds:.0f} s "
+        print(f"{'PostgreSQL (durable)' if args.pg else 'SQLite'}; subscriptions {args.subscriptions}, paced writes {args.rate:.0f}/s for {args.seconds:.0f} s "
               f"({len(sent)} writes)")
         print(f"delivered {len(lat)}/{len(sent)} paced writes' notifications; events received in total "
               f"{receiver.events} ({receiver.events - before} during the paced run)")
-        print(f"write-to-delivery latency ms: p50 {statistics.median(lat):.0f}  p95 {p95:.0f}  max {lat[-1]:.0f}")
-        w, wo = statistics.median(rates["with"]), statistics.median(rates["without"])
-        print(f"unpaced write throughput (16 writers, median of {args.rounds} interleaved rounds): "
-              f"with subscriptions {w:.0f}/s, without {wo:.0f}/s -> {100 * w / wo:.0f}%")
+        if args.outage:
+            drained = max(receiver.arrived.values()) - up_perf
+            in_order = all(nums == sorted(nums) for nums in receiver.numbers.values())
+            gaps = sum(len(set(range(1, max(n) + 1)) - set(n)) for n in receiver.numbers.values() if n)
+            print(f"outage {args.outage:.0f} s: everything arrived {drained:.1f} s after the receiver came back; "
+                  f"in order per subscription: {in_order}; missing numbers: {gaps}")
+        else:
+            print(f"write-to-delivery latency ms: p50 {statistics.median(lat):.0f}  p95 {p95:.0f}  max {lat[-1]:.0f}")
+        if rates["with"]:
+            w, wo = statistics.median(rates["with"]), statistics.median(rates["without"])
+            print(f"unpaced write throughput (16 writers, median of {args.rounds} interleaved rounds): "
+                  f"with subscriptions {w:.0f}/s, without {wo:.0f}/s -> {100 * w / wo:.0f}%")
     finally:
         with_subs.stop()
         without.stop()
+        if pg is not None:
+            pg.stop()
 
 
 if __name__ == "__main__":

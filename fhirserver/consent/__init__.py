@@ -35,12 +35,13 @@ class Consent:
         return ConsentStage(self.engine, self.settings, repo, audit)
 
 
-def build_consent(settings: Settings, blind: BlindIndexer, params: ParamRegistry | None = None) -> Consent:
+def build_consent(settings: Settings, blind: BlindIndexer, params: ParamRegistry | None = None,
+                  owned_types: frozenset[str] = frozenset()) -> Consent:
     codes = load_sensitive_codes(settings.profiles_dir)
     elements = load_consent_elements(settings.profiles_dir, params)
     digest = actor_digest(blind)
     opt_out = tuple(p.strip() for p in settings.consent_opt_out_purposes.split(",") if p.strip())
-    engine = ConsentEngine(codes, digest, opt_out, elements, settings.home_jurisdiction)
+    engine = ConsentEngine(codes, digest, opt_out, elements, settings.home_jurisdiction, owned_types)
     return Consent(settings, engine, ConsentWrites(Labeller(codes, elements), digest))
 
 

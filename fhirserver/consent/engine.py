@@ -135,8 +135,12 @@ def registered_purposes(principal: Principal) -> list[str]:
 class ConsentEngine:
     def __init__(self, codes: SensitiveCodes, digest: Callable[[str], str],
                  opt_out_purposes: tuple[str, ...] = DEFAULT_OPT_OUT,
-                 elements: ConsentElements | None = None, jurisdiction: str = "") -> None:
+                 elements: ConsentElements | None = None, jurisdiction: str = "",
+                 owned_types: frozenset[str] = frozenset()) -> None:
         self.codes = codes
+        # types whose rows are their writer's own configuration, not a patient's data (the registry's
+        # ownedByClient: Subscription): the owner rule governs them, patients' Consents do not
+        self.unfiltered = NOT_FILTERED_TYPES | owned_types
         self.home = jurisdiction
         self.elements = elements or ConsentElements()
         self.digest = digest
@@ -192,7 +196,7 @@ class ConsentEngine:
             # per-patient projection (audit/projection.py), never naming anyone else
             comp = source.compartment.alias()
             return [_exists([comp], comp.c.resource_pk == res.c.pk, comp.c.patient_id.in_(d.own_patients))]
-        if resource_type in NOT_FILTERED_TYPES:
+        if resource_type in self.unfiltered:
             return []
         preds = [self.transfer_permitted(res, d)] if d.transfer and d.mode != "break-glass" else []
         if d.mode != "filter":

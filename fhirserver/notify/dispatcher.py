@@ -300,7 +300,7 @@ class Dispatcher:
         since = sub.failing_since_us or now
         give_up = give_up or now - since >= settings.subscription_retry_hours * 3600e6
         wait = min(settings.subscription_retry_max_seconds, FIRST_RETRY_S * 2 ** min(sub.attempts, 30))
-        wait *= 0.5 + random.random()  # jitter: instances and subscriptions do not retry in step
+        wait *= 0.5 + random.random() / 2  # jitter, never past the maximum: subscriptions do not retry in step
         with transaction(self.svc.engine) as conn:
             state.failed(conn, sub, self.worker, error, now + int(wait * 1e6), give_up, now)
         metrics.notification("failed" if give_up else "retried")

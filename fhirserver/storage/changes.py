@@ -9,12 +9,13 @@ made on another instance is seen in the same transaction as the write, so no cha
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, exists, insert, select
+from sqlalchemy import Connection
 
-from ..db.schema import change_event, subscription_state
+from ..db import raw
 
-_INSERT = insert(change_event)
-_LIVE = select(exists().where(subscription_state.c.status.in_(("requested", "active"))))
+# raw statements on the write's own cursor (db/raw.py): every write pays for them
+_LIVE = "SELECT 1 FROM subscription_state WHERE status IN ('requested', 'active') LIMIT 1"
+_INSERT = "INSERT INTO change_event (resource_pk, type, id, version, method, recorded_us) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 class ChangeFeed:
@@ -23,8 +24,11 @@ class ChangeFeed:
 
     def changed(self, conn: Connection, pk: int, rtype: str, rid: str, version: int, method: str, when_us: int) -> None:
         if not self._on:
-            if not conn.execute(_LIVE).scalar():
-                return
+            cursor = raw.execute(conn, _LIVE)
+            try:
+                if cursor.fetchone() is None:
+                    return
+            finally:
+                cursor.close()
             self._on = True
-        conn.execute(_INSERT, {"resource_pk": pk, "type": rtype, "id": rid, "version": version, "method": method,
-                               "recorded_us": when_us})
+        raw.execute(conn, _INSERT, (pk, rtype, rid, version, method, when_us)).close()

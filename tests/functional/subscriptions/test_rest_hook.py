@@ -51,6 +51,14 @@ def subscription(endpoint: str, payload: str = "id-only", filters: tuple[str, ..
     return body
 
 
+def _status(http: Any, headers: dict[str, str], sid: str) -> dict[str, str]:
+    """The $status parameters of a subscription, as name -> value text."""
+    answer = http.get(f"/fhir/Subscription/{sid}/$status", headers=headers)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return {p["name"]: str(next(v for k, v in p.items() if k.startswith("value")))
+            for p in answer.get_json()["entry"][0]["resource"]["parameter"] if p["name"] != "notification-event"}
+
+
 def patient(http: Any, headers: dict[str, str], name: str) -> str:
     resp = http.post("/fhir/Patient", json={"resourceType": "Patient", "name": [{"family": name}]},
                      headers={**headers, **FHIR})
@@ -75,6 +83,7 @@ def subscribe(http: Any, headers: dict[str, str], body: dict[str, Any]) -> str:
     return str(resp.headers["Location"].split("/Subscription/")[1].split("/")[0])
 
 
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
 def test_handshake_then_numbered_id_only_notifications_for_the_filtered_patient(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
     client = make_client(settings={"subscription_endpoints": [receiver.url]})
     h = client.headers()
@@ -184,23 +193,33 @@ def test_a_withdrawn_consent_stops_the_next_notification(http, make_client, admi
     pid = patient(http, h, "Dora")
     permit = consent("c-dora", pid, {"type": "permit", "purpose": [{"system": ACT_REASON, "code": "HRESCH"}]})
     assert http.put("/fhir/Consent/c-dora", json=permit, headers={**h, **FHIR}).status_code in (200, 201)
-    subscribe(http, research.headers(), subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",)))
+    sid = subscribe(http, research.headers(), subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",)))
     receiver.wait(lambda b: len(b) >= 1)  # handshake
     seen = observation(http, h, pid, 1.0)
     receiver.wait(lambda b: event_numbers(b) == [1])
     receiver.failing = True  # the next event is numbered, but its delivery waits ...
     observation(http, h, pid, 2.0)
+    import time
+    deadline = time.monotonic() + 15
+    while _status(http, research.headers(), sid)["events-since-subscription-start"] != "2":
+        assert time.monotonic() < deadline, "event 2 was not numbered"
+        time.sleep(0.05)
     withdrawn = {**permit, "status": "inactive"}
     assert http.put("/fhir/Consent/c-dora", json=withdrawn, headers={**h, **FHIR}).status_code == 200
     observation(http, h, pid, 3.0)  # after the withdrawal: never numbered for this owner
     receiver.failing = False
     marker = patient(http, h, "Marker")  # a later event the subscription does not cover
     assert marker
-    import time
-    time.sleep(2.0)
+    deadline = time.monotonic() + 15
+    while _status(http, research.headers(), sid)["events-withheld"] != "1" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert event_numbers(receiver.bundles()) == [1]
     foci = [e["focus"]["reference"] for b in receiver.bundles("event-notification") for e in status_of(b)["events"]]
     assert [f.rsplit("/", 1)[1] for f in foci] == [seen]
+    # the event numbered before the withdrawal was withheld and counted (not revealed to the receiver)
+    params = _status(http, research.headers(), sid)
+    assert params["events-withheld"] == "1" and params["events-since-subscription-start"] == "2"
 
 
 def test_status_and_events_replay_for_the_owner_only(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
@@ -245,6 +264,7 @@ def test_each_delivery_is_an_access_record_naming_the_patient_and_endpoint(http,
     assert event["agent"][0]["who"]["reference"] == f"Device/{client.client_id}"
 
 
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
 def test_notifications_wait_for_a_receiver_that_is_down_and_arrive_in_order(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
     client = make_client(settings={"subscription_endpoints": [receiver.url]})
     h = client.headers()
@@ -309,7 +329,7 @@ def test_a_patient_app_subscribes_to_its_own_record_only(app, http, admin, recei
     h = admin.headers()
     alice, bob = patient(http, h, "Alice"), patient(http, h, "Bob")
     client_id, _ = smart.app_client(settings={"subscription_endpoints": [receiver.url]})
-    scope = "launch/patient openid fhirUser patient/*.rs patient/Subscription.crus"
+    scope = "launch/patient openid fhirUser patient/*.rs patient/Subscription.crus patient/AuditEvent.rs"
     alice_user, _ = smart.user(f"Patient/{alice}")
     bob_user, _ = smart.user(f"Patient/{bob}")
     as_alice = {"Authorization": f"Bearer {smart.tokens(client_id, scope, alice_user, patient=alice)['access_token']}"}
@@ -326,6 +346,16 @@ def test_a_patient_app_subscribes_to_its_own_record_only(app, http, admin, recei
     receiver.wait(lambda b: event_numbers(b) == [1])
     foci = [e["focus"]["reference"] for b in receiver.bundles("event-notification") for e in status_of(b)["events"]]
     assert [f.rsplit("/", 1)[1] for f in foci] == [mine]
+    # Alice's "who saw my data" (her own AuditEvents, as the portal lists them) includes the push
+    events = http.get("/fhir/AuditEvent?_count=200", headers=as_alice).get_json()
+    pushes = [e["resource"] for e in events.get("entry", [])
+              if any(s.get("code") == "subscription-notification" for s in e["resource"].get("subtype", []))]
+    # the handshake (her app acting for her) and the push of her result
+    assert sorted(p["outcomeDesc"].split(" to ")[0] for p in pushes) == ["subscription event-notification",
+                                                                          "subscription handshake"]
+    push = next(p for p in pushes if "event-notification" in p["outcomeDesc"])
+    assert receiver.url in push["outcomeDesc"]
+    assert f"Observation/{mine}/_history/1" in {e.get("what", {}).get("reference") for e in push["entity"]}
     # the same app used by another patient sees nothing of Alice's subscription
     assert http.get(f"/fhir/Subscription/{sid}", headers=as_bob).status_code == 404
     assert http.get("/fhir/Subscription", headers=as_bob).get_json()["total"] == 0
@@ -367,3 +397,34 @@ def test_notifications_are_signed_with_the_servers_published_key(http, make_clie
     assert jws.deserialize_compact(signature, keys, payload=got["raw"]).protected["alg"] == "RS256"
     with pytest.raises(BadSignatureError):  # one byte changed: the signature no longer holds
         jws.deserialize_compact(signature, keys, payload=got["raw"].replace(b"handshake", b"handshakE"))
+
+
+
+def test_encounter_topics_fire_on_the_status_transition_only(http, make_client, receiver) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(settings={"subscription_endpoints": [receiver.url]})
+    h = client.headers()
+    pid = patient(http, h, "Jo")
+    subscribe(http, h, subscription(receiver.url + "/start", topic="http://fhirserver.dev/SubscriptionTopic/encounter-start",
+                                    filters=(f"Encounter?patient=Patient/{pid}",)))
+    subscribe(http, h, subscription(receiver.url + "/finish", topic="http://fhirserver.dev/SubscriptionTopic/encounter-finish",
+                                    filters=(f"Encounter?patient=Patient/{pid}",)))
+    enc = {"resourceType": "Encounter", "status": "planned", "subject": {"reference": f"Patient/{pid}"},
+           "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}}
+    made = http.post("/fhir/Encounter", json=enc, headers={**h, **FHIR})
+    assert made.status_code == 201
+    eid = made.get_json()["id"]
+    for status in ("arrived", "in-progress", "in-progress", "finished", "finished"):  # repeats change nothing
+        body = {**enc, "id": eid, "status": status}
+        assert http.put(f"/fhir/Encounter/{eid}", json=body, headers={**h, **FHIR}).status_code == 200
+    receiver.wait(lambda b: len(event_numbers(b)) >= 2)
+    import time
+    time.sleep(1.0)
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for r in receiver.received:
+        if status_of(r["body"])["type"] == "event-notification":
+            by_path.setdefault(r["path"], []).extend(status_of(r["body"])["events"])
+    assert [e["event-number"] for e in by_path["/hook/start"]] == ["1"]
+    assert [e["event-number"] for e in by_path["/hook/finish"]] == ["1"]
+    versions = [r["body"]["entry"][1]["response"]["etag"] for r in receiver.received
+                if status_of(r["body"])["type"] == "event-notification"]
+    assert sorted(versions) == ['W/"3"', 'W/"5"']  # in-progress was version 3, finished version 5

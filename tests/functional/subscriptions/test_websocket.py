@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 from fhirserver.config import Settings
 from tests.conftest import make_settings
 
-from .test_rest_hook import FHIR, observation, patient, subscribe, subscription
+from .test_rest_hook import observation, patient, subscribe, subscription
 
 
 @pytest.fixture
