@@ -77,6 +77,24 @@ class Receiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children (gunicorn's master and workers)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def setup(server: BenchServer, receiver: Receiver, subscriptions: int) -> list[str]:
     jwks = server.data_dir / "bench-jwks.json"
     server.client_id = server.cli("client", "register", "--name", "subscriber", "--jwks-file", str(jwks), "--scopes",
@@ -162,10 +180,24 @@ def main() -> None:
         time.sleep(2)  # handshakes
         sent: dict[str, float] = {}
         rates: dict[str, list[float]] = {"with": [], "without": []}
-        unpaced = args.rate * 20  # throughput: as fast as 16 writers go
-        for _ in range(args.rounds):
-            rates["without"].append(write_round(without, plain, unpaced, 5, None))
-            rates["with"].append(write_round(with_subs, patients, unpaced, 5, None))
+        unpaced, burst = 1000.0, 0.6  # throughput: 600 writes per round, as fast as 16 writers go
+        unpaced_writes = [0]
+        cpu: dict[str, list[float]] = {"with": [], "without": []}
+        for _ in range(args.rounds):  # each round: a fixed number of writes, as fast as they go
+            for label, server, pats in (("without", without, plain), ("with", with_subs, patients)):
+                assert server.proc is not None
+                before_cpu = tree_cpu(server.proc.pid)
+                rates[label].append(write_round(server, pats, unpaced, burst, None))
+                if label == "with":
+                    unpaced_writes[0] += int(unpaced * burst)
+                    while receiver.events < unpaced_writes[0]:  # its notifications are part of its cost
+                        time.sleep(0.05)
+                cpu[label].append((tree_cpu(server.proc.pid) - before_cpu) * 1000 / (unpaced * burst))
+        drain_from = time.perf_counter()
+        while receiver.events < unpaced_writes[0] and time.perf_counter() - drain_from < 300:
+            time.sleep(0.2)  # the unpaced rounds' notifications first: the paced run starts from an empty queue
+        print(f"unpaced rounds' {unpaced_writes[0]} notifications drained "
+              f"{time.perf_counter() - drain_from:.1f} s after their last write")
         before = receiver.events
         if args.outage:
             receiver.down = True
@@ -181,6 +213,19 @@ def main() -> None:
         while time.time() < deadline and not all(oid in receiver.arrived for oid in sent):
             time.sleep(0.2)
         lat = sorted((receiver.arrived[o] - t) * 1000 for o, t in sent.items() if o in receiver.arrived)
+        missing = [o for o in sent if o not in receiver.arrived]
+        if missing:
+            print(f"not arrived ({len(missing)}): {missing[:5]}; waited {time.time() - deadline + 120:.0f} s")
+            if not args.pg:
+                import sqlite3
+                db = sqlite3.connect(with_subs.data_dir / "fhirserver.sqlite3")
+                for oid in missing[:5]:
+                    rows = db.execute("SELECT s.id, e.number FROM subscription_event e JOIN subscription_state s "
+                                      "ON s.resource_pk = e.subscription_pk WHERE e.id = ?", (oid,)).fetchall()
+                    for sid, number in rows:
+                        got = receiver.numbers.get(f"{with_subs.base}/Subscription/{sid}", [])
+                        print(f"  {oid}: Subscription/{sid} event {number}; receiver has that number: {number in got}"
+                              f" (its numbers {sorted(got)[-5:]})")
         p95 = lat[int(len(lat) * 0.95) - 1] if lat else float("nan")
         print(f"{'PostgreSQL (durable)' if args.pg else 'SQLite'}; subscriptions {args.subscriptions}, paced writes {args.rate:.0f}/s for {args.seconds:.0f} s "
               f"({len(sent)} writes)")
@@ -194,10 +239,19 @@ def main() -> None:
                   f"in order per subscription: {in_order}; missing numbers: {gaps}")
         else:
             print(f"write-to-delivery latency ms: p50 {statistics.median(lat):.0f}  p95 {p95:.0f}  max {lat[-1]:.0f}")
+        dupes = receiver.events - sum(len(set(n)) for n in receiver.numbers.values())
+        listed = json.loads(with_subs.cli("subscription", "list", "--json"))
+        errors = sorted({str(r["last_error"]) for r in listed if r["last_error"]})
+        print(f"events received more than once (at-least-once resends): {dupes}; subscriptions with a failed "
+              f"attempt now: {sum(1 for r in listed if r['attempts'])} {errors[:3]}; numbered "
+              f"{sum(r['events'] for r in listed)}, withheld {sum(r['withheld'] for r in listed)}")
         if rates["with"]:
             w, wo = statistics.median(rates["with"]), statistics.median(rates["without"])
             print(f"unpaced write throughput (16 writers, median of {args.rounds} interleaved rounds): "
                   f"with subscriptions {w:.0f}/s, without {wo:.0f}/s -> {100 * w / wo:.0f}%")
+            cw, cwo = statistics.median(cpu["with"]), statistics.median(cpu["without"])
+            print(f"server CPU per write, its notification included: with subscriptions {cw:.1f} ms, without "
+                  f"{cwo:.1f} ms (+{cw - cwo:.1f} ms per notified write)")
     finally:
         with_subs.stop()
         without.stop()

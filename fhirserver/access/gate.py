@@ -331,6 +331,26 @@ class AccessGate:
         passes the owner's search access to `rtype` (scopes, consent, cross-border rule) and the
         subscription's filters (`patients`: in one of these compartments), and the event's version
         is one the owner may read. None otherwise: the event is withheld, never revealed."""
+        current = self._event_row(conn, rtype, pk, filters, patients)
+        if current is None:
+            return None
+        if current == version:  # the usual case: the event's version is still the current one
+            found = self.load(conn, rtype, [pk])
+            return found[0] if found else None
+        try:
+            return self.read(conn, rtype, rid, version, preds=self.others(rtype, source_of(rtype).res))
+        except StorageError:
+            return None
+
+    def sees_event(self, conn: Connection, rtype: str, pk: int, filters: Sequence[tuple[str, str]],
+                   patients: Sequence[str]) -> bool:
+        """Whether the owner may see the changed resource now and it meets the filters (matching:
+        nothing is decrypted)."""
+        return self._event_row(conn, rtype, pk, filters, patients) is not None
+
+    def _event_row(self, conn: Connection, rtype: str, pk: int, filters: Sequence[tuple[str, str]],
+                   patients: Sequence[str]) -> int | None:
+        """The current version of row `pk` if it passes the caller's access and the filters."""
         source = source_of(rtype)
         res = source.res
         preds = self.others(rtype, res)
@@ -346,12 +366,8 @@ class AccessGate:
         if filters:
             parsed = parse_search(self.params, rtype, list(filters), 1, 1, strict=True)
             conds.extend(self.compiler.where(parsed, res, self.others))
-        if conn.execute(select(res.c.pk).where(*conds)).first() is None:
-            return None
-        try:
-            return self.read(conn, rtype, rid, version, preds=preds)
-        except StorageError:
-            return None
+        row = conn.execute(select(res.c.version).where(*conds)).first()
+        return int(row[0]) if row is not None else None
 
     def compartments_by_pk(self, conn: Connection, rtype: str, pks: list[int]) -> dict[int, tuple[str, ...]]:
         """pk -> the patients whose compartments hold that `rtype` row (access records have their own)."""

@@ -672,6 +672,9 @@ change_event = Table(
     Column("version", Integer, nullable=False),
     Column("method", String(8), nullable=False),  # POST / PUT
     Column("recorded_us", BigInteger, nullable=False),
+    # never reuse a number (SQLite would hand out max+1 again once the table is empty): an instance
+    # taking a change by its number must never take a newer change that reused it
+    sqlite_autoincrement=True,
 )
 
 subscription_state = Table(

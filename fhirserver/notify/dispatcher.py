@@ -20,17 +20,17 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, event
 
 from .. import metrics
-from ..access import Access, AccessGate
-from ..audit.events import AuditRecord
+from ..access import Access
 from ..auth.clients import get_client
-from ..auth.principal import Principal, principal_from
+from ..auth.principal import principal_from
 from ..clock import now_us
 from ..db.engine import read_connection, transaction
 from ..fhir.errors import FhirError
@@ -39,56 +39,22 @@ from ..storage.codec import dump_json, parse_json
 from ..storage.errors import StorageError
 from ..subscriptions import state
 from ..subscriptions.admission import Criteria, criteria_of
-from ..subscriptions.endpoints import EndpointRefused, Target, post, resolve
+from ..subscriptions.endpoints import EndpointRefused, resolve
 from ..subscriptions.notification import Item, notification
-from .signature import HEADER, Signer
+from .channels import Channel, DeliveryFailed, Outgoing, Owner, RestHook, notification_record
+from .signature import Signer
+
+if TYPE_CHECKING:
+    from ..pipeline.pipeline import Pipeline
 
 log = logging.getLogger("fhirserver.subscriptions")
 LEASE_MARGIN_S = 5.0  # a delivery round's lease: its send's timeout twice, plus this (Dispatcher.lease_us)
 MATCH_BATCH = 200
-SEND_BATCH = 20
+CRITERIA_SECONDS = 5.0  # a parsed subscription is reused this long unless its version changed
+SEND_BATCH = 20  # events in one notification
+DELIVERY_BATCH = 16  # subscriptions served in one delivery round
+SEND_THREADS = 8  # notifications of one round in flight at once
 FIRST_RETRY_S = 1.0
-
-
-class DeliveryFailed(Exception):
-    """A send did not reach the receiver (the message says why, naming no data)."""
-
-
-class Channel(Protocol):
-    """Where a notification goes: `address` and `destination` are named in the access record."""
-
-    address: str
-    destination: str
-
-    def send(self, payload: bytes) -> None: ...
-
-
-class RestHook:
-    """POST to the checked address of a rest-hook endpoint, with the subscription's headers."""
-
-    def __init__(self, target: Target, crit: Criteria, timeout: float, sign: Signer | None) -> None:
-        self.target = target
-        self.address = target.address
-        self.destination = crit.endpoint
-        self.headers = {"Content-Type": "application/fhir+json", **dict(crit.headers)}
-        self.timeout = timeout
-        self.sign = sign
-
-    def send(self, payload: bytes) -> None:
-        headers = {**self.headers, HEADER: self.sign(payload)} if self.sign is not None else self.headers
-        try:
-            code = post(self.target, payload, headers, self.timeout)
-        except OSError as err:
-            raise DeliveryFailed(f"connection failed: {type(err).__name__}") from None
-        if not 200 <= code < 300:
-            raise DeliveryFailed(f"the endpoint answered HTTP {code}")
-
-
-@dataclass
-class Owner:
-    principal: Principal
-    gate: AccessGate
-    endpoints: list[str]
 
 
 class Dispatcher:
@@ -96,6 +62,9 @@ class Dispatcher:
         self.svc = svc
         self.worker = worker or uuid.uuid4().hex[:16]
         self.sign = sign  # rest-hook bodies are signed with the server's published key (signature.py)
+        self._criteria: dict[int, tuple[float, int, Criteria | None]] = {}
+        self._pipeline: Pipeline | None = None
+        self._senders: ThreadPoolExecutor | None = None
         # how long a subscription stays with this instance per round: a dead instance's
         # subscriptions move on to another after it (and their unacknowledged events are resent)
         self.lease_us = int((2 * svc.settings.subscription_timeout_seconds + LEASE_MARGIN_S) * 1e6)
@@ -112,67 +81,92 @@ class Dispatcher:
         principal.client_settings = client.settings  # the client's current registration (endpoints, roles)
         principal.consent = self.svc.consent.export_decision(principal, False)
         transfer, refusal = self.svc.consent.transfer_rule(principal)
-        gate = self.svc.gate(Access(others=Pipeline(self.svc).access_fn(principal), transfer=transfer,
+        if self._pipeline is None:
+            self._pipeline = Pipeline(self.svc)  # one per dispatcher: its scope restrictions stay compiled
+        gate = self.svc.gate(Access(others=self._pipeline.access_fn(principal), transfer=transfer,
                                     transfer_refusal=refusal))
         return Owner(principal, gate, list(client.settings.get("subscription_endpoints") or []))
 
-    def criteria(self, conn: Connection, sub: state.Sub) -> Criteria | None:
-        """The subscription as stored now (the dispatcher's own configuration read, not a disclosure)."""
+    def criteria(self, conn: Connection, sub: state.Sub, version: int | None = None) -> Criteria | None:
+        """The subscription as stored (the dispatcher's own configuration read, not a disclosure),
+        remembered for CRITERIA_SECONDS per version: matching consults every live subscription."""
+        if version is None:
+            head = self.svc.repo.current(conn, "Subscription", sub.id)
+            version = head.version if head is not None and not head.deleted else -1
+        cached = self._criteria.get(sub.pk)
+        if cached is not None and cached[1] == version and time.monotonic() - cached[0] < CRITERIA_SECONDS:
+            return cached[2]
         try:
             stored = self.svc.repo.read(conn, "Subscription", sub.id)
-            return criteria_of(parse_json(stored.body or b"{}"), self.svc.topics, self.svc.params)
+            crit: Criteria | None = criteria_of(parse_json(stored.body or b"{}"), self.svc.topics, self.svc.params)
         except (StorageError, FhirError):
-            return None
+            crit = None
+        if len(self._criteria) > 10_000:
+            self._criteria.clear()
+        self._criteria[sub.pk] = (time.monotonic(), version, crit)
+        return crit
 
     # ------------------------------------------------------------------ matching
     def match_once(self, limit: int = MATCH_BATCH) -> int:
-        """Number one batch of changes for the subscriptions they concern; the changes consumed."""
-        with read_connection(self.svc.engine) as conn:  # idle: no write transaction (SQLite's lock)
-            if not state.has_changes(conn):
-                return 0
-        with transaction(self.svc.engine) as conn:
-            changes = state.claim_changes(conn, limit)
+        """Number one batch of changes for the subscriptions they concern; the changes consumed.
+
+        The matching reads in a snapshot, without the write lock; a short write transaction then
+        takes the changes (DELETE ... RETURNING: a change another instance took meanwhile is not
+        numbered twice) and numbers the matches in change order."""
+        with read_connection(self.svc.engine) as conn:
+            changes = state.pending_changes(conn, limit)
             if not changes:
                 return 0
-            views: list[tuple[state.Sub, Criteria, Owner]] = []
-            for sub in state.live(conn):
-                crit = self.criteria(conn, sub)
-                owner = self.owner(sub) if crit is not None else None
-                if crit is not None and owner is not None:
-                    views.append((sub, crit, owner))
+            matches = self._matches(conn, changes)
+        with transaction(self.svc.engine) as conn:
+            taken = state.take_changes(conn, [c.seq for c in changes])
             numbered = 0
-            for ch in changes:
-                compartments: set[str] | None = None
-                bodies: dict[int, dict[str, Any] | None] = {}
-                for sub, crit, owner in views:
-                    trigger = crit.topic.triggers.get(ch.type)
-                    if trigger is None:
-                        continue
-                    if crit.patients:
-                        if compartments is None:
-                            compartments = self._compartments(conn, owner.gate, ch)
-                        if not compartments.intersection(crit.patients):
-                            continue
-                    if trigger.element:
-                        for v in (ch.version, ch.version - 1):
-                            if v not in bodies:
-                                bodies[v] = self._body(conn, ch.type, ch.id, v)
-                        if not trigger.fires(ch.method, bodies[ch.version], bodies[ch.version - 1]):
-                            continue
-                    elif not trigger.fires(ch.method, None, None):
-                        continue
-                    filters = [*crit.filters.get("*", []), *crit.filters.get(ch.type, [])]
-                    if owner.gate.event(conn, ch.type, ch.resource_pk, ch.id, ch.version, filters,
-                                        crit.patients) is None:
-                        continue
-                    state.number(conn, sub.pk, ch)
+            for sub_pk, ch in matches:
+                if ch.seq in taken:
+                    state.number(conn, sub_pk, ch)
                     numbered += 1
-            state.consume(conn, [c.seq for c in changes])
         metrics.notification("queued", numbered)
-        return len(changes)
+        return len(taken)
 
-    def _compartments(self, conn: Connection, gate: AccessGate, ch: state.Change) -> set[str]:
-        found = set(gate.compartments_by_pk(conn, ch.type, [ch.resource_pk]).get(ch.resource_pk, ()))
+    def _matches(self, conn: Connection, changes: list[state.Change]) -> list[tuple[int, state.Change]]:
+        """(subscription, change) pairs, in change order: the topic fires, the filters hold, and
+        the owner may see the resource now (through its gate, as a search of theirs)."""
+        views = [(sub, crit) for sub, version in state.live(conn)
+                 if (crit := self.criteria(conn, sub, version)) is not None]
+        owners: dict[int, Owner | None] = {}
+        out: list[tuple[int, state.Change]] = []
+        for ch in changes:
+            compartments: set[str] | None = None
+            bodies: dict[int, dict[str, Any] | None] = {}
+            for sub, crit in views:
+                trigger = crit.topic.triggers.get(ch.type)
+                if trigger is None:
+                    continue
+                if crit.patients:
+                    if compartments is None:
+                        compartments = self._compartments(conn, ch)
+                    if not compartments.intersection(crit.patients):
+                        continue
+                if trigger.element:
+                    for v in (ch.version, ch.version - 1):
+                        if v not in bodies:
+                            bodies[v] = self._body(conn, ch.type, ch.id, v)
+                    if not trigger.fires(ch.method, bodies[ch.version], bodies[ch.version - 1]):
+                        continue
+                elif not trigger.fires(ch.method, None, None):
+                    continue
+                if sub.pk not in owners:
+                    owners[sub.pk] = self.owner(sub)  # built once per round, for the candidates only
+                owner = owners[sub.pk]
+                filters = [*crit.filters.get("*", []), *crit.filters.get(ch.type, [])]
+                if owner is None or not owner.gate.sees_event(conn, ch.type, ch.resource_pk, filters, crit.patients):
+                    continue
+                out.append((sub.pk, ch))
+        return out
+
+    def _compartments(self, conn: Connection, ch: state.Change) -> set[str]:
+        """The patients whose compartments hold the changed resource (membership, no content)."""
+        found = set(state.compartments_of(conn, ch.type, ch.resource_pk))
         if ch.type == "Patient":
             found.add(ch.id)
         return found
@@ -188,49 +182,65 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ delivery
     def deliver_once(self) -> bool:
-        """Serve one due subscription; False when none was due."""
+        """Serve up to DELIVERY_BATCH due subscriptions; False when none was due. Their access
+        records are written in one transaction before anything leaves (no record, no send), the
+        notifications go out concurrently, and one transaction records how each went."""
         now = now_us()
         with read_connection(self.svc.engine) as conn:  # idle: no write transaction
             if not state.any_due(conn, now):
                 return False
         with transaction(self.svc.engine) as conn:
-            sub = state.claim_due(conn, self.worker, now, self.lease_us)
-        if sub is None:
+            subs = state.claim_due_many(conn, self.worker, now, self.lease_us, DELIVERY_BATCH)
+        if not subs:
             return False
-        try:
-            self._deliver(sub)
-        except Exception as exc:  # noqa: BLE001 - one subscription's failure must not stop the others
-            log.exception("delivery for Subscription/%s failed", sub.id)
-            self._failed(sub, f"internal error: {type(exc).__name__}")
+        ready: list[Outgoing] = []
+        for sub in subs:
+            try:
+                out = self._rest_hook(sub)
+            except Exception as exc:  # noqa: BLE001 - one subscription's failure must not stop the others
+                log.exception("delivery for Subscription/%s failed", sub.id)
+                out = Outgoing(sub, error=f"internal error: {type(exc).__name__}")
+            ready.append(out)
+        self._record_all(ready)
+        sending = [o for o in ready if o.channel is not None and o.payload is not None]
+        if len(sending) > 1:
+            list(self._pool().map(self._send, sending))
+        elif sending:
+            self._send(sending[0])
+        self._settle_all(ready)
         return True
 
-    def _deliver(self, sub: state.Sub) -> None:
-        """One rest-hook round: the endpoint checked again (its address pinned), then `serve`."""
+    def _rest_hook(self, sub: state.Sub) -> Outgoing:
+        """What one rest-hook subscription is due, ready to send (its endpoint checked again and
+        its address pinned), or the reason it cannot be."""
         settings = self.svc.settings
         with read_connection(self.svc.engine) as conn:
             crit = self.criteria(conn, sub)
         owner = self.owner(sub)
         if crit is None or owner is None:
-            self._failed(sub, "the subscription's owner client is disabled or its criteria are no longer valid",
-                         give_up=True)
-            return
+            return Outgoing(sub, error="the subscription's owner client is disabled or its criteria are no longer "
+                                       "valid", give_up=True)
         try:
             target = resolve(crit.endpoint, owner.endpoints, settings.subscription_allow_http_loopback,
                              settings.subscription_private_networks)
         except EndpointRefused as err:
-            self._failed(sub, f"endpoint refused: {err}")
-            return
-        self.serve(sub, crit, owner, RestHook(target, crit, settings.subscription_timeout_seconds, self.sign))
+            return Outgoing(sub, error=f"endpoint refused: {err}")
+        return self.prepare(sub, crit, owner, RestHook(target, crit, settings.subscription_timeout_seconds, self.sign))
 
     def serve(self, sub: state.Sub, crit: Criteria, owner: Owner, channel: Channel) -> bool:
-        """Send what a leased subscription is due -- its handshake, its next events (each re-checked
-        through the owner's gate now), or a heartbeat -- over `channel`; False when the send failed
-        (recorded: retried later)."""
-        items: list[Item] = []
-        withheld = 0
-        patients: set[str] = set()
-        through: int | None = None
-        kind = "handshake"
+        """One leased subscription over `channel` (a websocket's thread): prepare, record, send,
+        settle. False when the send failed (recorded: retried later)."""
+        out = self.prepare(sub, crit, owner, channel)
+        self._record_all([out])
+        if out.payload is not None:
+            self._send(out)
+        self._settle_all([out])
+        return out.error is None
+
+    def prepare(self, sub: state.Sub, crit: Criteria, owner: Owner, channel: Channel) -> Outgoing:
+        """What a leased subscription is due -- its handshake, its next events (each re-checked
+        through the owner's gate now), or a heartbeat -- as a notification for `channel`."""
+        out = Outgoing(sub, crit=crit, owner=owner, channel=channel, kind="handshake")
         if sub.handshake_done:
             with read_connection(self.svc.engine) as conn:
                 events = state.events_after(conn, sub.pk, sub.delivered_through, SEND_BATCH)
@@ -238,71 +248,72 @@ class Dispatcher:
                     filters = [*crit.filters.get("*", []), *crit.filters.get(ev.type, [])]
                     stored = owner.gate.event(conn, ev.type, ev.resource_pk, ev.id, ev.version, filters, crit.patients)
                     if stored is None:
-                        withheld += 1
+                        out.withheld += 1
                         continue
-                    patients.update(stored.patients)
+                    out.patients.update(stored.patients)
                     body = parse_json(stored.body) if crit.payload == "full-resource" and stored.body else None
-                    items.append(Item(ev.number, ev.recorded_us, ev.type, ev.id, ev.version, ev.method, body))
-            kind = "event-notification" if events else "heartbeat"  # nothing new: due for its heartbeat
-            through = events[-1].number if events else None
-            if events and not items:  # nothing the owner may still see: acknowledged without a send
-                with transaction(self.svc.engine) as conn:
-                    state.delivered(conn, sub.pk, self.worker, through, withheld, now_us())
-                metrics.notification("withheld", withheld)
-                return True
+                    out.items.append(Item(ev.number, ev.recorded_us, ev.type, ev.id, ev.version, ev.method, body))
+            out.kind = "event-notification" if events else "heartbeat"  # nothing new: due for its heartbeat
+            out.through = events[-1].number if events else None
+            if events and not out.items:  # nothing the owner may still see: acknowledged without a send
+                return out
         status = "active" if sub.handshake_done else "requested"
-        bundle = notification(self.svc.settings.fhir_base, sub.id, sub.topic, status, kind,
-                              max(sub.events_since_start, through or 0), items, crit.payload, now_us())
-        if kind != "heartbeat":  # a heartbeat carries no data; everything else is recorded before it leaves
-            self._record(sub, owner, channel.address, channel.destination, items, patients, kind)
+        bundle = notification(self.svc.settings.fhir_base, sub.id, sub.topic, status, out.kind,
+                              max(sub.events_since_start, out.through or 0), out.items, crit.payload, now_us())
+        out.payload = dump_json(bundle)
+        return out
+
+    def _send(self, out: Outgoing) -> None:
+        assert out.channel is not None and out.payload is not None
         try:
-            channel.send(dump_json(bundle))
+            out.channel.send(out.payload)
         except DeliveryFailed as err:
-            self._failed(sub, str(err))
-            return False
+            out.error = str(err)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="subscription-send")
+        return self._senders
+
+    def _record_all(self, batch: list[Outgoing]) -> None:
+        """The access records of every notification about to leave, in one transaction; if it
+        fails, nothing is sent (the batch is retried)."""
+        records = [notification_record(o) for o in batch if o.payload is not None and o.kind != "heartbeat"]
+        if not records:
+            return
+        try:
+            with transaction(self.svc.engine) as conn:
+                for rec in records:
+                    self.svc.audit.append(conn, rec)
+        except Exception as exc:  # noqa: BLE001 - fail closed: no record, no send
+            log.exception("access records of a notification batch could not be written")
+            for o in batch:
+                if o.payload is not None:
+                    o.payload, o.error = None, f"access record not written: {type(exc).__name__}"
+
+    def _settle_all(self, batch: list[Outgoing]) -> None:
         now = now_us()
+        failed = [o for o in batch if o.error is not None]
         with transaction(self.svc.engine) as conn:
-            state.delivered(conn, sub.pk, self.worker, through, withheld, now)
-        metrics.notification("delivered", len(items))
-        metrics.notification("withheld", withheld)
-        for item in items:
-            metrics.notification_lag(max(0, now - item.recorded_us) / 1e6)
-        return True
+            for o in batch:
+                if o.error is None:
+                    state.delivered(conn, o.sub.pk, self.worker, o.through, o.withheld, now)
+            for o in failed:
+                self._failed_in(conn, o.sub, o.error or "", o.give_up, now)
+        for o in batch:
+            if o.error is None:
+                metrics.notification("delivered", len(o.items))
+                metrics.notification("withheld", o.withheld)
+                for item in o.items:
+                    metrics.notification_lag(max(0, now - item.recorded_us) / 1e6)
 
-    def _record(self, sub: state.Sub, owner: Owner, address: str, endpoint: str, items: list[Item],
-                patients: set[str], kind: str) -> None:
-        p = owner.principal
-        rec = AuditRecord(interaction="operation", request_id=f"notify-{uuid.uuid4().hex}"[:64],
-                          network_address=address, recorded_us=now_us(), status=200, client_id=p.client_id,
-                          client_name=p.client_name, user=p.fhir_user,
-                          outcome_desc=(f"subscription {kind} to {endpoint[:300]}" +
-                                        (f": events {items[0].number}-{items[-1].number}" if items else "")))
-        rec.subtype_code = ("http://fhirserver.dev/CodeSystem/audit-subtype", "subscription-notification",
-                            "subscription notification")
-        rec.target = f"Subscription/{sub.id}"
-        rec.extra_entities = [{  # the subscription that caused the disclosure, and where it went
-            "what": {"reference": f"Subscription/{sub.id}"},
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2",
-                     "display": "System Object"},
-            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "13",
-                     "display": "Security Resource"},
-            "description": f"notification endpoint {endpoint[:300]}"}]
-        rec.resources = [f"{i.rtype}/{i.rid}/_history/{i.version}" for i in items]
-        rec.patients = sorted(patients)
-        rec.query = endpoint[:1000]
-        rec.purpose = list(p.purpose or [])
-        with transaction(self.svc.engine) as conn:
-            self.svc.audit.append(conn, rec)
-
-    def _failed(self, sub: state.Sub, error: str, give_up: bool = False) -> None:
+    def _failed_in(self, conn: Connection, sub: state.Sub, error: str, give_up: bool, now: int) -> None:
         settings = self.svc.settings
-        now = now_us()
         since = sub.failing_since_us or now
         give_up = give_up or now - since >= settings.subscription_retry_hours * 3600e6
         wait = min(settings.subscription_retry_max_seconds, FIRST_RETRY_S * 2 ** min(sub.attempts, 30))
         wait *= 0.5 + random.random() / 2  # jitter, never past the maximum: subscriptions do not retry in step
-        with transaction(self.svc.engine) as conn:
-            state.failed(conn, sub, self.worker, error, now + int(wait * 1e6), give_up, now)
+        state.failed(conn, sub, self.worker, error, now + int(wait * 1e6), give_up, now)
         metrics.notification("failed" if give_up else "retried")
         log.warning("Subscription/%s: %s (%s)", sub.id, error, "status error" if give_up else f"retry in {wait:.1f} s")
 
@@ -317,8 +328,11 @@ def start_dispatcher(svc: Services, sign: Signer | None = None) -> threading.Thr
     def loop() -> None:
         while not stop.wait(svc.settings.subscription_poll_seconds):
             try:
-                while not stop.is_set() and (dispatcher.match_once() or dispatcher.deliver_once()):
-                    pass
+                while not stop.is_set():  # both in every turn: a steady stream of changes must not starve delivery
+                    matched = dispatcher.match_once()
+                    delivered = dispatcher.deliver_once()
+                    if not matched and not delivered:
+                        break
             except Exception:  # noqa: BLE001 - the dispatcher must outlive a bad round
                 if not stop.is_set():
                     log.exception("subscription dispatcher round failed")

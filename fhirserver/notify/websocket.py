@@ -22,7 +22,8 @@ from ..db.engine import read_connection, transaction
 from ..pipeline.subscription_ops import WEBSOCKET_PATH
 from ..services import Services
 from ..subscriptions import state
-from .dispatcher import DeliveryFailed, Dispatcher
+from .channels import DeliveryFailed
+from .dispatcher import Dispatcher
 
 log = logging.getLogger("fhirserver.subscriptions")
 BIND_WAIT_S = 30.0

@@ -18,6 +18,7 @@ from ..clock import now_us
 from ..db.rows import AnyRow
 from ..db.schema import change_event, resource, subscription_event, subscription_state, subscription_ws_token
 from ..fhir.ownership import owner_code
+from ..search.sources import source_of
 
 LIVE = ("requested", "active")
 
@@ -109,13 +110,14 @@ def listing(conn: Connection) -> list[Sub]:
     return [_sub(r) for r in conn.execute(select(subscription_state).order_by(subscription_state.c.created_us))]
 
 
-def live(conn: Connection) -> list[Sub]:
+def live(conn: Connection) -> list[tuple[Sub, int]]:
     """Subscriptions that number events (requested or active, whether paused or not), whose
-    resource is not deleted."""
-    rows = conn.execute(select(subscription_state).join(resource, resource.c.pk == subscription_state.c.resource_pk)
+    resource is not deleted, with the resource's current version."""
+    rows = conn.execute(select(subscription_state, resource.c.version.label("resource_version"))
+                        .join(resource, resource.c.pk == subscription_state.c.resource_pk)
                         .where(subscription_state.c.status.in_(LIVE), resource.c.deleted.is_(False))
                         .order_by(subscription_state.c.resource_pk))
-    return [_sub(r) for r in rows]
+    return [(_sub(r), int(r.resource_version)) for r in rows]
 
 
 def set_paused(conn: Connection, rid: str, paused: bool) -> bool:
@@ -131,18 +133,25 @@ def set_paused(conn: Connection, rid: str, paused: bool) -> bool:
 
 
 # ---- the outbox
-def claim_changes(conn: Connection, limit: int) -> list[Change]:
-    """The oldest unconsumed changes, locked for this transaction (PostgreSQL: rows another
-    instance holds are skipped; SQLite: the write transaction is already exclusive)."""
+def pending_changes(conn: Connection, limit: int) -> list[Change]:
+    """The oldest unconsumed changes (read, not locked: `take_changes` decides who numbers them)."""
     stmt = select(change_event).order_by(change_event.c.seq).limit(limit)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
     return [Change(r.seq, r.resource_pk, r.type, r.id, r.version, r.method, r.recorded_us) for r in conn.execute(stmt)]
 
 
-def consume(conn: Connection, seqs: list[int]) -> None:
-    if seqs:
-        conn.execute(delete(change_event).where(change_event.c.seq.in_(seqs)))
+def take_changes(conn: Connection, seqs: list[int]) -> set[int]:
+    """Consume these changes; the ones this transaction removed (another instance may have taken
+    some since they were read: those it numbered, not this one)."""
+    if not seqs:
+        return set()
+    rows = conn.execute(delete(change_event).where(change_event.c.seq.in_(seqs)).returning(change_event.c.seq))
+    return {int(r[0]) for r in rows}
+
+
+def compartments_of(conn: Connection, rtype: str, pk: int) -> list[str]:
+    """The patients whose compartments hold row `pk` (membership only)."""
+    comp = source_of(rtype).compartment
+    return [str(p) for p in conn.execute(select(comp.c.patient_id).where(comp.c.resource_pk == pk)).scalars()]
 
 
 def backlog(conn: Connection) -> tuple[int, int | None]:
@@ -200,6 +209,19 @@ def claim_due(conn: Connection, worker: str, now: int, lease_us: int, channel: s
         return None
     conn.execute(update(s).where(s.c.resource_pk == pk).values(lease_owner=worker, lease_until_us=now + lease_us))
     return _sub(conn.execute(select(s).where(s.c.resource_pk == pk)).one())
+
+
+def claim_due_many(conn: Connection, worker: str, now: int, lease_us: int, limit: int) -> list[Sub]:
+    """Up to `limit` due rest-hook subscriptions, leased to `worker` (as `claim_due`)."""
+    s = subscription_state
+    stmt = select(s.c.resource_pk).where(_due(now), s.c.channel == "rest-hook").order_by(s.c.next_attempt_us).limit(limit)
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    pks = [int(p) for p in conn.execute(stmt).scalars()]
+    if not pks:
+        return []
+    conn.execute(update(s).where(s.c.resource_pk.in_(pks)).values(lease_owner=worker, lease_until_us=now + lease_us))
+    return [_sub(r) for r in conn.execute(select(s).where(s.c.resource_pk.in_(pks)).order_by(s.c.next_attempt_us))]
 
 
 def events_after(conn: Connection, sub_pk: int, after: int, limit: int, upto: int | None = None) -> list[Event]:

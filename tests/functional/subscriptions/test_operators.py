@@ -69,7 +69,9 @@ def test_pause_holds_delivery_without_losing_events_and_resume_delivers_them(tmp
     assert "Authorization" not in json.dumps(listed)  # the listing shows no channel header
     ok(cli("subscription", "resume", sid, data_dir=data))
     receiver.wait(lambda b: event_numbers(b) == [1, 2, 3])
-    text = ok(cli("subscription", "list", data_dir=data))
+    deadline = time.monotonic() + 10  # acknowledged once the receiver's answers are recorded
+    while "delivered 3" not in (text := ok(cli("subscription", "list", data_dir=data))) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sid in text and "events 3, delivered 3" in text
     missing = cli("subscription", "pause", "no-such-subscription", data_dir=data)
     assert missing.returncode != 0 and "no subscription" in missing.stderr + missing.stdout

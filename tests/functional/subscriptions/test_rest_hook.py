@@ -230,6 +230,10 @@ def test_status_and_events_replay_for_the_owner_only(http, make_client, receiver
     sid = subscribe(http, h, subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",)))
     oids = [observation(http, h, pid, float(v)) for v in range(3)]
     receiver.wait(lambda b: event_numbers(b) == [1, 2, 3])
+    import time
+    deadline = time.monotonic() + 10  # acknowledged once the receiver's answers are recorded
+    while _status(http, h, sid)["events-delivered-through"] != "3" and time.monotonic() < deadline:
+        time.sleep(0.05)
     status = http.get(f"/fhir/Subscription/{sid}/$status", headers=h)
     assert status.status_code == 200, status.get_data(as_text=True)
     params = {p["name"]: p for p in status.get_json()["entry"][0]["resource"]["parameter"]}

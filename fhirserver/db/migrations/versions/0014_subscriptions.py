@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("method", sa.String(8), nullable=False),
         sa.Column("recorded_us", sa.BigInteger(), nullable=False),
+        sqlite_autoincrement=True,  # numbers are never reused (db/schema.py)
     )
     op.create_table(
         "subscription_state",
