@@ -331,7 +331,7 @@ class AccessGate:
         passes the owner's search access to `rtype` (scopes, consent, cross-border rule) and the
         subscription's filters (`patients`: in one of these compartments), and the event's version
         is one the owner may read. None otherwise: the event is withheld, never revealed."""
-        current = self._event_row(conn, rtype, pk, filters, patients)
+        current = self._event_rows(conn, rtype, [pk], filters, patients).get(pk)
         if current is None:
             return None
         if current == version:  # the usual case: the event's version is still the current one
@@ -342,21 +342,22 @@ class AccessGate:
         except StorageError:
             return None
 
-    def sees_event(self, conn: Connection, rtype: str, pk: int, filters: Sequence[tuple[str, str]],
-                   patients: Sequence[str]) -> bool:
-        """Whether the owner may see the changed resource now and it meets the filters (matching:
-        nothing is decrypted)."""
-        return self._event_row(conn, rtype, pk, filters, patients) is not None
+    def visible_events(self, conn: Connection, rtype: str, pks: Sequence[int], filters: Sequence[tuple[str, str]],
+                       patients: Sequence[str]) -> set[int]:
+        """Which of the changed `rtype` rows the owner may see now and meet the filters (matching,
+        one statement for a batch: nothing is decrypted)."""
+        return set(self._event_rows(conn, rtype, pks, filters, patients))
 
-    def _event_row(self, conn: Connection, rtype: str, pk: int, filters: Sequence[tuple[str, str]],
-                   patients: Sequence[str]) -> int | None:
-        """The current version of row `pk` if it passes the caller's access and the filters."""
+    def _event_rows(self, conn: Connection, rtype: str, pks: Sequence[int], filters: Sequence[tuple[str, str]],
+                    patients: Sequence[str]) -> dict[int, int]:
+        """pk -> current version, of the rows among `pks` that pass the caller's access and the filters."""
         source = source_of(rtype)
         res = source.res
         preds = self.others(rtype, res)
         if preds is None:
-            return None
-        conds: list[ColumnElement[bool]] = [res.c.pk == pk, res.c.type == rtype, res.c.deleted.is_(False), *preds]
+            return {}
+        conds: list[ColumnElement[bool]] = [res.c.pk.in_(list(pks)), res.c.type == rtype, res.c.deleted.is_(False),
+                                            *preds]
         if self.access.transfer is not None:
             conds.append(self.access.transfer(res))
         if patients:
@@ -366,8 +367,7 @@ class AccessGate:
         if filters:
             parsed = parse_search(self.params, rtype, list(filters), 1, 1, strict=True)
             conds.extend(self.compiler.where(parsed, res, self.others))
-        row = conn.execute(select(res.c.version).where(*conds)).first()
-        return int(row[0]) if row is not None else None
+        return {int(pk): int(v) for pk, v in conn.execute(select(res.c.pk, res.c.version).where(*conds))}
 
     def compartments_by_pk(self, conn: Connection, rtype: str, pks: list[int]) -> dict[int, tuple[str, ...]]:
         """pk -> the patients whose compartments hold that `rtype` row (access records have their own)."""

@@ -130,11 +130,11 @@ class Dispatcher:
 
     def _matches(self, conn: Connection, changes: list[state.Change]) -> list[tuple[int, state.Change]]:
         """(subscription, change) pairs, in change order: the topic fires, the filters hold, and
-        the owner may see the resource now (through its gate, as a search of theirs)."""
+        the owner may see the resource now (through its gate, as a search of theirs: one statement
+        per subscription and type for the whole batch)."""
         views = [(sub, crit) for sub, version in state.live(conn)
                  if (crit := self.criteria(conn, sub, version)) is not None]
-        owners: dict[int, Owner | None] = {}
-        out: list[tuple[int, state.Change]] = []
+        candidates: list[tuple[state.Sub, Criteria, state.Change]] = []
         for ch in changes:
             compartments: set[str] | None = None
             bodies: dict[int, dict[str, Any] | None] = {}
@@ -155,14 +155,22 @@ class Dispatcher:
                         continue
                 elif not trigger.fires(ch.method, None, None):
                     continue
+                candidates.append((sub, crit, ch))
+        groups: dict[tuple[int, str], list[int]] = {}
+        for sub, _crit, ch in candidates:
+            groups.setdefault((sub.pk, ch.type), []).append(ch.resource_pk)
+        owners: dict[int, Owner | None] = {}
+        seen: dict[tuple[int, str], set[int]] = {}
+        for sub, crit, ch in candidates:
+            key = (sub.pk, ch.type)
+            if key not in seen:
                 if sub.pk not in owners:
                     owners[sub.pk] = self.owner(sub)  # built once per round, for the candidates only
                 owner = owners[sub.pk]
                 filters = [*crit.filters.get("*", []), *crit.filters.get(ch.type, [])]
-                if owner is None or not owner.gate.sees_event(conn, ch.type, ch.resource_pk, filters, crit.patients):
-                    continue
-                out.append((sub.pk, ch))
-        return out
+                seen[key] = (set() if owner is None else
+                             owner.gate.visible_events(conn, ch.type, groups[key], filters, crit.patients))
+        return [(sub.pk, ch) for sub, _crit, ch in candidates if ch.resource_pk in seen[(sub.pk, ch.type)]]
 
     def _compartments(self, conn: Connection, ch: state.Change) -> set[str]:
         """The patients whose compartments hold the changed resource (membership, no content)."""

@@ -36,7 +36,7 @@ def server_env(root: Path, data_dir: Path | None, **extra: str) -> dict[str, str
 def start_server(args: list[str], env: dict[str, str], cwd: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
     with log.open("w") as fh:
         proc = subprocess.Popen([*CLI, *args], env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.time() + 45
+    deadline = time.time() + 90  # a loaded 2-core CI machine booting several servers at once
     try:
         while True:
             if proc.poll() is not None:
