@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from fhirserver.auth.clients import get_client
-from fhirserver.config import Settings
-from tests.conftest import make_settings
 from tests.support.cli import cli, ok
-from tests.support.receiver import Receiver, event_numbers
+from tests.support.receiver import event_numbers
 
 from .test_rest_hook import observation, patient, subscribe, subscription
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Settings:
-    return make_settings(tmp_path, db_url, subscription_allow_http_loopback=True, subscription_poll_seconds=0.05)
 
 
 def test_register_a_client_with_subscription_endpoints(tmp_path: Path, svc) -> None:  # type: ignore[no-untyped-def]

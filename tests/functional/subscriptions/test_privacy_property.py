@@ -5,18 +5,13 @@ patient's, never a denied one, never one outside its scopes -- numbered without 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from itertools import count
-from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
-from fhirserver.config import Settings
-from tests.conftest import make_settings
 from tests.functional.consent.harness import consent
 from tests.support.receiver import Receiver, status_of
 
@@ -27,16 +22,6 @@ CATEGORIES = ("laboratory", "vital-signs")
 _n = count()
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Settings:
-    return make_settings(tmp_path, db_url, subscription_allow_http_loopback=True, subscription_poll_seconds=0.05)
 
 
 def _foci(receiver: Receiver, path: str) -> list[tuple[int, str]]:

@@ -5,16 +5,12 @@ the receiver is down, and refused endpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fhirserver.config import Settings
-from tests.conftest import make_settings
 from tests.functional.consent.harness import consent
-from tests.support.receiver import Receiver, event_numbers, status_of
+from tests.support.receiver import event_numbers, status_of
 
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 NEW_RESULT = "http://fhirserver.dev/SubscriptionTopic/new-result"
@@ -22,17 +18,7 @@ ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
 
-
-@pytest.fixture
-def settings(tmp_path: Path, db_url: str) -> Settings:
-    return make_settings(tmp_path, db_url, subscription_allow_http_loopback=True, subscription_poll_seconds=0.05,
-                         subscription_retry_max_seconds=0.3)
 
 
 def subscription(endpoint: str, payload: str = "id-only", filters: tuple[str, ...] = (),
