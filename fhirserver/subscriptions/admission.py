@@ -28,7 +28,7 @@ HEARTBEAT_EXT = f"{BACKPORT}/backport-heartbeat-period"
 PAYLOADS = ("empty", "id-only", "full-resource")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}:[ \t]?[^\r\n\x00]{0,4096}$")
 _RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection",
-                     "x-fhirserver-signature", "x-fhirserver-event-number"}
+                     "x-fhirserver-signature"}
 MAX_FILTERS = 10
 CHANNELS = ("rest-hook", "websocket")
 
@@ -45,6 +45,10 @@ class Criteria:
     headers: tuple[tuple[str, str], ...]
     heartbeat_seconds: int
     channel: str = "rest-hook"  # rest-hook | websocket
+
+    def filters_for(self, rtype: str) -> list[tuple[str, str]]:
+        """The search parameters an `rtype` change must meet (those for any type, then its own)."""
+        return [*self.filters.get("*", []), *self.filters.get(rtype, [])]
 
 
 def _ext(element: object, url: str) -> list[dict[str, Any]]:
@@ -83,22 +87,22 @@ def criteria_of(body: dict[str, Any], topics: Topics, params: ParamRegistry) -> 
             name = key.split(":", 1)[0]
             if key == PATIENT_FILTER:  # every topic, every type: in this patient's compartment
                 for ref in value.split(","):
-                    pid = ref.rsplit("/", 1)[-1] if "/" in ref else ref
-                    if not pid or (ref.count("/") and not ref.rsplit("/", 2)[-2] == "Patient"):
-                        raise _invalid("An empty patient filter", "Subscription.criteria")
+                    prefix, _slash, pid = ref.rpartition("/")  # id, Patient/id or [base]/Patient/id
+                    if not pid or (prefix and prefix.rsplit("/", 1)[-1] != "Patient"):
+                        raise _invalid(f"A patient filter names patients (Patient/id), not '{ref[:100]}'",
+                                       "Subscription.criteria")
                     patients.append(pid)
                 continue
             if topic.url != CRITERIA_TOPIC and not topic.may_filter(rtype, name):
                 raise _invalid(f"The topic does not allow filtering {rtype} by '{name}'", "Subscription.criteria")
             rest.append((key, value))
-        for target in ([rtype] if rtype != "*" else sorted(topic.triggers)):
-            if rest:
-                try:
-                    parse_search(params, target, rest, 1, 1, strict=True)
-                except FhirError as err:
-                    raise _invalid(f"The filter '{text[:200]}' is not a valid search: {err}",
-                                   "Subscription.criteria") from None
-            filters.setdefault(target if rtype != "*" else "*", []).extend(rest)
+        for target in ([rtype] if rtype != "*" else sorted(topic.triggers)) if rest else []:
+            try:  # valid for the type, or for every type the topic covers
+                parse_search(params, target, rest, 1, 1, strict=True)
+            except FhirError as err:
+                raise _invalid(f"The filter '{text[:200]}' is not a valid search: {err}",
+                               "Subscription.criteria") from None
+        filters.setdefault(rtype, []).extend(rest)
     channel = body.get("channel") if isinstance(body.get("channel"), dict) else {}
     assert isinstance(channel, dict)
     kind = channel.get("type")

@@ -124,10 +124,17 @@ def test_subscriptions_are_their_owners_alone(http, make_client, receiver) -> No
     forged["meta"]["tag"] = [{"system": "http://fhirserver.dev/CodeSystem/owner", "code": owner.client_id}]
     forged_id = subscribe(http, other.headers(), forged)
     assert http.get(f"/fhir/Subscription/{forged_id}", headers=owner.headers()).status_code == 404
+    # another client's update, patch, history and delete find nothing, as its read does; nothing changes
     changed = {**subscription(receiver.url), "id": sid}
-    assert http.put(f"/fhir/Subscription/{sid}", json=changed, headers={**other.headers(), **FHIR}).status_code in (403, 404)
+    patch = [{"op": "replace", "path": "/reason", "value": "taken over"}]
+    for resp in (http.put(f"/fhir/Subscription/{sid}", json=changed, headers={**other.headers(), **FHIR}),
+                 http.patch(f"/fhir/Subscription/{sid}", json=patch,
+                            headers={**other.headers(), "Content-Type": "application/json-patch+json"}),
+                 http.get(f"/fhir/Subscription/{sid}/_history", headers=other.headers())):
+        assert resp.status_code == 404 and resp.get_json()["issue"][0]["code"] == "not-found", resp.get_data(as_text=True)
     assert http.delete(f"/fhir/Subscription/{sid}", headers=other.headers()).status_code == 204
-    assert http.get(f"/fhir/Subscription/{sid}", headers=owner.headers()).status_code == 200  # not deleted
+    kept = http.get(f"/fhir/Subscription/{sid}", headers=owner.headers())
+    assert kept.status_code == 200 and kept.get_json()["meta"]["versionId"] == "1"  # not changed, not deleted
 
 
 @pytest.mark.parametrize("endpoint,allowed,why", [
@@ -162,6 +169,8 @@ def test_a_client_without_registered_endpoints_cannot_subscribe(http, make_clien
     ({"_criteria": {"extension": [{"url": f"{BACKPORT}/backport-filter-criteria",
                                    "valueString": "Patient?name=x"}]}}, "does not cover"),
     ({"channel": {"type": "email", "endpoint": "mailto:a@example.org"}}, "not supported"),
+    ({"_criteria": {"extension": [{"url": f"{BACKPORT}/backport-filter-criteria",
+                                   "valueString": "Observation?patient=Group/1"}]}}, "A patient filter names patients"),
 ])
 def test_bad_subscriptions_are_422_naming_the_rule(http, make_client, receiver, change, why) -> None:  # type: ignore[no-untyped-def]
     client = make_client(settings={"subscription_endpoints": [receiver.url]})
