@@ -6,11 +6,11 @@ an access gate bound to the owner's snapshot exactly as a search of theirs (scop
 Consents, the cross-border rule). An event the owner may not see is not numbered, so a gap in the
 numbers never hints at it.
 
-Delivery leases one subscription at a time (so its notifications go out in order from one
-instance) and sends its events after the last acknowledged one, re-checking each through the
-owner's gate at that moment: a Consent withdrawn after the event was numbered withholds it (counted
+Delivery leases due subscriptions, up to DELIVERY_BATCH a round (each subscription's notifications
+go out in order from one instance), and sends each one's events after the last acknowledged one,
+re-checking each through the owner's gate at that moment: a Consent withdrawn after the event was numbered withholds it (counted
 in `$status`'s state and the metrics, not sent). Every send writes an access record naming the
-patients and the endpoint first -- no record, no send. Failures are retried with exponential
+patients and the endpoint first (a round's records in one transaction) -- no record, no send. Failures are retried with exponential
 backoff and jitter for `subscription_retry_hours`, then the subscription's status is `error`;
 `fhirserver subscription resume` starts it again from its last acknowledged event.
 """
@@ -167,14 +167,15 @@ class Dispatcher:
                 if sub.pk not in owners:
                     owners[sub.pk] = self.owner(sub)  # built once per round, for the candidates only
                 owner = owners[sub.pk]
-                filters = [*crit.filters.get("*", []), *crit.filters.get(ch.type, [])]
+                filters = crit.filters_for(ch.type)
                 seen[key] = (set() if owner is None else
                              owner.gate.visible_events(conn, ch.type, groups[key], filters, crit.patients))
         return [(sub.pk, ch) for sub, _crit, ch in candidates if ch.resource_pk in seen[(sub.pk, ch.type)]]
 
     def _compartments(self, conn: Connection, ch: state.Change) -> set[str]:
         """The patients whose compartments hold the changed resource (membership, no content)."""
-        found = set(state.compartments_of(conn, ch.type, ch.resource_pk))
+        gate = self.svc.gate(Access())  # membership only: no caller's predicates are involved
+        found = set(gate.compartments_by_pk(conn, ch.type, [ch.resource_pk]).get(ch.resource_pk, ()))
         if ch.type == "Patient":
             found.add(ch.id)
         return found
@@ -253,7 +254,7 @@ class Dispatcher:
             with read_connection(self.svc.engine) as conn:
                 events = state.events_after(conn, sub.pk, sub.delivered_through, SEND_BATCH)
                 for ev in events:
-                    filters = [*crit.filters.get("*", []), *crit.filters.get(ev.type, [])]
+                    filters = crit.filters_for(ev.type)
                     stored = owner.gate.event(conn, ev.type, ev.resource_pk, ev.id, ev.version, filters, crit.patients)
                     if stored is None:
                         out.withheld += 1

@@ -64,8 +64,13 @@ def install(app: Flask, svc: Services) -> None:
         poll = svc.settings.subscription_poll_seconds
         try:
             while True:
-                with transaction(svc.engine) as conn:
-                    sub = state.claim_due(conn, dispatcher.worker, now_us(), dispatcher.lease_us, "websocket", pk)
+                sub = None
+                with read_connection(svc.engine) as conn:  # idle: a read, no write lock per poll
+                    due = state.any_due(conn, now_us(), "websocket", pk)
+                    current = state.get_by_pk(conn, pk)
+                if due:
+                    with transaction(svc.engine) as conn:
+                        sub = state.claim_due(conn, dispatcher.worker, now_us(), dispatcher.lease_us, "websocket", pk)
                 if sub is not None:
                     with read_connection(svc.engine) as conn:
                         crit = dispatcher.criteria(conn, sub)
@@ -76,8 +81,6 @@ def install(app: Flask, svc: Services) -> None:
                     if not dispatcher.serve(sub, crit, owner, WebSocketChannel(ws, address, sub.id)):
                         return
                     continue
-                with read_connection(svc.engine) as conn:
-                    current = state.get_by_pk(conn, pk)
                 if current is None or current.status not in state.LIVE:
                     ws.close(reason=1000, message="the subscription ended")  # type: ignore[attr-defined]
                     return

@@ -73,7 +73,7 @@ class SubscriptionEvents(Handler):
             raise FhirError(400, "invalid", "content is one of empty, id-only, full-resource")
         items: list[Item] = []
         for ev in state.events_after(conn, sub.pk, max(since, 1) - 1, MAX_EVENTS, until):
-            filters = [*crit.filters.get("*", []), *crit.filters.get(ev.type, [])]
+            filters = crit.filters_for(ev.type)
             stored = ctx.gate.event(conn, ev.type, ev.resource_pk, ev.id, ev.version, filters, crit.patients)
             if stored is None:
                 continue  # withheld now: replayed as a notification would be (not at all)

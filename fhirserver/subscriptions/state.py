@@ -18,7 +18,6 @@ from ..clock import now_us
 from ..db.rows import AnyRow
 from ..db.schema import change_event, resource, subscription_event, subscription_state, subscription_ws_token
 from ..fhir.ownership import owner_code
-from ..search.sources import source_of
 
 LIVE = ("requested", "active")
 
@@ -148,11 +147,6 @@ def take_changes(conn: Connection, seqs: list[int]) -> set[int]:
     return {int(r[0]) for r in rows}
 
 
-def compartments_of(conn: Connection, rtype: str, pk: int) -> list[str]:
-    """The patients whose compartments hold row `pk` (membership only)."""
-    comp = source_of(rtype).compartment
-    return [str(p) for p in conn.execute(select(comp.c.patient_id).where(comp.c.resource_pk == pk)).scalars()]
-
 
 def backlog(conn: Connection) -> tuple[int, int | None]:
     """Unconsumed changes and the oldest one's time (metrics: lag)."""
@@ -187,9 +181,14 @@ def _due(now: int) -> ColumnElement[bool]:
             & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start) | heartbeat))
 
 
-def any_due(conn: Connection, now: int, channel: str = "rest-hook") -> bool:
+def any_due(conn: Connection, now: int, channel: str = "rest-hook", pk: int | None = None) -> bool:
+    """Whether a subscription of `channel` (or subscription `pk`) has something due: a read, so an
+    idle poll takes no write lock."""
     s = subscription_state
-    return conn.execute(select(s.c.resource_pk).where(_due(now), s.c.channel == channel).limit(1)).first() is not None
+    stmt = select(s.c.resource_pk).where(_due(now), s.c.channel == channel)
+    if pk is not None:
+        stmt = stmt.where(s.c.resource_pk == pk)
+    return conn.execute(stmt.limit(1)).first() is not None
 
 
 def claim_due(conn: Connection, worker: str, now: int, lease_us: int, channel: str = "rest-hook",
