@@ -8,6 +8,6 @@ May import: storage, search, audit and below. Reads around it inside a request r
 (`db/guard.py`).
 """
 
-from .gate import Access, AccessGate
+from .gate import Access, AccessGate, EventRef
 
-__all__ = ["Access", "AccessGate"]
+__all__ = ["Access", "AccessGate", "EventRef"]

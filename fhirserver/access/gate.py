@@ -16,6 +16,7 @@ reviewer checks access by reading this one file.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,17 @@ from ..storage.repository import Head, PreparedWrite, Repository, Stored
 from . import statements as sql
 
 Predicates = list[ColumnElement[bool]]
+
+
+@dataclass(frozen=True)
+class EventRef:
+    """One subscription event to check (`AccessGate.events`): the row, the version it
+    announces, and the subscription's patient filter (empty: any patient)."""
+
+    pk: int
+    id: str
+    version: int
+    patients: tuple[str, ...] = ()
 TransferFn = Callable[[FromClause], ColumnElement[bool]]
 
 
@@ -325,31 +337,43 @@ class AccessGate:
             st.patients = comps.get(st.pk, ())
         return page, after
 
-    def event(self, conn: Connection, rtype: str, pk: int, rid: str, version: int,
-              filters: Sequence[tuple[str, str]], patients: Sequence[str]) -> Stored | None:
-        """A subscription event as its owner may see it now (notify/): the resource's current row
-        passes the owner's search access to `rtype` (scopes, consent, cross-border rule) and the
-        subscription's filters (`patients`: in one of these compartments), and the event's version
-        is one the owner may read. None otherwise: the event is withheld, never revealed."""
-        current = self._event_rows(conn, rtype, [pk], filters, patients).get(pk)
-        if current is None:
-            return None
-        if current == version:  # the usual case: the event's version is still the current one
-            found = self.load(conn, rtype, [pk])
-            return found[0] if found else None
-        try:
-            return self.read(conn, rtype, rid, version, preds=self.others(rtype, source_of(rtype).res))
-        except StorageError:
-            return None
+    def events(self, conn: Connection, rtype: str, wanted: Sequence[EventRef],
+               filters: Sequence[tuple[str, str]]) -> dict[EventRef, Stored]:
+        """Subscription events of one type as their owner may see them now (notify/, `$events`):
+        each event whose resource's current row passes the owner's search access to `rtype`
+        (scopes, consent, cross-border rule), the subscription's filters and its patient filter,
+        and whose version the owner may read -> what it discloses; absent: withheld, never
+        revealed. One statement decides which
+        current rows pass the owner's access and the filters, one reads their compartments for
+        each event's patient filter, and one loads the current versions; an event whose version
+        is no longer current is read on its own, as `event` reads it."""
+        pks = list(dict.fromkeys(w.pk for w in wanted))
+        current = self._event_rows(conn, rtype, pks, filters)
+        if not current:
+            return {}
+        members = self.compartments_by_pk(conn, rtype, list(current))
+        passed = [w for w in wanted if w.pk in current and
+                  (not w.patients or (rtype == "Patient" and w.id in w.patients)
+                   or not set(w.patients).isdisjoint(members.get(w.pk, ())))]
+        loaded = {st.pk: st for st in self.load(conn, rtype, [w.pk for w in passed if current[w.pk] == w.version])}
+        out: dict[EventRef, Stored] = {}
+        for w in passed:
+            if current[w.pk] == w.version:
+                if w.pk in loaded:
+                    out[w] = loaded[w.pk]
+                continue
+            with contextlib.suppress(StorageError):
+                out[w] = self.read(conn, rtype, w.id, w.version, preds=self.others(rtype, source_of(rtype).res))
+        return out
 
-    def visible_events(self, conn: Connection, rtype: str, pks: Sequence[int], filters: Sequence[tuple[str, str]],
-                       patients: Sequence[str]) -> set[int]:
+    def visible_events(self, conn: Connection, rtype: str, pks: Sequence[int],
+                       filters: Sequence[tuple[str, str]]) -> set[int]:
         """Which of the changed `rtype` rows the owner may see now and meet the filters (matching,
         one statement for a batch: nothing is decrypted)."""
-        return set(self._event_rows(conn, rtype, pks, filters, patients))
+        return set(self._event_rows(conn, rtype, pks, filters))
 
-    def _event_rows(self, conn: Connection, rtype: str, pks: Sequence[int], filters: Sequence[tuple[str, str]],
-                    patients: Sequence[str]) -> dict[int, int]:
+    def _event_rows(self, conn: Connection, rtype: str, pks: Sequence[int],
+                    filters: Sequence[tuple[str, str]]) -> dict[int, int]:
         """pk -> current version, of the rows among `pks` that pass the caller's access and the filters."""
         source = source_of(rtype)
         res = source.res
@@ -360,10 +384,6 @@ class AccessGate:
                                             *preds]
         if self.access.transfer is not None:
             conds.append(self.access.transfer(res))
-        if patients:
-            comp = source.compartment.alias()
-            conds.append(or_(and_(res.c.type == "Patient", res.c.id.in_(list(patients))),
-                             res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(list(patients))))))
         if filters:
             parsed = parse_search(self.params, rtype, list(filters), 1, 1, strict=True)
             conds.extend(self.compiler.where(parsed, res, self.others))

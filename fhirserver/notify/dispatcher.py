@@ -17,18 +17,21 @@ backoff and jitter for `subscription_retry_hours`, then the subscription's statu
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, event
 
 from .. import metrics
-from ..access import Access
+from ..access import Access, EventRef
 from ..auth.clients import get_client
 from ..auth.principal import principal_from
 from ..clock import now_us
@@ -55,6 +58,17 @@ SEND_BATCH = 20  # events in one notification
 DELIVERY_BATCH = 16  # subscriptions served in one delivery round
 SEND_THREADS = 8  # notifications of one round in flight at once
 FIRST_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A leased subscription whose notification can go: what it asks for, whose gate decides
+    what it may carry, and the channel."""
+
+    sub: state.Sub
+    crit: Criteria
+    owner: Owner
+    channel: Channel
 
 
 class Dispatcher:
@@ -86,6 +100,19 @@ class Dispatcher:
         gate = self.svc.gate(Access(others=self._pipeline.access_fn(principal), transfer=transfer,
                                     transfer_refusal=refusal))
         return Owner(principal, gate, list(client.settings.get("subscription_endpoints") or []))
+
+    def owners(self) -> Callable[[state.Sub], Owner | None]:
+        """`owner` for one round: the subscriptions of one principal share its gate, and each
+        client's registration is read once a round (never kept from one round to the next)."""
+        memo: dict[str, Owner | None] = {}
+
+        def of(sub: state.Sub) -> Owner | None:
+            key = json.dumps([sub.client_id, sub.principal], sort_keys=True, default=str)
+            if key not in memo:
+                memo[key] = self.owner(sub)
+            return memo[key]
+
+        return of
 
     def criteria(self, conn: Connection, sub: state.Sub, version: int | None = None) -> Criteria | None:
         """The subscription as stored (the dispatcher's own configuration read, not a disclosure),
@@ -131,22 +158,20 @@ class Dispatcher:
     def _matches(self, conn: Connection, changes: list[state.Change]) -> list[tuple[int, state.Change]]:
         """(subscription, change) pairs, in change order: the topic fires, the filters hold, and
         the owner may see the resource now (through its gate, as a search of theirs: one statement
-        per subscription and type for the whole batch)."""
+        per owner, type and filter set for the whole batch; a patient filter is checked against
+        the compartments read once per type for the batch)."""
         views = [(sub, crit) for sub, version in state.live(conn)
                  if (crit := self.criteria(conn, sub, version)) is not None]
+        members = self._compartments(conn, changes) if any(crit.patients for _sub, crit in views) else {}
         candidates: list[tuple[state.Sub, Criteria, state.Change]] = []
         for ch in changes:
-            compartments: set[str] | None = None
             bodies: dict[int, dict[str, Any] | None] = {}
             for sub, crit in views:
                 trigger = crit.topic.triggers.get(ch.type)
                 if trigger is None:
                     continue
-                if crit.patients:
-                    if compartments is None:
-                        compartments = self._compartments(conn, ch)
-                    if not compartments.intersection(crit.patients):
-                        continue
+                if crit.patients and members.get(ch.seq, frozenset()).isdisjoint(crit.patients):
+                    continue
                 if trigger.element:
                     for v in (ch.version, ch.version - 1):
                         if v not in bodies:
@@ -156,29 +181,31 @@ class Dispatcher:
                 elif not trigger.fires(ch.method, None, None):
                     continue
                 candidates.append((sub, crit, ch))
-        groups: dict[tuple[int, str], list[int]] = {}
-        for sub, _crit, ch in candidates:
-            groups.setdefault((sub.pk, ch.type), []).append(ch.resource_pk)
-        owners: dict[int, Owner | None] = {}
-        seen: dict[tuple[int, str], set[int]] = {}
+        owner_of = self.owners()
+        groups: dict[tuple[int, str, tuple[tuple[str, str], ...]], tuple[Owner, list[int]]] = {}
+        keys: list[tuple[int, str, tuple[tuple[str, str], ...]] | None] = []
         for sub, crit, ch in candidates:
-            key = (sub.pk, ch.type)
-            if key not in seen:
-                if sub.pk not in owners:
-                    owners[sub.pk] = self.owner(sub)  # built once per round, for the candidates only
-                owner = owners[sub.pk]
-                filters = crit.filters_for(ch.type)
-                seen[key] = (set() if owner is None else
-                             owner.gate.visible_events(conn, ch.type, groups[key], filters, crit.patients))
-        return [(sub.pk, ch) for sub, _crit, ch in candidates if ch.resource_pk in seen[(sub.pk, ch.type)]]
+            owner = owner_of(sub)
+            if owner is None:
+                keys.append(None)
+                continue
+            key = (id(owner), ch.type, tuple(crit.filters_for(ch.type)))
+            groups.setdefault(key, (owner, []))[1].append(ch.resource_pk)
+            keys.append(key)
+        seen = {key: owner.gate.visible_events(conn, key[1], pks, key[2]) for key, (owner, pks) in groups.items()}
+        return [(sub.pk, ch) for (sub, _crit, ch), key in zip(candidates, keys, strict=True)
+                if key is not None and ch.resource_pk in seen[key]]
 
-    def _compartments(self, conn: Connection, ch: state.Change) -> set[str]:
-        """The patients whose compartments hold the changed resource (membership, no content)."""
+    def _compartments(self, conn: Connection, changes: list[state.Change]) -> dict[int, frozenset[str]]:
+        """change -> the patients whose compartments hold the changed resource (membership, no
+        content), one statement per type."""
         gate = self.svc.gate(Access())  # membership only: no caller's predicates are involved
-        found = set(gate.compartments_by_pk(conn, ch.type, [ch.resource_pk]).get(ch.resource_pk, ()))
-        if ch.type == "Patient":
-            found.add(ch.id)
-        return found
+        by_type: dict[str, list[int]] = {}
+        for ch in changes:
+            by_type.setdefault(ch.type, []).append(ch.resource_pk)
+        found = {rtype: gate.compartments_by_pk(conn, rtype, pks) for rtype, pks in by_type.items()}
+        return {ch.seq: frozenset(found[ch.type].get(ch.resource_pk, ())) | ({ch.id} if ch.type == "Patient" else set())
+                for ch in changes}
 
     def _body(self, conn: Connection, rtype: str, rid: str, version: int) -> dict[str, Any] | None:
         if version < 1:
@@ -191,9 +218,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ delivery
     def deliver_once(self) -> bool:
-        """Serve up to DELIVERY_BATCH due subscriptions; False when none was due. Their access
-        records are written in one transaction before anything leaves (no record, no send), the
-        notifications go out concurrently, and one transaction records how each went."""
+        """Serve up to DELIVERY_BATCH due subscriptions; False when none was due. What each is
+        due is read in one snapshot, its events checked through the owners' gates in a statement
+        per owner and type; the access records are written in one transaction before anything
+        leaves (no record, no send), the notifications go out concurrently, and one transaction
+        records how each went."""
         now = now_us()
         with read_connection(self.svc.engine) as conn:  # idle: no write transaction
             if not state.any_due(conn, now):
@@ -202,14 +231,21 @@ class Dispatcher:
             subs = state.claim_due_many(conn, self.worker, now, self.lease_us, DELIVERY_BATCH)
         if not subs:
             return False
-        ready: list[Outgoing] = []
-        for sub in subs:
-            try:
-                out = self._rest_hook(sub)
-            except Exception as exc:  # noqa: BLE001 - one subscription's failure must not stop the others
-                log.exception("delivery for Subscription/%s failed", sub.id)
-                out = Outgoing(sub, error=f"internal error: {type(exc).__name__}")
-            ready.append(out)
+        owner_of = self.owners()
+        refused: list[Outgoing] = []
+        plans: list[Plan] = []
+        with read_connection(self.svc.engine) as conn:
+            for sub in subs:
+                try:
+                    plan = self._rest_hook(conn, sub, owner_of)
+                except Exception as exc:  # noqa: BLE001 - one subscription's failure must not stop the others
+                    log.exception("delivery for Subscription/%s failed", sub.id)
+                    plan = Outgoing(sub, error=f"internal error: {type(exc).__name__}")
+                if isinstance(plan, Outgoing):
+                    refused.append(plan)
+                else:
+                    plans.append(plan)
+            ready = [*self.prepare(conn, plans), *refused]
         self._record_all(ready)
         sending = [o for o in ready if o.channel is not None and o.payload is not None]
         if len(sending) > 1:
@@ -219,13 +255,13 @@ class Dispatcher:
         self._settle_all(ready)
         return True
 
-    def _rest_hook(self, sub: state.Sub) -> Outgoing:
-        """What one rest-hook subscription is due, ready to send (its endpoint checked again and
-        its address pinned), or the reason it cannot be."""
+    def _rest_hook(self, conn: Connection, sub: state.Sub, owner_of: Callable[[state.Sub], Owner | None]
+                   ) -> Plan | Outgoing:
+        """Where one rest-hook subscription's notification goes (its endpoint checked again and
+        its address pinned), or the reason it cannot go."""
         settings = self.svc.settings
-        with read_connection(self.svc.engine) as conn:
-            crit = self.criteria(conn, sub)
-        owner = self.owner(sub)
+        crit = self.criteria(conn, sub)
+        owner = owner_of(sub)
         if crit is None or owner is None:
             return Outgoing(sub, error="the subscription's owner client is disabled or its criteria are no longer "
                                        "valid", give_up=True)
@@ -234,43 +270,53 @@ class Dispatcher:
                              settings.subscription_private_networks)
         except EndpointRefused as err:
             return Outgoing(sub, error=f"endpoint refused: {err}")
-        return self.prepare(sub, crit, owner, RestHook(target, crit, settings.subscription_timeout_seconds, self.sign))
+        return Plan(sub, crit, owner, RestHook(target, crit, settings.subscription_timeout_seconds, self.sign))
 
     def serve(self, sub: state.Sub, crit: Criteria, owner: Owner, channel: Channel) -> bool:
         """One leased subscription over `channel` (a websocket's thread): prepare, record, send,
         settle. False when the send failed (recorded: retried later)."""
-        out = self.prepare(sub, crit, owner, channel)
+        with read_connection(self.svc.engine) as conn:
+            out = self.prepare(conn, [Plan(sub, crit, owner, channel)])[0]
         self._record_all([out])
         if out.payload is not None:
             self._send(out)
         self._settle_all([out])
         return out.error is None
 
-    def prepare(self, sub: state.Sub, crit: Criteria, owner: Owner, channel: Channel) -> Outgoing:
-        """What a leased subscription is due -- its handshake, its next events (each re-checked
-        through the owner's gate now), or a heartbeat -- as a notification for `channel`."""
-        out = Outgoing(sub, crit=crit, owner=owner, channel=channel, kind="handshake")
-        if sub.handshake_done:
-            with read_connection(self.svc.engine) as conn:
-                events = state.events_after(conn, sub.pk, sub.delivered_through, SEND_BATCH)
+    def prepare(self, conn: Connection, plans: list[Plan]) -> list[Outgoing]:
+        """What each leased subscription is due -- its handshake, its next events (each re-checked
+        through its owner's gate now), or a heartbeat -- as a notification for its channel."""
+        outs = [Outgoing(p.sub, crit=p.crit, owner=p.owner, channel=p.channel, kind="handshake") for p in plans]
+        due = state.events_after_many(conn, {p.sub.pk: p.sub.delivered_through for p in plans if p.sub.handshake_done},
+                                      SEND_BATCH)
+        groups: dict[tuple[int, str, tuple[tuple[str, str], ...]], tuple[Owner, list[EventRef]]] = {}
+        for p in plans:
+            for ev in due.get(p.sub.pk, []):
+                key = (id(p.owner), ev.type, tuple(p.crit.filters_for(ev.type)))
+                groups.setdefault(key, (p.owner, []))[1].append(EventRef(ev.resource_pk, ev.id, ev.version,
+                                                                         p.crit.patients))
+        seen = {key: owner.gate.events(conn, key[1], refs, key[2]) for key, (owner, refs) in groups.items()}
+        for p, out in zip(plans, outs, strict=True):
+            if p.sub.handshake_done:
+                events = due.get(p.sub.pk, [])
                 for ev in events:
-                    filters = crit.filters_for(ev.type)
-                    stored = owner.gate.event(conn, ev.type, ev.resource_pk, ev.id, ev.version, filters, crit.patients)
+                    key = (id(p.owner), ev.type, tuple(p.crit.filters_for(ev.type)))
+                    stored = seen[key].get(EventRef(ev.resource_pk, ev.id, ev.version, p.crit.patients))
                     if stored is None:
                         out.withheld += 1
                         continue
                     out.patients.update(stored.patients)
-                    body = parse_json(stored.body) if crit.payload == "full-resource" and stored.body else None
+                    body = parse_json(stored.body) if p.crit.payload == "full-resource" and stored.body else None
                     out.items.append(Item(ev.number, ev.recorded_us, ev.type, ev.id, ev.version, ev.method, body))
-            out.kind = "event-notification" if events else "heartbeat"  # nothing new: due for its heartbeat
-            out.through = events[-1].number if events else None
-            if events and not out.items:  # nothing the owner may still see: acknowledged without a send
-                return out
-        status = "active" if sub.handshake_done else "requested"
-        bundle = notification(self.svc.settings.fhir_base, sub.id, sub.topic, status, out.kind,
-                              max(sub.events_since_start, out.through or 0), out.items, crit.payload, now_us())
-        out.payload = dump_json(bundle)
-        return out
+                out.kind = "event-notification" if events else "heartbeat"  # nothing new: due for its heartbeat
+                out.through = events[-1].number if events else None
+                if events and not out.items:  # nothing the owner may still see: acknowledged without a send
+                    continue
+            status = "active" if p.sub.handshake_done else "requested"
+            bundle = notification(self.svc.settings.fhir_base, p.sub.id, p.sub.topic, status, out.kind,
+                                  max(p.sub.events_since_start, out.through or 0), out.items, p.crit.payload, now_us())
+            out.payload = dump_json(bundle)
+        return outs
 
     def _send(self, out: Outgoing) -> None:
         assert out.channel is not None and out.payload is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
+from ..access import EventRef
 from ..clock import now_us
 from ..fhir.dates import instant_text
 from ..fhir.errors import FhirError
@@ -71,10 +72,13 @@ class SubscriptionEvents(Handler):
         content = args.get("content", crit.payload)
         if content not in ("empty", "id-only", "full-resource"):
             raise FhirError(400, "invalid", "content is one of empty, id-only, full-resource")
+        events = state.events_after(conn, sub.pk, max(since, 1) - 1, MAX_EVENTS, until)
+        refs = {ev.number: EventRef(ev.resource_pk, ev.id, ev.version, crit.patients) for ev in events}
+        seen = {rtype: ctx.gate.events(conn, rtype, [refs[ev.number] for ev in events if ev.type == rtype],
+                                       crit.filters_for(rtype)) for rtype in {ev.type for ev in events}}
         items: list[Item] = []
-        for ev in state.events_after(conn, sub.pk, max(since, 1) - 1, MAX_EVENTS, until):
-            filters = crit.filters_for(ev.type)
-            stored = ctx.gate.event(conn, ev.type, ev.resource_pk, ev.id, ev.version, filters, crit.patients)
+        for ev in events:
+            stored = seen[ev.type].get(refs[ev.number])
             if stored is None:
                 continue  # withheld now: replayed as a notification would be (not at all)
             ctx.capture.touched(stored)

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
 
 from ..auth.principal import Principal, principal_snapshot
 from ..clock import now_us
@@ -230,6 +230,23 @@ def events_after(conn: Connection, sub_pk: int, after: int, limit: int, upto: in
         stmt = stmt.where(e.c.number <= upto)
     return [Event(r.number, r.resource_pk, r.type, r.id, r.version, r.method, r.recorded_us)
             for r in conn.execute(stmt.order_by(e.c.number).limit(limit))]
+
+
+def events_after_many(conn: Connection, after: dict[int, int], limit: int) -> dict[int, list[Event]]:
+    """`events_after` for several subscriptions in one statement: subscription -> up to `limit`
+    of its events past its acknowledged number, in order."""
+    if not after:
+        return {}
+    e = subscription_event
+    ranked = (select(e, func.row_number().over(partition_by=e.c.subscription_pk, order_by=e.c.number).label("rank"))
+              .where(or_(*[(e.c.subscription_pk == pk) & (e.c.number > n) for pk, n in after.items()]))
+              .subquery())
+    out: dict[int, list[Event]] = {}
+    for r in conn.execute(select(ranked).where(ranked.c.rank <= limit)
+                          .order_by(ranked.c.subscription_pk, ranked.c.number)):
+        out.setdefault(int(r.subscription_pk), []).append(
+            Event(r.number, r.resource_pk, r.type, r.id, r.version, r.method, r.recorded_us))
+    return out
 
 
 def delivered(conn: Connection, sub_pk: int, worker: str, through: int | None, withheld: int, now: int) -> bool:
