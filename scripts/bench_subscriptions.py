@@ -72,7 +72,10 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the default 5 refuses connections when 16 senders arrive at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -119,8 +122,9 @@ def setup(server: BenchServer, receiver: Receiver, subscriptions: int) -> list[s
 
 
 def write_round(server: BenchServer, patients: list[str], rate: float, seconds: float,
-                sent: dict[str, float] | None) -> float:
-    """Paced writes (rate per second) for `seconds`; returns achieved writes per second."""
+                sent: dict[str, float] | None, took: list[float] | None = None) -> float:
+    """Paced writes (rate per second) for `seconds`; returns achieved writes per second (each
+    write's response time in ms appended to `took`)."""
     h = {"Authorization": f"Bearer {server.token()}", **FHIR}
     n = int(rate * seconds)
     session = requests.Session()
@@ -136,8 +140,11 @@ def write_round(server: BenchServer, patients: list[str], rate: float, seconds: 
                 "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
                 "subject": {"reference": f"Patient/{patients[i % len(patients)]}"},
                 "valueQuantity": {"value": i, "unit": "mg/dL"}}
+        t0 = time.perf_counter()
         r = session.post(f"{server.base}/Observation", json=body, headers=h, timeout=60)
         r.raise_for_status()
+        if took is not None:
+            took.append((time.perf_counter() - t0) * 1000)
         if sent is not None:
             sent[r.json()["id"]] = time.perf_counter()
 
@@ -204,7 +211,13 @@ def main() -> None:
             up_at = time.time() + args.outage
             up_perf = time.perf_counter() + args.outage
             threading.Timer(args.outage, lambda: setattr(receiver, "down", False)).start()
-        write_round(with_subs, patients[:args.subscriptions], args.rate, args.seconds, sent)
+        paced: dict[str, tuple[float, list[float]]] = {}
+        if not args.outage:  # the same paced load on the server without subscriptions first
+            took: list[float] = []
+            paced["without"] = (write_round(without, plain, args.rate, args.seconds, None, took), took)
+        took = []
+        paced["with"] = (write_round(with_subs, patients[:args.subscriptions], args.rate, args.seconds, sent, took),
+                         took)
         if args.outage:
             while time.time() < up_at:
                 write_round(with_subs, patients[:args.subscriptions], args.rate, min(5.0, up_at - time.time() + 0.1),
@@ -239,12 +252,23 @@ def main() -> None:
                   f"in order per subscription: {in_order}; missing numbers: {gaps}")
         else:
             print(f"write-to-delivery latency ms: p50 {statistics.median(lat):.0f}  p95 {p95:.0f}  max {lat[-1]:.0f}")
+            for label, (rate, took) in paced.items():
+                took.sort()
+                print(f"paced {args.rate:.0f}/s, {label} subscriptions: achieved {rate:.1f} writes/s; write response "
+                      f"p50 {statistics.median(took):.1f} ms, p95 {took[int(len(took) * 0.95) - 1]:.1f} ms")
+            if len(paced) == 2:
+                print(f"paced write throughput with / without subscriptions: "
+                      f"{100 * paced['with'][0] / paced['without'][0]:.0f}%")
         dupes = receiver.events - sum(len(set(n)) for n in receiver.numbers.values())
         listed = json.loads(with_subs.cli("subscription", "list", "--json"))
         errors = sorted({str(r["last_error"]) for r in listed if r["last_error"]})
         print(f"events received more than once (at-least-once resends): {dupes}; subscriptions with a failed "
               f"attempt now: {sum(1 for r in listed if r['attempts'])} {errors[:3]}; numbered "
               f"{sum(r['events'] for r in listed)}, withheld {sum(r['withheld'] for r in listed)}")
+        counted = {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+                   for line in requests.get(f"http://127.0.0.1:{with_subs.port}/metrics", timeout=30).text.splitlines()
+                   if line.startswith("fhirserver_subscription_notifications_total{")}
+        print("dispatcher counters: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(counted.items())))
         if rates["with"]:
             w, wo = statistics.median(rates["with"]), statistics.median(rates["without"])
             print(f"unpaced write throughput (16 writers, median of {args.rounds} interleaved rounds): "

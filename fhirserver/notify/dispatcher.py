@@ -147,11 +147,7 @@ class Dispatcher:
             matches = self._matches(conn, changes)
         with transaction(self.svc.engine) as conn:
             taken = state.take_changes(conn, [c.seq for c in changes])
-            numbered = 0
-            for sub_pk, ch in matches:
-                if ch.seq in taken:
-                    state.number(conn, sub_pk, ch)
-                    numbered += 1
+            numbered = state.number(conn, [(sub_pk, ch) for sub_pk, ch in matches if ch.seq in taken])
         metrics.notification("queued", numbered)
         return len(taken)
 
@@ -350,9 +346,8 @@ class Dispatcher:
         now = now_us()
         failed = [o for o in batch if o.error is not None]
         with transaction(self.svc.engine) as conn:
-            for o in batch:
-                if o.error is None:
-                    state.delivered(conn, o.sub.pk, self.worker, o.through, o.withheld, now)
+            state.delivered_many(conn, self.worker, [(o.sub.pk, o.through, o.withheld) for o in batch
+                                                     if o.error is None], now)
             for o in failed:
                 self._failed_in(conn, o.sub, o.error or "", o.give_up, now)
         for o in batch:

@@ -11,7 +11,18 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from ..auth.principal import Principal, principal_snapshot
 from ..clock import now_us
@@ -154,16 +165,27 @@ def backlog(conn: Connection) -> tuple[int, int | None]:
     return int(row[0]), row[1]
 
 
-def number(conn: Connection, sub_pk: int, change: Change) -> int:
-    """Give `change` the subscription's next event number (in the consuming transaction)."""
-    conn.execute(update(subscription_state).where(subscription_state.c.resource_pk == sub_pk)
-                 .values(events_since_start=subscription_state.c.events_since_start + 1))
-    n = int(conn.execute(select(subscription_state.c.events_since_start)
-                         .where(subscription_state.c.resource_pk == sub_pk)).scalar_one())
-    conn.execute(insert(subscription_event).values(
-        subscription_pk=sub_pk, number=n, resource_pk=change.resource_pk, type=change.type, id=change.id,
-        version=change.version, method=change.method, recorded_us=change.recorded_us))
-    return n
+def number(conn: Connection, matches: list[tuple[int, Change]]) -> int:
+    """Give each (subscription, change) the subscription's next event number, in the order given
+    (in the consuming transaction): one UPDATE ... RETURNING per subscription, which takes its
+    state row's lock, and one INSERT for all the events. The events numbered."""
+    by_sub: dict[int, list[Change]] = {}
+    for sub_pk, change in matches:
+        by_sub.setdefault(sub_pk, []).append(change)
+    rows: list[dict[str, Any]] = []
+    s = subscription_state
+    for sub_pk in sorted(by_sub):  # state rows locked in one order: two numbering instances never deadlock
+        changes = by_sub[sub_pk]
+        last = conn.execute(update(s).where(s.c.resource_pk == sub_pk)
+                            .values(events_since_start=s.c.events_since_start + len(changes))
+                            .returning(s.c.events_since_start)).scalar_one()
+        first = int(last) - len(changes) + 1
+        rows.extend({"subscription_pk": sub_pk, "number": first + i, "resource_pk": ch.resource_pk, "type": ch.type,
+                     "id": ch.id, "version": ch.version, "method": ch.method, "recorded_us": ch.recorded_us}
+                    for i, ch in enumerate(changes))
+    if rows:
+        conn.execute(insert(subscription_event), rows)
+    return len(rows)
 
 
 # ---- delivery
@@ -171,7 +193,7 @@ def has_changes(conn: Connection) -> bool:
     return conn.execute(select(change_event.c.seq).limit(1)).first() is not None
 
 
-def _due(now: int) -> ColumnElement[bool]:
+def _due(now: ColumnElement[int] | int) -> ColumnElement[bool]:
     """Something to send now: the handshake, events past the acknowledged one, or a heartbeat
     (nothing sent for the subscription's heartbeat period)."""
     s = subscription_state
@@ -181,14 +203,17 @@ def _due(now: int) -> ColumnElement[bool]:
             & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start) | heartbeat))
 
 
+# the dispatcher's polls, built once (each poll binds `now`): an idle server polls several times a second
+_ANY_DUE = (select(subscription_state.c.resource_pk)
+            .where(_due(bindparam("now", type_=BigInteger)), subscription_state.c.channel == bindparam("channel"))
+            .limit(1))
+
+
 def any_due(conn: Connection, now: int, channel: str = "rest-hook", pk: int | None = None) -> bool:
     """Whether a subscription of `channel` (or subscription `pk`) has something due: a read, so an
     idle poll takes no write lock."""
-    s = subscription_state
-    stmt = select(s.c.resource_pk).where(_due(now), s.c.channel == channel)
-    if pk is not None:
-        stmt = stmt.where(s.c.resource_pk == pk)
-    return conn.execute(stmt.limit(1)).first() is not None
+    stmt = _ANY_DUE if pk is None else _ANY_DUE.where(subscription_state.c.resource_pk == pk)
+    return conn.execute(stmt, {"now": now, "channel": channel}).first() is not None
 
 
 def claim_due(conn: Connection, worker: str, now: int, lease_us: int, channel: str = "rest-hook",
@@ -210,17 +235,21 @@ def claim_due(conn: Connection, worker: str, now: int, lease_us: int, channel: s
     return _sub(conn.execute(select(s).where(s.c.resource_pk == pk)).one())
 
 
+_CLAIMABLE = (select(subscription_state.c.resource_pk)
+              .where(_due(bindparam("now", type_=BigInteger)), subscription_state.c.channel == "rest-hook")
+              .order_by(subscription_state.c.next_attempt_us).limit(bindparam("limit")))
+
+
 def claim_due_many(conn: Connection, worker: str, now: int, lease_us: int, limit: int) -> list[Sub]:
     """Up to `limit` due rest-hook subscriptions, leased to `worker` (as `claim_due`)."""
     s = subscription_state
-    stmt = select(s.c.resource_pk).where(_due(now), s.c.channel == "rest-hook").order_by(s.c.next_attempt_us).limit(limit)
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
-    pks = [int(p) for p in conn.execute(stmt).scalars()]
+    stmt = _CLAIMABLE.with_for_update(skip_locked=True) if conn.dialect.name == "postgresql" else _CLAIMABLE
+    pks = [int(p) for p in conn.execute(stmt, {"now": now, "limit": limit}).scalars()]
     if not pks:
         return []
-    conn.execute(update(s).where(s.c.resource_pk.in_(pks)).values(lease_owner=worker, lease_until_us=now + lease_us))
-    return [_sub(r) for r in conn.execute(select(s).where(s.c.resource_pk.in_(pks)).order_by(s.c.next_attempt_us))]
+    rows = conn.execute(update(s).where(s.c.resource_pk.in_(pks))
+                        .values(lease_owner=worker, lease_until_us=now + lease_us).returning(*s.c))
+    return sorted((_sub(r) for r in rows), key=lambda sub: sub.next_attempt_us)
 
 
 def events_after(conn: Connection, sub_pk: int, after: int, limit: int, upto: int | None = None) -> list[Event]:
@@ -249,20 +278,27 @@ def events_after_many(conn: Connection, after: dict[int, int], limit: int) -> di
     return out
 
 
-def delivered(conn: Connection, sub_pk: int, worker: str, through: int | None, withheld: int, now: int) -> bool:
-    """Record success (events up to `through`, or the handshake when None); False when the lease
-    was lost meanwhile (another instance took over: it will resend, under the same numbers)."""
+def delivered_many(conn: Connection, worker: str, done: list[tuple[int, int | None, int]], now: int) -> int:
+    """Record a round's successes, (subscription, events up to `through` -- or the handshake when
+    None --, events withheld): one statement for the handshakes and one for the events. Returns
+    how many were still leased to `worker` (one whose lease was lost meanwhile is left alone:
+    the instance that took it over resends, under the same numbers)."""
     s = subscription_state
-    values: dict[str, Any] = {"attempts": 0, "failing_since_us": None, "last_error": None, "last_sent_us": now,
-                              "next_attempt_us": 0, "withheld": s.c.withheld + withheld,
+    common: dict[str, Any] = {"attempts": 0, "failing_since_us": None, "last_error": None, "last_sent_us": now,
+                              "next_attempt_us": 0, "withheld": s.c.withheld + bindparam("b_withheld"),
                               "lease_owner": None, "lease_until_us": None}
-    if through is None:
-        values.update(handshake_done=True, status="active")
-    else:
-        values["delivered_through"] = through
-    res = conn.execute(update(s).where(s.c.resource_pk == sub_pk, s.c.lease_owner == worker,
-                                       s.c.status.in_(LIVE)).values(**values))
-    return res.rowcount == 1
+    live = or_(*[s.c.status == status for status in LIVE])  # not IN: executemany takes no expanding IN
+    where = (s.c.resource_pk == bindparam("b_pk"), s.c.lease_owner == worker, live)
+    count = 0
+    handshakes = [{"b_pk": pk, "b_withheld": w} for pk, through, w in done if through is None]
+    if handshakes:
+        count += conn.execute(update(s).where(*where).values(handshake_done=True, status="active", **common),
+                              handshakes).rowcount
+    events = [{"b_pk": pk, "b_withheld": w, "b_through": through} for pk, through, w in done if through is not None]
+    if events:
+        count += conn.execute(update(s).where(*where).values(delivered_through=bindparam("b_through"), **common),
+                              events).rowcount
+    return count
 
 
 def failed(conn: Connection, sub: Sub, worker: str, error: str, next_us: int, give_up: bool, now: int) -> None:
