@@ -102,7 +102,7 @@ class Settings:
     export_file_max_resources: int = 10_000
     bulk_worker: bool = True  # run export jobs in this process
     # ---- subscriptions (docs/subscriptions.md)
-    subscription_dispatcher: bool = True  # match and deliver notifications in this process
+    subscription_dispatcher: bool = True  # match and deliver notifications (serve: in a process of its own)
     subscription_poll_seconds: float = 0.2  # how often an idle dispatcher looks for work
     subscription_timeout_seconds: float = 10.0  # one delivery attempt (connect + answer)
     subscription_retry_hours: float = 24.0  # failed deliveries are retried this long, then status error

@@ -32,8 +32,20 @@ def run_gunicorn(settings: Settings, host: str, port: int, workers: int, threads
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
+    supervisor = None
+    if settings.subscription_dispatcher:  # one dispatcher process beside the workers (dispatcher_process.py)
+        from dataclasses import replace
+
+        from .dispatcher_process import Supervisor
+
+        supervisor = Supervisor(settings)
+        settings = replace(settings, subscription_dispatcher=False)
+
     class _App(BaseApplication):
         def load_config(self) -> None:
+            if supervisor is not None:
+                self.cfg.set("when_ready", lambda _arbiter: supervisor.start())
+                self.cfg.set("on_exit", lambda _arbiter: supervisor.stop())
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", workers)
             self.cfg.set("threads", threads)

@@ -65,3 +65,14 @@ def subscription_pause(ctx: click.Context, subscription_id: str) -> None:
 def subscription_resume(ctx: click.Context, subscription_id: str) -> None:
     """Deliver again, from the last acknowledged event (after a pause or an error)."""
     _pause(ctx, subscription_id, False)
+
+
+@subscription.command("dispatch")
+@click.pass_context
+def subscription_dispatch(ctx: click.Context) -> None:
+    """Match and deliver notifications in the foreground until SIGTERM or Ctrl-C: for deployments
+    that start gunicorn themselves (`gunicorn 'fhirserver.wsgi:app()'` with
+    FHIRSERVER_SUBSCRIPTION_DISPATCHER=0). `fhirserver serve` runs one of these on its own."""
+    from ..dispatcher_process import run
+
+    run(_settings(ctx))

@@ -28,7 +28,7 @@ LAYERS: list[list[str]] = [
     ["bulk", "notify"],
     ["smart", "admin_api", "admin_alerts", "portal"],
     ["demo", "startup", "health", "backup", "cors", "security_headers", "schedule"],
-    ["app", "wsgi"],
+    ["app", "wsgi", "dispatcher_process"],
     ["cli", "__main__"],
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
