@@ -21,6 +21,9 @@ from .cors import install as install_cors
 from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
+from .fhir.errors import FhirError
+from .fhir.interaction import negotiate_format
+from .fhir.xml_format import to_xml
 from .health import db_gauges
 from .health import install as install_health
 from .logs import configure as configure_logs
@@ -35,9 +38,10 @@ from .smart.install import install as install_smart
 from .smart.secrets_store import SIGNING_KEY_FILE, signing_key
 from .smart.server import build_authorization_server
 from .smart.token_audit import audit_token_request, revoke_issued
-from .storage.codec import dump_json
+from .storage.codec import dump_json, parse_json
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
+FHIR_XML = "application/fhir+xml; charset=utf-8"
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
@@ -70,6 +74,15 @@ def _read_body(limit: int) -> tuple[bytes, bool]:
     return b"".join(chunks), False
 
 
+def _wants_xml() -> bool:
+    """The caller asked for XML (`_format`, Accept) -- as the pipeline negotiated it. A 406 (XML
+    refused, as Bulk Data refuses it) answers in JSON."""
+    try:
+        return negotiate_format(request.headers.get("Accept"), request.args.get("_format")) == "xml"
+    except FhirError:
+        return False
+
+
 def _fhir_view(path: str = "") -> Response:
     pipeline: Pipeline = current_app.extensions["fhirserver.pipeline"]
     body, too_large = b"", False
@@ -92,6 +105,10 @@ def _fhir_view(path: str = "") -> Response:
     headers = {"X-Request-Id": request_id, **result.headers}
     content_type = headers.pop("Content-Type", FHIR_JSON)
     payload = result.body
+    if payload is not None and content_type == FHIR_JSON and result.status != 406 and _wants_xml():
+        xml = to_xml(payload if isinstance(payload, dict) else parse_json(payload))
+        if xml is not None:  # else the JSON: the R4B model could not hold it
+            payload, content_type = xml, FHIR_XML
     if isinstance(payload, dict):
         payload = dump_json(payload)
     resp = Response(payload if payload is not None else b"", status=result.status, headers=headers)

@@ -43,22 +43,28 @@ def _check_id(value: str, what: str = "id") -> str:
 NDJSON_TYPES = {"application/fhir+ndjson", "application/ndjson"}
 
 
-def negotiate_format(accept: str | None, fmt: str | None, ndjson: bool = False) -> None:
-    """Only JSON is served (and NDJSON by Bulk Data downloads, `ndjson`). Raise 406 for XML or
-    anything else we cannot produce."""
+def negotiate_format(accept: str | None, fmt: str | None, ndjson: bool = False) -> str:
+    """The response format, "json" or "xml" (fhir/xml_format.py): `_format` first, then the first
+    type in Accept this server produces (NDJSON counts as JSON for Bulk Data downloads,
+    `ndjson`). Raise 406 for anything else."""
     if fmt:
         base = fmt.split(";")[0].strip().lower()
         if base in XML_TYPES:
-            raise FhirError(406, "not-supported", "XML is not supported; use application/fhir+json")
+            return "xml"
         if base not in JSON_TYPES:
             raise FhirError(406, "not-supported", f"Unsupported _format '{fmt[:50]}'")
-        return
+        return "json"
     if not accept:
-        return
+        return "json"
     types = [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
-    if not types or any(t in JSON_TYPES or (ndjson and t in NDJSON_TYPES) for t in types):
-        return
-    raise FhirError(406, "not-supported", "Only application/fhir+json is supported")
+    for t in types:
+        if t in JSON_TYPES or (ndjson and t in NDJSON_TYPES):
+            return "json"
+        if t in XML_TYPES and not ndjson:
+            return "xml"
+    if not types:
+        return "json"
+    raise FhirError(406, "not-supported", "Only application/fhir+json and application/fhir+xml are supported")
 
 
 def parse_interaction(method: str, path: str, query: str, form: list[tuple[str, str]] | None,

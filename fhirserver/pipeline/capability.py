@@ -88,7 +88,7 @@ def capability_statement(types: TypeRegistry, params: ParamRegistry, base_url: s
         "software": {"name": "fhirserver", "version": __version__},
         "implementation": {"description": "fhirserver FHIR R4 API", "url": base_url},
         "fhirVersion": "4.0.1",
-        "format": ["json", "application/fhir+json"],
+        "format": ["json", "application/fhir+json", "xml", "application/fhir+xml"],
         "patchFormat": ["application/json-patch+json", "application/fhir+json", "application/merge-patch+json"],
         "rest": [{
             "mode": "server",

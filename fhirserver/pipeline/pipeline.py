@@ -240,8 +240,10 @@ class Pipeline:
             record.resource_type = ctx.interaction.resource_type
             if ctx.interaction.id:
                 record.target = f"{ctx.interaction.resource_type}/{ctx.interaction.id}"
-            negotiate_format(lower.get("accept"), dict(ctx.interaction.params).get("_format"),
-                             ndjson=ctx.interaction.operation == "export-file")
+            fmt = negotiate_format(lower.get("accept"), dict(ctx.interaction.params).get("_format"),
+                                   ndjson=ctx.interaction.operation == "export-file")
+            if fmt == "xml" and (ctx.interaction.operation or "").startswith("export"):
+                raise FhirError(406, "not-supported", "Bulk Data answers in application/fhir+json only")
             if body_too_large:
                 raise FhirError(413, "too-costly", f"The request body exceeds the limit of "
                                                    f"{self.services.settings.max_body_bytes} bytes")

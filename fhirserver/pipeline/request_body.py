@@ -1,4 +1,5 @@
-"""Reading a request: its JSON body (parsed, depth-checked, validated) and its ETag headers."""
+"""Reading a request: its body (JSON, or XML turned into the same JSON; parsed, depth-checked,
+validated) and its ETag headers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import re
 from typing import Any
 
 from ..fhir.errors import FhirError
+from ..fhir.interaction import XML_TYPES
 from ..fhir.structure import check_depth
+from ..fhir.xml_format import from_xml
 from ..storage.codec import DuplicateKeyError, parse_json
 from .context import RequestContext
 
@@ -27,19 +30,21 @@ def parse_etag(value: str | None, header: str) -> int | None:
 def parse_body(ctx: RequestContext, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """The JSON object of the request (`also`: further media types the caller accepts)."""
     ctype = (ctx.header("content-type") or "").split(";")[0].strip().lower()
-    if ctype and ctype not in ("application/fhir+json", "application/json", "application/json+fhir", "text/json",
-                               *also):
-        if "xml" in ctype:
-            raise FhirError(415, "not-supported", "XML request bodies are not supported; send application/fhir+json")
-        raise FhirError(415, "not-supported", "Send the resource as application/fhir+json")
+    xml = ctype in XML_TYPES
+    if ctype and not xml and ctype not in ("application/fhir+json", "application/json", "application/json+fhir",
+                                           "text/json", *also):
+        raise FhirError(415, "not-supported", "Send the resource as application/fhir+json or application/fhir+xml")
     if not ctx.body:
         raise FhirError(400, "structure", "The request body is empty")
-    try:
-        body = parse_json(ctx.body)
-    except DuplicateKeyError as exc:
-        raise FhirError(400, "structure", f"The request body repeats a property: {exc}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise FhirError(400, "structure", "The request body is not valid JSON") from None
+    if xml:
+        body: object = from_xml(ctx.body)  # the same resource in JSON (fhir/xml_format.py)
+    else:
+        try:
+            body = parse_json(ctx.body)
+        except DuplicateKeyError as exc:
+            raise FhirError(400, "structure", f"The request body repeats a property: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise FhirError(400, "structure", "The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise FhirError(400, "structure", "The request body must be a JSON object (a FHIR resource)")
     # checked here, before any code walks the body; a Bundle or Parameters wraps resources a few

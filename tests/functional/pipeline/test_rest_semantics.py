@@ -694,7 +694,7 @@ def test_every_response_carries_a_request_id(http, admin) -> None:  # type: igno
         ("POST", "/fhir/Patient", h, {"resourceType": "Patient", "foo": 1}, 400),
         ("DELETE", "/fhir/Patient", h, None, 405),
         ("PUT", f"/fhir/Patient/{pid}", {**h, "If-Match": 'W/"1"'}, body, 412),
-        ("GET", "/fhir/Patient", {**h, "Accept": "application/fhir+xml"}, None, 406),
+        ("GET", "/fhir/Patient", {**h, "Accept": "application/pdf"}, None, 406),
         ("DELETE", f"/fhir/Patient/{pid}", h, None, 204),
         ("GET", f"/fhir/Patient/{pid}", h, None, 410),
     ]

@@ -362,45 +362,7 @@ def test_oversized_body_is_rejected_with_413(small_server) -> None:  # type: ign
     assert search_ids(http, h) == [kept]
 
 
-# ---------------------------------------------------------------- formats
-@pytest.mark.parametrize("accept", ["application/fhir+xml", "application/xml", "text/xml"])
-def test_xml_accept_is_406(srv, accept: str) -> None:  # type: ignore[no-untyped-def]
-    http, h = srv
-    created = post(http, h, {"resourceType": "Patient", "active": True})
-    assert created.status_code == 201
-    pid = created.get_json()["id"]
-    outcome(http.get(f"/fhir/Patient/{pid}", headers={**h, "Accept": accept}), 406, "not-supported")
-    outcome(http.get("/fhir/Patient", headers={**h, "Accept": accept}), 406, "not-supported")
-    # a write that cannot be answered in the requested format is not performed
-    with Unchanged(http, h):
-        resp = http.post("/fhir/Patient", json={"resourceType": "Patient", "active": False},
-                         headers={**h, "Accept": accept})
-        outcome(resp, 406, "not-supported")
-
-
-@pytest.mark.parametrize("fmt", ["xml", "application/fhir%2Bxml", "application/xml", "text/xml"])
-def test_xml_format_parameter_is_406(srv, fmt: str) -> None:  # type: ignore[no-untyped-def]
-    http, h = srv
-    created = post(http, h, {"resourceType": "Patient", "active": True})
-    pid = created.get_json()["id"]
-    outcome(http.get(f"/fhir/Patient/{pid}?_format={fmt}", headers=h), 406, "not-supported")
-    outcome(http.get(f"/fhir/Patient?_format={fmt}", headers=h), 406, "not-supported")
-    outcome(http.get(f"/fhir/metadata?_format={fmt}"), 406, "not-supported")
-    with Unchanged(http, h):
-        outcome(http.post(f"/fhir/Patient?_format={fmt}", json={"resourceType": "Patient"}, headers=h), 406)
-
-
-@pytest.mark.parametrize("ctype", ["application/fhir+xml", "application/xml", "text/xml"])
-def test_xml_request_body_is_415(srv, ctype: str) -> None:  # type: ignore[no-untyped-def]
-    http, h = srv
-    xml = b'<Patient xmlns="http://hl7.org/fhir"><active value="true"/></Patient>'
-    xml_put = b'<Patient xmlns="http://hl7.org/fhir"><id value="x1"/></Patient>'
-    with Unchanged(http, h):
-        outcome(http.post("/fhir/Patient", data=xml, headers={**h, "Content-Type": ctype}), 415, "not-supported")
-        outcome(http.put("/fhir/Patient/x1", data=xml_put, headers={**h, "Content-Type": ctype}), 415,
-                "not-supported")
-
-
+# ---------------------------------------------------------------- formats (XML: test_xml.py)
 def test_other_request_content_type_is_415(srv) -> None:  # type: ignore[no-untyped-def]
     http, h = srv
     data = json.dumps({"resourceType": "Patient", "active": True}).encode()
