@@ -41,8 +41,7 @@ def _serve(root: Path, data: Path, port: int, base: str, name: str) -> subproces
     raise AssertionError((root / f"{name}.log").read_text())
 
 
-def test_kill_9_mid_delivery_loses_nothing_and_renumbers_nothing(tmp_path: Path) -> None:
-    receiver = Receiver()
+def _setup(tmp_path: Path, receiver: Receiver) -> tuple[Path, str, object]:
     data = tmp_path / "data"
     key = generate_key("ES384")
     (tmp_path / "jwks.json").write_text(json.dumps(public_jwks(key)))
@@ -50,15 +49,26 @@ def test_kill_9_mid_delivery_loses_nothing_and_renumbers_nothing(tmp_path: Path)
     client_id = ok(cli("client", "register", "--name", "feed", "--jwks-file", str(tmp_path / "jwks.json"),
                        "--scopes", "system/*.cruds", "--subscription-endpoint", receiver.url, data_dir=data,
                        real=True)).strip()
+    return data, client_id, key
+
+
+def _headers(port: int, client_id: str, key: object) -> dict[str, str]:
+    url = f"http://127.0.0.1:{port}/auth/token"
+    token = requests.post(url, data=token_request_form(key, client_id, url, "system/*.cruds"),  # type: ignore[arg-type]
+                          timeout=30).json()["access_token"]
+    return {"Authorization": f"Bearer {token}", **FHIR}
+
+
+
+def test_kill_9_mid_delivery_loses_nothing_and_renumbers_nothing(tmp_path: Path) -> None:
+    receiver = Receiver()
+    data, client_id, key = _setup(tmp_path, receiver)
     port_a, port_b = free_port(), free_port()
     base = f"http://127.0.0.1:{port_a}/fhir"
     first = _serve(tmp_path, data, port_a, base, "a")
     second = None
     try:
-        token_url = f"http://127.0.0.1:{port_a}/auth/token"
-        token = requests.post(token_url, data=token_request_form(key, client_id, token_url, "system/*.cruds"),
-                              timeout=30).json()["access_token"]
-        h = {"Authorization": f"Bearer {token}", **FHIR}
+        h = _headers(port_a, client_id, key)
         pid = requests.post(f"{base}/Patient", json={"resourceType": "Patient"}, headers=h, timeout=30).json()["id"]
         sub = subscription(receiver.url, filters=(f"Observation?patient=Patient/{pid}",))
         assert requests.post(f"{base}/Subscription", json=sub, headers=h, timeout=30).status_code == 201

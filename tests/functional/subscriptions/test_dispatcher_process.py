@@ -6,7 +6,6 @@ one."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -15,12 +14,11 @@ from pathlib import Path
 
 import requests
 
-from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
-from tests.support.cli import CLI, cli, ok
+from tests.support.cli import CLI
 from tests.support.live import free_port, server_env
 from tests.support.receiver import Receiver, status_of
 
-from .test_crash import FHIR, _serve
+from .test_crash import _headers, _serve, _setup
 from .test_rest_hook import subscription
 
 
@@ -52,24 +50,6 @@ def _wait(cond, timeout: float = 20.0):  # type: ignore[no-untyped-def]
             return got
         time.sleep(0.1)
     raise AssertionError("timed out")
-
-
-def _setup(tmp_path: Path, receiver: Receiver) -> tuple[Path, str, object]:
-    data = tmp_path / "data"
-    key = generate_key("ES384")
-    (tmp_path / "jwks.json").write_text(json.dumps(public_jwks(key)))
-    ok(cli("db", "upgrade", data_dir=data, real=True))
-    client_id = ok(cli("client", "register", "--name", "feed", "--jwks-file", str(tmp_path / "jwks.json"),
-                       "--scopes", "system/*.cruds", "--subscription-endpoint", receiver.url, data_dir=data,
-                       real=True)).strip()
-    return data, client_id, key
-
-
-def _headers(port: int, client_id: str, key: object) -> dict[str, str]:
-    url = f"http://127.0.0.1:{port}/auth/token"
-    token = requests.post(url, data=token_request_form(key, client_id, url, "system/*.cruds"),  # type: ignore[arg-type]
-                          timeout=30).json()["access_token"]
-    return {"Authorization": f"Bearer {token}", **FHIR}
 
 
 def _observation(base: str, h: dict[str, str], pid: str) -> str:
