@@ -150,3 +150,36 @@ def test_bad_or_hostile_xml_is_a_400_and_stores_nothing(srv, case: str) -> None:
         text = resp.get_data(as_text=True)
         assert "root:" not in text and "aaaaaaaaaaaaaaaaaaaa" not in text  # no file content, no expansion
         assert resp.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_transaction_and_fhirpath_patch_in_xml(srv) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    http, h = srv
+    xml_type = {"Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"}
+    bundle = (b'<Bundle xmlns="http://hl7.org/fhir"><type value="transaction"/>'
+              b'<entry><fullUrl value="urn:uuid:0b7e3a3a-1111-4d4e-9d0f-6b6c5d4e3f2a"/><resource><Patient>'
+              b'<name><family value="Okafor"/></name></Patient></resource>'
+              b'<request><method value="POST"/><url value="Patient"/></request></entry>'
+              b'<entry><resource><Observation><status value="final"/><code><text value="weight"/></code>'
+              b'<subject><reference value="urn:uuid:0b7e3a3a-1111-4d4e-9d0f-6b6c5d4e3f2a"/></subject>'
+              b'<valueQuantity><value value="72.5"/><unit value="kg"/></valueQuantity></Observation></resource>'
+              b'<request><method value="POST"/><url value="Observation"/></request></entry></Bundle>')
+    resp = http.post("/fhir", data=bundle, headers={**h, **xml_type})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    root = _xml(resp)
+    assert root.tag == FHIR + "Bundle" and _value(root, "type") == "transaction-response"
+    locations = [e.get("value") for e in root.iter(FHIR + "location")]
+    assert len(locations) == 2 and "/Patient/" in locations[0] and "/Observation/" in locations[1]
+    pid = locations[0].split("/Patient/")[1].split("/")[0]
+    oid = locations[1].split("/Observation/")[1].split("/")[0]
+    observation = http.get(f"/fhir/Observation/{oid}", headers=h).get_json()
+    assert observation["subject"]["reference"] == f"Patient/{pid}"  # the urn:uuid was resolved
+    assert observation["valueQuantity"]["value"] == 72.5
+
+    patch = (b'<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="operation"/>'
+             b'<part><name value="type"/><valueCode value="replace"/></part>'
+             b'<part><name value="path"/><valueString value="Patient.name.family"/></part>'
+             b'<part><name value="value"/><valueString value="Okafor-Ade"/></part></parameter></Parameters>')
+    patched = http.patch(f"/fhir/Patient/{pid}", data=patch, headers={**h, **xml_type})
+    assert patched.status_code == 200, patched.get_data(as_text=True)
+    assert _value(_xml(patched), "name/family") == "Okafor-Ade"
+    assert http.get(f"/fhir/Patient/{pid}", headers=h).get_json()["name"][0]["family"] == "Okafor-Ade"
