@@ -17,6 +17,7 @@ from ..exchange.erasure_requests import KEY_SCOPE, RequestError, file_request, r
 from ..fhir.errors import FhirError
 from .context import RequestContext, Result
 from .handler import Handler
+from .operation_params import parameters_of
 from .request_body import parse_body
 
 
@@ -53,12 +54,8 @@ class ErasureRequestOp(Handler):
         if it.method == "GET":
             return Result(200, _parameters(requests_of(s, conn, pid)))
         body = parse_body(ctx) if ctx.body else {"resourceType": "Parameters"}
-        if body.get("resourceType") != "Parameters":
-            raise FhirError(400, "invalid", "Send a Parameters resource (with an optional `reason`)")
-        raw = body.get("parameter")
-        params: list[Any] = raw if isinstance(raw, list) else []
-        reason = next((p.get("valueString", "") for p in params
-                       if isinstance(p, dict) and p.get("name") == "reason"), "")
+        reason = next((p.value for p in parameters_of(body, "$erasure-request (with an optional `reason`)")
+                       if p.name == "reason" and isinstance(p.value, str)), "")
         try:
             filed = file_request(s, conn, pid, ctx.principal.fhir_user or "", str(reason))  # type: ignore[union-attr]
         except RequestError as exc:

@@ -31,6 +31,7 @@ from ..storage.errors import StorageError
 from .context import RequestContext, Result
 from .errors import fhir_error
 from .handler import Handler
+from .operation_params import parameters_of
 from .request_body import parse_body
 
 NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
@@ -48,30 +49,19 @@ def _one(ctx: RequestContext, name: str, params: list[tuple[str, str]] | None = 
     return values[0] if values else None
 
 
-_PARAMETER_VALUES = ("valueString", "valueCode", "valueInstant", "valueDateTime", "valueUri", "valueCanonical")
-
-
 def _kickoff_params(ctx: RequestContext) -> list[tuple[str, str]]:
     """The kick-off's parameters: the query, and for a POST the Parameters resource in the body
     (Bulk Data 2.0), `patient` as a reference (`Patient/[id]`)."""
     params = list(ctx.interaction.params)
     if ctx.interaction.method != "POST" or not ctx.body:
         return params
-    body = parse_body(ctx)
-    if body.get("resourceType") != "Parameters":
-        raise FhirError(400, "invalid", "A POST kick-off takes a Parameters resource")
-    for i, item in enumerate(body.get("parameter") or []):
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str):
-            raise FhirError(400, "invalid", "Each parameter needs a name", [f"Parameters.parameter[{i}]"])
-        if name == "patient":
-            value = (item.get("valueReference") or {}).get("reference")
-        else:
-            value = next((item[k] for k in _PARAMETER_VALUES if isinstance(item.get(k), str)), None)
+    for param in parameters_of(parse_body(ctx), "a Bulk Data kick-off"):
+        value = param.value
+        if param.name == "patient":
+            value = value.get("reference") if isinstance(value, dict) else None
         if not isinstance(value, str):
-            raise FhirError(400, "invalid", f"Parameter '{name[:40]}' has no value this server reads",
-                            [f"Parameters.parameter[{i}]"])
-        params.append((name, value))
+            raise FhirError(400, "invalid", f"Parameter '{param.name[:40]}' has no value this server reads", [param.path])
+        params.append((param.name, value))
     return params
 
 

@@ -24,29 +24,17 @@ from ..storage.repository import Stored
 from .context import RequestContext, Result
 from .errors import fhir_error
 from .handler import Handler
+from .operation_params import parameters_of
 from .request_body import parse_body
-
-_VALUE_KEYS = ("valueString", "valueCode", "valueUri", "valueCanonical", "valueInteger", "valueBoolean")
 
 
 def _params(ctx: RequestContext) -> dict[str, Any]:
     """The operation's parameters: the query, and a POST's Parameters body (`coding` as a dict)."""
     out: dict[str, Any] = dict(ctx.interaction.params)
     if ctx.interaction.method == "POST" and ctx.body:
-        body = parse_body(ctx)
-        if body.get("resourceType") != "Parameters":
-            raise FhirError(400, "invalid", "A POST to a terminology operation takes a Parameters resource")
-        for item in body.get("parameter") or []:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                continue
-            if isinstance(item.get("valueCoding"), dict):
-                out[item["name"]] = item["valueCoding"]
-            elif isinstance(item.get("resource"), dict):
-                out[item["name"]] = item["resource"]
-            else:
-                value = next((item[k] for k in _VALUE_KEYS if k in item), None)
-                if value is not None:
-                    out[item["name"]] = value if isinstance(value, str) else str(value).lower()
+        for param in parameters_of(parse_body(ctx), "a terminology operation"):
+            if param.value is not None:
+                out[param.name] = param.value
     coding = out.get("coding")
     if isinstance(coding, dict):
         out.setdefault("system", coding.get("system"))

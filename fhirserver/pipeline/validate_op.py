@@ -22,6 +22,7 @@ from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..storage.errors import Deleted, NotFound
 from .context import RequestContext, Result
 from .handler import Handler
+from .operation_params import parameters_of
 from .questionnaires import questionnaire_issues
 from .request_body import parse_body
 
@@ -31,15 +32,11 @@ MODES = ("create", "update", "delete")
 def _parameters(body: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, str]]:
     resource = None
     values: dict[str, str] = {}
-    for p in body.get("parameter", []) if isinstance(body.get("parameter"), list) else []:
-        if not isinstance(p, dict):
-            continue
-        if p.get("name") == "resource" and isinstance(p.get("resource"), dict):
-            resource = p["resource"]
-        elif p.get("name") in ("mode", "profile"):
-            value = p.get("valueCode") or p.get("valueUri") or p.get("valueCanonical") or p.get("valueString")
-            if isinstance(value, str):
-                values[p["name"]] = value
+    for param in parameters_of(body, "$validate"):
+        if param.name == "resource" and isinstance(param.value, dict):
+            resource = param.value
+        elif param.name in ("mode", "profile") and isinstance(param.value, str):
+            values[param.name] = param.value
     return resource, values
 
 
