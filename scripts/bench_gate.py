@@ -10,7 +10,10 @@ and seal, one durable INSERT, no FHIR) is served by gunicorn with the same worke
 a copy of the database, and measured against its own `/livez` in the same rounds. Prints
 figures; asserts nothing.
 
-    .venv/bin/python scripts/bench_gate.py [--rounds 6] [--requests 150] [--baseline /tmp/oldmain] [--floor]
+    .venv/bin/python scripts/bench_gate.py [--rounds 6] [--requests 150] [--baseline /tmp/oldmain] [--floor] [--xml]
+
+With `--xml` the same read and search are also asked for in XML (`_format=xml`), interleaved,
+and their latency is reported against the JSON ones (issue 27: XML overhead).
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ class Target:
         self.server.start()
         self.token = self.server.token()
         self.root = self.server.base.rsplit("/fhir", 1)[0]
-        self.times: dict[str, list[float]] = {k: [] for k in ("livez", "read", "search", "metadata", "raw")}
+        self.times: dict[str, list[float]] = {k: [] for k in ("livez", "read", "search", "metadata", "raw",
+                                                              "read-xml", "search-xml")}
+        self.xml = False  # also read and search in XML (`_format=xml`), interleaved with the JSON ones
         self.cpu: dict[str, list[float]] = {"create": [], "read": []}
         self.patients: list[str] = []
         self.observations: list[str] = []
@@ -116,9 +121,12 @@ class Target:
             plain.request("GET", "/livez")
             plain.getresponse().read()
             self.times["livez"].append(time.perf_counter() - t)
-            for kind, path in (("read", f"/Observation/{random.choice(self.observations)}"),
-                               ("search", "/" + SEARCH.format(pid=random.choice(self.patients))),
-                               ("metadata", "/metadata")):
+            oid, pid = random.choice(self.observations), random.choice(self.patients)
+            kinds = [("read", f"/Observation/{oid}"), ("search", "/" + SEARCH.format(pid=pid)), ("metadata", "/metadata")]
+            if self.xml:  # the same resource and query again, answered in XML
+                kinds += [("read-xml", f"/Observation/{oid}?_format=xml"),
+                          ("search-xml", "/" + SEARCH.format(pid=pid) + "&_format=xml")]
+            for kind, path in kinds:
                 t = time.perf_counter()
                 status, _h, _b = c.request("GET", path)
                 self.times[kind].append(time.perf_counter() - t)
@@ -213,6 +221,11 @@ def report(t: Target) -> list[str]:
              f"  metadata    p95 {p('metadata', 95):6.2f} ms  = {p('metadata', 95) / livez95:4.2f} x livez p95",
              f"  CPU/create      {1000 * statistics.median(t.cpu['create']):6.2f} ms (median of rounds)",
              f"  CPU/read        {1000 * statistics.median(t.cpu['read']):6.2f} ms (median of rounds)"]
+    if t.xml:
+        for kind in ("read", "search"):
+            j50, j95, x50, x95 = p(kind, 50), p(kind, 95), p(f"{kind}-xml", 50), p(f"{kind}-xml", 95)
+            lines.append(f"  {kind:6s} JSON p50/p95 {j50:5.2f}/{j95:5.2f} ms, XML {x50:5.2f}/{x95:5.2f} ms = "
+                         f"{x50 / j50:4.2f}x / {x95 / j95:4.2f}x")
     return lines
 
 
@@ -224,8 +237,10 @@ def main() -> None:
     ap.add_argument("--observations", type=int, default=10)
     ap.add_argument("--baseline", type=Path, help="another checkout, measured alternately in the same run")
     ap.add_argument("--floor", action="store_true", help="also measure the stack's floor for an audited read")
+    ap.add_argument("--xml", action="store_true", help="also read and search in XML (this checkout only)")
     args = ap.parse_args()
     targets = [Target("this checkout", None)]
+    targets[0].xml = args.xml
     if args.baseline:
         targets.append(Target(f"baseline {args.baseline}", args.baseline))
     floor: Floor | None = None
