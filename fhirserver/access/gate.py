@@ -389,6 +389,29 @@ class AccessGate:
             conds.extend(self.compiler.where(parsed, res, self.others))
         return {int(pk): int(v) for pk, v in conn.execute(select(res.c.pk, res.c.version).where(*conds))}
 
+    def matching_patients(self, conn: Connection, rtype: str, filters: Sequence[tuple[str, str]]) -> set[str] | None:
+        """The patients who have an `rtype` resource the caller may search and that meets the
+        filters (for Patient: the matching Patients themselves) -- a Group's member-filter
+        (pipeline/export_ops.py); membership only, nothing decrypted. None: the caller may not
+        read `rtype`."""
+        source = source_of(rtype)
+        res = source.res
+        preds = self.others(rtype, res)
+        if preds is None:
+            return None
+        conds: list[ColumnElement[bool]] = [res.c.type == rtype, res.c.deleted.is_(False), *preds]
+        if self.access.transfer is not None:
+            conds.append(self.access.transfer(res))
+        if filters:
+            parsed = parse_search(self.params, rtype, list(filters), 1, 1, strict=True)
+            conds.extend(self.compiler.where(parsed, res, self.others))
+        if rtype == "Patient":
+            stmt = select(res.c.id).where(*conds)
+        else:
+            comp = source.compartment
+            stmt = select(comp.c.patient_id).join(res, res.c.pk == comp.c.resource_pk).where(*conds).distinct()
+        return {str(v) for v in conn.execute(stmt).scalars()}
+
     def compartments_by_pk(self, conn: Connection, rtype: str, pks: list[int]) -> dict[int, tuple[str, ...]]:
         """pk -> the patients whose compartments hold that `rtype` row (access records have their own)."""
         if not pks:

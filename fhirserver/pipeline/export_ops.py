@@ -185,6 +185,9 @@ class ExportKickoff(Handler):
         return Result(202, None, {"Content-Location": status_url})
 
 
+MEMBER_FILTER = "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/member-filter"
+
+
 def _members(ctx: RequestContext, group_id: str) -> list[str]:
     """The Patient ids a Group lists as current members (not `inactive`, `period` not over),
     read as the caller may read the Group (hidden or absent: 404). The export then applies the
@@ -194,6 +197,10 @@ def _members(ctx: RequestContext, group_id: str) -> list[str]:
     except StorageError as err:
         raise fhir_error(err) from None
     group = parse_json(stored.body or b"{}")
+    filters = [str((e.get("valueExpression") or {}).get("expression") or "")
+               for e in group.get("modifierExtension") or [] if isinstance(e, dict) and e.get("url") == MEMBER_FILTER]
+    if filters:
+        return _filtered_members(ctx, filters)
     now = now_us()
     members: list[str] = []
     for member in group.get("member") or []:
@@ -210,6 +217,27 @@ def _members(ctx: RequestContext, group_id: str) -> list[str]:
         if pid and pid not in members:
             members.append(pid)
     return members
+
+
+def _filtered_members(ctx: RequestContext, expressions: list[str]) -> list[str]:
+    """A Group defined by member-filters (Bulk Data's `member-filter` modifier extension, each a
+    FHIR query such as `Condition?code=http://snomed.info/sct|44054006`): the patients that meet
+    every one, evaluated as searches of the caller's (its scopes, the patients' Consents, the
+    cross-border rule) when the export is asked for."""
+    members: set[str] | None = None
+    for i, expression in enumerate(expressions):
+        rtype, _sep, query = expression.partition("?")
+        where = [f"Group.modifierExtension[{i}]"]
+        if rtype not in ctx.services.types.names():
+            raise FhirError(400, "invalid", f"A member-filter is a query on a resource type: '{expression[:80]}'", where)
+        try:
+            found = ctx.gate.matching_patients(ctx.reading(), rtype, parse_qsl(query, keep_blank_values=True))
+        except FhirError as err:
+            raise FhirError(400, "invalid", f"member-filter '{expression[:80]}': {err}", where) from None
+        if found is None:
+            raise FhirError(403, "forbidden", f"A member-filter searches {rtype}, which this client may not read", where)
+        members = found if members is None else members & found
+    return sorted(members or ())
 
 
 def _own_job(ctx: RequestContext, conn: Connection) -> jobs.Job:

@@ -172,3 +172,61 @@ def test_a_group_the_caller_may_not_read_is_answered_as_an_absent_one(server: Se
     said = [r.get_json()["issue"][0]["diagnostics"].split(" (request id")[0] for r in (hidden, absent)]
     assert said[0].replace(gid, "X") == said[1].replace("no-such-group", "X")  # the asked id, nothing more
     assert a not in hidden.get_data(as_text=True)
+
+
+MEMBER_FILTER = "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/member-filter"
+DIABETES = "http://snomed.info/sct|44054006"
+
+
+def _cohort(srv: Server, token: str, *queries: str) -> str:
+    return srv.create(token, {"resourceType": "Group", "type": "person", "actual": False,
+                              "modifierExtension": [{"url": MEMBER_FILTER, "valueExpression": {
+                                  "language": "application/x-fhir-query", "expression": q}} for q in queries]})
+
+
+def test_a_group_defined_by_member_filters_exports_the_patients_meeting_every_one(server: Server) -> None:
+    token = server.token()
+    f1, f2, male, healthy, consent_out = (
+        server.create(token, {"resourceType": "Patient", "gender": g, "name": [{"family": f"F{i}"}]})
+        for i, g in enumerate(["female", "female", "male", "female", "female"]))
+    for pid in (f1, f2, male, consent_out):
+        server.create(token, {"resourceType": "Condition", "subject": {"reference": f"Patient/{pid}"},
+                              "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}})
+    server.create(token, {"resourceType": "Condition", "subject": {"reference": f"Patient/{healthy}"},
+                          "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003"}]}})
+    server.create(token, {"resourceType": "Consent", "status": "active", "scope": SCOPE,
+                          "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+                          "patient": {"reference": f"Patient/{consent_out}"}, "provision": {"type": "deny"}})
+    gid = _cohort(server, token, "Patient?gender=female", f"Condition?code={DIABETES}")
+    manifest, files = _export(server, token, gid)
+    # female AND diabetic; the patient whose Consent denies this client is not a member at all
+    assert sorted(p["id"] for p in files["Patient"]) == sorted([f1, f2])
+    assert {c["subject"]["reference"] for c in files["Condition"]} == {f"Patient/{f1}", f"Patient/{f2}"}
+    assert {i["type"]: i["count"] for i in manifest["output"]}["Patient"] == 2
+
+    one = _cohort(server, token, "Patient?gender=male")
+    _m, files = _export(server, token, one)
+    assert [p["id"] for p in files["Patient"]] == [male]
+
+
+@pytest.mark.parametrize(("query", "status"), [("Nope?x=1", 400), ("Condition?no-such-param=1", 400),
+                                               ("Condition", 200)])
+def test_member_filters_are_checked_at_kickoff(server: Server, query: str, status: int) -> None:
+    token = server.token()
+    gid = _cohort(server, token, query)
+    resp = server.kickoff(token, path=f"Group/{gid}/$export")
+    if status == 400:
+        assert resp.status_code == 400, resp.get_data(as_text=True)[:300]
+        issue = resp.get_json()["issue"][0]
+        assert issue["expression"] == ["Group.modifierExtension[0]"]
+    else:
+        assert resp.status_code == 202  # every patient with a Condition (none here): an empty export
+
+
+def test_a_member_filter_on_a_type_the_client_may_not_read_is_403(server: Server) -> None:
+    token = server.token()
+    gid = _cohort(server, token, f"Condition?code={DIABETES}")
+    narrow = server.token("system/Patient.rs system/Group.rs")
+    resp = server.kickoff(narrow, path=f"Group/{gid}/$export")
+    assert resp.status_code == 403, resp.get_data(as_text=True)[:300]
+    assert resp.get_json()["issue"][0]["expression"] == ["Group.modifierExtension[0]"]
