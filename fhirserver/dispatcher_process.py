@@ -58,18 +58,25 @@ class Supervisor:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Start the dispatcher process now, in the calling thread (gunicorn's `when_ready` runs
+        before the master forks its workers: nothing else of ours is running while it forks),
+        then a thread that waits for it and starts it again if it dies."""
+        self._proc = self._spawn()
         self._thread = threading.Thread(target=self._keep, name="subscription-dispatcher-supervisor", daemon=True)
         self._thread.start()
 
+    def _spawn(self) -> BaseProcess:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the master's state
+        proc = ctx.Process(target=run, args=(self.settings, os.getpid()), name="fhirserver-dispatcher", daemon=False)
+        proc.start()
+        return proc
+
     def _keep(self) -> None:
         wait = RESTART_WAIT_S
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the master's state
         while not self._stop.is_set():
-            proc = ctx.Process(target=run, args=(self.settings, os.getpid()), name="fhirserver-dispatcher",
-                               daemon=False)
-            proc.start()
-            self._proc = proc
-            proc.join()
+            proc = self._proc
+            assert proc is not None
+            proc.join()  # waits, holding no lock (gunicorn may reap it first: join then returns too)
             if self._stop.is_set():
                 return
             log.error("the subscription dispatcher process exited (code %s); starting it again in %.0f s",
@@ -77,6 +84,7 @@ class Supervisor:
             if self._stop.wait(wait):
                 return
             wait = min(60.0, wait * 2)
+            self._proc = self._spawn()
 
     def stop(self) -> None:
         self._stop.set()
