@@ -41,6 +41,7 @@ from ..storage.repository import Head, PreparedWrite, Repository, Stored
 from . import statements as sql
 
 Predicates = list[ColumnElement[bool]]
+TransferFn = Callable[[FromClause], ColumnElement[bool]]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,6 @@ class EventRef:
     id: str
     version: int
     patients: tuple[str, ...] = ()
-TransferFn = Callable[[FromClause], ColumnElement[bool]]
 
 
 def _deny() -> Predicates:
@@ -343,10 +343,10 @@ class AccessGate:
         each event whose resource's current row passes the owner's search access to `rtype`
         (scopes, consent, cross-border rule), the subscription's filters and its patient filter,
         and whose version the owner may read -> what it discloses; absent: withheld, never
-        revealed. One statement decides which
-        current rows pass the owner's access and the filters, one reads their compartments for
-        each event's patient filter, and one loads the current versions; an event whose version
-        is no longer current is read on its own, as `event` reads it."""
+        revealed. One statement decides which current rows pass the owner's access and the
+        filters, one reads their compartments for each event's patient filter, and one loads the
+        current versions; an event whose version is no longer current is read on its own, as a
+        vread of the owner's would read it."""
         pks = list(dict.fromkeys(w.pk for w in wanted))
         current = self._event_rows(conn, rtype, pks, filters)
         if not current:
@@ -372,22 +372,29 @@ class AccessGate:
         one statement for a batch: nothing is decrypted)."""
         return set(self._event_rows(conn, rtype, pks, filters))
 
-    def _event_rows(self, conn: Connection, rtype: str, pks: Sequence[int],
-                    filters: Sequence[tuple[str, str]]) -> dict[int, int]:
-        """pk -> current version, of the rows among `pks` that pass the caller's access and the filters."""
-        source = source_of(rtype)
-        res = source.res
+    def _searchable(self, rtype: str, res: FromClause, filters: Sequence[tuple[str, str]]) -> Predicates | None:
+        """The conditions for live `rtype` rows the caller may search that meet `filters` (search
+        parameters); None when the caller may not read `rtype`."""
         preds = self.others(rtype, res)
         if preds is None:
-            return {}
-        conds: list[ColumnElement[bool]] = [res.c.pk.in_(list(pks)), res.c.type == rtype, res.c.deleted.is_(False),
-                                            *preds]
+            return None
+        conds: Predicates = [res.c.type == rtype, res.c.deleted.is_(False), *preds]
         if self.access.transfer is not None:
             conds.append(self.access.transfer(res))
         if filters:
             parsed = parse_search(self.params, rtype, list(filters), 1, 1, strict=True)
             conds.extend(self.compiler.where(parsed, res, self.others))
-        return {int(pk): int(v) for pk, v in conn.execute(select(res.c.pk, res.c.version).where(*conds))}
+        return conds
+
+    def _event_rows(self, conn: Connection, rtype: str, pks: Sequence[int],
+                    filters: Sequence[tuple[str, str]]) -> dict[int, int]:
+        """pk -> current version, of the rows among `pks` that pass the caller's access and the filters."""
+        res = source_of(rtype).res
+        conds = self._searchable(rtype, res, filters)
+        if conds is None:
+            return {}
+        stmt = select(res.c.pk, res.c.version).where(res.c.pk.in_(list(pks)), *conds)
+        return {int(pk): int(v) for pk, v in conn.execute(stmt)}
 
     def matching_patients(self, conn: Connection, rtype: str, filters: Sequence[tuple[str, str]]) -> set[str] | None:
         """The patients who have an `rtype` resource the caller may search and that meets the
@@ -396,15 +403,9 @@ class AccessGate:
         read `rtype`."""
         source = source_of(rtype)
         res = source.res
-        preds = self.others(rtype, res)
-        if preds is None:
+        conds = self._searchable(rtype, res, filters)
+        if conds is None:
             return None
-        conds: list[ColumnElement[bool]] = [res.c.type == rtype, res.c.deleted.is_(False), *preds]
-        if self.access.transfer is not None:
-            conds.append(self.access.transfer(res))
-        if filters:
-            parsed = parse_search(self.params, rtype, list(filters), 1, 1, strict=True)
-            conds.extend(self.compiler.where(parsed, res, self.others))
         if rtype == "Patient":
             stmt = select(res.c.id).where(*conds)
         else:
