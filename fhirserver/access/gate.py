@@ -449,8 +449,10 @@ class AccessGate:
             comp = source.compartment.alias()
             pids = [spec["patient"]] if spec["level"] == "instance" else spec.get("patients")
             if pids is not None:  # one patient, a Group's members, or the patients a kick-off named
-                conds.append(or_(and_(res.c.type == "Patient", res.c.id.in_(pids)),
-                                 res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(pids)))))
+                in_compartments = res.c.pk.in_(select(comp.c.resource_pk).where(comp.c.patient_id.in_(pids)))
+                # the Patients themselves only for rtype Patient: an OR on every type kept SQLite
+                # from driving the statement by the compartment rows
+                conds.append(or_(res.c.id.in_(pids), in_compartments) if rtype == "Patient" else in_compartments)
             else:
                 conds.append(or_(res.c.type == "Patient", res.c.pk.in_(select(comp.c.resource_pk))))
         if rtype == "Provenance" and spec.get("provenance_of") is not None:  # includeAssociatedData

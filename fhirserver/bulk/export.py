@@ -26,6 +26,19 @@ from ..storage.codec import dump_json, parse_json
 
 log = logging.getLogger("fhirserver.bulk")
 BATCH = 500
+# A Group's members (or the patients a kick-off named) are exported this many at a time: every
+# batch's statement asks "in one of these patients' compartments", and over the whole list that
+# was re-evaluated per batch -- work growing with the square of the export (docs/performance.md).
+MEMBER_CHUNK = 200
+
+
+def _parts(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's spec once per chunk of its listed patients (the spec itself when it lists few
+    or none)."""
+    pids = spec.get("patients")
+    if pids is None or len(pids) <= MEMBER_CHUNK:
+        return [spec]
+    return [{**spec, "patients": pids[i:i + MEMBER_CHUNK]} for i in range(0, len(pids), MEMBER_CHUNK)]
 
 
 def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None) -> str:
@@ -48,38 +61,47 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
         for n, rtype in enumerate(job.spec["types"], 1):
             elements = elements_for(rtype, job.spec.get("elements"))
             lines: list[bytes] = []
-            file_no, last_pk = 0, 0
-            while True:
-                if stop is not None and stop.is_set():
-                    return "interrupted"  # requeued by the next server (stale heartbeat)
-                with read_connection(svc.engine) as conn:
-                    stored = gate.export_batch(conn, rtype, job.spec, last_pk, BATCH)
-                patients.update(p for st in stored for p in st.patients)
-                for item in stored:
-                    body = item.body or b"{}"
-                    if rtype == "AuditEvent" and not principal.sees_audit_values:
-                        body = redact_body(body)
-                    if deidentify is not None or elements is not None:
-                        resource = parse_json(body)
-                        resource = deidentify(resource) if deidentify is not None else resource
-                        if elements is not None:  # mandatory elements kept, tagged SUBSETTED
-                            resource = apply_subsetting(resource, None, elements, svc.summary_elements)
-                        body = dump_json(resource)
-                    elif b"\n" in body:
-                        body = dump_json(parse_json(body))
-                    lines.append(body + b"\n")
-                    if len(lines) >= per_file:
-                        file_no += 1
-                        jobs.add_file(svc.engine, job, key, f"{rtype}-{file_no}.ndjson", rtype, lines)
-                        counts[rtype] = counts.get(rtype, 0) + len(lines)
-                        lines = []
-                if rtype == "Patient":
-                    patients.update(i.id for i in stored)
-                if not stored:
-                    break
-                last_pk = stored[-1].pk
-                if not jobs.heartbeat(svc.engine, job.id, f"exporting {rtype} ({n} of {len(job.spec['types'])} types)"):
-                    return "cancelled"
+            file_no = 0
+            parts = _parts(job.spec)
+            written: set[int] = set()  # with several parts: a row in two parts' compartments goes out once
+            for part in parts:
+                last_pk = 0
+                while True:
+                    if stop is not None and stop.is_set():
+                        return "interrupted"  # requeued by the next server (stale heartbeat)
+                    with read_connection(svc.engine) as conn:
+                        batch = gate.export_batch(conn, rtype, part, last_pk, BATCH)
+                    stored = batch
+                    if len(parts) > 1:
+                        stored = [st for st in batch if st.pk not in written]
+                        written.update(st.pk for st in stored)
+                    patients.update(p for st in stored for p in st.patients)
+                    for item in stored:
+                        body = item.body or b"{}"
+                        if rtype == "AuditEvent" and not principal.sees_audit_values:
+                            body = redact_body(body)
+                        if deidentify is not None or elements is not None:
+                            resource = parse_json(body)
+                            resource = deidentify(resource) if deidentify is not None else resource
+                            if elements is not None:  # mandatory elements kept, tagged SUBSETTED
+                                resource = apply_subsetting(resource, None, elements, svc.summary_elements)
+                            body = dump_json(resource)
+                        elif b"\n" in body:
+                            body = dump_json(parse_json(body))
+                        lines.append(body + b"\n")
+                        if len(lines) >= per_file:
+                            file_no += 1
+                            jobs.add_file(svc.engine, job, key, f"{rtype}-{file_no}.ndjson", rtype, lines)
+                            counts[rtype] = counts.get(rtype, 0) + len(lines)
+                            lines = []
+                    if rtype == "Patient":
+                        patients.update(i.id for i in stored)
+                    if not batch:
+                        break
+                    last_pk = batch[-1].pk
+                    progress = f"exporting {rtype} ({n} of {len(job.spec['types'])} types)"
+                    if not jobs.heartbeat(svc.engine, job.id, progress):
+                        return "cancelled"
             if lines:
                 file_no += 1
                 jobs.add_file(svc.engine, job, key, f"{rtype}-{file_no}.ndjson", rtype, lines)

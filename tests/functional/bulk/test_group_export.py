@@ -230,3 +230,23 @@ def test_a_member_filter_on_a_type_the_client_may_not_read_is_403(server: Server
     resp = server.kickoff(narrow, path=f"Group/{gid}/$export")
     assert resp.status_code == 403, resp.get_data(as_text=True)[:300]
     assert resp.get_json()["issue"][0]["expression"] == ["Group.modifierExtension[0]"]
+
+
+def test_a_large_group_is_exported_in_member_chunks_each_row_once(server: Server,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members are exported a chunk at a time (bulk/export.py MEMBER_CHUNK, 2 here): a row in the
+    compartments of members of two chunks is written once, and the counts say so."""
+    from fhirserver.bulk import export
+
+    monkeypatch.setattr(export, "MEMBER_CHUNK", 2)
+    token = server.token()
+    a, b, c, d, e = _patients(server, token, 5)  # each with one Observation of their own
+    shared = server.create(token, {"resourceType": "Observation", "status": "final", "code": {"text": "shared"},
+                                   "subject": {"reference": f"Patient/{a}"},
+                                   "performer": [{"reference": f"Patient/{d}"}]})
+    gid = _group(server, token, [{"entity": {"reference": f"Patient/{p}"}} for p in (a, b, c, d, e)])
+    manifest, files = _export(server, token, gid)
+    assert sorted(p["id"] for p in files["Patient"]) == sorted([a, b, c, d, e])
+    ids = [o["id"] for o in files["Observation"]]
+    assert len(ids) == len(set(ids)) == 6 and shared in ids
+    assert {i["type"]: i["count"] for i in manifest["output"]} == {"Patient": 5, "Observation": 6}
