@@ -21,8 +21,6 @@ from .cors import install as install_cors
 from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
-from .fhir.errors import FhirError
-from .fhir.interaction import negotiate_format
 from .fhir.xml_format import to_xml
 from .health import db_gauges
 from .health import install as install_health
@@ -74,15 +72,6 @@ def _read_body(limit: int) -> tuple[bytes, bool]:
     return b"".join(chunks), False
 
 
-def _wants_xml() -> bool:
-    """The caller asked for XML (`_format`, Accept) -- as the pipeline negotiated it. A 406 (XML
-    refused, as Bulk Data refuses it) answers in JSON."""
-    try:
-        return negotiate_format(request.headers.get("Accept"), request.args.get("_format")) == "xml"
-    except FhirError:
-        return False
-
-
 def _fhir_view(path: str = "") -> Response:
     pipeline: Pipeline = current_app.extensions["fhirserver.pipeline"]
     body, too_large = b"", False
@@ -98,14 +87,14 @@ def _fhir_view(path: str = "") -> Response:
     method = "GET" if request.method == "HEAD" else request.method
     query = request.query_string.decode("utf-8", "replace")
     too_long = len(request.path) + len(query) > current_app.extensions["fhirserver"].settings.max_url_bytes
-    result, request_id = pipeline.handle(
+    result, request_id, fmt = pipeline.handle(
         method, path, "" if too_long else query, form,
         dict(request.headers), body, request.remote_addr or "", body_too_large=too_large, url_too_long=too_long,
     )
     headers = {"X-Request-Id": request_id, **result.headers}
     content_type = headers.pop("Content-Type", FHIR_JSON)
     payload = result.body
-    if payload is not None and content_type == FHIR_JSON and result.status != 406 and _wants_xml():
+    if payload is not None and content_type == FHIR_JSON and fmt == "xml":
         xml = to_xml(payload if isinstance(payload, dict) else parse_json(payload))
         if xml is not None:  # else the JSON: the R4B model could not hold it
             payload, content_type = xml, FHIR_XML

@@ -54,6 +54,7 @@ class RequestContext:
     write: PreparedWrite | None = None  # the resource a create or update will store (prepared)
     plan: object = None  # a handler's own plan from prepare() for execute(), read with plan_as
     prefer: dict[str, str] = field(default_factory=dict)
+    response_format: str = "json"  # "xml" once the request negotiated XML (fhir/interaction.py)
     pipeline: EntryRunner | None = None  # the pipeline running this request (a Bundle runs its entries through it)
     assigned_id: str | None = None  # a create's id fixed in advance (transaction urn:uuid resolution)
     provenance: list[PreparedWrite] = field(default_factory=list)  # written with the resource (provenance.py)

@@ -197,20 +197,22 @@ class Pipeline:
     # ---- the whole road
     def handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,
                headers: dict[str, str], body: bytes, remote_addr: str,
-               body_too_large: bool = False, url_too_long: bool = False) -> tuple[Result, str]:
-        """The whole road for one /fhir request; one access log line (no patient data) per request."""
+               body_too_large: bool = False, url_too_long: bool = False) -> tuple[Result, str, str]:
+        """The whole road for one /fhir request; one access log line (no patient data) per request.
+        Returns the result, the request id and the response format the request negotiated
+        ("json" or "xml": the web layer writes the body in it)."""
         started = time.perf_counter()
-        result, request_id, record = self._handle(method, path, query, form, headers, body, remote_addr,
-                                                  body_too_large, url_too_long)
+        result, request_id, record, fmt = self._handle(method, path, query, form, headers, body, remote_addr,
+                                                       body_too_large, url_too_long)
         seconds = time.perf_counter() - started
         logs.access(request_id, method, record.interaction, record.resource_type, result.status, seconds,
                     record.client_id)
         metrics.observe(record.interaction, record.resource_type, result.status, seconds)
-        return result, request_id
+        return result, request_id, fmt
 
     def _handle(self, method: str, path: str, query: str, form: list[tuple[str, str]] | None,
                headers: dict[str, str], body: bytes, remote_addr: str,
-               body_too_large: bool = False, url_too_long: bool = False) -> tuple[Result, str, AuditRecord]:
+               body_too_large: bool = False, url_too_long: bool = False) -> tuple[Result, str, AuditRecord, str]:
         lower = {k.lower(): v for k, v in headers.items()}
         client_rid = lower.get("x-request-id", "")
         request_id = client_rid if REQUEST_ID_RE.match(client_rid) else str(uuid.uuid4())
@@ -221,8 +223,9 @@ class Pipeline:
         ctx.snapshot = Snapshot(self.services.engine)
         try:
             with guard.request_scope():  # from here on, stored rows are read through ctx.gate only
-                return self._serve(ctx, request_id, record, lower, method, path, query, form, body_too_large,
-                                   url_too_long)
+                result, rid, rec = self._serve(ctx, request_id, record, lower, method, path, query, form,
+                                               body_too_large, url_too_long)
+                return result, rid, rec, ctx.response_format
         finally:
             ctx.release_reading()
 
@@ -244,6 +247,7 @@ class Pipeline:
                                    ndjson=ctx.interaction.operation == "export-file")
             if fmt == "xml" and (ctx.interaction.operation or "").startswith("export"):
                 raise FhirError(406, "not-supported", "Bulk Data answers in application/fhir+json only")
+            ctx.response_format = fmt  # errors from here on answer in it too
             if body_too_large:
                 raise FhirError(413, "too-costly", f"The request body exceeds the limit of "
                                                    f"{self.services.settings.max_body_bytes} bytes")
