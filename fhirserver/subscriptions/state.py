@@ -158,13 +158,6 @@ def take_changes(conn: Connection, seqs: list[int]) -> set[int]:
     return {int(r[0]) for r in rows}
 
 
-
-def backlog(conn: Connection) -> tuple[int, int | None]:
-    """Unconsumed changes and the oldest one's time (metrics: lag)."""
-    row = conn.execute(select(func.count(), func.min(change_event.c.recorded_us))).one()
-    return int(row[0]), row[1]
-
-
 def number(conn: Connection, matches: list[tuple[int, Change]]) -> int:
     """Give each (subscription, change) the subscription's next event number, in the order given
     (in the consuming transaction): one UPDATE ... RETURNING per subscription, which takes its
@@ -189,10 +182,6 @@ def number(conn: Connection, matches: list[tuple[int, Change]]) -> int:
 
 
 # ---- delivery
-def has_changes(conn: Connection) -> bool:
-    return conn.execute(select(change_event.c.seq).limit(1)).first() is not None
-
-
 def _due(now: ColumnElement[int] | int) -> ColumnElement[bool]:
     """Something to send now: the handshake, events past the acknowledged one, or a heartbeat
     (nothing sent for the subscription's heartbeat period)."""
@@ -203,10 +192,12 @@ def _due(now: ColumnElement[int] | int) -> ColumnElement[bool]:
             & ((s.c.handshake_done.is_(False)) | (s.c.delivered_through < s.c.events_since_start) | heartbeat))
 
 
-# the dispatcher's polls, built once (each poll binds `now`): an idle server polls several times a second
-_ANY_DUE = (select(subscription_state.c.resource_pk)
-            .where(_due(bindparam("now", type_=BigInteger)), subscription_state.c.channel == bindparam("channel"))
-            .limit(1))
+# the dispatcher's polls and claims, built once (each binds `now` and the channel): an idle server
+# polls several times a second
+_DUE = select(subscription_state.c.resource_pk).where(_due(bindparam("now", type_=BigInteger)),
+                                                     subscription_state.c.channel == bindparam("channel"))
+_ANY_DUE = _DUE.limit(1)
+_CLAIMABLE = _DUE.order_by(subscription_state.c.next_attempt_us).limit(bindparam("limit"))
 
 
 def any_due(conn: Connection, now: int, channel: str = "rest-hook", pk: int | None = None) -> bool:
@@ -218,33 +209,23 @@ def any_due(conn: Connection, now: int, channel: str = "rest-hook", pk: int | No
 
 def claim_due(conn: Connection, worker: str, now: int, lease_us: int, channel: str = "rest-hook",
               pk: int | None = None) -> Sub | None:
-    """One subscription of `channel` (or subscription `pk`) with something to send (a handshake,
-    events past the acknowledged one, a heartbeat) whose next attempt is due, leased to `worker`
-    so no other instance sends for it."""
+    """One subscription of `channel` (or subscription `pk`) with something to send, leased to
+    `worker` (as `claim_due_many`)."""
+    subs = claim_due_many(conn, worker, now, lease_us, 1, channel, pk)
+    return subs[0] if subs else None
+
+
+def claim_due_many(conn: Connection, worker: str, now: int, lease_us: int, limit: int, channel: str = "rest-hook",
+                   pk: int | None = None) -> list[Sub]:
+    """Up to `limit` subscriptions of `channel` (or subscription `pk`) with something to send (a
+    handshake, events past the acknowledged one, a heartbeat) whose next attempt is due, leased to
+    `worker` so no other instance sends for them (PostgreSQL: rows another instance is claiming
+    are skipped)."""
     s = subscription_state
-    stmt = select(s.c.resource_pk).where(_due(now), s.c.channel == channel)
-    if pk is not None:
-        stmt = stmt.where(s.c.resource_pk == pk)
-    stmt = stmt.order_by(s.c.next_attempt_us).limit(1)
+    stmt = _CLAIMABLE if pk is None else _CLAIMABLE.where(s.c.resource_pk == pk)
     if conn.dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
-    pk = conn.execute(stmt).scalar()
-    if pk is None:
-        return None
-    conn.execute(update(s).where(s.c.resource_pk == pk).values(lease_owner=worker, lease_until_us=now + lease_us))
-    return _sub(conn.execute(select(s).where(s.c.resource_pk == pk)).one())
-
-
-_CLAIMABLE = (select(subscription_state.c.resource_pk)
-              .where(_due(bindparam("now", type_=BigInteger)), subscription_state.c.channel == "rest-hook")
-              .order_by(subscription_state.c.next_attempt_us).limit(bindparam("limit")))
-
-
-def claim_due_many(conn: Connection, worker: str, now: int, lease_us: int, limit: int) -> list[Sub]:
-    """Up to `limit` due rest-hook subscriptions, leased to `worker` (as `claim_due`)."""
-    s = subscription_state
-    stmt = _CLAIMABLE.with_for_update(skip_locked=True) if conn.dialect.name == "postgresql" else _CLAIMABLE
-    pks = [int(p) for p in conn.execute(stmt, {"now": now, "limit": limit}).scalars()]
+    pks = [int(p) for p in conn.execute(stmt, {"now": now, "limit": limit, "channel": channel}).scalars()]
     if not pks:
         return []
     rows = conn.execute(update(s).where(s.c.resource_pk.in_(pks))
