@@ -286,18 +286,20 @@ class Dispatcher:
         due = state.events_after_many(conn, {p.sub.pk: p.sub.delivered_through for p in plans if p.sub.handshake_done},
                                       SEND_BATCH)
         groups: dict[tuple[int, str, tuple[tuple[str, str], ...]], tuple[Owner, list[EventRef]]] = {}
+        asked: dict[tuple[int, int], tuple[tuple[int, str, tuple[tuple[str, str], ...]], EventRef]] = {}
         for p in plans:
             for ev in due.get(p.sub.pk, []):
                 key = (id(p.owner), ev.type, tuple(p.crit.filters_for(ev.type)))
-                groups.setdefault(key, (p.owner, []))[1].append(EventRef(ev.resource_pk, ev.id, ev.version,
-                                                                         p.crit.patients))
+                ref = EventRef(ev.resource_pk, ev.id, ev.version, p.crit.patients)
+                groups.setdefault(key, (p.owner, []))[1].append(ref)
+                asked[(p.sub.pk, ev.number)] = (key, ref)
         seen = {key: owner.gate.events(conn, key[1], refs, key[2]) for key, (owner, refs) in groups.items()}
         for p, out in zip(plans, outs, strict=True):
             if p.sub.handshake_done:
                 events = due.get(p.sub.pk, [])
                 for ev in events:
-                    key = (id(p.owner), ev.type, tuple(p.crit.filters_for(ev.type)))
-                    stored = seen[key].get(EventRef(ev.resource_pk, ev.id, ev.version, p.crit.patients))
+                    key, ref = asked[(p.sub.pk, ev.number)]
+                    stored = seen[key].get(ref)
                     if stored is None:
                         out.withheld += 1
                         continue
