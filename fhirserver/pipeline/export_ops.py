@@ -197,8 +197,9 @@ def _members(ctx: RequestContext, group_id: str) -> list[str]:
     except StorageError as err:
         raise fhir_error(err) from None
     group = parse_json(stored.body or b"{}")
-    filters = [str((e.get("valueExpression") or {}).get("expression") or "")
-               for e in group.get("modifierExtension") or [] if isinstance(e, dict) and e.get("url") == MEMBER_FILTER]
+    filters = [(i, str((e.get("valueExpression") or {}).get("expression") or ""))
+               for i, e in enumerate(group.get("modifierExtension") or [])
+               if isinstance(e, dict) and e.get("url") == MEMBER_FILTER]
     if filters:
         return _filtered_members(ctx, filters)
     now = now_us()
@@ -219,13 +220,14 @@ def _members(ctx: RequestContext, group_id: str) -> list[str]:
     return members
 
 
-def _filtered_members(ctx: RequestContext, expressions: list[str]) -> list[str]:
+def _filtered_members(ctx: RequestContext, expressions: list[tuple[int, str]]) -> list[str]:
     """A Group defined by member-filters (Bulk Data's `member-filter` modifier extension, each a
     FHIR query such as `Condition?code=http://snomed.info/sct|44054006`): the patients that meet
     every one, evaluated as searches of the caller's (its scopes, the patients' Consents, the
-    cross-border rule) when the export is asked for."""
+    cross-border rule) when the export is asked for. Each comes with its index among the Group's
+    modifier extensions, which a refusal names."""
     members: set[str] | None = None
-    for i, expression in enumerate(expressions):
+    for i, expression in expressions:
         rtype, _sep, query = expression.partition("?")
         where = [f"Group.modifierExtension[{i}]"]
         if rtype not in ctx.services.types.names():
