@@ -183,3 +183,25 @@ def test_transaction_and_fhirpath_patch_in_xml(srv) -> None:  # type: ignore[no-
     assert patched.status_code == 200, patched.get_data(as_text=True)
     assert _value(_xml(patched), "name/family") == "Okafor-Ade"
     assert http.get(f"/fhir/Patient/{pid}", headers=h).get_json()["name"][0]["family"] == "Okafor-Ade"
+
+
+def test_a_resource_the_caller_may_not_read_answers_in_xml_as_an_unknown_one(srv) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A Patient whose Consent denies this client: its read in XML is the 404 of an id that does
+    not exist, naming nothing of it."""
+    http, h = srv
+    pid = post(http, h, {"resourceType": "Patient", "name": [{"family": "Hidden-Xml"}]}).get_json()["id"]
+    consent = {"resourceType": "Consent", "status": "active", "patient": {"reference": f"Patient/{pid}"},
+               "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                     "code": "patient-privacy"}]},
+               "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+               "provision": {"type": "deny"}}
+    assert post(http, h, consent, "Consent").status_code == 201
+    xml = {**h, "Accept": "application/fhir+xml"}
+    hidden = http.get(f"/fhir/Patient/{pid}", headers=xml)
+    unknown = http.get("/fhir/Patient/no-such-patient", headers=xml)
+    assert hidden.status_code == unknown.status_code == 404
+    a, b = _xml(hidden), _xml(unknown)
+    assert _value(a, "issue/code") == _value(b, "issue/code") == "not-found"
+    assert "Hidden-Xml" not in hidden.get_data(as_text=True)
+    # and the same in JSON
+    assert http.get(f"/fhir/Patient/{pid}", headers=h).status_code == 404
