@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,12 @@ def test_erasure_shreds_the_patient_and_keeps_a_pseudonymized_audit_trail(server
 
     # the raw database: no key, no ciphertext under it, nothing decryptable, no index rows
     with raw(server) as cx:
-        cx.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # the whole WAL into the file: a background reader's snapshot (the subscription
+        # dispatcher's idle poll) makes one attempt come back busy, so try until one completes
+        deadline = time.monotonic() + 30
+        while cx.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] != 0:
+            assert time.monotonic() < deadline, "the checkpoint never completed"
+            time.sleep(0.05)
         assert cx.execute("SELECT count(*) FROM data_key WHERE id=? OR scope=?", (key_id, f"patient:{pid}")).fetchone()[0] == 0
         assert cx.execute("SELECT count(*) FROM resource_version WHERE key_id=?", (key_id,)).fetchone()[0] == 0
         assert cx.execute("SELECT count(*) FROM compartment WHERE patient_id=?", (pid,)).fetchone()[0] == 0
