@@ -27,6 +27,7 @@ from .search.compiler import QueryCompiler
 from .search.indexer import Indexer
 from .search.params import ParamRegistry, load_param_registry
 from .search.sources import use_stores
+from .storage import ig_packages
 from .storage.repository import Repository
 from .subscriptions.endpoints import check_networks
 from .subscriptions.topics import Topics, load_topics
@@ -77,7 +78,8 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     set_choice_elements(set(elements.get("choiceElements", [])))
     params = load_param_registry(settings.profiles_dir, types.names())
     params.max_params, params.max_values = settings.search_max_params, settings.search_max_values
-    validator = Validator(settings.profiles_dir, settings.max_json_depth, settings.required_profiles)
+    validator = Validator(settings.profiles_dir, settings.max_json_depth, settings.required_profiles,
+                          ig_packages.installed(engine))
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
     consent = build_consent(settings, blind, params, frozenset(t.name for t in types if t.owned_by_client))
     repo = Repository(keys, indexer, hooks=[consent.writes])

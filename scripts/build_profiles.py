@@ -97,10 +97,33 @@ def _model_choices(rtype: str) -> set[str]:
     return names
 
 
+def _primitive_extensions(defs: dict) -> int:
+    """The R4 schema leaves out the `_name` sibling of `canonical` elements, though the JSON
+    format lets every primitive element carry one (US Core's QuestionnaireResponse examples extend
+    `questionnaire` so). Add them. (Element and Resource ids, and Extension.url, are attributes in
+    XML and have none, rightly.)"""
+    primitives = {"canonical"}
+    added = 0
+    for definition in defs.values():
+        props = definition.get("properties") if isinstance(definition, dict) else None
+        if not isinstance(props, dict):
+            continue
+        for name, prop in list(props.items()):
+            ref = prop.get("$ref") or (prop.get("items") or {}).get("$ref")
+            if name.startswith("_") or f"_{name}" in props or not isinstance(ref, str) \
+                    or ref.rsplit("/", 1)[-1] not in primitives:
+                continue
+            element = {"$ref": "#/definitions/Element"}
+            props[f"_{name}"] = {"type": "array", "items": element} if "items" in prop else element
+            added += 1
+    return added
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     schema = json.loads((SPEC / "fhir.schema.json").read_text())
     defs = schema["definitions"]
+    print(f"primitive extension siblings added: {_primitive_extensions(defs)}")
     defs["ResourceList"] = {
         "description": "Any resource; validated by type in fhirserver.fhir.validation.",
         "type": "object",

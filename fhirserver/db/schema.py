@@ -726,3 +726,15 @@ subscription_event = Table(
     Column("method", String(8), nullable=False),
     Column("recorded_us", BigInteger, nullable=False),
 )
+
+# ---- installed IG packages (migration 0015, `fhirserver ig install`): the package file itself, so
+# that every instance sharing the database validates against the same profiles and value sets.
+ig_package = Table(
+    "ig_package",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("version", String(64), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("installed_us", BigInteger, nullable=False),
+    Column("content", LargeBinary, nullable=False),  # the .tgz as given
+)

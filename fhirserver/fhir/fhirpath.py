@@ -238,6 +238,12 @@ class _Parser:
                 args.append(self.take()[1])
             elif name == "where":
                 args.append(self.and_expr())
+            elif name == "matches" and (lit := self.peek()) is not None and lit[0] == "str":
+                self.take()
+                try:
+                    args.append(re.compile(lit[1][1:-1].replace("\\\\", "\\")))
+                except re.error:
+                    raise UnsupportedExpression("matches() with an invalid regular expression") from None
             after = self.peek()
             if after and after[1] != ")":
                 raise UnsupportedExpression(f"unsupported arguments to {name}()")
@@ -339,6 +345,11 @@ def _function(name: str, args: list[Any]) -> Fn:
         return lambda nodes: [(not _truthy(nodes), "boolean")] if nodes else []
     if name == "first":
         return lambda nodes: nodes[:1]
+    if name == "matches" and args:
+        regex: re.Pattern[str] = args[0]
+        # a string's whole value, as FHIRPath's matches() with the regex anchored by the author
+        return lambda nodes: [(bool(regex.search(nodes[0][0])), "boolean")] \
+            if len(nodes) == 1 and isinstance(nodes[0][0], str) else []
     if name == "resolve":
         return _resolve
     raise UnsupportedExpression(f"unsupported FHIRPath function {name}()")

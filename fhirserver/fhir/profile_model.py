@@ -61,6 +61,8 @@ class Element:
     has_pattern: bool = False
     choice_types: tuple[str, ...] = ()  # allowed type codes of a choice element (`dateTime`, `Period`)
     targets: tuple[str, ...] = ()  # targetProfile canonicals of a Reference
+    type_profiles: tuple[str, ...] = ()  # type.profile canonicals (an extension slice's definition)
+    binding: tuple[str, str] | None = None  # (strength, value set canonical): required or extensible only
     constraints: tuple[Constraint, ...] = ()
     slicing: dict[str, Any] | None = None
     slice_ids: tuple[str | None, ...] = ()  # per step: the id of the slice element it selects
@@ -73,11 +75,12 @@ class Profile:
     name: str
     type: str
     base: str
-    source: Path
+    source: str  # the file name, or `package#version/file` for an installed IG package
     elements: list[Element]
     by_id: dict[str, Element]
     members: dict[str, Callable[[Any], bool]] = field(default_factory=dict)  # slice id -> member test
     described: dict[str, str] = field(default_factory=dict)  # slice id -> what its members look like
+    unenforced: list[str] = field(default_factory=list)  # rules set aside at load, and why
 
     def matches(self, canonical: str) -> bool:
         url, _, version = canonical.partition("|")
@@ -115,10 +118,10 @@ def _typed(element: dict[str, Any], prefix: str) -> tuple[bool, Any]:
     return False, None
 
 
-def _parse_element(raw: dict[str, Any], type_name: str, source: Path) -> Element:
+def _parse_element(raw: dict[str, Any], type_name: str, source: str) -> Element:
     eid = _normalize(str(raw.get("id") or raw.get("path") or ""))
     if eid.split(".")[0] != type_name:
-        raise ProfileError(f"{source.name}: element {eid!r} is not in {type_name}")
+        raise ProfileError(f"{source}: element {eid!r} is not in {type_name}")
     steps, slice_ids = _steps(eid)
     maximum = raw.get("max")
     has_fixed, fixed = _typed(raw, "fixed")
@@ -128,7 +131,7 @@ def _parse_element(raw: dict[str, Any], type_name: str, source: Path) -> Element
     constraints = tuple(_parse_constraint(c) for c in raw.get("constraint", []))
     for key in raw:
         if _UNENFORCED.match(key):
-            log.warning("%s: %s of %s is not enforced by this server", source.name, key, eid)
+            log.warning("%s: %s of %s is not enforced by this server", source, key, eid)
     return Element(
         id=eid, steps=steps, slice_ids=slice_ids,
         min=raw.get("min") if isinstance(raw.get("min"), int) else None,
@@ -137,7 +140,17 @@ def _parse_element(raw: dict[str, Any], type_name: str, source: Path) -> Element
         choice_types=tuple(t["code"] for t in types) if choice else (),
         targets=tuple(p for t in types if t["code"] == "Reference" for p in t.get("targetProfile", [])),
         constraints=constraints, slicing=raw.get("slicing"),
+        type_profiles=tuple(p for t in types for p in t.get("profile", []) if isinstance(p, str)),
+        binding=_binding(raw.get("binding")),
     )
+
+
+def _binding(raw: object) -> tuple[str, str] | None:
+    """Only the strengths that constrain a write: `preferred` and `example` are advice."""
+    if not isinstance(raw, dict) or raw.get("strength") not in ("required", "extensible"):
+        return None
+    vs = raw.get("valueSet")
+    return (str(raw["strength"]), vs) if isinstance(vs, str) else None
 
 
 def _load_profile(path: Path) -> Profile:
@@ -145,18 +158,23 @@ def _load_profile(path: Path) -> Profile:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ProfileError(f"{path.name}: {exc}") from None
+    return profile_from(doc, path.name)
+
+
+def profile_from(doc: dict[str, Any], source: str) -> Profile:
+    """A constraining StructureDefinition (a shipped file or an installed package's) as checks."""
     if doc.get("resourceType") != "StructureDefinition" or doc.get("derivation") != "constraint":
-        raise ProfileError(f"{path.name}: not a constraining StructureDefinition")
+        raise ProfileError(f"{source}: not a constraining StructureDefinition")
     for key in ("url", "type", "baseDefinition"):
         if not isinstance(doc.get(key), str):
-            raise ProfileError(f"{path.name}: {key} is missing")
+            raise ProfileError(f"{source}: {key} is missing")
     raw_elements = (doc.get("differential") or {}).get("element")
     if not isinstance(raw_elements, list):
-        raise ProfileError(f"{path.name}: differential.element is missing")
-    elements = [_parse_element(e, doc["type"], path) for e in raw_elements]
+        raise ProfileError(f"{source}: differential.element is missing")
+    elements = [_parse_element(e, doc["type"], source) for e in raw_elements]
     return Profile(url=doc["url"], version=doc.get("version"),
-                   name=str(doc.get("name") or doc.get("id") or path.stem), type=doc["type"],
-                   base=doc["baseDefinition"], source=path, elements=elements, by_id={e.id: e for e in elements})
+                   name=str(doc.get("name") or doc.get("id") or source), type=doc["type"],
+                   base=doc["baseDefinition"], source=source, elements=elements, by_id={e.id: e for e in elements})
 
 
 # ---------------------------------------------------------------- invariants
@@ -204,7 +222,7 @@ def _truth(nodes: list[tuple[Any, Any]]) -> bool | None:
 def _compile_invariant(expression: str) -> Test:
     """Boolean connectives here (lowest precedence first), the leaves by the search FHIRPath subset."""
     expr = _strip_parens(expression.strip())
-    for word in ("implies", "or", "and"):
+    for word in ("implies", "or", "xor", "and"):
         parts = _split_top(expr, word)
         if len(parts) > 1:
             tests = [_compile_invariant(p) for p in parts]
@@ -220,6 +238,8 @@ def _combine(word: str, tests: list[Test]) -> Test:
             return False if False in results else (None if None in results else True)
         if word == "or":
             return True if True in results else (None if None in results else False)
+        if word == "xor":
+            return None if None in results else sum(bool(r) for r in results) % 2 == 1
         acc = results[0]  # implies, left to right
         for right in results[1:]:
             acc = True if acc is False or right is True else (None if acc is None or right is None else False)

@@ -1,5 +1,5 @@
-"""Profiles this server ships (`profiles/StructureDefinition-*.json`) and a small, data-driven
-evaluator of their differentials.
+"""Profiles this server ships (`profiles/StructureDefinition-*.json`) or installs from IG
+packages, and a small, data-driven evaluator of their differentials.
 
 Why not a full FHIR validator: the profiles we ship only constrain elements, and a snapshot
 generator plus a complete FHIRPath engine would dwarf the rest of the server. Adding a profile is a
@@ -21,9 +21,14 @@ JSON file; no code. Enforced, per differential element (ids like `Observation.ca
   value.exists())`. Anything else is reported as not evaluated (an information issue), never
   guessed.
 
-Not enforced: bindings (no terminology service), mustSupport, min/maxValue, maxLength, type
-profiles other than reference targets. A profile whose baseDefinition is another shipped profile
-is checked against that one too.
+- an extension slice (typed with an extension definition's profile) is known by its `url`, and
+  each member is checked against that definition;
+- `required` (error) and `extensible` (warning) bindings, against the value sets installed IG
+  packages bring (bindings.py); what the server cannot tell is reported as not checked.
+
+Not enforced: mustSupport, min/maxValue, maxLength. A profile whose baseDefinition is another
+known profile is checked against that one too. Installed IG packages (`fhirserver ig install`)
+add their profiles, extension definitions, value sets and code systems to the shipped ones.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from .bindings import Terminology, check_binding, codings
 from .errors import Issue
-from .profile_model import CORE, Element, Node, Profile, ProfileError, Step, _load_profile
+from .packages import Package
+from .profile_model import CORE, Element, Node, Profile, ProfileError, Step, _load_profile, profile_from
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +107,31 @@ def _reference_type(ref: dict[str, Any], resource: dict[str, Any]) -> str | None
 class ProfileRegistry:
     """The shipped profiles by canonical URL; `check` gives OperationOutcome issues."""
 
-    def __init__(self, profiles: Sequence[Profile]) -> None:
+    def __init__(self, profiles: Sequence[Profile], terminology: Terminology | None = None) -> None:
         self._profiles = {p.url: p for p in profiles}
+        self.terminology = terminology or Terminology(())
         for profile in profiles:
             self._link(profile)
+        for profile in profiles:
+            self._inherit_slices(profile)
 
     @classmethod
-    def load(cls, profiles_dir: Path) -> ProfileRegistry:
-        key = profiles_dir.resolve()
+    def load(cls, profiles_dir: Path, packages: Sequence[Package] = ()) -> ProfileRegistry:
+        """The shipped profiles plus those of installed IG packages (a package's profile with the
+        same canonical URL as a shipped one replaces it: the package is the newer publication)."""
+        key = (profiles_dir.resolve(), tuple(p.sha256 for p in packages))
         with _LOCK:
             if key not in _LOADED:
-                paths = sorted(profiles_dir.glob("StructureDefinition-*.json"))
-                _LOADED[key] = cls([_load_profile(p) for p in paths])
+                profiles = {p.url: p for p in map(_load_profile, sorted(profiles_dir.glob("StructureDefinition-*.json")))}
+                terms: list[dict[str, Any]] = []
+                for package in packages:
+                    for source, doc in package.resources:
+                        if doc.get("resourceType") in ("CodeSystem", "ValueSet"):
+                            terms.append(doc)
+                        elif doc.get("resourceType") == "StructureDefinition" and doc.get("derivation") == "constraint":
+                            profile = profile_from(doc, f"{package.label}/{source}")
+                            profiles[profile.url] = profile
+                _LOADED[key] = cls(list(profiles.values()), Terminology(terms))
             return _LOADED[key]
 
     def __iter__(self) -> Iterator[Profile]:
@@ -153,28 +173,62 @@ class ProfileRegistry:
                 continue
             sliced_id = element.id.rsplit(":", 1)[0]
             slicing = self._slicing(profile, sliced_id)
+            if slicing is None and element.steps[-1].name in _EXTENSIONS and element.type_profiles:
+                # every element's extensions are sliced by url in the base resource definitions
+                url = element.type_profiles[0].partition("|")[0]
+                profile.members[element.id] = _url_test(url)
+                profile.described[element.id] = f"url {url}"
+                continue
             if slicing is None:
-                raise ProfileError(f"{profile.source.name}: slice {element.id} has no slicing on {sliced_id}")
+                raise ProfileError(f"{profile.source}: slice {element.id} has no slicing on {sliced_id}")
             checks: list[tuple[tuple[Step, ...], Element]] = []
+            binding_checks: list[str] = []
             for disc in slicing.get("discriminator", []):
                 path = str(disc.get("path", ""))
                 if disc.get("type") not in ("value", "pattern") or not re.fullmatch(r"\$this|[A-Za-z.]+", path):
-                    raise ProfileError(f"{profile.source.name}: discriminator {disc} of {sliced_id} "
+                    raise ProfileError(f"{profile.source}: discriminator {disc} of {sliced_id} "
                                        "is not supported")
                 target_id = element.id if path == "$this" else f"{element.id}.{path}"
                 target = next((t for p in self._chain(profile) if (t := p.by_id.get(target_id)) is not None
                                and (t.has_fixed or t.has_pattern)), None)
+                if target is None and path == "$this" and element.binding and element.binding[0] == "required":
+                    binding_checks.append(element.binding[1])  # slicing by value set
+                    continue
                 if target is None:
-                    raise ProfileError(f"{profile.source.name}: slice {element.id} has no fixed or pattern value "
+                    raise ProfileError(f"{profile.source}: slice {element.id} has no fixed or pattern value "
                                        f"at discriminator {path}")
                 rel = () if path == "$this" else tuple(Step(n) for n in path.split("."))
                 checks.append((rel, target))
-            if not checks:
-                raise ProfileError(f"{profile.source.name}: slicing of {sliced_id} has no discriminator")
-            profile.members[element.id] = _member_test(checks)
-            profile.described[element.id] = ", ".join(
+            if not checks and not binding_checks:
+                raise ProfileError(f"{profile.source}: slicing of {sliced_id} has no discriminator")
+            profile.members[element.id] = _member_test(checks, binding_checks, self.terminology)
+            profile.described[element.id] = ", ".join([f"a code from {vs}" for vs in binding_checks] + [
                 ("" if not rel else ".".join(s.name for s in rel) + " ")
-                + _summary(target.pattern if target.has_pattern else target.fixed) for rel, target in checks)
+                + _summary(target.pattern if target.has_pattern else target.fixed) for rel, target in checks])
+
+    def _inherit_slices(self, profile: Profile) -> None:
+        """A path through a slice the base profile declares uses the base's membership test; an
+        element whose path names a slice no profile in the chain declares (US Core 6.1's
+        tribal-affiliation has `tribeName.value[x]` with no `tribeName`) cannot be applied
+        faithfully: it is set aside and reported, not guessed."""
+        kept = []
+        for element in profile.elements:
+            missing = [sid for sid in element.slice_ids if sid is not None and sid not in profile.members
+                       and not self._copy_member(profile, sid)]
+            if missing:
+                profile.unenforced.append(f"{element.id}: the slice {missing[0]} is not defined")
+                log.warning("%s: %s", profile.source, profile.unenforced[-1])
+            else:
+                kept.append(element)
+        profile.elements = kept
+
+    def _copy_member(self, profile: Profile, slice_id: str) -> bool:
+        for base in self._chain(profile)[1:]:
+            if slice_id in base.members:
+                profile.members[slice_id] = base.members[slice_id]
+                profile.described[slice_id] = base.described[slice_id]
+                return True
+        return False
 
     # ------------------------------------------------------------ evaluation
     def check(self, resource: dict[str, Any], root: str, claimed: Sequence[str],
@@ -198,7 +252,7 @@ class ProfileRegistry:
                 continue
             todo.extend(p for p in self._chain(profile) if p not in todo)
         for profile in todo:
-            issues.extend(_check_profile(profile, resource, root, self._target_type))
+            issues.extend(_check_profile(profile, resource, root, self, resource))
         seen: set[tuple[str, str, tuple[str, ...]]] = set()
         unique = []
         for issue in issues:
@@ -216,12 +270,25 @@ class ProfileRegistry:
         return tail if canonical.startswith(CORE) and tail.isalpha() else None
 
 
-_LOADED: dict[Path, ProfileRegistry] = {}
+_LOADED: dict[tuple[Path, tuple[str, ...]], ProfileRegistry] = {}
 _LOCK = threading.Lock()
+_EXTENSIONS = ("extension", "modifierExtension")
+_MAX_NESTING = 4  # extension profiles applied inside extension profiles
 
 
-def _member_test(checks: list[tuple[tuple[Step, ...], Element]]) -> Callable[[Any], bool]:
+def _url_test(url: str) -> Callable[[Any], bool]:
+    return lambda item: isinstance(item, dict) and item.get("url") == url
+
+
+def _member_test(checks: list[tuple[tuple[Step, ...], Element]], value_sets: Sequence[str] = (),
+                 terms: Terminology | None = None) -> Callable[[Any], bool]:
+    """A slice's membership: its discriminators' fixed/pattern values, or (slicing by value set) a
+    code in its required binding's value set -- a code the server cannot place is not a member."""
     def member(item: object) -> bool:
+        for vs in value_sets:
+            coded = codings(item) or []
+            if terms is None or not any(terms.member(vs, system, code) for system, code in coded):
+                return False
         for rel, target in checks:
             values: list[Node] = [(item, "")]
             for step in rel:
@@ -250,16 +317,17 @@ def _summary(value: object) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _check_profile(profile: Profile, resource: dict[str, Any], root: str,
-                   target_type: Callable[[str], str | None]) -> list[Issue]:
+def _check_profile(profile: Profile, value: object, root: str, registry: ProfileRegistry,
+                   resource: dict[str, Any], depth: int = 0) -> list[Issue]:
+    """`value` (the resource, or an extension for an extension's profile) against one profile."""
     issues: list[Issue] = []
     of = f"(profile {profile.url})"
     for el in profile.elements:
         if not el.steps:  # the resource itself: only its constraints apply
-            issues.extend(_check_value(el, resource, root, of, resource, target_type))
+            issues.extend(_check_value(el, value, root, of, resource, registry))
             continue
         last = el.steps[-1]
-        for parent in _select(profile, [(resource, root)], el.steps[:-1], el.slice_ids[:-1]):
+        for parent in _select(profile, [(value, root)], el.steps[:-1], el.slice_ids[:-1]):
             nodes = _select(profile, [parent], el.steps[-1:], el.slice_ids[-1:])
             label = f"{parent[1]}.{last.name}"
             if el.min and len(nodes) < el.min:
@@ -271,17 +339,31 @@ def _check_profile(profile: Profile, resource: dict[str, Any], root: str,
                                     expression=[label]))
             if el.slicing and el.slicing.get("rules") == "closed":
                 members = [m for sid, m in profile.members.items() if sid.rsplit(":", 1)[0] == el.id]
-                for value, at in nodes:
-                    if not any(m(value) for m in members):
+                for node, at in nodes:
+                    if not any(m(node) for m in members):
                         issues.append(Issue("structure", f"{el.id}: matches none of the slices the profile allows "
                                                          f"{of}", expression=[at]))
-            for value, at in nodes:
-                issues.extend(_check_value(el, value, at, of, resource, target_type))
+            for node, at in nodes:
+                issues.extend(_check_value(el, node, at, of, resource, registry))
+                if el.type_profiles and depth < _MAX_NESTING:
+                    issues.extend(_check_element_profiles(el, node, at, registry, resource, depth))
+    return issues
+
+
+def _check_element_profiles(el: Element, value: object, at: str, registry: ProfileRegistry,
+                            resource: dict[str, Any], depth: int) -> list[Issue]:
+    """An element typed with a profile (an extension slice and its extension definition)."""
+    issues: list[Issue] = []
+    for canonical in el.type_profiles:
+        inner = registry.resolve(canonical)
+        if inner is not None:
+            for p in registry._chain(inner):
+                issues.extend(_check_profile(p, value, at, registry, resource, depth + 1))
     return issues
 
 
 def _check_value(el: Element, value: object, at: str, of: str, resource: dict[str, Any],
-                 target_type: Callable[[str], str | None]) -> list[Issue]:
+                 registry: ProfileRegistry) -> list[Issue]:
     issues: list[Issue] = []
     if el.choice_types:
         suffix = at.rsplit(".", 1)[-1].split("[")[0][len(el.steps[-1].name):]
@@ -293,11 +375,13 @@ def _check_value(el: Element, value: object, at: str, of: str, resource: dict[st
     if el.has_pattern and not _contains(value, el.pattern):
         issues.append(Issue("value", f"{el.id}: must contain {_summary(el.pattern)} {of}", expression=[at]))
     if el.targets and isinstance(value, dict):
-        allowed = [target_type(t) for t in el.targets]
+        allowed = [registry._target_type(t) for t in el.targets]
         named = _reference_type(value, resource)
         if named and None not in allowed and named not in allowed:
             issues.append(Issue("value", f"{el.id}: must reference {' or '.join(sorted(set(map(str, allowed))))} "
                                          f"{of}", expression=[at]))
+    if el.binding is not None:
+        issues.extend(check_binding(el.id, el.binding, value, at, of, registry.terminology))
     for c in el.constraints:
         if c.test is None:
             issues.append(Issue("informational", f"Constraint {c.key} {of} was not evaluated: {c.reason}",

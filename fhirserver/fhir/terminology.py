@@ -67,7 +67,7 @@ def children(cs: dict[str, Any], code: str) -> list[str]:
     return [c.code for c in concepts(cs) if c.ancestors[:1] == (code,)]
 
 
-def _matches(concept: Concept, filters: list[dict[str, Any]]) -> bool:
+def matches_filters(concept: Concept, filters: list[dict[str, Any]]) -> bool:
     for f in filters:
         prop, op, value = f.get("property"), f.get("op"), str(f.get("value") or "")
         if op == "is-a" and prop == "concept":
@@ -103,7 +103,7 @@ def _select(part: dict[str, Any], resolve: Resolver, depth: int) -> list[Concept
             if cs is None:
                 raise FhirError(422, "not-found", f"The code system {system[:80]} is not available on this server")
             filters = [f for f in part.get("filter") or [] if isinstance(f, dict)]
-            found = [c for c in concepts(cs) if _matches(c, filters)]
+            found = [c for c in concepts(cs) if matches_filters(c, filters)]
     for url in part.get("valueSet") or []:
         imported = expand(_value_set(url, resolve), resolve, depth + 1)
         keys = {(c.system, c.code) for c in imported}

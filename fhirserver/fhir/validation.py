@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from ..config import SettingsError
 from .errors import FhirError, Issue
 from .narrative import check_narratives
+from .packages import Package
 from .profiles import ProfileRegistry
 from .structure import DEFAULT_MAX_DEPTH, check_structure
 
@@ -54,9 +55,10 @@ _LOCK = threading.Lock()
 
 
 class Validator:
-    def __init__(self, profiles_dir: Path, max_depth: int = DEFAULT_MAX_DEPTH, required: str = "") -> None:
+    def __init__(self, profiles_dir: Path, max_depth: int = DEFAULT_MAX_DEPTH, required: str = "",
+                 packages: Sequence[Package] = ()) -> None:
         self._schema_file = profiles_dir / "fhir-schema-subset.json"
-        self.profiles = ProfileRegistry.load(profiles_dir)
+        self.profiles = ProfileRegistry.load(profiles_dir, packages)
         self.max_depth = max_depth
         self.required = self._required(required)
 
