@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--observations", type=int, default=20, help="Observations per Patient")
     ap.add_argument("--transactions", type=int, default=30, help="100-entry transactions to time")
     ap.add_argument("--entries", type=int, default=100)
+    ap.add_argument("--export-rounds", type=int, default=2, help="alternated system / Group exports (each)")
     ap.add_argument("--carebundle", type=int, default=0, metavar="PATIENTS",
                     help="import carebundle's mixed-profile US Core data for this many patients instead")
     args = ap.parse_args()
@@ -156,7 +157,7 @@ def main() -> None:
         print(f"export   {count} resources in {seconds:.1f} s: {count / seconds:.0f} resources/s  "
               f"[_deidentify=safe-harbor]")
         # a Group of every patient (a member-filter `Patient`): its export against the system
-        # export of the same data, alternating, two of each
+        # export of the same data, alternating, --export-rounds of each
         group = {"resourceType": "Group", "type": "person", "actual": False, "modifierExtension": [{
             "url": "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/member-filter",
             "valueExpression": {"language": "application/x-fhir-query", "expression": "Patient"}}]}
@@ -165,7 +166,7 @@ def main() -> None:
         made.raise_for_status()
         gid = made.json()["id"]
         rates: dict[str, list[float]] = {"system": [], "group": []}
-        for _ in range(2):
+        for _ in range(args.export_rounds):
             for label, path in (("system", "$export"), ("group", f"Group/{gid}/$export")):
                 count, seconds = export(server, path)
                 rates[label].append(count / seconds)

@@ -433,19 +433,23 @@ class AccessGate:
         return out
 
     def export_batch(self, conn: Connection, rtype: str, spec: dict[str, Any], after_pk: int,
-                     limit: int) -> list[Stored]:
-        """The next `limit` rows (by pk, after `after_pk`) of an export job of this caller: the
-        job's level (system, all patients, one patient), `_since` and `_typeFilter` AND-ed with
-        the caller's access to `rtype`."""
+                     limit: int) -> tuple[list[Stored], int]:
+        """The rows of the next `limit` pks (after `after_pk`) of an export job of this caller:
+        the job's level (system, all patients, one patient, a Group's members), `_since` and
+        `_typeFilter` AND-ed with the caller's access to `rtype`; and the last pk looked at (0:
+        the end). With `member_set` (a Group holding a large share of the patients) the statement
+        is a system export's, and a row is kept when one of the patients whose compartments hold
+        it is a member: one scan in pk order instead of one per chunk of members."""
         source = source_of(rtype)
         res = source.res
         preds = self.others(rtype, res)
         if preds is None:
-            return []
+            return [], 0
+        members: frozenset[str] | None = spec.get("member_set")
         conds: list[ColumnElement[bool]] = [res.c.type == rtype, res.c.deleted.is_(False), *preds, res.c.pk > after_pk]
         if spec.get("since_us") is not None:
             conds.append(res.c.last_updated_us >= spec["since_us"])
-        if spec["level"] in ("patient", "instance", "group"):
+        if spec["level"] in ("patient", "instance", "group") and members is None:
             comp = source.compartment.alias()
             pids = [spec["patient"]] if spec["level"] == "instance" else spec.get("patients")
             if pids is not None:  # one patient, a Group's members, or the patients a kick-off named
@@ -466,5 +470,12 @@ class AccessGate:
                 parsed = parse_search(self.params, rtype, [tuple(p) for p in params], 1, 1, strict=True)
                 alternatives.append(and_(*self.compiler.where(parsed, res, self.others)))
             conds.append(or_(*alternatives))
-        pks = list(conn.execute(select(res.c.pk).where(*conds).order_by(res.c.pk).limit(limit)).scalars())
-        return self.load(conn, rtype, pks)
+        rows = conn.execute(select(res.c.pk, res.c.id).where(*conds).order_by(res.c.pk).limit(limit)).all()
+        if not rows:
+            return [], 0
+        pks = [r.pk for r in rows]
+        if members is not None:
+            held = self.compartments_by_pk(conn, rtype, pks)
+            pks = [r.pk for r in rows if (rtype == "Patient" and r.id in members)
+                   or not members.isdisjoint(held.get(r.pk, ()))]
+        return self.load(conn, rtype, pks), rows[-1].pk

@@ -63,6 +63,7 @@ class Element:
     targets: tuple[str, ...] = ()  # targetProfile canonicals of a Reference
     type_profiles: tuple[str, ...] = ()  # type.profile canonicals (an extension slice's definition)
     binding: tuple[str, str] | None = None  # (strength, value set canonical): required or extensible only
+    must_support: bool = False
     constraints: tuple[Constraint, ...] = ()
     slicing: dict[str, Any] | None = None
     slice_ids: tuple[str | None, ...] = ()  # per step: the id of the slice element it selects
@@ -141,7 +142,7 @@ def _parse_element(raw: dict[str, Any], type_name: str, source: str) -> Element:
         targets=tuple(p for t in types if t["code"] == "Reference" for p in t.get("targetProfile", [])),
         constraints=constraints, slicing=raw.get("slicing"),
         type_profiles=tuple(p for t in types for p in t.get("profile", []) if isinstance(p, str)),
-        binding=_binding(raw.get("binding")),
+        binding=_binding(raw.get("binding")), must_support=raw.get("mustSupport") is True,
     )
 
 

@@ -26,7 +26,8 @@ JSON file; no code. Enforced, per differential element (ids like `Observation.ca
 - `required` (error) and `extensible` (warning) bindings, against the value sets installed IG
   packages bring (bindings.py); what the server cannot tell is reported as not checked.
 
-Not enforced: mustSupport, min/maxValue, maxLength. A profile whose baseDefinition is another
+Not enforced: min/maxValue, maxLength; mustSupport is reported by $validate (absent elements, as
+information), never enforced. A profile whose baseDefinition is another
 known profile is checked against that one too. Installed IG packages (`fhirserver ig install`)
 add their profiles, extension definitions, value sets and code systems to the shipped ones.
 """
@@ -232,9 +233,10 @@ class ProfileRegistry:
 
     # ------------------------------------------------------------ evaluation
     def check(self, resource: dict[str, Any], root: str, claimed: Sequence[str],
-              extra: Sequence[str] = ()) -> list[Issue]:
+              extra: Sequence[str] = (), must_support: bool = False) -> list[Issue]:
         """Issues for the known profiles among `claimed` (meta.profile) and `extra` ($validate's
-        `profile`). A claimed profile this server does not know is an information issue only."""
+        `profile`). A claimed profile this server does not know is an information issue only.
+        `must_support`: also say which must-support elements are absent (for $validate)."""
         issues: list[Issue] = []
         todo: list[Profile] = []
         rtype = str(resource.get("resourceType"))
@@ -252,7 +254,7 @@ class ProfileRegistry:
                 continue
             todo.extend(p for p in self._chain(profile) if p not in todo)
         for profile in todo:
-            issues.extend(_check_profile(profile, resource, root, self, resource))
+            issues.extend(_check_profile(profile, resource, root, self, resource, must_support=must_support))
         seen: set[tuple[str, str, tuple[str, ...]]] = set()
         unique = []
         for issue in issues:
@@ -318,7 +320,7 @@ def _summary(value: object) -> str:
 
 
 def _check_profile(profile: Profile, value: object, root: str, registry: ProfileRegistry,
-                   resource: dict[str, Any], depth: int = 0) -> list[Issue]:
+                   resource: dict[str, Any], depth: int = 0, must_support: bool = False) -> list[Issue]:
     """`value` (the resource, or an extension for an extension's profile) against one profile."""
     issues: list[Issue] = []
     of = f"(profile {profile.url})"
@@ -334,6 +336,9 @@ def _check_profile(profile: Profile, value: object, root: str, registry: Profile
                 need = f" matching {profile.described[el.id]}" if last.slice else ""
                 issues.append(Issue("required", f"{el.id}: at least {el.min} required{need} {of}, "
                                                 f"found {len(nodes)}", expression=[label]))
+            if must_support and el.must_support and not nodes:
+                issues.append(Issue("informational", f"{el.id}: a must-support element is absent {of}",
+                                    "information", [label]))
             if el.max is not None and len(nodes) > el.max:
                 issues.append(Issue("structure", f"{el.id}: at most {el.max} allowed {of}, found {len(nodes)}",
                                     expression=[label]))
@@ -346,19 +351,19 @@ def _check_profile(profile: Profile, value: object, root: str, registry: Profile
             for node, at in nodes:
                 issues.extend(_check_value(el, node, at, of, resource, registry))
                 if el.type_profiles and depth < _MAX_NESTING:
-                    issues.extend(_check_element_profiles(el, node, at, registry, resource, depth))
+                    issues.extend(_check_element_profiles(el, node, at, registry, resource, depth, must_support))
     return issues
 
 
 def _check_element_profiles(el: Element, value: object, at: str, registry: ProfileRegistry,
-                            resource: dict[str, Any], depth: int) -> list[Issue]:
+                            resource: dict[str, Any], depth: int, must_support: bool) -> list[Issue]:
     """An element typed with a profile (an extension slice and its extension definition)."""
     issues: list[Issue] = []
     for canonical in el.type_profiles:
         inner = registry.resolve(canonical)
         if inner is not None:
             for p in registry._chain(inner):
-                issues.extend(_check_profile(p, value, at, registry, resource, depth + 1))
+                issues.extend(_check_profile(p, value, at, registry, resource, depth + 1, must_support))
     return issues
 
 

@@ -103,7 +103,7 @@ class Validator:
             self._schema_for(name)
 
     def validate(self, body: object, expected_type: str | None = None, root: str | None = None,
-                 profiles: Sequence[str] = ()) -> list[Issue]:
+                 profiles: Sequence[str] = (), must_support: bool = False) -> list[Issue]:
         """Raise FhirError(400) describing the first problems found, or FhirError(422) when the
         resource breaks a known profile it claims (or one of `profiles`, for $validate). Returns
         the issues that do not fail it (warnings, unknown claimed profiles)."""
@@ -149,13 +149,14 @@ class Validator:
         except (ValueError, TypeError) as exc:
             raise FhirError(400, "structure", _clean_message(str(exc)), [root]) from None
         required = self.required.get(rtype, ()) if root == rtype else ()
-        return notes + self._check_profiles(body, root, [*profiles, *required])
+        return notes + self._check_profiles(body, root, [*profiles, *required], must_support)
 
-    def _check_profiles(self, body: dict[str, Any], root: str, extra: Sequence[str]) -> list[Issue]:
+    def _check_profiles(self, body: dict[str, Any], root: str, extra: Sequence[str],
+                        must_support: bool = False) -> list[Issue]:
         claimed = (body.get("meta") or {}).get("profile") or []
         if not claimed and not extra:
             return []
-        issues = self.profiles.check(body, root, [u for u in claimed if isinstance(u, str)], extra)
+        issues = self.profiles.check(body, root, [u for u in claimed if isinstance(u, str)], extra, must_support)
         errors = [i for i in issues if i.severity in ("error", "fatal")]
         if errors:
             rest = [i for i in issues if i not in errors]

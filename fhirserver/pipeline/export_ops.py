@@ -202,6 +202,12 @@ def _members(ctx: RequestContext, group_id: str) -> list[str]:
                if isinstance(e, dict) and e.get("url") == MEMBER_FILTER]
     if filters:
         return _filtered_members(ctx, filters)
+    if group.get("actual") is False and group.get("characteristic"):
+        # A definitional Group: FHIR leaves how `characteristic` selects patients to each server.
+        # Exporting it as empty would be a silent wrong answer; the Bulk Data way is member-filter.
+        raise FhirError(422, "not-supported", "This Group is defined by characteristics, which this server does not "
+                                              "evaluate; define the cohort with member-filter modifier extensions "
+                                              "(FHIR queries) or list its members", ["Group.characteristic"])
     now = now_us()
     members: list[str] = []
     for member in group.get("member") or []:

@@ -78,7 +78,8 @@ class Validate(Handler):
         issues: list[Issue] = []
         if resource is not None:
             try:
-                issues.extend(validator.validate(resource, rtype, profiles=[profile] if known and profile else []))
+                issues.extend(validator.validate(resource, rtype, profiles=[profile] if known and profile else [],
+                                                 must_support=True))
             except FhirError as err:
                 issues.extend(err.issues)
             if rtype == "QuestionnaireResponse" and not issues:

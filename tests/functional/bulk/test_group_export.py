@@ -68,7 +68,14 @@ def test_group_export_holds_the_current_members_records_only(server: Server) -> 
     assert server.http.get(_local(status_url), headers=server.h(token)).status_code == 404
 
 
-def test_a_member_who_withdrew_consent_is_absent_from_files_and_counts(server: Server) -> None:
+@pytest.mark.parametrize("chunk,share", [(200, 0.25), (1, 2.0), (1, 0.25)],
+                         ids=["few-members", "member-chunks", "one-scan-kept-to-members"])
+def test_a_member_who_withdrew_consent_is_absent_from_files_and_counts(server: Server, monkeypatch: pytest.MonkeyPatch,
+                                                                      chunk: int, share: float) -> None:
+    from fhirserver.bulk import export
+
+    monkeypatch.setattr(export, "MEMBER_CHUNK", chunk)
+    monkeypatch.setattr(export, "SCAN_SHARE", share)
     token = server.token()
     a, b = _patients(server, token, 2)
     gid = _group(server, token, [{"entity": {"reference": f"Patient/{a}"}}, {"entity": {"reference": f"Patient/{b}"}}])
@@ -232,21 +239,43 @@ def test_a_member_filter_on_a_type_the_client_may_not_read_is_403(server: Server
     assert resp.get_json()["issue"][0]["expression"] == ["Group.modifierExtension[0]"]
 
 
-def test_a_large_group_is_exported_in_member_chunks_each_row_once(server: Server,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Members are exported a chunk at a time (bulk/export.py MEMBER_CHUNK, 2 here): a row in the
-    compartments of members of two chunks is written once, and the counts say so."""
+@pytest.mark.parametrize("share", [2.0, 0.25], ids=["member-chunks", "one-scan-kept-to-members"])
+def test_a_large_group_is_exported_each_member_row_once(server: Server, monkeypatch: pytest.MonkeyPatch,
+                                                        share: float) -> None:
+    """A Group of more than MEMBER_CHUNK members (2 here) is exported a chunk of members at a
+    time, or -- when its members are at least SCAN_SHARE of the stored patients -- by one scan of
+    each type kept to the rows in a member's compartment. Either way a row in the compartments of
+    several members is written once, non-members' rows are not, and the counts say so."""
     from fhirserver.bulk import export
 
     monkeypatch.setattr(export, "MEMBER_CHUNK", 2)
+    monkeypatch.setattr(export, "SCAN_SHARE", share)
     token = server.token()
-    a, b, c, d, e = _patients(server, token, 5)  # each with one Observation of their own
+    a, b, c, d, e, outsider, other = _patients(server, token, 7)  # each with one Observation of their own
     shared = server.create(token, {"resourceType": "Observation", "status": "final", "code": {"text": "shared"},
                                    "subject": {"reference": f"Patient/{a}"},
                                    "performer": [{"reference": f"Patient/{d}"}]})
+    seen_by_member = server.create(token, {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                                           "subject": {"reference": f"Patient/{outsider}"},
+                                           "performer": [{"reference": f"Patient/{e}"}]})
     gid = _group(server, token, [{"entity": {"reference": f"Patient/{p}"}} for p in (a, b, c, d, e)])
     manifest, files = _export(server, token, gid)
     assert sorted(p["id"] for p in files["Patient"]) == sorted([a, b, c, d, e])
     ids = [o["id"] for o in files["Observation"]]
-    assert len(ids) == len(set(ids)) == 6 and shared in ids
-    assert {i["type"]: i["count"] for i in manifest["output"]} == {"Patient": 5, "Observation": 6}
+    assert len(ids) == len(set(ids)) == 7 and {shared, seen_by_member} <= set(ids)
+    assert not any(o["subject"]["reference"] == f"Patient/{other}" for o in files["Observation"])
+    assert {i["type"]: i["count"] for i in manifest["output"]} == {"Patient": 5, "Observation": 7}
+
+
+def test_a_group_defined_by_characteristics_only_is_refused_not_exported_empty(server: Server) -> None:
+    """FHIR leaves the evaluation of `characteristic` to each server; this one does not guess, and
+    says how to define the cohort instead (member-filter)."""
+    token = server.token()
+    _patients(server, token, 1)
+    gid = server.create(token, {"resourceType": "Group", "type": "person", "actual": False, "characteristic": [
+        {"code": {"text": "diabetic"}, "valueBoolean": True, "exclude": False}]})
+    resp = server.kickoff(token, path=f"Group/{gid}/$export")
+    assert resp.status_code == 422, resp.get_data(as_text=True)[:300]
+    outcome = resp.get_json()
+    assert outcome["issue"][0]["expression"] == ["Group.characteristic"]
+    assert "member-filter" in outcome["issue"][0]["diagnostics"]

@@ -239,3 +239,22 @@ def test_the_capability_statement_lists_the_installed_profiles(server: Any, h: d
     assert {US + "us-core-blood-pressure", US + "us-core-observation-lab"} <= set(supported["Observation"])
     assert US + "us-core-coverage" in supported["Coverage"]
     assert not any(US + "us-core-race" in urls for urls in supported.values())  # an extension, not a profile
+
+
+def _absent(outcome: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(i["diagnostics"].split(":")[0], i["expression"][0]) for i in outcome["issue"]
+            if "a must-support element is absent" in i["diagnostics"] and i["severity"] == "information"}
+
+
+def test_validate_reports_absent_must_support_elements_without_failing(server: Any, h: dict[str, str]) -> None:
+    body = _example("Patient", "example")
+    before = _absent(_post(server, h, "/fhir/Patient/$validate", body).get_json())
+    assert before == {("Patient.telecom.use", "Patient.telecom[1].use")}  # the example's second telecom has none
+    body["address"][0].pop("city")
+    body.pop("birthDate")
+    out = _post(server, h, "/fhir/Patient/$validate", body).get_json()
+    assert _errors(out) == []
+    assert _absent(out) - before == {("Patient.birthDate", "Patient.birthDate"),
+                                     ("Patient.address.city", "Patient.address[0].city")}
+    body.pop("id")
+    assert _post(server, h, "/fhir/Patient", body).status_code == 201  # reported, never refused
