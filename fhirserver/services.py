@@ -81,7 +81,8 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     validator = Validator(settings.profiles_dir, settings.max_json_depth, settings.required_profiles,
                           ig_packages.installed(engine))
     indexer = Indexer(params, blind, settings.fhir_base, {t.name: t.compartment_params for t in types})
-    consent = build_consent(settings, blind, params, frozenset(t.name for t in types if t.owned_by_client))
+    consent = build_consent(settings, blind, params, frozenset(t.name for t in types if t.owned_by_client),
+                            validator.profiles.terminology)
     repo = Repository(keys, indexer, hooks=[consent.writes])
     summary = elements["types"]
     audit = AuditLog(repo, settings.fhir_base)

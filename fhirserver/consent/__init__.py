@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..audit.records import AuditLog
 from ..config import Settings
 from ..crypto.blind_index import BlindIndexer
+from ..fhir.bindings import Terminology
 from ..search.params import ParamRegistry
 from ..storage.repository import Repository
 from .elements import load_consent_elements
@@ -36,13 +37,15 @@ class Consent:
 
 
 def build_consent(settings: Settings, blind: BlindIndexer, params: ParamRegistry | None = None,
-                  owned_types: frozenset[str] = frozenset()) -> Consent:
+                  owned_types: frozenset[str] = frozenset(), terms: Terminology | None = None) -> Consent:
+    """`terms`: the value sets the sensitivity categories name (the validator's: shipped and from
+    installed IG packages)."""
     codes = load_sensitive_codes(settings.profiles_dir)
     elements = load_consent_elements(settings.profiles_dir, params)
     digest = actor_digest(blind)
     opt_out = tuple(p.strip() for p in settings.consent_opt_out_purposes.split(",") if p.strip())
     engine = ConsentEngine(codes, digest, opt_out, elements, settings.home_jurisdiction, owned_types)
-    return Consent(settings, engine, ConsentWrites(Labeller(codes, elements), digest))
+    return Consent(settings, engine, ConsentWrites(Labeller(codes, elements, terms), digest))
 
 
 __all__ = ["Consent", "ConsentEngine", "ConsentStage", "ConsentWrites", "build_consent"]

@@ -7,7 +7,10 @@ gets the category's `meta.security` label (v3-ActCode: HIV, PSY, SUD, SEX, STD, 
 confidentiality label R (v3-Confidentiality). A list entry is a code, or a `prefix` of codes in a
 hierarchical system (ICD-10-CM `F10` covers F10.10, F10.20, ...). Labels the sender set are kept;
 labels are only ever added (raised), never removed or lowered. The lists are data:
-`profiles/sensitive-codes.json` and any `profiles/sensitive-codes-*.json`.
+`profiles/sensitive-codes.json` and any `profiles/sensitive-codes-*.json` name each category's
+ValueSet (`profiles/ValueSet-sensitivity-*.json`, or one an installed IG package brings, such as
+a VSAC expansion) and may list codes inline. A category whose value set this server cannot decide
+membership of stops the server at start: unlabelled sensitive data would be shown to everyone.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import SettingsError
+from ..fhir.bindings import Terminology
 from .elements import ConsentElements
 
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -33,6 +38,7 @@ class SensitiveCodes:
     by_code: dict[tuple[str, str], str] = field(default_factory=dict)  # (system, code) -> label
     by_prefix: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # system -> [(prefix, label)]
     by_questionnaire: dict[str, str] = field(default_factory=dict)  # canonical URL -> label
+    value_sets: list[tuple[str, str]] = field(default_factory=list)  # (ValueSet canonical, label)
     labels: dict[str, str] = field(default_factory=dict)  # label code -> display
 
     @property
@@ -60,18 +66,29 @@ def load_sensitive_codes(profiles_dir: Path) -> SensitiveCodes:
                     out.by_code[(coding["system"], coding["code"])] = label
             for url in cat.get("questionnaires", []):
                 out.by_questionnaire[url.split("|")[0]] = label
+            sets = cat.get("valueSet", [])
+            for url in [sets] if isinstance(sets, str) else sets:
+                out.value_sets.append((url, label))
     return out
 
 
 class Labeller:
-    def __init__(self, codes: SensitiveCodes, elements: ConsentElements) -> None:
+    def __init__(self, codes: SensitiveCodes, elements: ConsentElements, terms: Terminology | None = None) -> None:
         self.codes = codes
         self.elements = elements
+        self.terms = terms or Terminology(())
+        for url, label in codes.value_sets:
+            if not self.terms.decidable(url):
+                raise SettingsError(f"sensitive-codes: the value set {url} of label {label} is not available here or "
+                                    "its membership cannot be decided (install the IG package that defines it, with "
+                                    "its code systems, or list the codes)")
 
     def label_of(self, system: str, code: str) -> str | None:
         label = self.codes.by_code.get((system, code))
         if label is None:
             label = next((lb for prefix, lb in self.codes.by_prefix.get(system, ()) if code.startswith(prefix)), None)
+        if label is None:
+            label = next((lb for url, lb in self.codes.value_sets if self.terms.member(url, system, code)), None)
         return label
 
     def labels_for(self, rtype: str, body: dict[str, Any]) -> list[str]:

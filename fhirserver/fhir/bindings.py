@@ -9,6 +9,8 @@ checked, the code's existence is not)."""
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,6 +64,11 @@ class Terminology:
     def holds_value_set(self, url: str) -> bool:
         return _canonical(url)[0] in self._value_sets
 
+    def decidable(self, url: str) -> bool:
+        """Whether membership in the value set can always be told here: enumerated concepts, `code
+        regex` filters, filters over code systems held here, imports of decidable value sets."""
+        return _decidable(self, url, 0)
+
     def member(self, value_set: str, system: str | None, code: str) -> bool | None:
         key = (value_set, system, code)
         if key not in self._cache:
@@ -112,6 +119,8 @@ class Terminology:
         if listed:
             return code in listed
         filters = [f for f in part.get("filter") or [] if isinstance(f, dict)]
+        if filters and all(f.get("property") == "code" and f.get("op") == "regex" for f in filters):
+            return all(_regex(str(f.get("value") or "")).fullmatch(code) is not None for f in filters)
         if part_system not in self._code_systems:
             return None if filters else True
         concept = self._concept(part_system, code)
@@ -121,6 +130,36 @@ class Terminology:
             return matches_filters(concept, filters)
         except FhirError:
             return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern[str]:
+    """A `code regex` filter's pattern (from a loaded ValueSet: the server's or an installed
+    package's, never a request's); one that does not compile matches nothing."""
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return re.compile(r"(?!)")
+
+
+def _decidable(terms: Terminology, url: str, depth: int) -> bool:
+    vs = terms._value_sets.get(_canonical(url)[0])
+    if vs is None or depth > MAX_IMPORT_DEPTH:
+        return False
+    compose = vs.get("compose")
+    if not isinstance(compose, dict):
+        return bool((vs.get("expansion") or {}).get("contains"))
+    for part in [*(compose.get("include") or []), *(compose.get("exclude") or [])]:
+        filters = [f for f in part.get("filter") or [] if isinstance(f, dict)]
+        system = part.get("system")
+        if isinstance(system, str) and filters and system not in terms._code_systems \
+                and not all(f.get("property") == "code" and f.get("op") == "regex" for f in filters):
+            return False
+        if isinstance(system, str) and not filters and not part.get("concept") and system not in terms._code_systems:
+            return False  # a whole code system not held: its codes are not known here
+        if not all(_decidable(terms, str(u), depth + 1) for u in part.get("valueSet") or []):
+            return False
+    return True
 
 
 def _any(results: Iterable[bool | None]) -> bool | None:

@@ -124,7 +124,8 @@ class ProfileRegistry:
         with _LOCK:
             if key not in _LOADED:
                 profiles = {p.url: p for p in map(_load_profile, sorted(profiles_dir.glob("StructureDefinition-*.json")))}
-                terms: list[dict[str, Any]] = []
+                terms: list[dict[str, Any]] = [json.loads(p.read_text()) for pattern in ("CodeSystem-*.json",
+                                               "ValueSet-*.json") for p in sorted(profiles_dir.glob(pattern))]
                 for package in packages:
                     for source, doc in package.resources:
                         if doc.get("resourceType") in ("CodeSystem", "ValueSet"):
