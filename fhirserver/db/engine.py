@@ -163,3 +163,37 @@ class Snapshot:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             conn.close()
+
+
+def database_unavailable(exc: BaseException, engine: Engine) -> bool:
+    """Whether `exc` says PostgreSQL cannot be reached or the connection died with its server (a
+    primary killed, a failover under way, a node shutting down), as opposed to a failing query.
+    Follows the exception's causes: a group-commit member sees its group's dead connection as
+    SQLAlchemy's "can't reconnect until invalid transaction is rolled back". On SQLite every
+    such error is local and not transient in this sense."""
+    if engine.dialect.name != "postgresql":
+        return False
+    import psycopg  # the PostgreSQL driver; raw statements (db/raw.py) raise its errors unwrapped
+    from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError
+
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, psycopg.OperationalError):
+            return True
+        if isinstance(link, psycopg.Error) and _transient(link.sqlstate):
+            return True
+        if isinstance(link, DBAPIError) and (link.connection_invalidated or isinstance(link, OperationalError)
+                                             or _transient(getattr(link.orig, "sqlstate", None))):
+            return True
+        if isinstance(link, PendingRollbackError) and "Can't reconnect until invalid" in str(link):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
+
+
+def _transient(sqlstate: str | None) -> bool:
+    """57P01-57P03: admin / crash shutdown, cannot connect now; 08xxx: connection exceptions;
+    25006: read-only transaction (a pooled connection to a node that is now a standby)."""
+    return sqlstate is not None and (sqlstate.startswith(("57P", "08")) or sqlstate == "25006")

@@ -26,7 +26,7 @@ from ..auth.tokens import lookup_token
 from ..clock import now_us
 from ..consent.alerts import account_of
 from ..db import guard
-from ..db.engine import Snapshot
+from ..db.engine import Snapshot, database_unavailable
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.interaction import Interaction, negotiate_format, parse_interaction
 from ..search.model import AccessFn
@@ -43,6 +43,8 @@ from .routes import handler_for
 
 log = logging.getLogger("fhirserver.pipeline")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9\-_.]{8,64}$")
+RETRY_AFTER_SECONDS = 5  # a Patroni failover takes about its TTL (10 s by default; docs/operations.md)
+RETRY_PAUSE_SECONDS = 1.0  # before the one retry of an idempotent request
 
 # For each interaction kind: the access its handler needs unless the handler declares its own
 # (Handler.needs). `required` ones raise 403 when absent.
@@ -204,6 +206,12 @@ class Pipeline:
         started = time.perf_counter()
         result, request_id, record, fmt = self._handle(method, path, query, form, headers, body, remote_addr,
                                                        body_too_large, url_too_long)
+        if result.status == 503 and "Retry-After" in result.headers and method in ("GET", "HEAD"):
+            # idempotent work is retried once, after a moment: a pooled connection may have died with
+            # the old primary, and the next checkout connects to whichever node is primary now
+            time.sleep(RETRY_PAUSE_SECONDS)
+            result, request_id, record, fmt = self._handle(method, path, query, form, headers, body, remote_addr,
+                                                           body_too_large, url_too_long)
         seconds = time.perf_counter() - started
         logs.access(request_id, method, record.interaction, record.resource_type, result.status, seconds,
                     record.client_id)
@@ -287,7 +295,15 @@ class Pipeline:
             return self._fail(ctx, 500, [Issue("exception", "Stored data failed an integrity check; nothing was "
                                                              "returned. The incident has been recorded.")], {}, None), \
                 request_id, record
-        except Exception:
+        except Exception as exc:
+            if database_unavailable(exc, self.services.engine):
+                # the primary is gone (a failover is under way) or unreachable: nothing was served;
+                # a write whose commit got no answer may or may not have happened -- the client
+                # retries it safely with If-Match or a conditional create (docs/operations.md)
+                log.warning("request %s: the database is unavailable (%s)", request_id, type(exc).__name__)
+                return self._fail(ctx, 503, [Issue("transient", "The database is unavailable (a failover may be "
+                                                                "under way); retry shortly")],
+                                  {"Retry-After": str(RETRY_AFTER_SECONDS)}, None), request_id, record
             log.exception("request %s failed", request_id)
             return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id, record
 
@@ -338,9 +354,12 @@ class Pipeline:
                     if rec.user:  # ...and the app's, once many of its users misbehave
                         self.services.penalties.assess(conn, "client", rec.client_id)
                 self.services.audit.append(conn, rec)
-        except Exception:
+        except Exception as exc:
+            if status == 503 and database_unavailable(exc, self.services.engine):
+                body: dict[str, Any] = operation_outcome(issues, rec.request_id)  # nothing was disclosed
+                return Result(status, body, headers)
             log.exception("request %s: could not write the AuditEvent for a failed request", rec.request_id)
             if status < 500:
                 status, issues, headers = 500, [Issue("exception", "The audit record could not be written")], {}
-        body: dict[str, Any] = operation_outcome(issues, rec.request_id)
-        return Result(status, body, headers)
+        outcome: dict[str, Any] = operation_outcome(issues, rec.request_id)
+        return Result(status, outcome, headers)

@@ -55,7 +55,12 @@ class ThrowawayPostgres:
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
         if not durable:
             opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run(self.pg_ctl, "-D", str(data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start")
+        self._opts = opts
+        self._start_server()
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _start_server(self) -> None:
+        self._run(self.pg_ctl, "-D", str(self.dir / "data"), "-o", self._opts, "-l", str(self.dir / "log"), "-w", "start")
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -63,7 +68,13 @@ class ThrowawayPostgres:
                     break
             except OSError:
                 time.sleep(0.2)
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def crash(self) -> None:
+        """An immediate shutdown (no checkpoint, clients cut off): the database machine is gone."""
+        self._run(self.pg_ctl, "-D", str(self.dir / "data"), "-m", "immediate", "stop")
+
+    def restart(self) -> None:
+        self._start_server()
 
     def create_database(self, name: str) -> str:
         import psycopg
