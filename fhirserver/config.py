@@ -29,6 +29,9 @@ class SettingsError(ValueError):
 class Settings:
     data_dir: Path = Path("./fhirserver-data")
     database_url: str = ""
+    # PostgreSQL streaming replicas for GET requests, comma-separated URLs (docs/operations.md);
+    # a replica serves a request only once it has replayed what the primary had when it began
+    read_replica_urls: str = ""
     base_url: str = "http://127.0.0.1:8080/fhir"
     master_key: str = ""  # base64 of 32 bytes; empty = use the key ring file
     master_key_file: str = ""  # the key ring file; empty = data_dir/master-keys.json (warned about at start)

@@ -41,6 +41,10 @@ class _Metrics:
                                      "Subscription notifications, by outcome (queued: events numbered; delivered; "
                                      "retried: a failed attempt; failed: a subscription given up; withheld: events "
                                      "its owner may no longer see)", ["outcome"])
+        self.read_snapshots = Counter("fhirserver_read_snapshots_total",
+                                      "Read snapshots of GET requests, by where they were served (replica: a "
+                                      "read replica that had caught up; primary: none had, or none is configured)",
+                                      ["node"])
         self.notification_lag = Histogram("fhirserver_subscription_lag_seconds",
                                           "From a change's commit to its notification's acknowledgement",
                                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30, 300, 3600))
@@ -71,6 +75,10 @@ def notification(outcome: str, count: int = 1) -> None:
 
 def notification_lag(seconds: float) -> None:
     _m().notification_lag.observe(seconds)
+
+
+def read_snapshot(node: str) -> None:
+    _m().read_snapshots.labels(node).inc()
 
 
 def login_failure(reason: str) -> None:

@@ -13,12 +13,13 @@ from .audit.checkpoints import Signer
 from .audit.legacy import migrate_chain
 from .audit.records import CHAIN_SCOPE, AuditLog
 from .audit.sequencer import Sequencer
-from .config import Settings
+from .config import Settings, SettingsError
 from .consent.hooks import ConsentHook
 from .crypto.blind_index import BLIND_SCOPE, BlindIndexer
 from .crypto.datakeys import DataKeyStore
 from .crypto.keyring import MasterKeyRing
 from .db.engine import make_engine
+from .db.replicas import ReplicaRouter
 from .fhir.fhirpath import set_choice_elements
 from .fhir.registry import TypeRegistry, load_type_registry
 from .fhir.validation import Validator
@@ -55,6 +56,7 @@ class Services:
     # answers derived from the registries alone (the CapabilityStatement's bytes): built on first
     # use; the registries are fixed for the life of a Services, so nothing here goes stale
     derived: dict[str, Any] = field(default_factory=dict)
+    replicas: ReplicaRouter | None = None  # read replicas for GET requests (settings.read_replica_urls)
 
     def gate(self, access: Access) -> AccessGate:
         """The access gate bound to `access`: how a request (or an export job) reads rows."""
@@ -86,8 +88,9 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
     repo = Repository(keys, indexer, hooks=[consent.writes])
     summary = elements["types"]
     audit = AuditLog(repo, settings.fhir_base)
+    replicas = _replicas(settings, engine)
     return Services(
-        settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
+        replicas=replicas, settings=settings, engine=engine, ring=ring, keys=keys, blind=blind, types=types,
         params=params, validator=validator, indexer=indexer, repo=repo,
         audit=audit, penalties=Penalties(engine, settings, audit.append), compiler=QueryCompiler(blind, settings.fhir_base, params),
         consent=consent.stage(repo, audit), summary_elements=summary,
@@ -96,6 +99,16 @@ def build_services(settings: Settings, engine: Engine | None = None) -> Services
         sequencer=Sequencer(engine, Signer(settings.signing_key_path, may_create=not _holds_checkpoints(engine)),
                             settings.checkpoint_path, settings.audit_checkpoint_seconds),
     )
+
+
+def _replicas(settings: Settings, primary: Engine) -> ReplicaRouter | None:
+    urls = [u.strip() for u in settings.read_replica_urls.split(",") if u.strip()]
+    if not urls:
+        return None
+    if primary.dialect.name != "postgresql" or not all(u.startswith("postgresql") for u in urls):
+        raise SettingsError("read_replica_urls: read replicas are PostgreSQL streaming replicas of a PostgreSQL "
+                            "primary (database_url)")
+    return ReplicaRouter(primary, [make_engine(u) for u in urls])
 
 
 def _holds_checkpoints(engine: Engine) -> bool:

@@ -20,6 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -132,6 +133,10 @@ def start_checkpointer(engine: Engine, interval_s: float = 0.5) -> threading.Thr
     return thread
 
 
+if TYPE_CHECKING:
+    from .replicas import ReplicaRouter
+
+
 def read_connection(engine: Engine) -> Connection:
     """A connection for reads outside a request transaction (SQLite: no write lock taken)."""
     return engine.connect().execution_options(**{READONLY: True})
@@ -150,13 +155,14 @@ class Snapshot:
     request's write transaction opens and when the request ends, so a request holds at most one
     pooled connection at a time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, router: ReplicaRouter | None = None) -> None:
         self.engine = engine
+        self.router = router  # a GET request's: it may read from a caught-up replica (db/replicas.py)
         self._conn: Connection | None = None
 
     def connection(self) -> Connection:
         if self._conn is None:
-            self._conn = read_connection(self.engine)
+            self._conn = self.router.connection() if self.router is not None else read_connection(self.engine)
         return self._conn
 
     def close(self) -> None:

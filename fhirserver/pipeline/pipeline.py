@@ -228,7 +228,8 @@ class Pipeline:
                              recorded_us=now_us())
         ctx = RequestContext(self.services, Interaction("unknown", method), record, lower, body, pipeline=self,
                              bound=self.services.gate(Access()))
-        ctx.snapshot = Snapshot(self.services.engine)
+        # a GET's reads may come from a read replica that has caught up with the primary
+        ctx.snapshot = Snapshot(self.services.engine, self.services.replicas if method in ("GET", "HEAD") else None)
         try:
             with guard.request_scope():  # from here on, stored rows are read through ctx.gate only
                 result, rid, rec = self._serve(ctx, request_id, record, lower, method, path, query, form,

@@ -62,15 +62,16 @@ def _register(root: Path, env: dict[str, str], name: str, scopes: str, *flags: s
 
 
 @contextmanager
-def serve(root: Path, database_url: str, workers: int = 2) -> Iterator[Served]:
-    """`fhirserver serve` on `database_url`, with a read-write client and an auditor."""
+def serve(root: Path, database_url: str, workers: int = 2, **settings: str) -> Iterator[Served]:
+    """`fhirserver serve` on `database_url` (and FHIRSERVER_* `settings`), with a read-write
+    client and an auditor."""
     env_db = {"FHIRSERVER_DATABASE_URL": database_url}
     writer, wkey = _register(root, env_db, "load", "system/*.cruds")
     auditor, akey = _register(root, env_db, "auditor", "system/AuditEvent.rs", "--auditor", "--audit-query-values",
                               "--purpose", "HOPERAT")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = server_env(root, root / "data", FHIRSERVER_BASE_URL=f"{base}/fhir", **env_db)
+    env = server_env(root, root / "data", FHIRSERVER_BASE_URL=f"{base}/fhir", **env_db, **settings)
     proc = start_server(["serve", "--port", str(port), "--workers", str(workers)], env, root, root / "serve.log", port)
     try:
         tokens = []
