@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.failover import audit_verify, lost_creates, reads_without_record, run_load, serve  # noqa: E402
-from tests.support.ha import Cluster, available  # noqa: E402
+from tests.support.ha import Cluster, running_cluster  # noqa: E402
 
 
 def main() -> None:
@@ -36,52 +36,52 @@ def main() -> None:
     ap.add_argument("--after", type=float, default=5.0, help="seconds of load after service is back")
     ap.add_argument("--keep", action="store_true", help="keep the server's data directory and log (path printed)")
     args = ap.parse_args()
-    reason = available()
-    if reason:
-        sys.exit(f"{reason}; run scripts/ensure_ha.sh")
-    cluster = Cluster(3)
-    cluster.start()
     totals: Counter[str] = Counter()
     outages: list[float] = []
+    tmp = tempfile.mkdtemp(prefix="fhirbench-failover-")
     try:
-        url = cluster.create_database("failover")
-        tmp = tempfile.mkdtemp(prefix="fhirbench-failover-")
-        with serve(Path(tmp), url) as srv:
-            made = requests.post(f"{srv.base}/fhir/Patient", data=json.dumps({"resourceType": "Patient"}),
-                                 headers={**srv.headers, "Content-Type": "application/fhir+json"}, timeout=30)
-            patient = made.headers["Location"].split("/Patient/")[1].split("/")[0]
-            for n in range(1, args.rounds + 1):
-                old = cluster.leader()
-                out = run_load(srv, patient, cluster.kill_leader, clients=args.clients, before=args.before,
-                               after=args.after)
-                lost, unrecorded = lost_creates(srv, out), reads_without_record(srv, out)
-                outage = out.outage_seconds()
-                outages.append(outage)
-                failed = Counter(f[2] for f in out.failures)
-                totals.update({"creates": len(out.acked_creates), "reads": len(out.acked_reads), "lost": len(lost),
-                               "unrecorded": len(unrecorded)})
-                print(f"kill {n}: {old.name} -> {cluster.leader().name}; acknowledged creates {len(out.acked_creates)}, "
-                      f"lost {len(lost)}; acknowledged reads+searches {len(out.acked_reads)}, without an access "
-                      f"record {len(unrecorded)}; no service for {outage:.1f} s; failed requests "
-                      f"{dict(failed)}", flush=True)
-                cluster.restart(old)
-                cluster.wait_healthy()
-            verified = audit_verify(srv).strip()
-        print(f"in all: {totals['creates']} acknowledged creates, {totals['lost']} lost; {totals['reads']} acknowledged "
-              f"reads+searches, {totals['unrecorded']} without an access record (RPO 0 when both are 0)")
-        print(f"time without service per kill (RTO): {', '.join(f'{o:.1f}' for o in outages)} s; "
-              f"max {max(outages):.1f} s")
-        print(f"audit verify: {verified}")
-        errors = Counter(line.split('"frames":')[1][:300] for line in (Path(tmp) / "serve.log").read_text().splitlines()
-                         if '"logger":"fhirserver.pipeline"' in line and '"level":"ERROR"' in line and '"frames":' in line)
-        for where, count in errors.most_common(5):
-            print(f"server errors ({count}): {where}")
+        with running_cluster() as cluster:
+            _rounds(args, cluster, Path(tmp), totals, outages)
     finally:
-        cluster.stop()
         if args.keep:
             print(f"kept: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rounds(args: argparse.Namespace, cluster: Cluster, tmp: Path, totals: Counter[str], outages: list[float]) -> None:
+    """The kills, each followed by the checks, then the summary."""
+    url = cluster.create_database("failover")
+    with serve(tmp, url) as srv:
+        made = requests.post(f"{srv.base}/fhir/Patient", data=json.dumps({"resourceType": "Patient"}),
+                             headers={**srv.headers, "Content-Type": "application/fhir+json"}, timeout=30)
+        patient = made.headers["Location"].split("/Patient/")[1].split("/")[0]
+        for n in range(1, args.rounds + 1):
+            old = cluster.leader()
+            out = run_load(srv, patient, cluster.kill_leader, clients=args.clients, before=args.before,
+                           after=args.after)
+            lost, unrecorded = lost_creates(srv, out), reads_without_record(srv, out)
+            outage = out.outage_seconds()
+            outages.append(outage)
+            failed = Counter(f[2] for f in out.failures)
+            totals.update({"creates": len(out.acked_creates), "reads": len(out.acked_reads), "lost": len(lost),
+                           "unrecorded": len(unrecorded)})
+            print(f"kill {n}: {old.name} -> {cluster.leader().name}; acknowledged creates {len(out.acked_creates)}, "
+                  f"lost {len(lost)}; acknowledged reads+searches {len(out.acked_reads)}, without an access "
+                  f"record {len(unrecorded)}; no service for {outage:.1f} s; failed requests "
+                  f"{dict(failed)}", flush=True)
+            cluster.restart(old)
+            cluster.wait_healthy()
+        verified = audit_verify(srv).strip()
+    print(f"in all: {totals['creates']} acknowledged creates, {totals['lost']} lost; {totals['reads']} acknowledged "
+          f"reads+searches, {totals['unrecorded']} without an access record (RPO 0 when both are 0)")
+    print(f"time without service per kill (RTO): {', '.join(f'{o:.1f}' for o in outages)} s; "
+          f"max {max(outages):.1f} s")
+    print(f"audit verify: {verified}")
+    errors = Counter(line.split('"frames":')[1][:300] for line in (Path(tmp) / "serve.log").read_text().splitlines()
+                     if '"logger":"fhirserver.pipeline"' in line and '"level":"ERROR"' in line and '"frames":' in line)
+    for where, count in errors.most_common(5):
+        print(f"server errors ({count}): {where}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.failover import run_load, serve  # noqa: E402
-from tests.support.ha import Cluster, Node, available  # noqa: E402
+from tests.support.ha import Node, running_cluster  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -66,12 +66,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    reason = available()
-    if reason:
-        sys.exit(f"{reason}; run scripts/ensure_ha.sh")
-    cluster = Cluster(3)
-    cluster.start()
-    try:
+    with running_cluster() as cluster:
         url = cluster.create_database("replicas")
         replica = next(n for n in cluster.nodes if n.name == next(m["name"] for m in cluster.members()
                                                                   if m["role"] == "replica"))
@@ -105,8 +100,6 @@ def main() -> None:
             share = sum(r[2] for r in rows) / len(rows)
             print(f"{label:7s} replica: {rate:.1f} requests/s, primary CPU {cpu:.2f} ms/request, "
                   f"GETs on the replica {100 * share:.0f}% (= {0.7 * 100 * share:.0f}% of all requests)")
-    finally:
-        cluster.stop()
 
 
 if __name__ == "__main__":

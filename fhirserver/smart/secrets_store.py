@@ -2,7 +2,7 @@
 that signs browser sessions at the authorization endpoint.
 
 Each is generated at first start (never shipped in the repository), written with mode 0600 and
-created with O_EXCL so several worker processes starting together agree on one value.
+published with a hard link, so several worker processes starting together agree on one value.
 """
 
 from __future__ import annotations
@@ -19,22 +19,35 @@ SESSION_SECRET_FILE = "session-secret"
 
 
 def _load_or_create(path: Path, generate: Callable[[], str]) -> str:
+    """The file's value; on first start a new one, published atomically: written whole to a private
+    temporary file, then hard-linked into place, which fails if another process got there first
+    (then its value is the one). Readers never see a half-written file, however long generating
+    takes (an RSA key on a loaded machine took over the second the old wait allowed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        for _ in range(50):  # another process may be writing it right now
-            text = path.read_text()
-            if text:
-                return text
-            import time
-
-            time.sleep(0.02)
-        raise RuntimeError(f"{path} is empty") from None
+    if path.exists():
+        return _read(path)
     value = generate()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
-    return value
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return _read(path)
+        return value
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> str:
+    text = path.read_text()
+    if not text:  # only a crash of a version that wrote in place could leave it so
+        raise RuntimeError(f"{path} is empty: remove it (a new one is made at the next start)")
+    return text
 
 
 def signing_key(data_dir: Path) -> RSAKey:

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,3 +189,17 @@ class Cluster:
 
     def restart(self, node: Node) -> None:
         self._start_node(node)
+
+
+@contextmanager
+def running_cluster(nodes: int = 3) -> Iterator[Cluster]:
+    """A started cluster, stopped (and its files removed) on the way out."""
+    reason = available()
+    if reason:
+        raise RuntimeError(f"{reason}; run scripts/ensure_ha.sh")
+    cluster = Cluster(nodes)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -8,30 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.support.failover import audit_verify, lost_creates, reads_without_record, run_load, serve
-from tests.support.ha import Cluster, available
+from tests.support.ha import Cluster
 
 pytestmark = pytest.mark.skipif(os.environ.get("FHIRSERVER_TEST_SKIP_HA") == "1",
                                 reason="FHIRSERVER_TEST_SKIP_HA=1 (no Patroni/etcd here)")
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    reason = available()
-    if reason:
-        pytest.fail(f"{reason}; run scripts/ensure_ha.sh")
-    c = Cluster(3)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
 
 
 def test_a_killed_primary_loses_no_acknowledged_write_or_access_record(cluster: Cluster, tmp_path: Path) -> None:

@@ -22,25 +22,13 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_settings
 from tests.support.apps import app_with_client
-from tests.support.ha import Cluster, Node, available
+from tests.support.ha import Cluster, Node
 
 pytestmark = pytest.mark.skipif(os.environ.get("FHIRSERVER_TEST_SKIP_HA") == "1",
                                 reason="FHIRSERVER_TEST_SKIP_HA=1 (no Patroni/etcd here)")
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 SCOPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]}
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    reason = available()
-    if reason:
-        pytest.fail(f"{reason}; run scripts/ensure_ha.sh")
-    c = Cluster(3)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
 
 
 def _replica(cluster: Cluster) -> Node:
