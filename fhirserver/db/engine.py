@@ -36,14 +36,21 @@ def normalize_url(url: str) -> str:
     return url
 
 
+CONNECT_TIMEOUT_SECONDS = 5  # PostgreSQL, unless the URL says otherwise (docs/operations.md)
+
+
 def make_engine(url: str, background_checkpoint: bool = False) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         return _sqlite_engine(url, background_checkpoint)
     # JIT off: our statements are short OLTP queries whose correlated consent sub-queries push the
     # estimated cost over jit_above_cost, and compiling then costs more than running (≈ 50 ms)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-                         connect_args={"options": "-c jit=off"})
+    args: dict[str, object] = {"options": "-c jit=off"}
+    if "connect_timeout" not in make_url(url).query:
+        # a node that is gone without refusing (a dead machine, a partition) must not hold a request,
+        # a failover's reconnect or a replica check for the operating system's minutes-long timeout
+        args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=args)
 
 
 def _sqlite_engine(url: str, background_checkpoint: bool) -> Engine:

@@ -146,3 +146,22 @@ def test_a_read_after_a_write_by_the_same_client_always_sees_it(served: Any, lag
 def test_replicas_need_a_postgresql_primary(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="read replicas are PostgreSQL streaming replicas"):
         app_with_client(make_settings(tmp_path, read_replica_urls="postgresql+psycopg://postgres@127.0.0.1:1/x"))
+
+
+def test_a_replica_that_is_down_is_passed_over_for_the_primary(tmp_path: Path, postgres: Any) -> None:
+    """Nothing listens at the replica's address: GETs are answered from the primary, never a 5xx."""
+    from tests.support.live import free_port
+
+    primary = postgres.create_database(f"replica_down_{os.getpid()}")
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing"
+    app, client, h = app_with_client(make_settings(tmp_path, primary, read_replica_urls=down))
+    try:
+        pid = _create(client, h, {"resourceType": "Patient", "name": [{"family": "Fallback"}]})
+        before = _snapshots(client)
+        for _ in range(3):
+            assert client.get(f"/fhir/Patient/{pid}", headers=h).status_code == 200
+        after = _snapshots(client)
+        assert after.get("primary", 0) - before.get("primary", 0) == 3
+        assert after.get("replica", 0) == before.get("replica", 0)
+    finally:
+        app.extensions["fhirserver"].engine.dispose()
