@@ -58,16 +58,26 @@ class Terminology:
             elif doc.get("resourceType") == "ValueSet":
                 self._value_sets[url] = doc
 
-    def __len__(self) -> int:
-        return len(self._code_systems) + len(self._value_sets)
-
-    def holds_value_set(self, url: str) -> bool:
-        return _canonical(url)[0] in self._value_sets
-
-    def decidable(self, url: str) -> bool:
+    def decidable(self, url: str, depth: int = 0) -> bool:
         """Whether membership in the value set can always be told here: enumerated concepts, `code
         regex` filters, filters over code systems held here, imports of decidable value sets."""
-        return _decidable(self, url, 0)
+        vs = self._value_sets.get(_canonical(url)[0])
+        if vs is None or depth > MAX_IMPORT_DEPTH:
+            return False
+        compose = vs.get("compose")
+        if not isinstance(compose, dict):
+            return bool((vs.get("expansion") or {}).get("contains"))
+        for part in [*(compose.get("include") or []), *(compose.get("exclude") or [])]:
+            filters = [f for f in part.get("filter") or [] if isinstance(f, dict)]
+            system = part.get("system")
+            if isinstance(system, str) and system not in self._code_systems:
+                if filters and not _regex_only(filters):
+                    return False  # filters over a code system not held here
+                if not filters and not part.get("concept"):
+                    return False  # a whole code system not held: its codes are not known here
+            if not all(self.decidable(str(u), depth + 1) for u in part.get("valueSet") or []):
+                return False
+        return True
 
     def member(self, value_set: str, system: str | None, code: str) -> bool | None:
         key = (value_set, system, code)
@@ -119,7 +129,7 @@ class Terminology:
         if listed:
             return code in listed
         filters = [f for f in part.get("filter") or [] if isinstance(f, dict)]
-        if filters and all(f.get("property") == "code" and f.get("op") == "regex" for f in filters):
+        if filters and _regex_only(filters):
             return all(_regex(str(f.get("value") or "")).fullmatch(code) is not None for f in filters)
         if part_system not in self._code_systems:
             return None if filters else True
@@ -142,24 +152,9 @@ def _regex(pattern: str) -> re.Pattern[str]:
         return re.compile(r"(?!)")
 
 
-def _decidable(terms: Terminology, url: str, depth: int) -> bool:
-    vs = terms._value_sets.get(_canonical(url)[0])
-    if vs is None or depth > MAX_IMPORT_DEPTH:
-        return False
-    compose = vs.get("compose")
-    if not isinstance(compose, dict):
-        return bool((vs.get("expansion") or {}).get("contains"))
-    for part in [*(compose.get("include") or []), *(compose.get("exclude") or [])]:
-        filters = [f for f in part.get("filter") or [] if isinstance(f, dict)]
-        system = part.get("system")
-        if isinstance(system, str) and filters and system not in terms._code_systems \
-                and not all(f.get("property") == "code" and f.get("op") == "regex" for f in filters):
-            return False
-        if isinstance(system, str) and not filters and not part.get("concept") and system not in terms._code_systems:
-            return False  # a whole code system not held: its codes are not known here
-        if not all(_decidable(terms, str(u), depth + 1) for u in part.get("valueSet") or []):
-            return False
-    return True
+def _regex_only(filters: list[dict[str, Any]]) -> bool:
+    """`code regex` filters alone: decided on the code itself, without its code system."""
+    return all(f.get("property") == "code" and f.get("op") == "regex" for f in filters)
 
 
 def _any(results: Iterable[bool | None]) -> bool | None:

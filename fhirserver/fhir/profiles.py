@@ -283,14 +283,14 @@ def _url_test(url: str) -> Callable[[Any], bool]:
     return lambda item: isinstance(item, dict) and item.get("url") == url
 
 
-def _member_test(checks: list[tuple[tuple[Step, ...], Element]], value_sets: Sequence[str] = (),
-                 terms: Terminology | None = None) -> Callable[[Any], bool]:
+def _member_test(checks: list[tuple[tuple[Step, ...], Element]], value_sets: Sequence[str],
+                 terms: Terminology) -> Callable[[Any], bool]:
     """A slice's membership: its discriminators' fixed/pattern values, or (slicing by value set) a
     code in its required binding's value set -- a code the server cannot place is not a member."""
     def member(item: object) -> bool:
         for vs in value_sets:
             coded = codings(item) or []
-            if terms is None or not any(terms.member(vs, system, code) for system, code in coded):
+            if not any(terms.member(vs, system, code) for system, code in coded):
                 return False
         for rel, target in checks:
             values: list[Node] = [(item, "")]
