@@ -72,11 +72,11 @@ def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None
     counts: dict[str, int] = {}
     patients: set[str] = set()
     try:
+        parts = _parts(svc, job.spec)  # the same for every type
         for n, rtype in enumerate(job.spec["types"], 1):
             elements = elements_for(rtype, job.spec.get("elements"))
             lines: list[bytes] = []
             file_no = 0
-            parts = _parts(svc, job.spec)
             written: set[int] = set()  # with several parts: a row in two parts' compartments goes out once
             for part in parts:
                 last_pk = 0
