@@ -28,6 +28,7 @@ class Result:
     status: int
     body: bytes | dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    database_unavailable: bool = False  # nothing was served: the database could not be reached
 
 
 class EntryRunner(Protocol):

@@ -206,7 +206,7 @@ class Pipeline:
         started = time.perf_counter()
         result, request_id, record, fmt = self._handle(method, path, query, form, headers, body, remote_addr,
                                                        body_too_large, url_too_long)
-        if result.status == 503 and "Retry-After" in result.headers and method in ("GET", "HEAD"):
+        if result.database_unavailable and method in ("GET", "HEAD"):
             # idempotent work is retried once, after a moment: a pooled connection may have died with
             # the old primary, and the next checkout connects to whichever node is primary now
             time.sleep(RETRY_PAUSE_SECONDS)
@@ -302,9 +302,10 @@ class Pipeline:
                 # a write whose commit got no answer may or may not have happened -- the client
                 # retries it safely with If-Match or a conditional create (docs/operations.md)
                 log.warning("request %s: the database is unavailable (%s)", request_id, type(exc).__name__)
-                return self._fail(ctx, 503, [Issue("transient", "The database is unavailable (a failover may be "
-                                                                "under way); retry shortly")],
-                                  {"Retry-After": str(RETRY_AFTER_SECONDS)}, None), request_id, record
+                failed = self._fail(ctx, 503, [Issue("transient", "The database is unavailable (a failover may be "
+                                                                  "under way); retry shortly")],
+                                    {"Retry-After": str(RETRY_AFTER_SECONDS)}, None)
+                return replace(failed, database_unavailable=True), request_id, record
             log.exception("request %s failed", request_id)
             return self._fail(ctx, 500, [Issue("exception", "Internal server error")], {}, None), request_id, record
 
