@@ -66,14 +66,17 @@ def fresh_app(settings: Settings, **overrides: Any) -> Any:
     return create_app(settings, migrate=False)
 
 
-def app_with_client(settings: Settings, scope: str = "system/*.cruds", name: str = "test client") -> tuple[Any, Any, dict[str, str]]:
-    """A fresh app with its own registered backend client: (app, test client, auth headers for `scope`)."""
+def app_with_client(settings: Settings, scope: str = "system/*.cruds", name: str = "test client",
+                    client_settings: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, str]]:
+    """A fresh app with its own registered backend client: (app, test client, auth headers for `scope`).
+    `client_settings`: the client's own settings (`consent_exempt`, `purposes`, ...)."""
     from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
     from fhirserver.auth.clients import register_backend_client
 
     app = fresh_app(settings)
     key = generate_key()
-    rec = register_backend_client(app.extensions["fhirserver"].engine, name, scope, jwks=public_jwks(key))
+    rec = register_backend_client(app.extensions["fhirserver"].engine, name, scope, jwks=public_jwks(key),
+                                  **({"settings": client_settings} if client_settings else {}))
     client = app.test_client()
     resp = client.post("/auth/token", data=token_request_form(key, rec.client_id, settings.token_url, scope))
     assert resp.status_code == 200, resp.get_data(as_text=True)

@@ -15,11 +15,9 @@ from typing import Any
 
 import pytest
 
-from fhirserver.auth.assertion import generate_key, public_jwks, token_request_form
-from fhirserver.auth.clients import register_backend_client
 from fhirserver.config import Settings
 from tests.conftest import REPO, make_settings
-from tests.support.apps import fresh_app
+from tests.support.apps import app_with_client, fresh_app
 from tests.support.cli import cli, ok
 
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -59,13 +57,7 @@ def _labels(client: Any, h: dict[str, str], body: dict[str, Any]) -> set[str]:
 
 def _back_office(settings: Settings) -> tuple[Any, Any, dict[str, str]]:
     """A consent-exempt client (the consent back office): it may see what it labels."""
-    app = fresh_app(settings)
-    key = generate_key("ES384")
-    rec = register_backend_client(app.extensions["fhirserver"].engine, "back office", "system/*.cruds",
-                                  jwks=public_jwks(key), settings={"consent_exempt": True})
-    client = app.test_client()
-    resp = client.post("/auth/token", data=token_request_form(key, rec.client_id, settings.token_url, "system/*.cruds"))
-    return app, client, {"Authorization": f"Bearer {resp.get_json()['access_token']}"}
+    return app_with_client(settings, name="back office", client_settings={"consent_exempt": True})
 
 
 def _condition(system: str, code: str) -> dict[str, Any]:
