@@ -9,6 +9,8 @@ mistake permanent and hide it).
 
 from __future__ import annotations
 
+from sqlalchemy.engine import Engine
+
 from .config import Settings, SettingsError
 from .services import Services
 
@@ -53,6 +55,23 @@ def explain(exc: BaseException, settings: Settings) -> str | None:
     if isinstance(exc, PermissionError):
         return f"permission denied: {exc.filename or exc}. Fix: make {settings.data_dir} writable by the user running fhirserver"
     return None
+
+
+def open_database(settings: Settings) -> Engine:
+    """Only the migrated database, for commands that manage what the services are built from (IG
+    packages): those must work while the configuration names something not installed yet."""
+    from .db.engine import make_engine
+    from .db.migrations import upgrade
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.effective_database_url)
+        return make_engine(settings.effective_database_url)
+    except Exception as exc:
+        message = explain(exc, settings)
+        if message is None:
+            raise
+        raise StartupError(message) from None
 
 
 def open_services(settings: Settings, migrate: bool = True) -> Services:

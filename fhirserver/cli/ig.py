@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .root import _services, _settings, main
+from .root import _database, _settings, main
 
 
 @main.group()
@@ -40,8 +40,8 @@ def ig_install(ctx: click.Context, path: Path, as_json: bool) -> None:
         package = read_package(data)
     except PackageError as exc:
         raise click.ClickException(f"{path.name}: {exc}") from None
-    svc = _services(settings)
-    others = [p for p in ig_packages.installed(svc.engine) if p.name != package.name]
+    engine = _database(settings)  # not the services: their configuration may need this very package
+    others = [p for p in ig_packages.installed(engine) if p.name != package.name]
     try:
         validator = Validator(settings.profiles_dir, settings.max_json_depth, "", [*others, package])
     except ProfileError as exc:
@@ -60,7 +60,7 @@ def ig_install(ctx: click.Context, path: Path, as_json: bool) -> None:
                                "status": str(exc.status), "issue": first.diagnostics if first else str(exc),
                                "expression": ", ".join(first.expression) if first else ""})
     not_enforced = sorted(f"{p.url}: {note}" for p in validator.profiles for note in p.unenforced)
-    replaced = ig_packages.install(svc.engine, data, package)
+    replaced = ig_packages.install(engine, data, package)
     replaced_label = f"{replaced.name}#{replaced.version}" if replaced else None
     if as_json:
         click.echo(json.dumps({"package": package.label, "licence": package.licence, "counts": package.counts(),
@@ -90,7 +90,7 @@ def ig_list(ctx: click.Context) -> None:
     """The installed packages."""
     from ..storage import ig_packages
 
-    for p in ig_packages.listing(_services(_settings(ctx)).engine):
+    for p in ig_packages.listing(_database(_settings(ctx))):
         when = datetime.fromtimestamp(p.installed_us / 1e6, UTC).isoformat(timespec="seconds")
         click.echo(f"{p.name}#{p.version}\tsha256 {p.sha256}\tinstalled {when}")
 
@@ -102,6 +102,6 @@ def ig_remove(ctx: click.Context, name: str) -> None:
     """Remove an installed package (restart the server to stop using it)."""
     from ..storage import ig_packages
 
-    if not ig_packages.remove(_services(_settings(ctx)).engine, name):
+    if not ig_packages.remove(_database(_settings(ctx)), name):
         raise click.ClickException(f"no package {name} is installed")
     click.echo(f"removed {name}")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from sqlalchemy.engine import Engine
 
 from ..config import Settings, SettingsError, load_settings
 
@@ -23,6 +24,16 @@ def _services(settings: Settings):  # type: ignore[no-untyped-def]
 
     try:
         return open_services(settings)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _database(settings: Settings) -> Engine:
+    """The migrated database alone (see startup.open_database)."""
+    from ..startup import StartupError, open_database
+
+    try:
+        return open_database(settings)
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -84,10 +84,10 @@ def test_a_category_can_name_a_value_set_from_an_installed_package(tmp_path: Pat
         {"system": "http://loinc.org", "concept": [{"code": "21636-6"}, {"code": "21637-4"}]}]}}
     package = _package(tmp_path, value_set)
     # without the package the server does not start: the category could not be applied
-    refused = cli("ig", "list", data_dir=settings.data_dir, FHIRSERVER_PROFILES_DIR=str(profiles))
+    refused = cli("subscription", "list", data_dir=settings.data_dir, FHIRSERVER_PROFILES_DIR=str(profiles))
     assert refused.returncode == 1 and f"the value set {GENETIC_VS} of label GDIS is not available" in refused.stderr
-    # `ig install` itself opens the data directory: it needs the category's value set first
-    ok(cli("ig", "install", str(package), data_dir=settings.data_dir))
+    # the package manager does not need the services, so it works under that very configuration
+    ok(cli("ig", "install", str(package), data_dir=settings.data_dir, FHIRSERVER_PROFILES_DIR=str(profiles)))
     app, client, h = _back_office(settings)
     try:
         obs = {"resourceType": "Observation", "status": "final", "subject": {"reference": "Patient/p2"},
@@ -107,7 +107,7 @@ def test_a_value_set_whose_membership_cannot_be_decided_stops_the_server(tmp_pat
         {"system": "http://snomed.info/sct", "filter": [{"property": "concept", "op": "is-a", "value": "64572001"}]}]}}
     ok(cli("ig", "install", str(_package(tmp_path, value_set)), data_dir=settings.data_dir))
     profiles = _profiles_with_category(tmp_path, GENETIC_VS)
-    run = cli("ig", "list", data_dir=settings.data_dir, FHIRSERVER_PROFILES_DIR=str(profiles))
+    run = cli("subscription", "list", data_dir=settings.data_dir, FHIRSERVER_PROFILES_DIR=str(profiles))
     assert run.returncode == 1 and "its membership cannot be decided" in run.stderr, run
     with pytest.raises(Exception, match="its membership cannot be decided"):
         fresh_app(make_settings(tmp_path, profiles_dir=str(profiles)))
