@@ -18,6 +18,7 @@ from .consent.hooks import ConsentHook
 from .crypto.blind_index import BLIND_SCOPE, BlindIndexer
 from .crypto.datakeys import DataKeyStore
 from .crypto.keyring import MasterKeyRing
+from .db.compiled import CompiledStatements
 from .db.engine import make_engine
 from .db.replicas import ReplicaRouter
 from .fhir.fhirpath import set_choice_elements
@@ -56,11 +57,13 @@ class Services:
     # answers derived from the registries alone (the CapabilityStatement's bytes): built on first
     # use; the registries are fixed for the life of a Services, so nothing here goes stale
     derived: dict[str, Any] = field(default_factory=dict)
+    statements: CompiledStatements = field(default_factory=CompiledStatements)  # the gate's kept SQL
     replicas: ReplicaRouter | None = None  # read replicas for GET requests (settings.read_replica_urls)
 
     def gate(self, access: Access) -> AccessGate:
         """The access gate bound to `access`: how a request (or an export job) reads rows."""
-        return AccessGate(access, self.repo, self.audit, self.compiler, self.params, self.types.names())
+        return AccessGate(access, self.repo, self.audit, self.compiler, self.params, self.types.names(),
+                          self.statements)
 
 
 def build_services(settings: Settings, engine: Engine | None = None) -> Services:

@@ -25,6 +25,7 @@ from sqlalchemy import ColumnElement, Connection, FromClause, and_, false, or_, 
 
 from ..audit.records import AuditLog
 from ..db import guard
+from ..db.compiled import CompiledStatements, clause_key
 from ..db.schema import idx_token, resource
 from ..fhir.errors import FhirError
 from ..search.compiler import QueryCompiler
@@ -90,8 +91,9 @@ def _no_others(rtype: str, res: FromClause) -> Predicates | None:
 
 class AccessGate:
     def __init__(self, access: Access, repo: Repository, audit: AuditLog, compiler: QueryCompiler,
-                 params: ParamRegistry, types: Sequence[str]) -> None:
+                 params: ParamRegistry, types: Sequence[str], statements: CompiledStatements | None = None) -> None:
         self.access = access
+        self.statements = statements if statements is not None else CompiledStatements()
         self.repo = repo
         self.audit = audit
         self.compiler = compiler
@@ -114,7 +116,11 @@ class AccessGate:
         if not preds:
             return True
         res = source_of(rtype).res if rtype else resource
-        return conn.execute(sql.shown(pk, preds, res)).first() is not None
+        key = clause_key(preds)
+        if key is None:
+            return conn.execute(sql.shown(pk, preds, res)).first() is not None
+        return self.statements.first(conn, ("holds", res, len(preds), key),
+                                     lambda: sql.shown_any(preds, res), {"pk": pk}) is not None
 
     # ------------------------------------------------------------------ one resource
     def read(self, conn: Connection, rtype: str, rid: str, version: int | None = None,
@@ -125,8 +131,15 @@ class AccessGate:
         if is_access_records(rtype):
             return self.record(conn, rid, preds, version)
         transfer = self.access.transfer(resource) if self.access.transfer is not None else None
-        stmt = sql.read_row(conn.dialect.name, preds, transfer, version is not None)
-        row = conn.execute(stmt, {"t": rtype, "id": rid, "v": version}).first()
+        versioned = version is not None
+        params = {"t": rtype, "id": rid, "v": version}
+        key = clause_key([*preds, transfer])
+        if key is None:
+            row = conn.execute(sql.read_row(conn.dialect.name, preds, transfer, versioned), params).first()
+        else:  # the statement compiled once per predicate set (db/compiled.py)
+            row = self.statements.first(
+                conn, ("read", versioned, len(preds), key),
+                lambda: sql.read_row(conn.dialect.name, preds, transfer, versioned), params)
         if row is None:
             raise NotFound(f"{rtype}/{rid} is not known")
         if not row.shown:

@@ -77,6 +77,11 @@ def shown(pk: int, preds: Predicates, res: FromClause = resource) -> Select[Any]
     return select(res.c.pk).where(res.c.pk == pk, *preds)
 
 
+def shown_any(preds: Predicates, res: FromClause = resource) -> Select[Any]:
+    """`shown` for any row (`:pk`): one statement compiled for every pk."""
+    return select(res.c.pk).where(res.c.pk == bindparam("pk"), *preds)
+
+
 def in_compartment(pid: str, res: FromClause = resource) -> ColumnElement[bool]:
     """The Patient itself or any resource in its compartment."""
     comp = compartment.alias()

@@ -10,7 +10,7 @@ run on the same transaction's cursor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine
 
@@ -41,6 +41,29 @@ def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
         conn.begin()
     cursor = _driver(conn).cursor()
     cursor.execute(_sql(conn, sql), tuple(params))
+    return cursor
+
+
+class Cursor(Protocol):
+    """The DB-API cursor methods the compiled statements use."""
+
+    description: Sequence[Sequence[object]]
+
+    def fetchone(self) -> Sequence[object] | None: ...
+
+    def fetchall(self) -> Sequence[Sequence[object]]: ...
+
+    def close(self) -> None: ...
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> object: ...
+
+
+def execute_compiled(conn: Connection, sql: str, params: Sequence[Any] | dict[str, Any]) -> Cursor:
+    """Run SQL already compiled for `conn`'s dialect (db/compiled.py) in its transaction."""
+    if not conn.in_transaction():
+        conn.begin()
+    cursor: Cursor = _driver(conn).cursor()
+    cursor.execute(sql, params)
     return cursor
 
 
