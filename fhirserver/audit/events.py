@@ -23,6 +23,7 @@ from ..fhir.fhirpath import Node, child_nodes, resolves_to
 from ..search.indexer import Indexer
 from ..search.params import SearchParam
 from ..search.values import IndexRows
+from ..storage.codec import dump_json
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 BALP_ENTITY = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
@@ -180,6 +181,10 @@ _KNOWN_PARAMS: dict[str, tuple[str, str]] = {
     "subtype": ("token", "AuditEvent.subtype"),
     "type": ("token", "AuditEvent.type"),
 }
+# parameter types whose rows depend on the values alone (no compartments, no per-record parts)
+_VALUE_TYPES = frozenset({"token", "uri", "string"})
+_MEMO_SIZE = 4096  # distinct (parameter, values) kept; cleared when full
+
 # elements build_audit_event never writes (meta has only `profile`; an agent has only type, who,
 # requestor and network), so these parameters never have a value
 _ABSENT = frozenset({"_security", "_source", "_tag", "agent-name", "agent-role", "altid", "policy"})
@@ -198,12 +203,38 @@ class AuditIndexer:
         params = indexer.params.for_type("AuditEvent")
         self.params = [p for p in params.values() if p.extract is not None]
         self.direct = {p.code: (p.type, p.expression) for p in self.params} == _KNOWN_PARAMS
+        self._memo: dict[tuple[str, bytes, tuple[str | None, ...]], tuple[tuple[str, dict[str, Any]], ...]] = {}
 
     def index(self, event: dict[str, Any]) -> IndexRows:
-        """Rows for `event`, which must be `build_audit_event`'s output (unmodified)."""
+        """Rows for `event`, which must be `build_audit_event`'s output (unmodified).
+
+        The rows of a token, uri or string parameter depend on its values alone (and the
+        process's blind-index key), and those values repeat from record to record (codes, the
+        client's address, entity types and roles): they are computed once per distinct value
+        list and kept (~20 of a read's 22 rows; the references and the date are per record)."""
         if not self.direct:
             return self.indexer.index("AuditEvent", event)
-        return self.indexer.rows_from_nodes("AuditEvent", self._nodes(event))
+        out = IndexRows()
+        fresh: list[tuple[SearchParam, list[Node]]] = []
+        for p, nodes in self._nodes(event):
+            if p.type not in _VALUE_TYPES or not nodes:
+                fresh.append((p, nodes))
+                continue
+            key = (p.code, dump_json([v for v, _t in nodes]), tuple(t for _v, t in nodes))
+            rows = self._memo.get(key)
+            if rows is None:
+                part = self.indexer.rows_from_nodes("AuditEvent", [(p, nodes)])
+                rows = tuple((tbl, row) for tbl, found in part.rows.items() for row in found)
+                if len(self._memo) >= _MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[key] = rows
+            for tbl, row in rows:
+                out.rows.setdefault(tbl, []).append(row)
+        rest = self.indexer.rows_from_nodes("AuditEvent", fresh)
+        for tbl, found in rest.rows.items():
+            out.rows.setdefault(tbl, []).extend(found)
+        out.patients = rest.patients
+        return out
 
     def _nodes(self, event: dict[str, Any]) -> Iterator[tuple[SearchParam, list[Node]]]:
         agents: list[dict[str, Any]] = event["agent"]
