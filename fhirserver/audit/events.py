@@ -215,25 +215,23 @@ class AuditIndexer:
         if not self.direct:
             return self.indexer.index("AuditEvent", event)
         out = IndexRows()
-        fresh: list[tuple[SearchParam, list[Node]]] = []
+        patients: list[str] = []
         for p, nodes in self._nodes(event):
-            if p.type not in _VALUE_TYPES or not nodes:
-                fresh.append((p, nodes))
-                continue
-            key = (p.code, dump_json([v for v, _t in nodes]), tuple(t for _v, t in nodes))
-            rows = self._memo.get(key)
-            if rows is None:
-                part = self.indexer.rows_from_nodes("AuditEvent", [(p, nodes)])
+            if p.type in _VALUE_TYPES and nodes:
+                key = (p.code, dump_json([v for v, _t in nodes]), tuple(t for _v, t in nodes))
+                rows = self._memo.get(key)
+                if rows is None:
+                    part = self.indexer.rows_from_nodes("AuditEvent", [(p, nodes)], [])
+                    rows = tuple((tbl, row) for tbl, found in part.rows.items() for row in found)
+                    if len(self._memo) >= _MEMO_SIZE:
+                        self._memo.clear()
+                    self._memo[key] = rows
+            else:  # references (and the compartments they make) and the date: per record
+                part = self.indexer.rows_from_nodes("AuditEvent", [(p, nodes)], patients)
                 rows = tuple((tbl, row) for tbl, found in part.rows.items() for row in found)
-                if len(self._memo) >= _MEMO_SIZE:
-                    self._memo.clear()
-                self._memo[key] = rows
             for tbl, row in rows:
                 out.rows.setdefault(tbl, []).append(row)
-        rest = self.indexer.rows_from_nodes("AuditEvent", fresh)
-        for tbl, found in rest.rows.items():
-            out.rows.setdefault(tbl, []).extend(found)
-        out.patients = rest.patients
+        out.patients = patients
         return out
 
     def _nodes(self, event: dict[str, Any]) -> Iterator[tuple[SearchParam, list[Node]]]:

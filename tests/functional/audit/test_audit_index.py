@@ -99,6 +99,36 @@ def test_direct_rows_equal_generic_rows(indexer: Indexer, rec: AuditRecord) -> N
     assert direct.rows == generic.rows  # same tables, same rows, same order
     assert list(direct.rows) == list(generic.rows)
     assert direct.patients == generic.patients
+    # one indexer over all the examples: the rows it keeps per value list (AuditIndexer.index)
+    # come back for later records exactly as computing them afresh gives them
+    kept = _shared(indexer).index(build_audit_event(rec, SERVER))
+    assert kept.rows == generic.rows and list(kept.rows) == list(generic.rows)
+    assert kept.patients == generic.patients
+
+
+_SHARED: dict[int, AuditIndexer] = {}
+
+
+def _shared(indexer: Indexer) -> AuditIndexer:
+    return _SHARED.setdefault(id(indexer), AuditIndexer(indexer))
+
+
+def test_kept_rows_are_reused_across_records(indexer: Indexer) -> None:
+    """Two reads by the same client differ in their resource, patient and time only: the second
+    record's token, uri and string rows are the kept ones, and still equal the generic route's."""
+    audit_indexer = AuditIndexer(indexer)
+    first = AuditRecord("read", "req-00000003", "10.0.0.9", 1_700_000_000_000_000, client_id="c1",
+                        resources=["Observation/o1/_history/1"], patients=["p1"], purpose=["TREAT"])
+    second = replace(first, request_id="req-00000004", recorded_us=1_700_000_000_500_000,
+                     resources=["Observation/o2/_history/3"], patients=["p2"])
+    audit_indexer.index(build_audit_event(first, SERVER))
+    kept = len(audit_indexer._memo)
+    assert kept > 0
+    event = build_audit_event(second, SERVER)
+    rows = audit_indexer.index(event)
+    assert len(audit_indexer._memo) == kept  # nothing new to keep: every value list was seen
+    assert rows.rows == indexer.index("AuditEvent", event).rows
+    assert rows.patients == ["p2"]
 
 
 def test_typical_records_cover_every_row_kind(indexer: Indexer) -> None:
