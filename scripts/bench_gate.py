@@ -65,7 +65,7 @@ class Target:
         self.times: dict[str, list[float]] = {k: [] for k in ("livez", "read", "search", "metadata", "raw",
                                                               "read-xml", "search-xml")}
         self.xml = False  # also read and search in XML (`_format=xml`), interleaved with the JSON ones
-        self.cpu: dict[str, list[float]] = {"create": [], "read": []}
+        self.cpu: dict[str, list[float]] = {"create": [], "read": [], "livez": []}
         self.patients: list[str] = []
         self.observations: list[str] = []
 
@@ -99,6 +99,27 @@ class Target:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda oid: self.client_for().request("GET", f"/Observation/{oid}"), ids))
         self.cpu["read"].append((server_cpu(self.server) - before) / n)
+
+    def livez_cpu(self, n: int) -> None:
+        """The CPU floor: n `/livez` from 4 clients, as the reads are sent (gunicorn, Flask, no FHIR)."""
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.root)
+        import http.client
+        import threading
+
+        local = threading.local()
+
+        def one(_i: int) -> None:
+            if not hasattr(local, "c"):
+                local.c = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+            local.c.request("GET", "/livez")
+            local.c.getresponse().read()
+
+        before = server_cpu(self.server)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(n)))
+        self.cpu["livez"].append((server_cpu(self.server) - before) / n)
 
     def client_for(self) -> Client:
         import threading
@@ -220,7 +241,8 @@ def report(t: Target) -> list[str]:
              f"(livez p95 + raw SQL p95 {p('raw', 95):.2f} ms)",
              f"  metadata    p95 {p('metadata', 95):6.2f} ms  = {p('metadata', 95) / livez95:4.2f} x livez p95",
              f"  CPU/create      {1000 * statistics.median(t.cpu['create']):6.2f} ms (median of rounds)",
-             f"  CPU/read        {1000 * statistics.median(t.cpu['read']):6.2f} ms (median of rounds)"]
+             f"  CPU/read        {1000 * statistics.median(t.cpu['read']):6.2f} ms (median of rounds)",
+             f"  CPU/livez       {1000 * statistics.median(t.cpu['livez']):6.2f} ms (the floor: gunicorn + Flask)"]
     if t.xml:
         for kind in ("read", "search"):
             j50, j95, x50, x95 = p(kind, 50), p(kind, 95), p(f"{kind}-xml", 50), p(f"{kind}-xml", 95)
@@ -258,6 +280,7 @@ def main() -> None:
                 t.raw_sql(args.requests // 3)
                 t.creates(200)
                 t.reads(400)
+                t.livez_cpu(400)
         print(f"{os.cpu_count()} CPUs, {args.rounds} rounds x {args.requests} sequential requests per kind")
         for t in targets:
             print("\n".join(report(t)))

@@ -8,6 +8,7 @@ and is never granted: unknown syntax is denied, not ignored.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -91,8 +92,10 @@ class ScopeSet:
         return {s.context for s in self.resource}
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_scopes(text: str, strict: bool = True) -> ScopeSet:
-    """Parse a space-separated scope string. strict=True raises on any unknown scope."""
+    """Parse a space-separated scope string. strict=True raises on any unknown scope. Kept per
+    string (a ScopeSet is immutable): every request parses its token's scopes."""
     resource: list[ResourceScope] = []
     other: set[str] = set()
     for word in (text or "").split():
