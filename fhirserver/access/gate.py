@@ -214,8 +214,19 @@ class AccessGate:
             raise unknown  # outside the token's compartments, whether that patient is stored or not
         if not self.access.patient_rows:
             return  # the caller's view of Patients is unrestricted: every stored one is shown
-        for pk, shown in conn.execute(select(resource.c.pk, sql.flag(self.access.patient_rows)).where(
-                resource.c.type == "Patient", resource.c.id.in_(wanted), resource.c.deleted.is_(False))).all():
+        preds = self.access.patient_rows
+        key = clause_key(preds)
+        rows: list[tuple[int, int]] = []
+        if key is None:
+            rows = [(r[0], r[1]) for r in conn.execute(select(resource.c.pk, sql.flag(preds)).where(
+                resource.c.type == "Patient", resource.c.id.in_(wanted), resource.c.deleted.is_(False))).all()]
+        else:  # one kept statement per patient (a write names one or two)
+            for pid in wanted:
+                row = self.statements.first(conn, ("patient-shown", len(preds), key),
+                                            lambda: sql.live_patient_shown(preds), {"pid": pid})
+                if row is not None:
+                    rows.append((row.pk, row.shown))
+        for pk, shown in rows:
             if not shown:
                 refusal = self._refuse(conn, pk, "Patient", "Patient")
                 raise refusal if isinstance(refusal, TransferRefused) else unknown

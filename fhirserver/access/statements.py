@@ -82,6 +82,12 @@ def shown_any(preds: Predicates, res: FromClause = resource) -> Select[Any]:
     return select(res.c.pk).where(res.c.pk == bindparam("pk"), *preds)
 
 
+def live_patient_shown(preds: Predicates) -> Select[Any]:
+    """The live Patient `:pid`: its pk and `shown` (the predicates hold for it)."""
+    return select(resource.c.pk, flag(preds).label("shown")).where(
+        resource.c.type == "Patient", resource.c.id == bindparam("pid"), resource.c.deleted.is_(False))
+
+
 def in_compartment(pid: str, res: FromClause = resource) -> ColumnElement[bool]:
     """The Patient itself or any resource in its compartment."""
     comp = compartment.alias()
