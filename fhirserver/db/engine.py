@@ -67,7 +67,11 @@ def _driver_begin(conn: Connection, statement: str) -> None:
 
 
 def _sqlite_engine(url: str, background_checkpoint: bool) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    # LIFO: a request's read snapshot and its write transaction (and the next request) get the
+    # connection used last. A commit on one connection makes SQLite discard every *other*
+    # connection's page cache, so round-robin (FIFO) checkout re-read the token, resource and
+    # index pages from the WAL at every request (measured: 466 -> 346 us of SQLite per read)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_use_lifo=True)
     database = make_url(url).database
     lock_path = f"{database}.writelock" if database and database != ":memory:" else None
 
