@@ -10,6 +10,7 @@ without the variable) serves its own registry.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -51,12 +52,18 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
+_creating = threading.Lock()
 
 
 def _m() -> _Metrics:
+    """The metrics, created once: two threads of a worker answering their first requests at the
+    same moment would otherwise both register them, and the second registration raises
+    (DuplicateTimeseries: a 500 seen under load in the failover test)."""
     global _metrics
     if _metrics is None:
-        _metrics = _Metrics()
+        with _creating:
+            if _metrics is None:
+                _metrics = _Metrics()
     return _metrics
 
 
