@@ -497,6 +497,21 @@ def test_granular_scope_limits_search_and_read(http, make_client, lab_and_vitals
         assert "vital-signs" not in r.get_data(as_text=True)
 
 
+def test_callers_whose_restrictions_differ_only_in_a_value_never_share_a_read(http, make_client, lab_and_vitals):
+    """The gate keeps each compiled read statement under its predicates' structure *and* bound
+    values (db/compiled.py). Two callers whose scopes differ only in the category's value compile
+    to the same SQL shape: alternating their reads must still let each see its own category only."""
+    lab_id, vital_id = lab_and_vitals
+    vitals_scope = f"system/Observation.rs?category={VITALS}"
+    lab = make_client(LAB_SCOPE).headers(LAB_SCOPE)
+    vitals = make_client(vitals_scope).headers(vitals_scope)
+    for _ in range(3):  # the first round compiles, the later ones reuse what was kept
+        assert http.get(f"/fhir/Observation/{lab_id}", headers=lab).status_code == 200
+        assert http.get(f"/fhir/Observation/{lab_id}", headers=vitals).status_code == 404
+        assert http.get(f"/fhir/Observation/{vital_id}", headers=vitals).status_code == 200
+        assert http.get(f"/fhir/Observation/{vital_id}", headers=lab).status_code == 404
+
+
 def test_granular_scope_limits_type_history(http, make_client, lab_and_vitals):
     lab_id, vital_id = lab_and_vitals
     h = make_client(LAB_SCOPE).headers(LAB_SCOPE)
