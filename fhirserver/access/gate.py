@@ -25,7 +25,7 @@ from sqlalchemy import ColumnElement, Connection, FromClause, and_, false, or_, 
 
 from ..audit.records import AuditLog
 from ..db import guard
-from ..db.compiled import CompiledStatements, clause_key
+from ..db.compiled import CompiledStatements
 from ..db.schema import idx_token, resource
 from ..fhir.errors import FhirError
 from ..search.compiler import QueryCompiler
@@ -116,10 +116,7 @@ class AccessGate:
         if not preds:
             return True
         res = source_of(rtype).res if rtype else resource
-        key = clause_key(preds)
-        if key is None:
-            return conn.execute(sql.shown(pk, preds, res)).first() is not None
-        return self.statements.first(conn, ("holds", res, len(preds), key),
+        return self.statements.first(conn, ("holds", res, len(preds)), preds,
                                      lambda: sql.shown_any(preds, res), {"pk": pk}) is not None
 
     # ------------------------------------------------------------------ one resource
@@ -133,13 +130,9 @@ class AccessGate:
         transfer = self.access.transfer(resource) if self.access.transfer is not None else None
         versioned = version is not None
         params = {"t": rtype, "id": rid, "v": version}
-        key = clause_key([*preds, transfer])
-        if key is None:
-            row = conn.execute(sql.read_row(conn.dialect.name, preds, transfer, versioned), params).first()
-        else:  # the statement compiled once per predicate set (db/compiled.py)
-            row = self.statements.first(
-                conn, ("read", versioned, len(preds), key),
-                lambda: sql.read_row(conn.dialect.name, preds, transfer, versioned), params)
+        # compiled once per predicate shape, run on the cursor (db/compiled.py)
+        row = self.statements.first(conn, ("read", versioned, len(preds)), [*preds, transfer],
+                                    lambda: sql.read_row(conn.dialect.name, preds, transfer, versioned), params)
         if row is None:
             raise NotFound(f"{rtype}/{rid} is not known")
         if not row.shown:
@@ -215,17 +208,12 @@ class AccessGate:
         if not self.access.patient_rows:
             return  # the caller's view of Patients is unrestricted: every stored one is shown
         preds = self.access.patient_rows
-        key = clause_key(preds)
         rows: list[tuple[int, int]] = []
-        if key is None:
-            rows = [(r[0], r[1]) for r in conn.execute(select(resource.c.pk, sql.flag(preds)).where(
-                resource.c.type == "Patient", resource.c.id.in_(wanted), resource.c.deleted.is_(False))).all()]
-        else:  # one kept statement per patient (a write names one or two)
-            for pid in wanted:
-                row = self.statements.first(conn, ("patient-shown", len(preds), key),
-                                            lambda: sql.live_patient_shown(preds), {"pid": pid})
-                if row is not None:
-                    rows.append((row.pk, row.shown))
+        for pid in wanted:  # one kept statement (db/compiled.py), run per patient: a write names one or two
+            row = self.statements.first(conn, ("patient-shown", len(preds)), preds,
+                                        lambda: sql.live_patient_shown(preds), {"pid": pid})
+            if row is not None:
+                rows.append((row.pk, row.shown))
         for pk, shown in rows:
             if not shown:
                 refusal = self._refuse(conn, pk, "Patient", "Patient")

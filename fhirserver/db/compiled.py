@@ -1,13 +1,13 @@
 """Kept compiled statements, run on the transaction's DB-API cursor.
 
 SQLAlchemy finds a statement's compiled form by walking the whole statement into a cache key at
-every execution (~90 us for the access gate's read statement) and then runs ~40 us of execution
-machinery around a ~12 us cursor call. The access gate's hottest statements have one shape per
-caller: here the compiled SQL is kept under a key the caller gives -- the statement's name and
-the cache keys *and bound values* of the parts that vary (the caller's predicates, see
-`clause_key`) -- and later executions bind only the request's own values (the resource type and
-id) and run on the cursor. With every bound value in the key, a kept entry's SQL and constants
-are exactly what compiling that statement again would produce.
+every execution (~90 us for the access gate's read statement, whose flags are built per caller)
+and then runs ~40 us of execution machinery around a ~12 us cursor call. The access gate's
+hottest statements are a fixed statement around the caller's predicates: here the compiled form
+is kept under the statement's name and the predicates' own cache keys (their structure, walked
+alone: a few us), and each execution binds the predicates' values -- taken from their cache keys,
+in the order SQLAlchemy's own compiled cache relies on -- and the request's (type, id, pk), and
+runs on the transaction's cursor. Predicates SQLAlchemy cannot key run as before.
 """
 
 from __future__ import annotations
@@ -24,114 +24,80 @@ from . import raw
 from .rows import AnyRow
 
 if TYPE_CHECKING:
+    from sqlalchemy.sql.cache_key import CacheKey
     from sqlalchemy.sql.compiler import SQLCompiler
 
-DEFAULT_SIZE = 2048  # kept statements per Services (an LRU: callers with many distinct predicate sets cycle)
-
-
-def _hashable(value: object) -> object:
-    if isinstance(value, list | set | frozenset):
-        return tuple(_hashable(v) for v in value)
-    return value
-
-
-def clause_key(clauses: Sequence[ClauseElement | None]) -> Hashable | None:
-    """A key for `clauses` that differs whenever their compiled SQL or any bound value would:
-    each clause's SQLAlchemy cache key (its structure) with the values of its bound parameters.
-    None when a clause cannot be cached (SQLAlchemy says so, or a value is not hashable)."""
-    parts: list[Any] = []
-    for clause in clauses:
-        if clause is None:
-            parts.append(None)
-            continue
-        ck = clause._generate_cache_key()
-        if ck is None:
-            return None
-        parts.append((ck.key, tuple(_hashable(b.effective_value) for b in ck.bindparams)))
-    key = tuple(parts)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+DEFAULT_SIZE = 1024  # kept statements per Services (an LRU); one per statement and predicate shape
 
 
 @dataclass
 class _Entry:
-    sql: str
-    names: tuple[str, ...] | None  # positional drivers: each placeholder's parameter name; None: named
-    constants: dict[str, Any]  # every value the statement fixes (processed for the driver)
-    processors: Mapping[str, Callable[[Any], Any]]
+    compiled: SQLCompiler
+    slots: list[list[str]]  # per clause: the compiled name of each of its bound parameters, in key order
     used: frozenset[str]  # the request's parameters the statement has
     # rows are namedtuples of the cursor's column labels (made at the first execution)
     make_row: Callable[[Sequence[object]], tuple[object, ...]] | None = field(default=None)
 
 
 class CompiledStatements:
-    """An LRU of compiled statements for one engine's dialect (one per Services)."""
+    """An LRU of compiled statements for one engine (one per Services)."""
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         self.size = size
-        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._entries: OrderedDict[Hashable, _Entry | None] = OrderedDict()  # None: not keepable
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _entry(self, conn: Connection, key: Hashable, build: Callable[[], ClauseElement],
-               request: Sequence[str]) -> _Entry:
-        full = (conn.dialect.name, key)
+    def first(self, conn: Connection, name: Hashable, clauses: Sequence[ClauseElement | None],
+              build: Callable[[], ClauseElement], params: Mapping[str, Any]) -> AnyRow | None:
+        """The first row of `build()` -- a statement around `clauses` (the caller's predicates)
+        with the request's `params` -- or None. Rows are namedtuples: read by column label or
+        position, as a SQLAlchemy Row is (typed as one for the callers; `_mapping` they lack)."""
+        keys: list[CacheKey | None] = []
+        for clause in clauses:
+            ck = clause._generate_cache_key() if clause is not None else None
+            if clause is not None and ck is None:
+                return conn.execute(build(), params).first()  # type: ignore[call-overload,no-any-return]
+            keys.append(ck)
+        full = (conn.dialect.name, name, tuple(None if k is None else k.key for k in keys))
+        entry = self._entry(conn, full, keys, build, tuple(params))
+        if entry is None:
+            return conn.execute(build(), params).first()  # type: ignore[call-overload,no-any-return]
+        values: dict[str, Any] = {n: v for n, v in params.items() if n in entry.used}
+        for ck, names in zip(keys, entry.slots, strict=True):
+            if ck is not None:
+                for bind, bind_name in zip(ck.bindparams, names, strict=True):
+                    values[bind_name] = bind.effective_value
+        state = entry.compiled.construct_expanded_state(values)  # IN lists expanded for their length
+        processors = state.processors
+        out = {n: processors[n](v) if n in processors and v is not None else v for n, v in state.parameters.items()}
+        bound = tuple(out[n] for n in state.positiontup) if state.positiontup is not None else out
+        cursor = raw.execute_compiled(conn, state.statement, bound)
+        try:
+            found = cursor.fetchone()
+            if entry.make_row is None:
+                entry.make_row = namedtuple("Row", [d[0] for d in cursor.description], rename=True)._make  # type: ignore[misc,attr-defined]
+        finally:
+            cursor.close()
+        return None if found is None else cast("AnyRow", entry.make_row(found))
+
+    def _entry(self, conn: Connection, full: Hashable, keys: list[CacheKey | None],
+               build: Callable[[], ClauseElement], request: Sequence[str]) -> _Entry | None:
         with self._lock:
-            entry = self._entries.get(full)
-            if entry is not None:
+            if full in self._entries:
                 self._entries.move_to_end(full)
-                return entry
+                return self._entries[full]
         compiled = cast("SQLCompiler", build().compile(dialect=conn.dialect))
-        used = tuple(n for n in request if n in compiled.binds)
-        # the predicates' IN lists rendered inline (their values are part of the key)
-        state = compiled.construct_expanded_state(dict.fromkeys(used))
-        processors = dict(state.processors)
-        constants = {name: processors[name](v) if name in processors and v is not None else v
-                     for name, v in state.parameters.items() if name not in used}
-        names = tuple(state.positiontup) if compiled.positional and state.positiontup is not None else None
-        entry = _Entry(state.statement, names, constants, {n: processors[n] for n in used if n in processors},
-                       frozenset(used))
+        names = compiled.bind_names
+        try:
+            slots = [[names[b] for b in ck.bindparams] if ck is not None else [] for ck in keys]
+            entry: _Entry | None = _Entry(compiled, slots, frozenset(n for n in request if n in compiled.binds))
+        except KeyError:  # a bound value the compiled statement does not carry as such: not keepable
+            entry = None
         with self._lock:
             self._entries[full] = entry
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         return entry
-
-    def _run(self, conn: Connection, key: Hashable, build: Callable[[], ClauseElement],
-             params: Mapping[str, Any]) -> tuple[raw.Cursor, Callable[[Sequence[object]], tuple[object, ...]]]:
-        entry = self._entry(conn, key, build, tuple(params))
-        values = dict(entry.constants)
-        for name, value in params.items():
-            if name not in entry.used:
-                continue
-            proc = entry.processors.get(name)
-            values[name] = proc(value) if proc is not None and value is not None else value
-        bound = tuple(values[n] for n in entry.names) if entry.names is not None else values
-        cursor = raw.execute_compiled(conn, entry.sql, bound)
-        if entry.make_row is None:
-            entry.make_row = namedtuple("Row", [d[0] for d in cursor.description], rename=True)._make  # type: ignore[misc,attr-defined]
-        return cursor, entry.make_row
-
-    def first(self, conn: Connection, key: Hashable, build: Callable[[], ClauseElement],
-              params: Mapping[str, Any]) -> AnyRow | None:
-        """The first row or None. Rows are namedtuples: read by column label or position, as a
-        SQLAlchemy Row is (typed as one for its callers; `_mapping` it has not)."""
-        cursor, make = self._run(conn, key, build, params)
-        try:
-            found = cursor.fetchone()
-        finally:
-            cursor.close()
-        return None if found is None else cast("AnyRow", make(found))
-
-    def all(self, conn: Connection, key: Hashable, build: Callable[[], ClauseElement],
-            params: Mapping[str, Any]) -> list[AnyRow]:
-        cursor, make = self._run(conn, key, build, params)
-        try:
-            return [cast("AnyRow", make(r)) for r in cursor.fetchall()]
-        finally:
-            cursor.close()

@@ -498,9 +498,9 @@ def test_granular_scope_limits_search_and_read(http, make_client, lab_and_vitals
 
 
 def test_callers_whose_restrictions_differ_only_in_a_value_never_share_a_read(http, make_client, lab_and_vitals):
-    """The gate keeps each compiled read statement under its predicates' structure *and* bound
-    values (db/compiled.py). Two callers whose scopes differ only in the category's value compile
-    to the same SQL shape: alternating their reads must still let each see its own category only."""
+    """The gate keeps one compiled read statement per predicate shape and binds each caller's
+    values into it (db/compiled.py). Two callers whose scopes differ only in the category's value
+    share that statement: alternating their reads must still let each see its own category only."""
     lab_id, vital_id = lab_and_vitals
     vitals_scope = f"system/Observation.rs?category={VITALS}"
     lab = make_client(LAB_SCOPE).headers(LAB_SCOPE)
