@@ -190,9 +190,16 @@ class Snapshot:
         return self._conn
 
     def close(self) -> None:
+        """End the snapshot. Its server may have gone away meanwhile (a failover): there is then
+        nothing to roll back, and the request is already answering 503 -- the failed rollback
+        must not turn that answer into a 500 (SQLAlchemy has invalidated the connection)."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            conn.close()
+            try:
+                conn.close()
+            except Exception as exc:
+                if not database_unavailable(exc, self.engine):
+                    raise
 
 
 def database_unavailable(exc: BaseException, engine: Engine) -> bool:
