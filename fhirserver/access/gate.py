@@ -91,9 +91,9 @@ def _no_others(rtype: str, res: FromClause) -> Predicates | None:
 
 class AccessGate:
     def __init__(self, access: Access, repo: Repository, audit: AuditLog, compiler: QueryCompiler,
-                 params: ParamRegistry, types: Sequence[str], statements: CompiledStatements | None = None) -> None:
+                 params: ParamRegistry, types: Sequence[str], statements: CompiledStatements) -> None:
         self.access = access
-        self.statements = statements if statements is not None else CompiledStatements()
+        self.statements = statements  # the Services' kept compiled statements
         self.repo = repo
         self.audit = audit
         self.compiler = compiler
@@ -105,10 +105,9 @@ class AccessGate:
     def _refuse(self, conn: Connection, pk: int, rtype: str, what: str) -> Exception:
         """The read's refusal of a hidden row: the cross-border rule's 403 where that is what
         hides it, else absent (404)."""
-        if self.access.transfer is not None:
-            res = source_of(rtype).res
-            if conn.execute(sql.shown(pk, [self.access.transfer(res)], res)).first() is None:
-                return TransferRefused(self.access.transfer_refusal)
+        transfer = self.access.transfer
+        if transfer is not None and not self.holds(conn, pk, [transfer(source_of(rtype).res)], rtype):
+            return TransferRefused(self.access.transfer_refusal)
         return NotFound(f"{what} is not known")
 
     def holds(self, conn: Connection, pk: int, preds: Predicates, rtype: str | None = None) -> bool:
@@ -117,7 +116,7 @@ class AccessGate:
             return True
         res = source_of(rtype).res if rtype else resource
         return self.statements.first(conn, ("holds", res, len(preds)), preds,
-                                     lambda: sql.shown_any(preds, res), {"pk": pk}) is not None
+                                     lambda: sql.shown(preds, res), {"pk": pk}) is not None
 
     # ------------------------------------------------------------------ one resource
     def read(self, conn: Connection, rtype: str, rid: str, version: int | None = None,
@@ -208,15 +207,11 @@ class AccessGate:
         if not self.access.patient_rows:
             return  # the caller's view of Patients is unrestricted: every stored one is shown
         preds = self.access.patient_rows
-        rows: list[tuple[int, int]] = []
         for pid in wanted:  # one kept statement (db/compiled.py), run per patient: a write names one or two
             row = self.statements.first(conn, ("patient-shown", len(preds)), preds,
                                         lambda: sql.live_patient_shown(preds), {"pid": pid})
-            if row is not None:
-                rows.append((row.pk, row.shown))
-        for pk, shown in rows:
-            if not shown:
-                refusal = self._refuse(conn, pk, "Patient", "Patient")
+            if row is not None and not row.shown:
+                refusal = self._refuse(conn, row.pk, "Patient", "Patient")
                 raise refusal if isinstance(refusal, TransferRefused) else unknown
 
     # ------------------------------------------------------------------ many resources

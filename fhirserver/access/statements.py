@@ -72,13 +72,8 @@ def current_rows(dialect: str, pks: list[int]) -> Select[Any]:
             .where(resource.c.pk.in_(pks)))
 
 
-def shown(pk: int, preds: Predicates, res: FromClause = resource) -> Select[Any]:
-    """Whether row `pk` of `res` passes the predicates (one row when it does)."""
-    return select(res.c.pk).where(res.c.pk == pk, *preds)
-
-
-def shown_any(preds: Predicates, res: FromClause = resource) -> Select[Any]:
-    """`shown` for any row (`:pk`): one statement compiled for every pk."""
+def shown(preds: Predicates, res: FromClause = resource) -> Select[Any]:
+    """Whether row `:pk` of `res` passes the predicates (one row when it does)."""
     return select(res.c.pk).where(res.c.pk == bindparam("pk"), *preds)
 
 

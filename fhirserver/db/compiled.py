@@ -47,9 +47,6 @@ class CompiledStatements:
         self._entries: OrderedDict[Hashable, _Entry | None] = OrderedDict()  # None: not keepable
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def first(self, conn: Connection, name: Hashable, clauses: Sequence[ClauseElement | None],
               build: Callable[[], ClauseElement], params: Mapping[str, Any]) -> AnyRow | None:
         """The first row of `build()` -- a statement around `clauses` (the caller's predicates)

@@ -37,21 +37,15 @@ def execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
 
     A connection not yet in a transaction begins one first, as SQLAlchemy's autobegin would, so
     raw and Core statements on one connection share a transaction (and its snapshot)."""
-    if not conn.in_transaction():
-        conn.begin()
-    cursor = _driver(conn).cursor()
-    cursor.execute(_sql(conn, sql), tuple(params))
-    return cursor
+    return execute_compiled(conn, _sql(conn, sql), tuple(params))
 
 
 class Cursor(Protocol):
-    """The DB-API cursor methods the compiled statements use."""
+    """The DB-API cursor methods used here and by the compiled statements."""
 
     description: Sequence[Sequence[object]]
 
     def fetchone(self) -> Sequence[object] | None: ...
-
-    def fetchall(self) -> Sequence[Sequence[object]]: ...
 
     def close(self) -> None: ...
 
@@ -59,7 +53,8 @@ class Cursor(Protocol):
 
 
 def execute_compiled(conn: Connection, sql: str, params: Sequence[Any] | dict[str, Any]) -> Cursor:
-    """Run SQL already compiled for `conn`'s dialect (db/compiled.py) in its transaction."""
+    """Run SQL already written in the driver's parameter style (db/compiled.py) in `conn`'s
+    transaction, beginning one first as `execute` does."""
     if not conn.in_transaction():
         conn.begin()
     cursor: Cursor = _driver(conn).cursor()
