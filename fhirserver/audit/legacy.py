@@ -21,6 +21,7 @@ from sqlalchemy import Connection, delete, inspect, select, text
 from ..db import raw as raw_sql
 from ..db.schema import INDEX_TABLES, audit_chain, compartment, resource, resource_version
 from ..storage.codec import parse_json
+from .record_index import subject_rows, term_set
 from .records import (
     _INS_RECORD,
     _INS_SUBJECT,
@@ -30,8 +31,6 @@ from .records import (
     AuditLog,
     _aad,
     redaction_mac,
-    subject_rows,
-    term_set,
 )
 
 log = logging.getLogger("fhirserver.audit")

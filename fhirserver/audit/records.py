@@ -11,6 +11,7 @@ The search index of an event is the same rows `AuditIndexer` computes, split thr
 references go to `access_subject`; the token, uri and string rows (codes and keyed digests
 shared by many records) form an interned `audit_term` set the record points to; the date row
 is the record's time. `search/sources.py` presents these as the index tables of AuditEvent.
+`RecordIndex` (audit/record_index.py) computes the set and the references for each record.
 
 Records get their place in the Merkle tree later, from the sequencer (audit/sequencer.py).
 """
@@ -35,16 +36,15 @@ from ..db import raw as raw_sql
 from ..db.rows import AnyRow
 from ..db.schema import access_record, access_subject
 from ..fhir.dates import instant_text
-from ..search.values import IndexRows
 from ..storage.codec import dump_json, parse_json
 from ..storage.repository import CorruptDataError, Repository, Stored
 from .events import AuditIndexer, AuditRecord, build_audit_event
 from .merkle import leaf_hash
+from .record_index import RecordIndex, subject_rows
 
 AUDIT_KEY_SCOPE = "audit"
 CHAIN_SCOPE = "audit-chain"  # the server's MAC key for redactions (a data key, wrapped by the master key)
 RECORD_VERSION = 1
-TERM_TABLES = ("token", "uri", "string")
 
 _INS_RECORD = ("INSERT INTO access_record (id, recorded_us, terms, key_id, detail, content_hash) "
                "VALUES (?, ?, ?, ?, ?, ?)")
@@ -55,22 +55,6 @@ _INS_TERM = ("INSERT INTO audit_term (set_id, n, tbl, param, system, code, kind,
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord))
-
-
-def subject_rows(rows: IndexRows) -> list[tuple[Any, ...]]:
-    """The distinct (param, target type, target id, url) references of an event's index rows (a
-    read names its patient twice -- as the resource's and as the patient entity -- one row does)."""
-    return sorted({(r["param"], r["target_type"], r["target_id"], r["url"]) for r in rows.rows.get("reference", [])},
-                  key=lambda t: tuple("" if v is None else str(v) for v in t))
-
-
-def term_set(rows: IndexRows) -> tuple[str, list[tuple[Any, ...]]]:
-    """The interned part of an event's index rows: (set id = SHA-256 of the rows, the rows as
-    (tbl, param, system, code, kind, value) in a canonical order)."""
-    terms = sorted(((tbl, r["param"], r.get("system"), r.get("code"), r.get("kind"), r.get("value"))
-                    for tbl in TERM_TABLES for r in rows.rows.get(tbl, [])),
-                   key=lambda t: tuple("" if v is None else str(v) for v in t))
-    return hashlib.sha256(dump_json(terms)).hexdigest(), terms
 
 
 def leaf_content(record_id: str, recorded_us: int, content_hash: str) -> bytes:
@@ -137,6 +121,7 @@ class AuditLog:
         self.repo = repo
         self.server_url = server_url
         self.indexer = AuditIndexer(repo.indexer)
+        self.record_index = RecordIndex(self.indexer, server_url)
         self.sink: AuditSink = sink or AccessRecordTable()
 
     # ------------------------------------------------------------------ writing
@@ -156,10 +141,7 @@ class AuditLog:
         content = {"v": RECORD_VERSION, "id": record_id, "site": self.server_url,
                    **{f: getattr(rec, f) for f in _RECORD_FIELDS}}
         raw = dump_json(content)
-        event = build_audit_event(rec, self.server_url, record_id)
-        rows = self.indexer.index(event)
-        set_id, terms = term_set(rows)
-        subjects = subject_rows(rows)
+        set_id, terms, subjects = self.record_index.index(rec, record_id)
         key_id, key = self.repo.keys.ensure(AUDIT_KEY_SCOPE)
         detail = seal(AESGCM(key), raw, _aad(record_id))
         term_rows = [(set_id, n, *t) for n, t in enumerate(terms)]

@@ -32,7 +32,8 @@ from ..storage.codec import parse_json
 from ..storage.repository import CorruptDataError
 from .checkpoints import Checkpoint, Signer, read_file
 from .merkle import EMPTY_ROOT, CompactRange
-from .records import CHAIN_SCOPE, AuditLog, record_leaf, redaction_mac, subject_rows, term_set
+from .record_index import subject_rows, term_set
+from .records import CHAIN_SCOPE, AuditLog, record_leaf, redaction_mac
 from .retention import read_horizon
 from .sequencer import frontier
 

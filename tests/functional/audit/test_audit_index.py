@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fhirserver.audit.events import ACTIONS, AuditIndexer, AuditRecord, build_audit_event
+from fhirserver.audit.record_index import RecordIndex, subject_rows, term_set
 from fhirserver.search.indexer import Indexer
 from fhirserver.search.params import ParamRegistry
 from tests.conftest import make_settings
@@ -157,3 +158,67 @@ def test_changed_audit_parameters_fall_back_to_fhirpath(indexer: Indexer) -> Non
     assert not AuditIndexer(custom).direct
     event = build_audit_event(AuditRecord("read", "req-00000002", "10.0.0.1", 1), SERVER)
     assert AuditIndexer(custom).index(event).rows == custom.index("AuditEvent", event).rows
+
+
+# ---- RecordIndex: an access record's term set and subjects without building its event
+def general(indexer: Indexer, rec: AuditRecord) -> tuple[str, Any, Any]:
+    rows = indexer.index("AuditEvent", build_audit_event(rec, SERVER, "rec-1"))
+    set_id, terms = term_set(rows)
+    return set_id, terms, subject_rows(rows)
+
+
+_RECORD_INDEXES: dict[int, RecordIndex] = {}
+
+
+def _record_index(indexer: Indexer) -> RecordIndex:
+    return _RECORD_INDEXES.setdefault(id(indexer), RecordIndex(AuditIndexer(indexer), SERVER))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rec=records, plain=st.booleans(), shape_of=records)
+def test_record_index_equals_the_generic_route(indexer: Indexer, rec: AuditRecord, plain: bool,
+                                               shape_of: AuditRecord) -> None:
+    """One RecordIndex over all the examples (its kept term sets come back for later records)
+    gives every record the set and the subjects the FHIRPath route gives it. Half the records
+    are plain (no extra entities: the shortcut), and each first passes a record of the same
+    shape with other references, ids, times and texts, so the kept set is the one reused."""
+    if plain:
+        rec = replace(rec, extra_entities=[])
+        other = replace(shape_of, interaction=rec.interaction, status=rec.status,
+                        network_address=rec.network_address, type_code=rec.type_code, subtype_code=rec.subtype_code,
+                        purpose=rec.purpose, resources=shape_of.resources[:len(rec.resources)],
+                        patients=shape_of.patients[:len(rec.patients)], extra_entities=[])
+        if len(other.resources) == len(rec.resources) and len(other.patients) == len(rec.patients) and \
+                bool(other.target) == bool(rec.target) and (other.query is None) == (rec.query is None):
+            _record_index(indexer).index(other, "rec-0")
+    assert _record_index(indexer).index(rec, "rec-1") == general(indexer, rec)
+
+
+def test_record_index_reuses_a_shape_and_parses_references(indexer: Indexer) -> None:
+    """A second read by the same client keeps the first one's term set (no event is indexed:
+    the AuditIndexer is not called) and still names its own resource, patient and user."""
+    index = RecordIndex(AuditIndexer(indexer), SERVER)
+    assert index.shortcut
+    first = AuditRecord("read", "req-1", "10.0.0.9", 1_700_000_000_000_000, client_id="c1", user="Patient/p1",
+                        resources=["Observation/o1/_history/1"], patients=["p1"])
+    second = replace(first, request_id="req-2", recorded_us=1_700_000_000_000_001, client_id="c2",
+                     user=f"{SERVER}/Practitioner/d7", resources=["Observation/o2/_history/4"], patients=["p2"])
+    assert index.index(first, "a") == general(indexer, first)
+    calls: list[object] = []
+    index.indexer = type("Spy", (), {"index": lambda _s, event: calls.append(event)})()  # type: ignore[assignment]
+    set_id, terms, subjects = index.index(second, "b")
+    assert calls == []
+    assert (set_id, terms, subjects) == general(indexer, second)
+    assert ("agent", "Practitioner", "d7", None) in subjects and ("patient", "Patient", "p2", None) in subjects
+    assert not any(s[2] in ("o1", "p1", "c1") for s in subjects)
+
+
+def test_records_with_extra_entities_take_the_general_route(indexer: Indexer) -> None:
+    index = RecordIndex(AuditIndexer(indexer), SERVER)
+    rec = AuditRecord("read", "req-1", "10.0.0.9", 1, client_id="c1", patients=["p1"],
+                      extra_entities=[{"what": {"reference": "Consent/k1"}, "name": "policy"}])
+    assert index.index(rec, "a") == general(indexer, rec)
+    assert index._shapes == {}
+    set_id, terms, subjects = index.index(rec, "a")
+    assert ("entity", "Consent", "k1", None) in subjects
+    assert any(t[1] == "entity-name" for t in terms)
