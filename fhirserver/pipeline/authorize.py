@@ -17,7 +17,7 @@ from ..auth.scopes import ResourceScope
 from ..fhir.errors import FhirError
 from ..fhir.ownership import owner_code, owner_query
 from ..fhir.registry import TypeRegistry
-from ..search.compiler import QueryCompiler
+from ..search.compiler import QueryCompiler, fresh_aliases
 from ..search.params import ParamRegistry
 from ..search.parser import parse_search
 from ..search.sources import source_of
@@ -57,7 +57,8 @@ class Authorizer:
             return self._restrictions[key]
         try:
             parsed = parse_search(self.params, rtype, parse_qsl(query), 1, 1, strict=True)
-            found: tuple[ColumnElement[bool], ...] | None = tuple(self.compiler.where(parsed, res))
+            with fresh_aliases():  # kept and reused in other statements: never a pooled alias
+                found: tuple[ColumnElement[bool], ...] | None = tuple(self.compiler.where(parsed, res))
         except FhirError:
             parsed, found = None, None
         cacheable = res is source_of(rtype).res and (parsed is None or not any(

@@ -3,7 +3,10 @@ ordered so the most selective one drives the query (the planner), and the sort e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +35,67 @@ from .types.string import string_cond
 NEVER_DRIVES = 100
 DIGEST_MODIFIERS = ("text", "identifier", "of-type")  # answered from keyed digests in idx_string
 BROAD_CLAUSE_ROWS = 1000
+
+
+# ------------------------------------------------------------------------------- aliases
+# Every clause probes an index table through an alias of its own. A fresh `table.alias()` and its
+# first `.c` cost ~80-300 us (SQLAlchemy builds the alias's column collection), more than the rest
+# of compiling a clause: within one top-level compile the n-th alias of a table is instead taken
+# from a process-wide pool. Aliases must differ along any nesting path (a sub-select would
+# otherwise correlate to its parent's alias of the same name): the count runs across the whole
+# top-level compile, nested compiles (chains, `_has`, the access predicates of their targets)
+# included. Separate top-level compiles are only ever combined side by side (AND/OR of
+# sub-selects, each with its own FROM), where a shared alias name is harmless. Outside a compile
+# (and past _POOL_DEPTH aliases of one table) aliases are fresh.
+_POOL_DEPTH = 32
+_pool: dict[tuple[str, FromClause, int], FromClause] = {}
+_pool_lock = threading.Lock()
+_counts: ContextVar[dict[tuple[str, FromClause], int] | None] = ContextVar("alias_counts", default=None)
+_FRESH: dict[tuple[str, FromClause], int] = {}  # the count inside `fresh_aliases`: none is pooled
+
+
+@contextmanager
+def alias_scope() -> Iterator[None]:
+    """Pooled aliases for the statement parts built inside; the outermost scope counts."""
+    if _counts.get() is not None:
+        yield
+        return
+    token = _counts.set({})
+    try:
+        yield
+    finally:
+        _counts.reset(token)
+
+
+@contextmanager
+def fresh_aliases() -> Iterator[None]:
+    """Fresh aliases inside, even within a compile: for statement parts that are kept and reused
+    in other statements (a scope's compiled restriction), which must never share a pooled alias."""
+    token = _counts.set(_FRESH)
+    try:
+        yield
+    finally:
+        _counts.reset(token)
+
+
+def alias_of(table: FromClause, space: str = "where") -> FromClause:
+    """An alias of `table` distinct from every other one taken in the current top-level compile
+    (`space` keeps the sort keys' aliases apart from the conditions')."""
+    counts = _counts.get()
+    if counts is None or counts is _FRESH:
+        return table.alias()
+    n = counts.get((space, table), 0)
+    counts[(space, table)] = n + 1
+    if n >= _POOL_DEPTH:
+        return table.alias()
+    key = (space, table, n)
+    found = _pool.get(key)
+    if found is None:
+        made = table.alias()
+        made.c  # noqa: B018 -- build the column collection before another thread can see it
+        with _pool_lock:
+            found = _pool.setdefault(key, made)
+    return found
 
 
 @dataclass
@@ -77,13 +141,14 @@ class QueryCompiler:
         Returns the conditions and the driving term (None when the resource table drives).
         """
         res = source_of(parsed.resource_type).res if res is None else res
-        terms = [self._clause(parsed.resource_type, c, res, access) for c in parsed.clauses]
+        with alias_scope():
+            terms = [self._clause(parsed.resource_type, c, res, access) for c in parsed.clauses]
         drivers = [t for t in terms if t.rank < NEVER_DRIVES and drive]
         driver = min(drivers, key=lambda t: t.rank) if drivers else None
         return [t.build(t is driver) for t in terms], driver
 
     def _nested(self, target: str, nested: ParsedSearch, access: AccessFn | None) -> tuple[FromClause, list[ColumnElement[bool]]] | None:
-        alias = source_of(target).res.alias()
+        alias = alias_of(source_of(target).res)
         preds: list[ColumnElement[bool]] = [alias.c.type == target, alias.c.deleted.is_(False)]
         if access is not None:
             allowed = access(target, alias)
@@ -108,7 +173,7 @@ class QueryCompiler:
             if built is None:
                 return Term(NEVER_DRIVES, lambda _d: false())
             alias, preds = built
-            ref = source_of(source).tables["reference"].alias()
+            ref = alias_of(source_of(source).tables["reference"])
             has_conds = [ref.c.param == ref_param, ref.c.target_type == rtype, *preds]
             return Term(NEVER_DRIVES, lambda _d: exists().where(
                 alias.c.pk == ref.c.resource_pk, ref.c.target_id == res.c.id, *has_conds))
@@ -120,7 +185,7 @@ class QueryCompiler:
             if built is None:
                 return Term(NEVER_DRIVES, lambda _d: false())
             alias, preds = built
-            ref = source_of(rtype).tables["reference"].alias()
+            ref = alias_of(source_of(rtype).tables["reference"])
             conds = [ref.c.param == p.code, ref.c.target_type == target,
                      ref.c.target_id.in_(select(alias.c.id).where(*preds))]
             return _semi(res, ref, conds, 3)
@@ -131,7 +196,7 @@ class QueryCompiler:
             table = tables["string"]
         else:
             table = tables[p.type]
-        t = table.alias()
+        t = alias_of(table)
         param_code = f"{p.code}:{c.modifier}" if c.modifier in DIGEST_MODIFIERS else p.code
         base = [t.c.param == param_code]
         if c.modifier == "missing":
@@ -170,6 +235,10 @@ class QueryCompiler:
     # ---- sorting
     def sort_expressions(self, parsed: ParsedSearch, res: FromClause) -> list[tuple[Any, bool]]:
         """(SQL expression, descending) per sort key; missing values sort last either way."""
+        with alias_scope():
+            return self._sort_expressions(parsed, res)
+
+    def _sort_expressions(self, parsed: ParsedSearch, res: FromClause) -> list[tuple[Any, bool]]:
         out: list[tuple[Any, bool]] = []
         for key in parsed.sort:
             if key.code == "_lastUpdated":
@@ -180,7 +249,7 @@ class QueryCompiler:
                 continue
             p = key.param
             assert p is not None
-            t = source_of(parsed.resource_type).tables[p.type].alias()
+            t = alias_of(source_of(parsed.resource_type).tables[p.type], "sort")
             sentinel: float | str
             if p.type == "date":
                 col, sentinel = (t.c.high_us, MIN_US) if key.descending else (t.c.low_us, MAX_US)
