@@ -4,15 +4,16 @@ Every request writes a record, so this runs on every request's path. The general
 BALP event and indexes it (`AuditIndexer`), then splits the rows: token, uri and string rows form
 the term set, references the subjects, and the date row is dropped (it is the record's time).
 
-A plain record (no extra entities) has a fixed event structure, and its term rows -- codes,
-the client address's keyed digests, the profile, the entity types and roles -- depend only on
-its *shape*: interaction, outcome, address, codes, purposes, and how many entities of each kind
-it names. The term set is therefore kept per shape (the first record of a shape takes the
-general route), and the subjects -- the client, user, resources and patients it names -- are
-parsed from the record directly, with the same `parse_reference` and `resolves_to` the indexer
-uses. This skips building and walking the event (~0.2 ms of a 1.2 ms read). Records with extra
-entities (arbitrary structure: consent decisions, disclosures) always take the general route.
-tests/functional/audit/test_audit_index.py checks that both routes agree for any record.
+The event's structure is fixed by `build_audit_event`, and its term rows -- codes, the client
+address's keyed digests, the profile, the entity types, roles and names -- depend only on the
+record's *shape*: interaction, outcome, address, codes, purposes, how many entities of each
+kind it names, and its extra entities (the consent stage's policies and Consents) apart from
+what they point at. The term set is therefore kept per shape (the first record of a shape
+takes the general route), and the subjects -- the client, user, resources, patients and the
+extra entities' targets -- are parsed from the record directly, with the same navigation,
+`parse_reference` and `resolves_to` the indexer uses. This skips building and walking the
+event (~0.15 ms of a 1.2 ms read). tests/functional/audit/test_audit_index.py checks that both
+routes agree for any record.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..fhir.fhirpath import resolves_to
+from ..fhir.fhirpath import child_nodes, resolves_to
 from ..search.values import IndexRows, parse_reference
 from ..storage.codec import dump_json
 from .events import AuditIndexer, AuditRecord, build_audit_event, outcome_code
@@ -66,7 +67,7 @@ class RecordIndex:
         self._shapes: dict[tuple[Any, ...], tuple[str, Terms]] = {}
 
     def index(self, rec: AuditRecord, record_id: str) -> tuple[str, Terms, Subjects]:
-        if not self.shortcut or rec.extra_entities:
+        if not self.shortcut:
             return self._general(rec, record_id)
         shape = self._shape(rec)
         kept = self._shapes.get(shape)
@@ -85,15 +86,16 @@ class RecordIndex:
 
     @staticmethod
     def _shape(rec: AuditRecord) -> tuple[Any, ...]:
-        """Everything of a plain record its term rows depend on (not its id, time, references,
-        query text, outcome text or client name: none of those is a token, uri or string row)."""
+        """Everything of a record its term rows depend on (not its id, time, references, query
+        text, outcome text or client name: none of those makes a token, uri or string row)."""
         whats = len(rec.resources) if rec.resources else int(bool(rec.target))
+        extra = tuple(dump_json({k: v for k, v in e.items() if k != "what"}) for e in rec.extra_entities)
         return (rec.interaction, outcome_code(rec.status), rec.network_address, rec.type_code, rec.subtype_code,
-                tuple(rec.purpose), whats, len(rec.patients), rec.query is not None)
+                tuple(rec.purpose), whats, len(rec.patients), rec.query is not None, extra)
 
     def _subjects(self, rec: AuditRecord) -> Subjects:
         """The references build_audit_event writes -- agent.who (client, user) and entity.what
-        (resources or the target, patients) -- as the `agent`, `entity` and `patient` rows."""
+        (resources or the target, patients, extra entities) -- as `agent`, `entity` and `patient` rows."""
         agents = ([f"Device/{rec.client_id}"] if rec.client_id else []) + ([rec.user] if rec.user else [])
         whats = (rec.resources or ([rec.target] if rec.target else [])) + [f"Patient/{p}" for p in rec.patients]
         found: set[tuple[Any, ...]] = set()
@@ -102,5 +104,12 @@ class RecordIndex:
                 parsed = parse_reference(ref, self.base_url)
                 found.add((param, *parsed))
                 if resolves_to({"reference": ref}, "Patient"):
+                    found.add(("patient", *parsed))
+        for value, _t in child_nodes([(e, None) for e in rec.extra_entities], "what"):
+            target = value.get("reference") if isinstance(value, dict) else value
+            if isinstance(target, str):
+                parsed = parse_reference(target, self.base_url)
+                found.add(("entity", *parsed))
+                if resolves_to(value, "Patient"):
                     found.add(("patient", *parsed))
         return _sorted_subjects(found)
