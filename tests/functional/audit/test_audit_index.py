@@ -188,7 +188,7 @@ def _same_shape(rec: AuditRecord, other: AuditRecord) -> AuditRecord:
                    query=None if rec.query is None else (other.query or ""), extra_entities=extra)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rec=records, other=records)
 def test_record_index_equals_the_generic_route(indexer: Indexer, rec: AuditRecord, other: AuditRecord) -> None:
     """One RecordIndex over all the examples (its kept term sets come back for later records)
