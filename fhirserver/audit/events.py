@@ -74,6 +74,10 @@ class AuditRecord:
     subtype_code: tuple[str, str, str] | None = None
     extra_entities: list[dict[str, Any]] = field(default_factory=list)
 
+    def named(self) -> list[str]:
+        """The resources the event names as entities: those touched, else the one addressed."""
+        return self.resources or ([self.target] if self.target else [])
+
 
 def build_audit_event(rec: AuditRecord, server_url: str, event_id: str | None = None) -> dict[str, Any]:
     action = ACTIONS.get(rec.interaction, "E")
@@ -126,7 +130,7 @@ def build_audit_event(rec: AuditRecord, server_url: str, event_id: str | None = 
                   "display": "Application Server"}],
     }
     entities: list[dict[str, Any]] = []
-    for ref in rec.resources or ([rec.target] if rec.target else []):
+    for ref in rec.named():
         entities.append({
             "what": {"reference": ref},
             "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},

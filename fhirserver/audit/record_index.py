@@ -33,23 +33,23 @@ Terms = list[tuple[Any, ...]]  # (tbl, param, system, code, kind, value)
 Subjects = list[tuple[Any, ...]]  # (param, target_type, target_id, url)
 
 
+def _canonical(row: tuple[Any, ...]) -> tuple[str, ...]:
+    """The sort key of term and subject rows (None sorts as the empty string)."""
+    return tuple("" if v is None else str(v) for v in row)
+
+
 def subject_rows(rows: IndexRows) -> Subjects:
     """The distinct (param, target type, target id, url) references of an event's index rows (a
     read names its patient twice -- as the resource's and as the patient entity -- one row does)."""
-    return _sorted_subjects({(r["param"], r["target_type"], r["target_id"], r["url"])
-                             for r in rows.rows.get("reference", [])})
-
-
-def _sorted_subjects(found: set[tuple[Any, ...]]) -> Subjects:
-    return sorted(found, key=lambda t: tuple("" if v is None else str(v) for v in t))
+    return sorted({(r["param"], r["target_type"], r["target_id"], r["url"]) for r in rows.rows.get("reference", [])},
+                  key=_canonical)
 
 
 def term_set(rows: IndexRows) -> tuple[str, Terms]:
     """The interned part of an event's index rows: (set id = SHA-256 of the rows, the rows as
     (tbl, param, system, code, kind, value) in a canonical order)."""
     terms = sorted(((tbl, r["param"], r.get("system"), r.get("code"), r.get("kind"), r.get("value"))
-                    for tbl in TERM_TABLES for r in rows.rows.get(tbl, [])),
-                   key=lambda t: tuple("" if v is None else str(v) for v in t))
+                    for tbl in TERM_TABLES for r in rows.rows.get(tbl, [])), key=_canonical)
     return hashlib.sha256(dump_json(terms)).hexdigest(), terms
 
 
@@ -88,16 +88,15 @@ class RecordIndex:
     def _shape(rec: AuditRecord) -> tuple[Any, ...]:
         """Everything of a record its term rows depend on (not its id, time, references, query
         text, outcome text or client name: none of those makes a token, uri or string row)."""
-        whats = len(rec.resources) if rec.resources else int(bool(rec.target))
         extra = tuple(dump_json({k: v for k, v in e.items() if k != "what"}) for e in rec.extra_entities)
         return (rec.interaction, outcome_code(rec.status), rec.network_address, rec.type_code, rec.subtype_code,
-                tuple(rec.purpose), whats, len(rec.patients), rec.query is not None, extra)
+                tuple(rec.purpose), len(rec.named()), len(rec.patients), rec.query is not None, extra)
 
     def _subjects(self, rec: AuditRecord) -> Subjects:
         """The references build_audit_event writes -- agent.who (client, user) and entity.what
         (resources or the target, patients, extra entities) -- as `agent`, `entity` and `patient` rows."""
         agents = ([f"Device/{rec.client_id}"] if rec.client_id else []) + ([rec.user] if rec.user else [])
-        whats = (rec.resources or ([rec.target] if rec.target else [])) + [f"Patient/{p}" for p in rec.patients]
+        whats = rec.named() + [f"Patient/{p}" for p in rec.patients]
         found: set[tuple[Any, ...]] = set()
         for param, refs in (("agent", agents), ("entity", whats)):
             for ref in refs:
@@ -112,4 +111,4 @@ class RecordIndex:
                 found.add(("entity", *parsed))
                 if resolves_to(value, "Patient"):
                     found.add(("patient", *parsed))
-        return _sorted_subjects(found)
+        return sorted(found, key=_canonical)
