@@ -36,6 +36,22 @@ def test_signed_in_pages_use_the_audited_api_and_show_only_the_patient(http: Any
     assert "$everything" in subtypes or "operation" in subtypes, subtypes  # it read through the FHIR API
 
 
+def test_the_sign_in_session_carries_no_authority_to_the_fhir_api(http: Any, patient: str) -> None:
+    """The FHIR API authenticates by bearer token alone: a signed-in browser's session cookie,
+    sent along to /fhir (as a cross-site page can make it be sent), is neither honoured nor
+    touched, and the portal session goes on working afterwards."""
+    sign_in(http)
+    assert http.get("/portal/record").status_code == 200
+    for method, path in (("GET", f"/fhir/Patient/{patient}"), ("GET", "/fhir/Observation"),
+                         ("POST", "/fhir/Observation"), ("DELETE", f"/fhir/Patient/{patient}")):
+        resp = http.open(path, method=method, json={"resourceType": "Observation"} if method == "POST" else None)
+        assert resp.status_code == 401, (method, path, resp.status_code)
+        assert resp.get_json()["resourceType"] == "OperationOutcome"
+        assert "Set-Cookie" not in resp.headers, (method, path)
+    record = http.get("/portal/record")
+    assert record.status_code == 200 and "Pia Portal" in record.get_data(as_text=True)
+
+
 def test_every_form_needs_the_csrf_token(http: Any, patient: str, app: Any) -> None:
     sign_in(http)
     posts = sorted(r.rule for r in app.url_map.iter_rules() if r.rule.startswith("/portal/") and "POST" in r.methods)
