@@ -37,6 +37,17 @@ class _Entry:
     used: frozenset[str]  # the request's parameters the statement has
     # rows are namedtuples of the cursor's column labels (made at the first execution)
     make_row: Callable[[Sequence[object]], tuple[object, ...]] | None = field(default=None)
+    # a statement without IN lists to expand is the same text in the same parameter order at every
+    # execution: kept from the first one (with the statement's own constants, processed)
+    fixed: _Fixed | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    statement: str
+    order: tuple[str, ...] | None  # positional: the parameter names in placeholder order
+    processors: Mapping[str, Callable[[Any], Any]]
+    constants: Mapping[str, Any]  # bound values the statement carries itself, already processed
 
 
 class CompiledStatements:
@@ -67,11 +78,20 @@ class CompiledStatements:
             if ck is not None:
                 for bind, bind_name in zip(ck.bindparams, names, strict=True):
                     values[bind_name] = bind.effective_value
-        state = entry.compiled.construct_expanded_state(values)  # IN lists expanded for their length
-        processors = state.processors
-        out = {n: processors[n](v) if n in processors and v is not None else v for n, v in state.parameters.items()}
-        bound = tuple(out[n] for n in state.positiontup) if state.positiontup is not None else out
-        cursor = raw.execute_compiled(conn, state.statement, bound)
+        fixed = entry.fixed
+        if fixed is None:
+            state = entry.compiled.construct_expanded_state(values)  # IN lists expanded for their length
+            processors = state.processors
+            out = {n: processors[n](v) if n in processors and v is not None else v for n, v in state.parameters.items()}
+            statement, order = state.statement, state.positiontup
+            if not entry.compiled.post_compile_params and set(values) <= set(out):  # no IN list, no literal
+                entry.fixed = _Fixed(statement, tuple(order) if order is not None else None, processors,
+                                     {n: v for n, v in out.items() if n not in values})
+        else:
+            kept, statement, order = fixed.processors, fixed.statement, fixed.order
+            out = {**fixed.constants, **{n: kept[n](v) if n in kept and v is not None else v for n, v in values.items()}}
+        bound = tuple(out[n] for n in order) if order is not None else out
+        cursor = raw.execute_compiled(conn, statement, bound)
         try:
             found = cursor.fetchone()
             if entry.make_row is None:
