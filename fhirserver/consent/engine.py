@@ -26,6 +26,7 @@ mode but break-the-glass, and for the patient's own compartment too.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -356,7 +357,14 @@ def _one_of(col: ColumnElement[Any], values: Iterable[object]) -> ColumnElement[
     return col.in_(items) if items else false()
 
 
+ACTOR_DIGESTS_KEPT = 4096  # actors (clients, organizations, users) whose digest is remembered
+
+
 def actor_digest(blind: BlindIndexer) -> Callable[[str], str]:
+    """The blind-index digest of an actor reference, remembered: every request's decision digests
+    its client and user (an HMAC each), and the key does not change while the indexer lives."""
+
+    @functools.lru_cache(maxsize=ACTOR_DIGESTS_KEPT)
     def digest(ref: str) -> str:
         return blind.digest(ACTOR_PARAM, "r", ref)
 
