@@ -43,3 +43,22 @@ def test_create_read_update_delete_history(http, admin):
     hist = r.get_json()
     assert hist["type"] == "history"
     assert [e["request"]["method"] for e in hist["entry"]] == ["DELETE", "PUT", "POST"]
+
+
+def test_every_index_row_of_a_large_resource_is_written(http, admin):
+    """A write's index rows go in as multi-row INSERTs on PostgreSQL (db/raw.executemany), in
+    chunks whose sizes are powers of two (128 rows at most): 301 identifiers make chunks of 128,
+    128, 32, 8, 4 and 1 rows. Every one of them must be found, and none left after an update."""
+    h = admin.headers()
+    ids = [{"system": "urn:example:mrn", "value": f"v{i}"} for i in range(301)]
+    pid = http.post("/fhir/Patient", json={**_patient("Many"), "identifier": ids}, headers=h).get_json()["id"]
+    for i in (0, 127, 128, 255, 256, 287, 295, 299, 300):
+        found = http.get(f"/fhir/Patient?identifier=urn:example:mrn|v{i}", headers=h).get_json()
+        assert [e["resource"]["id"] for e in found.get("entry", [])] == [pid], i
+    body = http.get(f"/fhir/Patient/{pid}", headers=h).get_json()
+    body["identifier"] = ids[:7] + [{"system": "urn:example:mrn", "value": "w7"}]
+    assert http.put(f"/fhir/Patient/{pid}", json=body, headers=h).status_code == 200
+    assert http.get("/fhir/Patient?identifier=urn:example:mrn|v7", headers=h).get_json()["total"] == 0
+    for value in ("v0", "v6", "w7"):
+        assert http.get(f"/fhir/Patient?identifier=urn:example:mrn|{value}&_summary=count",
+                        headers=h).get_json()["total"] == 1, value
