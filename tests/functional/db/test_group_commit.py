@@ -78,6 +78,49 @@ def test_waiting_writers_share_one_commit_and_a_failure_stays_local(grouped: Any
     assert len(commits) == 1
 
 
+@pytest.mark.parametrize("second_fails", [False, True])
+def test_a_failing_first_member_rolls_back_alone_and_the_others_commit(grouped: Any, second_fails: bool) -> None:
+    """The first member runs without a savepoint (its work is all the transaction holds): when it
+    fails, the transaction is rolled back and the members waiting behind it run in a fresh one.
+    When the next member fails too, it is the first of that fresh one, and so on."""
+    engine, commits = grouped
+    hold = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(_writer, engine, "a", fail=True, hold=hold)
+        _wait_for_members(engine, 1)
+        second = pool.submit(_writer, engine, "b", fail=second_fails)
+        _wait_for_members(engine, 2)
+        third = pool.submit(_writer, engine, "c")
+        _wait_for_members(engine, 3)
+        hold.set()
+        with pytest.raises(ValueError, match="a failed"):
+            first.result(10)
+        if second_fails:
+            with pytest.raises(ValueError, match="b failed"):
+                second.result(10)
+        else:
+            second.result(10)
+        third.result(10)
+    assert _values(engine) == (["c"] if second_fails else ["b", "c"])
+    assert len(commits) == 1
+    _writer(engine, "after")  # the write lock was released: the next transaction goes on
+    assert _values(engine) == (["after", "c"] if second_fails else ["after", "b", "c"])
+
+
+def test_a_lone_member_spends_no_savepoint_and_a_failure_leaves_nothing(grouped: Any) -> None:
+    engine, commits = grouped
+    statements: list[str] = []
+    # every statement SQLite runs on the pooled connections (savepoints are plain SQL on the cursor)
+    sa.event.listen(engine.raw, "checkout", lambda dbapi, *_: dbapi.set_trace_callback(statements.append))
+    _writer(engine, "x")
+    with pytest.raises(ValueError):
+        _writer(engine, "y", fail=True)
+    assert any(s.startswith("BEGIN IMMEDIATE") for s in statements), statements
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()], statements
+    assert _values(engine) == ["x"]
+    assert len(commits) == 1
+
+
 def test_sequential_writers_commit_separately(grouped: Any) -> None:
     engine, commits = grouped
     _writer(engine, "x")
