@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -173,33 +173,76 @@ def transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def write_transaction(engine: Engine, held: Connection | None) -> AbstractContextManager[Connection]:
+    """`engine.begin()`, on `held` (a connection of the engine's, checked out by the caller with no
+    transaction open) where group commit can run its transaction there."""
+    from .group_commit import GroupCommitEngine
+
+    if isinstance(engine, GroupCommitEngine):
+        return engine.begin(held=held)
+    return engine.begin()
+
+
+def release_write_lock(conn: Connection) -> None:
+    """Release the write lock (`<db>.writelock`) a write transaction on `conn` took, for a
+    connection that stays checked out after its transaction (checkin releases it otherwise)."""
+    if conn.closed or conn.invalidated:
+        return  # a closed or invalidated connection was checked in or its file closed: no lock left
+    info = conn.connection.info
+    if info.pop("locked", False):
+        fcntl.flock(info["lock_fd"], fcntl.LOCK_UN)
+
+
 class Snapshot:
     """A request's one read transaction: authentication, the consent stage's state and a read's
-    data come from the same connection and snapshot (opened on first use). Closed before the
-    request's write transaction opens and when the request ends, so a request holds at most one
+    data come from the same connection and snapshot (opened on first use). Ended before the
+    request's write transaction opens -- a read's runs on the same connection (`hand_over`), a
+    write's on its own -- and closed when the request ends, so a request holds at most one
     pooled connection at a time."""
 
     def __init__(self, engine: Engine, router: ReplicaRouter | None = None) -> None:
         self.engine = engine
         self.router = router  # a GET request's: it may read from a caught-up replica (db/replicas.py)
         self._conn: Connection | None = None
+        self._lent: Connection | None = None  # handed over to the write transaction (`hand_over`)
 
     def connection(self) -> Connection:
         if self._conn is None:
             self._conn = self.router.connection() if self.router is not None else read_connection(self.engine)
         return self._conn
 
+    def hand_over(self) -> Connection | None:
+        """End the read transaction and lend its connection to the request's write transaction
+        (`write_transaction`): a read's access record is then written on the connection the read
+        used instead of on a second checkout. It goes back to the pool at `close`, as before; a
+        read after this opens a new snapshot. None when nothing was read or the rollback failed
+        (the snapshot is then closed)."""
+        conn = self._conn
+        if conn is None:
+            return None
+        try:
+            conn.rollback()
+        except Exception:
+            self.close()
+            return None
+        self._conn, self._lent = None, conn
+        return conn
+
     def close(self) -> None:
         """End the snapshot. Its server may have gone away meanwhile (a failover): there is then
         nothing to roll back, and the request is already answering 503 -- the failed rollback
         must not turn that answer into a 500 (SQLAlchemy has invalidated the connection)."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
+        held = [c for c in (self._conn, self._lent) if c is not None]
+        self._conn = self._lent = None
+        failure: Exception | None = None
+        for conn in held:
             try:
                 conn.close()
             except Exception as exc:
                 if not database_unavailable(exc, self.engine):
-                    raise
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 def database_unavailable(exc: BaseException, engine: Engine) -> bool:

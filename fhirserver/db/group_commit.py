@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from . import raw
+from .engine import READONLY, release_write_lock
 
 DEFAULT_MAX_GROUP = 16
 
@@ -60,6 +61,17 @@ def _savepoint(conn: Connection) -> Iterator[None]:
     raw.execute(conn, "RELEASE SAVEPOINT group_member").close()
 
 
+@contextmanager
+def _on_held(conn: Connection) -> Iterator[Connection]:
+    """A write transaction on a connection the caller keeps: the write lock goes when it ends."""
+    conn.execution_options(**{READONLY: False})  # a read snapshot's: its next BEGIN takes the write lock
+    try:
+        with conn.begin():
+            yield conn
+    finally:
+        release_write_lock(conn)
+
+
 class GroupCommitEngine:
     def __init__(self, engine: Engine, max_group: int = DEFAULT_MAX_GROUP) -> None:
         self.raw = engine
@@ -72,7 +84,13 @@ class GroupCommitEngine:
         return getattr(self.raw, name)
 
     @contextmanager
-    def begin(self) -> Iterator[Connection]:
+    def begin(self, held: Connection | None = None) -> Iterator[Connection]:
+        """A write transaction, shared with the writers of this process that arrive meanwhile.
+        `held`: a connection of this engine the caller has checked out, with no transaction open
+        (a read's snapshot, db/engine.Snapshot.hand_over); a leader runs the group's transaction
+        on it rather than checking out another (its page cache is the warm one, and the
+        checkout, SQLAlchemy's Connection and, on PostgreSQL, the pool's ping are saved). The
+        caller closes it afterwards."""
         if getattr(self._local, "inside", False):
             raise RuntimeError("nested write transaction in one thread (it would wait for itself)")
         with self._mutex:
@@ -88,7 +106,9 @@ class GroupCommitEngine:
         if not leader:
             group.baton.acquire()
         if group.cm is None and group.error is None:
-            self._open_transaction(group)  # the leader's, or a fresh one after a first member failed
+            # the leader's, or a fresh one after a first member failed
+            own = held if leader and held is not None and not held.closed and held.engine is self.raw else None
+            self._open_transaction(group, own)
         self._local.inside = True
         body_error: BaseException | None = None
         try:
@@ -111,9 +131,9 @@ class GroupCommitEngine:
             self._local.inside = False
             self._finish(group, body_error)
 
-    def _open_transaction(self, group: _Group) -> None:
+    def _open_transaction(self, group: _Group, held: Connection | None = None) -> None:
         try:
-            group.cm = self.raw.begin()
+            group.cm = _on_held(held) if held is not None else self.raw.begin()
             group.conn = group.cm.__enter__()
         except BaseException as exc:
             group.cm = group.conn = None

@@ -88,6 +88,11 @@ class RequestContext:
             self.snapshot = Snapshot(self.services.engine)
         return self.snapshot.connection()
 
+    def hand_over_reading(self) -> Connection | None:
+        """End the read transaction and lend its connection to the write transaction, or None
+        (db/engine.Snapshot.hand_over); `release_reading` returns it to the pool."""
+        return self.snapshot.hand_over() if self.snapshot is not None else None
+
     def release_reading(self) -> None:
         """End the read transaction (before the write transaction opens; at the request's end)."""
         if self.snapshot is not None:

@@ -26,7 +26,7 @@ from ..auth.tokens import lookup_token
 from ..clock import now_us
 from ..consent.alerts import account_of
 from ..db import guard
-from ..db.engine import Snapshot, database_unavailable
+from ..db.engine import Snapshot, database_unavailable, write_transaction
 from ..fhir.errors import FhirError, Issue, operation_outcome
 from ..fhir.interaction import Interaction, negotiate_format, parse_interaction
 from ..search.model import AccessFn
@@ -271,10 +271,10 @@ class Pipeline:
                 conn = ctx.reading()  # the snapshot authentication and consent read from
                 result = run_handler(handler, ctx, conn)
                 self.services.consent.annotate(ctx, conn)  # the Consents that decided, for the audit
-                ctx.release_reading()
+                held = ctx.hand_over_reading()  # the record is written on the connection the read used
                 record.status = result.status
                 prepared = audit.prepare(record)
-                with self.services.engine.begin() as conn:
+                with write_transaction(self.services.engine, held) as conn:
                     self.services.consent.finish(ctx, conn)  # alerts (break-the-glass, exempt access)
                     audit.append(conn, record, prepared)
                 audit.committed(prepared)
@@ -347,9 +347,9 @@ class Pipeline:
         rec = ctx.record
         rec.status = status
         rec.outcome_desc = issues[0].diagnostics if issues else ""
-        ctx.release_reading()
+        held = ctx.hand_over_reading()  # a refused read's record goes on the connection it read on
         try:
-            with self.services.engine.begin() as conn:
+            with write_transaction(self.services.engine, held) as conn:
                 self.services.consent.finish(ctx, conn)  # deny basis of a hidden read, denial bursts
                 if rec.client_id and status in (403, 404):  # its alerts may raise the account's penalty
                     self.services.penalties.assess(conn, *account_of(rec.client_id, rec.user))
