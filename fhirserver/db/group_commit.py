@@ -7,11 +7,11 @@ holds the write transaction joins that transaction instead of queueing behind it
 one at a time (a baton), each inside its own SAVEPOINT, so a failing request rolls back only its
 own work -- except the first member to run in the transaction, whose savepoint would be the whole
 transaction: its failure rolls the transaction back and the members after it run in a fresh one
-(a lone request, the usual case, so spends no SAVEPOINT and RELEASE: two statements and, on
-PostgreSQL, two round trips). The last member commits for everyone, and nobody's `with engine.begin()` block returns
-before that commit, so no response leaves before its data and AuditEvent are durable. The
-commit, the lock hand-over and the B-tree pages that neighbouring rows share are paid once per
-group instead of once per request.
+(so a lone request, the usual case, spends no SAVEPOINT and RELEASE: two statements and, on
+PostgreSQL, two round trips). The last member commits for everyone, and nobody's
+`with engine.begin()` block returns before that commit, so no response leaves before its data
+and AuditEvent are durable. The commit, the lock hand-over and the B-tree pages that
+neighbouring rows share are paid once per group instead of once per request.
 
 `GroupCommitEngine` wraps an Engine: `begin()` is grouped, everything else is delegated.
 """
