@@ -255,6 +255,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--baseline", type=Path, help="another checkout to compare (its code serves alternately)")
     ap.add_argument("--only", choices=("sqlite", "pg1", "pg2"), action="append")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --baseline: run the pair this many times, the order reversed every other round "
+                         "(a later run on the same cluster pays for the earlier one's autovacuum)")
     args = ap.parse_args()
     pg = ThrowawayPostgres()
     pg.start(durable=True)
@@ -269,9 +272,10 @@ def main() -> None:
         for key, name, db, n in configs:
             if args.only and key not in args.only:
                 continue
-            for code_label, code in codes:
-                r = one_config(f"{name} ({code_label})", code, db, n, args.seconds, args.clients)
-                print(report(r), flush=True)
+            for rnd in range(args.rounds):
+                for code_label, code in (codes if rnd % 2 == 0 else codes[::-1]):
+                    r = one_config(f"{name} ({code_label}, round {rnd + 1})", code, db, n, args.seconds, args.clients)
+                    print(report(r), flush=True)
     finally:
         pg.stop()
 
