@@ -196,9 +196,8 @@ def release_write_lock(conn: Connection) -> None:
 class Snapshot:
     """A request's one read transaction: authentication, the consent stage's state and a read's
     data come from the same connection and snapshot (opened on first use). Ended before the
-    request's write transaction opens -- a read's runs on the same connection (`hand_over`), a
-    write's on its own -- and closed when the request ends, so a request holds at most one
-    pooled connection at a time."""
+    request's write transaction opens, which runs on the same connection (`hand_over`), and
+    closed when the request ends, so a request holds at most one pooled connection at a time."""
 
     def __init__(self, engine: Engine, router: ReplicaRouter | None = None) -> None:
         self.engine = engine
@@ -213,8 +212,8 @@ class Snapshot:
 
     def hand_over(self) -> Connection | None:
         """End the read transaction and lend its connection to the request's write transaction
-        (`write_transaction`): a read's access record is then written on the connection the read
-        used instead of on a second checkout. It goes back to the pool at `close`, as before; a
+        (`write_transaction`): the change and/or the access record are then written on the
+        connection the request read on instead of on a second checkout. It goes back to the pool at `close`, as before; a
         read after this opens a new snapshot. None when nothing was read or the rollback failed
         (the snapshot is then closed)."""
         conn = self._conn

@@ -282,8 +282,8 @@ class Pipeline:
                 # the record a write expects to capture, built and encrypted before the write lock
                 expected = ctx.capture.expectation()
                 ahead = audit.prepare(expected) if expected is not None else None
-                ctx.release_reading()
-                with self.services.engine.begin() as conn:
+                held = ctx.hand_over_reading()  # the write runs on the connection the request read on
+                with write_transaction(self.services.engine, held) as conn:
                     result = self._execute(ctx, handler, conn)
                     kept = ahead if ahead is not None and ctx.capture.as_expected() else None
                     appended = audit.append(conn, record, kept)
