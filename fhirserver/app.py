@@ -21,6 +21,7 @@ from .cors import install as install_cors
 from .db.engine import make_engine, start_checkpointer
 from .db.group_commit import GroupCommitEngine
 from .db.migrations import upgrade
+from .fhir.interaction import FHIR_BASE_PATH, is_fhir_path
 from .fhir.xml_format import to_xml
 from .health import db_gauges
 from .health import install as install_health
@@ -195,8 +196,8 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
     def _method_not_routed(exc: HTTPException) -> ResponseReturnValue:
         # Methods Flask does not route (TRACE, PROPFIND, ...) still get the FHIR pipeline's
         # 405 OperationOutcome and an AuditEvent.
-        if request.path == "/fhir" or request.path.startswith("/fhir/"):
-            return _fhir_view(request.path[len("/fhir/"):] if request.path.startswith("/fhir/") else "")
+        if is_fhir_path(request.path):
+            return _fhir_view(request.path[len(FHIR_BASE_PATH) + 1:])
         return exc
 
     @app.get("/healthz")

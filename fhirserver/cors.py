@@ -23,6 +23,7 @@ from sqlalchemy import Engine, select
 
 from .db.engine import read_connection
 from .db.schema import client
+from .fhir.interaction import is_fhir_path
 
 CORS_CACHE_SECONDS = 30.0
 ALLOW_HEADERS = "Authorization, Content-Type, Accept, Prefer, If-Match, If-None-Match, If-None-Exist, " \
@@ -67,7 +68,7 @@ class AllowedOrigins:
 def _scope(path: str) -> str | None:
     if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
         return "public"
-    if path == "/fhir" or path.startswith("/fhir/") or path in API[1:]:
+    if is_fhir_path(path) or path in API[1:]:
         return "api"
     return None
 
