@@ -46,7 +46,12 @@ def make_engine(url: str, background_checkpoint: bool = False) -> Engine:
         return _sqlite_engine(url, background_checkpoint)
     # JIT off: our statements are short OLTP queries whose correlated consent sub-queries push the
     # estimated cost over jit_above_cost, and compiling then costs more than running (≈ 50 ms)
-    args: dict[str, object] = {"options": "-c jit=off"}
+    # No prepared statements: psycopg prepares a statement at its fifth execution on a connection
+    # and forgets them all at each ROLLBACK (a DEALLOCATE ALL round trip). Kept across requests
+    # they made mixed load slower (bench_production pg1: 167 against 182-203 requests/s, 3.4
+    # against 2.9-3.1 ms of PostgreSQL CPU per request). Off, nothing is prepared that a
+    # transaction-pooling proxy could route to another session.
+    args: dict[str, object] = {"options": "-c jit=off", "prepare_threshold": None}
     if "connect_timeout" not in make_url(url).query:
         # a node that is gone without refusing (a dead machine, a partition) must not hold a request,
         # a failover's reconnect or a replica check for the operating system's minutes-long timeout

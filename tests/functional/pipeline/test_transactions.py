@@ -97,3 +97,26 @@ def test_an_audited_read_writes_its_access_record_and_nothing_else(http: Any, sv
     changed = {t: after[t] - before[t] for t in after if after[t] != before[t]}
     # one record and its subject rows (the references it is searchable by: patient, entity, agent)
     assert set(changed) == {"access_record", "access_subject"} and changed["access_record"] == 1, changed
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_on_postgresql_no_statement_is_prepared(http: Any, svc: Any, admin: BackendClient) -> None:
+    """psycopg would prepare a statement at its fifth execution on a connection (the counts start
+    again at each ROLLBACK, which ends every request's snapshot): measured, keeping prepared
+    statements made mixed load slower (docs/performance.md), so none is prepared. Six creates in
+    one transaction run the same INSERTs six times."""
+    h = {**admin.headers(), "Content-Type": "application/fhir+json"}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "name": [{"family": f"Prep{i}"}]},
+         "request": {"method": "POST", "url": "Patient"}} for i in range(6)]}
+    resp = http.post("/fhir", json=bundle, headers=h)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert len(resp.get_json()["entry"]) == 6
+    raw = svc.engine.raw
+    idle = [raw.connect() for _ in range(raw.pool.checkedin())]  # every pooled connection, the bundle's among them
+    try:
+        prepared = [s for conn in idle for s in conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements").scalars()]
+    finally:
+        for conn in idle:
+            conn.close()
+    assert idle and prepared == []
