@@ -77,6 +77,10 @@ class Event:
     recorded_us: int
 
 
+def _event(row: AnyRow) -> Event:
+    return Event(row.number, row.resource_pk, row.type, row.id, row.version, row.method, row.recorded_us)
+
+
 def _sub(row: AnyRow) -> Sub:
     return Sub(row.resource_pk, row.id, row.client_id, json.loads(row.principal), row.topic, row.channel, row.status,
                bool(row.paused), int(row.events_since_start), int(row.delivered_through), bool(row.handshake_done),
@@ -238,8 +242,7 @@ def events_after(conn: Connection, sub_pk: int, after: int, limit: int, upto: in
     stmt = select(e).where(e.c.subscription_pk == sub_pk, e.c.number > after)
     if upto is not None:
         stmt = stmt.where(e.c.number <= upto)
-    return [Event(r.number, r.resource_pk, r.type, r.id, r.version, r.method, r.recorded_us)
-            for r in conn.execute(stmt.order_by(e.c.number).limit(limit))]
+    return [_event(r) for r in conn.execute(stmt.order_by(e.c.number).limit(limit))]
 
 
 def events_after_many(conn: Connection, after: dict[int, int], limit: int) -> dict[int, list[Event]]:
@@ -254,8 +257,7 @@ def events_after_many(conn: Connection, after: dict[int, int], limit: int) -> di
     out: dict[int, list[Event]] = {}
     for r in conn.execute(select(ranked).where(ranked.c.rank <= limit)
                           .order_by(ranked.c.subscription_pk, ranked.c.number)):
-        out.setdefault(int(r.subscription_pk), []).append(
-            Event(r.number, r.resource_pk, r.type, r.id, r.version, r.method, r.recorded_us))
+        out.setdefault(int(r.subscription_pk), []).append(_event(r))
     return out
 
 
