@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -120,8 +120,7 @@ def _sqlite_engine(url: str, background_checkpoint: bool) -> Engine:
         _driver_begin(conn, "BEGIN IMMEDIATE")
 
     def _release(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, *_args: object) -> None:
-        if record.info.pop("locked", False):
-            fcntl.flock(record.info["lock_fd"], fcntl.LOCK_UN)
+        _unlock(record.info)
 
     # A write transaction ends when its connection goes back to the pool (engine.begin() blocks).
     event.listen(engine, "checkin", _release)
@@ -193,7 +192,11 @@ def release_write_lock(conn: Connection) -> None:
     connection that stays checked out after its transaction (checkin releases it otherwise)."""
     if conn.closed or conn.invalidated:
         return  # a closed or invalidated connection was checked in or its file closed: no lock left
-    info = conn.connection.info
+    _unlock(conn.connection.info)
+
+
+def _unlock(info: dict[Any, Any]) -> None:
+    """Release the write lock a pooled connection's (`info`) write transaction took, if it did."""
     if info.pop("locked", False):
         fcntl.flock(info["lock_fd"], fcntl.LOCK_UN)
 
