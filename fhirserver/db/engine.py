@@ -221,9 +221,9 @@ class Snapshot:
     def hand_over(self) -> Connection | None:
         """End the read transaction and lend its connection to the request's write transaction
         (`write_transaction`): the change and/or the access record are then written on the
-        connection the request read on instead of on a second checkout. It goes back to the pool at `close`, as before; a
-        read after this opens a new snapshot. None when nothing was read or the rollback failed
-        (the snapshot is then closed)."""
+        connection the request read on instead of on a second checkout. It goes back to the pool
+        at `close`, as before; a read after this opens a new snapshot. None when nothing was read
+        or the rollback failed (the snapshot is then closed)."""
         conn = self._conn
         if conn is None:
             return None

@@ -88,8 +88,8 @@ def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> No
 # and shut-down): measured, four rows as one INSERT spare the backend ~35 us, and every request
 # inserts several (its access record's subjects, a write's index rows). One INSERT with many
 # VALUES rows is one execution. Chunk sizes are powers of two up to MULTI_ROW_MAX, so each INSERT
-# has at most eight texts to be prepared for (psycopg prepares a text after a few executions
-# and keeps a bounded number per connection).
+# has at most eight texts (`_MULTI` stays small, and so does PostgreSQL's own variety of
+# statements to parse and plan; nothing is prepared, db/engine.make_engine).
 MULTI_ROW_MAX = 128
 _VALUES = re.compile(r"(INSERT INTO [^;]*? VALUES )(\((?:\?, )*\?\))", re.S)  # (head, one row)
 _MULTI: dict[tuple[str, int], str] = {}

@@ -16,6 +16,8 @@ FHIR_BASE_PATH = "/fhir"  # the FHIR API's place on the server (the contract: ht
 def is_fhir_path(path: str) -> bool:
     """Whether a request path is on the FHIR API (`/fhir` itself or below it, not `/fhirx`)."""
     return path == FHIR_BASE_PATH or path.startswith(FHIR_BASE_PATH + "/")
+
+
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "json", "*/*",
               "application/*", "text/json"}
 XML_TYPES = {"application/fhir+xml", "application/xml", "text/xml", "xml", "application/xml+fhir"}
