@@ -152,7 +152,8 @@ def create_app(settings: Settings, migrate: bool = True, svc: Services | None = 
         svc = build_services(settings, engine)
     start_checkpointer(svc.engine)
     warm_keys(svc)
-    # Compile the JSON-schema validators off the request path (about 1.5 s in total).
+    # The JSON-schema validators, off the request path: loaded from the machine's cache, or generated
+    # (all types at once, ~3 s of CPU) and cached for the next process (fhir/schema_cache.py).
     writable = [t.name for t in svc.types if not t.server_written]
     threading.Thread(target=svc.validator.warm, args=(writable,), daemon=True, name="schema-warmup").start()
     app = Flask("fhirserver")

@@ -30,6 +30,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from ..config import SettingsError
+from . import schema_cache
 from .errors import FhirError, Issue
 from .narrative import check_narratives
 from .packages import Package
@@ -48,9 +49,9 @@ def _expression(root: str, loc: list[Any] | tuple[Any, ...]) -> str:
 
 
 # Compiled schema validators are shared by every Validator in the process (compiling one type
-# takes ~0.5 s); keyed by schema file and type.
+# takes ~0.2 s; fhir/schema_cache.py has them all from one module); keyed by schema file and type.
 _COMPILED: dict[tuple[str, str], Any] = {}
-_DEFINITIONS: dict[str, dict[str, Any]] = {}
+_DEFINITIONS: dict[str, tuple[dict[str, Any], str]] = {}
 _LOCK = threading.Lock()
 
 
@@ -78,27 +79,41 @@ class Validator:
                 out[rtype.strip()] = (*out.get(rtype.strip(), ()), url)
         return out
 
+    def _definitions(self) -> tuple[dict[str, Any], str]:
+        """The schema's definitions as compiled, and their digest (fhir/schema_cache.py)."""
+        file = str(self._schema_file)
+        if file not in _DEFINITIONS:
+            definitions = _ascii_classes(_without_descriptions(json.loads(self._schema_file.read_text())["definitions"],
+                                                                    names=True))
+            _DEFINITIONS[file] = (definitions, schema_cache.digest(definitions))
+        return _DEFINITIONS[file]
+
     def _schema_for(self, type_name: str):  # type: ignore[no-untyped-def]
         key = (str(self._schema_file), type_name)
         if key in _COMPILED:
             return _COMPILED[key]
         with _LOCK:
             if key not in _COMPILED:
-                if key[0] not in _DEFINITIONS:
-                    _DEFINITIONS[key[0]] = _ascii_classes(json.loads(self._schema_file.read_text())["definitions"])
-                definitions = _DEFINITIONS[key[0]]
+                definitions, digest = self._definitions()
                 if type_name not in definitions:
                     _COMPILED[key] = None
                 else:
-                    schema = {
-                        "$schema": "http://json-schema.org/draft-06/schema#",
-                        "$ref": f"#/definitions/{type_name}",
-                        "definitions": definitions,
-                    }
-                    _COMPILED[key] = fastjsonschema.compile(schema)
+                    # every type at once from an earlier process's module, else this type alone
+                    for name, fn in schema_cache.load(definitions, digest, generate=False).items():
+                        _COMPILED.setdefault((key[0], name), fn)
+                    if key not in _COMPILED:
+                        _COMPILED[key] = fastjsonschema.compile(schema_cache.schema_for(definitions, type_name))
         return _COMPILED[key]
 
     def warm(self, type_names: list[str]) -> None:
+        """Have every type's validator ready (a background thread at start): loaded from the
+        cached module, or generated all at once -- the shared definitions once -- and cached."""
+        definitions, digest = self._definitions()
+        if not all((str(self._schema_file), name) in _COMPILED for name in type_names):
+            validators = schema_cache.load(definitions, digest, generate=True)  # seconds, the first time only
+            with _LOCK:
+                for name, fn in validators.items():
+                    _COMPILED.setdefault((str(self._schema_file), name), fn)
         for name in type_names:
             self._schema_for(name)
 
@@ -210,6 +225,18 @@ def _ascii_classes(node: object) -> Any:
                 for k, v in node.items()}
     if isinstance(node, list):
         return [_ascii_classes(v) for v in node]
+    return node
+
+
+def _without_descriptions(node: object, names: bool = False) -> object:
+    """The schema without its `description` texts: fastjsonschema writes each failing rule's
+    definition into the generated code, and the texts are most of it. `names`: the keys of
+    `properties`/`definitions`, where a `description` is an element's name and stays."""
+    if isinstance(node, dict):
+        return {k: _without_descriptions(v, names=k in ("properties", "definitions") and not names)
+                for k, v in node.items() if names or not (k == "description" and isinstance(v, str))}
+    if isinstance(node, list):
+        return [_without_descriptions(v) for v in node]
     return node
 
 
