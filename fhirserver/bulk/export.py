@@ -57,79 +57,112 @@ def _parts(svc: Services, spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None) -> str:
     """Export one claimed job; returns its final status."""
-    from ..pipeline.pipeline import Pipeline
-
-    principal = principal_from(job.principal)
-    principal.consent = svc.consent.export_decision(principal, bool(job.spec.get("deidentify")))
-    # the job's caller bound to a gate, as a search of theirs would be (per type: scopes, consent)
-    transfer, refusal = svc.consent.transfer_rule(principal)
-    gate = svc.gate(Access(others=Pipeline(svc).access_fn(principal), transfer=transfer, transfer_refusal=refusal))
-    settings = svc.settings
-    per_file = settings.export_file_max_resources
-    keep = settings.export_expiry_seconds
-    deidentify = _deidentifier(svc, job)
-    key = svc.keys.ensure(job.key_scope)  # before any transaction (it may create the key)
-    counts: dict[str, int] = {}
-    patients: set[str] = set()
+    keep = svc.settings.export_expiry_seconds
+    run = _Run(svc, job, stop)
     try:
-        parts = _parts(svc, job.spec)  # the same for every type
+        run.parts = _parts(svc, job.spec)  # the same for every type
         for n, rtype in enumerate(job.spec["types"], 1):
-            elements = elements_for(rtype, job.spec.get("elements"))
-            lines: list[bytes] = []
-            file_no = 0
-            written: set[int] = set()  # with several parts: a row in two parts' compartments goes out once
-            for part in parts:
-                last_pk = 0
-                while True:
-                    if stop is not None and stop.is_set():
-                        return "interrupted"  # requeued by the next server (stale heartbeat)
-                    with read_connection(svc.engine) as conn:
-                        batch, scanned_to = gate.export_batch(conn, rtype, part, last_pk, BATCH)
-                    stored = batch
-                    if len(parts) > 1:
-                        stored = [st for st in batch if st.pk not in written]
-                        written.update(st.pk for st in stored)
-                    patients.update(p for st in stored for p in st.patients)
-                    for item in stored:
-                        body = item.body or b"{}"
-                        if rtype == "AuditEvent" and not principal.sees_audit_values:
-                            body = redact_body(body)
-                        if deidentify is not None or elements is not None:
-                            resource = parse_json(body)
-                            resource = deidentify(resource) if deidentify is not None else resource
-                            if elements is not None:  # mandatory elements kept, tagged SUBSETTED
-                                resource = apply_subsetting(resource, None, elements, svc.summary_elements)
-                            body = dump_json(resource)
-                        elif b"\n" in body:
-                            body = dump_json(parse_json(body))
-                        lines.append(body + b"\n")
-                        if len(lines) >= per_file:
-                            file_no += 1
-                            jobs.add_file(svc.engine, job, key, f"{rtype}-{file_no}.ndjson", rtype, lines)
-                            counts[rtype] = counts.get(rtype, 0) + len(lines)
-                            lines = []
-                    if rtype == "Patient":
-                        patients.update(i.id for i in stored)
-                    if not scanned_to:
-                        break
-                    last_pk = scanned_to
-                    progress = f"exporting {rtype} ({n} of {len(job.spec['types'])} types)"
-                    if not jobs.heartbeat(svc.engine, job.id, progress):
-                        return "cancelled"
-            if lines:
-                file_no += 1
-                jobs.add_file(svc.engine, job, key, f"{rtype}-{file_no}.ndjson", rtype, lines)
-                counts[rtype] = counts.get(rtype, 0) + len(lines)
+            ended = run.export_type(rtype, f"({n} of {len(job.spec['types'])} types)")
+            if ended is not None:
+                return ended
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, audited
         log.exception("export %s failed", job.id)
         jobs.finish(svc.engine, job.id, "failed", "The export failed; see the server log", keep)
-        _audit(svc, job, 500, counts, patients, f"export failed: {type(exc).__name__}")
+        _audit(svc, job, 500, run.counts, run.patients, f"export failed: {type(exc).__name__}")
         return "failed"
     jobs.finish(svc.engine, job.id, "complete", None, keep)
-    _audit(svc, job, 200, counts, patients, "export complete: " +
-           (", ".join(f"{t} {c}" for t, c in sorted(counts.items())) or "no resources") +
-           ("; de-identified (safe-harbor)" if deidentify is not None else ""))
+    _audit(svc, job, 200, run.counts, run.patients, "export complete: " +
+           (", ".join(f"{t} {c}" for t, c in sorted(run.counts.items())) or "no resources") +
+           ("; de-identified (safe-harbor)" if run.deidentify is not None else ""))
     return "complete"
+
+
+class _Run:
+    """One job's run: its caller bound to a gate as a search of theirs would be (per type: scopes,
+    consent), and what it has written so far (files per type, the patients it disclosed)."""
+
+    def __init__(self, svc: Services, job: jobs.Job, stop: threading.Event | None) -> None:
+        from ..pipeline.pipeline import Pipeline
+
+        self.svc, self.job, self.stop = svc, job, stop
+        self.principal = principal = principal_from(job.principal)
+        principal.consent = svc.consent.export_decision(principal, bool(job.spec.get("deidentify")))
+        transfer, refusal = svc.consent.transfer_rule(principal)
+        self.gate = svc.gate(Access(others=Pipeline(svc).access_fn(principal), transfer=transfer,
+                                    transfer_refusal=refusal))
+        self.deidentify = _deidentifier(svc, job)
+        self.key = svc.keys.ensure(job.key_scope)  # before any transaction (it may create the key)
+        self.counts: dict[str, int] = {}
+        self.patients: set[str] = set()
+        self.parts: list[dict[str, Any]] = []  # the spec's parts (`_parts`), set by run_export
+
+    def export_type(self, rtype: str, progress: str) -> str | None:
+        """Write one type's files; the job's final status when it ends early, else None."""
+        files = _Files(self, rtype)
+        elements = elements_for(rtype, self.job.spec.get("elements"))
+        written: set[int] = set()  # with several parts: a row in two parts' compartments goes out once
+        for part in self.parts:
+            last_pk = 0
+            while True:
+                if self.stop is not None and self.stop.is_set():
+                    return "interrupted"  # requeued by the next server (stale heartbeat)
+                with read_connection(self.svc.engine) as conn:
+                    stored, scanned_to = self.gate.export_batch(conn, rtype, part, last_pk, BATCH)
+                if len(self.parts) > 1:
+                    stored = [st for st in stored if st.pk not in written]
+                    written.update(st.pk for st in stored)
+                self.patients.update(p for st in stored for p in st.patients)
+                for item in stored:
+                    files.add(self._line(item.body, rtype, elements))
+                if rtype == "Patient":
+                    self.patients.update(i.id for i in stored)
+                if not scanned_to:
+                    break
+                last_pk = scanned_to
+                if not jobs.heartbeat(self.svc.engine, self.job.id, f"exporting {rtype} {progress}"):
+                    return "cancelled"
+        files.flush()
+        return None
+
+    def _line(self, body: bytes | None, rtype: str, elements: list[str] | None) -> bytes:
+        """One NDJSON line: the resource as this caller may see it (an AuditEvent's values
+        redacted unless they may see them, de-identified, cut to `_elements`), on one line."""
+        body = body or b"{}"
+        if rtype == "AuditEvent" and not self.principal.sees_audit_values:
+            body = redact_body(body)
+        if self.deidentify is not None or elements is not None:
+            resource = parse_json(body)
+            resource = self.deidentify(resource) if self.deidentify is not None else resource
+            if elements is not None:  # mandatory elements kept, tagged SUBSETTED
+                resource = apply_subsetting(resource, None, elements, self.svc.summary_elements)
+            body = dump_json(resource)
+        elif b"\n" in body:
+            body = dump_json(parse_json(body))
+        return body + b"\n"
+
+
+class _Files:
+    """A type's NDJSON lines, stored as files of at most `export_file_max_resources` lines."""
+
+    def __init__(self, run: _Run, rtype: str) -> None:
+        self.run, self.rtype = run, rtype
+        self.per_file = run.svc.settings.export_file_max_resources
+        self.lines: list[bytes] = []
+        self.file_no = 0
+
+    def add(self, line: bytes) -> None:
+        self.lines.append(line)
+        if len(self.lines) >= self.per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        run = self.run
+        self.file_no += 1
+        jobs.add_file(run.svc.engine, run.job, run.key, f"{self.rtype}-{self.file_no}.ndjson", self.rtype, self.lines)
+        run.counts[self.rtype] = run.counts.get(self.rtype, 0) + len(self.lines)
+        self.lines = []
 
 
 def elements_for(rtype: str, elements: list[str] | None) -> list[str] | None:
