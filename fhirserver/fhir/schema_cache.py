@@ -74,7 +74,8 @@ def _function_name(type_name: str) -> str:
 
 
 def _generate(definitions: dict[str, Any], types: list[str]) -> str:
-    """One module whose root validates nothing useful; its functions per definition are what we use."""
+    """One module with a function per definition (each type's is what we use; the root, an
+    object holding every type, is not)."""
     root = {"$schema": DRAFT, "type": "object", "definitions": definitions,
             "properties": {t: {"$ref": f"#/definitions/{t}"} for t in types}}
     code: str = fastjsonschema.compile_to_code(root)
