@@ -102,7 +102,7 @@ def load(definitions: dict[str, Any], key: str, generate: bool) -> dict[str, Val
         if path.is_file() and _trusted(directory) and _trusted(path):
             module = _module(marshal.loads(path.read_bytes()), name)
     except Exception:  # noqa: BLE001 - a damaged cache file: generate it again
-        log.warning("the cached schema validators in %s could not be loaded; generating them again", directory)
+        log.warning("the cached schema validators in %s could not be loaded; they will be generated again", directory)
         module = None
     if module is None:
         if not generate:
