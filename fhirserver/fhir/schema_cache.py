@@ -13,10 +13,15 @@ The file name is a digest of everything the code depends on (the definitions as 
 fastjsonschema and Python versions), so a changed schema is a new file. Only a directory that
 belongs to this user and that nobody else may write to is used (the module is code this process
 runs); otherwise, or when the directory cannot be written, the module is generated in memory.
+Each upgrade of the schema, fastjsonschema or Python leaves its predecessor's file (~8 MB) behind:
+a file is touched whenever a process loads it, and files no process has loaded for
+`STALE_DAYS` (and temporary files a crash left) are removed when a new one is written, so other
+installations on the machine that still use theirs keep them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import CodeType, ModuleType
@@ -35,6 +41,9 @@ import fastjsonschema
 log = logging.getLogger("fhirserver.validation")
 Validate = Callable[[Any], Any]
 DRAFT = "http://json-schema.org/draft-06/schema#"
+PREFIX = "fhirserver_schema_"
+STALE_DAYS = 30  # a cache file no process has loaded for this long is removed (by the next writer)
+TMP_STALE_SECONDS = 3600  # a temporary file older than this was left by a writer that died
 
 
 def resource_types(definitions: dict[str, Any]) -> list[str]:
@@ -94,13 +103,14 @@ def load(definitions: dict[str, Any], key: str, generate: bool) -> dict[str, Val
     is false, or when the module lacks the functions (another fastjsonschema's naming): the
     caller then compiles type by type."""
     types = resource_types(definitions)
-    name = f"fhirserver_schema_{key}"
+    name = f"{PREFIX}{key}"
     directory = cache_dir()
     path = directory / f"{name}.{sys.implementation.cache_tag}.marshal"
     module: ModuleType | None = None
     try:
         if path.is_file() and _trusted(directory) and _trusted(path):
             module = _module(marshal.loads(path.read_bytes()), name)
+            _touch(path)
     except Exception:  # noqa: BLE001 - a damaged cache file: generate it again
         log.warning("the cached schema validators in %s could not be loaded; they will be generated again", directory)
         module = None
@@ -127,8 +137,40 @@ def _write(directory: Path, path: Path, code: CodeType) -> None:
             fh.write(marshal.dumps(code))
         os.replace(tmp, path)
         tmp = None
+        _prune(directory, keep=path)
     except OSError:
         log.info("the schema validators could not be cached in %s", directory)
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _touch(path: Path) -> None:
+    """Mark a cache file as in use (its age is what `_prune` judges)."""
+    with contextlib.suppress(OSError):  # a read-only cache still serves; it is just never pruned from here
+        os.utime(path)
+
+
+def _prune(directory: Path, keep: Path) -> None:
+    """Remove the cache files no process has loaded for STALE_DAYS and dead writers' temporary
+    files; `keep` (just written) and anything else in the directory are left alone."""
+    now = time.time()
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry == keep:
+            continue
+        if entry.name.startswith(PREFIX) and entry.name.endswith(".marshal"):
+            limit = STALE_DAYS * 86400
+        elif entry.name.startswith(".schema-") and entry.name.endswith(".tmp"):
+            limit = TMP_STALE_SECONDS
+        else:
+            continue
+        try:
+            if now - entry.stat().st_mtime > limit:
+                entry.unlink()
+                log.info("removed the unused schema validators' cache file %s", entry.name)
+        except OSError:
+            continue  # gone already, or not ours to remove

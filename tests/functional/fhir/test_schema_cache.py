@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +119,33 @@ def test_a_changed_schema_is_a_new_file(cache_home: Path, definitions: tuple[dic
     assert schema_cache.digest(changed) != key
     schema_cache.load(defs, key, generate=True)
     assert schema_cache.load(changed, schema_cache.digest(changed), generate=False) == {}
+
+
+def test_files_no_process_loads_any_more_are_removed_by_the_next_writer(
+        cache_home: Path, definitions: tuple[dict[str, Any], str]) -> None:
+    defs, key = definitions
+    cache_home.mkdir(mode=0o700, parents=True)
+    month_ago = schema_cache.STALE_DAYS * 86400 + 3600
+    stale = cache_home / f"fhirserver_schema_{'0' * 32}.{sys.implementation.cache_tag}.marshal"  # an old version's
+    in_use = cache_home / f"fhirserver_schema_{'1' * 32}.{sys.implementation.cache_tag}.marshal"  # another install's
+    dead_tmp, fresh_tmp = cache_home / ".schema-dead.tmp", cache_home / ".schema-writing.tmp"
+    unrelated = cache_home / "notes.txt"
+    for f in (stale, in_use, dead_tmp, fresh_tmp, unrelated):
+        f.write_bytes(b"x")
+        f.chmod(0o600)
+    old = time.time() - month_ago
+    for f in (stale, dead_tmp, unrelated):
+        os.utime(f, (old, old))
+    os.utime(in_use, (time.time() - 86400, time.time() - 86400))
+    schema_cache.load(defs, key, generate=True)
+    assert {f.name for f in cache_home.iterdir()} == {
+        f"fhirserver_schema_{key}.{sys.implementation.cache_tag}.marshal", in_use.name, fresh_tmp.name, unrelated.name}
+    # loading marks a file as in use: an old but loaded file survives the next writer
+    current = cache_home / f"fhirserver_schema_{key}.{sys.implementation.cache_tag}.marshal"
+    os.utime(current, (old, old))
+    assert schema_cache.load(defs, key, generate=False)
+    assert time.time() - current.stat().st_mtime < 60
+    changed = json.loads(json.dumps(defs))
+    changed["Patient"]["properties"]["gender"]["enum"] = ["male", "female"]
+    schema_cache.load(changed, schema_cache.digest(changed), generate=True)
+    assert current.exists()
