@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 
@@ -20,15 +22,19 @@ from ..audit.events import AuditRecord
 from ..audit.redact import redact_body
 from ..auth.principal import principal_from
 from ..clock import now_us
-from ..db.engine import read_connection
+from ..db.engine import database_unavailable, read_connection
 from ..fhir.subsetting import apply_subsetting
 from ..search.sources import source_of
 from ..services import Services
 from ..storage import export_jobs as jobs
 from ..storage.codec import dump_json, parse_json
+from ..storage.repository import Stored
 
 log = logging.getLogger("fhirserver.bulk")
+T = TypeVar("T")
 BATCH = 500
+OUTAGE_SECONDS = 60.0  # a database outage (a failover takes ~10-30 s) an export waits out, then fails
+RETRY_PAUSE_SECONDS = 1.0
 # A Group's members (or the patients a kick-off named) are exported this many at a time: every
 # batch's statement asks "in one of these patients' compartments", and over the whole list that
 # was re-evaluated per batch -- work growing with the square of the export (docs/performance.md).
@@ -56,25 +62,26 @@ def _parts(svc: Services, spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_export(svc: Services, job: jobs.Job, stop: threading.Event | None = None) -> str:
-    """Export one claimed job; returns its final status."""
-    keep = svc.settings.export_expiry_seconds
+    """Export one claimed job; returns how this run ended: "complete", "failed", "interrupted"
+    (the server is stopping: the job is requeued once its heartbeat is stale) or "stopped" (the
+    job was cancelled or taken over by another run meanwhile: this run writes nothing more)."""
     run = _Run(svc, job, stop)
     try:
-        run.parts = _parts(svc, job.spec)  # the same for every type
+        run.parts = run.retrying(lambda: _parts(svc, job.spec))  # the same for every type
         for n, rtype in enumerate(job.spec["types"], 1):
             ended = run.export_type(rtype, f"({n} of {len(job.spec['types'])} types)")
             if ended is not None:
                 return ended
+        desc = "export complete: " + (", ".join(f"{t} {c}" for t, c in sorted(run.counts.items())) or "no resources") \
+            + ("; de-identified (safe-harbor)" if run.deidentify is not None else "")
+        return "complete" if run.end("complete", 200, desc) else "stopped"
+    except jobs.NotOwner:
+        log.info("export %s was cancelled or taken over by another run; this run stops", job.id)
+        return "stopped"
     except Exception as exc:  # noqa: BLE001 - any failure ends the job as failed, audited
         log.exception("export %s failed", job.id)
-        jobs.finish(svc.engine, job.id, "failed", "The export failed; see the server log", keep)
-        _audit(svc, job, 500, run.counts, run.patients, f"export failed: {type(exc).__name__}")
+        run.end("failed", 500, f"export failed: {type(exc).__name__}", "The export failed; see the server log")
         return "failed"
-    jobs.finish(svc.engine, job.id, "complete", None, keep)
-    _audit(svc, job, 200, run.counts, run.patients, "export complete: " +
-           (", ".join(f"{t} {c}" for t, c in sorted(run.counts.items())) or "no resources") +
-           ("; de-identified (safe-harbor)" if run.deidentify is not None else ""))
-    return "complete"
 
 
 class _Run:
@@ -106,8 +113,7 @@ class _Run:
             while True:
                 if self.stop is not None and self.stop.is_set():
                     return "interrupted"  # requeued by the next server (stale heartbeat)
-                with read_connection(self.svc.engine) as conn:
-                    stored, scanned_to = self.gate.export_batch(conn, rtype, part, last_pk, BATCH)
+                stored, scanned_to = self.retrying(partial(self._batch, rtype, part, last_pk))
                 if len(self.parts) > 1:
                     stored = [st for st in stored if st.pk not in written]
                     written.update(st.pk for st in stored)
@@ -119,10 +125,50 @@ class _Run:
                 if not scanned_to:
                     break
                 last_pk = scanned_to
-                if not jobs.heartbeat(self.svc.engine, self.job.id, f"exporting {rtype} {progress}"):
-                    return "cancelled"
+                beat = now_us()  # the same on a retry: a beat that got no answer may have landed
+                if not self.retrying(partial(jobs.heartbeat, self.svc.engine, self.job, f"exporting {rtype} {progress}",
+                                             beat)):
+                    return "stopped"
         files.flush()
         return None
+
+    def _batch(self, rtype: str, part: dict[str, Any], after_pk: int) -> tuple[list[Stored], int]:
+        with read_connection(self.svc.engine) as conn:
+            return self.gate.export_batch(conn, rtype, part, after_pk, BATCH)
+
+    def retrying(self, call: Callable[[], T]) -> T:
+        """`call()`, called again after a pause while the database is unavailable (a failover, a
+        restart), for up to OUTAGE_SECONDS: the export goes on where it was instead of failing.
+        Past STALE_HEARTBEAT_US another run may take the job over; this run's writes are fenced
+        then (storage/export_jobs.py), so waiting longer cannot mix two runs' files."""
+        deadline = time.monotonic() + OUTAGE_SECONDS
+        noticed = False
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if (not database_unavailable(exc, self.svc.engine) or time.monotonic() >= deadline
+                        or (self.stop is not None and self.stop.is_set())):
+                    raise
+                if not noticed:
+                    log.warning("export %s: the database is unavailable (%s); waiting for it", self.job.id,
+                                type(exc).__name__)
+                    noticed = True
+            time.sleep(RETRY_PAUSE_SECONDS)
+
+    def end(self, status: str, code: int, desc: str, error: str | None = None) -> bool:
+        """End the job as `status` with this run's audit record, in one transaction: the job is
+        never complete without its record. False when the job is not this run's any more."""
+        keep = self.svc.settings.export_expiry_seconds
+
+        def once() -> bool:
+            with self.svc.engine.begin() as conn:
+                if jobs.finish(conn, self.job, status, error, keep):
+                    self.svc.audit.append(conn, _record(self.job, code, self.counts, self.patients, desc))
+                    return True
+                return jobs.ended_by(conn, self.job, status)  # a retry: the first commit landed
+
+        return self.retrying(once)
 
     def _line(self, body: bytes | None, rtype: str, elements: list[str] | None) -> bytes:
         """One NDJSON line: the resource as this caller may see it (an AuditEvent's values
@@ -160,7 +206,8 @@ class _Files:
             return
         run = self.run
         self.file_no += 1
-        jobs.add_file(run.svc.engine, run.job, run.key, f"{self.rtype}-{self.file_no}.ndjson", self.rtype, self.lines)
+        name, lines = f"{self.rtype}-{self.file_no}.ndjson", self.lines
+        run.retrying(lambda: jobs.add_file(run.svc.engine, run.job, run.key, name, self.rtype, lines))
         run.counts[self.rtype] = run.counts.get(self.rtype, 0) + len(self.lines)
         self.lines = []
 
@@ -183,7 +230,7 @@ def _deidentifier(svc: Services, job: jobs.Job) -> Callable[[dict[str, Any]], di
     return Deidentifier.for_export(svc, job.id, job.client_id).apply
 
 
-def _audit(svc: Services, job: jobs.Job, status: int, counts: dict[str, int], patients: set[str], desc: str) -> None:
+def _record(job: jobs.Job, status: int, counts: dict[str, int], patients: set[str], desc: str) -> AuditRecord:
     rec = AuditRecord(interaction="operation", request_id=f"export-{job.id}"[:64], network_address="",
                       recorded_us=now_us(), status=status, outcome_desc=desc[:500], client_id=job.client_id,
                       client_name=str(job.principal.get("client_name", "")), user=job.principal.get("fhir_user"))
@@ -191,5 +238,4 @@ def _audit(svc: Services, job: jobs.Job, status: int, counts: dict[str, int], pa
     rec.query = job.request
     rec.patients = sorted(patients)
     rec.purpose = list(job.principal.get("purpose") or [])
-    with svc.engine.begin() as conn:
-        svc.audit.append(conn, rec)
+    return rec

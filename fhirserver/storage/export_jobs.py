@@ -6,6 +6,12 @@ locks its candidate with `FOR UPDATE SKIP LOCKED`, so instances polling together
 different job instead of queueing on one row (no queue library: exports are rare, long jobs whose
 state must sit in the same database, and transactions, as their data; see docs/scaling.md). A
 running job whose heartbeat stopped (its server died) is queued again and redone from the start.
+
+A run owns its job by the job's `heartbeat_us` (a fencing token, as a lease holder's epoch): the
+claim sets it, each heartbeat moves it on from the value the run last wrote, and a file or the
+end is written only while it still holds that value. A run that was taken for dead (paused past
+STALE_HEARTBEAT_US, or cut off from the database) and whose job another run has claimed since
+therefore writes nothing more: without that, its files would land beside the new run's.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from ..db.schema import data_key, export_file, export_job
 STALE_HEARTBEAT_US = 30 * 1_000_000
 
 
+class NotOwner(Exception):
+    """The job was cancelled, deleted or claimed by another run since this run last wrote it."""
+
+
 @dataclass
 class Job:
     id: str
@@ -39,11 +49,12 @@ class Job:
     error: str | None
     transaction_us: int
     expires_us: int | None
+    beat: int | None = None  # heartbeat_us as this run last wrote it: its claim on the job
 
     @classmethod
     def from_row(cls, row: AnyRow) -> Job:
         return cls(row.id, row.client_id, row.status, row.request, json.loads(row.spec), json.loads(row.principal),
-                   row.progress, row.error, row.transaction_us, row.expires_us)
+                   row.progress, row.error, row.transaction_us, row.expires_us, row.heartbeat_us)
 
     @property
     def key_scope(self) -> str:
@@ -91,24 +102,44 @@ def claim_next(engine: Engine) -> Job | None:
     return None
 
 
-def heartbeat(engine: Engine, job_id: str, progress: str) -> bool:
-    """Record progress; False when the job was cancelled (or deleted) meanwhile."""
+def heartbeat(engine: Engine, job: Job, progress: str, beat: int) -> bool:
+    """Record progress and move the job's beat on to `beat`; False when the job was cancelled,
+    deleted or claimed by another run meanwhile. Retrying after a commit that got no answer,
+    pass the same `beat`: a beat already moved there was this run's own."""
     with transaction(engine) as conn:
-        res = conn.execute(update(export_job).where(export_job.c.id == job_id, export_job.c.status == "running")
-                           .values(heartbeat_us=now_us(), progress=progress[:200]))
-    return res.rowcount == 1
+        res = conn.execute(update(export_job).where(export_job.c.id == job.id, export_job.c.status == "running",
+                                                    export_job.c.heartbeat_us.in_((job.beat, beat)))
+                           .values(heartbeat_us=beat, progress=progress[:200]))
+    if res.rowcount != 1:
+        return False
+    job.beat = beat
+    return True
+
+
+def _owned(conn: Connection, job: Job) -> bool:
+    """Whether `job` is still running under this run's beat. The row stays share-locked
+    (PostgreSQL) until the transaction ends: a claim, which updates it, waits for this write to
+    commit and then deletes its file with the others; it cannot slip in between check and write."""
+    return conn.execute(select(export_job.c.id).where(
+        export_job.c.id == job.id, export_job.c.status == "running", export_job.c.heartbeat_us == job.beat)
+        .with_for_update(read=True)).first() is not None
 
 
 def add_file(engine: Engine, job: Job, key: tuple[int, bytes], name: str, rtype: str, lines: list[bytes]) -> None:
+    """Store one output file. NotOwner when the job was cancelled (by its client, or by a
+    patient's erasure) or claimed by another run: it gets no more files from this one. A file of
+    this name already there is this run's own (a retry after a commit that got no answer: a
+    claim deletes every earlier run's files)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     key_id, raw = key
     body = seal(AESGCM(raw), b"".join(lines), f"export/{job.id}/{name}".encode())
     with transaction(engine) as conn:
-        # a job cancelled meanwhile (by its client, or by a patient's erasure) gets no more files
-        running = conn.execute(select(export_job.c.id).where(export_job.c.id == job.id,
-                                                             export_job.c.status == "running")).first()
-        if running is not None:
+        if not _owned(conn, job):
+            raise NotOwner(job.id)
+        there = conn.execute(select(export_file.c.name).where(export_file.c.job_id == job.id,
+                                                              export_file.c.name == name)).first()
+        if there is None:
             conn.execute(insert(export_file).values(job_id=job.id, name=name, type=rtype, count=len(lines),
                                                     key_id=key_id, body=body))
 
@@ -127,11 +158,22 @@ def files_of(conn: Connection, job_id: str) -> list[Any]:
                              .where(export_file.c.job_id == job_id).order_by(export_file.c.name)).all())
 
 
-def finish(engine: Engine, job_id: str, status: str, error: str | None = None, keep_seconds: int = 3600) -> None:
+def finish(conn: Connection, job: Job, status: str, error: str | None = None, keep_seconds: int = 3600) -> bool:
+    """End the job as `status` in `conn`'s transaction (the caller writes its audit record there
+    too); False when it is not this run's any more (nothing is changed). A retry after a commit
+    that got no answer finds the job ended by this run and is told so by `ended_by`."""
     now = now_us()
-    with transaction(engine) as conn:
-        conn.execute(update(export_job).where(export_job.c.id == job_id, export_job.c.status == "running").values(
-            status=status, error=error, completed_us=now, progress=None, expires_us=now + keep_seconds * 1_000_000))
+    res = conn.execute(update(export_job).where(
+        export_job.c.id == job.id, export_job.c.status == "running", export_job.c.heartbeat_us == job.beat).values(
+        status=status, error=error, completed_us=now, progress=None, expires_us=now + keep_seconds * 1_000_000))
+    return res.rowcount == 1
+
+
+def ended_by(conn: Connection, job: Job, status: str) -> bool:
+    """Whether this run (its beat) already ended `job` as `status`."""
+    return conn.execute(select(export_job.c.id).where(
+        export_job.c.id == job.id, export_job.c.status == status, export_job.c.heartbeat_us == job.beat)).first() \
+        is not None
 
 
 def cancel(conn: Connection, job_id: str) -> None:
