@@ -1,5 +1,5 @@
 """An export that is running when its database goes away, and an export run that lost its job to
-another claim (PostgreSQL; docs/exchange.md).
+another claim (PostgreSQL; docs/operations.md, "Past one database machine").
 
 The export worker is held at a known point of a running job with PostgreSQL's own locks -- a
 table lock on `resource` stops its first batch read after the claim, a share lock on its job's
@@ -107,9 +107,9 @@ def _finished(srv: Server, token: str, status_url: str, timeout: float) -> dict[
 
 def test_a_running_export_waits_out_a_database_restart_and_loses_nothing(tmp_path: Path, pg: ThrowawayPostgres) -> None:
     srv, token, made = _serve(tmp_path, pg)
+    holder = psycopg.connect(_dsn(pg))  # its transaction holds the lock
+    watch = psycopg.connect(_dsn(pg), autocommit=True)
     try:
-        holder = psycopg.connect(_dsn(pg))  # its transaction holds the lock
-        watch = psycopg.connect(_dsn(pg), autocommit=True)
         holder.execute("LOCK TABLE resource IN ACCESS EXCLUSIVE MODE")  # no batch read gets past this
         status_url, job_id = _kickoff(srv, token)
         _wait_for("the worker to claim the job", lambda: _job(watch, job_id)[0] == "running")
@@ -128,16 +128,17 @@ def test_a_running_export_waits_out_a_database_restart_and_loses_nothing(tmp_pat
             runs = check.execute("SELECT count(*) FROM export_file WHERE job_id = %s", (job_id,)).fetchone()
         assert runs == (len(manifest["output"]),)
     finally:
+        holder.close()
+        watch.close()
         srv.svc.engine.dispose()
 
 
 def test_a_run_that_lost_its_job_to_another_claim_writes_nothing_more(tmp_path: Path, pg: ThrowawayPostgres) -> None:
     # files of 100 resources: the first batch (500) makes five files before the run's first heartbeat
     srv, token, made = _serve(tmp_path, pg, export_file_max_resources=100)
+    holder, claimer = psycopg.connect(_dsn(pg)), psycopg.connect(_dsn(pg))
+    watch = psycopg.connect(_dsn(pg), autocommit=True)
     try:
-        holder = psycopg.connect(_dsn(pg))
-        claimer = psycopg.connect(_dsn(pg))
-        watch = psycopg.connect(_dsn(pg), autocommit=True)
         holder.execute("LOCK TABLE resource IN ACCESS EXCLUSIVE MODE")
         status_url, job_id = _kickoff(srv, token)
         _wait_for("the worker to claim the job", lambda: _job(watch, job_id)[0] == "running")
@@ -163,4 +164,6 @@ def test_a_run_that_lost_its_job_to_another_claim_writes_nothing_more(tmp_path: 
         status, beat = _job(watch, job_id)
         assert status == "complete" and beat is not None and beat > stale  # ended by the run that claimed it after
     finally:
+        for conn in (holder, claimer, watch):
+            conn.close()
         srv.svc.engine.dispose()
