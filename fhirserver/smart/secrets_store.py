@@ -7,6 +7,7 @@ published with a hard link, so several worker processes starting together agree 
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Callable
@@ -50,13 +51,6 @@ def _read(path: Path) -> str:
     return text
 
 
-# Imported keys by their file's text: importing an RSA private key checks it (~40 ms of CPU),
-# and /auth/jwks, the OpenID provider and the subscription signer each ask for it. Keyed by the
-# text, read anew each time, so a replaced key file is the key from then on.
-_IMPORTED: dict[str, RSAKey] = {}
-_IMPORTED_MAX = 16
-
-
 def signing_key(data_dir: Path) -> RSAKey:
     """The RS256 key that signs id_tokens (its public half is served at /auth/jwks)."""
     import json
@@ -66,14 +60,17 @@ def signing_key(data_dir: Path) -> RSAKey:
         key.ensure_kid()
         return json.dumps(key.as_dict(private=True))
 
-    text = _load_or_create(data_dir / SIGNING_KEY_FILE, generate)
-    key = _IMPORTED.get(text)
-    if key is None:
-        key = RSAKey.import_key(json.loads(text))
-        if len(_IMPORTED) >= _IMPORTED_MAX:
-            _IMPORTED.clear()
-        _IMPORTED[text] = key
-    return key
+    return _imported(_load_or_create(data_dir / SIGNING_KEY_FILE, generate))
+
+
+# Keyed by the key file's text, read anew at every call, so a replaced key file is the key from
+# then on: importing an RSA private key checks it (~40 ms of CPU), and /auth/jwks, the OpenID
+# provider and the subscription signer each ask for it.
+@functools.lru_cache(maxsize=16)
+def _imported(text: str) -> RSAKey:
+    import json
+
+    return RSAKey.import_key(json.loads(text))
 
 
 def session_secret(data_dir: Path, configured: str = "") -> str:
