@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, and_, delete, insert, select, update
 
 from ..clock import now_us
 from ..crypto.cipher import open_sealed, seal
@@ -116,13 +116,16 @@ def heartbeat(engine: Engine, job: Job, progress: str, beat: int) -> bool:
     return True
 
 
+def _held(job: Job, status: str = "running") -> ColumnElement[bool]:
+    """`job`'s row in `status` under this run's beat (the fencing token it last wrote)."""
+    return and_(export_job.c.id == job.id, export_job.c.status == status, export_job.c.heartbeat_us == job.beat)
+
+
 def _owned(conn: Connection, job: Job) -> bool:
     """Whether `job` is still running under this run's beat. The row stays share-locked
     (PostgreSQL) until the transaction ends: a claim, which updates it, waits for this write to
     commit and then deletes its file with the others; it cannot slip in between check and write."""
-    return conn.execute(select(export_job.c.id).where(
-        export_job.c.id == job.id, export_job.c.status == "running", export_job.c.heartbeat_us == job.beat)
-        .with_for_update(read=True)).first() is not None
+    return conn.execute(select(export_job.c.id).where(_held(job)).with_for_update(read=True)).first() is not None
 
 
 def add_file(engine: Engine, job: Job, key: tuple[int, bytes], name: str, rtype: str, lines: list[bytes]) -> None:
@@ -163,17 +166,14 @@ def finish(conn: Connection, job: Job, status: str, error: str | None = None, ke
     too); False when it is not this run's any more (nothing is changed). A retry after a commit
     that got no answer finds the job ended by this run and is told so by `ended_by`."""
     now = now_us()
-    res = conn.execute(update(export_job).where(
-        export_job.c.id == job.id, export_job.c.status == "running", export_job.c.heartbeat_us == job.beat).values(
+    res = conn.execute(update(export_job).where(_held(job)).values(
         status=status, error=error, completed_us=now, progress=None, expires_us=now + keep_seconds * 1_000_000))
     return res.rowcount == 1
 
 
 def ended_by(conn: Connection, job: Job, status: str) -> bool:
     """Whether this run (its beat) already ended `job` as `status`."""
-    return conn.execute(select(export_job.c.id).where(
-        export_job.c.id == job.id, export_job.c.status == status, export_job.c.heartbeat_us == job.beat)).first() \
-        is not None
+    return conn.execute(select(export_job.c.id).where(_held(job, status))).first() is not None
 
 
 def cancel(conn: Connection, job_id: str) -> None:
